@@ -1,0 +1,78 @@
+"""Attiya–Schiller Alg 1 (strongly convex) and Alg 2 (non-convex) as effect programs.
+
+Both report the model at the start of every iteration (``Report("model", x_t, step=t)``) and
+the final one as ``step = T + 1``; that is how runtimes learn a process's progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+
+from peerlearn.algorithms.aggregate import Aggregator
+from peerlearn.algorithms.maa import cluster_maa
+from peerlearn.algorithms.schedules import Schedule
+from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Vector
+
+__all__ = ["alg1", "alg2", "maa_instances"]
+
+
+def _mean(values: list[Vector]) -> Vector:
+    out: Vector = np.mean(values, axis=0) if len(values) > 1 else values[0]
+    return out
+
+
+def alg1(x1: Vector, steps: int, quorum: int, eta: Schedule) -> Generator[Effect, Any, Vector]:
+    """Alg 1 (L165–L177): step on the parameters, exchange them, average exactly N."""
+    x = x1
+    for t in range(1, steps + 1):
+        yield Report("model", x, step=t)
+        g = yield Grad(x)
+        y = x - eta(t) * g
+        ys = yield Exchange(("params", t), y, Count(quorum))
+        x = _mean([m.value for m in ys])
+    yield Report("model", x, step=steps + 1)
+    return x
+
+
+def alg2(
+    x1: Vector,
+    steps: int,
+    quorum: int,
+    eta: Schedule,
+    tau: int,
+    rounds: int,
+    inner_rounds: int,
+    aggregator: Aggregator = Aggregator.MIDEXT,
+) -> Generator[Effect, Any, Vector]:
+    """Alg 2 (L286–L298): exchange gradients, average all ≥ N, step from own x, then MAA_t.
+
+    ``tau`` ∈ [1, T] is the common output iteration; ``rounds``/``inner_rounds`` are the cluster
+    and shared-memory round counts of each MAA_t (for q_t = η/4, erratum a).
+    """
+    x = x1
+    x_tau = x1
+    for t in range(1, steps + 1):
+        if t == tau:
+            x_tau = x
+        yield Report("model", x, step=t)
+        g = yield Grad(x)
+        gs = yield Exchange(("grad", t), g, AtLeast(quorum))
+        y = x - eta(t) * _mean([m.value for m in gs])
+        x = yield from cluster_maa(y, t, rounds, inner_rounds, aggregator)
+    yield Report("model", x, step=steps + 1)
+    return x_tau
+
+
+def maa_instances(
+    inputs: Vector, rounds: int, inner_rounds: int, aggregator: Aggregator = Aggregator.MIDEXT
+) -> Generator[Effect, Any, list[Vector]]:
+    """Standalone agreement: one cluster-MAA instance per row of ``inputs`` (instances 1, 2, …)."""
+    outputs: list[Vector] = []
+    for j, x in enumerate(inputs, start=1):
+        yield Report("model", x, step=j)
+        outputs.append((yield from cluster_maa(x, j, rounds, inner_rounds, aggregator)))
+    yield Report("model", outputs[-1] if outputs else inputs[0], step=len(inputs) + 1)
+    return outputs

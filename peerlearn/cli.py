@@ -1,0 +1,231 @@
+"""The ``peerlearn`` command line.
+
+Errors a user can cause (bad flags, bad config, bad problem) print one line and exit with
+code 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from peerlearn import __version__
+from peerlearn.config import load_config
+from peerlearn.errors import PeerlearnError
+
+app = typer.Typer(
+    name="peerlearn",
+    help="Asynchronous, fully decentralized SGD: simulate the algorithms, run peer daemons.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"peerlearn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """peerlearn: asynchronous, fully decentralized SGD across machines."""
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Map CLI flags onto the nested config; flags left unset do not override the file."""
+    data: dict[str, Any] = {}
+    mapping = {
+        "algorithm": ("algorithm",),
+        "processes": ("processes",),
+        "clusters": ("clusters",),
+        "quorum": ("quorum",),
+        "steps": ("steps",),
+        "seed": ("seed",),
+        "dim": ("dim",),
+        "problem": ("problem", "name"),
+        "aggregator": ("maa", "aggregator"),
+        "crash": ("sim", "crashes"),
+        "stragglers": ("sim", "stragglers"),
+        "sample_every": ("sim", "sample_every"),
+    }
+    for flag, path in mapping.items():
+        value = flags.get(flag)
+        if value is None or value == []:
+            continue
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    if flags.get("lr") is not None:
+        data["lr"] = {"schedule": "constant", "eta": flags["lr"]}
+    if flags.get("trace"):
+        data["trace"] = True
+    return data
+
+
+@app.command()
+def simulate(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Run description (TOML).")
+    ] = None,
+    algorithm: Annotated[
+        str | None, typer.Option(help="alg1 (strongly convex), alg2 (non-convex) or maa.")
+    ] = None,
+    problem: Annotated[
+        str | None,
+        typer.Option(
+            help="quadratic, logistic, softmax, mlp, double_well, nonconvex or module:callable."
+        ),
+    ] = None,
+    processes: Annotated[int | None, typer.Option("--processes", "-n", help="n.")] = None,
+    clusters: Annotated[int | None, typer.Option("--clusters", "-m", help="m.")] = None,
+    quorum: Annotated[
+        int | None, typer.Option("--quorum", "-N", help="N; defaults to n − f.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", "-T", help="T: iterations (or MAA instances).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Constant learning rate η.")] = None,
+    aggregator: Annotated[
+        str | None, typer.Option(help="Agreement rule: midext or approachext.")
+    ] = None,
+    dim: Annotated[int | None, typer.Option(help="Input dimension for --algorithm maa.")] = None,
+    crash: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Crash spec, repeatable: cluster:C@t=K, process:C.I@t=K[:mid-broadcast], "
+            "…@time=X (0-based ids)."
+        ),
+    ] = None,
+    stragglers: Annotated[
+        int | None, typer.Option(help="Number of slow processes (see sim.slowdown).")
+    ] = None,
+    sample_every: Annotated[
+        float | None, typer.Option(help="Virtual time between metric samples.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed: same seed, same result.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write summary.json, metrics.csv, plot.png.")
+    ] = None,
+    trace: Annotated[
+        bool, typer.Option("--trace", help="Also write trace.jsonl (agreement values).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run an algorithm in the deterministic simulator and report how it went."""
+    from peerlearn.sim.output import write_outputs
+    from peerlearn.sim.runner import build_problem, run_simulation
+
+    try:
+        cfg = load_config(
+            config,
+            _overrides(
+                algorithm=algorithm,
+                problem=problem,
+                processes=processes,
+                clusters=clusters,
+                quorum=quorum,
+                steps=steps,
+                lr=lr,
+                aggregator=aggregator,
+                dim=dim,
+                crash=crash,
+                stragglers=stragglers,
+                sample_every=sample_every,
+                seed=seed,
+                trace=trace,
+            ),
+        )
+        prob = build_problem(cfg)
+    except PeerlearnError as exc:
+        raise _fail(str(exc)) from None
+    if prob is not None:
+        for warning in cfg.theory_warnings(prob.constants):
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    rounds, inner = cfg.agreement_rounds()
+    described = (
+        f"{cfg.algorithm} on {cfg.problem.name if prob else f'random inputs (d={cfg.dim})'}: "
+        f"n={cfg.processes}, m={cfg.clusters}, N={cfg.n_quorum}, f={cfg.failures}, T={cfg.steps}"
+    )
+    if cfg.algorithm != "alg1":
+        described += f", agreement R={rounds}×{inner} ({cfg.maa.aggregator})"
+    err.print(described, highlight=False)
+
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("iterations", total=cfg.processes * cfg.steps)
+        result = run_simulation(cfg, progress=lambda done, total: bar.update(task, completed=done))
+
+    table = Table(title=f"status: {result.status}", title_justify="left")
+    table.add_column("final loss (mean, live)")
+    table.add_column("max pairwise ‖xi−xj‖²")
+    table.add_column("messages")
+    table.add_column("virtual time")
+    table.add_column("crashed")
+    loss = result.final_loss
+    table.add_row(
+        "—" if loss is None else f"{loss:.6g}",
+        f"{result.max_pairwise_distance:.3g}",
+        f"{result.outcome.deliveries:,}",
+        f"{result.outcome.time:.2f}",
+        ", ".join(p.name for p in result.processes if p.crashed) or "none",
+    )
+    out.print(table)
+    if prob is not None:
+        import numpy as np
+
+        live = [p.x for p in result.live() if p.x is not None]
+        if live:
+            for key, value in prob.evaluate(np.mean(live, axis=0)).items():
+                out.print(f"{key} of the mean model: {value:.4f}")
+    for b in result.outcome.blocked:
+        out.print(
+            f"[yellow]blocked[/] process {b.name} waits on {b.tag}: has {b.have} of {b.need} "
+            f"{b.unit}",
+            highlight=False,
+        )
+    if result.outcome.error:
+        out.print(f"[red]failed:[/] {result.outcome.error}", highlight=False)
+    if out_dir is not None:
+        for path in write_outputs(result, out_dir):
+            out.print(f"wrote {path}", highlight=False)
+    if result.status == "failed":
+        raise typer.Exit(code=1)
+
+
+def main() -> None:
+    try:
+        app()
+    except PeerlearnError as exc:  # last resort: a user error that escaped its command
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

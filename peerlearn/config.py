@@ -1,0 +1,271 @@
+"""The run description: one typed, frozen config object, built once and passed down.
+
+A run is fully described by one TOML file (see ``configs/``); CLI flags override its fields
+(:func:`load_config`). Validation has two levels:
+
+* :class:`~peerlearn.errors.ConfigError` for what cannot run (unknown algorithm, N > n − f,
+  malformed crash spec, more clusters than processes, …);
+* :meth:`RunConfig.theory_warnings` for runs that can run but fall outside a theorem's
+  conditions (β ≤ 1/μ, T < 16L²N, …): those are warnings, not refusals — breaking them
+  deliberately is how one sees a bound stop holding.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from peerlearn.algorithms import Aggregator, Constant, InverseTime, Schedule, maa_rounds
+from peerlearn.errors import ConfigError
+from peerlearn.faults import CrashSpec, parse_crash
+from peerlearn.membership import Membership
+from peerlearn.problems.base import Constants
+
+__all__ = [
+    "ALGORITHMS",
+    "Distribution",
+    "LRConfig",
+    "MAAConfig",
+    "PartitionConfig",
+    "ProblemConfig",
+    "RunConfig",
+    "SimConfig",
+    "load_config",
+]
+
+ALGORITHMS = ("alg1", "alg2", "maa")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Distribution(_Frozen):
+    """A non-negative random duration: ``constant``, ``exponential`` (mean), ``uniform`` on
+    [mean − spread, mean + spread], or ``lognormal`` with the given mean and log-std ``spread``."""
+
+    dist: Literal["constant", "exponential", "uniform", "lognormal"] = "exponential"
+    mean: float = Field(1.0, ge=0.0)
+    spread: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Distribution:
+        if self.dist == "uniform" and self.spread > self.mean:
+            raise ValueError("uniform spread must be ≤ mean (durations are non-negative)")
+        return self
+
+
+class PartitionConfig(_Frozen):
+    """Clusters in different groups cannot reach each other during [start, end); messages sent
+    across are held and delivered when the partition heals (never, if ``end`` is omitted)."""
+
+    groups: list[list[int]]
+    start: float = Field(0.0, ge=0.0)
+    end: float | None = None
+
+
+class SimConfig(_Frozen):
+    """Simulator knobs: virtual-time distributions, faults, sampling."""
+
+    delay_remote: Distribution = Distribution(dist="exponential", mean=0.5)
+    delay_local: Distribution = Distribution(dist="exponential", mean=0.05)
+    compute: Distribution = Distribution(dist="exponential", mean=1.0)
+    read: Distribution = Distribution(dist="exponential", mean=0.01)
+    stragglers: int = Field(0, ge=0, description="how many processes compute slowly")
+    slowdown: float = Field(5.0, ge=1.0, description="compute-time factor of a straggler")
+    crashes: list[str] = Field(default_factory=list)
+    partitions: list[PartitionConfig] = Field(default_factory=list)
+    link_spread: float = Field(
+        0.5, ge=0.0, lt=1.0, description="per-link mean delay factors are uniform in 1 ± spread"
+    )
+    sample_every: float = Field(1.0, gt=0.0, description="virtual time between metric samples")
+
+
+class LRConfig(_Frozen):
+    """η_t: ``constant`` (eta), ``inverse_time`` (β/(γ+t)) or ``sqrt_n_over_t`` (√(N/T))."""
+
+    schedule: Literal["constant", "inverse_time", "sqrt_n_over_t"] = "constant"
+    eta: float = Field(0.05, gt=0.0)
+    beta: float = Field(4.0, gt=0.0)
+    gamma: float = Field(7.0, gt=0.0)
+
+
+class MAAConfig(_Frozen):
+    """Agreement parameters. ``q`` defaults to η/4 for Alg 2 (erratum a) and 1/4 for standalone
+    agreement; ``rounds``/``inner_rounds`` override the counts derived from q (0 turns MAA off,
+    ``inner_rounds = 1`` nearly switches SMMAA off — ablations)."""
+
+    aggregator: Aggregator = Aggregator.MIDEXT
+    q: float | None = Field(None, gt=0.0, le=1.0)
+    rounds: int | None = Field(None, ge=0)
+    inner_rounds: int | None = Field(None, ge=0)
+
+
+class ProblemConfig(BaseModel):
+    """``name`` (a registered problem or ``module:callable``) plus its keyword parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    name: str = "quadratic"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(_Frozen):
+    """Everything a simulated run needs. Processes are ``cluster.index``, round-robin."""
+
+    algorithm: Literal["alg1", "alg2", "maa"] = "alg1"
+    seed: int = Field(0, ge=0)
+    processes: int = Field(8, ge=1)
+    clusters: int = Field(4, ge=1)
+    quorum: int | None = Field(None, ge=1, description="N; defaults to n − f")
+    steps: int = Field(100, ge=1, description="T (SGD iterations, or MAA instances)")
+    dim: int = Field(4, ge=1, description="input dimension of standalone MAA")
+    trace: bool = False
+    problem: ProblemConfig = ProblemConfig()
+    lr: LRConfig = LRConfig()
+    maa: MAAConfig = MAAConfig()
+    sim: SimConfig = SimConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        # Touch the derived views so that every inconsistency surfaces at load time.
+        crashes = self.crash_specs
+        f = self.failures
+        if self.quorum is not None and self.quorum > self.processes - f:
+            raise ValueError(
+                f"quorum N = {self.quorum} > n − f = {self.processes} − {f}: processes would "
+                f"wait forever (the crash specs {[c.spec for c in crashes]} kill {f})"
+            )
+        if self.processes - f < 1:
+            raise ValueError("the crash specs kill every process")
+        for part in self.sim.partitions:
+            seen = [c for g in part.groups for c in g]
+            if len(seen) != len(set(seen)) or any(not 0 <= c < self.clusters for c in seen):
+                raise ValueError(
+                    f"partition groups {part.groups} must name distinct clusters "
+                    f"0..{self.clusters - 1}"
+                )
+        if self.sim.stragglers > self.processes:
+            raise ValueError("more stragglers than processes")
+        return self
+
+    @cached_property
+    def membership(self) -> Membership:
+        try:
+            return Membership(self.processes, self.clusters)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @cached_property
+    def crash_specs(self) -> tuple[CrashSpec, ...]:
+        try:
+            return tuple(parse_crash(s, self.membership) for s in self.sim.crashes)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @property
+    def failures(self) -> int:
+        """f: the number of distinct processes the crash specs kill."""
+        return len({p for c in self.crash_specs for p in c.pids})
+
+    @property
+    def n_quorum(self) -> int:
+        """N: the configured quorum, or n − f."""
+        return self.quorum if self.quorum is not None else self.processes - self.failures
+
+    def schedule(self) -> Schedule:
+        lr = self.lr
+        if lr.schedule == "inverse_time":
+            return InverseTime(lr.beta, lr.gamma)
+        if lr.schedule == "sqrt_n_over_t":
+            return Constant(math.sqrt(self.n_quorum / self.steps))
+        return Constant(lr.eta)
+
+    def agreement_q(self) -> float:
+        if self.maa.q is not None:
+            return self.maa.q
+        if self.algorithm == "alg2":
+            return min(1.0, self.schedule()(1) / 4)
+        return 0.25
+
+    def agreement_rounds(self) -> tuple[int, int]:
+        """(cluster rounds R, shared-memory rounds) per agreement instance."""
+        outer, inner = maa_rounds(self.agreement_q(), self.maa.aggregator)
+        return (
+            outer if self.maa.rounds is None else self.maa.rounds,
+            inner if self.maa.inner_rounds is None else self.maa.inner_rounds,
+        )
+
+    def theory_warnings(self, constants: Constants) -> list[str]:
+        """The theorems' conditions this run breaks (spec pitfall 14), one sentence each."""
+        out: list[str] = []
+        n, m, big_n, steps = self.processes, self.clusters, self.n_quorum, self.steps
+        if self.algorithm == "alg1" and self.lr.schedule == "inverse_time":
+            beta, gamma = self.lr.beta, self.lr.gamma
+            if constants.mu is not None and beta <= 1 / constants.mu:
+                out.append(f"Thm 1 needs β > 1/μ = {1 / constants.mu:g}; β = {beta:g}")
+            if constants.L is not None and beta / (gamma + 1) > 1 / constants.L:
+                out.append(
+                    f"Thm 1 needs β/(γ+1) ≤ 1/L = {1 / constants.L:g}; it is {beta / (gamma + 1):g}"
+                )
+        if self.algorithm == "alg1" and constants.mu is None:
+            out.append("Alg 1's guarantee (Thm 1) is for strongly convex problems; μ is unknown")
+        if self.algorithm == "alg2":
+            if constants.L is not None and steps < 16 * constants.L**2 * big_n:
+                out.append(f"Thm 3/4 need T ≥ 16L²N = {16 * constants.L**2 * big_n:g}; T = {steps}")
+            if steps < 4 * big_n:
+                out.append(f"Thm 4 needs T ≥ 4N = {4 * big_n}; T = {steps}")
+        if self.algorithm in ("alg2", "maa"):
+            dead = {p for c in self.crash_specs for p in c.pids}
+            alive = sum(1 for ms in self.membership.members if any(p not in dead for p in ms))
+            if alive < m // 2 + 1:
+                out.append(
+                    f"only {alive} of {m} clusters keep a live process; agreement needs "
+                    f"⌊m/2⌋+1 = {m // 2 + 1}: processes will block (Thm 5)"
+                )
+        if big_n > n - self.failures:
+            out.append("N > n − f")  # unreachable: refused at validation
+        return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read ``path`` (TOML), apply nested ``overrides`` (CLI flags win) and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = _merge(data, overrides or {})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None

@@ -1,0 +1,191 @@
+"""Effects: what an algorithm program asks its runtime to do.
+
+Contract
+--------
+An algorithm is a generator (a *program*). It yields one effect at a time and receives the
+effect's result through ``send``; when it returns, its return value is its output. Programs do
+no I/O, start no threads and never look at a clock: every interaction with the world is one of
+the effects below, so the simulator and the network runtime run the very same objects.
+
+============================  =================================================================
+effect                        result sent back into the program
+============================  =================================================================
+``Grad(x)``                   a stochastic gradient at ``x`` from the process's own RNG stream
+``Broadcast(tag, value)``     ``None``; ``value`` goes to every process, the sender included
+``Await(tag, quorum)``        a tuple of :class:`Msg` with this tag, once ``quorum`` holds
+``Exchange(tag, value, q)``   ``Broadcast`` then ``Await``: the tuple of :class:`Msg`
+``Write(key, value)``         ``None``; the caller's own single-writer register at ``key``
+``Collect(key)``              a tuple of :class:`Msg`: the non-⊥ registers at ``key`` of the
+                              caller's cluster, read one by one (no snapshot)
+``Report(name, value, …)``    ``None``; a sample for metrics and traces
+============================  =================================================================
+
+Tags name an instance: ``("params", t)`` for an SGD iteration, ``("maa", t, r)`` for a round of
+cluster agreement, ``("sm", t, r, k)`` for a shared-memory round. A runtime buffers messages for
+tags nobody awaits yet and drops (and counts) messages for a tag whose ``Await`` completed: one
+value per sender and tag is kept, the first.
+
+Quorums
+-------
+``Count(n)``            exactly the first ``n`` distinct senders, in arrival order (Alg 1).
+``AtLeast(n)``          everything buffered once ``n`` distinct senders are in (Alg 2).
+``MajorityOfClusters``  everything buffered once senders of ``⌊m/2⌋ + 1`` distinct clusters are
+                        in (Alg 3).
+
+Values are numpy arrays that nobody mutates after they were yielded: a runtime may hand the same
+object to every receiver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "AtLeast",
+    "Await",
+    "Broadcast",
+    "Collect",
+    "Count",
+    "Effect",
+    "Exchange",
+    "Grad",
+    "MajorityOfClusters",
+    "Msg",
+    "Program",
+    "Quorum",
+    "Report",
+    "Tag",
+    "Vector",
+    "Write",
+    "quorum_need",
+]
+
+Vector: TypeAlias = npt.NDArray[np.float64]
+Tag: TypeAlias = tuple[Any, ...]
+
+
+class Msg(NamedTuple):
+    """One received message or register value: who sent (wrote) it, and what."""
+
+    sender: int
+    value: Vector
+
+
+# --- quorums ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Exactly the first ``n`` distinct senders."""
+
+    n: int
+    kind: Literal["count"] = "count"
+
+
+@dataclass(frozen=True, slots=True)
+class AtLeast:
+    """All messages buffered once ``n`` distinct senders are in."""
+
+    n: int
+    kind: Literal["at_least"] = "at_least"
+
+
+@dataclass(frozen=True, slots=True)
+class MajorityOfClusters:
+    """All messages buffered once ``⌊m/2⌋ + 1`` distinct clusters are represented."""
+
+    kind: Literal["majority_of_clusters"] = "majority_of_clusters"
+
+
+Quorum: TypeAlias = Count | AtLeast | MajorityOfClusters
+
+
+def quorum_need(quorum: Quorum, clusters: int) -> int:
+    """How many distinct senders (or clusters, for a cluster majority) the quorum needs."""
+    match quorum:
+        case Count(n=n) | AtLeast(n=n):
+            return n
+        case MajorityOfClusters():
+            return clusters // 2 + 1
+
+
+# --- effects ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Grad:
+    """Compute a stochastic gradient at ``x``; the runtime charges (or measures) compute time."""
+
+    x: Vector
+    kind: Literal["grad"] = "grad"
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Send ``value`` under ``tag`` to every process, the sender included."""
+
+    tag: Tag
+    value: Vector
+    kind: Literal["broadcast"] = "broadcast"
+
+
+@dataclass(frozen=True, slots=True)
+class Await:
+    """Block until ``quorum`` holds for ``tag``; the result is a tuple of :class:`Msg`."""
+
+    tag: Tag
+    quorum: Quorum
+    kind: Literal["await"] = "await"
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """``Broadcast(tag, value)`` then ``Await(tag, quorum)``: the common case."""
+
+    tag: Tag
+    value: Vector
+    quorum: Quorum
+    kind: Literal["exchange"] = "exchange"
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Write the caller's own register at ``key`` (single writer, many readers, once per key)."""
+
+    key: Tag
+    value: Vector
+    kind: Literal["write"] = "write"
+
+
+@dataclass(frozen=True, slots=True)
+class Collect:
+    """Read every register at ``key`` of the caller's cluster, one read at a time."""
+
+    key: Tag
+    kind: Literal["collect"] = "collect"
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A sample for metrics and traces.
+
+    Names the runtimes understand: ``"model"`` (``value`` is the model ``x_t`` at the start of
+    iteration ``step``; ``step = T + 1`` carries the final model) and ``"agreement"`` (``value`` is
+    the value held at the start of agreement round ``key = (instance, round, inner_round)``,
+    ``inner_round`` ``None`` for a cluster round).
+    """
+
+    name: str
+    value: Any
+    step: int = 0
+    key: Tag = field(default=())
+    kind: Literal["report"] = "report"
+
+
+Effect: TypeAlias = Grad | Broadcast | Await | Exchange | Write | Collect | Report
+Program: TypeAlias = Generator[Effect, Any, Any]

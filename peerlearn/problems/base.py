@@ -1,0 +1,68 @@
+"""The problem interface: an objective Q and its stochastic gradient oracle G.
+
+A problem is deterministic once built: its data, its start point ``x0`` and its constants are
+fixed by the problem parameters (and, for generated data, by the *problem* seed, common to every
+process). Randomness of the oracle comes only from the ``rng`` a caller passes to :meth:`grad`,
+one independent stream per process (Attiya–Schiller pitfall 9).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from peerlearn.effects import Vector
+
+__all__ = ["Constants", "Problem"]
+
+
+@dataclass(frozen=True)
+class Constants:
+    """What the theorems need, where known: smoothness L, strong convexity μ, gradient-noise
+    variance bound σ² (total over coordinates, for one oracle call), minimiser x*, and Q* (the
+    minimum, or a lower bound on Q)."""
+
+    L: float | None = None
+    mu: float | None = None
+    sigma2: float | None = None
+    x_star: Vector | None = None
+    q_star: float | None = None
+
+
+class Problem(ABC):
+    """An objective with a stochastic gradient oracle."""
+
+    #: short name used in configs and outputs
+    name: str = "problem"
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Number of parameters."""
+
+    @abstractmethod
+    def x0(self) -> Vector:
+        """The common start point x_1 (a fresh array each call)."""
+
+    @abstractmethod
+    def grad(self, x: Vector, rng: np.random.Generator) -> Vector:
+        """A stochastic gradient G(x, z) with z drawn from ``rng``: unbiased, variance ≤ σ²."""
+
+    @abstractmethod
+    def loss(self, x: Vector) -> float:
+        """The objective Q(x) (on the training data, for data problems)."""
+
+    @abstractmethod
+    def full_grad(self, x: Vector) -> Vector:
+        """The exact gradient ∇Q(x)."""
+
+    @property
+    def constants(self) -> Constants:
+        """Constants the bounds need; fields are ``None`` where unknown."""
+        return Constants()
+
+    def evaluate(self, x: Vector) -> dict[str, float]:
+        """Extra quality figures for reports (e.g. test accuracy); empty by default."""
+        return {}

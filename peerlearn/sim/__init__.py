@@ -1,0 +1,15 @@
+"""The deterministic simulator: many processes, one Python process, virtual time."""
+
+from peerlearn.sim.core import BlockedProcess, Outcome, Simulator, Status
+from peerlearn.sim.runner import ProcessResult, SimResult, consensus_distance, run_simulation
+
+__all__ = [
+    "BlockedProcess",
+    "Outcome",
+    "ProcessResult",
+    "SimResult",
+    "Simulator",
+    "Status",
+    "consensus_distance",
+    "run_simulation",
+]

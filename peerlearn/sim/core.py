@@ -1,0 +1,500 @@
+"""The deterministic discrete-event core: interprets effect programs in virtual time.
+
+Theory of operation
+-------------------
+One heap of ``(time, seq, kind, pid, payload)`` entries; ``seq`` (an ``itertools.count``) breaks
+ties, so a run is a pure function of its inputs and seeds (SimPy's ``core.py`` ordering). No wall
+clock is read anywhere in ``sim/``.
+
+A process runs its program synchronously until it yields an effect that takes virtual time:
+
+* ``Grad``     — the gradient is computed now and handed back after a compute time drawn from
+                 the process's compute distribution (stragglers scale it);
+* ``Broadcast``— one DELIVER event per receiver, each with its own random delay: per-link mean
+                 factors × per-message draws, so every receiver sees its own arrival order
+                 (spec pitfall 12). Partitioned links hold messages until the partition heals;
+* ``Await``    — satisfied from the mailbox at once, or the process waits; each DELIVER checks
+                 only the awaited tag;
+* ``Collect``  — one READ event per register of the cluster, each after its own read delay, so
+                 collects interleave with other processes' writes (no snapshot, Alg 4 line 3);
+* ``Write``, ``Report`` — instantaneous.
+
+Liveness is explicit: when the heap is empty, every live process has either finished or waits
+in an ``Await`` that can never complete — the run is ``blocked``, and each waiting process is
+listed with its tag and how many messages (or clusters) it has and needs. No step cap, no
+timeout. Crashes are crash-stop: a crashed process's pending events are ignored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from peerlearn.effects import (
+    AtLeast,
+    Await,
+    Broadcast,
+    Collect,
+    Count,
+    Exchange,
+    Grad,
+    MajorityOfClusters,
+    Msg,
+    Program,
+    Quorum,
+    Report,
+    Tag,
+    Vector,
+    Write,
+    quorum_need,
+)
+from peerlearn.errors import ProgramError
+from peerlearn.membership import Membership
+
+__all__ = ["BlockedProcess", "Outcome", "Proc", "Simulator", "Status"]
+
+_RESUME, _DELIVER, _READ, _CRASH, _SAMPLE, _HEAL = range(6)
+
+Sampler = Callable[[], float]
+
+
+class Status(StrEnum):
+    FINISHED = "finished"  # every non-crashed process completed its program
+    BLOCKED = "blocked"  # quiescent event queue while a live process waits
+    FAILED = "failed"  # a program or a gradient raised
+
+
+@dataclass(frozen=True)
+class BlockedProcess:
+    pid: int
+    name: str
+    tag: Tag
+    have: int
+    need: int
+    unit: str  # "processes" or "clusters"
+
+
+@dataclass(eq=False)
+class Proc:
+    """Runtime state of one simulated process."""
+
+    pid: int
+    cluster: int
+    program: Program
+    compute_scale: float = 1.0
+    crashed: bool = False
+    finished: bool = False
+    step: int = 0  # iteration of the last "model" report
+    x: Vector | None = None  # model at the start of iteration ``step``
+    output: Any = None
+    waiting: tuple[Tag, Quorum] | None = None
+    mailbox: dict[Tag, list[Msg]] = field(default_factory=dict)
+    done: set[Tag] = field(default_factory=set)
+    crash_step: int | None = None
+    crash_mid_broadcast: bool = False
+    armed: bool = False  # crash during the next broadcast
+    collect: tuple[Tag, list[Msg], int] | None = None  # key, read so far, next member index
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    time: float
+    events: int
+    deliveries: int
+    dropped_late: int
+    held: int
+    blocked: tuple[BlockedProcess, ...]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Partition:
+    group_of: tuple[int, ...]  # cluster -> group (−1: not in any group, reaches everybody)
+    start: float
+    end: float | None
+
+
+class Simulator:
+    """Runs one program per process to completion, blocking or failure.
+
+    :param membership: n processes in m clusters.
+    :param programs: one program per process id.
+    :param grad: ``grad(pid, x)`` — the process's stochastic gradient (its own RNG stream).
+    :param rng: the schedule's random stream (delays, orders, partial broadcasts).
+    """
+
+    def __init__(
+        self,
+        membership: Membership,
+        programs: Sequence[Program],
+        grad: Callable[[int, Vector], Vector],
+        rng: np.random.Generator,
+        *,
+        delay_remote: Callable[[int], Vector],
+        delay_local: Callable[[int], Vector],
+        compute: Sampler,
+        read: Sampler,
+        link_factor: Vector | None = None,
+        compute_scale: Sequence[float] | None = None,
+        partitions: Sequence[Partition] = (),
+        sample_every: float | None = None,
+        on_sample: Callable[[float], None] | None = None,
+        on_report: Callable[[Proc, Report], None] | None = None,
+        on_receive: Callable[[Proc, str, Tag, tuple[Msg, ...]], None] | None = None,
+    ) -> None:
+        self.membership = membership
+        n = membership.processes
+        if len(programs) != n:
+            raise ProgramError(f"{len(programs)} programs for {n} processes")
+        scale = compute_scale or [1.0] * n
+        self.procs = [
+            Proc(pid, membership.cluster_of[pid], prog, scale[pid])
+            for pid, prog in enumerate(programs)
+        ]
+        self._grad = grad
+        self._rng = rng
+        self._delay_remote = delay_remote
+        self._delay_local = delay_local
+        self._compute = compute
+        self._read = read
+        self._link = link_factor
+        cluster_of = np.asarray(membership.cluster_of)
+        self._same_cluster = cluster_of[:, None] == cluster_of[None, :]
+        self._partitions = list(partitions)
+        self._held: list[tuple[int, Tag, Msg]] = []
+        self._heap: list[tuple[float, int, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._registers: dict[Tag, list[Vector | None]] = {}
+        self._collected: dict[Tag, set[int]] = {}
+        self._sample_every = sample_every
+        self._on_sample = on_sample
+        self._on_report = on_report
+        self._on_receive = on_receive
+        self.failure_traceback: str | None = None
+        self.now = 0.0
+        self.events = 0
+        self.deliveries = 0
+        self.dropped_late = 0
+        self.steps_total = 0
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def crash_at_step(self, pid: int, step: int, mid_broadcast: bool) -> None:
+        proc = self.procs[pid]
+        proc.crash_step, proc.crash_mid_broadcast = step, mid_broadcast
+
+    def crash_at_time(self, pid: int, time: float) -> None:
+        self._push(time, _CRASH, pid, None)
+
+    def _push(self, time: float, kind: int, pid: int, payload: Any) -> None:
+        heapq.heappush(self._heap, (time, next(self._seq), kind, pid, payload))
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(
+        self, progress: Callable[[Simulator], None] | None = None, every: int = 20000
+    ) -> Outcome:
+        for part in self._partitions:
+            if part.end is not None:
+                self._push(part.end, _HEAL, -1, part)
+        if self._sample_every is not None and self._on_sample is not None:
+            self._push(0.0, _SAMPLE, -1, None)
+        error: str | None = None
+        heap, procs, pop = self._heap, self.procs, heapq.heappop
+        try:
+            for proc in procs:
+                self._advance(proc, None)
+            while heap:
+                time, _, kind, pid, payload = pop(heap)
+                if kind != _SAMPLE:
+                    self.now = time  # a sample is not activity: the run ends at its last event
+                self.events += 1
+                if kind == _DELIVER:
+                    proc = procs[pid]
+                    if not proc.crashed:
+                        self._deliver(proc, payload)
+                elif kind == _RESUME:
+                    proc = procs[pid]
+                    if not proc.crashed:
+                        self._advance(proc, payload)
+                elif kind == _READ:
+                    proc = procs[pid]
+                    if not proc.crashed:
+                        self._read_next(proc)
+                elif kind == _CRASH:
+                    self._crash(procs[pid])
+                elif kind == _SAMPLE:
+                    assert self._on_sample is not None and self._sample_every is not None
+                    self._on_sample(time)
+                    if heap:  # keep sampling only while something else is pending
+                        self._push(time + self._sample_every, _SAMPLE, -1, None)
+                else:  # _HEAL
+                    self._heal(payload)
+                if progress is not None and self.events % every == 0:
+                    progress(self)
+        except Exception as exc:  # a program or oracle failed: stop the run loudly
+            error = "".join(traceback.format_exception_only(exc)).strip()
+            self.failure_traceback = traceback.format_exc()
+        if self._on_sample is not None:
+            self._on_sample(self.now)
+        blocked = tuple(self._blocked()) if error is None else ()
+        if error is not None:
+            status = Status.FAILED
+        elif blocked:
+            status = Status.BLOCKED
+        else:
+            status = Status.FINISHED
+        return Outcome(
+            status=status,
+            time=self.now,
+            events=self.events,
+            deliveries=self.deliveries,
+            dropped_late=self.dropped_late,
+            held=len(self._held),
+            blocked=blocked,
+            error=error,
+        )
+
+    # --- interpreting effects -------------------------------------------------------------------
+
+    def _advance(self, proc: Proc, value: Any) -> None:
+        """Run ``proc``'s program until it yields an effect that takes virtual time."""
+        send = proc.program.send
+        while True:
+            try:
+                eff = send(value)
+            except StopIteration as stop:
+                proc.finished = True
+                proc.output = stop.value
+                return
+            value = None
+            match eff:
+                case Exchange(tag=tag, value=v, quorum=quorum):
+                    self._broadcast(proc, tag, v)
+                    if proc.crashed:
+                        return
+                    value = self._await(proc, tag, quorum)
+                    if value is None:
+                        return
+                case Grad(x=x):
+                    g = self._grad(proc.pid, x)
+                    self._push(
+                        self.now + self._compute() * proc.compute_scale, _RESUME, proc.pid, g
+                    )
+                    return
+                case Report() as rep:
+                    if rep.name == "model":
+                        self._model(proc, rep)
+                        if proc.crashed:
+                            return
+                    if self._on_report is not None:
+                        self._on_report(proc, rep)
+                case Write(key=key, value=v):
+                    self._write(proc, key, v)
+                case Collect(key=key):
+                    proc.collect = (key, [], 0)
+                    self._push(self.now + self._read(), _READ, proc.pid, None)
+                    return
+                case Broadcast(tag=tag, value=v):
+                    self._broadcast(proc, tag, v)
+                    if proc.crashed:
+                        return
+                case Await(tag=tag, quorum=quorum):
+                    value = self._await(proc, tag, quorum)
+                    if value is None:
+                        return
+                case _:
+                    raise ProgramError(f"process {proc.pid} yielded {eff!r}, which is no effect")
+
+    def _model(self, proc: Proc, rep: Report) -> None:
+        if proc.step and rep.step > proc.step:  # iterations completed since the last report
+            self.steps_total += rep.step - proc.step
+        proc.step, proc.x = rep.step, rep.value
+        if proc.crash_step is not None and rep.step >= proc.crash_step:
+            if proc.crash_mid_broadcast:
+                proc.armed = True
+            else:
+                self._crash(proc)
+
+    def _broadcast(self, proc: Proc, tag: Tag, value: Vector) -> None:
+        n = self.membership.processes
+        sender = proc.pid
+        same = self._same_cluster[sender]
+        delays = np.where(same, self._delay_local(n), self._delay_remote(n))
+        if self._link is not None:
+            delays *= self._link[sender]
+        receivers: Sequence[int] = range(n)
+        if proc.armed:  # crash in the middle of this broadcast: only some recipients get it
+            order = self._rng.permutation(n)
+            receivers = order[: int(self._rng.integers(1, n))].tolist() if n > 1 else []
+        msg = Msg(sender, value)
+        now, push, seq = self.now, heapq.heappush, self._seq
+        heap = self._heap
+        parts = self._active_partitions()
+        dl = delays.tolist()
+        for r in receivers:
+            if parts and self._cut(parts, proc.cluster, self.membership.cluster_of[r]):
+                self._held.append((int(r), tag, msg))
+                continue
+            push(heap, (now + dl[r], next(seq), _DELIVER, int(r), (tag, msg)))
+        if proc.armed:
+            self._crash(proc)
+
+    def _await(self, proc: Proc, tag: Tag, quorum: Quorum) -> tuple[Msg, ...] | None:
+        box = proc.mailbox.get(tag)
+        if box is not None:
+            got = self._satisfied(box, quorum)
+            if got is not None:
+                del proc.mailbox[tag]
+                proc.done.add(tag)
+                if self._on_receive is not None:
+                    self._on_receive(proc, "await", tag, got)
+                return got
+        proc.waiting = (tag, quorum)
+        return None
+
+    def _satisfied(self, box: list[Msg], quorum: Quorum) -> tuple[Msg, ...] | None:
+        match quorum:
+            case Count(n=need):
+                return tuple(box[:need]) if len(box) >= need else None
+            case AtLeast(n=need):
+                return tuple(box) if len(box) >= need else None
+            case MajorityOfClusters():
+                cluster_of = self.membership.cluster_of
+                have = len({cluster_of[m.sender] for m in box})
+                return tuple(box) if have >= self.membership.majority else None
+        raise ProgramError(f"unknown quorum {quorum!r}")
+
+    def _deliver(self, proc: Proc, payload: tuple[Tag, Msg]) -> None:
+        tag, msg = payload
+        self.deliveries += 1
+        if tag in proc.done:
+            self.dropped_late += 1
+            return
+        box = proc.mailbox.get(tag)
+        if box is None:
+            proc.mailbox[tag] = box = []
+        box.append(msg)
+        waiting = proc.waiting
+        if waiting is not None and waiting[0] == tag:
+            got = self._satisfied(box, waiting[1])
+            if got is not None:
+                proc.waiting = None
+                del proc.mailbox[tag]
+                proc.done.add(tag)
+                if self._on_receive is not None:
+                    self._on_receive(proc, "await", tag, got)
+                self._advance(proc, got)
+
+    # --- registers ------------------------------------------------------------------------------
+
+    def _write(self, proc: Proc, key: Tag, value: Vector) -> None:
+        regs_key = (proc.cluster, key)
+        regs = self._registers.get(regs_key)
+        if regs is None:
+            size = len(self.membership.members[proc.cluster])
+            self._registers[regs_key] = regs = [None] * size
+        slot = proc.pid // self.membership.clusters
+        if regs[slot] is not None:
+            raise ProgramError(f"process {proc.pid} wrote register {key} twice")
+        regs[slot] = value
+
+    def _read_next(self, proc: Proc) -> None:
+        assert proc.collect is not None
+        key, got, idx = proc.collect
+        members = self.membership.members[proc.cluster]
+        regs = self._registers.get((proc.cluster, key))
+        if regs is not None and regs[idx] is not None:
+            got.append(Msg(members[idx], regs[idx]))  # type: ignore[arg-type]
+        idx += 1
+        if idx < len(members):
+            proc.collect = (key, got, idx)
+            self._push(self.now + self._read(), _READ, proc.pid, None)
+            return
+        proc.collect = None
+        self._collected_by(proc.cluster, key, proc.pid)
+        result = tuple(got)
+        if self._on_receive is not None:
+            self._on_receive(proc, "collect", key, result)
+        self._advance(proc, result)
+
+    def _collected_by(self, cluster: int, key: Tag, pid: int) -> None:
+        """Reclaim a register array once every live member of the cluster has collected it."""
+        regs_key = (cluster, key)
+        readers = self._collected.setdefault(regs_key, set())
+        readers.add(pid)
+        if all(p in readers or self.procs[p].crashed for p in self.membership.members[cluster]):
+            self._registers.pop(regs_key, None)
+            del self._collected[regs_key]
+
+    # --- faults ---------------------------------------------------------------------------------
+
+    def _crash(self, proc: Proc) -> None:
+        if proc.crashed or proc.finished:
+            return
+        proc.crashed = True
+        proc.waiting = None
+        proc.mailbox.clear()
+        proc.program.close()
+        for regs_key, readers in list(self._collected.items()):
+            if regs_key[0] == proc.cluster and all(
+                p in readers or self.procs[p].crashed for p in self.membership.members[proc.cluster]
+            ):
+                self._registers.pop(regs_key, None)
+                del self._collected[regs_key]
+
+    def _active_partitions(self) -> list[Partition]:
+        now = self.now
+        return [p for p in self._partitions if p.start <= now and (p.end is None or now < p.end)]
+
+    @staticmethod
+    def _cut(parts: list[Partition], a: int, b: int) -> bool:
+        for p in parts:
+            ga, gb = p.group_of[a], p.group_of[b]
+            if ga != gb and ga >= 0 and gb >= 0:
+                return True
+        return False
+
+    def _heal(self, part: Partition) -> None:
+        self._partitions.remove(part)
+        parts = self._active_partitions()
+        keep: list[tuple[int, Tag, Msg]] = []
+        for receiver, tag, msg in self._held:
+            src = self.membership.cluster_of[msg.sender]
+            if parts and self._cut(parts, src, self.membership.cluster_of[receiver]):
+                keep.append((receiver, tag, msg))
+                continue
+            same = self._same_cluster[msg.sender, receiver]
+            delay = float((self._delay_local if same else self._delay_remote)(1)[0])
+            self._push(self.now + delay, _DELIVER, receiver, (tag, msg))
+        self._held = keep
+
+    # --- liveness -------------------------------------------------------------------------------
+
+    def _blocked(self) -> list[BlockedProcess]:
+        out = []
+        cluster_of = self.membership.cluster_of
+        for proc in self.procs:
+            if proc.crashed or proc.finished:
+                continue
+            if proc.waiting is None:
+                raise ProgramError(f"process {proc.pid} is neither done nor waiting at quiescence")
+            tag, quorum = proc.waiting
+            box = proc.mailbox.get(tag, [])
+            if isinstance(quorum, MajorityOfClusters):
+                have, unit = len({cluster_of[m.sender] for m in box}), "clusters"
+            else:
+                have, unit = len(box), "processes"
+            need = quorum_need(quorum, self.membership.clusters)
+            out.append(
+                BlockedProcess(proc.pid, self.membership.name(proc.pid), tag, have, need, unit)
+            )
+        return out

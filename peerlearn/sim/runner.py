@@ -1,0 +1,283 @@
+"""Build a simulated run from a :class:`~peerlearn.config.RunConfig` and run it.
+
+Random streams all derive from the run seed (``numpy.random.SeedSequence`` with a spawn key of
+``(purpose, cluster, index)``): gradient noise and agreement inputs are independent per process
+(spec pitfall 9), the schedule has its own stream, and x_1 and τ are common to every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from peerlearn.algorithms import alg1, alg2, diam2, maa_instances
+from peerlearn.config import Distribution, RunConfig
+from peerlearn.effects import Msg, Program, Report, Tag, Vector
+from peerlearn.problems import Problem, make_problem
+from peerlearn.sim.core import Outcome, Partition, Proc, Simulator, Status
+
+__all__ = [
+    "ProcessResult",
+    "SimResult",
+    "consensus_distance",
+    "run_simulation",
+    "stream",
+]
+
+
+class Purpose(IntEnum):
+    GRADIENT = 0
+    SCHEDULE = 1
+    INPUTS = 2
+    TAU = 3
+
+
+def stream(seed: int, purpose: Purpose, *key: int) -> np.random.Generator:
+    """The random stream for ``purpose`` (and process ``key``) of the run with ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(int(purpose), *key)))
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    pid: int
+    name: str
+    cluster: int
+    crashed: bool
+    steps_done: int
+    x: Vector | None
+    loss: float | None
+    output: Any
+
+
+@dataclass
+class SimResult:
+    config: RunConfig
+    outcome: Outcome
+    processes: list[ProcessResult]
+    problem: Problem | None
+    #: metric samples: (time, pid, step, loss, consensus distance)
+    samples: list[tuple[float, int, int, float | None, float]] = field(default_factory=list)
+    #: agreement trace: (instance, round, inner_round | None, pid, value)
+    trace: list[tuple[int, int, int | None, int, Vector]] = field(default_factory=list)
+    #: who each process heard from: (kind, tag) -> {pid: frozenset of senders/writers}
+    receive_sets: dict[tuple[str, Tag], dict[int, frozenset[int]]] = field(default_factory=dict)
+    failure_traceback: str | None = None
+
+    @property
+    def status(self) -> Status:
+        return self.outcome.status
+
+    def live(self) -> list[ProcessResult]:
+        return [p for p in self.processes if not p.crashed]
+
+    @property
+    def final_loss(self) -> float | None:
+        losses = [p.loss for p in self.live() if p.loss is not None]
+        return float(np.mean(losses)) if losses else None
+
+    @property
+    def max_pairwise_distance(self) -> float:
+        """max over live processes i, j of ‖x_i − x_j‖² (internal convergence)."""
+        return diam2([p.x for p in self.live() if p.x is not None])
+
+
+def consensus_distance(xs: list[Vector]) -> float:
+    """(1/n) Σ ‖x_i − x̄‖²."""
+    if len(xs) < 2:
+        return 0.0
+    stacked = np.stack(xs)
+    return float(((stacked - stacked.mean(axis=0)) ** 2).sum(axis=1).mean())
+
+
+def _vector_sampler(dist: Distribution, rng: np.random.Generator) -> Callable[[int], Vector]:
+    mean, spread = dist.mean, dist.spread
+    match dist.dist:
+        case "constant":
+            return lambda n: np.full(n, mean)
+        case "exponential":
+            return lambda n: rng.exponential(mean, n)
+        case "uniform":
+            return lambda n: rng.uniform(mean - spread, mean + spread, n)
+        case "lognormal":
+            mu = np.log(mean) - spread**2 / 2 if mean > 0 else -np.inf
+            return lambda n: rng.lognormal(mu, spread, n) if mean > 0 else np.zeros(n)
+    raise AssertionError(dist.dist)
+
+
+def _scalar_sampler(dist: Distribution, rng: np.random.Generator) -> Callable[[], float]:
+    mean, spread = dist.mean, dist.spread
+    match dist.dist:
+        case "constant":
+            return lambda: mean
+        case "exponential":
+            return lambda: float(rng.exponential(mean))
+        case "uniform":
+            return lambda: float(rng.uniform(mean - spread, mean + spread))
+        case "lognormal":
+            mu = float(np.log(mean) - spread**2 / 2) if mean > 0 else 0.0
+            return lambda: float(rng.lognormal(mu, spread)) if mean > 0 else 0.0
+    raise AssertionError(dist.dist)
+
+
+def build_problem(cfg: RunConfig) -> Problem | None:
+    if cfg.algorithm == "maa":
+        return None
+    return make_problem(cfg.problem.name, **cfg.problem.params)
+
+
+def _programs(cfg: RunConfig, problem: Problem | None) -> list[Program]:
+    n, big_n, steps = cfg.processes, cfg.n_quorum, cfg.steps
+    rounds, inner = cfg.agreement_rounds()
+    aggregator = cfg.maa.aggregator
+    members = cfg.membership
+    if cfg.algorithm == "maa":
+        return [
+            maa_instances(
+                stream(
+                    cfg.seed, Purpose.INPUTS, members.cluster_of[p], p // cfg.clusters
+                ).standard_normal((steps, cfg.dim)),
+                rounds,
+                inner,
+                aggregator,
+            )
+            for p in range(n)
+        ]
+    assert problem is not None
+    x1 = problem.x0()
+    x1.flags.writeable = False  # shared by every program: nobody may mutate it
+    eta = cfg.schedule()
+    if cfg.algorithm == "alg1":
+        return [alg1(x1, steps, big_n, eta) for _ in range(n)]
+    tau = int(stream(cfg.seed, Purpose.TAU).integers(1, steps + 1))
+    return [alg2(x1, steps, big_n, eta, tau, rounds, inner, aggregator) for _ in range(n)]
+
+
+def run_simulation(
+    cfg: RunConfig,
+    *,
+    record_receives: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimResult:
+    """Run ``cfg`` in the simulator. ``progress(done, total)`` is called now and then with the
+    number of iterations completed over all processes and the total planned (n × T)."""
+    problem = build_problem(cfg)
+    members = cfg.membership
+    n = cfg.processes
+    sched = stream(cfg.seed, Purpose.SCHEDULE)
+    grad_rngs = [
+        stream(cfg.seed, Purpose.GRADIENT, members.cluster_of[p], p // cfg.clusters)
+        for p in range(n)
+    ]
+    sim_cfg = cfg.sim
+    spread = sim_cfg.link_spread
+    link = sched.uniform(1 - spread, 1 + spread, (n, n)) if spread > 0 else None
+    scale = [1.0] * n
+    for p in sched.permutation(n)[: sim_cfg.stragglers]:
+        scale[int(p)] = sim_cfg.slowdown
+    partitions = []
+    for part in sim_cfg.partitions:
+        group_of = [-1] * cfg.clusters
+        for g, clusters in enumerate(part.groups):
+            for c in clusters:
+                group_of[c] = g
+        partitions.append(Partition(tuple(group_of), part.start, part.end))
+
+    samples: list[tuple[float, int, int, float | None, float]] = []
+    trace: list[tuple[int, int, int | None, int, Vector]] = []
+    receive_sets: dict[tuple[str, Tag], dict[int, frozenset[int]]] = {}
+    losses: dict[tuple[int, int], float] = {}
+
+    def loss_of(proc: Proc) -> float | None:
+        if problem is None or proc.x is None:
+            return None
+        key = (proc.pid, proc.step)
+        if key not in losses:
+            if len(losses) > 4 * n:  # bounded: only current steps are ever asked again
+                losses.clear()
+            losses[key] = problem.loss(proc.x)
+        return losses[key]
+
+    grad_fn: Callable[[int, Vector], Vector]
+    if problem is not None:
+        pgrad = problem.grad
+
+        def grad_fn(pid: int, x: Vector) -> Vector:
+            return pgrad(x, grad_rngs[pid])
+    else:
+
+        def grad_fn(pid: int, x: Vector) -> Vector:
+            raise AssertionError("standalone agreement computes no gradient")
+
+    sim: Simulator
+
+    def on_sample(time: float) -> None:
+        live = [p for p in sim.procs if not p.crashed and p.x is not None]
+        cd = consensus_distance([p.x for p in live if p.x is not None])
+        for p in live:
+            samples.append((time, p.pid, p.step, loss_of(p), cd))
+
+    def on_report(proc: Proc, rep: Report) -> None:
+        if rep.name == "agreement":
+            instance, rnd, inner = rep.key
+            trace.append((instance, rnd, inner, proc.pid, rep.value))
+
+    def on_receive(proc: Proc, kind: str, tag: Tag, msgs: tuple[Msg, ...]) -> None:
+        receive_sets.setdefault((kind, tag), {})[proc.pid] = frozenset(m.sender for m in msgs)
+
+    sim = Simulator(
+        members,
+        _programs(cfg, problem),
+        grad_fn,
+        sched,
+        delay_remote=_vector_sampler(sim_cfg.delay_remote, sched),
+        delay_local=_vector_sampler(sim_cfg.delay_local, sched),
+        compute=_scalar_sampler(sim_cfg.compute, sched),
+        read=_scalar_sampler(sim_cfg.read, sched),
+        link_factor=link,
+        compute_scale=scale,
+        partitions=partitions,
+        sample_every=sim_cfg.sample_every,
+        on_sample=on_sample,
+        on_report=on_report if cfg.trace else None,
+        on_receive=on_receive if record_receives else None,
+    )
+    for spec in cfg.crash_specs:
+        for pid in spec.pids:
+            if spec.at_step is not None:
+                sim.crash_at_step(pid, spec.at_step, spec.mode == "mid-broadcast")
+            else:
+                assert spec.at_time is not None
+                sim.crash_at_time(pid, spec.at_time)
+    total = n * cfg.steps
+    outcome = sim.run(
+        progress=(lambda s: progress(s.steps_total, total)) if progress is not None else None
+    )
+    if progress is not None:
+        progress(sim.steps_total, total)
+    processes = [
+        ProcessResult(
+            pid=p.pid,
+            name=members.name(p.pid),
+            cluster=p.cluster,
+            crashed=p.crashed,
+            steps_done=max(p.step - 1, 0),
+            x=p.x,
+            loss=loss_of(p),
+            output=p.output,
+        )
+        for p in sim.procs
+    ]
+    return SimResult(
+        config=cfg,
+        outcome=outcome,
+        processes=processes,
+        problem=problem,
+        samples=samples,
+        trace=trace,
+        receive_sets=receive_sets,
+        failure_traceback=sim.failure_traceback,
+    )
