@@ -1,0 +1,66 @@
+"""Shared helpers for tests: build configs and read the agreement trace."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from peerlearn.algorithms import diam2
+from peerlearn.config import RunConfig, load_config
+from peerlearn.effects import Vector
+from peerlearn.sim import SimResult
+
+
+def cfg(**over: Any) -> RunConfig:
+    """A RunConfig from keyword overrides (nested tables as dicts)."""
+    return load_config(overrides=over)
+
+
+def rounds_by(result: SimResult, inner: bool) -> dict[tuple[int, ...], dict[int, Vector]]:
+    """Trace values grouped by round.
+
+    inner=False: key (instance, round) → {pid: x_r} over *all* processes (cluster rounds);
+    inner=True:  key (instance, round, cluster, k) → {pid: A_k[pid]} (shared-memory rounds).
+    """
+    members = result.config.membership
+    out: dict[tuple[int, ...], dict[int, Vector]] = defaultdict(dict)
+    for instance, rnd, k, pid, value in result.trace:
+        if inner and k is not None:
+            out[(instance, rnd, members.cluster_of[pid], k)][pid] = value
+        elif not inner and k is None:
+            out[(instance, rnd)][pid] = value
+    return out
+
+
+def contraction_ratios(
+    groups: dict[tuple[int, ...], dict[int, Vector]],
+) -> list[tuple[tuple[int, ...], float, float]]:
+    """(key, diam² of round r, diam² of round r+1) for every consecutive pair of rounds."""
+    out = []
+    for key, values in groups.items():
+        nxt = (*key[:-1], key[-1] + 1)
+        if nxt in groups and len(values) >= 1:
+            out.append((key, diam2(list(values.values())), diam2(list(groups[nxt].values()))))
+    return out
+
+
+def receive_sets_differ(result: SimResult, kind: str, tag_kind: str) -> bool:
+    """True when, for some tag, two processes received (or collected) different sender sets."""
+    for (k, tag), sets in result.receive_sets.items():
+        if k == kind and tag[0] == tag_kind and len(set(sets.values())) > 1:
+            return True
+    return False
+
+
+def barycentric(points: Vector, y: Vector) -> tuple[Vector, float]:
+    """Affine weights w (Σw = 1) with pointsᵀw ≈ y, and the residual norm.
+
+    With affinely independent points (random inputs in dimension d ≥ k − 1) the weights are
+    unique, so y lies in the convex hull iff they are all ≥ 0 and the residual vanishes.
+    """
+    a = np.vstack([points.T, np.ones(points.shape[0])])
+    b = np.concatenate([y, [1.0]])
+    w, *_ = np.linalg.lstsq(a, b, rcond=None)
+    return w, float(np.linalg.norm(a @ w - b))

@@ -1,0 +1,78 @@
+"""MidExt / ApproachExt and round counts (Attiya–Schiller L303, L660, L713, spec §1.3–1.4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from peerlearn.algorithms import Aggregator, approach_ext, diam2, maa_rounds, mid_ext, rounds_for
+
+from .helpers import barycentric
+
+
+def test_mid_ext_is_midpoint_of_farthest_pair() -> None:
+    xs = [np.array([0.0, 0.0]), np.array([1.0, 0.0]), np.array([4.0, 3.0])]
+    np.testing.assert_allclose(mid_ext(xs), [2.0, 1.5])
+
+
+def test_mid_ext_single_value_is_identity() -> None:
+    x = np.array([3.0, -1.0])
+    assert mid_ext([x]) is x
+
+
+def test_approach_ext_moves_halfway_to_farthest_from_own() -> None:
+    own = np.array([1.0, 0.0])
+    xs = [own, np.array([0.0, 0.0]), np.array([-3.0, 0.0])]
+    np.testing.assert_allclose(approach_ext(xs, own), [-1.0, 0.0])
+
+
+def test_diam2_is_squared() -> None:
+    assert diam2([np.zeros(3), np.array([1.0, 2.0, 2.0])]) == pytest.approx(9.0)
+    assert diam2([np.zeros(3)]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("q", "agg", "expected"),
+    [
+        (0.25, Aggregator.MIDEXT, (33, 14)),  # spec §1.3: q = 1/4 → 33 rounds, 14 SMMAA rounds
+        (0.25, Aggregator.APPROACHEXT, (111, 73)),  # Lemma 20: 111 outer, 73 inner
+        (math.sqrt(4 / 64) / 4, Aggregator.MIDEXT, (66, 14)),  # Lemma 22 samples: N=4, T=64
+        (math.sqrt(4 / 256) / 4, Aggregator.MIDEXT, (82, 14)),
+        (math.sqrt(4 / 1024) / 4, Aggregator.MIDEXT, (98, 14)),
+        (math.sqrt(1 / 64) / 4, Aggregator.MIDEXT, (82, 14)),
+    ],
+)
+def test_round_counts_match_spec(q: float, agg: Aggregator, expected: tuple[int, int]) -> None:
+    assert maa_rounds(q, agg) == expected
+
+
+def test_smmaa_round_counts() -> None:
+    assert rounds_for(1 / 6, 7 / 8) == 14  # L713
+    assert rounds_for(1 / 6, 31 / 32) == 57
+    assert rounds_for(1 / 10, 7 / 8) == 18
+    assert rounds_for(1 / 10, 31 / 32) == 73
+    assert rounds_for(1.0, 7 / 8) == 0
+    with pytest.raises(ValueError, match="q must be"):
+        rounds_for(0.0, 7 / 8)
+
+
+vectors = st.integers(2, 8).flatmap(
+    lambda k: arrays(np.float64, (k, 10), elements=st.floats(-1e3, 1e3, allow_nan=False))
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(vectors)
+def test_aggregates_stay_in_convex_hull(points: np.ndarray) -> None:
+    """Both rules output convex combinations of their inputs (the validity of MAA)."""
+    pts = points + np.random.default_rng(0).normal(0, 1e-3, points.shape)  # affinely independent
+    for y in (mid_ext(list(pts)), approach_ext(list(pts), pts[0])):
+        w, resid = barycentric(pts, y)
+        scale = 1.0 + float(np.abs(pts).max())
+        assert resid < 1e-6 * scale
+        assert w.min() > -1e-6

@@ -1,0 +1,131 @@
+"""Cluster MAA (Alg 3) over SMMAA (Alg 4) in the simulator, checked against the spec's bounds.
+
+Every bound here is deterministic (spec §3): it holds in every execution, so each run is
+asserted on its own, under random per-receiver schedules and crashes — including crashes in the
+middle of a broadcast and whole clusters. Each test also checks that schedules really differed
+between receivers (spec pitfall 12): otherwise contraction would be trivially exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from peerlearn.algorithms import diam2
+from peerlearn.sim import Status, run_simulation
+
+from .helpers import barycentric, cfg, contraction_ratios, receive_sets_differ, rounds_by
+
+EPS = 1e-12
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "no-crash": {},
+    "cluster-crash": {"sim": {"crashes": ["cluster:2@time=3.0"]}},
+    "mid-broadcast": {"sim": {"crashes": ["process:1.0@t=2:mid-broadcast", "process:0.2@time=7"]}},
+    "stragglers": {"sim": {"stragglers": 3, "slowdown": 20.0}},
+}
+
+
+def run_maa(aggregator: str, seed: int, scenario: str, dim: int = 3, steps: int = 3) -> Any:
+    over = {
+        "algorithm": "maa",
+        "processes": 9,
+        "clusters": 3,
+        "steps": steps,
+        "dim": dim,
+        "seed": seed,
+        "trace": True,
+        "maa": {"aggregator": aggregator},
+        **SCENARIOS[scenario],
+    }
+    res = run_simulation(cfg(**over), record_receives=True)
+    assert res.status is Status.FINISHED, res.outcome
+    return res
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize(("aggregator", "factor"), [("midext", 7 / 8), ("approachext", 31 / 32)])
+def test_lemma16_each_smmaa_round_contracts(aggregator: str, factor: float, scenario: str) -> None:
+    """Lemma 16: diam²(A_{k+1}) ≤ factor · diam²(A_k), per cluster, every round."""
+    for seed in range(2):
+        res = run_maa(aggregator, seed, scenario, steps=2)
+        checked = 0
+        for key, before, after in contraction_ratios(rounds_by(res, inner=True)):
+            assert after <= factor * before + EPS, (key, before, after)
+            checked += before > 0
+        assert checked > 50
+        assert receive_sets_differ(res, "collect", "sm")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize(("aggregator", "factor"), [("midext", 23 / 24), ("approachext", 79 / 80)])
+def test_lemma19_each_cluster_round_contracts(aggregator: str, factor: float, scenario: str) -> None:
+    """Lemma 19 (Lemma 20 for ApproachExt): diam²(x_{r+1}) ≤ factor · diam²(x_r), and the
+    output diameter is ≤ q = 1/4 of the input diameter."""
+    for seed in range(2):
+        res = run_maa(aggregator, seed, scenario, steps=2)
+        groups = rounds_by(res, inner=False)
+        ratios = contraction_ratios(groups)
+        assert any(before > 0 for _, before, _ in ratios)
+        for key, before, after in ratios:
+            assert after <= factor * before + EPS, (key, before, after)
+        rounds, _ = res.config.agreement_rounds()
+        for instance in range(1, res.config.steps + 1):
+            first = diam2(list(groups[(instance, 1)].values()))
+            last = diam2(list(groups[(instance, rounds + 1)].values()))
+            assert last <= 0.25 * first + EPS
+        assert receive_sets_differ(res, "await", "maa")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_outputs_are_convex_combinations_of_all_started_inputs(scenario: str) -> None:
+    """Validity (L272): every output — and every intermediate value — lies in the convex hull
+    of the inputs of *all* processes that started the instance, crashed ones included
+    (pitfall 8). With d = 12 ≥ n the 9 inputs are affinely independent, so the barycentric
+    weights are unique and must be non-negative."""
+    res = run_maa("midext", 11, scenario, dim=12)
+    groups = rounds_by(res, inner=False)
+    rounds, _ = res.config.agreement_rounds()
+    for instance in range(1, res.config.steps + 1):
+        inputs = groups[(instance, 1)]
+        pts = np.stack(list(inputs.values()))
+        for rnd in (2, rounds // 2, rounds + 1):
+            for pid, y in groups[(instance, rnd)].items():
+                w, resid = barycentric(pts, y)
+                assert resid < 1e-9, (instance, rnd, pid)
+                assert w.min() >= -1e-9, (instance, rnd, pid, w)
+    assert receive_sets_differ(res, "await", "maa")
+
+
+def test_two_collects_of_one_round_return_different_subsets() -> None:
+    """Register reads are separate events: collects interleave with other processes' writes,
+    so two processes of one cluster can see different subsets of the same register array."""
+    res = run_maa("midext", 0, "no-crash", steps=2)
+    differing = [
+        (tag, sets)
+        for (kind, tag), sets in res.receive_sets.items()
+        if kind == "collect" and len(set(sets.values())) > 1
+    ]
+    assert differing
+    tag, sets = differing[0]
+    assert all(len(s) >= 1 for s in sets.values())  # own write is always seen (L697)
+
+
+def test_only_a_minority_of_clusters_alive_blocks() -> None:
+    """Liveness needs ⌊m/2⌋+1 clusters: with 2 of 4 alive, agreement blocks (and says so)."""
+    res = run_simulation(
+        cfg(
+            algorithm="maa",
+            processes=8,
+            clusters=4,
+            steps=2,
+            sim={"crashes": ["cluster:2@t=1", "cluster:3@t=1"]},
+        )
+    )
+    assert res.status is Status.BLOCKED
+    assert {b.name for b in res.outcome.blocked} == {"0.0", "0.1", "1.0", "1.1"}
+    for b in res.outcome.blocked:
+        assert b.tag == ("maa", 1, 1)
+        assert (b.have, b.need, b.unit) == (2, 3, "clusters")
