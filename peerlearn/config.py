@@ -136,6 +136,7 @@ class RunConfig(_Frozen):
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         # Touch the derived views so that every inconsistency surfaces at load time.
+        _ = self.membership
         crashes = self.crash_specs
         f = self.failures
         if self.quorum is not None and self.quorum > self.processes - f:

@@ -61,7 +61,9 @@ def test_lemma16_each_smmaa_round_contracts(aggregator: str, factor: float, scen
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize(("aggregator", "factor"), [("midext", 23 / 24), ("approachext", 79 / 80)])
-def test_lemma19_each_cluster_round_contracts(aggregator: str, factor: float, scenario: str) -> None:
+def test_lemma19_each_cluster_round_contracts(
+    aggregator: str, factor: float, scenario: str
+) -> None:
     """Lemma 19 (Lemma 20 for ApproachExt): diam²(x_{r+1}) ≤ factor · diam²(x_r), and the
     output diameter is ≤ q = 1/4 of the input diameter."""
     for seed in range(2):

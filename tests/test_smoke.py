@@ -13,8 +13,20 @@ from peerlearn.cli import app
 def test_simulate_writes_outputs(tmp_path: Path) -> None:
     res = CliRunner().invoke(
         app,
-        ["simulate", "--algorithm", "alg1", "-n", "4", "-m", "2", "-T", "20", "-q", "--out",
-         str(tmp_path)],
+        [
+            "simulate",
+            "--algorithm",
+            "alg1",
+            "-n",
+            "4",
+            "-m",
+            "2",
+            "-T",
+            "20",
+            "-q",
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())

