@@ -23,7 +23,7 @@ def test_round_robin_membership() -> None:
     assert m.members == ((0, 3, 6), (1, 4), (2, 5))
     assert m.name(4) == "1.1" and m.pid(1, 1) == 4
     assert m.majority == 2
-    with pytest.raises(ConfigError, match="no process 2.2"):
+    with pytest.raises(ConfigError, match=r"no process 2\.2"):
         m.pid(2, 2)
     with pytest.raises(ConfigError, match="cannot fill"):
         Membership(2, 3)
@@ -80,7 +80,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
     path.write_text("steps = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path)
-    with pytest.raises(ConfigError, match="sim.nonsense"):
+    with pytest.raises(ConfigError, match=r"sim\.nonsense"):
         load_config(overrides={"sim": {"nonsense": 1}})
 
 

@@ -6,6 +6,7 @@ value sits far below the bound, the `slow` variants use the spec's seed counts.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -100,7 +101,7 @@ def test_thm1_error_falls_with_n() -> None:
 def test_thm1_error_scales_as_one_over_n_and_matches_sequential_minibatch() -> None:
     quorums = (1, 2, 4, 8)
     err = _n_speedup(60, quorums)
-    for a, b in zip(quorums, quorums[1:], strict=False):
+    for a, b in itertools.pairwise(quorums):
         assert err[a] > err[b]
         assert 1.3 < err[a] / err[b] < 3.0  # ≈ 2 per doubling of N
     for n in (1, 4):
