@@ -194,3 +194,14 @@ def test_cli_same_seed_same_summary(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "metrics.csv").read_text() == (
         tmp_path / "b" / "metrics.csv"
     ).read_text()
+
+
+def test_documented_template_states_the_defaults() -> None:
+    """configs/simulate.toml documents every field with its default: keep them in sync."""
+    documented = load_config(ROOT / "configs" / "simulate.toml")
+    defaults = load_config()
+    assert documented.model_dump(exclude={"problem"}) == defaults.model_dump(exclude={"problem"})
+    quad = make_problem("quadratic")
+    built = make_problem("quadratic", **documented.problem.params)
+    assert built.dim == quad.dim and built.constants.L == quad.constants.L
+    assert built.constants.mu == quad.constants.mu and built.constants.sigma2 == quad.constants.sigma2
