@@ -154,7 +154,16 @@ def sim_row(
 
 
 def render(rows: list[Row], bare: float) -> str:
-    head = ("workload", "deliveries", "wall s", "deliveries/s", "ratio", "events/s", "target", "")
+    head = (
+        "workload",
+        "deliveries",
+        "wall s",
+        "deliveries/s",
+        "ratio",
+        "events/s",
+        "target",
+        "verdict",
+    )
     body = [
         (
             r.workload,

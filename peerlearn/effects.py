@@ -38,7 +38,7 @@ object to every receiver.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, TypeAlias
 
@@ -62,7 +62,9 @@ __all__ = [
     "Tag",
     "Vector",
     "Write",
+    "quorum_have",
     "quorum_need",
+    "quorum_take",
 ]
 
 Vector: TypeAlias = npt.NDArray[np.float64]
@@ -112,6 +114,29 @@ def quorum_need(quorum: Quorum, clusters: int) -> int:
             return n
         case MajorityOfClusters():
             return clusters // 2 + 1
+
+
+def quorum_take(
+    quorum: Quorum, box: Sequence[Msg], cluster_of: Sequence[int], clusters: int
+) -> tuple[Msg, ...] | None:
+    """What an ``Await(tag, quorum)`` returns given the buffered messages ``box`` (arrival
+    order, one per sender), or ``None`` while the quorum does not hold yet. Both runtimes use
+    this one definition."""
+    match quorum:
+        case Count(n=need):
+            return tuple(box[:need]) if len(box) >= need else None
+        case AtLeast(n=need):
+            return tuple(box) if len(box) >= need else None
+        case MajorityOfClusters():
+            have = len({cluster_of[m.sender] for m in box})
+            return tuple(box) if have >= clusters // 2 + 1 else None
+
+
+def quorum_have(quorum: Quorum, box: Sequence[Msg], cluster_of: Sequence[int]) -> int:
+    """How many distinct senders (or clusters, for a cluster majority) ``box`` holds."""
+    if isinstance(quorum, MajorityOfClusters):
+        return len({cluster_of[m.sender] for m in box})
+    return len(box)
 
 
 # --- effects ------------------------------------------------------------------------------------

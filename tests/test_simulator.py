@@ -213,3 +213,11 @@ def test_partition_that_heals_delivers_held_messages() -> None:
     )
     assert res.status is Status.FINISHED
     assert res.outcome.time > 20.0  # nothing crossed before the heal
+
+
+def test_samples_are_in_time_order_and_end_with_the_run() -> None:
+    res = run_simulation(cfg(algorithm="alg1", processes=4, clusters=2, steps=12))
+    times = [s[0] for s in res.samples]
+    assert times == sorted(times)
+    assert times[-1] == res.outcome.time
+    assert max(times) <= res.outcome.time

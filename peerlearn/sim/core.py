@@ -6,13 +6,23 @@ One heap of ``(time, seq, kind, pid, payload)`` entries; ``seq`` (an ``itertools
 ties, so a run is a pure function of its inputs and seeds (SimPy's ``core.py`` ordering). No wall
 clock is read anywhere in ``sim/``.
 
+A broadcast's deliveries are not pushed one by one: they are sorted into a *run* (:class:`_Run`)
+and only the run's earliest pending delivery sits in the heap; handling it puts the run's next
+delivery in its place. The heap is then a k-way merge of runs and holds O(broadcasts in flight)
+entries instead of O(n × broadcasts in flight): ~10³ instead of ~10⁵ with n = 1000, and a heap
+operation slows down a lot as the heap grows (see ``benchmarks/RESULTS.md``). Events are handled
+in exactly the order of pushing every delivery on its own (see :meth:`Simulator._send`), so runs
+are bit-identical to that simpler scheme.
+
 A process runs its program synchronously until it yields an effect that takes virtual time:
 
 * ``Grad``     — the gradient is computed now and handed back after a compute time drawn from
                  the process's compute distribution (stragglers scale it);
 * ``Broadcast``— one DELIVER event per receiver, each with its own random delay: per-link mean
                  factors × per-message draws, so every receiver sees its own arrival order
-                 (spec pitfall 12). Partitioned links hold messages until the partition heals;
+                 (spec pitfall 12). A partition holds the messages *sent* across it while it
+                 lasts (messages already in flight when it starts are on the wire and
+                 arrive) and delivers them when it heals;
 * ``Await``    — satisfied from the mailbox at once, or the process waits; each DELIVER checks
                  only the awaited tag;
 * ``Collect``  — one READ event per register of the cluster, each after its own read delay, so
@@ -30,12 +40,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from peerlearn.effects import (
     AtLeast,
@@ -53,7 +64,9 @@ from peerlearn.effects import (
     Tag,
     Vector,
     Write,
+    quorum_have,
     quorum_need,
+    quorum_take,
 )
 from peerlearn.errors import ProgramError
 from peerlearn.membership import Membership
@@ -95,6 +108,9 @@ class Proc:
     x: Vector | None = None  # model at the start of iteration ``step``
     output: Any = None
     waiting: tuple[Tag, Quorum] | None = None
+    #: while waiting: the mailbox size below which the quorum cannot hold (a quorum needs at
+    #: least this many messages), so a delivery checks the quorum only once it might hold
+    need: int = 0
     mailbox: dict[Tag, list[Msg]] = field(default_factory=dict)
     done: set[Tag] = field(default_factory=set)
     crash_step: int | None = None
@@ -113,6 +129,22 @@ class Outcome:
     held: int
     blocked: tuple[BlockedProcess, ...]
     error: str | None
+
+
+class _Run:
+    """The deliveries of one broadcast (or one healed message), in the order they happen.
+
+    ``rest`` yields the heap entries ``(time, seq, _DELIVER, receiver, run)`` still to come, by
+    time; the heap holds only the entry before them. The entries point back at their run, so
+    run → ``rest`` → run is a reference cycle: it is broken when the run is spent.
+    """
+
+    __slots__ = ("msg", "rest", "tag")
+
+    def __init__(self, tag: Tag, msg: Msg) -> None:
+        self.tag = tag
+        self.msg = msg
+        self.rest: Iterator[tuple[float, int, int, int, _Run]] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +200,7 @@ class Simulator:
         self._link = link_factor
         cluster_of = np.asarray(membership.cluster_of)
         self._same_cluster = cluster_of[:, None] == cluster_of[None, :]
+        self._everyone = np.arange(n)
         self._partitions = list(partitions)
         self._held: list[tuple[int, Tag, Msg]] = []
         self._heap: list[tuple[float, int, int, int, Any]] = []
@@ -208,20 +241,33 @@ class Simulator:
         if self._sample_every is not None and self._on_sample is not None:
             self._push(0.0, _SAMPLE, -1, None)
         error: str | None = None
-        heap, procs, pop = self._heap, self.procs, heapq.heappop
+        heap, procs, pop, replace = self._heap, self.procs, heapq.heappop, heapq.heapreplace
         try:
             for proc in procs:
                 self._advance(proc, None)
             while heap:
-                time, _, kind, pid, payload = pop(heap)
+                time, _, kind, pid, payload = heap[0]
+                if kind == _DELIVER:  # the hot path: most events are deliveries
+                    # Put the run's next delivery in this one's place: one sift, not two.
+                    following = next(payload.rest, None)
+                    if following is None:
+                        pop(heap)
+                        payload.rest = None  # the run is spent: break its reference cycle
+                    else:
+                        replace(heap, following)
+                    self.now = time
+                    self.events += 1
+                    proc = procs[pid]
+                    if not proc.crashed:
+                        self._deliver(proc, payload.tag, payload.msg)
+                    if progress is not None and self.events % every == 0:
+                        progress(self)
+                    continue
+                pop(heap)
                 if kind != _SAMPLE:
                     self.now = time  # a sample is not activity: the run ends at its last event
                 self.events += 1
-                if kind == _DELIVER:
-                    proc = procs[pid]
-                    if not proc.crashed:
-                        self._deliver(proc, payload)
-                elif kind == _RESUME:
+                if kind == _RESUME:
                     proc = procs[pid]
                     if not proc.crashed:
                         self._advance(proc, payload)
@@ -233,19 +279,22 @@ class Simulator:
                     self._crash(procs[pid])
                 elif kind == _SAMPLE:
                     assert self._on_sample is not None and self._sample_every is not None
-                    self._on_sample(time)
-                    if heap:  # keep sampling only while something else is pending
+                    # Sample only while something else is pending: a sample past the last
+                    # event would be stamped after the run ended (the final one is at `now`).
+                    if heap:
+                        self._on_sample(time)
                         self._push(time + self._sample_every, _SAMPLE, -1, None)
                 else:  # _HEAL
                     self._heal(payload)
                 if progress is not None and self.events % every == 0:
                     progress(self)
+            blocked = tuple(self._blocked())
         except Exception as exc:  # a program or oracle failed: stop the run loudly
             error = "".join(traceback.format_exception_only(exc)).strip()
             self.failure_traceback = traceback.format_exc()
+            blocked = ()
         if self._on_sample is not None:
             self._on_sample(self.now)
-        blocked = tuple(self._blocked()) if error is None else ()
         if error is not None:
             status = Status.FAILED
         elif blocked:
@@ -331,22 +380,47 @@ class Simulator:
         delays = np.where(same, self._delay_local(n), self._delay_remote(n))
         if self._link is not None:
             delays *= self._link[sender]
-        receivers: Sequence[int] = range(n)
+        receivers = self._everyone
         if proc.armed:  # crash in the middle of this broadcast: only some recipients get it
             order = self._rng.permutation(n)
-            receivers = order[: int(self._rng.integers(1, n))].tolist() if n > 1 else []
+            receivers = order[: int(self._rng.integers(1, n))] if n > 1 else order[:0]
         msg = Msg(sender, value)
-        now, push, seq = self.now, heapq.heappush, self._seq
-        heap = self._heap
-        parts = self._active_partitions()
-        dl = delays.tolist()
-        for r in receivers:
-            if parts and self._cut(parts, proc.cluster, self.membership.cluster_of[r]):
-                self._held.append((int(r), tag, msg))
-                continue
-            push(heap, (now + dl[r], next(seq), _DELIVER, int(r), (tag, msg)))
+        parts = self._active_partitions() if self._partitions else []
+        if parts:
+            cluster_of = self.membership.cluster_of
+            reached = []
+            for r in receivers.tolist():
+                if self._cut(parts, proc.cluster, cluster_of[r]):
+                    self._held.append((r, tag, msg))
+                else:
+                    reached.append(r)
+            receivers = np.array(reached, dtype=np.intp)
+        self._send(tag, msg, self.now + delays[receivers], receivers)
         if proc.armed:
             self._crash(proc)
+
+    def _send(self, tag: Tag, msg: Msg, times: Vector, receivers: npt.NDArray[np.intp]) -> None:
+        """Deliver ``msg`` to ``receivers[i]`` at ``times[i]``, as one run of deliveries.
+
+        Same order as pushing ``(times[i], next(seq), _DELIVER, receivers[i], …)`` for each ``i``
+        in turn: the stable sort orders the run's own ties by ``i``, as consecutive sequence
+        numbers would. Against every other heap entry, one sequence number for the whole run
+        compares as each of those consecutive numbers would — none of them lies between them —
+        and two entries of one run are never in the heap together, so a run needs just one.
+        """
+        if len(receivers) == 0:
+            return
+        order = np.argsort(times, kind="stable")
+        run = _Run(tag, msg)
+        run.rest = zip(
+            times[order].tolist(),
+            itertools.repeat(next(self._seq)),
+            itertools.repeat(_DELIVER),
+            receivers[order].tolist(),
+            itertools.repeat(run),
+            strict=False,  # the repeats are endless
+        )
+        heapq.heappush(self._heap, next(run.rest))
 
     def _await(self, proc: Proc, tag: Tag, quorum: Quorum) -> tuple[Msg, ...] | None:
         box = proc.mailbox.get(tag)
@@ -359,22 +433,21 @@ class Simulator:
                     self._on_receive(proc, "await", tag, got)
                 return got
         proc.waiting = (tag, quorum)
+        # Every quorum needs at least this many messages (a cluster majority, at least one per
+        # cluster); an unknown quorum gets 0, so the first delivery reports it as before.
+        if isinstance(quorum, Count | AtLeast):
+            proc.need = quorum.n
+        elif isinstance(quorum, MajorityOfClusters):
+            proc.need = self.membership.majority
+        else:
+            proc.need = 0
         return None
 
     def _satisfied(self, box: list[Msg], quorum: Quorum) -> tuple[Msg, ...] | None:
-        match quorum:
-            case Count(n=need):
-                return tuple(box[:need]) if len(box) >= need else None
-            case AtLeast(n=need):
-                return tuple(box) if len(box) >= need else None
-            case MajorityOfClusters():
-                cluster_of = self.membership.cluster_of
-                have = len({cluster_of[m.sender] for m in box})
-                return tuple(box) if have >= self.membership.majority else None
-        raise ProgramError(f"unknown quorum {quorum!r}")
+        # The simulator's links never duplicate, so the box holds one message per sender.
+        return quorum_take(quorum, box, self.membership.cluster_of, self.membership.clusters)
 
-    def _deliver(self, proc: Proc, payload: tuple[Tag, Msg]) -> None:
-        tag, msg = payload
+    def _deliver(self, proc: Proc, tag: Tag, msg: Msg) -> None:
         self.deliveries += 1
         if tag in proc.done:
             self.dropped_late += 1
@@ -384,7 +457,7 @@ class Simulator:
             proc.mailbox[tag] = box = []
         box.append(msg)
         waiting = proc.waiting
-        if waiting is not None and waiting[0] == tag:
+        if waiting is not None and len(box) >= proc.need and waiting[0] == tag:
             got = self._satisfied(box, waiting[1])
             if got is not None:
                 proc.waiting = None
@@ -474,7 +547,9 @@ class Simulator:
                 continue
             same = self._same_cluster[msg.sender, receiver]
             delay = float((self._delay_local if same else self._delay_remote)(1)[0])
-            self._push(self.now + delay, _DELIVER, receiver, (tag, msg))
+            if self._link is not None:
+                delay *= float(self._link[msg.sender, receiver])
+            self._send(tag, msg, np.array([self.now + delay]), np.array([receiver]))
         self._held = keep
 
     # --- liveness -------------------------------------------------------------------------------
@@ -489,10 +564,8 @@ class Simulator:
                 raise ProgramError(f"process {proc.pid} is neither done nor waiting at quiescence")
             tag, quorum = proc.waiting
             box = proc.mailbox.get(tag, [])
-            if isinstance(quorum, MajorityOfClusters):
-                have, unit = len({cluster_of[m.sender] for m in box}), "clusters"
-            else:
-                have, unit = len(box), "processes"
+            have = quorum_have(quorum, box, cluster_of)
+            unit = "clusters" if isinstance(quorum, MajorityOfClusters) else "processes"
             need = quorum_need(quorum, self.membership.clusters)
             out.append(
                 BlockedProcess(proc.pid, self.membership.name(proc.pid), tag, have, need, unit)
