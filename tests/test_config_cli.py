@@ -204,4 +204,5 @@ def test_documented_template_states_the_defaults() -> None:
     quad = make_problem("quadratic")
     built = make_problem("quadratic", **documented.problem.params)
     assert built.dim == quad.dim and built.constants.L == quad.constants.L
-    assert built.constants.mu == quad.constants.mu and built.constants.sigma2 == quad.constants.sigma2
+    assert built.constants.mu == quad.constants.mu
+    assert built.constants.sigma2 == quad.constants.sigma2
