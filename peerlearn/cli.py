@@ -132,8 +132,9 @@ def simulate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Run an algorithm in the deterministic simulator and report how it went."""
+    from peerlearn.runs import build_problem
     from peerlearn.sim.output import write_outputs
-    from peerlearn.sim.runner import build_problem, run_simulation
+    from peerlearn.sim.runner import run_simulation
 
     try:
         cfg = load_config(

@@ -41,6 +41,10 @@ class Membership:
     def name(self, pid: int) -> str:
         return f"{pid % self.clusters}.{pid // self.clusters}"
 
+    def index(self, pid: int) -> int:
+        """The position of ``pid`` inside its cluster."""
+        return pid // self.clusters
+
     def pid(self, cluster: int, index: int) -> int:
         """The process id of ``cluster.index``; ConfigError if there is none."""
         if not 0 <= cluster < self.clusters:

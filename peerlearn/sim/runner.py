@@ -1,23 +1,23 @@
 """Build a simulated run from a :class:`~peerlearn.config.RunConfig` and run it.
 
-Random streams all derive from the run seed (``numpy.random.SeedSequence`` with a spawn key of
-``(purpose, cluster, index)``): gradient noise and agreement inputs are independent per process
-(spec pitfall 9), the schedule has its own stream, and x_1 and τ are common to every process.
+Problem, programs and random streams come from :mod:`peerlearn.runs`, shared with the other
+runtimes; this module adds what only the simulator has: the schedule's distributions, link
+factors, stragglers, partitions, metric samples and the agreement trace.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-from peerlearn.algorithms import alg1, alg2, diam2, maa_instances
+from peerlearn.algorithms import diam2
 from peerlearn.config import Distribution, RunConfig
-from peerlearn.effects import Msg, Program, Report, Tag, Vector
-from peerlearn.problems import Problem, make_problem
+from peerlearn.effects import Msg, Report, Tag, Vector
+from peerlearn.problems import Problem
+from peerlearn.runs import Purpose, build_problem, grad_stream, make_programs, stream
 from peerlearn.sim.core import Outcome, Partition, Proc, Simulator, Status
 
 __all__ = [
@@ -25,20 +25,7 @@ __all__ = [
     "SimResult",
     "consensus_distance",
     "run_simulation",
-    "stream",
 ]
-
-
-class Purpose(IntEnum):
-    GRADIENT = 0
-    SCHEDULE = 1
-    INPUTS = 2
-    TAU = 3
-
-
-def stream(seed: int, purpose: Purpose, *key: int) -> np.random.Generator:
-    """The random stream for ``purpose`` (and process ``key``) of the run with ``seed``."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(int(purpose), *key)))
 
 
 @dataclass(frozen=True)
@@ -123,39 +110,6 @@ def _scalar_sampler(dist: Distribution, rng: np.random.Generator) -> Callable[[]
     raise AssertionError(dist.dist)
 
 
-def build_problem(cfg: RunConfig) -> Problem | None:
-    if cfg.algorithm == "maa":
-        return None
-    return make_problem(cfg.problem.name, **cfg.problem.params)
-
-
-def _programs(cfg: RunConfig, problem: Problem | None) -> list[Program]:
-    n, big_n, steps = cfg.processes, cfg.n_quorum, cfg.steps
-    rounds, inner = cfg.agreement_rounds()
-    aggregator = cfg.maa.aggregator
-    members = cfg.membership
-    if cfg.algorithm == "maa":
-        return [
-            maa_instances(
-                stream(
-                    cfg.seed, Purpose.INPUTS, members.cluster_of[p], p // cfg.clusters
-                ).standard_normal((steps, cfg.dim)),
-                rounds,
-                inner,
-                aggregator,
-            )
-            for p in range(n)
-        ]
-    assert problem is not None
-    x1 = problem.x0()
-    x1.flags.writeable = False  # shared by every program: nobody may mutate it
-    eta = cfg.schedule()
-    if cfg.algorithm == "alg1":
-        return [alg1(x1, steps, big_n, eta) for _ in range(n)]
-    tau = int(stream(cfg.seed, Purpose.TAU).integers(1, steps + 1))
-    return [alg2(x1, steps, big_n, eta, tau, rounds, inner, aggregator) for _ in range(n)]
-
-
 def run_simulation(
     cfg: RunConfig,
     *,
@@ -168,10 +122,7 @@ def run_simulation(
     members = cfg.membership
     n = cfg.processes
     sched = stream(cfg.seed, Purpose.SCHEDULE)
-    grad_rngs = [
-        stream(cfg.seed, Purpose.GRADIENT, members.cluster_of[p], p // cfg.clusters)
-        for p in range(n)
-    ]
+    grad_rngs = [grad_stream(cfg, p) for p in range(n)]
     sim_cfg = cfg.sim
     spread = sim_cfg.link_spread
     link = sched.uniform(1 - spread, 1 + spread, (n, n)) if spread > 0 else None
@@ -230,7 +181,7 @@ def run_simulation(
 
     sim = Simulator(
         members,
-        _programs(cfg, problem),
+        make_programs(cfg, problem, range(n)),
         grad_fn,
         sched,
         delay_remote=_vector_sampler(sim_cfg.delay_remote, sched),

@@ -1,0 +1,96 @@
+"""Every process of a run as a worker thread of this one Python process.
+
+The in-process runtime: one :class:`RegisterStore` per cluster, one :class:`Mailbox` per
+worker, and a router that delivers every broadcast to every mailbox by reference. It runs the
+same programs as the simulator and the daemon, on real threads, so tests can check the runtime
+pieces (store, mailboxes, workers) without sockets; the daemon swaps the router for one that
+also sends frames to remote daemons.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from peerlearn.config import RunConfig
+from peerlearn.effects import Msg, Report, Tag, Vector
+from peerlearn.membership import Membership
+from peerlearn.runs import build_problem, grad_stream, make_programs
+from peerlearn.runtime.mailbox import Mailbox, Put
+from peerlearn.runtime.store import RegisterStore
+from peerlearn.runtime.worker import Worker, WorkerState
+
+__all__ = ["LocalRouter", "ThreadRun"]
+
+
+class LocalRouter:
+    """Delivers each broadcast to every registered mailbox, the sender's included."""
+
+    def __init__(self) -> None:
+        self.mailboxes: dict[int, Mailbox] = {}
+        self.counts: dict[Put, int] = dict.fromkeys(Put, 0)
+        self._lock = threading.Lock()  # only guards the counters, never a wait
+
+    def broadcast(self, sender: int, tag: Tag, value: Vector, step: int) -> None:
+        value.flags.writeable = False  # shared by reference from here on
+        msg = Msg(sender, value)
+        for box in self.mailboxes.values():
+            outcome = box.put(tag, msg)
+            with self._lock:
+                self.counts[outcome] += 1
+
+
+class ThreadRun:
+    """All processes of ``cfg`` as threads; ``worker_factory`` lets tests inject faults."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        worker_factory: Callable[..., Worker] = Worker,
+        on_report: Callable[[Worker, Report], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.membership: Membership = cfg.membership
+        self.problem = build_problem(cfg)
+        self.router = LocalRouter()
+        members = self.membership
+        self.stores = [RegisterStore(ms) for ms in members.members]
+        programs = make_programs(cfg, self.problem, range(cfg.processes))
+        grad = self.problem.grad if self.problem is not None else _no_grad
+        self.workers: list[Worker] = []
+        for pid, program in enumerate(programs):
+            box = Mailbox(members.cluster_of, members.clusters)
+            self.router.mailboxes[pid] = box
+            self.workers.append(
+                worker_factory(
+                    pid,
+                    members.name(pid),
+                    program,
+                    grad,
+                    grad_stream(cfg, pid),
+                    box,
+                    self.stores[members.cluster_of[pid]],
+                    self.router,
+                    on_report,
+                )
+            )
+
+    def start(self) -> ThreadRun:
+        for w in self.workers:
+            w.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every worker is done; False if ``timeout`` passed first."""
+        return all(w.join(timeout) for w in self.workers)
+
+    def stop(self, pids: Iterable[int] | None = None) -> None:
+        for w in self.workers if pids is None else (self.workers[p] for p in pids):
+            w.stop()
+
+    def states(self) -> list[WorkerState]:
+        return [w.state for w in self.workers]
+
+
+def _no_grad(x: Vector, rng: object) -> Vector:
+    raise AssertionError("standalone agreement computes no gradient")

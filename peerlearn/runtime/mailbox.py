@@ -1,0 +1,149 @@
+"""Per-worker mailboxes: messages by tag, one per sender, and a condition to wait on.
+
+The network runtime's ``Await``: producers (the event loop delivering remote frames, local
+workers broadcasting by reference) call :meth:`Mailbox.put`; the worker thread blocks in
+:meth:`Mailbox.take` on a ``threading.Condition`` until its quorum holds — no polling.
+
+Tags carry the iteration at index 1 (``("params", t)``, ``("maa", t, r)`` …). A worker that
+reached iteration ``s`` (:meth:`advance`) has finished every tag with ``t < s``: messages for
+those are *late* and dropped (counted). Tags of the current iteration whose ``take`` completed
+are finished too. Anything else is buffered — also future tags of a faster sender (spec
+pitfall 2) — up to ``max_buffered`` messages; beyond that a message is dropped and counted,
+never silently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from peerlearn.effects import Msg, Quorum, Tag, quorum_have, quorum_need, quorum_take
+from peerlearn.errors import PeerlearnError
+
+__all__ = ["Mailbox", "MailboxClosed", "Put", "Waiting"]
+
+
+class MailboxClosed(PeerlearnError):
+    """The mailbox was closed (shutdown or crash) while a worker waited on it."""
+
+
+class Put(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # a second value from one sender for one tag: the first one counts
+    LATE = "late"  # the tag is finished for this worker
+    OVERFLOW = "overflow"  # too many buffered messages
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What a worker waits for right now (for /status and stall detection)."""
+
+    tag: Tag
+    have: int
+    need: int
+    unit: str
+    since: float  # time.monotonic() when the wait began
+
+
+def _iteration(tag: Tag) -> Any:
+    return tag[1] if len(tag) > 1 and isinstance(tag[1], int) else None
+
+
+class Mailbox:
+    """The inbox of one worker (one process)."""
+
+    def __init__(self, cluster_of: tuple[int, ...], clusters: int, max_buffered: int = 100_000):
+        self._cluster_of = cluster_of
+        self._clusters = clusters
+        self._max = max_buffered
+        self._cond = threading.Condition()
+        self._boxes: dict[Tag, dict[int, Msg]] = {}
+        self._buffered = 0
+        self._step = 0
+        self._done: set[Tag] = set()
+        self._closed = False
+        self._waiting: tuple[Tag, Quorum, float] | None = None
+
+    def put(self, tag: Tag, msg: Msg) -> Put:
+        """Buffer ``msg`` under ``tag`` and wake the worker if it waits on that tag."""
+        with self._cond:
+            t = _iteration(tag)
+            if tag in self._done or (t is not None and t < self._step):
+                return Put.LATE
+            box = self._boxes.get(tag)
+            if box is None:
+                box = self._boxes[tag] = {}
+            elif msg.sender in box:
+                return Put.DUPLICATE
+            if self._buffered >= self._max:
+                return Put.OVERFLOW
+            box[msg.sender] = msg
+            self._buffered += 1
+            if self._waiting is not None and self._waiting[0] == tag:
+                self._cond.notify()
+            return Put.STORED
+
+    def take(self, tag: Tag, quorum: Quorum) -> tuple[Msg, ...]:
+        """Block until ``quorum`` holds for ``tag``; return the messages and finish the tag."""
+        with self._cond:
+            self._waiting = (tag, quorum, time.monotonic())
+            try:
+                while True:
+                    if self._closed:
+                        raise MailboxClosed(f"mailbox closed while waiting on {tag}")
+                    box = self._boxes.get(tag)
+                    got = (
+                        quorum_take(quorum, list(box.values()), self._cluster_of, self._clusters)
+                        if box
+                        else None
+                    )
+                    if got is not None:
+                        del self._boxes[tag]
+                        self._buffered -= len(box or ())
+                        self._done.add(tag)
+                        return got
+                    self._cond.wait()
+            finally:
+                self._waiting = None
+
+    def advance(self, step: int) -> int:
+        """The worker reached iteration ``step``: finish every tag of earlier iterations.
+        Returns how many buffered messages became late (and were dropped)."""
+        with self._cond:
+            self._step = step
+            self._done = {tag for tag in self._done if (_iteration(tag) or 0) >= step}
+            stale = [tag for tag in self._boxes if (t := _iteration(tag)) is not None and t < step]
+            dropped = 0
+            for tag in stale:
+                dropped += len(self._boxes.pop(tag))
+            self._buffered -= dropped
+            return dropped
+
+    def waiting(self) -> Waiting | None:
+        """What the worker waits for now, with how much it has and needs; None if it runs."""
+        with self._cond:
+            if self._waiting is None:
+                return None
+            tag, quorum, since = self._waiting
+            box = list(self._boxes.get(tag, {}).values())
+            unit = "clusters" if quorum.kind == "majority_of_clusters" else "processes"
+            return Waiting(
+                tag,
+                quorum_have(quorum, box, self._cluster_of),
+                quorum_need(quorum, self._clusters),
+                unit,
+                since,
+            )
+
+    def close(self) -> None:
+        """Wake a waiting worker with :class:`MailboxClosed`; later puts are still accepted."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered

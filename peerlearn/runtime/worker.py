@@ -1,0 +1,196 @@
+"""Worker threads: one algorithm program each, its effects mapped onto real resources.
+
+=================  ========================================================================
+effect             on a worker thread
+=================  ========================================================================
+``Grad(x)``        the problem's oracle on this thread, with the worker's own RNG stream
+``Broadcast``      the router: local mailboxes by reference, each remote daemon once
+``Await``          :meth:`Mailbox.take` — a condition wait, no polling
+``Write``          :meth:`RegisterStore.write` — one reference store, no lock
+``Collect``        :meth:`RegisterStore.read` register by register (:meth:`Worker.between_reads`
+                   runs between two reads: the fault kit's hook)
+``Report``         progress (``"model"``) and metric samples, through ``on_report``
+=================  ========================================================================
+
+A worker that raises counts as a crashed process (crash-stop): its thread ends, the daemon goes
+on serving and relaying for the others. :meth:`Worker.stop` lets the current iteration finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any, Protocol
+
+import numpy as np
+
+from peerlearn.effects import (
+    Await,
+    Broadcast,
+    Collect,
+    Exchange,
+    Grad,
+    Msg,
+    Program,
+    Report,
+    Tag,
+    Vector,
+    Write,
+)
+from peerlearn.errors import ProgramError
+from peerlearn.runtime.mailbox import Mailbox, MailboxClosed
+from peerlearn.runtime.store import RegisterStore
+
+__all__ = ["Router", "Worker", "WorkerState"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    FINISHED = "finished"  # the program returned
+    STOPPED = "stopped"  # asked to stop, at an iteration boundary or while waiting
+    CRASHED = "crashed"  # the program or the oracle raised
+
+
+class Router(Protocol):
+    """Where broadcasts go: every process of the run, the sender included."""
+
+    def broadcast(self, sender: int, tag: Tag, value: Vector, step: int) -> None: ...
+
+
+class _Stop(Exception):
+    """Raised inside the worker loop to leave at an iteration boundary."""
+
+
+class Worker:
+    """One process of the run: a program on its own OS thread.
+
+    :param pid: global process id.
+    :param name: ``cluster.index``.
+    :param grad: the stochastic oracle ``grad(x, rng)``.
+    :param on_report: called on the worker thread for every ``Report`` (keep it cheap).
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        name: str,
+        program: Program,
+        grad: Callable[[Vector, np.random.Generator], Vector],
+        rng: np.random.Generator,
+        mailbox: Mailbox,
+        store: RegisterStore,
+        router: Router,
+        on_report: Callable[[Worker, Report], None] | None = None,
+    ) -> None:
+        self.pid = pid
+        self.name = name
+        self.mailbox = mailbox
+        self.state = WorkerState.CREATED
+        self.step = 0
+        self.x: Vector | None = None
+        self.output: Any = None
+        self.error: str | None = None
+        self.grads = 0
+        self.grad_seconds = 0.0
+        self._program = program
+        self._grad = grad
+        self._rng = rng
+        self._store = store
+        self._router = router
+        self._on_report = on_report
+        self._stop = threading.Event()
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"Worker({self.name}, {self.state}, step={self.step})"
+
+    def start(self) -> None:
+        self.state = WorkerState.RUNNING
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the current iteration, then stop (a waiting worker stops at once)."""
+        self._stop.set()
+        self.mailbox.close()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- hooks (the fault kit overrides these) ------------------------------------------------
+
+    def between_reads(self, key: Tag, index: int) -> None:
+        """Runs between two register reads of a collect; a no-op."""
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        send = self._program.send
+        value: Any = None
+        try:
+            while True:
+                eff = send(value)
+                value = None
+                match eff:
+                    case Grad(x=x):
+                        started = time.perf_counter()
+                        value = self._grad(x, self._rng)
+                        self.grad_seconds += time.perf_counter() - started
+                        self.grads += 1
+                    case Exchange(tag=tag, value=v, quorum=quorum):
+                        self._router.broadcast(self.pid, tag, v, self.step)
+                        value = self.mailbox.take(tag, quorum)
+                    case Await(tag=tag, quorum=quorum):
+                        value = self.mailbox.take(tag, quorum)
+                    case Broadcast(tag=tag, value=v):
+                        self._router.broadcast(self.pid, tag, v, self.step)
+                    case Write(key=key, value=v):
+                        self._store.write(self.pid, key, v)
+                    case Collect(key=key):
+                        value = self._collect(key)
+                    case Report() as rep:
+                        if rep.name == "model":
+                            self._model(rep)
+                        if self._on_report is not None:
+                            self._on_report(self, rep)
+                    case _:
+                        raise ProgramError(
+                            f"worker {self.name} yielded {eff!r}, which is no effect"
+                        )
+        except StopIteration as stop:
+            self.output = stop.value
+            self.state = WorkerState.FINISHED
+        except (_Stop, MailboxClosed):
+            self.state = WorkerState.STOPPED
+            self._program.close()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = WorkerState.CRASHED
+            log.error("worker %s crashed at step %d: %s", self.name, self.step, self.error)
+            self._program.close()
+        finally:
+            self._store.retire(self.pid)
+            self.done.set()
+
+    def _model(self, rep: Report) -> None:
+        if self._stop.is_set():  # the previous iteration is complete: leave here
+            raise _Stop
+        self.step, self.x = rep.step, rep.value
+        self.mailbox.advance(rep.step)
+        self._store.advance(self.pid, rep.step)
+
+    def _collect(self, key: Tag) -> tuple[Msg, ...]:
+        got = []
+        for index in range(len(self._store.members)):
+            self.between_reads(key, index)
+            msg = self._store.read(key, index)
+            if msg is not None:
+                got.append(msg)
+        return tuple(got)
