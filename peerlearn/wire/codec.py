@@ -1,0 +1,464 @@
+"""The sans-IO frame codec of the peer daemon: messages to bytes, bytes to messages.
+
+Frame layout (integers in network byte order)::
+
+    offset  size  field
+    0       2     magic            MAGIC = b"PL"
+    2       1     version          PROTOCOL_VERSION
+    3       1     flags            reserved, 0 in version 1
+    4       4     header length H  u32, ≤ MAX_HEADER
+    8       8     payload length P u64, ≤ the codec's max_payload
+    16      H     header           one msgpack map (schema: header.py)
+    16 + H  P     payload          a Data array's raw bytes, C order, little-endian; P = 0 otherwise
+
+Contract of the reader (the receive half of :class:`Codec`)
+-----------------------------------------------------------
+Bytes come in through ``get_buffer``/``buffer_updated`` (the ``asyncio.BufferedProtocol``
+pair) or ``receive_data``. Each call parses as far as the bytes allow: it checks the prefix
+against the caps, validates the whole header, and only then asks the allocator for the
+payload's array, into which the following bytes are read directly. ``next_event()`` then does
+exactly one of three things: returns the next complete message, raises
+:class:`RemoteProtocolError`, or returns ``NEED_DATA``; after ``receive_eof()`` at a frame
+boundary it returns ``CLOSED``. Errors are detected eagerly but reported in order: the messages
+completed before the bad bytes come out first, then ``next_event()`` raises, and from then on
+every receive call raises the same error. The send half stays usable (to say ``Bye``).
+
+Versions
+--------
+Every frame carries the protocol version in its prefix. A frame of another version is refused
+as soon as its prefix is in (``unsupported_version``): its header layout is unknown, so there
+is nothing safe to parse. ``Hello.version`` repeats the version for the handshake
+(:func:`check_hello`). The rule for a future version 2: send the Hello in version-1 framing,
+announcing 2 in ``Hello.version``, and switch framing only after a ``Welcome``; a version-1
+peer then refuses with a clear handshake reason instead of a framing error.
+
+The codec frames; it does not know the conversation (which message may come when), which is
+the link's business in ``transport/``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, Final, Literal, TypeAlias
+
+import numpy as np
+
+from peerlearn.wire.errors import (
+    HandshakeError,
+    LocalProtocolError,
+    Reason,
+    RemoteProtocolError,
+)
+from peerlearn.wire.header import DataHead, decode_header, encode_header
+from peerlearn.wire.messages import MESSAGE_TYPES, Array, Data, Hello, Message
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_PAYLOAD",
+    "DEFAULT_READ_BUFFER",
+    "MAGIC",
+    "MAX_HEADER",
+    "NEED_DATA",
+    "PREFIX",
+    "PROTOCOL_VERSION",
+    "Allocator",
+    "Codec",
+    "Event",
+    "Sentinel",
+    "check_hello",
+    "default_allocator",
+]
+
+PROTOCOL_VERSION: Final = 1
+MAGIC: Final = b"PL"
+PREFIX: Final = struct.Struct("!2sBBIQ")  # magic, version, flags, header length, payload length
+
+# The largest legitimate header is a Hello listing every process id its daemon hosts (≤ 9 bytes
+# each) or a Control body; a Data header is about 60 bytes. 64 KiB holds thousands of ids, and
+# it bounds what a peer can make us buffer before anything is validated — the read buffer must
+# hold one whole header, so this is also the floor of each connection's read buffer. Same order
+# as HTTP servers' caps on a request head (h11 16 KiB, nginx 4 × 8 KiB, Node.js 16 KiB).
+MAX_HEADER: Final = 64 * 1024
+
+# A payload is one model-sized vector. The largest runs planned are d ≈ 1e7 float64 (80 MB;
+# peers/RESULTS.md measures up to 40 MB): 256 MiB leaves 3× headroom while bounding what one
+# forged length can make a connection allocate. A daemon knows the exact bound once the run is
+# known (dim × itemsize) and should pass that instead.
+DEFAULT_MAX_PAYLOAD: Final = 256 * 1024 * 1024
+
+# Scratch for prefixes and headers. Larger than one header so that a read takes in several
+# small frames at once (a 40 KB vector: 6 frames per read); a large payload is read past it,
+# straight into its array. At most 256 KiB of a payload is copied out of it.
+DEFAULT_READ_BUFFER: Final = 256 * 1024
+_MIN_READ: Final = 4096  # compact the scratch buffer before offering less than this
+
+Allocator: TypeAlias = Callable[[np.dtype[Any], tuple[int, ...]], Array]
+
+
+def default_allocator(dtype: np.dtype[Any], shape: tuple[int, ...]) -> Array:
+    """A fresh ``np.empty`` array (the daemon injects a pool instead)."""
+    return np.empty(shape, dtype)
+
+
+class Sentinel(Enum):
+    """Non-message results of :meth:`Codec.next_event`."""
+
+    NEED_DATA = "NEED_DATA"  # no complete message yet: feed more bytes
+    CLOSED = "CLOSED"  # end of stream at a frame boundary
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA: Final = Sentinel.NEED_DATA
+CLOSED: Final = Sentinel.CLOSED
+Event: TypeAlias = Message | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
+
+_MESSAGE_CLASSES: Final = tuple(MESSAGE_TYPES.values())
+
+
+def _wire_array(value: Array) -> Array:
+    """``value`` as it goes on the wire: C-contiguous and little-endian, copied only if not."""
+    wire_dtype = value.dtype.newbyteorder("<")
+    if value.dtype == wire_dtype and value.flags.c_contiguous:
+        return value
+    # One copy, of views and big-endian arrays only (the runtime sends its own contiguous,
+    # native arrays). ``astype`` rather than ``ascontiguousarray``, which turns 0-d into 1-d.
+    return value.astype(wire_dtype, order="C")
+
+
+class Codec:
+    """The framing state of one connection, both directions; does no I/O.
+
+    Args:
+        max_payload: the largest payload accepted or sent, in bytes; a prefix announcing
+            more is refused before anything is allocated.
+        allocator: ``allocator(dtype, shape)`` returns a writable, C-contiguous array of
+            exactly that dtype and shape for a Data payload to be read into. It is called once
+            per Data frame, only after the frame's header validated. The received message's
+            ``value`` is that very array, marked read-only.
+        read_buffer_size: the scratch buffer for prefixes and headers (and the small payloads
+            that come in the same read); at least ``PREFIX.size + MAX_HEADER``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        allocator: Allocator = default_allocator,
+        read_buffer_size: int = DEFAULT_READ_BUFFER,
+    ) -> None:
+        if not 0 <= max_payload < 2**64:
+            raise ValueError(f"max_payload {max_payload} not in [0, 2**64)")
+        if read_buffer_size < PREFIX.size + MAX_HEADER:
+            raise ValueError(f"read_buffer_size {read_buffer_size} < {PREFIX.size + MAX_HEADER}")
+        self.max_payload = max_payload
+        self._allocator = allocator
+        self._scratch = bytearray(read_buffer_size)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # unparsed bytes are _scratch[_start:_end]
+        self._end = 0
+        self._header_len = -1  # of the frame whose prefix was parsed; -1 between frames
+        self._payload_len = 0
+        self._head: DataHead | None = None  # a Data whose payload is being read into ...
+        self._array: Array | None = None  # ... this array,
+        self._sink: memoryview | None = None  # through this byte view of it
+        self._filled = 0
+        self._lent = 0  # size of the region the last get_buffer handed out
+        self._events: deque[Message] = deque()
+        self._error: RemoteProtocolError | None = None
+        self._eof = False
+
+    def __repr__(self) -> str:
+        where = (
+            "payload" if self._sink is not None else "header" if self._header_len >= 0 else "idle"
+        )
+        return (
+            f"Codec({where}, buffered={self._end - self._start}, events={len(self._events)}, "
+            f"error={self._error.reason.value if self._error else None}, eof={self._eof})"
+        )
+
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The receive side's error, once one was detected (``next_event`` raises it)."""
+        return self._error
+
+    # --- send ------------------------------------------------------------------------------------
+
+    def send(self, msg: Message) -> list[bytes | memoryview]:
+        """Encode ``msg`` as the chunks to write, in order.
+
+        Write them one ``transport.write`` each (uvloop keeps a reference to a large buffer
+        rather than copying it); CPython 3.11's ``writelines`` joins them into one ``bytes``,
+        which is the very copy this layout avoids.
+
+        Returns:
+            ``[prefix + header]``, followed for a Data with a non-empty array by a byte
+            ``memoryview`` of the array itself: the payload is not copied. The caller must not
+            modify the array until the chunks are written. An array that is not C-contiguous
+            or not little-endian is converted once, into a copy that the view then refers to.
+
+        Raises:
+            LocalProtocolError: ``payload_too_large`` (array over ``max_payload``),
+                ``header_too_large`` (a header over ``MAX_HEADER``: too many workers in a Hello,
+                a large Control body), ``unknown_type`` (not a message). Nothing was sent.
+        """
+        value: Array | None = None
+        if isinstance(msg, Data):
+            value = _wire_array(msg.value)
+            if value.nbytes > self.max_payload:
+                raise LocalProtocolError(
+                    Reason.PAYLOAD_TOO_LARGE,
+                    f"data array of {value.nbytes} bytes, max_payload is {self.max_payload}",
+                )
+        elif not isinstance(msg, _MESSAGE_CLASSES):
+            raise LocalProtocolError(Reason.UNKNOWN_TYPE, f"not a message: {type(msg).__name__}")
+        header = encode_header(msg, value)
+        if len(header) > MAX_HEADER:
+            raise LocalProtocolError(
+                Reason.HEADER_TOO_LARGE, f"{msg.kind} header of {len(header)} bytes > {MAX_HEADER}"
+            )
+        payload_len = 0 if value is None else value.nbytes
+        head = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header), payload_len) + header
+        if value is None or payload_len == 0:
+            return [head]
+        return [head, value.data.cast("B")]
+
+    # --- receive ---------------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """The writable region the next bytes from the peer go into (``BufferedProtocol``).
+
+        While a Data payload is being read this is the rest of the payload's own array, and a
+        read never goes past the end of the frame; otherwise it is the free part of the
+        scratch buffer. Never empty. ``sizehint`` is ignored: the region is what the frame
+        needs. Write into it, then call :meth:`buffer_updated`.
+
+        Raises:
+            RemoteProtocolError: the receive side already failed (the same error again).
+            RuntimeError: called after :meth:`receive_eof`.
+        """
+        self._check_usable()
+        if self._sink is not None:
+            region = self._sink[self._filled :]
+        else:
+            self._make_room()
+            region = self._view[self._end :]
+        self._lent = len(region)
+        return region
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer` region; parse.
+
+        Does not raise for bad bytes: a protocol error is recorded and raised by
+        :meth:`next_event` once the messages before it have been taken.
+
+        Raises:
+            RemoteProtocolError: the receive side had already failed (the same error again).
+            ValueError: ``nbytes`` is not within the region last handed out.
+        """
+        self._check_usable()
+        if not 0 < nbytes <= self._lent:
+            raise ValueError(f"buffer_updated({nbytes}) but get_buffer lent {self._lent} bytes")
+        self._lent = 0
+        try:
+            if self._sink is not None:
+                self._filled += nbytes
+                if self._filled == self._payload_len:
+                    self._finish_data()
+            else:
+                self._end += nbytes
+                self._parse()
+        except LocalProtocolError as err:  # the single local -> remote conversion point
+            self._error = RemoteProtocolError.from_local(err)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes that are already in memory (copied in through ``get_buffer``).
+
+        ``data`` empty means end of stream, as in h11: same as :meth:`receive_eof`.
+        """
+        if not data:
+            self.receive_eof()
+            return
+        self._check_usable()
+        src = memoryview(data).cast("B")
+        while src and self._error is None:
+            region = self.get_buffer(len(src))
+            n = min(len(region), len(src))
+            region[:n] = src[:n]
+            self.buffer_updated(n)
+            src = src[n:]
+
+    def receive_eof(self) -> None:
+        """The peer closed its side. In the middle of a frame, that is a ``truncated`` error."""
+        if self._eof or self._error is not None:
+            return
+        self._eof = True
+        if self._sink is not None:
+            got = f"{self._filled} of {self._payload_len} payload bytes"
+        elif self._header_len >= 0:
+            got = f"{self._end - self._start} of {self._header_len} header bytes"
+        elif self._end > self._start:
+            got = f"{self._end - self._start} of {PREFIX.size} prefix bytes"
+        else:
+            return
+        self._error = RemoteProtocolError(Reason.TRUNCATED, f"end of stream inside a frame: {got}")
+
+    def next_event(self) -> Event:
+        """The next complete message, ``NEED_DATA``, or ``CLOSED`` after a clean end of stream.
+
+        Raises:
+            RemoteProtocolError: the peer's bytes broke the protocol (``err.reason`` says how);
+                raised again on every later call.
+        """
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        return CLOSED if self._eof else NEED_DATA
+
+    # --- receive internals -----------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        if self._eof:
+            raise RuntimeError("the codec received end of stream; no more data can follow")
+
+    def _make_room(self) -> None:
+        # Unparsed bytes are always less than the unit being waited for (a prefix or a header,
+        # ≤ PREFIX.size + MAX_HEADER ≤ the buffer), so after compaction the unit fits and the
+        # free region is never empty. Compaction moves less than one header.
+        if self._start == self._end:
+            self._start = self._end = 0
+            return
+        unit = PREFIX.size if self._header_len < 0 else self._header_len
+        size = len(self._scratch)
+        if self._start > 0 and (self._start + unit > size or size - self._end < _MIN_READ):
+            kept = self._end - self._start
+            self._scratch[:kept] = self._view[self._start : self._end]
+            self._start, self._end = 0, kept
+
+    def _parse(self) -> None:
+        """Parse complete prefixes and headers from the scratch buffer; start a payload."""
+        view = self._view
+        while True:
+            avail = self._end - self._start
+            if self._header_len < 0:
+                # Refuse a foreign stream as soon as its first two bytes are in.
+                if avail >= 2 and bytes(view[self._start : self._start + 2]) != MAGIC:
+                    raise LocalProtocolError(
+                        Reason.BAD_MAGIC,
+                        f"bad magic {bytes(view[self._start : self._start + 2])!r} "
+                        f"(expected {MAGIC!r}): not a peerlearn peer, or the stream lost sync",
+                    )
+                if avail < PREFIX.size:
+                    return
+                self._parse_prefix()
+                continue
+            if avail < self._header_len:
+                return
+            end = self._start + self._header_len
+            decoded = decode_header(view[self._start : end], self._payload_len)
+            self._start = end
+            self._header_len = -1
+            if isinstance(decoded, DataHead):
+                self._start_data(decoded)
+                if self._sink is not None:
+                    return  # the rest of the payload goes straight into the array
+            else:
+                self._events.append(decoded)
+
+    def _parse_prefix(self) -> None:
+        _, version, flags, header_len, payload_len = PREFIX.unpack_from(self._view, self._start)
+        if version != PROTOCOL_VERSION:
+            raise LocalProtocolError(
+                Reason.UNSUPPORTED_VERSION,
+                f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})",
+            )
+        if flags:
+            raise LocalProtocolError(Reason.BAD_FLAGS, f"reserved flags set: {flags:#04x}")
+        if header_len > MAX_HEADER:
+            raise LocalProtocolError(
+                Reason.HEADER_TOO_LARGE, f"header of {header_len} bytes > {MAX_HEADER}"
+            )
+        if payload_len > self.max_payload:
+            raise LocalProtocolError(
+                Reason.PAYLOAD_TOO_LARGE,
+                f"payload of {payload_len} bytes > max_payload {self.max_payload}",
+            )
+        self._start += PREFIX.size
+        self._header_len = header_len
+        self._payload_len = payload_len
+
+    def _start_data(self, head: DataHead) -> None:
+        """Allocate a validated Data's array; move in the payload bytes already buffered."""
+        array = self._allocator(head.dtype, head.shape)
+        # The allocator is ours (a pool): a wrong array is a bug here, not bad input.
+        if not (
+            isinstance(array, np.ndarray)
+            and array.dtype == head.dtype
+            and array.shape == head.shape
+            and array.flags.c_contiguous
+            and array.flags.writeable
+        ):
+            raise TypeError(
+                f"allocator returned {type(array).__name__} "
+                f"{getattr(array, 'dtype', '?')} {getattr(array, 'shape', '?')}: expected a "
+                f"writable C-contiguous {head.dtype} array of shape {head.shape}"
+            )
+        self._head, self._array = head, array
+        if head.nbytes == 0:
+            self._finish_data()
+            return
+        sink = array.data.cast("B")
+        take = min(self._end - self._start, head.nbytes)
+        sink[:take] = self._view[self._start : self._start + take]
+        self._start += take
+        self._filled = take
+        if take == head.nbytes:
+            self._finish_data()
+        else:
+            self._sink = sink  # the scratch buffer is empty now
+
+    def _finish_data(self) -> None:
+        head, array = self._head, self._array
+        assert head is not None and array is not None, "no Data payload in progress"
+        self._head = self._array = self._sink = None
+        self._filled = 0
+        array.flags.writeable = False
+        self._events.append(Data(head.seq, head.tag, head.sender, head.step, array))
+
+
+def check_hello(
+    hello: Hello, *, expect_dim: int, expect_dtype: str, expect_fingerprint: str
+) -> None:
+    """Accept the peer's Hello, or raise why not (the text is fit for a ``Refuse``).
+
+    Checked in this order, so the most specific reason wins: the protocol version, the model
+    dimension, the dtype, then the run fingerprint (which covers the other two as well).
+
+    Raises:
+        HandshakeError: ``unsupported_version``, ``dim_mismatch``, ``dtype_mismatch`` or
+            ``fingerprint_mismatch``.
+    """
+    peer = f"(peer {hello.name!r}, cluster {hello.cluster})"
+    if hello.version != PROTOCOL_VERSION:
+        raise HandshakeError(
+            Reason.UNSUPPORTED_VERSION,
+            f"protocol version {hello.version} not supported "
+            f"(this side speaks {PROTOCOL_VERSION}) {peer}",
+        )
+    if hello.dim != expect_dim:
+        raise HandshakeError(Reason.DIM_MISMATCH, f"dim {hello.dim} != {expect_dim} {peer}")
+    if hello.dtype != expect_dtype:
+        raise HandshakeError(Reason.DTYPE_MISMATCH, f"dtype {hello.dtype} != {expect_dtype} {peer}")
+    if hello.fingerprint != expect_fingerprint:
+        raise HandshakeError(
+            Reason.FINGERPRINT_MISMATCH,
+            f"fingerprint mismatch: peer runs {hello.fingerprint!r}, "
+            f"this run is {expect_fingerprint!r} {peer}",
+        )
