@@ -17,7 +17,7 @@ from rich.table import Table
 
 from peerlearn import __version__
 from peerlearn.config import load_config
-from peerlearn.errors import PeerlearnError
+from peerlearn.errors import ConfigError, PeerlearnError
 
 app = typer.Typer(
     name="peerlearn",
@@ -156,6 +156,8 @@ def simulate(
                 trace=trace,
             ),
         )
+        if cfg.steps is None:
+            raise ConfigError("the simulator needs a finite number of steps (--steps)")
         prob = build_problem(cfg)
     except PeerlearnError as exc:
         raise _fail(str(exc)) from None
@@ -180,7 +182,7 @@ def simulate(
         disable=quiet or not err.is_terminal,
         transient=True,
     ) as bar:
-        task = bar.add_task("iterations", total=cfg.processes * cfg.steps)
+        task = bar.add_task("iterations", total=cfg.processes * (cfg.steps or 0))
         result = run_simulation(cfg, progress=lambda done, total: bar.update(task, completed=done))
 
     table = Table(title=f"status: {result.status}", title_justify="left")

@@ -125,7 +125,12 @@ class RunConfig(_Frozen):
     processes: int = Field(8, ge=1)
     clusters: int = Field(4, ge=1)
     quorum: int | None = Field(None, ge=1, description="N; defaults to n − f")
-    steps: int = Field(100, ge=1, description="T (SGD iterations, or MAA instances)")
+    steps: int | None = Field(
+        100, ge=1, description="T (SGD iterations, or MAA instances); None: until stopped"
+    )
+    cluster_sizes: list[int] | None = Field(
+        None, description="processes per cluster (daemons); default: even, round-robin"
+    )
     dim: int = Field(4, ge=1, description="input dimension of standalone MAA")
     trace: bool = False
     problem: ProblemConfig = ProblemConfig()
@@ -160,7 +165,8 @@ class RunConfig(_Frozen):
     @cached_property
     def membership(self) -> Membership:
         try:
-            return Membership(self.processes, self.clusters)
+            sizes = tuple(self.cluster_sizes) if self.cluster_sizes else None
+            return Membership(self.processes, self.clusters, sizes)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
 
@@ -186,6 +192,8 @@ class RunConfig(_Frozen):
         if lr.schedule == "inverse_time":
             return InverseTime(lr.beta, lr.gamma)
         if lr.schedule == "sqrt_n_over_t":
+            if self.steps is None:
+                raise ConfigError("lr.schedule = sqrt_n_over_t needs a finite number of steps")
             return Constant(math.sqrt(self.n_quorum / self.steps))
         return Constant(lr.eta)
 
@@ -218,7 +226,7 @@ class RunConfig(_Frozen):
                 )
         if self.algorithm == "alg1" and constants.mu is None:
             out.append("Alg 1's guarantee (Thm 1) is for strongly convex problems; μ is unknown")
-        if self.algorithm == "alg2":
+        if self.algorithm == "alg2" and steps is not None:
             if constants.L is not None and steps < 16 * constants.L**2 * big_n:
                 out.append(f"Thm 3/4 need T ≥ 16L²N = {16 * constants.L**2 * big_n:g}; T = {steps}")
             if steps < 4 * big_n:

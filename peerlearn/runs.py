@@ -16,6 +16,7 @@ import numpy as np
 from peerlearn.algorithms import alg1, alg2, maa_instances
 from peerlearn.config import RunConfig
 from peerlearn.effects import Program
+from peerlearn.errors import ConfigError
 from peerlearn.problems import Problem, make_problem
 
 __all__ = ["Purpose", "build_problem", "grad_stream", "make_programs", "stream"]
@@ -53,6 +54,8 @@ def make_programs(cfg: RunConfig, problem: Problem | None, pids: Iterable[int]) 
     aggregator = cfg.maa.aggregator
     m = cfg.membership
     if cfg.algorithm == "maa":
+        if steps is None:
+            raise ConfigError("standalone agreement needs a finite number of instances (steps)")
         return [
             maa_instances(
                 stream(cfg.seed, Purpose.INPUTS, m.cluster_of[p], m.index(p)).standard_normal(
@@ -70,5 +73,5 @@ def make_programs(cfg: RunConfig, problem: Problem | None, pids: Iterable[int]) 
     eta = cfg.schedule()
     if cfg.algorithm == "alg1":
         return [alg1(x1, steps, big_n, eta) for _ in pids]
-    tau = int(stream(cfg.seed, Purpose.TAU).integers(1, steps + 1))
+    tau = None if steps is None else int(stream(cfg.seed, Purpose.TAU).integers(1, steps + 1))
     return [alg2(x1, steps, big_n, eta, tau, rounds, inner, aggregator) for _ in pids]

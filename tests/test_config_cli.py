@@ -206,3 +206,14 @@ def test_documented_template_states_the_defaults() -> None:
     assert built.dim == quad.dim and built.constants.L == quad.constants.L
     assert built.constants.mu == quad.constants.mu
     assert built.constants.sigma2 == quad.constants.sigma2
+
+
+def test_membership_with_uneven_cluster_sizes() -> None:
+    m = Membership.of_sizes([3, 1, 2])
+    assert m.members == ((0, 3, 5), (1,), (2, 4))
+    assert [m.name(p) for p in range(6)] == ["0.0", "1.0", "2.0", "0.1", "2.1", "0.2"]
+    assert m.pid(0, 2) == 5 and m.index(5) == 2
+    with pytest.raises(ConfigError, match="do not split"):
+        Membership(6, 3, (3, 3, 0))
+    even = Membership(7, 3)
+    assert even.cluster_of == tuple(p % 3 for p in range(7))  # round-robin by default

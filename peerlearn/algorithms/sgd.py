@@ -6,7 +6,8 @@ the final one as ``step = T + 1``; that is how runtimes learn a process's progre
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
+from itertools import count
 from typing import Any
 
 import numpy as np
@@ -19,42 +20,52 @@ from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Ve
 __all__ = ["alg1", "alg2", "maa_instances"]
 
 
+def _iterations(steps: int | None) -> Iterable[int]:
+    """t = 1..T, or forever when T is None (a daemon that runs until stopped)."""
+    return count(1) if steps is None else range(1, steps + 1)
+
+
 def _mean(values: list[Vector]) -> Vector:
     out: Vector = np.mean(values, axis=0) if len(values) > 1 else values[0]
     return out
 
 
-def alg1(x1: Vector, steps: int, quorum: int, eta: Schedule) -> Generator[Effect, Any, Vector]:
+def alg1(
+    x1: Vector, steps: int | None, quorum: int, eta: Schedule
+) -> Generator[Effect, Any, Vector]:
     """Alg 1 (L165–L177): step on the parameters, exchange them, average exactly N."""
     x = x1
-    for t in range(1, steps + 1):
+    t = 0
+    for t in _iterations(steps):
         yield Report("model", x, step=t)
         g = yield Grad(x)
         y = x - eta(t) * g
         ys = yield Exchange(("params", t), y, Count(quorum))
         x = _mean([m.value for m in ys])
-    yield Report("model", x, step=steps + 1)
+    yield Report("model", x, step=t + 1)
     return x
 
 
 def alg2(
     x1: Vector,
-    steps: int,
+    steps: int | None,
     quorum: int,
     eta: Schedule,
-    tau: int,
+    tau: int | None,
     rounds: int,
     inner_rounds: int,
     aggregator: Aggregator = Aggregator.MIDEXT,
 ) -> Generator[Effect, Any, Vector]:
     """Alg 2 (L286–L298): exchange gradients, average all ≥ N, step from own x, then MAA_t.
 
-    ``tau`` ∈ [1, T] is the common output iteration; ``rounds``/``inner_rounds`` are the cluster
-    and shared-memory round counts of each MAA_t (for q_t = η/4, erratum a).
+    ``tau`` ∈ [1, T] is the common output iteration (None: output the last model);
+    ``rounds``/``inner_rounds`` are the cluster and shared-memory round counts of each MAA_t
+    (for q_t = η/4, erratum a).
     """
     x = x1
     x_tau = x1
-    for t in range(1, steps + 1):
+    t = 0
+    for t in _iterations(steps):
         if t == tau:
             x_tau = x
         yield Report("model", x, step=t)
@@ -62,8 +73,8 @@ def alg2(
         gs = yield Exchange(("grad", t), g, AtLeast(quorum))
         y = x - eta(t) * _mean([m.value for m in gs])
         x = yield from cluster_maa(y, t, rounds, inner_rounds, aggregator)
-    yield Report("model", x, step=steps + 1)
-    return x_tau
+    yield Report("model", x, step=t + 1)
+    return x_tau if tau is not None else x
 
 
 def maa_instances(

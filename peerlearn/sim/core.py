@@ -475,7 +475,7 @@ class Simulator:
         if regs is None:
             size = len(self.membership.members[proc.cluster])
             self._registers[regs_key] = regs = [None] * size
-        slot = proc.pid // self.membership.clusters
+        slot = self.membership.index(proc.pid)
         if regs[slot] is not None:
             raise ProgramError(f"process {proc.pid} wrote register {key} twice")
         regs[slot] = value

@@ -16,6 +16,7 @@ import numpy as np
 from peerlearn.algorithms import diam2
 from peerlearn.config import Distribution, RunConfig
 from peerlearn.effects import Msg, Report, Tag, Vector
+from peerlearn.errors import ConfigError
 from peerlearn.problems import Problem
 from peerlearn.runs import Purpose, build_problem, grad_stream, make_programs, stream
 from peerlearn.sim.core import Outcome, Partition, Proc, Simulator, Status
@@ -118,6 +119,9 @@ def run_simulation(
 ) -> SimResult:
     """Run ``cfg`` in the simulator. ``progress(done, total)`` is called now and then with the
     number of iterations completed over all processes and the total planned (n × T)."""
+    if cfg.steps is None:
+        raise ConfigError("the simulator needs a finite number of steps (--steps)")
+    steps = cfg.steps
     problem = build_problem(cfg)
     members = cfg.membership
     n = cfg.processes
@@ -203,7 +207,7 @@ def run_simulation(
             else:
                 assert spec.at_time is not None
                 sim.crash_at_time(pid, spec.at_time)
-    total = n * cfg.steps
+    total = n * steps
     outcome = sim.run(
         progress=(lambda s: progress(s.steps_total, total)) if progress is not None else None
     )

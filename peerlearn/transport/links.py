@@ -1,0 +1,298 @@
+"""Reliable links to the other daemons, as the papers' model assumes.
+
+Each ordered pair of daemons has its own connection: daemon A dials B to send A's messages to
+B, and B answers on it with cumulative acks. So no tie-breaking is needed, and each side of a
+connection has one job.
+
+Outbound (:class:`OutLink`, one per remote daemon, a nats-style lifecycle)::
+
+    CONNECTING ─handshake ok─> CONNECTED ─connection lost─> RECONNECTING ─> … ─> CONNECTED
+         └──────────────── close() ─> DRAINING (flush, bounded wait) ─> CLOSED
+
+* Worker threads hand frames over with :meth:`OutLink.offer`. Up to ``max_queue`` frames may be
+  outstanding (queued or sent but not acked); a producer beyond that waits up to
+  ``queue_timeout`` seconds (counted in ``queue_waits``), then the frame is dropped with reason
+  ``queue_full`` — counted and logged, never silent.
+* Every frame gets a per-link sequence number. Sent frames stay in a resend buffer until the
+  peer acks them; after a reconnect the unacked ones go out again first, so a reconnect loses
+  nothing, and the receiver drops the duplicates (seq ≤ the last it delivered).
+* Reconnects back off exponentially with full jitter; a peer away longer than
+  ``peer_timeout`` is flagged (``away``) and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+
+from peerlearn.effects import Tag, Vector
+from peerlearn.transport.protocol import FrameProtocol
+from peerlearn.transport.stats import TransportStats
+from peerlearn.wire import (
+    Ack,
+    Bye,
+    Codec,
+    Data,
+    Hello,
+    Message,
+    Refuse,
+    RemoteProtocolError,
+    Welcome,
+)
+
+__all__ = ["LinkSettings", "LinkState", "OutLink"]
+
+log = logging.getLogger(__name__)
+
+
+class LinkState(StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    max_queue: int = 4096  # outstanding frames per link (queued + unacked)
+    queue_timeout: float = 30.0  # how long a producer may wait for room
+    connect_timeout: float = 5.0  # TCP connect + handshake
+    backoff_initial: float = 0.05
+    backoff_max: float = 2.0
+    peer_timeout: float = 10.0  # away longer than this: flagged in /peers, metrics, log
+    drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
+    max_payload: int = 256 * 1024 * 1024
+
+
+class OutLink:
+    """The sending side of the link to one remote daemon.
+
+    :param name: the peer's label (``cluster:host:port``) for logs and metrics.
+    :param hello: our handshake.
+    """
+
+    def __init__(
+        self,
+        cluster: int,
+        host: str,
+        port: int,
+        hello: Hello,
+        settings: LinkSettings,
+        stats: TransportStats,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.cluster = cluster
+        self.host, self.port = host, port
+        self.name = f"{cluster}@{host}:{port}"
+        self.state = LinkState.CONNECTING
+        self.away = False
+        self.connected_since: float | None = None
+        self.disconnected_since = time.monotonic()
+        self.last_refusal: str | None = None
+        self._hello = hello
+        self._settings = settings
+        self._stats = stats
+        self._loop = loop
+        self._room = threading.Semaphore(settings.max_queue)
+        self._queue: deque[Data] = deque()
+        self._unacked: deque[Data] = deque()
+        self._seq = 0
+        self._wakeup = asyncio.Event()  # frames were queued
+        self._acked = asyncio.Event()  # an ack arrived
+        self._stop = asyncio.Event()  # close() was called
+        self._closing = False
+        self._proto: FrameProtocol | None = None
+        self._welcome: asyncio.Future[Message] | None = None
+
+    def __repr__(self) -> str:
+        queued, unacked = len(self._queue), len(self._unacked)
+        return f"OutLink({self.name}, {self.state}, queued={queued}, unacked={unacked})"
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._queue) + len(self._unacked)
+
+    # --- producers (worker threads) -----------------------------------------------------------
+
+    def offer(self, tag: Tag, sender: int, step: int, value: Vector) -> bool:
+        """Queue one frame for the peer; blocks (bounded) while the link is full.
+
+        Called from worker threads. False if the frame was dropped (counted)."""
+        if self._closing:
+            self._stats.drop("link_closed")
+            return False
+        if not self._room.acquire(blocking=False):
+            self._stats.queue_waits += 1
+            if not self._room.acquire(timeout=self._settings.queue_timeout):
+                self._stats.drop("queue_full")
+                log.warning(
+                    "%s: queue full for %.1fs, frame %s dropped",
+                    self,
+                    self._settings.queue_timeout,
+                    tag,
+                )
+                return False
+        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value)
+        return True
+
+    def _enqueue(self, tag: Tag, sender: int, step: int, value: Vector) -> None:
+        self._seq += 1
+        self._queue.append(Data(seq=self._seq, tag=tag, sender=sender, step=step, value=value))
+        self._wakeup.set()
+
+    # --- the link's task (owned by the transport's TaskGroup) ---------------------------------
+
+    async def run(self) -> None:
+        backoff = self._settings.backoff_initial
+        while not self._closing:
+            if await self._connect():
+                backoff = self._settings.backoff_initial
+                await self._pump()
+                if self._closing:
+                    break
+                self._stats.reconnects += 1
+            self.state = LinkState.RECONNECTING if self.connected_since else LinkState.CONNECTING
+            self._check_away()
+            # Full jitter: reconnect storms of many daemons spread out instead of syncing up.
+            await self._sleep(random.uniform(0, backoff))
+            backoff = min(backoff * 2, self._settings.backoff_max)
+        self.state = LinkState.CLOSED
+
+    async def _connect(self) -> bool:
+        codec = Codec(max_payload=1024)  # only acks and handshake answers come back
+        self._welcome = self._loop.create_future()
+        try:
+            _, proto = await asyncio.wait_for(
+                self._loop.create_connection(
+                    lambda: FrameProtocol(codec, self._on_message, self._on_error, self._on_lost),
+                    self.host,
+                    self.port,
+                ),
+                self._settings.connect_timeout,
+            )
+        except (OSError, TimeoutError):
+            return False
+        proto.send(self._hello)
+        try:
+            answer = await asyncio.wait_for(
+                asyncio.shield(self._welcome), self._settings.connect_timeout
+            )
+        except (TimeoutError, ConnectionError):
+            proto.close()
+            return False
+        if isinstance(answer, Refuse):
+            if answer.reason != self.last_refusal:
+                log.error("%s refused our handshake: %s", self.name, answer.reason)
+            self.last_refusal = answer.reason
+            self._stats.error("handshake_refused")
+            proto.close()
+            return False
+        self._proto = proto
+        self.state = LinkState.CONNECTED
+        self.connected_since = time.monotonic()
+        if self.away:
+            log.info("%s is back", self.name)
+        self.away = False
+        self.last_refusal = None
+        # Whatever was sent but not acked may be lost: it goes out again, first, in order.
+        self._queue.extendleft(reversed(self._unacked))
+        self._unacked.clear()
+        return True
+
+    async def _pump(self) -> None:
+        proto = self._proto
+        assert proto is not None
+        while not proto.closed.is_set():
+            if not self._queue:
+                self._wakeup.clear()
+                if self._closing:
+                    return
+                waiter = asyncio.ensure_future(self._wakeup.wait())
+                closed = asyncio.ensure_future(proto.closed.wait())
+                await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                closed.cancel()
+                continue
+            frame = self._queue.popleft()
+            self._unacked.append(frame)
+            n = proto.send(frame)
+            self._stats.count("out", str(frame.tag[0]), self.name, n)
+            await proto.drain()
+        self._proto = None
+        self.disconnected_since = time.monotonic()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Back off, but wake up at once on close()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def _check_away(self) -> None:
+        if (
+            not self.away
+            and time.monotonic() - self.disconnected_since > self._settings.peer_timeout
+        ):
+            self.away = True
+            log.warning(
+                "%s away for more than %.1fs (%s)",
+                self.name,
+                self._settings.peer_timeout,
+                self.state,
+            )
+
+    # --- protocol callbacks -------------------------------------------------------------------
+
+    def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
+        match msg:
+            case Ack(seq=seq):
+                while self._unacked and self._unacked[0].seq <= seq:
+                    self._unacked.popleft()
+                    self._room.release()
+                self._acked.set()  # a draining close waits on this
+            case Welcome() | Refuse():
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_result(msg)
+            case Bye(reason=reason):
+                log.info("%s said bye: %s", self.name, reason)
+                proto.close()
+            case _:
+                self._stats.error("unexpected_message")
+                proto.close()
+
+    def _on_error(self, proto: FrameProtocol, exc: RemoteProtocolError) -> None:
+        self._stats.error(str(exc.reason))
+
+    def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(ConnectionResetError("connection lost in handshake"))
+        if self.state is LinkState.CONNECTED:
+            log.info("%s: connection lost (%s)", self.name, exc or "closed")
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Drain: give queued and unacked frames ``drain_timeout`` to be acked, then close."""
+        if self.state is LinkState.CONNECTED:
+            self.state = LinkState.DRAINING
+            deadline = time.monotonic() + self._settings.drain_timeout
+            while self.outstanding and (left := deadline - time.monotonic()) > 0:
+                self._acked.clear()
+                try:
+                    await asyncio.wait_for(self._acked.wait(), left)
+                except TimeoutError:
+                    break
+            if self.outstanding:
+                log.warning("%s: %d frames not acked at shutdown", self.name, self.outstanding)
+        self._closing = True
+        self._stop.set()
+        self._wakeup.set()
+        if self._proto is not None:
+            self._proto.send(Bye(reason="shutdown"))
+            self._proto.close()

@@ -1,0 +1,219 @@
+"""The daemon's network side: a listening server for inbound links, one OutLink per peer.
+
+Inbound connections start with the dialer's ``Hello``; it is checked (protocol version, model
+dimension and dtype, run fingerprint, and that cluster and worker ids match the static
+membership) and answered with ``Welcome`` or ``Refuse(reason)`` — a refused handshake is logged
+with its reason, counted, and the connection closed. Then come ``Data`` frames: duplicates
+(seq ≤ the last delivered from that daemon, after a reconnect) are dropped and counted, the
+rest handed to ``deliver`` on the event loop, and acked cumulatively once per read batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peerlearn.effects import Tag, Vector
+from peerlearn.membership import Membership
+from peerlearn.transport.links import LinkSettings, LinkState, OutLink
+from peerlearn.transport.pool import BufferPool
+from peerlearn.transport.protocol import FrameProtocol
+from peerlearn.transport.stats import TransportStats
+from peerlearn.wire import (
+    Ack,
+    Bye,
+    Codec,
+    Data,
+    HandshakeError,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Refuse,
+    RemoteProtocolError,
+    Welcome,
+    check_hello,
+)
+
+__all__ = ["PeerAddress", "Transport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    cluster: int
+    host: str
+    port: int
+
+
+@dataclass
+class _Inbound:
+    cluster: int | None = None  # set once the handshake succeeded
+    ack_pending: bool = False
+
+
+class Transport:
+    """Links of this daemon (cluster ``hello.cluster``) to every other daemon of the run."""
+
+    def __init__(
+        self,
+        hello: Hello,
+        membership: Membership,
+        listen: tuple[str, int],
+        peers: list[PeerAddress],
+        deliver: Callable[[Data], None],
+        settings: LinkSettings,
+        stats: TransportStats | None = None,
+        pool: BufferPool | None = None,
+    ) -> None:
+        self.hello = hello
+        self.membership = membership
+        self.listen = listen
+        self.peers = peers
+        self.settings = settings
+        self.stats = stats or TransportStats()
+        self.pool = pool or BufferPool()
+        self._deliver = deliver
+        self._loop = asyncio.get_running_loop()
+        self.links = [
+            OutLink(p.cluster, p.host, p.port, hello, settings, self.stats, self._loop)
+            for p in peers
+        ]
+        self._inbound: dict[FrameProtocol, _Inbound] = {}
+        self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered
+        self._server: asyncio.Server | None = None
+        self.port: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Transport(cluster={self.hello.cluster}, port={self.port}, peers={len(self.links)})"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, tasks: asyncio.TaskGroup) -> None:
+        """Listen, and start one task per outbound link in ``tasks`` (the daemon's group)."""
+        host, port = self.listen
+        self._server = await self._loop.create_server(self._accept, host, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        for link in self.links:
+            tasks.create_task(link.run(), name=f"link-{link.name}")
+
+    async def close(self) -> None:
+        """Stop intake, drain outbound links, close everything."""
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(link.close() for link in self.links))
+        for proto in list(self._inbound):
+            proto.send(Bye(reason="shutdown"))
+            proto.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # --- sending (worker threads) -------------------------------------------------------------
+
+    def broadcast(self, tag: Tag, sender: int, step: int, value: Vector) -> None:
+        """One frame per remote daemon (the receiving daemon fans out to its workers)."""
+        for link in self.links:
+            link.offer(tag, sender, step, value)
+
+    def connected(self) -> int:
+        return sum(1 for link in self.links if link.state is LinkState.CONNECTED)
+
+    # --- inbound ------------------------------------------------------------------------------
+
+    def _accept(self) -> FrameProtocol:
+        codec = Codec(max_payload=self.settings.max_payload, allocator=self.pool)
+        proto = FrameProtocol(codec, self._on_message, self._on_error, self._on_lost)
+        self._inbound[proto] = _Inbound()
+        return proto
+
+    def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
+        state = self._inbound[proto]
+        if state.cluster is None:
+            self._handshake(proto, state, msg)
+            return
+        match msg:
+            case Data() as data:
+                peer = state.cluster
+                label = self._label(peer)
+                self.stats.count("in", str(data.tag[0]), label, data.value.nbytes + 64)
+                last = self._delivered.get(peer, 0)
+                if data.seq <= last:
+                    self.stats.drop("duplicate")
+                    return
+                if data.seq != last + 1:
+                    self.stats.error("sequence_gap")
+                    log.error("%s: frame %d after %d from %s", self, data.seq, last, label)
+                    proto.close()
+                    return
+                self._delivered[peer] = data.seq
+                if not state.ack_pending:
+                    state.ack_pending = True
+                    self._loop.call_soon(self._ack, proto, state)
+                self._deliver(data)
+            case Ping(nonce=nonce):
+                proto.send(Pong(nonce=nonce))
+            case Bye():
+                proto.close()
+            case _:
+                self.stats.error("unexpected_message")
+                log.warning("%s: unexpected %s from %s", self, msg.kind, proto.peername)
+                proto.close()
+
+    def _handshake(self, proto: FrameProtocol, state: _Inbound, msg: Message) -> None:
+        if not isinstance(msg, Hello):
+            self._refuse(proto, "bad_handshake", f"expected hello, got {msg.kind}")
+            return
+        try:
+            check_hello(
+                msg,
+                expect_dim=self.hello.dim,
+                expect_dtype=self.hello.dtype,
+                expect_fingerprint=self.hello.fingerprint,
+            )
+        except HandshakeError as exc:
+            self._refuse(proto, str(exc.reason), str(exc))
+            return
+        problem = self._membership_problem(msg)
+        if problem is not None:
+            self._refuse(proto, "membership_mismatch", problem)
+            return
+        state.cluster = msg.cluster
+        proto.send(Welcome(cluster=self.hello.cluster))
+        log.info("%s: inbound link from daemon %s (%s) established", self, msg.name, proto.peername)
+
+    def _refuse(self, proto: FrameProtocol, reason: str, text: str) -> None:
+        self.stats.error(reason)
+        log.error("refusing %s: %s", proto.peername, text)
+        proto.send(Refuse(reason=text[:1000]))
+        proto.close()
+
+    def _membership_problem(self, hello: Hello) -> str | None:
+        m = self.membership
+        if not 0 <= hello.cluster < m.clusters or hello.cluster == self.hello.cluster:
+            return f"cluster {hello.cluster} is not a peer of cluster {self.hello.cluster}"
+        if tuple(hello.workers) != m.members[hello.cluster]:
+            return (
+                f"cluster {hello.cluster} hosts processes {list(m.members[hello.cluster])} here, "
+                f"but says {list(hello.workers)}"
+            )
+        return None
+
+    def _ack(self, proto: FrameProtocol, state: _Inbound) -> None:
+        state.ack_pending = False
+        if state.cluster is not None:
+            proto.send(Ack(seq=self._delivered.get(state.cluster, 0)))
+
+    def _on_error(self, proto: FrameProtocol, exc: RemoteProtocolError) -> None:
+        self.stats.error(str(exc.reason))
+
+    def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
+        self._inbound.pop(proto, None)
+
+    def _label(self, cluster: int) -> str:
+        for link in self.links:
+            if link.cluster == cluster:
+                return link.name
+        return str(cluster)

@@ -1,0 +1,58 @@
+"""Receive buffers: payload arrays reused once nothing references them any more.
+
+A large payload is read straight into an array from this pool (DESIGN "Buffers"). Fresh
+allocations over ~32 MB cost 2× a copy here (`peers/RESULTS.md`), so big arrays are recycled
+— but never while a mailbox, a register or a program still holds the array or a view of it.
+"Nothing references it" is read off the reference count: the pool's own list entry is then
+the only holder. Views of an array keep the array itself alive (numpy makes it their
+``base``), so a live view always shows up in that count.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+from peerlearn.effects import Vector
+
+__all__ = ["BufferPool"]
+
+# getrefcount's own argument + the loop variable + the pool's list slot.
+_ONLY_THE_POOL = 3
+
+
+class BufferPool:
+    """Reusable arrays for payloads of at least ``min_bytes``; smaller ones are allocated
+    fresh (cheap). At most ``max_bytes`` are kept around."""
+
+    def __init__(self, min_bytes: int = 1 << 20, max_bytes: int = 1 << 30) -> None:
+        self.min_bytes = min_bytes
+        self.max_bytes = max_bytes
+        self._arrays: dict[tuple[str, tuple[int, ...]], list[Vector]] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+        self.reused = 0
+        self.allocated = 0
+
+    def __call__(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Vector:
+        """The codec's allocator: a writable C-contiguous array of ``dtype`` and ``shape``."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return np.empty(shape, dtype)
+        key = (dtype.str, shape)
+        with self._lock:
+            arrays = self._arrays.setdefault(key, [])
+            for arr in arrays:
+                if sys.getrefcount(arr) <= _ONLY_THE_POOL:
+                    arr.flags.writeable = True  # the owner may lift its own read-only flag
+                    self.reused += 1
+                    return arr
+            out: Vector = np.empty(shape, dtype)
+            self.allocated += 1
+            if self._held + nbytes <= self.max_bytes:
+                arrays.append(out)
+                self._held += nbytes
+            return out

@@ -1,0 +1,127 @@
+"""One TCP connection driven by the sans-IO codec (httpcore's ``http11.py`` shape).
+
+Bytes arrive through ``asyncio.BufferedProtocol`` straight into the codec's buffers — a
+payload lands directly in its final numpy array, never in a ``bytes`` object. Codec errors are
+translated here and only here: a :class:`~peerlearn.wire.RemoteProtocolError` is counted by
+reason, logged, and closes this one connection; nothing propagates to the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from peerlearn.wire import Codec, Message, RemoteProtocolError, Sentinel
+
+__all__ = ["FrameProtocol"]
+
+log = logging.getLogger(__name__)
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """Frames in, frames out, for one connection.
+
+    :param on_message: called on the event loop for every decoded message.
+    :param on_error: called once with the protocol error that closed the connection.
+    :param on_lost: called once when the connection is gone (cleanly or not).
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        on_message: Callable[[FrameProtocol, Message], None],
+        on_error: Callable[[FrameProtocol, RemoteProtocolError], None],
+        on_lost: Callable[[FrameProtocol, Exception | None], None],
+    ) -> None:
+        self.codec = codec
+        self._on_message = on_message
+        self._on_error = on_error
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.closed = asyncio.Event()
+        self.peername: Any = None
+        self.sent_bytes = 0
+        self.received_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"FrameProtocol({self.peername})"
+
+    # --- asyncio callbacks --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peername = transport.get_extra_info("peername")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.codec.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received_bytes += nbytes
+        try:
+            self.codec.buffer_updated(nbytes)
+            self._drain_events()
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        try:
+            self.codec.receive_eof()
+            self._drain_events()
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()  # wake a writer waiting on flow control: it will see `closed`
+        if not self.closed.is_set():
+            self.closed.set()
+            self._on_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def send(self, msg: Message) -> int:
+        """Write one message (header, then a memoryview of the payload: no copy here)."""
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        n = 0
+        for chunk in self.codec.send(msg):
+            # One write per chunk: writelines would join them into one bytes (a copy).
+            self.transport.write(chunk)
+            n += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+        self.sent_bytes += n
+        return n
+
+    async def drain(self) -> None:
+        """Wait while the kernel and the transport's buffer are full (flow control)."""
+        await self._writable.wait()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _drain_events(self) -> None:
+        while True:
+            event = self.codec.next_event()
+            if isinstance(event, Sentinel):  # NEED_DATA, or CLOSED at a frame boundary
+                return
+            self._on_message(self, event)
+            if self.transport is None or self.transport.is_closing():
+                return
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        log.warning("closing connection from %s: %s (%s)", self.peername, exc, exc.reason)
+        self._on_error(self, exc)
+        self.close()
