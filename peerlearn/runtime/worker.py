@@ -106,6 +106,8 @@ class Worker:
         self._on_report = on_report
         self._stop = threading.Event()
         self.done = threading.Event()
+        #: called on the worker thread when it ends, however it ends
+        self.on_exit: Callable[[Worker], None] | None = None
         self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
 
     def __repr__(self) -> str:
@@ -178,6 +180,8 @@ class Worker:
         finally:
             self._store.retire(self.pid)
             self.done.set()
+            if self.on_exit is not None:
+                self.on_exit(self)
 
     def _model(self, rep: Report) -> None:
         if self._stop.is_set():  # the previous iteration is complete: leave here

@@ -31,6 +31,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
+
+import numpy as np
 
 from peerlearn.effects import Tag, Vector
 from peerlearn.transport.protocol import FrameProtocol
@@ -41,7 +44,9 @@ from peerlearn.wire import (
     Codec,
     Data,
     Hello,
+    LocalProtocolError,
     Message,
+    Reason,
     Refuse,
     RemoteProtocolError,
     Welcome,
@@ -50,6 +55,11 @@ from peerlearn.wire import (
 __all__ = ["LinkSettings", "LinkState", "OutLink"]
 
 log = logging.getLogger(__name__)
+
+
+def _tiny_only(dtype: np.dtype[Any], shape: tuple[int, ...]) -> Vector:
+    """Allocator of the out-link's receive side: a peer never sends data back on it."""
+    raise RemoteProtocolError(Reason.BAD_FIELD, "data frame on an outbound link")
 
 
 class LinkState(StrEnum):
@@ -167,7 +177,8 @@ class OutLink:
         self.state = LinkState.CLOSED
 
     async def _connect(self) -> bool:
-        codec = Codec(max_payload=1024)  # only acks and handshake answers come back
+        # Acks and handshake answers come back: nothing big is ever received on this link.
+        codec = Codec(max_payload=self._settings.max_payload, allocator=_tiny_only)
         self._welcome = self._loop.create_future()
         try:
             _, proto = await asyncio.wait_for(
@@ -222,8 +233,14 @@ class OutLink:
                 closed.cancel()
                 continue
             frame = self._queue.popleft()
+            try:
+                n = proto.send(frame)
+            except LocalProtocolError as exc:  # a frame we cannot encode: our bug, not theirs
+                log.error("%s: cannot send %s: %s", self.name, frame.tag, exc)
+                self._stats.drop("unsendable")
+                self._room.release()
+                continue
             self._unacked.append(frame)
-            n = proto.send(frame)
             self._stats.count("out", str(frame.tag[0]), self.name, n)
             await proto.drain()
         self._proto = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,10 +93,15 @@ class Transport:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, tasks: asyncio.TaskGroup) -> None:
-        """Listen, and start one task per outbound link in ``tasks`` (the daemon's group)."""
-        host, port = self.listen
-        self._server = await self._loop.create_server(self._accept, host, port)
+    async def start(self, tasks: asyncio.TaskGroup, sock: socket.socket | None = None) -> None:
+        """Listen (on ``sock`` if given: a socket bound beforehand, e.g. to port 0 so that its
+        address can go into every daemon's config), and start one task per outbound link in
+        ``tasks`` (the daemon's group)."""
+        if sock is not None:
+            self._server = await self._loop.create_server(self._accept, sock=sock)
+        else:
+            host, port = self.listen
+            self._server = await self._loop.create_server(self._accept, host, port)
         self.port = self._server.sockets[0].getsockname()[1]
         for link in self.links:
             tasks.create_task(link.run(), name=f"link-{link.name}")

@@ -1,0 +1,72 @@
+"""The control API of one daemon: thin FastAPI handlers that read runtime state.
+
+``GET /status``, ``GET /peers``, ``GET /metrics`` (Prometheus text), ``GET /model?worker=i``
+(.npy), ``POST /stop``. The daemon owns the process and its signals; this app only asks it to
+stop. The OpenAPI document is at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from peerlearn import __version__
+from peerlearn.control.metrics import DaemonMetrics
+from peerlearn.effects import Vector
+
+__all__ = ["ControlTarget", "build_app"]
+
+
+class ControlTarget(Protocol):
+    """What the API needs from a daemon."""
+
+    metrics: DaemonMetrics
+
+    def status(self) -> dict[str, Any]: ...
+
+    def peers(self) -> list[dict[str, Any]]: ...
+
+    def model(self, worker: int) -> Vector | None: ...
+
+    def request_stop(self, reason: str) -> None: ...
+
+
+def build_app(target: ControlTarget) -> FastAPI:
+    app = FastAPI(title="peerlearn daemon", version=__version__)
+
+    @app.get("/status")
+    def status() -> dict[str, Any]:
+        """State, algorithm, per-worker step / loss / what it waits for, peers."""
+        return target.status()
+
+    @app.get("/peers")
+    def peers() -> list[dict[str, Any]]:
+        """Every remote daemon of the membership and its link state."""
+        return target.peers()
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(target.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/model")
+    def model(worker: int = Query(..., ge=0, description="local worker index")) -> Response:
+        """The worker's current parameters as a .npy file."""
+        x = target.model(worker)
+        if x is None:
+            raise HTTPException(404, f"worker {worker} does not exist here or has no model yet")
+        buf = io.BytesIO()
+        np.save(buf, x, allow_pickle=False)
+        return Response(buf.getvalue(), media_type="application/octet-stream")
+
+    @app.post("/stop")
+    def stop() -> dict[str, str]:
+        """Graceful shutdown: workers finish their current step, links drain."""
+        target.request_stop("POST /stop")
+        return {"state": "stopping"}
+
+    return app

@@ -1,0 +1,141 @@
+"""Prometheus metrics of one daemon (the names are part of the interface, DESIGN "Metrics").
+
+Each daemon has its own registry (several daemons may share a process: ``peerlearn demo``,
+tests). Hot-path figures live in plain counters (:class:`TransportStats`, the router's
+counters) and worker fields; a custom collector turns them into samples at scrape time, so a
+message costs a counter increment, not a Prometheus call. The staleness histogram is observed
+directly (one ``observe`` per delivered message and receiving worker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["DaemonMetrics", "Snapshot", "WorkerSample"]
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    worker: str
+    step: int
+    loss: float | None
+    lag: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the collector reads at scrape time."""
+
+    workers: list[WorkerSample]
+    consensus_host: float | None
+    consensus_global: float | None
+    consensus_global_age: float | None
+    messages: dict[tuple[str, str, str], int]
+    bytes: dict[tuple[str, str, str], int]
+    dropped: dict[str, int]
+    protocol_errors: dict[str, int]
+    peers_connected: int
+    peers_total: int
+    agreement_rounds: int
+
+
+class DaemonMetrics:
+    """The registry of one daemon; ``snapshot`` is called at every scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.staleness = Histogram(
+            "peerlearn_staleness_steps",
+            "Receiver's step minus the step a message was computed at, per delivered message "
+            "(negative: it arrived early and was buffered).",
+            buckets=(-8, -4, -2, -1, 0, 1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.registry.register(_Collector(snapshot))
+
+
+class _Collector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # names are dynamic per scrape; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        loss = GaugeMetricFamily(
+            "peerlearn_loss", "Loss of the worker's current model.", labels=["worker"]
+        )
+        step = GaugeMetricFamily("peerlearn_step", "Worker's current iteration.", labels=["worker"])
+        lag = GaugeMetricFamily(
+            "peerlearn_step_lag",
+            "Steps behind the fastest worker this daemon has heard from.",
+            labels=["worker"],
+        )
+        for w in s.workers:
+            step.add_metric([w.worker], w.step)
+            lag.add_metric([w.worker], w.lag)
+            if w.loss is not None:
+                loss.add_metric([w.worker], w.loss)
+        yield from (loss, step, lag)
+        cd = GaugeMetricFamily(
+            "peerlearn_consensus_distance",
+            "(1/n) Σ‖x_i − x̄‖²: host = this daemon's workers (exact); global = with the latest "
+            "models heard from peers.",
+            labels=["scope"],
+        )
+        if s.consensus_host is not None:
+            cd.add_metric(["host"], s.consensus_host)
+        if s.consensus_global is not None:
+            cd.add_metric(["global"], s.consensus_global)
+        yield cd
+        if s.consensus_global_age is not None:
+            yield GaugeMetricFamily(
+                "peerlearn_consensus_global_age_seconds",
+                "Age of the oldest peer model used for the global consensus distance.",
+                value=s.consensus_global_age,
+            )
+        msgs = CounterMetricFamily(
+            "peerlearn_messages",
+            "Messages by direction, kind and peer.",
+            labels=["direction", "kind", "peer"],
+        )
+        nbytes = CounterMetricFamily(
+            "peerlearn_bytes",
+            "Bytes by direction, kind and peer.",
+            labels=["direction", "kind", "peer"],
+        )
+        for key, v in s.messages.items():
+            msgs.add_metric(list(key), v)
+        for key, v in s.bytes.items():
+            nbytes.add_metric(list(key), v)
+        yield from (msgs, nbytes)
+        dropped = CounterMetricFamily(
+            "peerlearn_messages_dropped", "Messages dropped, by reason.", labels=["reason"]
+        )
+        for reason, v in s.dropped.items():
+            dropped.add_metric([reason], v)
+        errors = CounterMetricFamily(
+            "peerlearn_protocol_errors", "Protocol errors from peers, by reason.", labels=["reason"]
+        )
+        for reason, v in s.protocol_errors.items():
+            errors.add_metric([reason], v)
+        yield from (dropped, errors)
+        yield GaugeMetricFamily(
+            "peerlearn_peers_connected",
+            "Outbound links in state connected.",
+            value=s.peers_connected,
+        )
+        yield GaugeMetricFamily(
+            "peerlearn_peers", "Remote daemons in the static membership.", value=s.peers_total
+        )
+        yield CounterMetricFamily(
+            "peerlearn_agreement_rounds",
+            "Cluster-agreement rounds completed by local workers.",
+            value=s.agreement_rounds,
+        )

@@ -1,0 +1,226 @@
+"""The daemon's one config object: the run (common to every daemon) and this node.
+
+Sources, highest priority first: command-line flags, ``PEERLEARN_*`` environment variables
+(nested fields with ``__``, e.g. ``PEERLEARN_LR__ETA=0.1``), the TOML file, defaults.
+
+Membership is static, as in the papers. Either list every daemon (``[[daemons]]`` tables with
+``cluster``, ``address``, ``workers``) or use the short form for daemons on one machine:
+``listen`` plus ``peers`` (the other daemons' addresses), every daemon with ``workers`` workers;
+cluster ids are then the positions of the addresses in sorted order, the same on every daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from contextvars import ContextVar
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from peerlearn.config import LRConfig, MAAConfig, ProblemConfig, RunConfig
+from peerlearn.errors import ConfigError
+from peerlearn.membership import Membership
+
+__all__ = ["DaemonSpec", "NodeConfig", "load_node_config", "parse_address"]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` → (host, port); ConfigError with the reason otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"address {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class DaemonSpec(BaseModel):
+    """One daemon of the run: its cluster id, peer address and worker count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cluster: int = Field(ge=0)
+    address: str
+    workers: int = Field(ge=1)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        parse_address(v)
+        return v
+
+
+class NodeConfig(BaseSettings):
+    """Everything ``peerlearn run`` needs. Fields marked *run* must agree on every daemon:
+    they form the run fingerprint checked in the handshake."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PEERLEARN_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    # --- the run (fingerprinted) -------------------------------------------------------------
+    algorithm: Literal["alg1", "alg2", "maa"] = "alg1"
+    problem: ProblemConfig = ProblemConfig()
+    seed: int = Field(0, ge=0)
+    steps: int | None = Field(None, ge=1, description="iterations per worker; None: unlimited")
+    lr: LRConfig = LRConfig()
+    maa: MAAConfig = MAAConfig()
+    quorum: int | None = Field(None, ge=1, description="N; default n − max_failures")
+    max_failures: int | None = Field(None, ge=0, description="f; default ⌊(n−1)/2⌋ processes")
+    dim: int = Field(4, ge=1, description="input dimension of standalone agreement (maa)")
+
+    # --- membership ---------------------------------------------------------------------------
+    daemons: list[DaemonSpec] = Field(default_factory=list)
+    peers: list[str] = Field(default_factory=list, description="short form: other addresses")
+    workers: int = Field(2, ge=1, description="worker threads (processes) of this daemon")
+    cluster: int | None = Field(None, ge=0, description="this daemon's cluster id")
+
+    # --- this node ----------------------------------------------------------------------------
+    listen: str = "127.0.0.1:7001"
+    advertise: str | None = Field(None, description="address peers use for us (default listen)")
+    api: str = "127.0.0.1:8001"
+    exit_on_finish: bool = False
+    stall_timeout: float = Field(10.0, gt=0, description="waiting longer: reported blocked")
+    peer_timeout: float = Field(10.0, gt=0, description="away longer: flagged in /peers")
+    queue_size: int = Field(4096, ge=1, description="outstanding frames per peer link")
+    queue_timeout: float = Field(30.0, gt=0, description="producer's bounded wait for room")
+    eval_every: float = Field(1.0, gt=0, description="seconds between loss evaluations")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # flags (init) > env > file
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+    # --- derived ------------------------------------------------------------------------------
+
+    @cached_property
+    def all_daemons(self) -> tuple[DaemonSpec, ...]:
+        """Every daemon of the run, by cluster id."""
+        if self.daemons:
+            specs = sorted(self.daemons, key=lambda d: d.cluster)
+            if [d.cluster for d in specs] != list(range(len(specs))):
+                raise ConfigError(
+                    f"daemons must have cluster ids 0..{len(specs) - 1}, got "
+                    f"{[d.cluster for d in self.daemons]}"
+                )
+            return tuple(specs)
+        me = self.advertise or self.listen
+        addrs = sorted({me, *self.peers}, key=parse_address)
+        if len(addrs) != len(self.peers) + 1:
+            raise ConfigError(f"peers {self.peers} repeat an address or name this daemon ({me})")
+        return tuple(
+            DaemonSpec(cluster=i, address=a, workers=self.workers) for i, a in enumerate(addrs)
+        )
+
+    @cached_property
+    def me(self) -> DaemonSpec:
+        daemons = self.all_daemons
+        if self.cluster is not None:
+            if self.cluster >= len(daemons):
+                raise ConfigError(f"cluster {self.cluster} is not in the daemon list")
+            return daemons[self.cluster]
+        me = parse_address(self.advertise or self.listen)
+        for d in daemons:
+            if parse_address(d.address) == me:
+                return d
+        raise ConfigError(
+            f"this daemon's address {self.advertise or self.listen} is not in the daemon list; "
+            "set cluster or advertise"
+        )
+
+    @cached_property
+    def membership(self) -> Membership:
+        return Membership.of_sizes([d.workers for d in self.all_daemons])
+
+    @cached_property
+    def run(self) -> RunConfig:
+        """The run as the algorithms see it (shared with the simulator's config)."""
+        n = self.membership.processes
+        f = self.max_failures if self.max_failures is not None else (n - 1) // 2
+        if f >= n:
+            raise ConfigError(f"max_failures f = {f} must be < n = {n}")
+        quorum = self.quorum if self.quorum is not None else n - f
+        if quorum > n - f:
+            raise ConfigError(f"quorum N = {quorum} > n − f = {n} − {f}")
+        try:
+            return RunConfig(
+                algorithm=self.algorithm,
+                seed=self.seed,
+                processes=n,
+                clusters=self.membership.clusters,
+                cluster_sizes=[d.workers for d in self.all_daemons],
+                quorum=quorum,
+                steps=self.steps,
+                dim=self.dim,
+                problem=self.problem,
+                lr=self.lr,
+                maa=self.maa,
+            )
+        except ValidationError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of everything that must agree across daemons (run + membership)."""
+        run = self.run.model_dump(mode="json", exclude={"sim", "trace"})
+        daemons = [d.model_dump() for d in self.all_daemons]
+        blob = json.dumps({"run": run, "daemons": daemons}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def validate_all(self) -> NodeConfig:
+        """Resolve every derived view now, so that errors surface at start-up."""
+        _ = (self.me, self.run, self.fingerprint)
+        parse_address(self.api)
+        parse_address(self.listen)
+        return self
+
+
+_FILE: ContextVar[dict[str, Any] | None] = ContextVar("peerlearn_node_file", default=None)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The TOML file given to :func:`load_node_config`: the lowest-priority source."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _FILE.get() or {}
+
+
+def load_node_config(path: Path | None = None, flags: dict[str, Any] | None = None) -> NodeConfig:
+    """File < ``PEERLEARN_*`` env < flags; every problem is one ConfigError naming the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    token = _FILE.set(data)
+    try:
+        return NodeConfig(**(flags or {})).validate_all()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    finally:
+        _FILE.reset(token)
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

@@ -1,0 +1,422 @@
+"""One peer daemon: worker threads, register store, links to the other daemons, control API.
+
+Lifecycle (uvicorn's ``server.py`` shape, every task owned by one ``asyncio.TaskGroup``)::
+
+    STARTING ─start()─> RUNNING ─every worker done─> FINISHED ─┐
+         └──────────────────┴── request_stop / SIGTERM ─> STOPPING ─> STOPPED
+
+Shutdown order is fixed: (1) workers finish their current iteration (a waiting worker wakes
+at once) and are joined; (2) the transport stops accepting, drains its outbound links (frames
+the workers produced get acked, bounded by ``drain_timeout``) and closes; (3) the control API
+stops; (4) a final summary is logged. A finished daemon keeps relaying and serving its API
+until stopped — other daemons may still need its links — unless ``exit_on_finish``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import uvicorn
+
+from peerlearn.control.app import build_app
+from peerlearn.control.metrics import DaemonMetrics, Snapshot, WorkerSample
+from peerlearn.daemon.config import NodeConfig, parse_address
+from peerlearn.effects import Msg, Report, Tag, Vector
+from peerlearn.runs import build_problem, grad_stream, make_programs
+from peerlearn.runtime.mailbox import Mailbox, Put
+from peerlearn.runtime.store import RegisterStore
+from peerlearn.runtime.worker import Worker, WorkerState
+from peerlearn.sim.runner import consensus_distance
+from peerlearn.transport.links import LinkSettings
+from peerlearn.transport.peers import PeerAddress, Transport
+from peerlearn.transport.stats import TransportStats
+from peerlearn.wire import PROTOCOL_VERSION, Data, Hello
+
+__all__ = ["Daemon", "DaemonState"]
+
+log = logging.getLogger(__name__)
+
+#: tag kinds whose values are models (used for the global consensus distance)
+_MODEL_KINDS = ("params", "maa")
+
+
+class DaemonState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    FINISHED = "finished"  # every local worker is done; still relaying and serving
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class _Router:
+    """Broadcasts of local workers: every local mailbox by reference, each remote daemon once.
+    Frames from remote daemons: every local mailbox."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+        self.transport: Transport | None = None
+
+    def broadcast(self, sender: int, tag: Tag, value: Vector, step: int) -> None:
+        value.flags.writeable = False  # shared by reference from here on
+        self._d._fan_out(tag, Msg(sender, value), step)
+        if self.transport is not None:
+            self.transport.broadcast(tag, sender, step, value)
+
+    def deliver(self, data: Data) -> None:
+        self._d._fan_out(data.tag, Msg(data.sender, data.value), data.step)
+        if data.tag and data.tag[0] in _MODEL_KINDS:
+            self._d._heard[data.sender] = (time.monotonic(), data.value)
+
+
+class Daemon:
+    """A peer daemon for ``cfg``; use ``async with Daemon(cfg) as d`` or start()/stop()."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        worker_factory: type[Worker] = Worker,
+        listen_socket: socket.socket | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()  # built inside the loop that will run it
+        self.cfg = cfg
+        self.run_cfg = cfg.run
+        self.membership = cfg.membership
+        self.me = cfg.me
+        self.state = DaemonState.STARTING
+        self.pids = self.membership.members[self.me.cluster]
+        self.problem = build_problem(self.run_cfg)
+        self.dim = self.problem.dim if self.problem is not None else cfg.dim
+        self.store = RegisterStore(self.pids)
+        self.mailboxes = {
+            pid: Mailbox(self.membership.cluster_of, self.membership.clusters) for pid in self.pids
+        }
+        self.router = _Router(self)
+        self.stats = TransportStats()
+        self.metrics = DaemonMetrics(self._snapshot)
+        self.put_counts: dict[Put, int] = dict.fromkeys(Put, 0)
+        self._heard: dict[int, tuple[float, Vector]] = {}
+        self._losses: dict[int, tuple[int, float]] = {}
+        self._agreement_rounds = 0
+        self._steps_seen = 0
+        programs = make_programs(self.run_cfg, self.problem, self.pids)
+        grad = self.problem.grad if self.problem is not None else _no_grad
+        self.workers = [
+            worker_factory(
+                pid,
+                self.membership.name(pid),
+                program,
+                grad,
+                grad_stream(self.run_cfg, pid),
+                self.mailboxes[pid],
+                self.store,
+                self.router,
+                self._on_report,
+            )
+            for pid, program in zip(self.pids, programs, strict=True)
+        ]
+        for w in self.workers:
+            w.on_exit = self._on_worker_exit
+        self.transport: Transport | None = None
+        self.api_port: int | None = None
+        self.peer_port: int | None = None
+        self._api: uvicorn.Server | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._listen_socket = listen_socket
+        self._stop_requested = asyncio.Event()
+        self.progress = asyncio.Event()
+        self._watched = False
+        self._stopped = asyncio.Event()
+        self.stop_reason: str | None = None
+        self.started_at = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> Daemon:
+        """Listen, connect, serve the API, start the workers."""
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            cluster=self.me.cluster,
+            workers=self.pids,
+            dim=self.dim,
+            dtype="float64",
+            fingerprint=self.cfg.fingerprint,
+            name=f"{self.me.cluster}@{self.me.address}",
+        )
+        peers = [
+            PeerAddress(d.cluster, *parse_address(d.address))
+            for d in self.cfg.all_daemons
+            if d.cluster != self.me.cluster
+        ]
+        settings = LinkSettings(
+            max_queue=self.cfg.queue_size,
+            queue_timeout=self.cfg.queue_timeout,
+            peer_timeout=self.cfg.peer_timeout,
+            max_payload=max(self.dim * 8, 1024),
+        )
+        self.transport = Transport(
+            hello,
+            self.membership,
+            parse_address(self.cfg.listen),
+            peers,
+            self.router.deliver,
+            settings,
+            self.stats,
+        )
+        self.router.transport = self.transport
+        await self.transport.start(self._tasks, self._listen_socket)
+        self.peer_port = self.transport.port
+        await self._start_api()
+        for w in self.workers:
+            w.start()
+        self.state = DaemonState.RUNNING
+        self._monitor_task = self._tasks.create_task(self._monitor(), name="monitor")
+        log.info(
+            "daemon %s: cluster %d of %d, workers %s, peers on :%s, API on :%s",
+            self.cfg.run.algorithm,
+            self.me.cluster,
+            self.membership.clusters,
+            [self.membership.name(p) for p in self.pids],
+            self.peer_port,
+            self.api_port,
+        )
+        return self
+
+    async def _start_api(self) -> None:
+        host, port = parse_address(self.cfg.api)
+        config = uvicorn.Config(
+            build_app(self),
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        server = _EmbeddedServer(config)
+        assert self._tasks is not None
+        self._tasks.create_task(server.serve(), name="api")
+        while not server.started:
+            if server.should_exit:
+                raise OSError(f"control API could not bind {self.cfg.api}")
+            await asyncio.sleep(0.01)  # uvicorn exposes no started event
+        self._api = server
+        self.api_port = server.servers[0].sockets[0].getsockname()[1]
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.info("stop requested: %s", reason)
+        self._stop_requested.set()
+
+    async def wait(self) -> None:
+        """Until the daemon has stopped (after a stop request, or finishing with
+        ``exit_on_finish``)."""
+        await self._stop_requested.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Graceful shutdown in the fixed order; idempotent."""
+        if self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
+            await self._stopped.wait()
+            return
+        self.state = DaemonState.STOPPING
+        self._stop_requested.set()
+        for w in self.workers:
+            w.stop()
+        await asyncio.to_thread(lambda: [w.join(30.0) for w in self.workers])
+        if self.transport is not None:
+            await self.transport.close()
+        if self._api is not None:
+            self._api.should_exit = True
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+        if self._tasks is not None:  # links end once closed, the API once told to exit
+            await self._tasks.__aexit__(None, None, None)
+        self.state = DaemonState.STOPPED
+        self._stopped.set()
+        log.info("daemon stopped: %s", self.summary())
+
+    async def __aenter__(self) -> Daemon:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- the monitor --------------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Periodic work: loss evaluation."""
+        while True:
+            await self._evaluate()
+            await asyncio.sleep(self.cfg.eval_every)
+
+    def _on_worker_exit(self, worker: Worker) -> None:  # on the worker's thread
+        self._loop.call_soon_threadsafe(self._worker_exited)
+
+    def _worker_exited(self) -> None:
+        self.progress.set()
+        if self.state is DaemonState.RUNNING and all(w.done.is_set() for w in self.workers):
+            self.state = DaemonState.FINISHED
+            log.info("every local worker is done: %s", self.summary())
+            if self.cfg.exit_on_finish:
+                self.request_stop("finished (exit_on_finish)")
+
+    async def _evaluate(self) -> None:
+        problem = self.problem
+        if problem is None:
+            return
+        todo = [
+            (w.pid, w.step, w.x)
+            for w in self.workers
+            if w.x is not None and self._losses.get(w.pid, (-1, 0.0))[0] != w.step
+        ]
+        if todo:
+            values = await asyncio.to_thread(lambda: [problem.loss(x) for _, _, x in todo])
+            for (pid, step, _), value in zip(todo, values, strict=True):
+                self._losses[pid] = (step, value)
+
+    # --- hooks from the runtime ---------------------------------------------------------------
+
+    def _fan_out(self, tag: Tag, msg: Msg, step: int) -> None:
+        for w in self.workers:
+            outcome = self.mailboxes[w.pid].put(tag, msg)
+            self.put_counts[outcome] += 1
+            if outcome is Put.STORED:
+                self.metrics.staleness.observe(w.step - step)
+            elif outcome is not Put.DUPLICATE:
+                self.stats.drop(str(outcome))
+
+    def _on_report(self, worker: Worker, rep: Report) -> None:
+        if rep.name == "agreement" and rep.key[2] is None:
+            self._agreement_rounds += 1
+        elif rep.name == "model" and self._watched:
+            self._loop.call_soon_threadsafe(self.progress.set)
+
+    def watch(self) -> asyncio.Event:
+        """An event set whenever a local worker completes an iteration (for waiters such as
+        :mod:`peerlearn.testing`); clear it before re-checking a condition."""
+        self._watched = True
+        return self.progress
+
+    # --- views for the API --------------------------------------------------------------------
+
+    def _worker_samples(self) -> Iterator[tuple[Worker, float | None]]:
+        for w in self.workers:
+            entry = self._losses.get(w.pid)
+            yield w, entry[1] if entry is not None else None
+
+    def _snapshot(self) -> Snapshot:
+        fastest = max([w.step for w in self.workers] + [0])
+        local = [w.x for w in self.workers if w.x is not None]
+        now = time.monotonic()
+        heard = dict(self._heard)
+        models = local + [v for _, v in heard.values()]
+        return Snapshot(
+            workers=[
+                WorkerSample(w.name, w.step, loss, fastest - w.step)
+                for w, loss in self._worker_samples()
+            ],
+            consensus_host=consensus_distance(local) if local else None,
+            consensus_global=consensus_distance(models) if heard else None,
+            consensus_global_age=max((now - t for t, _ in heard.values()), default=None),
+            messages=dict(self.stats.messages),
+            bytes=dict(self.stats.bytes),
+            dropped=dict(self.stats.dropped),
+            protocol_errors=dict(self.stats.protocol_errors),
+            peers_connected=self.transport.connected() if self.transport else 0,
+            peers_total=len(self.cfg.all_daemons) - 1,
+            agreement_rounds=self._agreement_rounds,
+        )
+
+    def status(self) -> dict[str, Any]:
+        workers = []
+        for w, loss in self._worker_samples():
+            waiting = w.mailbox.waiting()
+            entry: dict[str, Any] = {
+                "id": w.name,
+                "state": str(w.state),
+                "step": w.step,
+                "loss": loss,
+                "error": w.error,
+            }
+            if waiting is not None:
+                waited = time.monotonic() - waiting.since
+                entry["waiting"] = {
+                    "tag": list(waiting.tag),
+                    "have": waiting.have,
+                    "need": waiting.need,
+                    "unit": waiting.unit,
+                    "seconds": round(waited, 3),
+                }
+                if waited > self.cfg.stall_timeout:
+                    entry["state"] = "blocked"
+            workers.append(entry)
+        return {
+            "state": str(self.state),
+            "algorithm": self.run_cfg.algorithm,
+            "problem": self.run_cfg.problem.name if self.problem is not None else None,
+            "cluster": self.me.cluster,
+            "clusters": self.membership.clusters,
+            "processes": self.membership.processes,
+            "quorum": self.run_cfg.n_quorum,
+            "steps": self.run_cfg.steps,
+            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+            "workers": workers,
+            "peers": self.peers(),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        if self.transport is None:
+            return []
+        return [
+            {
+                "cluster": link.cluster,
+                "address": f"{link.host}:{link.port}",
+                "state": str(link.state),
+                "away": link.away,
+                "outstanding": link.outstanding,
+                "refused": link.last_refusal,
+            }
+            for link in self.transport.links
+        ]
+
+    def model(self, worker: int) -> Vector | None:
+        if not 0 <= worker < len(self.workers):
+            return None
+        return self.workers[worker].x
+
+    def summary(self) -> str:
+        states = [str(w.state) for w in self.workers]
+        steps = [w.step for w in self.workers]
+        losses = [loss for _, loss in self._worker_samples() if loss is not None]
+        mean = f"{np.mean(losses):.6g}" if losses else "—"
+        return f"workers {states}, steps {steps}, mean loss {mean}"
+
+    @property
+    def finished(self) -> bool:
+        return all(w.state is WorkerState.FINISHED for w in self.workers)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the daemon's loop: the daemon owns the signals, not the API server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _no_grad(x: Vector, rng: object) -> Vector:
+    raise AssertionError("standalone agreement computes no gradient")
