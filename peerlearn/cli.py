@@ -222,6 +222,105 @@ def simulate(
         raise typer.Exit(code=1)
 
 
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set a.b=value`` (value in TOML syntax, or a bare string) → nested dict."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. lr.eta=0.1")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Node config (TOML), e.g. configs/node.toml."),
+    ] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="Peer address to listen on (host:port).")
+    ] = None,
+    api: Annotated[str | None, typer.Option(help="Control API address (host:port).")] = None,
+    peers: Annotated[
+        str | None, typer.Option(help="Other daemons, comma-separated host:port (short form).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker threads of this daemon.")] = None,
+    algorithm: Annotated[str | None, typer.Option(help="alg1, alg2 or maa.")] = None,
+    problem: Annotated[str | None, typer.Option(help="Problem name or module:callable.")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Iterations per worker (default: until stopped).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Constant learning rate η.")] = None,
+    quorum: Annotated[int | None, typer.Option(help="N (default n − max-failures).")] = None,
+    max_failures: Annotated[
+        int | None, typer.Option(help="f processes (default ⌊(n−1)/2⌋).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed (same on every daemon).")] = None,
+    cluster: Annotated[int | None, typer.Option(help="This daemon's cluster id.")] = None,
+    advertise: Annotated[
+        str | None, typer.Option(help="Address the peers know us by (default --listen).")
+    ] = None,
+    exit_on_finish: Annotated[
+        bool, typer.Option("--exit-on-finish", help="Exit 0 once every worker is done.")
+    ] = False,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any config field, FIELD=VALUE (e.g. stall_timeout=5)."),
+    ] = None,
+) -> None:
+    """Run one peer daemon on this machine (flags > PEERLEARN_* env > --config file)."""
+    from peerlearn.daemon.config import load_node_config
+    from peerlearn.daemon.serve import serve
+
+    try:
+        flags: dict[str, Any] = _parse_set(set_ or [])
+        given = {
+            "listen": listen,
+            "api": api,
+            "workers": workers,
+            "algorithm": algorithm,
+            "steps": steps,
+            "quorum": quorum,
+            "max_failures": max_failures,
+            "seed": seed,
+            "cluster": cluster,
+            "advertise": advertise,
+            "log_level": log_level,
+        }
+        flags.update({k: v for k, v in given.items() if v is not None})
+        if peers is not None:
+            flags["peers"] = [p.strip() for p in peers.split(",") if p.strip()]
+        if problem is not None:
+            flags["problem"] = {**flags.get("problem", {}), "name": problem}
+        if lr is not None:
+            flags["lr"] = {**flags.get("lr", {}), "schedule": "constant", "eta": lr}
+        if exit_on_finish:
+            flags["exit_on_finish"] = True
+        cfg = load_node_config(config, flags)
+    except PeerlearnError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        code = serve(cfg)
+    except OSError as exc:  # e.g. an address in use
+        raise _fail(f"cannot start the daemon: {exc}") from None
+    except PeerlearnError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         app()

@@ -135,3 +135,11 @@ async def test_status_peers_metrics_model_and_stop() -> None:
         await cluster.daemons[0].wait()
         assert cluster.daemons[0].state is DaemonState.STOPPED
         assert all(w.state is WorkerState.STOPPED for w in cluster.daemons[0].workers)
+
+
+async def test_async_tests_run_on_uvloop() -> None:
+    import asyncio
+
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

@@ -245,6 +245,7 @@ class Daemon:
             self._monitor_task.cancel()
         if self._tasks is not None:  # links end once closed, the API once told to exit
             await self._tasks.__aexit__(None, None, None)
+        await self._evaluate()
         self.state = DaemonState.STOPPED
         self._stopped.set()
         log.info("daemon stopped: %s", self.summary())
@@ -270,9 +271,14 @@ class Daemon:
         self.progress.set()
         if self.state is DaemonState.RUNNING and all(w.done.is_set() for w in self.workers):
             self.state = DaemonState.FINISHED
-            log.info("every local worker is done: %s", self.summary())
-            if self.cfg.exit_on_finish:
-                self.request_stop("finished (exit_on_finish)")
+            assert self._tasks is not None
+            self._tasks.create_task(self._finished(), name="finished")
+
+    async def _finished(self) -> None:
+        await self._evaluate()  # the final models' losses, for the summary and /status
+        log.info("every local worker is done: %s", self.summary())
+        if self.cfg.exit_on_finish:
+            self.request_stop("finished (exit_on_finish)")
 
     async def _evaluate(self) -> None:
         problem = self.problem

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from peerlearn.wire import Codec, Message, RemoteProtocolError, Sentinel
 
@@ -53,8 +53,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     # --- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
 
     def get_buffer(self, sizehint: int) -> memoryview:
