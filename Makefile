@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/peerlearn simulate --config configs/demo.toml --out runs/demo
+	$(BIN)/peerlearn demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check peerlearn tests benchmarks

@@ -217,3 +217,37 @@ def test_membership_with_uneven_cluster_sizes() -> None:
         Membership(6, 3, (3, 3, 0))
     even = Membership(7, 3)
     assert even.cluster_of == tuple(p % 3 for p in range(7))  # round-robin by default
+
+
+def test_node_template_states_the_defaults() -> None:
+    from peerlearn.daemon.config import NodeConfig, load_node_config
+
+    documented = load_node_config(ROOT / "configs" / "node.toml")
+    assert documented.model_dump() == NodeConfig().model_dump()
+
+
+def test_local_3_configs_agree_on_the_run() -> None:
+    from peerlearn.daemon.config import load_node_config
+
+    cfgs = [load_node_config(ROOT / "configs" / "local-3" / f"node{i}.toml") for i in range(3)]
+    assert [c.me.cluster for c in cfgs] == [0, 1, 2]
+    assert len({c.fingerprint for c in cfgs}) == 1
+    assert cfgs[0].run.n_quorum == 4  # n = 6, f = ⌊5/2⌋ = 2
+
+
+def test_node_config_precedence_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peerlearn.daemon.config import load_node_config
+
+    path = tmp_path / "n.toml"
+    path.write_text("steps = 5\nworkers = 3\n[lr]\neta = 0.2\n")
+    monkeypatch.setenv("PEERLEARN_STEPS", "7")
+    monkeypatch.setenv("PEERLEARN_LR__ETA", "0.3")
+    cfg = load_node_config(path, {"peers": ["127.0.0.1:7002"]})
+    assert (cfg.steps, cfg.workers, cfg.lr.eta) == (7, 3, 0.3)  # env over file
+    assert load_node_config(path, {"steps": 9}).steps == 9  # flags over env
+    with pytest.raises(ConfigError, match="not host:port"):
+        load_node_config(None, {"peers": ["nonsense"]})
+    with pytest.raises(ConfigError, match=r"quorum N = 9 > n − f"):
+        load_node_config(None, {"quorum": 9})
+    with pytest.raises(ConfigError, match="repeat an address"):
+        load_node_config(None, {"peers": ["127.0.0.1:7001"]})

@@ -105,6 +105,8 @@ class Daemon:
         self._heard: dict[int, tuple[float, Vector]] = {}
         self._losses: dict[int, tuple[int, float]] = {}
         self._agreement_rounds = 0
+        self.staleness_sum = 0  # plain mirrors of the histogram, for the demo's live table
+        self.staleness_count = 0
         self._steps_seen = 0
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         grad = self.problem.grad if self.problem is not None else _no_grad
@@ -302,6 +304,8 @@ class Daemon:
             self.put_counts[outcome] += 1
             if outcome is Put.STORED:
                 self.metrics.staleness.observe(w.step - step)
+                self.staleness_sum += w.step - step
+                self.staleness_count += 1
             elif outcome is not Put.DUPLICATE:
                 self.stats.drop(str(outcome))
 
@@ -318,6 +322,10 @@ class Daemon:
         return self.progress
 
     # --- views for the API --------------------------------------------------------------------
+
+    def loss_of(self, worker: Worker) -> float | None:
+        entry = self._losses.get(worker.pid)
+        return entry[1] if entry is not None else None
 
     def _worker_samples(self) -> Iterator[tuple[Worker, float | None]]:
         for w in self.workers:
