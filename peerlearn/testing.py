@@ -31,7 +31,7 @@ from peerlearn.daemon.config import load_node_config
 from peerlearn.daemon.node import Daemon, DaemonState
 from peerlearn.runtime.worker import Worker
 
-__all__ = ["LocalCluster", "local_cluster", "peerlearn_cluster"]
+__all__ = ["LocalCluster", "local_cluster", "peerlearn_cluster", "poll_status"]
 
 
 @dataclass
@@ -78,6 +78,30 @@ class LocalCluster:
         await self.wait_for(
             lambda: all(d.state is not DaemonState.RUNNING for d in self.daemons), timeout
         )
+
+
+async def poll_status(
+    url: str,
+    condition: Callable[[dict[str, Any]], bool],
+    timeout: float = 60.0,
+    interval: float = 0.1,
+) -> dict[str, Any]:
+    """For daemons in *other* processes (no events to wait on across a process boundary):
+    GET ``url``/status until ``condition(status)`` holds; returns that status. Connection
+    errors while the daemon starts count as "not yet"; TimeoutError after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: dict[str, Any] | None = None
+    async with httpx.AsyncClient(base_url=url, timeout=5.0) as client:
+        while True:
+            try:
+                last = (await client.get("/status")).json()
+                if condition(last):
+                    return last
+            except httpx.TransportError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{url}/status never met the condition; last: {last}")
+            await asyncio.sleep(interval)
 
 
 def _bound_socket() -> socket.socket:

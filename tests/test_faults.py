@@ -1,0 +1,142 @@
+"""Faults on real sockets: hostile bytes on the peer port, links cut mid-run, a worker that
+raises. (Heavier fault combinations run in the simulator.)"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import numpy as np
+
+from peerlearn.daemon.node import DaemonState
+from peerlearn.runtime.worker import Worker, WorkerState
+from peerlearn.testing import LocalCluster, local_cluster
+from peerlearn.wire import PROTOCOL_VERSION, Codec, Data, Hello, Refuse
+
+QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
+
+
+async def _exchange(port: int, payload: bytes) -> bytes:
+    """Send raw bytes to a daemon's peer port and read until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    writer.write_eof()  # nothing more comes: a partial frame is now a truncated one
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)  # EOF: the daemon closed it
+    writer.close()
+    return data
+
+
+def _hello(cluster: LocalCluster, **over: Any) -> Hello:
+    d = cluster.daemons[1]
+    fields: dict[str, Any] = {
+        "version": PROTOCOL_VERSION,
+        "cluster": 1,
+        "workers": d.pids,
+        "dim": d.dim,
+        "dtype": "float64",
+        "fingerprint": d.cfg.fingerprint,
+        "name": "intruder",
+    }
+    return Hello(**{**fields, **over})
+
+
+def _frames(*msgs: Any) -> bytes:
+    codec = Codec()
+    return b"".join(bytes(chunk) for m in msgs for chunk in codec.send(m))
+
+
+async def test_bad_input_closes_that_connection_counts_it_and_training_goes_on() -> None:
+    async with local_cluster(3, workers=1, algorithm="alg1", steps=None, problem=QUAD) as cluster:
+        target = cluster.daemons[0]
+        port = target.peer_port
+        assert port is not None
+        await cluster.wait_for(lambda: cluster.min_step() > 5)
+
+        await _exchange(port, np.random.default_rng(0).bytes(4096))  # random bytes
+        prefix = struct.pack("!2sBBIQ", b"PL", PROTOCOL_VERSION, 0, 16, 1 << 40)
+        await _exchange(port, prefix)  # oversized payload length
+        huge_header = struct.pack("!2sBBIQ", b"PL", PROTOCOL_VERSION, 0, 1 << 30, 0)
+        await _exchange(port, huge_header)  # oversized header length
+        await _exchange(port, _frames(_hello(cluster))[:-3])  # a truncated frame
+        answer = await _exchange(port, _frames(_hello(cluster, fingerprint="0" * 32)))
+        codec = Codec()
+        codec.receive_data(answer)
+        refusal = codec.next_event()
+        assert isinstance(refusal, Refuse) and "fingerprint" in refusal.reason
+        answer = await _exchange(port, _frames(_hello(cluster, workers=(7,))))
+        codec = Codec()
+        codec.receive_data(answer)
+        refusal = codec.next_event()
+        assert isinstance(refusal, Refuse) and "hosts processes" in refusal.reason
+
+        errors = target.stats.protocol_errors
+        for reason in (
+            "bad_magic",
+            "payload_too_large",
+            "header_too_large",
+            "truncated",
+            "fingerprint_mismatch",
+            "membership_mismatch",
+        ):
+            assert errors[reason] >= 1, (reason, dict(errors))
+        metrics = (await cluster.client(0).get("/metrics")).text
+        assert 'peerlearn_protocol_errors_total{reason="bad_magic"} 1.0' in metrics
+        before = cluster.min_step()
+        await cluster.wait_for(lambda: cluster.min_step() > before + 10)
+        assert target.state is DaemonState.RUNNING
+
+
+async def test_links_cut_and_restored_lose_no_message() -> None:
+    """Alg 1 with N = n needs every message of every iteration: a single lost frame would block
+    it for good. Cut every connection twice mid-run; the run still finishes."""
+    async with local_cluster(
+        3, workers=2, algorithm="alg1", steps=150, quorum=6, max_failures=0, problem=QUAD
+    ) as cluster:
+        for cut_at in (30, 80):
+            await cluster.wait_for(lambda at=cut_at: cluster.min_step() > at)  # type: ignore[misc]
+            for d in cluster.daemons:
+                assert d.transport is not None
+                for link in d.transport.links:
+                    if link._proto is not None and link._proto.transport is not None:
+                        link._proto.transport.abort()
+        await cluster.wait_until_finished()
+        assert all(w.state is WorkerState.FINISHED for d in cluster.daemons for w in d.workers)
+        assert sum(d.stats.reconnects for d in cluster.daemons) >= 6
+        xs = [w.x for d in cluster.daemons for w in d.workers]
+        assert all(x is not None for x in xs)
+
+
+class Explodes(Worker):
+    """Fault: the worker's gradient oracle raises at iteration 10."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        grad = self._grad
+
+        def failing(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            if self.step == 10 and self.pid == 0:
+                raise RuntimeError("injected")
+            return grad(x, rng)
+
+        self._grad = failing
+
+
+async def test_a_crashed_worker_leaves_the_daemon_serving_and_relaying() -> None:
+    async with local_cluster(
+        3,
+        workers=2,
+        algorithm="alg1",
+        steps=60,
+        problem=QUAD,
+        worker_factory=lambda i: Explodes if i == 0 else Worker,
+    ) as cluster:
+        await cluster.wait_until_finished()
+        crashed = cluster.daemons[0].workers[0]
+        assert crashed.state is WorkerState.CRASHED and crashed.error == "RuntimeError: injected"
+        others = [w for d in cluster.daemons for w in d.workers if w is not crashed]
+        assert all(w.state is WorkerState.FINISHED for w in others)
+        status = (await cluster.client(0).get("/status")).json()
+        assert status["workers"][0]["state"] == "crashed"
+        assert status["workers"][1]["state"] == "finished"
