@@ -12,7 +12,7 @@ import numpy as np
 from peerlearn.daemon.node import DaemonState
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import LocalCluster, local_cluster
-from peerlearn.wire import PROTOCOL_VERSION, Codec, Data, Hello, Refuse
+from peerlearn.wire import PROTOCOL_VERSION, Codec, Hello, Refuse
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
 
