@@ -72,6 +72,8 @@ class _Router:
 
     def deliver(self, data: Data) -> None:
         self._d._fan_out(data.tag, Msg(data.sender, data.value), data.step)
+        if data.step > self._d.fastest_heard:
+            self._d.fastest_heard = data.step
         if data.tag and data.tag[0] in _MODEL_KINDS:
             self._d._heard[data.sender] = (time.monotonic(), data.value)
 
@@ -105,6 +107,7 @@ class Daemon:
         self._heard: dict[int, tuple[float, Vector]] = {}
         self._losses: dict[int, tuple[int, float]] = {}
         self._agreement_rounds = 0
+        self.fastest_heard = 0  # highest step any remote message was computed at
         self.staleness_sum = 0  # plain mirrors of the histogram, for the demo's live table
         self.staleness_count = 0
         self._steps_seen = 0
@@ -333,7 +336,7 @@ class Daemon:
             yield w, entry[1] if entry is not None else None
 
     def _snapshot(self) -> Snapshot:
-        fastest = max([w.step for w in self.workers] + [0])
+        fastest = max([w.step for w in self.workers] + [self.fastest_heard])
         local = [w.x for w in self.workers if w.x is not None]
         now = time.monotonic()
         heard = dict(self._heard)
