@@ -143,3 +143,10 @@ async def test_async_tests_run_on_uvloop() -> None:
     import uvloop
 
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_the_pytest_plugin_fixture(peerlearn_cluster: Any) -> None:
+    """The fixture comes from the installed `pytest11` entry point, not from a conftest."""
+    async with peerlearn_cluster(2, workers=1, algorithm="alg1", steps=10, problem=QUAD) as c:
+        await c.wait_until_finished()
+        assert c.min_step() == 11 and len(c.urls) == 2

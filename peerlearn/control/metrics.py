@@ -40,6 +40,7 @@ class Snapshot:
     dropped: dict[str, int]
     protocol_errors: dict[str, int]
     peers_connected: int
+    peers_away: int
     peers_total: int
     agreement_rounds: int
 
@@ -130,6 +131,11 @@ class _Collector(Collector):
             "peerlearn_peers_connected",
             "Outbound links in state connected.",
             value=s.peers_connected,
+        )
+        yield GaugeMetricFamily(
+            "peerlearn_peers_away",
+            "Remote daemons unreachable for longer than peer_timeout.",
+            value=s.peers_away,
         )
         yield GaugeMetricFamily(
             "peerlearn_peers", "Remote daemons in the static membership.", value=s.peers_total

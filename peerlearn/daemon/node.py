@@ -31,7 +31,7 @@ from peerlearn.control.metrics import DaemonMetrics, Snapshot, WorkerSample
 from peerlearn.daemon.config import NodeConfig, parse_address
 from peerlearn.effects import Msg, Report, Tag, Vector
 from peerlearn.runs import build_problem, grad_stream, make_programs
-from peerlearn.runtime.mailbox import Mailbox, Put
+from peerlearn.runtime.mailbox import Mailbox, Put, Waiting
 from peerlearn.runtime.store import RegisterStore
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.sim.runner import consensus_distance
@@ -354,6 +354,9 @@ class Daemon:
             dropped=dict(self.stats.dropped),
             protocol_errors=dict(self.stats.protocol_errors),
             peers_connected=self.transport.connected() if self.transport else 0,
+            peers_away=sum(1 for link in self.transport.links if link.away)
+            if self.transport
+            else 0,
             peers_total=len(self.cfg.all_daemons) - 1,
             agreement_rounds=self._agreement_rounds,
         )
@@ -378,7 +381,7 @@ class Daemon:
                     "unit": waiting.unit,
                     "seconds": round(waited, 3),
                 }
-                if waited > self.cfg.stall_timeout:
+                if waited > self.cfg.stall_timeout and not self._reachable(waiting):
                     entry["state"] = "blocked"
             workers.append(entry)
         return {
@@ -394,6 +397,15 @@ class Daemon:
             "workers": workers,
             "peers": self.peers(),
         }
+
+    def _reachable(self, waiting: Waiting) -> bool:
+        """Could the quorum still be met by this daemon and the daemons connected now?"""
+        live = {self.me.cluster}
+        if self.transport is not None:
+            live |= {link.cluster for link in self.transport.links if link.state == "connected"}
+        if waiting.unit == "clusters":
+            return len(live) >= waiting.need
+        return sum(len(self.membership.members[c]) for c in live) >= waiting.need
 
     def peers(self) -> list[dict[str, Any]]:
         if self.transport is None:
