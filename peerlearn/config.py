@@ -35,7 +35,9 @@ __all__ = [
     "ProblemConfig",
     "RunConfig",
     "SimConfig",
+    "explain",
     "load_config",
+    "read_toml",
 ]
 
 ALGORITHMS = ("alg1", "alg2", "maa")
@@ -254,7 +256,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _explain(exc: ValidationError) -> str:
+def explain(exc: ValidationError) -> str:
+    """One line naming each invalid field and why (for a ConfigError)."""
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "config"
@@ -263,18 +266,22 @@ def _explain(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def read_toml(path: Path | None) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict ({} for None); ConfigError if missing or invalid."""
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read ``path`` (TOML), apply nested ``overrides`` (CLI flags win) and validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    data = _merge(data, overrides or {})
+    data = _merge(read_toml(path), overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise ConfigError(explain(exc)) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from peerlearn.config import LRConfig, MAAConfig, ProblemConfig, RunConfig
+from peerlearn.config import LRConfig, MAAConfig, ProblemConfig, RunConfig, explain, read_toml
 from peerlearn.errors import ConfigError
 from peerlearn.membership import Membership
 
@@ -201,26 +200,10 @@ class _FileSource(PydanticBaseSettingsSource):
 
 def load_node_config(path: Path | None = None, flags: dict[str, Any] | None = None) -> NodeConfig:
     """File < ``PEERLEARN_*`` env < flags; every problem is one ConfigError naming the field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    token = _FILE.set(data)
+    token = _FILE.set(read_toml(path))
     try:
         return NodeConfig(**(flags or {})).validate_all()
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise ConfigError(explain(exc)) from None
     finally:
         _FILE.reset(token)
-
-
-def _explain(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
