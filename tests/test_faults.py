@@ -4,6 +4,7 @@ raises. (Heavier fault combinations run in the simulator.)"""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from typing import Any
 
@@ -140,3 +141,28 @@ async def test_a_crashed_worker_leaves_the_daemon_serving_and_relaying() -> None
         status = (await cluster.client(0).get("/status")).json()
         assert status["workers"][0]["state"] == "crashed"
         assert status["workers"][1]["state"] == "finished"
+
+
+async def test_a_finished_daemon_leaving_still_delivers_to_a_late_peer() -> None:
+    """Daemons 0 and 1 (4 of 6 processes, N = 4) can finish without daemon 2. Stopping them
+    drains what they queued for daemon 2, which starts only then — and still finishes."""
+    async with local_cluster(
+        3, workers=2, algorithm="alg1", steps=30, problem=QUAD, start=False
+    ) as cluster:
+        early, late = cluster.daemons[:2], cluster.daemons[2]
+        # Daemon 2 is not running yet: nothing listens on its port, connections are refused.
+        sock = late._listen_socket
+        assert sock is not None
+        port = sock.getsockname()[1]
+        sock.close()
+        for d in early:
+            await d.start()
+        await cluster.wait_for(lambda: all(d.state is DaemonState.FINISHED for d in early))
+        stopping = asyncio.gather(*(d.stop() for d in early))
+        await asyncio.sleep(0)  # let the stops begin while daemon 2 is still away
+        late._listen_socket = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        late._listen_socket.setblocking(False)
+        await late.start()
+        await stopping
+        await cluster.wait_for(lambda: late.state is DaemonState.FINISHED)
+        assert [w.step for w in late.workers] == [31, 31]

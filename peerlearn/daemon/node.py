@@ -170,6 +170,7 @@ class Daemon:
             max_queue=self.cfg.queue_size,
             queue_timeout=self.cfg.queue_timeout,
             peer_timeout=self.cfg.peer_timeout,
+            drain_timeout=self.cfg.drain_timeout,
             max_payload=max(self.dim * 8, 1024),
         )
         self.transport = Transport(

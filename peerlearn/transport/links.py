@@ -295,9 +295,14 @@ class OutLink:
     # --- shutdown -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Drain: give queued and unacked frames ``drain_timeout`` to be acked, then close."""
-        if self.state is LinkState.CONNECTED:
-            self.state = LinkState.DRAINING
+        """Drain: give queued and unacked frames ``drain_timeout`` to be acked, then close.
+
+        Also when the peer is not connected right now: it may be starting late or reconnecting,
+        and what we queued for it may be exactly what it needs to finish (a daemon that
+        finished first must not take its last iterations' messages with it)."""
+        if self.outstanding:
+            if self.state is LinkState.CONNECTED:
+                self.state = LinkState.DRAINING
             deadline = time.monotonic() + self._settings.drain_timeout
             while self.outstanding and (left := deadline - time.monotonic()) > 0:
                 self._acked.clear()

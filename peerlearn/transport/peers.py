@@ -143,21 +143,20 @@ class Transport:
         match msg:
             case Data() as data:
                 peer = state.cluster
-                label = self._label(peer)
-                self.stats.count("in", str(data.tag[0]), label, data.value.nbytes + 64)
                 last = self._delivered.get(peer, 0)
+                if not state.ack_pending:  # acked once per read batch, duplicates included:
+                    state.ack_pending = True  # a resent frame must be acked or it stays queued
+                    self._loop.call_soon(self._ack, proto, state)
                 if data.seq <= last:
                     self.stats.drop("duplicate")
                     return
                 if data.seq != last + 1:
                     self.stats.error("sequence_gap")
-                    log.error("%s: frame %d after %d from %s", self, data.seq, last, label)
+                    log.error("%s: frame %d after %d from %s", self, data.seq, last, peer)
                     proto.close()
                     return
                 self._delivered[peer] = data.seq
-                if not state.ack_pending:
-                    state.ack_pending = True
-                    self._loop.call_soon(self._ack, proto, state)
+                self.stats.count("in", str(data.tag[0]), self._label(peer), proto.codec.last_size)
                 self._deliver(data)
             case Ping(nonce=nonce):
                 proto.send(Pong(nonce=nonce))

@@ -20,8 +20,20 @@ from peerlearn.effects import Vector
 
 __all__ = ["BufferPool"]
 
-# getrefcount's own argument + the loop variable + the pool's list slot.
-_ONLY_THE_POOL = 3
+
+def _only_the_pool() -> int:
+    """The reference count of an array held by nothing but a pool list, read in the same code
+    shape as the check in ``BufferPool.__call__`` (list slot + loop variable + getrefcount's
+    argument: 3 on CPython 3.11). Measured, not assumed: interpreters that elide references
+    (3.14, free-threaded builds) report fewer, and a hard-coded 3 would then hand out an array
+    still in use."""
+    arrays = [np.empty(1)]
+    for arr in arrays:
+        return sys.getrefcount(arr)
+    raise AssertionError("unreachable")
+
+
+_ONLY_THE_POOL = _only_the_pool()
 
 
 class BufferPool:

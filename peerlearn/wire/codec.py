@@ -168,7 +168,10 @@ class Codec:
         self._sink: memoryview | None = None  # through this byte view of it
         self._filled = 0
         self._lent = 0  # size of the region the last get_buffer handed out
-        self._events: deque[Message] = deque()
+        self._events: deque[tuple[Message, int]] = deque()  # with each frame's size on the wire
+        self._frame_size = 0  # prefix + header + payload of the frame being parsed
+        #: size on the wire of the message ``next_event`` returned last (for byte counters)
+        self.last_size = 0
         self._error: RemoteProtocolError | None = None
         self._eof = False
 
@@ -315,7 +318,8 @@ class Codec:
                 raised again on every later call.
         """
         if self._events:
-            return self._events.popleft()
+            msg, self.last_size = self._events.popleft()
+            return msg
         if self._error is not None:
             raise self._error.with_traceback(None)
         return CLOSED if self._eof else NEED_DATA
@@ -370,7 +374,7 @@ class Codec:
                 if self._sink is not None:
                     return  # the rest of the payload goes straight into the array
             else:
-                self._events.append(decoded)
+                self._events.append((decoded, self._frame_size))
 
     def _parse_prefix(self) -> None:
         _, version, flags, header_len, payload_len = PREFIX.unpack_from(self._view, self._start)
@@ -393,6 +397,7 @@ class Codec:
         self._start += PREFIX.size
         self._header_len = header_len
         self._payload_len = payload_len
+        self._frame_size = PREFIX.size + header_len + payload_len
 
     def _start_data(self, head: DataHead) -> None:
         """Allocate a validated Data's array; move in the payload bytes already buffered."""
@@ -430,7 +435,9 @@ class Codec:
         self._head = self._array = self._sink = None
         self._filled = 0
         array.flags.writeable = False
-        self._events.append(Data(head.seq, head.tag, head.sender, head.step, array))
+        self._events.append(
+            (Data(head.seq, head.tag, head.sender, head.step, array), self._frame_size)
+        )
 
 
 def check_hello(
