@@ -166,3 +166,30 @@ async def test_a_finished_daemon_leaving_still_delivers_to_a_late_peer() -> None
         await stopping
         await cluster.wait_for(lambda: late.state is DaemonState.FINISHED)
         assert [w.step for w in late.workers] == [31, 31]
+
+
+async def test_stop_does_not_wait_for_a_full_link_to_a_dead_peer() -> None:
+    """Daemon 1 never runs; daemon 0's workers (N = 2, local) fill the 2-frame link to it and
+    block in it for up to queue_timeout = 300 s. Stopping must not wait for that."""
+    async with local_cluster(
+        2,
+        workers=2,
+        algorithm="alg1",
+        steps=None,
+        problem=QUAD,
+        quorum=2,
+        max_failures=2,
+        queue_size=2,
+        queue_timeout=300.0,
+        drain_timeout=0.5,
+        start=False,
+    ) as cluster:
+        d = cluster.daemons[0]
+        await d.start()
+        assert d.transport is not None
+        link = d.transport.links[0]
+        await cluster.wait_for(lambda: d.stats.queue_waits > 0)
+        assert link.outstanding == 2
+        await asyncio.wait_for(d.stop(), 30)  # far below queue_timeout
+        assert all(w.state is WorkerState.STOPPED for w in d.workers)
+        assert d.stats.dropped["queue_full"] >= 1

@@ -103,8 +103,13 @@ async def test_sigkill_one_daemon_of_four(algorithm: str) -> None:
                 urls[0], lambda s: all(w["state"] == "blocked" for w in s["workers"])
             )
             for w in status["workers"]:
-                assert w["waiting"]["unit"] == "clusters"
-                assert (w["waiting"]["have"], w["waiting"]["need"]) == (2, 3)
+                # Blocked in agreement (2 of 3 clusters) or already in the gradient exchange
+                # (N = n − f = 5 processes, only 4 alive): both are what the model predicts.
+                waiting = w["waiting"]
+                if waiting["unit"] == "clusters":
+                    assert (waiting["have"], waiting["need"]) == (2, 3)
+                else:
+                    assert waiting["need"] == 5 and waiting["have"] <= 4
         peers = (await poll_status(urls[0], lambda s: True))["peers"]
         assert [p["state"] for p in peers][2] != "connected"  # cluster 3 is gone
         assert procs[0].poll() is None  # the survivors keep running

@@ -242,6 +242,8 @@ class Daemon:
         self._stop_requested.set()
         for w in self.workers:
             w.stop()
+        if self.transport is not None:
+            self.transport.release_producers()
         await asyncio.to_thread(lambda: [w.join(30.0) for w in self.workers])
         if self.transport is not None:
             await self.transport.close()

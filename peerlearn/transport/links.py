@@ -29,9 +29,10 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -53,6 +54,8 @@ from peerlearn.wire import (
 )
 
 __all__ = ["LinkSettings", "LinkState", "OutLink"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ class OutLink:
         self._stats = stats
         self._loop = loop
         self._room = threading.Semaphore(settings.max_queue)
+        self._releasing = False
         self._queue: deque[Data] = deque()
         self._unacked: deque[Data] = deque()
         self._seq = 0
@@ -141,7 +145,7 @@ class OutLink:
             return False
         if not self._room.acquire(blocking=False):
             self._stats.queue_waits += 1
-            if not self._room.acquire(timeout=self._settings.queue_timeout):
+            if self._releasing or not self._room.acquire(timeout=self._settings.queue_timeout):
                 self._stats.drop("queue_full")
                 log.warning(
                     "%s: queue full for %.1fs, frame %s dropped",
@@ -150,8 +154,19 @@ class OutLink:
                     tag,
                 )
                 return False
+            if self._releasing:  # woken by release_producers: the daemon is shutting down
+                self._stats.drop("queue_full")
+                return False
         self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value)
         return True
+
+    def release_producers(self) -> None:
+        """Shutdown: wake producers waiting for room (a dead peer would otherwise hold a
+        stopping worker for ``queue_timeout``); frames that find the link full from now on are
+        dropped and counted. Frames that fit still go out and are drained."""
+        self._releasing = True
+        for _ in range(self._settings.max_queue):
+            self._room.release()
 
     def _enqueue(self, tag: Tag, sender: int, step: int, value: Vector) -> None:
         self._seq += 1
@@ -181,21 +196,18 @@ class OutLink:
         codec = Codec(max_payload=self._settings.max_payload, allocator=_tiny_only)
         self._welcome = self._loop.create_future()
         try:
-            _, proto = await asyncio.wait_for(
+            _, proto = await self._unless_stopped(
                 self._loop.create_connection(
                     lambda: FrameProtocol(codec, self._on_message, self._on_error, self._on_lost),
                     self.host,
                     self.port,
-                ),
-                self._settings.connect_timeout,
+                )
             )
         except (OSError, TimeoutError):
             return False
         proto.send(self._hello)
         try:
-            answer = await asyncio.wait_for(
-                asyncio.shield(self._welcome), self._settings.connect_timeout
-            )
+            answer = await self._unless_stopped(asyncio.shield(self._welcome))
         except (TimeoutError, ConnectionError):
             proto.close()
             return False
@@ -217,6 +229,24 @@ class OutLink:
         self._queue.extendleft(reversed(self._unacked))
         self._unacked.clear()
         return True
+
+    async def _unless_stopped(self, aw: Awaitable[T]) -> T:
+        """``aw``'s result; TimeoutError after ``connect_timeout``, or as soon as close() has
+        given up draining (a dead peer must not hold a stopping daemon for the timeout)."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {task, stop},
+                timeout=self._settings.connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stop.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise TimeoutError
 
     async def _pump(self) -> None:
         proto = self._proto

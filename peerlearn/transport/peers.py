@@ -124,6 +124,11 @@ class Transport:
         for link in self.links:
             link.offer(tag, sender, step, value)
 
+    def release_producers(self) -> None:
+        """Shutdown: no worker may stay blocked on a full link (see OutLink.release_producers)."""
+        for link in self.links:
+            link.release_producers()
+
     def connected(self) -> int:
         return sum(1 for link in self.links if link.state is LinkState.CONNECTED)
 
