@@ -39,13 +39,19 @@ class LocalCluster:
     """Running daemons, their URLs and HTTP clients."""
 
     daemons: list[Daemon]
-    clients: list[httpx.AsyncClient] = field(default_factory=list)
+    clients: dict[int, httpx.AsyncClient] = field(default_factory=dict)
 
     @property
     def urls(self) -> list[str]:
+        """Control API URLs (of started daemons; ``port None`` for the others)."""
         return [f"http://127.0.0.1:{d.api_port}" for d in self.daemons]
 
     def client(self, i: int) -> httpx.AsyncClient:
+        """An HTTP client for daemon i's control API (the daemon must have started)."""
+        if i not in self.clients:
+            if self.daemons[i].api_port is None:
+                raise RuntimeError(f"daemon {i} has not started: no control API yet")
+            self.clients[i] = httpx.AsyncClient(base_url=self.urls[i])
         return self.clients[i]
 
     def steps(self) -> list[int]:
@@ -148,10 +154,9 @@ async def local_cluster(
         if start:
             for node in nodes:
                 await node.start()
-            cluster.clients = [httpx.AsyncClient(base_url=url) for url in cluster.urls]
         yield cluster
     finally:
-        for c in cluster.clients:
+        for c in cluster.clients.values():
             await c.aclose()
         await asyncio.gather(
             *(node.stop() for node in nodes if node.state is not DaemonState.STARTING)

@@ -13,7 +13,7 @@ import numpy as np
 from peerlearn.daemon.node import DaemonState
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import LocalCluster, local_cluster
-from peerlearn.wire import PROTOCOL_VERSION, Codec, Hello, Refuse
+from peerlearn.wire import PROTOCOL_VERSION, Codec, Data, Hello, Refuse
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
 
@@ -193,3 +193,68 @@ async def test_stop_does_not_wait_for_a_full_link_to_a_dead_peer() -> None:
         await asyncio.wait_for(d.stop(), 30)  # far below queue_timeout
         assert all(w.state is WorkerState.STOPPED for w in d.workers)
         assert d.stats.dropped["queue_full"] >= 1
+
+
+async def test_a_dead_peer_does_not_stall_the_survivors() -> None:
+    """Daemon 1 never comes up. Once daemon 0's window to it is full and it has been away for
+    peer_timeout, frames for it are dropped (counted `peer_away`) instead of holding every
+    worker for queue_timeout per frame."""
+    async with local_cluster(
+        2,
+        workers=2,
+        algorithm="alg1",
+        steps=300,
+        problem=QUAD,
+        quorum=2,
+        max_failures=2,
+        queue_size=4,
+        queue_timeout=300.0,
+        peer_timeout=0.3,
+        drain_timeout=0.2,
+        start=False,
+    ) as cluster:
+        d = cluster.daemons[0]
+        sock = cluster.daemons[1]._listen_socket
+        assert sock is not None
+        sock.close()  # nothing listens: connections are refused
+        await d.start()
+        await cluster.wait_for(lambda: d.state is DaemonState.FINISHED, timeout=60)
+        assert d.stats.dropped["peer_away"] > 0
+        peers = (await cluster.client(0).get("/peers")).json()
+        assert peers[0]["away"] is True
+        assert "peerlearn_peers_away 1.0" in (await cluster.client(0).get("/metrics")).text
+
+
+async def test_bad_data_after_the_handshake_closes_the_link() -> None:
+    """A peer that passed the handshake but sends a frame no process of its cluster could send
+    (foreign sender id, wrong shape) gets its connection closed; the error is counted."""
+    async with local_cluster(3, workers=1, algorithm="alg1", steps=None, problem=QUAD) as cluster:
+        target = cluster.daemons[0]
+        assert target.peer_port is not None
+        await cluster.wait_for(lambda: cluster.min_step() > 3)
+        hello = _hello(cluster)
+        good = np.zeros(target.dim)
+        for bad in (
+            Data(seq=10**9, tag=("params", 5), sender=0, step=5, value=good),  # not cluster 1's
+            Data(seq=10**9, tag=("params", 5), sender=1, step=5, value=np.zeros(3)),  # shape
+        ):
+            await _exchange(target.peer_port, _frames(hello, bad))
+        assert target.stats.protocol_errors["bad_data"] == 2
+        before = cluster.min_step()
+        await cluster.wait_for(lambda: cluster.min_step() > before + 5)
+
+
+async def test_an_exited_worker_stops_buffering() -> None:
+    async with local_cluster(
+        2,
+        workers=2,
+        algorithm="alg1",
+        steps=40,
+        problem=QUAD,
+        worker_factory=lambda i: Explodes if i == 0 else Worker,
+    ) as cluster:
+        await cluster.wait_until_finished()
+        crashed = cluster.daemons[0].workers[0]
+        assert crashed.state is WorkerState.CRASHED
+        assert crashed.mailbox.buffered == 0
+        assert cluster.daemons[0].stats.dropped["receiver_exited"] > 0

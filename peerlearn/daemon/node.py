@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from enum import StrEnum
@@ -107,6 +108,8 @@ class Daemon:
         self._heard: dict[int, tuple[float, Vector]] = {}
         self._losses: dict[int, tuple[int, float]] = {}
         self._agreement_rounds = 0
+        self._rounds = self.run_cfg.agreement_rounds()[0]
+        self._counters = threading.Lock()
         self.fastest_heard = 0  # highest step any remote message was computed at
         self.staleness_sum = 0  # plain mirrors of the histogram, for the demo's live table
         self.staleness_count = 0
@@ -305,19 +308,23 @@ class Daemon:
     # --- hooks from the runtime ---------------------------------------------------------------
 
     def _fan_out(self, tag: Tag, msg: Msg, step: int) -> None:
+        # Called from every local worker thread and the event loop: counters under a lock.
         for w in self.workers:
             outcome = self.mailboxes[w.pid].put(tag, msg)
-            self.put_counts[outcome] += 1
             if outcome is Put.STORED:
                 self.metrics.staleness.observe(w.step - step)
-                self.staleness_sum += w.step - step
-                self.staleness_count += 1
             elif outcome is not Put.DUPLICATE:
                 self.stats.drop(str(outcome))
+            with self._counters:
+                self.put_counts[outcome] += 1
+                if outcome is Put.STORED:
+                    self.staleness_sum += w.step - step
+                    self.staleness_count += 1
 
     def _on_report(self, worker: Worker, rep: Report) -> None:
-        if rep.name == "agreement" and rep.key[2] is None:
-            self._agreement_rounds += 1
+        if rep.name == "agreement" and rep.key[2] is None and rep.key[1] <= self._rounds:
+            with self._counters:  # a cluster round begins (round R + 1 is the output)
+                self._agreement_rounds += 1
         elif rep.name == "model" and self._watched:
             self._loop.call_soon_threadsafe(self.progress.set)
 

@@ -35,6 +35,7 @@ class Put(StrEnum):
     DUPLICATE = "duplicate"  # a second value from one sender for one tag: the first one counts
     LATE = "late"  # the tag is finished for this worker
     OVERFLOW = "overflow"  # too many buffered messages
+    RETIRED = "receiver_exited"  # the worker ended (finished, stopped, crashed): nobody reads
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,14 @@ class Mailbox:
         self._step = 0
         self._done: set[Tag] = set()
         self._closed = False
+        self._retired = False
         self._waiting: tuple[Tag, Quorum, float] | None = None
 
     def put(self, tag: Tag, msg: Msg) -> Put:
         """Buffer ``msg`` under ``tag`` and wake the worker if it waits on that tag."""
         with self._cond:
+            if self._retired:
+                return Put.RETIRED
             t = _iteration(tag)
             if tag in self._done or (t is not None and t < self._step):
                 return Put.LATE
@@ -142,6 +146,15 @@ class Mailbox:
         """Wake a waiting worker with :class:`MailboxClosed`; later puts are still accepted."""
         with self._cond:
             self._closed = True
+            self._cond.notify_all()
+
+    def retire(self) -> None:
+        """The worker is gone for good: free what is buffered (it may pin pooled receive
+        buffers) and refuse everything from now on."""
+        with self._cond:
+            self._retired = self._closed = True
+            self._boxes.clear()
+            self._buffered = 0
             self._cond.notify_all()
 
     @property

@@ -179,6 +179,7 @@ class Worker:
             self._program.close()
         finally:
             self._store.retire(self.pid)
+            self.mailbox.retire()
             self.done.set()
             if self.on_exit is not None:
                 self.on_exit(self)

@@ -106,7 +106,7 @@ class OutLink:
         self.host, self.port = host, port
         self.name = f"{cluster}@{host}:{port}"
         self.state = LinkState.CONNECTING
-        self.away = False
+        self._away_logged = False
         self.connected_since: float | None = None
         self.disconnected_since = time.monotonic()
         self.last_refusal: str | None = None
@@ -124,7 +124,7 @@ class OutLink:
         self._stop = asyncio.Event()  # close() was called
         self._closing = False
         self._proto: FrameProtocol | None = None
-        self._welcome: asyncio.Future[Message] | None = None
+        self._welcome: asyncio.Future[Message | None] | None = None  # None: connection lost
 
     def __repr__(self) -> str:
         queued, unacked = len(self._queue), len(self._unacked)
@@ -143,9 +143,26 @@ class OutLink:
         if self._closing:
             self._stats.drop("link_closed")
             return False
-        if not self._room.acquire(blocking=False):
-            self._stats.queue_waits += 1
-            if self._releasing or not self._room.acquire(timeout=self._settings.queue_timeout):
+        if not self._room.acquire(blocking=False) and not self._wait_for_room(tag):
+            return False
+        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value)
+        return True
+
+    def _wait_for_room(self, tag: Tag) -> bool:
+        """Bounded wait for a slot in the window; False (and counted) if the frame is dropped.
+
+        The wait is sliced so that a peer turning *away* meanwhile releases the producer:
+        crash-stop, a peer gone longer than peer_timeout with a full window is taken for dead,
+        and waiting on it would stall every worker for queue_timeout per frame."""
+        self._stats.queue_waits += 1
+        deadline = time.monotonic() + self._settings.queue_timeout
+        step = max(0.05, min(1.0, self._settings.peer_timeout / 4))
+        while not self._releasing:  # release_producers: the daemon is shutting down
+            if self.away:
+                self._stats.drop("peer_away")
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
                 self._stats.drop("queue_full")
                 log.warning(
                     "%s: queue full for %.1fs, frame %s dropped",
@@ -154,11 +171,12 @@ class OutLink:
                     tag,
                 )
                 return False
-            if self._releasing:  # woken by release_producers: the daemon is shutting down
-                self._stats.drop("queue_full")
-                return False
-        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value)
-        return True
+            if self._room.acquire(timeout=min(step, left)):
+                if self._releasing:
+                    break
+                return True
+        self._stats.drop("queue_full")
+        return False
 
     def release_producers(self) -> None:
         """Shutdown: wake producers waiting for room (a dead peer would otherwise hold a
@@ -169,8 +187,21 @@ class OutLink:
             self._room.release()
 
     def _enqueue(self, tag: Tag, sender: int, step: int, value: Vector) -> None:
+        # Check before numbering: a skipped sequence number would read as a gap at the peer.
+        try:
+            frame = Data(seq=self._seq + 1, tag=tag, sender=sender, step=step, value=value)
+            if value.nbytes > self._settings.max_payload:
+                raise LocalProtocolError(
+                    Reason.PAYLOAD_TOO_LARGE,
+                    f"{value.nbytes} bytes > max_payload {self._settings.max_payload}",
+                )
+        except LocalProtocolError as exc:
+            log.error("%s: cannot send %s: %s", self.name, tag, exc)
+            self._stats.drop("unsendable")
+            self._room.release()
+            return
         self._seq += 1
-        self._queue.append(Data(seq=self._seq, tag=tag, sender=sender, step=step, value=value))
+        self._queue.append(frame)
         self._wakeup.set()
 
     # --- the link's task (owned by the transport's TaskGroup) ---------------------------------
@@ -208,8 +239,10 @@ class OutLink:
         proto.send(self._hello)
         try:
             answer = await self._unless_stopped(asyncio.shield(self._welcome))
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
             proto.close()
+            return False
+        if answer is None:  # the connection was lost during the handshake
             return False
         if isinstance(answer, Refuse):
             if answer.reason != self.last_refusal:
@@ -221,9 +254,9 @@ class OutLink:
         self._proto = proto
         self.state = LinkState.CONNECTED
         self.connected_since = time.monotonic()
-        if self.away:
+        if self._away_logged:
             log.info("%s is back", self.name)
-        self.away = False
+        self._away_logged = False
         self.last_refusal = None
         # Whatever was sent but not acked may be lost: it goes out again, first, in order.
         self._queue.extendleft(reversed(self._unacked))
@@ -281,12 +314,18 @@ class OutLink:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    def _check_away(self) -> None:
-        if (
-            not self.away
+    @property
+    def away(self) -> bool:
+        """Not connected for longer than ``peer_timeout`` (read live, not at the next retry)."""
+        return (
+            self.state is not LinkState.CONNECTED
+            and self.state is not LinkState.DRAINING
             and time.monotonic() - self.disconnected_since > self._settings.peer_timeout
-        ):
-            self.away = True
+        )
+
+    def _check_away(self) -> None:
+        if self.away and not self._away_logged:
+            self._away_logged = True
             log.warning(
                 "%s away for more than %.1fs (%s)",
                 self.name,
@@ -318,7 +357,7 @@ class OutLink:
 
     def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
         if self._welcome is not None and not self._welcome.done():
-            self._welcome.set_exception(ConnectionResetError("connection lost in handshake"))
+            self._welcome.set_result(None)
         if self.state is LinkState.CONNECTED:
             log.info("%s: connection lost (%s)", self.name, exc or "closed")
 

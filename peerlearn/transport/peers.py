@@ -148,6 +148,12 @@ class Transport:
         match msg:
             case Data() as data:
                 peer = state.cluster
+                problem = self._data_problem(peer, data)
+                if problem is not None:  # well-framed but not of this run: close, count
+                    self.stats.error("bad_data")
+                    log.error("%s: closing link from %s: %s", self, self._label(peer), problem)
+                    proto.close()
+                    return
                 last = self._delivered.get(peer, 0)
                 if not state.ack_pending:  # acked once per read batch, duplicates included:
                     state.ack_pending = True  # a resent frame must be acked or it stays queued
@@ -209,6 +215,23 @@ class Transport:
                 f"cluster {hello.cluster} hosts processes {list(m.members[hello.cluster])} here, "
                 f"but says {list(hello.workers)}"
             )
+        return None
+
+    def _data_problem(self, peer: int, data: Data) -> str | None:
+        """Why a Data frame from daemon ``peer`` cannot be a message of this run, or None."""
+        if data.sender not in self.membership.members[peer]:
+            return f"sender {data.sender} is not a process of cluster {peer}"
+        if data.value.shape != (self.hello.dim,) or data.value.dtype.name != self.hello.dtype:
+            return (
+                f"value of shape {data.value.shape} and dtype {data.value.dtype}, "
+                f"expected ({self.hello.dim},) {self.hello.dtype}"
+            )
+        if (
+            len(data.tag) < 2
+            or not isinstance(data.tag[0], str)
+            or not isinstance(data.tag[1], int)
+        ):
+            return f"tag {data.tag!r} is not (kind, iteration, …)"
         return None
 
     def _ack(self, proto: FrameProtocol, state: _Inbound) -> None:
