@@ -258,3 +258,28 @@ async def test_an_exited_worker_stops_buffering() -> None:
         assert crashed.state is WorkerState.CRASHED
         assert crashed.mailbox.buffered == 0
         assert cluster.daemons[0].stats.dropped["receiver_exited"] > 0
+
+
+async def test_graceful_stop_finishes_the_current_iteration() -> None:
+    """With N = n the workers move in lockstep. Stopping every daemon at once, each worker
+    completes the iteration it is in and stops at the next boundary: all end within one
+    iteration of each other (a worker that already began iteration t+1 when the request came
+    cannot complete it once its peers stopped at t+1's start: stop_grace bounds that wait).
+    An abandoned iteration would show as a worker left *inside* t (state stopped while others
+    completed t): there is none."""
+    async with local_cluster(
+        3,
+        workers=2,
+        algorithm="alg1",
+        steps=None,
+        quorum=6,
+        max_failures=0,
+        problem=QUAD,
+        stop_grace=1.0,
+    ) as cluster:
+        await cluster.wait_for(lambda: cluster.min_step() > 30)
+        await asyncio.gather(*(d.stop() for d in cluster.daemons))
+        workers = [w for d in cluster.daemons for w in d.workers]
+        assert all(w.state is WorkerState.STOPPED for w in workers)
+        steps = sorted(w.step for w in workers)
+        assert steps[-1] - steps[0] <= 1, steps

@@ -238,8 +238,51 @@ def test_a_raising_worker_is_a_crashed_process_and_the_others_go_on() -> None:
     assert [w.state for i, w in enumerate(run.workers) if i != 2] == [WorkerState.FINISHED] * 3
 
 
-def test_stop_finishes_the_current_iteration() -> None:
+def test_stop_ends_every_worker() -> None:
     run = ThreadRun(cfg(algorithm="alg1", processes=4, clusters=2, quorum=4, steps=10_000)).start()
     run.stop()
     assert run.wait(TIMEOUT)
     assert run.states() == [WorkerState.STOPPED] * 4
+
+
+def test_request_stop_lets_the_current_iteration_finish() -> None:
+    """request_stop(): a worker waiting for messages still gets them and completes its
+    iteration, then stops at the boundary. stop(): it leaves at once."""
+    from peerlearn.effects import Await
+
+    def program(reached: list[int]) -> Any:
+        yield Report("model", v(0.0), step=1)
+        yield Await(("x", 1), Count(1))
+        reached.append(1)  # the iteration's work after its wait
+        yield Report("model", v(1.0), step=2)
+        reached.append(2)  # never: the stop takes effect at this boundary
+
+    for graceful in (True, False):
+        reached: list[int] = []
+        box = Mailbox((0,), 1)
+        worker = Worker(
+            0,
+            "0.0",
+            program(reached),
+            lambda x, r: x,
+            np.random.default_rng(0),
+            box,
+            RegisterStore([0]),
+            _NoRouter(),
+        )
+        worker.start()
+        while box.waiting() is None:
+            pass  # until the worker is parked in its wait (a state, not a timer)
+        if graceful:
+            worker.request_stop()
+            box.put(("x", 1), Msg(0, v(1.0)))
+        else:
+            worker.stop()
+        assert worker.join(TIMEOUT)
+        assert worker.state is WorkerState.STOPPED
+        assert reached == ([1] if graceful else [])
+
+
+class _NoRouter:
+    def broadcast(self, sender: int, tag: Any, value: np.ndarray, step: int) -> None:
+        raise AssertionError("no broadcast expected")

@@ -86,6 +86,9 @@ class NodeConfig(BaseSettings):
     peer_timeout: float = Field(10.0, gt=0, description="away longer: flagged in /peers")
     queue_size: int = Field(4096, ge=1, description="outstanding frames per peer link")
     queue_timeout: float = Field(30.0, gt=0, description="producer's bounded wait for room")
+    stop_grace: float = Field(
+        5.0, ge=0, description="at shutdown: time for workers to finish their iteration"
+    )
     drain_timeout: float = Field(
         5.0, ge=0, description="at shutdown: time for queued frames to reach their peers"
     )

@@ -243,6 +243,14 @@ class Daemon:
             return
         self.state = DaemonState.STOPPING
         self._stop_requested.set()
+        # (1) Workers finish their current iteration — bounded by stop_grace, since the
+        # messages it waits for may never come (peers stopping or gone) — then stop.
+        for w in self.workers:
+            w.request_stop()
+        grace = time.monotonic() + self.cfg.stop_grace
+        await asyncio.to_thread(
+            lambda: [w.join(max(0.0, grace - time.monotonic())) for w in self.workers]
+        )
         for w in self.workers:
             w.stop()
         if self.transport is not None:

@@ -117,8 +117,12 @@ class Worker:
         self.state = WorkerState.RUNNING
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Stop at the next iteration boundary: the current iteration is finished first."""
+        self._stop.set()
+
     def stop(self) -> None:
-        """Finish the current iteration, then stop (a waiting worker stops at once)."""
+        """Stop now: at the next iteration boundary, or at once if it waits for messages."""
         self._stop.set()
         self.mailbox.close()
 
