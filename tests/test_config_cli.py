@@ -180,7 +180,7 @@ def test_cli_outputs_and_trace(tmp_path: Path) -> None:
     assert {"instance", "round", "inner_round", "process", "cluster", "value"} == set(lines[0])
     rounds = summary["derived"]["agreement_rounds"]
     outputs = [x for x in lines if x["round"] == rounds + 1 and x["inner_round"] is None]
-    assert len(outputs) == 3 * 9 - 0 or outputs  # one output per instance and live process
+    assert len(outputs) == 3 * 9  # one output per instance and process (no crash by t = 3)
     assert any(x["inner_round"] == 15 for x in lines)  # SMMAA outputs: inner round 14 + 1
 
 

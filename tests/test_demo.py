@@ -26,3 +26,10 @@ def test_demo_trains_and_compares_with_sequential_sgd(tmp_path: Path) -> None:
 def test_demo_rejects_nonsense() -> None:
     res = CliRunner().invoke(app, ["demo", "--algorithm", "nope"])
     assert res.exit_code == 2 and "unknown algorithm" in res.output
+
+
+def test_demo_runs_standalone_agreement(tmp_path: Path) -> None:
+    console = Console(record=True, width=120)
+    result = run_demo(DemoSettings(algorithm="maa", duration=2.0, out=tmp_path), console)
+    assert result["instances"] > 0
+    assert "instances completed" in console.export_text()

@@ -174,6 +174,11 @@ def test_maa_rounds_contract_across_real_threads() -> None:
             assert after <= 23 / 24 * before + 1e-12
         first = diam2(list(trace[(instance, 1)].values()))
         assert diam2(list(trace[(instance, rounds + 1)].values())) <= 0.25 * first + 1e-12
+    # Not vacuous (pitfall 12): had every process seen the same values each round, all would
+    # hold one value from round 2 on.
+    assert any(
+        diam2(list(trace[(i, r)].values())) > 0 for i in range(1, 4) for r in range(2, rounds + 1)
+    )
 
 
 class PausedInCollect(Worker):
