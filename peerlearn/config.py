@@ -226,6 +226,16 @@ class RunConfig(_Frozen):
                 out.append(
                     f"Thm 1 needs β/(γ+1) ≤ 1/L = {1 / constants.L:g}; it is {beta / (gamma + 1):g}"
                 )
+        eta1 = self.schedule()(1) if self.lr.schedule != "sqrt_n_over_t" or steps else None
+        constant = self.lr.schedule == "constant"
+        if self.algorithm == "alg1" and constant and constants.L and self.lr.eta > 1 / constants.L:
+            out.append(f"Thm 1 / Lemma 3 need η ≤ 1/L = {1 / constants.L:g}; η = {self.lr.eta:g}")
+        if self.algorithm == "alg2" and eta1 is not None and constants.L:
+            bound = min(1 / (4 * constants.L), 0.5)
+            if eta1 > bound:
+                out.append(
+                    f"Thm 4 / Lemma 21 need η ≤ min{{1/(4L), 1/2}} = {bound:g}; η = {eta1:g}"
+                )
         if self.algorithm == "alg1" and constants.mu is None:
             out.append("Alg 1's guarantee (Thm 1) is for strongly convex problems; μ is unknown")
         if self.algorithm == "alg2" and steps is not None:

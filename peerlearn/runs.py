@@ -74,4 +74,7 @@ def make_programs(cfg: RunConfig, problem: Problem | None, pids: Iterable[int]) 
     if cfg.algorithm == "alg1":
         return [alg1(x1, steps, big_n, eta) for _ in pids]
     tau = None if steps is None else int(stream(cfg.seed, Purpose.TAU).integers(1, steps + 1))
-    return [alg2(x1, steps, big_n, eta, tau, rounds, inner, aggregator) for _ in pids]
+    # Rounds per iteration follow q_t = η_t/4 unless q or the rounds were fixed in the config.
+    per_t = cfg.maa.rounds is None and cfg.maa.q is None and cfg.lr.schedule == "inverse_time"
+    r = None if per_t else rounds
+    return [alg2(x1, steps, big_n, eta, tau, r, inner, aggregator) for _ in pids]

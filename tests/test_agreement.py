@@ -131,3 +131,24 @@ def test_only_a_minority_of_clusters_alive_blocks() -> None:
     for b in res.outcome.blocked:
         assert b.tag == ("maa", 1, 1)
         assert (b.have, b.need, b.unit) == (2, 3, "clusters")
+
+
+def test_alg2_rounds_follow_q_t_for_a_decaying_schedule() -> None:
+    """q_t = η_t/4 (erratum a): with η_t = β/(γ+t) later iterations need more rounds."""
+    from peerlearn.algorithms import Aggregator, maa_rounds
+
+    c = cfg(
+        algorithm="alg2",
+        processes=4,
+        clusters=2,
+        steps=6,
+        trace=True,
+        lr={"schedule": "inverse_time", "beta": 1.0, "gamma": 1.0},
+        maa={"inner_rounds": 1},
+    )
+    res = run_simulation(c)
+    assert res.status is Status.FINISHED
+    rounds_at = {t: max(r for (i, r) in rounds_by(res, inner=False) if i == t) - 1 for t in (1, 6)}
+    eta = c.schedule()
+    assert rounds_at == {t: maa_rounds(eta(t) / 4, Aggregator.MIDEXT)[0] for t in (1, 6)}
+    assert rounds_at[6] > rounds_at[1]

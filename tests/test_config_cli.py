@@ -94,6 +94,10 @@ def test_theory_warnings() -> None:
     assert good.theory_warnings(quad.constants) == []
     alg2 = load_config(overrides={"algorithm": "alg2", "steps": 10})
     assert any("16L²N" in w for w in alg2.theory_warnings(quad.constants))
+    big = load_config(overrides={"algorithm": "alg2", "lr": {"eta": 0.3}})
+    assert any("min{1/(4L), 1/2}" in w for w in big.theory_warnings(quad.constants))
+    fast = load_config(overrides={"lr": {"eta": 0.9}})
+    assert any("η ≤ 1/L" in w for w in fast.theory_warnings(quad.constants))
 
 
 @pytest.mark.parametrize(
@@ -171,7 +175,8 @@ def test_cli_outputs_and_trace(tmp_path: Path) -> None:
     assert summary["schema_version"] == 1
     assert summary["config"]["steps"] == 3 and summary["status"] == "finished"
     proc = summary["processes"][0]
-    assert set(proc) == {"id", "cluster", "crashed", "steps_done", "x", "loss"}
+    assert set(proc) == {"id", "cluster", "crashed", "steps_done", "x", "loss", "output"}
+    assert len(proc["output"]) == 10  # Alg 2's x_τ
     assert len(proc["x"]) == 10 and proc["steps_done"] == 3
     header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert header == "time,process,step,loss,consensus_distance" and rows

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from peerlearn.algorithms.aggregate import Aggregator
+from peerlearn.algorithms.aggregate import Aggregator, maa_rounds
 from peerlearn.algorithms.maa import cluster_maa
 from peerlearn.algorithms.schedules import Schedule
 from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Vector
@@ -52,15 +52,16 @@ def alg2(
     quorum: int,
     eta: Schedule,
     tau: int | None,
-    rounds: int,
+    rounds: int | None,
     inner_rounds: int,
     aggregator: Aggregator = Aggregator.MIDEXT,
 ) -> Generator[Effect, Any, Vector]:
     """Alg 2 (L286–L298): exchange gradients, average all ≥ N, step from own x, then MAA_t.
 
     ``tau`` ∈ [1, T] is the common output iteration (None: output the last model);
-    ``rounds``/``inner_rounds`` are the cluster and shared-memory round counts of each MAA_t
-    (for q_t = η/4, erratum a).
+    ``rounds`` is the number of cluster rounds of each MAA_t — None: derived for every t from
+    q_t = η_t/4 (erratum a), so a decaying schedule gets more rounds as η_t shrinks;
+    ``inner_rounds`` the shared-memory rounds per cluster round.
     """
     x = x1
     x_tau = x1
@@ -72,7 +73,8 @@ def alg2(
         g = yield Grad(x)
         gs = yield Exchange(("grad", t), g, AtLeast(quorum))
         y = x - eta(t) * _mean([m.value for m in gs])
-        x = yield from cluster_maa(y, t, rounds, inner_rounds, aggregator)
+        r_t = rounds if rounds is not None else maa_rounds(min(1.0, eta(t) / 4), aggregator)[0]
+        x = yield from cluster_maa(y, t, r_t, inner_rounds, aggregator)
     yield Report("model", x, step=t + 1)
     return x_tau if tau is not None else x
 

@@ -72,6 +72,10 @@ def summary(result: SimResult) -> dict[str, Any]:
                 "steps_done": p.steps_done,
                 "x": None if p.x is None else [float(v) for v in p.x],
                 "loss": _num(p.loss),
+                # Alg 2's output is x_τ (τ common, uniform in [1, T]); Alg 1's is x_{T+1}
+                "output": [float(v) for v in p.output]
+                if isinstance(p.output, np.ndarray)
+                else None,
             }
             for p in result.processes
         ],
