@@ -14,6 +14,11 @@ effect                        result sent back into the program
 ``Broadcast(tag, value)``     ``None``; ``value`` goes to every process, the sender included
 ``Await(tag, quorum)``        a tuple of :class:`Msg` with this tag, once ``quorum`` holds
 ``Exchange(tag, value, q)``   ``Broadcast`` then ``Await``: the tuple of :class:`Msg`
+``Send(to, tag, value)``      ``None``; like ``Broadcast``, to the processes ``to`` only
+``Post(to, tag, value)``      ``None``; ``value`` goes to the *inbox* of the processes ``to``
+``Receive(block)``            a tuple of :class:`Letter`: everything in the caller's inbox, in
+                              arrival order (empty if ``block`` is false and nothing came;
+                              with ``block`` the caller waits for at least one)
 ``Write(key, value)``         ``None``; the caller's own single-writer register at ``key``
 ``Collect(key)``              a tuple of :class:`Msg`: the non-⊥ registers at ``key`` of the
                               caller's cluster, read one by one (no snapshot)
@@ -24,6 +29,15 @@ Tags name an instance: ``("params", t)`` for an SGD iteration, ``("maa", t, r)``
 cluster agreement, ``("sm", t, r, k)`` for a shared-memory round. A runtime buffers messages for
 tags nobody awaits yet and drops (and counts) messages for a tag whose ``Await`` completed: one
 value per sender and tag is kept, the first.
+
+Two kinds of delivery
+---------------------
+``Broadcast``/``Send`` fill per-tag boxes that ``Await`` drains with a quorum: the instance-based
+exchanges of the Attiya–Schiller algorithms, synchronous EASGD and the synchronous MixML
+protocols. ``Post`` fills a FIFO *inbox* that ``Receive`` drains whole: streams of requests and
+gradients with no common iteration — DASGD's gradients, an elastic center serving its workers,
+pairwise gossip. Inbox messages are never late and never deduplicated by the runtime: the
+transport delivers each exactly once, and programs that relay (DASGD) deduplicate themselves.
 
 Quorums
 -------
@@ -54,11 +68,15 @@ __all__ = [
     "Effect",
     "Exchange",
     "Grad",
+    "Letter",
     "MajorityOfClusters",
     "Msg",
+    "Post",
     "Program",
     "Quorum",
+    "Receive",
     "Report",
+    "Send",
     "Tag",
     "Vector",
     "Write",
@@ -74,6 +92,14 @@ Tag: TypeAlias = tuple[Any, ...]
 class Msg(NamedTuple):
     """One received message or register value: who sent (wrote) it, and what."""
 
+    sender: int
+    value: Vector
+
+
+class Letter(NamedTuple):
+    """One inbox message: its tag, who sent it, and what."""
+
+    tag: Tag
     sender: int
     value: Vector
 
@@ -179,6 +205,34 @@ class Exchange:
 
 
 @dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``value`` under ``tag`` to the processes ``to`` (their per-tag boxes)."""
+
+    to: tuple[int, ...]
+    tag: Tag
+    value: Vector
+    kind: Literal["send"] = "send"
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    """Put ``value`` under ``tag`` into the inbox of each process in ``to``."""
+
+    to: tuple[int, ...]
+    tag: Tag
+    value: Vector
+    kind: Literal["post"] = "post"
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """Take the caller's whole inbox (a tuple of :class:`Letter`); ``block``: wait for one."""
+
+    block: bool = True
+    kind: Literal["receive"] = "receive"
+
+
+@dataclass(frozen=True, slots=True)
 class Write:
     """Write the caller's own register at ``key`` (single writer, many readers, once per key)."""
 
@@ -212,5 +266,7 @@ class Report:
     kind: Literal["report"] = "report"
 
 
-Effect: TypeAlias = Grad | Broadcast | Await | Exchange | Write | Collect | Report
+Effect: TypeAlias = (
+    Grad | Broadcast | Await | Exchange | Send | Post | Receive | Write | Collect | Report
+)
 Program: TypeAlias = Generator[Effect, Any, Any]

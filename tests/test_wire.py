@@ -104,7 +104,17 @@ def frame(
 
 
 def data_header(**over: Any) -> dict[str, Any]:
-    return {"t": "data", "q": 1, "g": ("params", 1), "s": 0, "p": 1, "y": "f8", "h": (2,)} | over
+    return {
+        "t": "data",
+        "q": 1,
+        "g": ("params", 1),
+        "s": 0,
+        "p": 1,
+        "r": (),
+        "b": False,
+        "y": "f8",
+        "h": (2,),
+    } | over
 
 
 class RecordingAllocator:
@@ -175,7 +185,16 @@ messages: st.SearchStrategy[Message] = st.one_of(
     ),
     st.builds(Welcome, cluster=UINT63),
     st.builds(Refuse, reason=st.text(max_size=40)),
-    st.builds(Data, seq=UINT63, tag=tags, sender=UINT63, step=UINT63, value=float_arrays),
+    st.builds(
+        Data,
+        seq=UINT63,
+        tag=tags,
+        sender=UINT63,
+        step=UINT63,
+        value=float_arrays,
+        to=st.lists(UINT63, max_size=4, unique=True).map(tuple),
+        post=st.booleans(),
+    ),
     st.builds(Ack, seq=UINT63),
     st.builds(Ping, nonce=UINT63),
     st.builds(Pong, nonce=UINT63),
@@ -224,7 +243,8 @@ def test_long_streams_through_the_smallest_read_buffer(seed: int) -> None:
             case 2:
                 msgs.append(Ping(i))
             case _:
-                msgs.append(Data(i, (), 1, i, rng.standard_normal((2, 3)).astype(np.float32)))
+                value = rng.standard_normal((2, 3)).astype(np.float32)
+                msgs.append(Data(i, (), 1, i, value, to=(i, 2 * i + 1), post=True))
     stream = encode(*msgs)
     sizes = [int(n) for n in rng.integers(1, 70_000, size=len(stream))]
     codec = Codec(read_buffer_size=PREFIX.size + MAX_HEADER)
@@ -233,7 +253,7 @@ def test_long_streams_through_the_smallest_read_buffer(seed: int) -> None:
 
 def test_exact_events_from_known_bytes() -> None:
     stream = encode(Ping(7), Ack(3), Data(1, ("params", 2), 4, 2, np.array([1.5, -2.0])))
-    ping = b"PL\x01\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
+    ping = b"PL\x02\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
     assert stream.startswith(ping)  # the layout, spelled out once
     codec = Codec()
     codec.receive_data(stream)
@@ -312,7 +332,7 @@ def test_a_broken_allocator_is_a_bug_not_a_protocol_error() -> None:
 def test_header_too_large_before_the_header_arrives() -> None:
     alloc = RecordingAllocator()
     codec = Codec(allocator=alloc)
-    codec.receive_data(PREFIX.pack(MAGIC, 1, 0, MAX_HEADER + 1, 8))
+    codec.receive_data(PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, MAX_HEADER + 1, 8))
     with pytest.raises(RemoteProtocolError) as info:
         codec.next_event()
     assert info.value.reason is Reason.HEADER_TOO_LARGE and alloc.calls == []
@@ -324,7 +344,9 @@ def test_payload_too_large_without_allocating() -> None:
     err = remote_error(stream, Codec(max_payload=100, allocator=alloc))
     assert err.reason is Reason.PAYLOAD_TOO_LARGE and alloc.calls == []
     # the prefix alone suffices, even for an absurd length
-    err = remote_error(PREFIX.pack(MAGIC, 1, 0, 10, 2**64 - 1), Codec(allocator=alloc))
+    err = remote_error(
+        PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, 10, 2**64 - 1), Codec(allocator=alloc)
+    )
     assert err.reason is Reason.PAYLOAD_TOO_LARGE and alloc.calls == []
     with pytest.raises(LocalProtocolError) as info:
         Codec(max_payload=100).send(Data(0, (), 0, 0, np.ones(13)))
@@ -372,7 +394,7 @@ PAY = bytes(16)
     [
         (b"GET / HTTP/1.1\r\n", Reason.BAD_MAGIC),
         (b"GE", Reason.BAD_MAGIC),  # refused after two bytes
-        (frame(GOOD, PAY, version=2), Reason.UNSUPPORTED_VERSION),
+        (frame(GOOD, PAY, version=3), Reason.UNSUPPORTED_VERSION),
         (frame(GOOD, PAY, version=0), Reason.UNSUPPORTED_VERSION),
         (frame(GOOD, PAY, flags=1), Reason.BAD_FLAGS),
         (frame(b"\xc1", PAY), Reason.BAD_HEADER),  # 0xc1: never used in msgpack
@@ -423,8 +445,8 @@ def test_malformed_input_reason(stream: bytes, reason: Reason) -> None:
 
 
 def test_unsupported_version_message() -> None:
-    err = remote_error(frame({"t": "ping", "o": 1}, version=2))
-    assert str(err) == "unsupported protocol version 2 (this side speaks 1)"
+    err = remote_error(frame({"t": "ping", "o": 1}, version=3))
+    assert str(err) == "unsupported protocol version 3 (this side speaks 2)"
 
 
 def test_errors_come_after_the_good_frames_and_stick() -> None:
@@ -534,7 +556,10 @@ def test_random_bytes_raise_only_remote_protocol_errors(junk: bytes, chunk: int)
         (lambda: Data(0, (), 0, 0, [1.0, 2.0]), Reason.BAD_DTYPE),  # type: ignore[arg-type]
         (lambda: Data(0, (), 0, 0, np.ones((1,) * 5)), Reason.BAD_SHAPE),
         (lambda: Data(-1, (), 0, 0, np.ones(1)), Reason.BAD_FIELD),
-        (lambda: Data(0, ("x",) * 17, 0, 0, np.ones(1)), Reason.BAD_FIELD),
+        (lambda: Data(0, ("x",) * 4097, 0, 0, np.ones(1)), Reason.BAD_FIELD),
+        (lambda: Data(0, (), 0, 0, np.ones(1), to=(1, 1)), Reason.BAD_FIELD),
+        (lambda: Data(0, (), 0, 0, np.ones(1), to=(-1,)), Reason.BAD_FIELD),
+        (lambda: Data(0, (), 0, 0, np.ones(1), post=1), Reason.BAD_FIELD),  # type: ignore[arg-type]
         (lambda: Data(0, (1.0,), 0, 0, np.ones(1)), Reason.BAD_FIELD),  # type: ignore[arg-type]
         (lambda: Ack(True), Reason.BAD_FIELD),
         (lambda: Ping(2**63), Reason.BAD_FIELD),
@@ -593,9 +618,9 @@ def test_check_hello_accepts_a_matching_peer() -> None:
     ("change", "reason", "text"),
     [
         (
-            {"version": 2},
+            {"version": 3},
             Reason.UNSUPPORTED_VERSION,
-            "protocol version 2 not supported (this side speaks 1)",
+            "protocol version 3 not supported (this side speaks 2)",
         ),
         ({"dim": 10}, Reason.DIM_MISMATCH, "dim 10 != 12"),
         ({"dtype": "float32"}, Reason.DTYPE_MISMATCH, "dtype float32 != float64"),

@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -30,7 +30,7 @@ import uvicorn
 from peerlearn.control.app import build_app
 from peerlearn.control.metrics import DaemonMetrics, Snapshot, WorkerSample
 from peerlearn.daemon.config import NodeConfig, parse_address
-from peerlearn.effects import Msg, Report, Tag, Vector
+from peerlearn.effects import Letter, Msg, Report, Tag, Vector
 from peerlearn.runs import build_problem, grad_stream, make_programs
 from peerlearn.runtime.mailbox import Mailbox, Put, Waiting
 from peerlearn.runtime.store import RegisterStore
@@ -58,8 +58,9 @@ class DaemonState(StrEnum):
 
 
 class _Router:
-    """Broadcasts of local workers: every local mailbox by reference, each remote daemon once.
-    Frames from remote daemons: every local mailbox."""
+    """Broadcasts of local workers: every local mailbox by reference, each remote daemon once;
+    sends and posts: the listed local mailboxes, and one frame per daemon hosting the others.
+    Frames from remote daemons: every local mailbox, or the ones they list."""
 
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
@@ -71,8 +72,27 @@ class _Router:
         if self.transport is not None:
             self.transport.broadcast(tag, sender, step, value)
 
+    def send(
+        self, sender: int, to: tuple[int, ...], tag: Tag, value: Vector, step: int, post: bool
+    ) -> None:
+        value.flags.writeable = False
+        d = self._d
+        d._deliver_to([p for p in to if p in d.mailboxes], tag, sender, value, step, post)
+        if self.transport is None:
+            return
+        remote: dict[int, list[int]] = {}
+        for p in to:
+            if p not in d.mailboxes:
+                remote.setdefault(d.membership.cluster_of[p], []).append(p)
+        for cluster, pids in remote.items():
+            self.transport.send(cluster, tag, sender, step, value, tuple(pids), post)
+
     def deliver(self, data: Data) -> None:
-        self._d._fan_out(data.tag, Msg(data.sender, data.value), data.step)
+        if data.to or data.post:
+            pids = data.to or self._d.pids
+            self._d._deliver_to(pids, data.tag, data.sender, data.value, data.step, data.post)
+        else:
+            self._d._fan_out(data.tag, Msg(data.sender, data.value), data.step)
         if data.step > self._d.fastest_heard:
             self._d.fastest_heard = data.step
         if data.tag and data.tag[0] in _MODEL_KINDS:
@@ -328,6 +348,19 @@ class Daemon:
                 if outcome is Put.STORED:
                     self.staleness_sum += w.step - step
                     self.staleness_count += 1
+
+    def _deliver_to(
+        self, pids: Iterable[int], tag: Tag, sender: int, value: Vector, step: int, post: bool
+    ) -> None:
+        for pid in pids:
+            box = self.mailboxes[pid]
+            outcome = (
+                box.post(Letter(tag, sender, value)) if post else box.put(tag, Msg(sender, value))
+            )
+            if outcome is not Put.STORED and outcome is not Put.DUPLICATE:
+                self.stats.drop(str(outcome))
+            with self._counters:
+                self.put_counts[outcome] += 1
 
     def _on_report(self, worker: Worker, rep: Report) -> None:
         if rep.name == "agreement" and rep.key[2] is None and rep.key[1] <= self._rounds:

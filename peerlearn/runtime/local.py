@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from peerlearn.config import RunConfig
-from peerlearn.effects import Msg, Report, Tag, Vector
+from peerlearn.effects import Letter, Msg, Report, Tag, Vector
 from peerlearn.membership import Membership
 from peerlearn.runs import build_problem, grad_stream, make_programs
 from peerlearn.runtime.mailbox import Mailbox, Put
@@ -36,6 +36,18 @@ class LocalRouter:
         msg = Msg(sender, value)
         for box in self.mailboxes.values():
             outcome = box.put(tag, msg)
+            with self._lock:
+                self.counts[outcome] += 1
+
+    def send(
+        self, sender: int, to: tuple[int, ...], tag: Tag, value: Vector, step: int, post: bool
+    ) -> None:
+        value.flags.writeable = False
+        for pid in to:
+            box = self.mailboxes[pid]
+            outcome = (
+                box.post(Letter(tag, sender, value)) if post else box.put(tag, Msg(sender, value))
+            )
             with self._lock:
                 self.counts[outcome] += 1
 

@@ -10,6 +10,11 @@ those are *late* and dropped (counted). Tags of the current iteration whose ``ta
 are finished too. Anything else is buffered — also future tags of a faster sender (spec
 pitfall 2) — up to ``max_buffered`` messages; beyond that a message is dropped and counted,
 never silently.
+
+Besides the tag boxes, a mailbox holds an *inbox*: a FIFO of :class:`~peerlearn.effects.Letter`
+filled by ``Post`` and drained whole by ``Receive`` (:meth:`post`, :meth:`receive`). Inbox
+letters are never late nor deduplicated here (the transport delivers each exactly once), and
+they count towards ``max_buffered`` like the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from peerlearn.effects import Msg, Quorum, Tag, quorum_have, quorum_need, quorum_take
+from peerlearn.effects import Letter, Msg, Quorum, Tag, quorum_have, quorum_need, quorum_take
 from peerlearn.errors import PeerlearnError
 
 __all__ = ["Mailbox", "MailboxClosed", "Put", "Waiting"]
@@ -68,6 +73,8 @@ class Mailbox:
         self._closed = False
         self._retired = False
         self._waiting: tuple[Tag, Quorum, float] | None = None
+        self._inbox: list[Letter] = []
+        self._receiving: float | None = None  # since when the worker waits in receive()
 
     def put(self, tag: Tag, msg: Msg) -> Put:
         """Buffer ``msg`` under ``tag`` and wake the worker if it waits on that tag."""
@@ -89,6 +96,36 @@ class Mailbox:
             if self._waiting is not None and self._waiting[0] == tag:
                 self._cond.notify()
             return Put.STORED
+
+    def post(self, letter: Letter) -> Put:
+        """Append ``letter`` to the inbox and wake the worker if it waits in :meth:`receive`."""
+        with self._cond:
+            if self._retired:
+                return Put.RETIRED
+            if self._buffered >= self._max:
+                return Put.OVERFLOW
+            self._inbox.append(letter)
+            self._buffered += 1
+            if self._receiving is not None:
+                self._cond.notify()
+            return Put.STORED
+
+    def receive(self, block: bool) -> tuple[Letter, ...]:
+        """The whole inbox, in arrival order; with ``block``, wait until it holds a letter."""
+        with self._cond:
+            if block and not self._inbox:
+                self._receiving = time.monotonic()
+                try:
+                    while not self._inbox:
+                        if self._closed:
+                            raise MailboxClosed("mailbox closed while waiting in receive")
+                        self._cond.wait()
+                finally:
+                    self._receiving = None
+            got = tuple(self._inbox)
+            self._inbox.clear()
+            self._buffered -= len(got)
+            return got
 
     def take(self, tag: Tag, quorum: Quorum) -> tuple[Msg, ...]:
         """Block until ``quorum`` holds for ``tag``; return the messages and finish the tag."""
@@ -129,6 +166,8 @@ class Mailbox:
     def waiting(self) -> Waiting | None:
         """What the worker waits for now, with how much it has and needs; None if it runs."""
         with self._cond:
+            if self._receiving is not None:
+                return Waiting(("inbox",), 0, 1, "messages", self._receiving)
             if self._waiting is None:
                 return None
             tag, quorum, since = self._waiting
@@ -154,6 +193,7 @@ class Mailbox:
         with self._cond:
             self._retired = self._closed = True
             self._boxes.clear()
+            self._inbox.clear()
             self._buffered = 0
             self._cond.notify_all()
 

@@ -5,7 +5,9 @@ effect             on a worker thread
 =================  ========================================================================
 ``Grad(x)``        the problem's oracle on this thread, with the worker's own RNG stream
 ``Broadcast``      the router: local mailboxes by reference, each remote daemon once
+``Send``/``Post``  the router, to the listed processes only (``Post``: into their inboxes)
 ``Await``          :meth:`Mailbox.take` — a condition wait, no polling
+``Receive``        :meth:`Mailbox.receive` — the whole inbox; a condition wait if ``block``
 ``Write``          :meth:`RegisterStore.write` — one reference store, no lock
 ``Collect``        :meth:`RegisterStore.read` register by register (:meth:`Worker.between_reads`
                    runs between two reads: the fault kit's hook)
@@ -34,8 +36,11 @@ from peerlearn.effects import (
     Exchange,
     Grad,
     Msg,
+    Post,
     Program,
+    Receive,
     Report,
+    Send,
     Tag,
     Vector,
     Write,
@@ -58,9 +63,14 @@ class WorkerState(StrEnum):
 
 
 class Router(Protocol):
-    """Where broadcasts go: every process of the run, the sender included."""
+    """Where messages go: a broadcast to every process of the run, the sender included; a
+    send or post to the listed processes."""
 
     def broadcast(self, sender: int, tag: Tag, value: Vector, step: int) -> None: ...
+
+    def send(
+        self, sender: int, to: tuple[int, ...], tag: Tag, value: Vector, step: int, post: bool
+    ) -> None: ...
 
 
 class _Stop(Exception):
@@ -157,6 +167,12 @@ class Worker:
                         value = self.mailbox.take(tag, quorum)
                     case Broadcast(tag=tag, value=v):
                         self._router.broadcast(self.pid, tag, v, self.step)
+                    case Send(to=to, tag=tag, value=v):
+                        self._router.send(self.pid, to, tag, v, self.step, False)
+                    case Post(to=to, tag=tag, value=v):
+                        self._router.send(self.pid, to, tag, v, self.step, True)
+                    case Receive(block=block):
+                        value = self.mailbox.receive(block)
                     case Write(key=key, value=v):
                         self._store.write(self.pid, key, v)
                     case Collect(key=key):

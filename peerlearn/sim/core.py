@@ -23,8 +23,11 @@ A process runs its program synchronously until it yields an effect that takes vi
                  (spec pitfall 12). A partition holds the messages *sent* across it while it
                  lasts (messages already in flight when it starts are on the wire and
                  arrive) and delivers them when it heals;
+* ``Send``     — a ``Broadcast`` to the listed processes only;
 * ``Await``    — satisfied from the mailbox at once, or the process waits; each DELIVER checks
                  only the awaited tag;
+* ``Post``     — like ``Send``, into the receivers' inboxes; ``Receive`` takes the whole inbox
+                 at once (instantaneous), or waits for the next delivery when ``block`` and empty;
 * ``Collect``  — one READ event per register of the cluster, each after its own read delay, so
                  collects interleave with other processes' writes (no snapshot, Alg 4 line 3);
 * ``Write``, ``Report`` — instantaneous.
@@ -56,11 +59,15 @@ from peerlearn.effects import (
     Count,
     Exchange,
     Grad,
+    Letter,
     MajorityOfClusters,
     Msg,
+    Post,
     Program,
     Quorum,
+    Receive,
     Report,
+    Send,
     Tag,
     Vector,
     Write,
@@ -112,6 +119,8 @@ class Proc:
     #: least this many messages), so a delivery checks the quorum only once it might hold
     need: int = 0
     mailbox: dict[Tag, list[Msg]] = field(default_factory=dict)
+    inbox: list[Letter] = field(default_factory=list)
+    receiving: bool = False  # blocked in Receive
     done: set[Tag] = field(default_factory=set)
     crash_step: int | None = None
     crash_mid_broadcast: bool = False
@@ -139,11 +148,12 @@ class _Run:
     run → ``rest`` → run is a reference cycle: it is broken when the run is spent.
     """
 
-    __slots__ = ("msg", "rest", "tag")
+    __slots__ = ("msg", "post", "rest", "tag")
 
-    def __init__(self, tag: Tag, msg: Msg) -> None:
+    def __init__(self, tag: Tag, msg: Msg, post: bool) -> None:
         self.tag = tag
         self.msg = msg
+        self.post = post
         self.rest: Iterator[tuple[float, int, int, int, _Run]] | None = None
 
 
@@ -202,7 +212,7 @@ class Simulator:
         self._same_cluster = cluster_of[:, None] == cluster_of[None, :]
         self._everyone = np.arange(n)
         self._partitions = list(partitions)
-        self._held: list[tuple[int, Tag, Msg]] = []
+        self._held: list[tuple[int, Tag, Msg, bool]] = []
         self._heap: list[tuple[float, int, int, int, Any]] = []
         self._seq = itertools.count()
         self._registers: dict[Tag, list[Vector | None]] = {}
@@ -258,7 +268,11 @@ class Simulator:
                     self.now = time
                     self.events += 1
                     proc = procs[pid]
-                    if not proc.crashed:
+                    if proc.crashed:
+                        pass
+                    elif payload.post:
+                        self._deliver_post(proc, payload.tag, payload.msg)
+                    else:
                         self._deliver(proc, payload.tag, payload.msg)
                     if progress is not None and self.events % every == 0:
                         progress(self)
@@ -356,6 +370,21 @@ class Simulator:
                     self._broadcast(proc, tag, v)
                     if proc.crashed:
                         return
+                case Send(to=to, tag=tag, value=v):
+                    self._broadcast(proc, tag, v, to)
+                    if proc.crashed:
+                        return
+                case Post(to=to, tag=tag, value=v):
+                    self._broadcast(proc, tag, v, to, post=True)
+                    if proc.crashed:
+                        return
+                case Receive(block=block):
+                    if proc.inbox or not block:
+                        value = tuple(proc.inbox)
+                        proc.inbox.clear()
+                    else:
+                        proc.receiving = True
+                        return
                 case Await(tag=tag, quorum=quorum):
                     value = self._await(proc, tag, quorum)
                     if value is None:
@@ -373,16 +402,29 @@ class Simulator:
             else:
                 self._crash(proc)
 
-    def _broadcast(self, proc: Proc, tag: Tag, value: Vector) -> None:
+    def _broadcast(
+        self,
+        proc: Proc,
+        tag: Tag,
+        value: Vector,
+        to: Sequence[int] | None = None,
+        post: bool = False,
+    ) -> None:
         n = self.membership.processes
         sender = proc.pid
         same = self._same_cluster[sender]
         delays = np.where(same, self._delay_local(n), self._delay_remote(n))
         if self._link is not None:
             delays *= self._link[sender]
-        receivers = self._everyone
+        if to is None:
+            receivers = self._everyone
+        else:
+            receivers = np.asarray(to, dtype=np.intp)
+            if len(receivers) and not (receivers.min() >= 0 and receivers.max() < n):
+                raise ProgramError(f"process {sender} sent {tag} to {list(to)}: no such process")
+            n = len(receivers)
         if proc.armed:  # crash in the middle of this broadcast: only some recipients get it
-            order = self._rng.permutation(n)
+            order = receivers[self._rng.permutation(n)]
             receivers = order[: int(self._rng.integers(1, n))] if n > 1 else order[:0]
         msg = Msg(sender, value)
         parts = self._active_partitions() if self._partitions else []
@@ -391,15 +433,22 @@ class Simulator:
             reached = []
             for r in receivers.tolist():
                 if self._cut(parts, proc.cluster, cluster_of[r]):
-                    self._held.append((r, tag, msg))
+                    self._held.append((r, tag, msg, post))
                 else:
                     reached.append(r)
             receivers = np.array(reached, dtype=np.intp)
-        self._send(tag, msg, self.now + delays[receivers], receivers)
+        self._send(tag, msg, self.now + delays[receivers], receivers, post)
         if proc.armed:
             self._crash(proc)
 
-    def _send(self, tag: Tag, msg: Msg, times: Vector, receivers: npt.NDArray[np.intp]) -> None:
+    def _send(
+        self,
+        tag: Tag,
+        msg: Msg,
+        times: Vector,
+        receivers: npt.NDArray[np.intp],
+        post: bool = False,
+    ) -> None:
         """Deliver ``msg`` to ``receivers[i]`` at ``times[i]``, as one run of deliveries.
 
         Same order as pushing ``(times[i], next(seq), _DELIVER, receivers[i], …)`` for each ``i``
@@ -411,7 +460,7 @@ class Simulator:
         if len(receivers) == 0:
             return
         order = np.argsort(times, kind="stable")
-        run = _Run(tag, msg)
+        run = _Run(tag, msg, post)
         run.rest = zip(
             times[order].tolist(),
             itertools.repeat(next(self._seq)),
@@ -467,6 +516,15 @@ class Simulator:
                     self._on_receive(proc, "await", tag, got)
                 self._advance(proc, got)
 
+    def _deliver_post(self, proc: Proc, tag: Tag, msg: Msg) -> None:
+        self.deliveries += 1
+        proc.inbox.append(Letter(tag, msg.sender, msg.value))
+        if proc.receiving:
+            proc.receiving = False
+            got = tuple(proc.inbox)
+            proc.inbox.clear()
+            self._advance(proc, got)
+
     # --- registers ------------------------------------------------------------------------------
 
     def _write(self, proc: Proc, key: Tag, value: Vector) -> None:
@@ -515,7 +573,9 @@ class Simulator:
             return
         proc.crashed = True
         proc.waiting = None
+        proc.receiving = False
         proc.mailbox.clear()
+        proc.inbox.clear()
         proc.program.close()
         for regs_key, readers in list(self._collected.items()):
             if regs_key[0] == proc.cluster and all(
@@ -539,17 +599,17 @@ class Simulator:
     def _heal(self, part: Partition) -> None:
         self._partitions.remove(part)
         parts = self._active_partitions()
-        keep: list[tuple[int, Tag, Msg]] = []
-        for receiver, tag, msg in self._held:
+        keep: list[tuple[int, Tag, Msg, bool]] = []
+        for receiver, tag, msg, post in self._held:
             src = self.membership.cluster_of[msg.sender]
             if parts and self._cut(parts, src, self.membership.cluster_of[receiver]):
-                keep.append((receiver, tag, msg))
+                keep.append((receiver, tag, msg, post))
                 continue
             same = self._same_cluster[msg.sender, receiver]
             delay = float((self._delay_local if same else self._delay_remote)(1)[0])
             if self._link is not None:
                 delay *= float(self._link[msg.sender, receiver])
-            self._send(tag, msg, np.array([self.now + delay]), np.array([receiver]))
+            self._send(tag, msg, np.array([self.now + delay]), np.array([receiver]), post)
         self._held = keep
 
     # --- liveness -------------------------------------------------------------------------------
@@ -559,6 +619,10 @@ class Simulator:
         cluster_of = self.membership.cluster_of
         for proc in self.procs:
             if proc.crashed or proc.finished:
+                continue
+            if proc.receiving:
+                name = self.membership.name(proc.pid)
+                out.append(BlockedProcess(proc.pid, name, ("inbox",), 0, 1, "messages"))
                 continue
             if proc.waiting is None:
                 raise ProgramError(f"process {proc.pid} is neither done nor waiting at quiescence")

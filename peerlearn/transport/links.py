@@ -136,7 +136,15 @@ class OutLink:
 
     # --- producers (worker threads) -----------------------------------------------------------
 
-    def offer(self, tag: Tag, sender: int, step: int, value: Vector) -> bool:
+    def offer(
+        self,
+        tag: Tag,
+        sender: int,
+        step: int,
+        value: Vector,
+        to: tuple[int, ...] = (),
+        post: bool = False,
+    ) -> bool:
         """Queue one frame for the peer; blocks (bounded) while the link is full.
 
         Called from worker threads. False if the frame was dropped (counted)."""
@@ -145,7 +153,7 @@ class OutLink:
             return False
         if not self._room.acquire(blocking=False) and not self._wait_for_room(tag):
             return False
-        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value)
+        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, to, post)
         return True
 
     def _wait_for_room(self, tag: Tag) -> bool:
@@ -186,10 +194,12 @@ class OutLink:
         for _ in range(self._settings.max_queue):
             self._room.release()
 
-    def _enqueue(self, tag: Tag, sender: int, step: int, value: Vector) -> None:
+    def _enqueue(
+        self, tag: Tag, sender: int, step: int, value: Vector, to: tuple[int, ...], post: bool
+    ) -> None:
         # Check before numbering: a skipped sequence number would read as a gap at the peer.
         try:
-            frame = Data(seq=self._seq + 1, tag=tag, sender=sender, step=step, value=value)
+            frame = Data(self._seq + 1, tag, sender, step, value, to, post)
             if value.nbytes > self._settings.max_payload:
                 raise LocalProtocolError(
                     Reason.PAYLOAD_TOO_LARGE,

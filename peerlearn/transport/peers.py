@@ -83,6 +83,7 @@ class Transport:
             OutLink(p.cluster, p.host, p.port, hello, settings, self.stats, self._loop)
             for p in peers
         ]
+        self._by_cluster = {link.cluster: link for link in self.links}
         self._inbound: dict[FrameProtocol, _Inbound] = {}
         self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered
         self._server: asyncio.Server | None = None
@@ -123,6 +124,22 @@ class Transport:
         """One frame per remote daemon (the receiving daemon fans out to its workers)."""
         for link in self.links:
             link.offer(tag, sender, step, value)
+
+    def send(
+        self,
+        cluster: int,
+        tag: Tag,
+        sender: int,
+        step: int,
+        value: Vector,
+        to: tuple[int, ...],
+        post: bool,
+    ) -> None:
+        """One frame to daemon ``cluster`` for its processes ``to`` (into their inbox queues
+        if ``post``)."""
+        link = self._by_cluster.get(cluster)
+        if link is not None:
+            link.offer(tag, sender, step, value, to, post)
 
     def release_producers(self) -> None:
         """Shutdown: no worker may stay blocked on a full link (see OutLink.release_producers)."""
@@ -226,6 +243,8 @@ class Transport:
                 f"value of shape {data.value.shape} and dtype {data.value.dtype}, "
                 f"expected ({self.hello.dim},) {self.hello.dtype}"
             )
+        if any(p not in self.hello.workers for p in data.to):
+            return f"recipients {data.to} are not all processes of this daemon"
         if (
             len(data.tag) < 2
             or not isinstance(data.tag[0], str)

@@ -72,7 +72,7 @@ __all__ = [
     "default_allocator",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: Data carries recipients (to) and post
 MAGIC: Final = b"PL"
 PREFIX: Final = struct.Struct("!2sBBIQ")  # magic, version, flags, header length, payload length
 
@@ -436,7 +436,10 @@ class Codec:
         self._filled = 0
         array.flags.writeable = False
         self._events.append(
-            (Data(head.seq, head.tag, head.sender, head.step, array), self._frame_size)
+            (
+                Data(head.seq, head.tag, head.sender, head.step, array, head.to, head.post),
+                self._frame_size,
+            )
         )
 
 

@@ -50,7 +50,14 @@ HEADER_KEYS: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
     "welcome": (("c", "cluster"),),
     "refuse": (("r", "reason"),),
     # plus "y" (dtype code) and "h" (shape), which describe the payload: _PAYLOAD_KEYS
-    "data": (("q", "seq"), ("g", "tag"), ("s", "sender"), ("p", "step")),
+    "data": (
+        ("q", "seq"),
+        ("g", "tag"),
+        ("s", "sender"),
+        ("p", "step"),
+        ("r", "to"),
+        ("b", "post"),
+    ),
     "ack": (("q", "seq"),),
     "ping": (("o", "nonce"),),
     "pong": (("o", "nonce"),),
@@ -73,6 +80,8 @@ class DataHead(NamedTuple):
     tag: tuple[str | int, ...]
     sender: int
     step: int
+    to: tuple[int, ...]
+    post: bool
     dtype: np.dtype[Any]  # little-endian float32 / float64
     shape: tuple[int, ...]
     nbytes: int  # == the frame's payload length
@@ -95,6 +104,8 @@ def encode_header(msg: Message, value: Array | None = None) -> bytes:
             "g": msg.tag,
             "s": msg.sender,
             "p": msg.step,
+            "r": msg.to,
+            "b": msg.post,
             "y": DTYPE_CODES[value.dtype.type],
             "h": value.shape,
         }
@@ -169,7 +180,9 @@ def decode_header(raw: bytes | memoryview, payload_len: int) -> Message | DataHe
 
 
 def _data_head(obj: dict[str, Any], payload_len: int) -> DataHead:
-    seq, tag, sender, step = check_data_fields(obj["q"], obj["g"], obj["s"], obj["p"])
+    seq, tag, sender, step, to, post = check_data_fields(
+        obj["q"], obj["g"], obj["s"], obj["p"], obj["r"], obj["b"]
+    )
     code = obj["y"]
     dtype = _WIRE_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
@@ -201,4 +214,4 @@ def _data_head(obj: dict[str, Any], payload_len: int) -> DataHead:
             Reason.SIZE_MISMATCH,
             f"data {code} {excerpt(shape)} is {nbytes} bytes, the frame carries {payload_len}",
         )
-    return DataHead(seq, tag, sender, step, dtype, shape, nbytes)
+    return DataHead(seq, tag, sender, step, to, post, dtype, shape, nbytes)

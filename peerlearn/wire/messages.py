@@ -13,10 +13,14 @@ fingerprint, name)``                                   who I am, which global pr
                                                        fingerprint
 ``Welcome(cluster)``                                   your Hello is accepted (I am ``cluster``)
 ``Refuse(reason)``                                     your Hello is refused; I close
-``Data(seq, tag, sender, step, value)``                an algorithm message (one copy of a
+``Data(seq, tag, sender, step, value, to, post)``      an algorithm message (one copy of a
                                                        broadcast); ``seq`` numbers it on this link
                                                        for acks, resend and dedupe; ``step`` is
-                                                       the sender's iteration (for staleness)
+                                                       the sender's iteration (for staleness);
+                                                       ``to`` the receiving processes (empty: all
+                                                       of the peer's), ``post`` whether it goes
+                                                       to their inbox queue (``Post``) rather
+                                                       than their per-tag mailbox
 ``Ack(seq)``                                           cumulative: everything ≤ ``seq`` arrived
 ``Ping(nonce)`` / ``Pong(nonce)``                      liveness; a Pong echoes its Ping's nonce
 ``Bye(reason)``                                        I am closing this link on purpose
@@ -77,7 +81,10 @@ INT64_MAX: Final = 2**63 - 1
 INT64_MIN: Final = -(2**63)
 MAX_TEXT: Final = 256  # names, fingerprints, dtype names, tag strings, Control names
 MAX_REASON: Final = 1024  # Refuse / Bye reasons: room for two fingerprints and a sentence
-MAX_TAG_LEN: Final = 16  # tags are (kind, t), (kind, t, r), (kind, t, r, k): 16 is plenty
+# Tags are (kind, t), (kind, t, r), (kind, t, r, k) — and DASGD's (kind, origin, seq, step,
+# version vector…), one int per process: the header cap bounds the rest.
+MAX_TAG_LEN: Final = 4096
+MAX_RECIPIENTS: Final = 2**16
 MAX_DIMS: Final = 4
 MAX_BODY_DEPTH: Final = 8  # nesting of a Control body
 
@@ -262,13 +269,16 @@ class Data:
     sender: int  # global process id of the sender
     step: int  # the sender's iteration when it sent this (staleness)
     value: Array
+    to: tuple[int, ...] = ()  # receiving processes; () is every process of the peer
+    post: bool = False  # into the receivers' inbox queue (Post/Receive), not a tag's box
     kind: Literal["data"] = field(default="data", init=False, repr=False)
 
     def __post_init__(self) -> None:
-        fields = (self.seq, self.tag, self.sender, self.step)
+        fields = (self.seq, self.tag, self.sender, self.step, self.to, self.post)
         checked = check_data_fields(*fields)
         if any(a is not b for a, b in zip(checked, fields, strict=True)):  # normalized
-            for name, value in zip(("seq", "tag", "sender", "step"), checked, strict=True):
+            names = ("seq", "tag", "sender", "step", "to", "post")
+            for name, value in zip(names, checked, strict=True):
                 object.__setattr__(self, name, value)
         check_array(self.value)
 
@@ -280,20 +290,34 @@ class Data:
             and self.tag == other.tag
             and self.sender == other.sender
             and self.step == other.step
+            and self.to == other.to
+            and self.post == other.post
             and same_array(self.value, other.value)
         )
 
 
 def check_data_fields(
-    seq: object, tag: object, sender: object, step: object
-) -> tuple[int, tuple[str | int, ...], int, int]:
+    seq: object, tag: object, sender: object, step: object, to: object, post: object
+) -> tuple[int, tuple[str | int, ...], int, int, tuple[int, ...], bool]:
     """The scalar fields of a Data, validated (the decoder calls this before allocating)."""
+    if type(post) is not bool:
+        _bad("post", f"expected a bool, got {type(post).__name__} {excerpt(post)}")
     return (
         check_int("seq", seq),
         check_tag(tag),
         check_int("sender", sender),
         check_int("step", step),
+        to if to == () else check_recipients(to),
+        post,
     )
+
+
+def check_recipients(value: object) -> tuple[int, ...]:
+    """Distinct non-negative global process ids, at most ``MAX_RECIPIENTS``."""
+    to = tuple(check_int("to element", p) for p in _check_tuple("to", value, MAX_RECIPIENTS))
+    if len(set(to)) != len(to):
+        _bad("to", f"duplicate process ids in {excerpt(to)}")
+    return to
 
 
 @dataclass(frozen=True, slots=True)
