@@ -21,16 +21,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from peerlearn.algorithms import Aggregator, Constant, InverseTime, Schedule, maa_rounds
+from peerlearn.algorithms.easgd_theory import beta_max
 from peerlearn.errors import ConfigError
 from peerlearn.faults import CrashSpec, parse_crash
 from peerlearn.membership import Membership
 from peerlearn.problems.base import Constants
+from peerlearn.topology import Topology, make_topology
 
 __all__ = [
     "ALGORITHMS",
     "Distribution",
+    "ElasticConfig",
     "LRConfig",
     "MAAConfig",
+    "MixConfig",
     "PartitionConfig",
     "ProblemConfig",
     "RunConfig",
@@ -40,7 +44,39 @@ __all__ = [
     "read_toml",
 ]
 
-ALGORITHMS = ("alg1", "alg2", "maa")
+#: every algorithm, by paper (the README's algorithm table lists them with their parameters)
+ATTIYA_SCHILLER = ("alg1", "alg2", "maa")
+DASGD = ("dasgd",)
+ELASTIC = ("easgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
+MIXML = (
+    "allreduce",
+    "local_steps",
+    "reduced_frequency",
+    "slack",
+    "sync_gossip",
+    "async_gossip",
+)
+ALGORITHMS = ATTIYA_SCHILLER + DASGD + ELASTIC + MIXML
+Algorithm = Literal[
+    "alg1",
+    "alg2",
+    "maa",
+    "dasgd",
+    "easgd",
+    "async_easgd",
+    "eamsgd",
+    "downpour",
+    "mdownpour",
+    "async_ps",
+    "allreduce",
+    "local_steps",
+    "reduced_frequency",
+    "slack",
+    "sync_gossip",
+    "async_gossip",
+]
+#: algorithms whose processes talk over a topology (the others talk to everyone or a center)
+TOPOLOGY_ALGORITHMS = ("dasgd", "sync_gossip", "async_gossip")
 
 
 class _Frozen(BaseModel):
@@ -108,6 +144,28 @@ class MAAConfig(_Frozen):
     inner_rounds: int | None = Field(None, ge=0)
 
 
+class ElasticConfig(_Frozen):
+    """The EASGD family, DOWNPOUR and the asynchronous parameter server: one process (named
+    ``cluster.index``) runs the center, the other p = n − 1 processes are workers.
+
+    ``beta`` is the center's moving rate β = pα (the "elastic symmetry"); ``alpha`` overrides
+    it. ``tau`` is the communication period, ``delta`` the momentum of EAMSGD and MDOWNPOUR."""
+
+    center: str = "0.0"
+    alpha: float | None = Field(None, gt=0.0, lt=1.0)
+    beta: float = Field(0.9, gt=0.0)
+    tau: int = Field(1, ge=1)
+    delta: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class MixConfig(_Frozen):
+    """MixML protocols: ``period`` m (local_steps: 2, reduced_frequency: 10 by default) and the
+    slack matrix's ``gamma``."""
+
+    period: int | None = Field(None, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+
 class ProblemConfig(BaseModel):
     """``name`` (a registered problem or ``module:callable``) plus its keyword parameters."""
 
@@ -122,7 +180,7 @@ class ProblemConfig(BaseModel):
 class RunConfig(_Frozen):
     """Everything a simulated run needs. Processes are ``cluster.index``, round-robin."""
 
-    algorithm: Literal["alg1", "alg2", "maa"] = "alg1"
+    algorithm: Algorithm = "alg1"
     seed: int = Field(0, ge=0)
     processes: int = Field(8, ge=1)
     clusters: int = Field(4, ge=1)
@@ -135,9 +193,16 @@ class RunConfig(_Frozen):
     )
     dim: int = Field(4, ge=1, description="input dimension of standalone MAA")
     trace: bool = False
+    topology: str | None = Field(
+        None,
+        description="complete, ring, random-regular[:d] or an edge file (DASGD: complete, "
+        "gossip: ring)",
+    )
     problem: ProblemConfig = ProblemConfig()
     lr: LRConfig = LRConfig()
     maa: MAAConfig = MAAConfig()
+    elastic: ElasticConfig = ElasticConfig()
+    mix: MixConfig = MixConfig()
     sim: SimConfig = SimConfig()
 
     @model_validator(mode="after")
@@ -162,7 +227,59 @@ class RunConfig(_Frozen):
                 )
         if self.sim.stragglers > self.processes:
             raise ValueError("more stragglers than processes")
+        if self.algorithm not in ATTIYA_SCHILLER and self.lr.schedule == "inverse_time":
+            raise ValueError(
+                f"{self.algorithm} is analysed with a fixed η: use lr.schedule = constant (DASGD "
+                "needs it: every node must apply every gradient with the same η)"
+            )
+        if self.algorithm in ELASTIC:
+            if self.processes < 2:
+                raise ValueError(f"{self.algorithm} needs a center and at least one worker")
+            _ = self.center
+            if self.elastic_alpha >= 1:
+                raise ValueError(
+                    f"elastic α = β/p = {self.elastic_alpha:g} must be < 1 "
+                    f"(β = {self.elastic.beta:g}, p = {self.processes - 1})"
+                )
+        if self.algorithm in TOPOLOGY_ALGORITHMS:
+            _ = self.graph
         return self
+
+    @cached_property
+    def center(self) -> int:
+        """The process id of the elastic center."""
+        name = self.elastic.center
+        cluster, _, index = name.partition(".")
+        try:
+            return self.membership.pid(int(cluster), int(index))
+        except ValueError:
+            raise ValueError(
+                f"elastic.center {name!r} is not a process name cluster.index"
+            ) from None
+        except ConfigError as exc:
+            raise ValueError(f"elastic.center {name!r}: {exc}") from None
+
+    @property
+    def elastic_alpha(self) -> float:
+        """α: given, or β/p."""
+        if self.elastic.alpha is not None:
+            return self.elastic.alpha
+        return self.elastic.beta / max(1, self.processes - 1)
+
+    @property
+    def mix_period(self) -> int:
+        if self.mix.period is not None:
+            return self.mix.period
+        return {"local_steps": 2, "reduced_frequency": 10}.get(self.algorithm, 1)
+
+    @cached_property
+    def graph(self) -> Topology:
+        """The communication graph of a topology algorithm."""
+        spec = self.topology or ("complete" if self.algorithm == "dasgd" else "ring")
+        try:
+            return make_topology(spec, self.processes, self.seed)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @cached_property
     def membership(self) -> Membership:
@@ -253,6 +370,31 @@ class RunConfig(_Frozen):
                 )
         if big_n > n - self.failures:
             out.append("N > n − f")  # unreachable: refused at validation
+        out += self._other_warnings(constants)
+        return out
+
+    def _other_warnings(self, constants: Constants) -> list[str]:
+        out: list[str] = []
+        eta = self.schedule()(1) if self.steps or self.lr.schedule == "constant" else None
+        if eta is None or constants.L is None:
+            return out
+        big_l = constants.L
+        if self.algorithm == "dasgd" and eta > 1 / (4 * max(big_l, 1.0)):
+            out.append(
+                f"DASGD's Thm 1 needs η ≤ 1/(4·L_eff·S) ≤ 1/(4·max(L, 1)) = "
+                f"{1 / (4 * max(big_l, 1.0)):g}; η = {eta:g}"
+            )
+        if self.algorithm == "easgd" and eta * big_l < 2:
+            p = self.processes - 1
+            bmax = beta_max(p, eta, big_l)
+            beta = self.elastic_alpha * p
+            if beta >= bmax:
+                out.append(
+                    f"EASGD's center is unstable (condition 17): β = pα = {beta:g} ≥ β_max = "
+                    f"{bmax:g} for p = {p}, ηL = {eta * big_l:g}"
+                )
+        elif self.algorithm == "easgd":
+            out.append(f"EASGD needs ηh < 2 for every curvature h; ηL = {eta * big_l:g}")
         return out
 
 

@@ -18,7 +18,14 @@ from peerlearn.config import Distribution, RunConfig
 from peerlearn.effects import Msg, Report, Tag, Vector
 from peerlearn.errors import ConfigError
 from peerlearn.problems import Problem
-from peerlearn.runs import Purpose, build_problem, grad_stream, make_programs, stream
+from peerlearn.runs import (
+    Purpose,
+    build_problem,
+    grad_stream,
+    make_programs,
+    planned_iterations,
+    stream,
+)
 from peerlearn.sim.core import Outcome, Partition, Proc, Simulator, Status
 
 __all__ = [
@@ -121,7 +128,6 @@ def run_simulation(
     number of iterations completed over all processes and the total planned (n × T)."""
     if cfg.steps is None:
         raise ConfigError("the simulator needs a finite number of steps (--steps)")
-    steps = cfg.steps
     problem = build_problem(cfg)
     members = cfg.membership
     n = cfg.processes
@@ -207,7 +213,7 @@ def run_simulation(
             else:
                 assert spec.at_time is not None
                 sim.crash_at_time(pid, spec.at_time)
-    total = n * steps
+    total = planned_iterations(cfg)
     outcome = sim.run(
         progress=(lambda s: progress(s.steps_total, total)) if progress is not None else None
     )

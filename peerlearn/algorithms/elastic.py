@@ -1,0 +1,196 @@
+"""The EASGD family and DOWNPOUR (Zhang–Choromanska–LeCun; spec ``easgd-mixml.md`` §A.1).
+
+Every variant has p workers and one *center* (master) process, the ``center`` of the run; the
+center is a program of its own, hosted by whichever daemon hosts that process. Time indexing:
+a worker's local clock is ``c = t − 1`` at iteration ``t``; it talks to the center when τ
+divides ``c``.
+
+=============  ==================================================================================
+``easgd``      synchronous (A.1a): at each exchange every worker sends x^i_t, gets x̃_t, and
+               x^i ← x^i − η g(x^i) − α(x^i − x̃); the center x̃ ← x̃ + α Σ_i (x^i_t − x̃)
+               — both from time-t values (Jacobi); between exchanges workers do plain SGD
+``async``      asynchronous EASGD (A.1b): the worker sends its snapshot x; the center applies
+               d = α(x − x̃), x̃ ← x̃ + d atomically and answers d; x^i ← x^i − d − η g(x)
+``eamsgd``     A.1c: the same elastic exchange, then Nesterov momentum on the worker:
+               v ← δv − η g(x + δv), x^i ← x^i + v
+``downpour``   A.1d: push the accumulated update v, pull x̃ (x̃ ← x̃ + v; x^i ← x̃; v ← 0), then
+               x^i ← x^i − η g, v ← v − η g (one gradient for both); a last push flushes v
+``mdownpour``  A.1e: workers pull x̃ and push g(x̃); the center applies Nesterov momentum,
+               v ← δv − η g, x̃ ← x̃ + δv − η g (the −ηg term the supplement's transcription
+               lost, spec C.5: without it δ = 0 would never move x̃); δ = 0 is MixML's
+               asynchronous parameter server
+=============  ==================================================================================
+
+Messages: workers ``Post`` requests to the center's inbox (``("req", t)``) and the center
+answers with ``Send(("rep", t), …)``, which the worker awaits; the synchronous variant
+uses ``Send``/``Await`` both ways (``("x", k)`` for exchange k, ``("center", t)`` for the
+workers' iteration t of that exchange).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable
+from itertools import count
+from typing import Any, Literal
+
+from peerlearn.effects import Await, Count, Effect, Grad, Post, Receive, Report, Send, Vector
+
+__all__ = [
+    "Variant",
+    "center_requests",
+    "elastic_center",
+    "elastic_worker",
+    "sync_center",
+    "sync_worker",
+]
+
+Variant = Literal["async", "eamsgd", "downpour", "mdownpour"]
+
+
+def _clock(steps: int | None) -> Iterable[int]:
+    return count(1) if steps is None else range(1, steps + 1)
+
+
+def _exchanges(steps: int, tau: int) -> int:
+    """How many local clocks c ∈ [0, T) τ divides: ⌈T/τ⌉."""
+    return -(-steps // tau)
+
+
+def center_requests(variant: Variant, steps: int, tau: int) -> int:
+    """How many requests one worker sends the center in a run of ``steps`` iterations."""
+    match variant:
+        case "async" | "eamsgd":
+            return _exchanges(steps, tau)
+        case "downpour":
+            return _exchanges(steps, tau) + 1  # + the final flush of v
+        case "mdownpour":
+            return steps
+
+
+# --- synchronous EASGD -----------------------------------------------------------------------
+
+
+def sync_worker(
+    x0: Vector, steps: int | None, eta: float, alpha: float, tau: int, center: int
+) -> Generator[Effect, Any, Vector]:
+    x = x0
+    t = 0
+    for t in _clock(steps):
+        yield Report("model", x, step=t)
+        c = t - 1
+        if c % tau == 0:
+            yield Send((center,), ("x", c // tau + 1), x)
+            (got,) = yield Await(("center", t), Count(1))
+            g = yield Grad(x)
+            x = x - eta * g - alpha * (x - got.value)
+        else:
+            g = yield Grad(x)
+            x = x - eta * g
+    yield Report("model", x, step=t + 1)
+    return x
+
+
+def sync_center(
+    x0: Vector, steps: int | None, alpha: float, tau: int, workers: tuple[int, ...]
+) -> Generator[Effect, Any, Vector]:
+    """x̃_{k+1} = x̃_k + α Σ_i (x^i − x̃_k), from the workers' values at exchange k."""
+    xc = x0
+    rounds = None if steps is None else _exchanges(steps, tau)
+    k = 0
+    for k in _clock(rounds):
+        yield Report("model", xc, step=k)
+        yield Send(workers, ("center", (k - 1) * tau + 1), xc)  # the workers' iteration
+        xs = yield Await(("x", k), Count(len(workers)))
+        xc = xc + alpha * sum((m.value - xc for m in xs), start=0 * xc)
+    yield Report("model", xc, step=k + 1)
+    return xc
+
+
+# --- asynchronous variants -------------------------------------------------------------------
+
+
+def elastic_worker(
+    variant: Variant,
+    x0: Vector,
+    steps: int | None,
+    eta: float,
+    tau: int,
+    delta: float,
+    center: int,
+) -> Generator[Effect, Any, Vector]:
+    x = x0
+    v = 0 * x0
+    t = 0
+    for t in _clock(steps):
+        yield Report("model", x, step=t)
+        c = t - 1
+        talk = c % tau == 0
+        match variant:
+            case "async" | "eamsgd":
+                snapshot = x
+                if talk:
+                    yield Post((center,), ("req", t), snapshot)
+                if variant == "async":
+                    g = yield Grad(snapshot)  # computed while the center answers
+                if talk:
+                    (d,) = yield Await(("rep", t), Count(1))
+                    x = x - d.value
+                if variant == "async":
+                    x = x - eta * g
+                else:
+                    g = yield Grad(snapshot + delta * v)
+                    v = delta * v - eta * g
+                    x = x + v
+            case "downpour":
+                if talk:
+                    yield Post((center,), ("req", t), v)
+                    (xc,) = yield Await(("rep", t), Count(1))
+                    x, v = xc.value, 0 * v
+                g = yield Grad(x)
+                x = x - eta * g
+                v = v - eta * g
+            case "mdownpour":
+                g = yield Grad(x)
+                yield Post((center,), ("req", t), g)
+                (xc,) = yield Await(("rep", t), Count(1))
+                x = xc.value
+    if variant == "downpour" and steps is not None:  # flush the last accumulated update
+        yield Post((center,), ("req", steps + 1), v)
+        (xc,) = yield Await(("rep", steps + 1), Count(1))
+        x = xc.value
+    yield Report("model", x, step=t + 1)
+    return x
+
+
+def elastic_center(
+    variant: Variant,
+    x0: Vector,
+    requests: int | None,
+    eta: float,
+    alpha: float,
+    delta: float,
+) -> Generator[Effect, Any, Vector]:
+    """Serve ``requests`` requests in all (None: forever), one at a time, in arrival order."""
+    xc = x0
+    v = 0 * x0
+    served = 0
+    yield Report("model", xc, step=1)
+    while requests is None or served < requests:
+        for letter in (yield Receive(block=True)):
+            value, t = letter.value, letter.tag[1]
+            match variant:
+                case "async" | "eamsgd":
+                    d = alpha * (value - xc)
+                    xc = xc + d
+                    answer = d
+                case "downpour":
+                    xc = xc + value
+                    answer = xc
+                case "mdownpour":
+                    v = delta * v - eta * value
+                    xc = xc + delta * v - eta * value
+                    answer = xc
+            yield Send((letter.sender,), ("rep", t), answer)
+            served += 1
+            yield Report("model", xc, step=served + 1)
+    return xc

@@ -1,0 +1,147 @@
+"""MixML's communication protocols (Lu–Nash–De Sa; spec ``easgd-mixml.md`` §B.2) as programs.
+
+Each worker runs SGD with a fixed η; the protocols differ only in how models are mixed — the
+linear operators :mod:`peerlearn.mixing` analyses. The asynchronous parameter server is
+:func:`peerlearn.algorithms.elastic.elastic_center` with δ = 0 (``mdownpour`` without momentum).
+
+==================  ===========================================================================
+``allreduce``       every iteration: step, then the exact average of all n models (J)
+``local_steps``     m local steps, then the average (J every m iterations); m = 2 by default
+``reduced_frequency`` the same operator with a long period (m = 10 by default): the paper's way of
+                    raising t_mix by a known factor
+``slack``           every iteration: x_i ← (1 − γ) x_i + γ x̄ (the slack matrix (1 − γ)I + γJ)
+``sync_gossip``     every iteration: x_i ← Σ_j W_ij x_j over the topology's neighbours, W the
+                    Metropolis weights (1/3 each on a ring: D-PSGD)
+``async_gossip``    AD-PSGD: after each step a worker averages with one random neighbour;
+                    meanwhile it serves the neighbours' requests, so nobody deadlocks
+==================  ===========================================================================
+
+Pairwise averaging keeps the sum of the models (both ends move by half their difference, from
+the values they exchanged), so the network average evolves as in the sequential algorithm; a
+worker that finished keeps serving requests until every neighbour said it finished too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Sequence
+from itertools import count
+from typing import Any
+
+import numpy as np
+
+from peerlearn.effects import (
+    Await,
+    Count,
+    Effect,
+    Exchange,
+    Grad,
+    Letter,
+    Post,
+    Receive,
+    Report,
+    Send,
+    Vector,
+)
+
+__all__ = ["async_gossip", "averaging", "sync_gossip"]
+
+
+def _clock(steps: int | None) -> Iterable[int]:
+    return count(1) if steps is None else range(1, steps + 1)
+
+
+def _mean(values: Sequence[Vector]) -> Vector:
+    out: Vector = np.mean(values, axis=0)
+    return out
+
+
+def averaging(
+    x0: Vector, steps: int | None, eta: float, n: int, period: int = 1, gamma: float = 1.0
+) -> Generator[Effect, Any, Vector]:
+    """AllReduce (period 1, γ = 1), local steps / reduced frequency (period m) and the slack
+    matrix (γ < 1): every ``period`` iterations x ← (1 − γ)x + γ·mean of all n models."""
+    x = x0
+    t = 0
+    for t in _clock(steps):
+        yield Report("model", x, step=t)
+        g = yield Grad(x)
+        x = x - eta * g
+        if t % period == 0:
+            xs = yield Exchange(("avg", t), x, Count(n))
+            mean = _mean([m.value for m in xs])
+            x = mean if gamma == 1.0 else (1 - gamma) * x + gamma * mean
+    yield Report("model", x, step=t + 1)
+    return x
+
+
+def sync_gossip(
+    x0: Vector,
+    steps: int | None,
+    eta: float,
+    me: int,
+    weights: dict[int, float],
+) -> Generator[Effect, Any, Vector]:
+    """D-PSGD: step, send to the neighbours, x ← Σ_j W_ij x_j (``weights`` is row ``me``)."""
+    x = x0
+    t = 0
+    others = tuple(j for j in weights if j != me)
+    for t in _clock(steps):
+        yield Report("model", x, step=t)
+        g = yield Grad(x)
+        y = x - eta * g
+        if others:
+            yield Send(others, ("gossip", t), y)
+            got = yield Await(("gossip", t), Count(len(others)))
+            y = weights[me] * y + sum((weights[m.sender] * m.value for m in got), start=0 * y)
+        x = y
+    yield Report("model", x, step=t + 1)
+    return x
+
+
+def async_gossip(
+    x0: Vector,
+    steps: int | None,
+    eta: float,
+    me: int,
+    neighbours: tuple[int, ...],
+    rng: np.random.Generator,
+) -> Generator[Effect, Any, Vector]:
+    """AD-PSGD: step, then average with a random neighbour, serving requests while waiting."""
+    x = x0
+    finished: set[int] = set()
+
+    def serve(letter: Letter) -> Generator[Effect, Any, None]:
+        nonlocal x
+        match letter.tag[0]:
+            case "pair":  # a neighbour's request: answer with x, then move half-way
+                yield Post((letter.sender,), ("paired", letter.tag[1]), x)
+                x = x + (letter.value - x) / 2
+            case "bye":
+                finished.add(letter.sender)
+
+    t = 0
+    for t in _clock(steps):
+        yield Report("model", x, step=t)
+        g = yield Grad(x)
+        x = x - eta * g
+        if not neighbours:
+            continue
+        j = neighbours[int(rng.integers(len(neighbours)))]
+        sent = x
+        yield Post((j,), ("pair", t), sent)
+        answer: Vector | None = None
+        while answer is None:
+            for letter in (yield Receive(block=True)):
+                if letter.tag[0] == "paired" and letter.tag[1] == t:
+                    answer = letter.value
+                else:
+                    yield from serve(letter)
+        # Both ends move by half the difference of the values they exchanged: the sum holds.
+        x = x + (answer - sent) / 2
+    if neighbours:
+        yield Post(neighbours, ("bye", t), x)
+    while len(finished) < len(neighbours):
+        for letter in (yield Receive(block=True)):
+            yield from serve(letter)
+    yield Report("model", x, step=t + 1)
+    return x
