@@ -7,7 +7,7 @@ factors, stragglers, partitions, metric samples and the agreement trace.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,10 @@ class SimResult:
     trace: list[tuple[int, int, int | None, int, Vector]] = field(default_factory=list)
     #: who each process heard from: (kind, tag) -> {pid: frozenset of senders/writers}
     receive_sets: dict[tuple[str, Tag], dict[int, frozenset[int]]] = field(default_factory=dict)
+    #: the reports asked for with ``record_reports``, in the order they were made: (pid, report)
+    reports: list[tuple[int, Report]] = field(default_factory=list)
+    #: DASGD: the tight staleness |S| of every local step, per process (Def. 1)
+    staleness: dict[int, list[int]] = field(default_factory=dict)
     failure_traceback: str | None = None
 
     @property
@@ -122,10 +126,12 @@ def run_simulation(
     cfg: RunConfig,
     *,
     record_receives: bool = False,
+    record_reports: Collection[str] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> SimResult:
     """Run ``cfg`` in the simulator. ``progress(done, total)`` is called now and then with the
-    number of iterations completed over all processes and the total planned (n × T)."""
+    number of iterations completed over all processes and the total planned.
+    ``record_reports``: names of reports to keep in :attr:`SimResult.reports`."""
     if cfg.steps is None:
         raise ConfigError("the simulator needs a finite number of steps (--steps)")
     problem = build_problem(cfg)
@@ -181,10 +187,18 @@ def run_simulation(
         for p in live:
             samples.append((time, p.pid, p.step, loss_of(p), cd))
 
+    reports: list[tuple[int, Report]] = []
+    staleness: dict[int, list[int]] = {}
+    keep = frozenset(record_reports)
+
     def on_report(proc: Proc, rep: Report) -> None:
-        if rep.name == "agreement":
+        if rep.name == "agreement" and cfg.trace:
             instance, rnd, inner = rep.key
             trace.append((instance, rnd, inner, proc.pid, rep.value))
+        elif rep.name == "staleness":
+            staleness.setdefault(proc.pid, []).append(rep.value)
+        if rep.name in keep:
+            reports.append((proc.pid, rep))
 
     def on_receive(proc: Proc, kind: str, tag: Tag, msgs: tuple[Msg, ...]) -> None:
         receive_sets.setdefault((kind, tag), {})[proc.pid] = frozenset(m.sender for m in msgs)
@@ -203,7 +217,7 @@ def run_simulation(
         partitions=partitions,
         sample_every=sim_cfg.sample_every,
         on_sample=on_sample,
-        on_report=on_report if cfg.trace else None,
+        on_report=on_report if cfg.trace or keep or cfg.algorithm == "dasgd" else None,
         on_receive=on_receive if record_receives else None,
     )
     for spec in cfg.crash_specs:
@@ -240,5 +254,7 @@ def run_simulation(
         samples=samples,
         trace=trace,
         receive_sets=receive_sets,
+        reports=reports,
+        staleness=staleness,
         failure_traceback=sim.failure_traceback,
     )
