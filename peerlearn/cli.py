@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from peerlearn import __version__
-from peerlearn.config import load_config
+from peerlearn.config import RunConfig, load_config
 from peerlearn.errors import ConfigError, PeerlearnError
 
 app = typer.Typer(
@@ -66,6 +66,15 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "crash": ("sim", "crashes"),
         "stragglers": ("sim", "stragglers"),
         "sample_every": ("sim", "sample_every"),
+        "slowdown": ("sim", "slowdown"),
+        "topology": ("topology",),
+        "center": ("elastic", "center"),
+        "alpha": ("elastic", "alpha"),
+        "beta": ("elastic", "beta"),
+        "tau": ("elastic", "tau"),
+        "delta": ("elastic", "delta"),
+        "period": ("mix", "period"),
+        "gamma": ("mix", "gamma"),
     }
     for flag, path in mapping.items():
         value = flags.get(flag)
@@ -88,7 +97,12 @@ def simulate(
         Path | None, typer.Option("--config", "-c", help="Run description (TOML).")
     ] = None,
     algorithm: Annotated[
-        str | None, typer.Option(help="alg1 (strongly convex), alg2 (non-convex) or maa.")
+        str | None,
+        typer.Option(
+            help="alg1 (strongly convex), alg2 (non-convex), maa; dasgd; easgd, async_easgd, "
+            "eamsgd, downpour, mdownpour, async_ps; allreduce, local_steps, reduced_frequency, "
+            "slack, sync_gossip, async_gossip (see the README's algorithm table)."
+        ),
     ] = None,
     problem: Annotated[
         str | None,
@@ -119,8 +133,30 @@ def simulate(
     stragglers: Annotated[
         int | None, typer.Option(help="Number of slow processes (see sim.slowdown).")
     ] = None,
+    slowdown: Annotated[
+        float | None, typer.Option(help="Compute-time factor of a straggler (≥ 1).")
+    ] = None,
     sample_every: Annotated[
         float | None, typer.Option(help="Virtual time between metric samples.")
+    ] = None,
+    topology: Annotated[
+        str | None,
+        typer.Option(help="dasgd/gossip: complete, ring, random-regular[:d] or a JSON edge file."),
+    ] = None,
+    center: Annotated[
+        str | None, typer.Option(help="Elastic family: the center process (cluster.index).")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="Elastic moving rate α (0 < α < 1).")] = None,
+    beta: Annotated[float | None, typer.Option(help="Center moving rate β = pα.")] = None,
+    tau: Annotated[int | None, typer.Option(help="Elastic/DOWNPOUR period τ.")] = None,
+    delta: Annotated[float | None, typer.Option(help="Momentum δ (eamsgd, mdownpour).")] = None,
+    period: Annotated[
+        int | None, typer.Option(help="local_steps / reduced_frequency: average every m steps.")
+    ] = None,
+    gamma: Annotated[float | None, typer.Option(help="slack: the slack factor γ.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any config field, FIELD=VALUE (repeatable): lr.eta=0.1."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed: same seed, same result.")] = None,
     out_dir: Annotated[
@@ -132,28 +168,41 @@ def simulate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Run an algorithm in the deterministic simulator and report how it went."""
-    from peerlearn.runs import build_problem
+    from peerlearn.config import merge
+    from peerlearn.runs import build_problem, planned_iterations
     from peerlearn.sim.output import write_outputs
     from peerlearn.sim.runner import run_simulation
 
     try:
         cfg = load_config(
             config,
-            _overrides(
-                algorithm=algorithm,
-                problem=problem,
-                processes=processes,
-                clusters=clusters,
-                quorum=quorum,
-                steps=steps,
-                lr=lr,
-                aggregator=aggregator,
-                dim=dim,
-                crash=crash,
-                stragglers=stragglers,
-                sample_every=sample_every,
-                seed=seed,
-                trace=trace,
+            merge(
+                _overrides(
+                    algorithm=algorithm,
+                    problem=problem,
+                    processes=processes,
+                    clusters=clusters,
+                    quorum=quorum,
+                    steps=steps,
+                    lr=lr,
+                    aggregator=aggregator,
+                    dim=dim,
+                    crash=crash,
+                    stragglers=stragglers,
+                    slowdown=slowdown,
+                    sample_every=sample_every,
+                    topology=topology,
+                    center=center,
+                    alpha=alpha,
+                    beta=beta,
+                    tau=tau,
+                    delta=delta,
+                    period=period,
+                    gamma=gamma,
+                    seed=seed,
+                    trace=trace,
+                ),
+                _parse_set(set_ or []),
             ),
         )
         if cfg.steps is None:
@@ -169,8 +218,9 @@ def simulate(
         f"{cfg.algorithm} on {cfg.problem.name if prob else f'random inputs (d={cfg.dim})'}: "
         f"n={cfg.processes}, m={cfg.clusters}, N={cfg.n_quorum}, f={cfg.failures}, T={cfg.steps}"
     )
-    if cfg.algorithm != "alg1":
+    if cfg.algorithm in ("alg2", "maa"):
         described += f", agreement R={rounds}×{inner} ({cfg.maa.aggregator})"
+    described += describe_params(cfg)
     err.print(described, highlight=False)
 
     with Progress(
@@ -182,7 +232,7 @@ def simulate(
         disable=quiet or not err.is_terminal,
         transient=True,
     ) as bar:
-        task = bar.add_task("iterations", total=cfg.processes * (cfg.steps or 0))
+        task = bar.add_task("iterations", total=planned_iterations(cfg))
         result = run_simulation(cfg, progress=lambda done, total: bar.update(task, completed=done))
 
     table = Table(title=f"status: {result.status}", title_justify="left")
@@ -200,6 +250,11 @@ def simulate(
         ", ".join(p.name for p in result.processes if p.crashed) or "none",
     )
     out.print(table)
+    if result.staleness:
+        from peerlearn.algorithms.staleness import summarize
+
+        s_avg, s_max = summarize(result.staleness)
+        out.print(f"staleness (Def. 2): S_avg = {s_avg:.3g}, S_max = {s_max}")
     if prob is not None:
         import numpy as np
 
@@ -220,6 +275,26 @@ def simulate(
             out.print(f"wrote {path}", highlight=False)
     if result.status == "failed":
         raise typer.Exit(code=1)
+
+
+def describe_params(cfg: RunConfig) -> str:
+    """The parameters of ``cfg``'s algorithm family, for a one-line description."""
+    from peerlearn.config import ELASTIC, TOPOLOGY_ALGORITHMS
+
+    eta = cfg.schedule()(1) if cfg.steps or cfg.lr.schedule != "sqrt_n_over_t" else None
+    parts = [f"η={eta:g}"] if eta is not None and cfg.algorithm not in ("alg1", "alg2") else []
+    if cfg.algorithm in TOPOLOGY_ALGORITHMS:
+        parts.append(f"topology {cfg.graph.name}")
+    if cfg.algorithm in ELASTIC:
+        el = cfg.elastic
+        parts.append(f"center {el.center}, α={cfg.elastic_alpha:g}, τ={el.tau}")
+        if cfg.algorithm in ("eamsgd", "mdownpour"):
+            parts.append(f"δ={el.delta:g}")
+    if cfg.algorithm in ("local_steps", "reduced_frequency"):
+        parts.append(f"m={cfg.mix_period}")
+    if cfg.algorithm == "slack":
+        parts.append(f"γ={cfg.mix.gamma:g}")
+    return "".join(f", {p}" for p in parts)
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ __all__ = [
     "SimConfig",
     "explain",
     "load_config",
+    "merge",
     "read_toml",
 ]
 
@@ -398,11 +399,12 @@ class RunConfig(_Frozen):
         return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, recursively (``over`` wins)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -432,7 +434,7 @@ def read_toml(path: Path | None) -> dict[str, Any]:
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read ``path`` (TOML), apply nested ``overrides`` (CLI flags win) and validate."""
-    data = _merge(read_toml(path), overrides or {})
+    data = merge(read_toml(path), overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

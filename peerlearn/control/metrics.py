@@ -57,6 +57,13 @@ class DaemonMetrics:
             buckets=(-8, -4, -2, -1, 0, 1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
+        self.gradient_staleness = Histogram(
+            "peerlearn_gradient_staleness",
+            "DASGD: tight staleness |S| (Tosi–Theobald Def. 1, the symmetric difference of the "
+            "applied gradient sets) of each gradient a worker applied; 0 for its own.",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
         self.registry.register(_Collector(snapshot))
 
 

@@ -22,7 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from peerlearn.config import LRConfig, MAAConfig, ProblemConfig, RunConfig, explain, read_toml
+from peerlearn.config import (
+    TOPOLOGY_ALGORITHMS,
+    Algorithm,
+    ElasticConfig,
+    LRConfig,
+    MAAConfig,
+    MixConfig,
+    ProblemConfig,
+    RunConfig,
+    explain,
+    read_toml,
+)
 from peerlearn.errors import ConfigError
 from peerlearn.membership import Membership
 
@@ -61,7 +72,7 @@ class NodeConfig(BaseSettings):
     )
 
     # --- the run (fingerprinted) -------------------------------------------------------------
-    algorithm: Literal["alg1", "alg2", "maa"] = "alg1"
+    algorithm: Algorithm = "alg1"
     problem: ProblemConfig = ProblemConfig()
     seed: int = Field(0, ge=0)
     steps: int | None = Field(None, ge=1, description="iterations per worker; None: unlimited")
@@ -70,6 +81,11 @@ class NodeConfig(BaseSettings):
     quorum: int | None = Field(None, ge=1, description="N; default n − max_failures")
     max_failures: int | None = Field(None, ge=0, description="f; default ⌊(n−1)/2⌋ processes")
     dim: int = Field(4, ge=1, description="input dimension of standalone agreement (maa)")
+    topology: str | None = Field(
+        None, description="dasgd / gossip: complete, ring, random-regular[:d] or an edge file"
+    )
+    elastic: ElasticConfig = ElasticConfig()
+    mix: MixConfig = MixConfig()
 
     # --- membership ---------------------------------------------------------------------------
     daemons: list[DaemonSpec] = Field(default_factory=list)
@@ -171,16 +187,22 @@ class NodeConfig(BaseSettings):
                 problem=self.problem,
                 lr=self.lr,
                 maa=self.maa,
+                topology=self.topology,
+                elastic=self.elastic,
+                mix=self.mix,
             )
         except ValidationError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(explain(exc)) from None
 
     @cached_property
     def fingerprint(self) -> str:
         """Hash of everything that must agree across daemons (run + membership)."""
         run = self.run.model_dump(mode="json", exclude={"sim", "trace"})
         daemons = [d.model_dump() for d in self.all_daemons]
-        blob = json.dumps({"run": run, "daemons": daemons}, sort_keys=True)
+        extra: dict[str, Any] = {}
+        if self.run.algorithm in TOPOLOGY_ALGORITHMS:  # an edge file may differ between hosts
+            extra["graph"] = self.run.graph.edges()
+        blob = json.dumps({"run": run, "daemons": daemons, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def validate_all(self) -> NodeConfig:

@@ -46,7 +46,7 @@ __all__ = ["Daemon", "DaemonState"]
 log = logging.getLogger(__name__)
 
 #: tag kinds whose values are models (used for the global consensus distance)
-_MODEL_KINDS = ("params", "maa")
+_MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired")
 
 
 class DaemonState(StrEnum):
@@ -366,6 +366,8 @@ class Daemon:
         if rep.name == "agreement" and rep.key[2] is None and rep.key[1] <= self._rounds:
             with self._counters:  # a cluster round begins (round R + 1 is the output)
                 self._agreement_rounds += 1
+        elif rep.name == "staleness":
+            self.metrics.gradient_staleness.observe(rep.value)
         elif rep.name == "model" and self._watched:
             self._loop.call_soon_threadsafe(self.progress.set)
 
