@@ -40,6 +40,8 @@ class DemoSettings:
 
     def node_fields(self) -> dict[str, Any]:
         lr = self.lr if self.lr is not None else (0.5 if self.problem == "softmax" else 0.1)
+        if self.lr is None and self.algorithm == "mdownpour":
+            lr *= 0.1  # the center's momentum δ = 0.9 makes the effective step η/(1 − δ)
         fields: dict[str, Any] = {
             "algorithm": self.algorithm,
             "problem": {"name": self.problem},
