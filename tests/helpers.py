@@ -10,6 +10,8 @@ import numpy as np
 from peerlearn.algorithms import diam2
 from peerlearn.config import RunConfig, load_config
 from peerlearn.effects import Vector
+from peerlearn.problems import Problem
+from peerlearn.runs import grad_stream
 from peerlearn.sim import SimResult
 
 
@@ -64,3 +66,42 @@ def barycentric(points: Vector, y: Vector) -> tuple[Vector, float]:
     b = np.concatenate([y, [1.0]])
     w, *_ = np.linalg.lstsq(a, b, rcond=None)
     return w, float(np.linalg.norm(a @ w - b))
+
+
+class PureNoise(Problem):
+    """A gradient that ignores x: ``grad(x, rng) = rng.standard_normal(dim)``.
+
+    Process p's k-th gradient is then the k-th draw of its own stream whatever the schedule,
+    so the sum of all gradients is known in advance and conservation laws (the average of the
+    models under doubly stochastic mixing, the elastic symmetry) can be checked exactly."""
+
+    name = "pure_noise"
+
+    def __init__(self, dim: int = 3) -> None:
+        self._dim = dim
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def x0(self) -> Vector:
+        return np.arange(1.0, self._dim + 1)
+
+    def grad(self, x: Vector, rng: np.random.Generator) -> Vector:
+        return rng.standard_normal(self._dim)
+
+    def loss(self, x: Vector) -> float:
+        return 0.5 * float(x @ x)
+
+    def full_grad(self, x: Vector) -> Vector:
+        return np.zeros(self._dim)
+
+
+def noise_sum(config: RunConfig, counts: dict[int, int]) -> Vector:
+    """Σ over processes p of the first ``counts[p]`` PureNoise gradients of p."""
+    total = np.zeros(config.problem.params.get("dim", 3))
+    for pid, k in counts.items():
+        rng = grad_stream(config, pid)
+        for _ in range(k):
+            total += rng.standard_normal(len(total))
+    return total
