@@ -445,3 +445,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+from peerlearn.mixing_cli import mixing as _mixing  # noqa: E402
+
+app.command(name="mixing")(_mixing)
