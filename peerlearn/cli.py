@@ -18,6 +18,7 @@ from rich.table import Table
 from peerlearn import __version__
 from peerlearn.config import RunConfig, load_config
 from peerlearn.errors import ConfigError, PeerlearnError
+from peerlearn.mixing_cli import mixing
 
 app = typer.Typer(
     name="peerlearn",
@@ -332,7 +333,9 @@ def run(
         str | None, typer.Option(help="Other daemons, comma-separated host:port (short form).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker threads of this daemon.")] = None,
-    algorithm: Annotated[str | None, typer.Option(help="alg1, alg2 or maa.")] = None,
+    algorithm: Annotated[
+        str | None, typer.Option(help="Any algorithm of `simulate --help` (README table).")
+    ] = None,
     problem: Annotated[str | None, typer.Option(help="Problem name or module:callable.")] = None,
     steps: Annotated[
         int | None, typer.Option(help="Iterations per worker (default: until stopped).")
@@ -398,7 +401,9 @@ def run(
 
 @app.command()
 def demo(
-    algorithm: Annotated[str, typer.Option(help="alg1, alg2 or maa.")] = "alg1",
+    algorithm: Annotated[
+        str, typer.Option(help="Any algorithm of `simulate --help` (the README's table).")
+    ] = "alg1",
     problem: Annotated[
         str, typer.Option(help="softmax (digits), mlp (digits, use with alg2), quadratic, …")
     ] = "softmax",
@@ -409,16 +414,22 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the plot goes.")] = Path(
         "runs/demo"
     ),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any node config field, FIELD=VALUE: elastic.tau=4."),
+    ] = None,
 ) -> None:
     """Several daemons in this process on 127.0.0.1, training live; ends with test accuracy
     next to sequential SGD with the same gradient budget, and a plot."""
+    from peerlearn.config import ALGORITHMS
     from peerlearn.demo import DemoSettings, run_demo
 
-    if algorithm not in ("alg1", "alg2", "maa"):
-        raise _fail(f"unknown algorithm {algorithm!r}: alg1, alg2 or maa")
+    if algorithm not in ALGORITHMS:
+        raise _fail(f"unknown algorithm {algorithm!r}: one of {', '.join(ALGORITHMS)}")
     if daemons < 1 or workers < 1 or duration <= 0:
         raise _fail("--daemons and --workers must be ≥ 1 and --duration > 0")
     try:
+        extra = _parse_set(set_ or [])
         run_demo(
             DemoSettings(
                 algorithm=algorithm,
@@ -428,11 +439,15 @@ def demo(
                 duration=duration,
                 lr=lr,
                 out=out_dir,
+                extra=extra,
             ),
             out,
         )
     except PeerlearnError as exc:
         raise _fail(str(exc)) from None
+
+
+app.command(name="mixing")(mixing)
 
 
 def main() -> None:
@@ -445,7 +460,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-from peerlearn.mixing_cli import mixing as _mixing  # noqa: E402
-
-app.command(name="mixing")(_mixing)

@@ -240,9 +240,11 @@ async def test_bad_data_after_the_handshake_closes_the_link() -> None:
         for bad in (
             Data(seq=10**9, tag=("params", 5), sender=0, step=5, value=good),  # not cluster 1's
             Data(seq=10**9, tag=("params", 5), sender=1, step=5, value=np.zeros(3)),  # shape
+            # addressed to a process daemon 0 does not host (process 1 lives on daemon 1)
+            Data(10**9, ("params", 5), 1, 5, good, to=(1,), post=True),
         ):
             await _exchange(target.peer_port, _frames(hello, bad))
-        assert target.stats.protocol_errors["bad_data"] == 2
+        assert target.stats.protocol_errors["bad_data"] == 3
         before = cluster.min_step()
         await cluster.wait_for(lambda: cluster.min_step() > before + 5)
 
