@@ -132,8 +132,10 @@ def dasgd(
                 finals[me] = computed
                 if neighbours:
                     yield Post(neighbours, ("done", me, computed), zeros)
-        else:  # out of samples: wait for the others' gradients
-            yield from take((yield Receive(block=True)))
+        else:  # out of samples: wait for the others' gradients — unless the receive above
+            # brought the last DONE, after which nothing more will ever arrive
+            if not done():
+                yield from take((yield Receive(block=True)))
             continue
         x = x - eta * g
         applied[origin] += 1
