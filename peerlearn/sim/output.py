@@ -20,15 +20,29 @@ from typing import Any
 
 import numpy as np
 
+from peerlearn.algorithms.staleness import apply_log, loose_staleness, summarize
 from peerlearn.sim.runner import SimResult
 
-__all__ = ["SCHEMA_VERSION", "summary", "write_outputs"]
+__all__ = ["SCHEMA_VERSION", "staleness_figures", "summary", "write_outputs"]
 
 SCHEMA_VERSION = 1
 
 
 def _num(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
+
+
+def staleness_figures(result: SimResult) -> dict[str, Any] | None:
+    """DASGD's Def. 2 figures: tight (S) always, loose (Ŝ) when the run kept the logs."""
+    if not result.staleness:
+        return None
+    s_avg, s_max = summarize(result.staleness)
+    out: dict[str, Any] = {"S_avg": s_avg, "S_max": s_max, "S_hat_avg": None, "S_hat_max": None}
+    names = {rep.name for _, rep in result.reports}
+    if {"staleness", "compute"} <= names:
+        loose = loose_staleness(apply_log(result.reports))
+        out["S_hat_avg"], out["S_hat_max"] = loose.avg, loose.max
+    return out
 
 
 def summary(result: SimResult) -> dict[str, Any]:
@@ -43,8 +57,8 @@ def summary(result: SimResult) -> dict[str, Any]:
         "derived": {
             "failures": cfg.failures,
             "quorum": cfg.n_quorum,
-            "agreement_rounds": rounds if cfg.algorithm != "alg1" else None,
-            "shared_memory_rounds": inner if cfg.algorithm != "alg1" else None,
+            "agreement_rounds": rounds if cfg.algorithm in ("alg2", "maa") else None,
+            "shared_memory_rounds": inner if cfg.algorithm in ("alg2", "maa") else None,
         },
         "virtual_time": out.time,
         "events": out.events,
@@ -53,6 +67,8 @@ def summary(result: SimResult) -> dict[str, Any]:
         "messages_held_by_partition": out.held,
         "final_loss": _num(result.final_loss),
         "max_pairwise_sq_distance": _num(result.max_pairwise_distance),
+        "stationary_distance": _num(result.stationary_distance),
+        "staleness": staleness_figures(result),
         "blocked": [
             {
                 "process": b.name,

@@ -79,6 +79,11 @@ class SimResult:
         return float(np.mean(losses)) if losses else None
 
     @property
+    def stationary_distance(self) -> float:
+        """MixML's stationary (consensus) distance (1/n) Σ ‖x_i − x̄‖² over live processes."""
+        return consensus_distance([p.x for p in self.live() if p.x is not None])
+
+    @property
     def max_pairwise_distance(self) -> float:
         """max over live processes i, j of ‖x_i − x_j‖² (internal convergence)."""
         return diam2([p.x for p in self.live() if p.x is not None])
