@@ -251,12 +251,10 @@ class RunConfig(_Frozen):
         """The process id of the elastic center."""
         name = self.elastic.center
         cluster, _, index = name.partition(".")
+        if not (cluster.isdigit() and index.isdigit()):
+            raise ValueError(f"elastic.center {name!r} is not a process name cluster.index")
         try:
             return self.membership.pid(int(cluster), int(index))
-        except ValueError:
-            raise ValueError(
-                f"elastic.center {name!r} is not a process name cluster.index"
-            ) from None
         except ConfigError as exc:
             raise ValueError(f"elastic.center {name!r}: {exc}") from None
 

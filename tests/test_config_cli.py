@@ -98,6 +98,29 @@ def test_theory_warnings() -> None:
     assert any("min{1/(4L), 1/2}" in w for w in big.theory_warnings(quad.constants))
     fast = load_config(overrides={"lr": {"eta": 0.9}})
     assert any("η ≤ 1/L" in w for w in fast.theory_warnings(quad.constants))
+    # β_max(p = 2, ηL = 0.2) = 1.2857: β = 1.9 makes the synchronous center diverge
+    unstable = load_config(
+        overrides={
+            "algorithm": "easgd",
+            "processes": 3,
+            "clusters": 1,
+            "lr": {"eta": 0.1},
+            "elastic": {"beta": 1.9},
+        }
+    )
+    assert any("β_max = 1.28571" in w for w in unstable.theory_warnings(quad.constants))
+    stable = load_config(
+        overrides={
+            "algorithm": "easgd",
+            "processes": 3,
+            "clusters": 1,
+            "lr": {"eta": 0.1},
+            "elastic": {"beta": 1.2},
+        }
+    )
+    assert stable.theory_warnings(quad.constants) == []
+    dasgd = load_config(overrides={"algorithm": "dasgd", "lr": {"eta": 0.2}})
+    assert any("1/(4·max(L, 1)) = 0.125" in w for w in dasgd.theory_warnings(quad.constants))
 
 
 @pytest.mark.parametrize(
@@ -109,6 +132,15 @@ def test_theory_warnings() -> None:
         (["-N", "9"], "N = 9 > n − f"),
         (["--problem", "nope"], "unknown problem"),
         (["--config", "/nonexistent.toml"], "does not exist"),
+        (["--algorithm", "dasgd", "--topology", "star"], "unknown topology 'star'"),
+        (["--algorithm", "dasgd", "--topology", "random-regular:3", "-n", "7"], "n·d even"),
+        (["--algorithm", "easgd", "--alpha", "1.5"], "elastic.alpha"),
+        (["--algorithm", "easgd", "--center", "9.0"], "no cluster 9"),
+        (["--algorithm", "easgd", "-n", "1", "-m", "1"], "a center and at least one worker"),
+        (["--algorithm", "easgd", "-n", "4", "-m", "2", "--beta", "3.5"], "must be < 1"),
+        (["--algorithm", "slack", "--gamma", "0"], "mix.gamma"),
+        (["--algorithm", "dasgd", "--set", "lr.schedule=inverse_time"], "fixed η"),
+        (["--set", "nonsense"], "expected FIELD=VALUE"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
@@ -256,3 +288,39 @@ def test_node_config_precedence_and_errors(tmp_path: Path, monkeypatch: pytest.M
         load_node_config(None, {"quorum": 9})
     with pytest.raises(ConfigError, match="repeat an address"):
         load_node_config(None, {"peers": ["127.0.0.1:7001"]})
+
+
+@pytest.mark.parametrize(
+    "algorithm", ["dasgd", "easgd", "eamsgd", "mdownpour", "reduced_frequency", "async_gossip"]
+)
+def test_cli_simulates_the_other_papers(algorithm: str, tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "-q",
+            "--algorithm",
+            algorithm,
+            "-n",
+            "5",
+            "-m",
+            "5",
+            "-T",
+            "20",
+            "--lr",
+            "0.01",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "status: finished" in res.output and "stationary" in res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["algorithm"] == algorithm
+    assert summary["stationary_distance"] >= 0
+    if algorithm == "dasgd":
+        assert "S_max" in res.output and "Ŝ_max" in res.output
+        st = summary["staleness"]
+        assert st["S_max"] <= st["S_hat_max"] and st["S_avg"] <= st["S_hat_avg"]
+    else:
+        assert summary["staleness"] is None
