@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from peerlearn import __version__
 from peerlearn.config import RunConfig, load_config
+from peerlearn.console import err, out
+from peerlearn.console import fail as _fail
 from peerlearn.errors import ConfigError, PeerlearnError
 from peerlearn.mixing_cli import mixing
 
@@ -27,13 +28,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)
-out = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
 
 
 def _version(value: bool) -> None:

@@ -16,7 +16,7 @@ import math
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -45,30 +45,21 @@ __all__ = [
     "read_toml",
 ]
 
-#: every algorithm, by paper (the README's algorithm table lists them with their parameters)
-ATTIYA_SCHILLER = ("alg1", "alg2", "maa")
-DASGD = ("dasgd",)
-ELASTIC = ("easgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
-MIXML = (
-    "allreduce",
-    "local_steps",
-    "reduced_frequency",
-    "slack",
-    "sync_gossip",
-    "async_gossip",
-)
-ALGORITHMS = ATTIYA_SCHILLER + DASGD + ELASTIC + MIXML
 Algorithm = Literal[
+    # Attiya–Schiller
     "alg1",
     "alg2",
     "maa",
+    # Tosi–Theobald
     "dasgd",
+    # Zhang–Choromanska–LeCun, and MixML's asynchronous parameter server
     "easgd",
     "async_easgd",
     "eamsgd",
     "downpour",
     "mdownpour",
     "async_ps",
+    # Lu–Nash–De Sa (MixML)
     "allreduce",
     "local_steps",
     "reduced_frequency",
@@ -76,6 +67,10 @@ Algorithm = Literal[
     "sync_gossip",
     "async_gossip",
 ]
+#: every algorithm, by paper (the README's algorithm table lists them with their parameters)
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+ATTIYA_SCHILLER = ("alg1", "alg2", "maa")
+ELASTIC = ("easgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
 #: algorithms whose processes talk over a topology (the others talk to everyone or a center)
 TOPOLOGY_ALGORITHMS = ("dasgd", "sync_gossip", "async_gossip")
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from peerlearn.console import err, out
+from peerlearn.console import fail as _fail
 from peerlearn.errors import PeerlearnError
 
 if TYPE_CHECKING:
@@ -24,14 +25,6 @@ __all__ = ["PLOT_NS", "mixing"]
 
 PLOT_NS = (2, 4, 8, 16, 32)
 DEFAULT_RUNS = 1000
-
-err = Console(stderr=True, soft_wrap=True)
-out = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
 
 
 def _label(proto: MixingProtocol) -> str:

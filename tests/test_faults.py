@@ -90,6 +90,15 @@ async def test_bad_input_closes_that_connection_counts_it_and_training_goes_on()
         assert target.state is DaemonState.RUNNING
 
 
+def _cut_every_link(cluster: LocalCluster) -> None:
+    """Abort every outbound connection of every daemon (they reconnect with backoff)."""
+    for d in cluster.daemons:
+        assert d.transport is not None
+        for link in d.transport.links:
+            if link._proto is not None and link._proto.transport is not None:
+                link._proto.transport.abort()
+
+
 async def test_links_cut_and_restored_lose_no_message() -> None:
     """Alg 1 with N = n needs every message of every iteration: a single lost frame would block
     it for good. Cut every connection twice mid-run; the run still finishes."""
@@ -98,11 +107,7 @@ async def test_links_cut_and_restored_lose_no_message() -> None:
     ) as cluster:
         for cut_at in (30, 80):
             await cluster.wait_for(lambda at=cut_at: cluster.min_step() > at)  # type: ignore[misc]
-            for d in cluster.daemons:
-                assert d.transport is not None
-                for link in d.transport.links:
-                    if link._proto is not None and link._proto.transport is not None:
-                        link._proto.transport.abort()
+            _cut_every_link(cluster)
         await cluster.wait_until_finished()
         assert all(w.state is WorkerState.FINISHED for d in cluster.daemons for w in d.workers)
         assert sum(d.stats.reconnects for d in cluster.daemons) >= 6
@@ -126,11 +131,7 @@ async def test_dasgd_applies_every_gradient_once_across_reconnects() -> None:
     ) as cluster:
         for cut_at in (200, 500):  # local steps: each node applies 6 × 150 gradients
             await cluster.wait_for(lambda at=cut_at: cluster.min_step() > at)  # type: ignore[misc]
-            for d in cluster.daemons:
-                assert d.transport is not None
-                for link in d.transport.links:
-                    if link._proto is not None and link._proto.transport is not None:
-                        link._proto.transport.abort()
+            _cut_every_link(cluster)
         await cluster.wait_until_finished()
         assert sum(d.stats.reconnects for d in cluster.daemons) >= 6
         config = cluster.daemons[0].run_cfg
