@@ -205,13 +205,17 @@ def simulate(
         prob = build_problem(cfg)
     except PeerlearnError as exc:
         raise _fail(str(exc)) from None
+    warnings = cfg.unused_settings()
     if prob is not None:
-        for warning in cfg.theory_warnings(prob.constants):
-            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        warnings += cfg.theory_warnings(prob.constants)
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     rounds, inner = cfg.agreement_rounds()
     described = (
         f"{cfg.algorithm} on {cfg.problem.name if prob else f'random inputs (d={cfg.dim})'}: "
-        f"n={cfg.processes}, m={cfg.clusters}, N={cfg.n_quorum}, f={cfg.failures}, T={cfg.steps}"
+        f"n={cfg.processes}, m={cfg.clusters}, "
+        + (f"N={cfg.n_quorum}, " if cfg.algorithm in ("alg1", "alg2") else "")
+        + f"f={cfg.failures}, T={cfg.steps}"
     )
     if cfg.algorithm in ("alg2", "maa"):
         described += f", agreement R={rounds}×{inner} ({cfg.maa.aggregator})"
@@ -327,6 +331,8 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} was set to a value, not a table")
         node[leaf] = value
     return out
 

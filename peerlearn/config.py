@@ -18,7 +18,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from peerlearn.algorithms import Aggregator, Constant, InverseTime, Schedule, maa_rounds
 from peerlearn.algorithms.easgd_theory import beta_max
@@ -27,6 +34,7 @@ from peerlearn.faults import CrashSpec, parse_crash
 from peerlearn.membership import Membership
 from peerlearn.problems.base import Constants
 from peerlearn.topology import Topology, make_topology
+from peerlearn.wire.messages import MAX_TAG_LEN
 
 __all__ = [
     "ALGORITHMS",
@@ -149,6 +157,18 @@ class ElasticConfig(_Frozen):
 
     center: str = "0.0"
     alpha: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @field_validator("center", mode="before")
+    @classmethod
+    def _name_not_number(cls, value: Any) -> Any:
+        # `--set elastic.center=1.10` parses as the float 1.1: say so rather than guess
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(
+                f'a process name is a string like "1.0", got the number {value!r} '
+                "(quote it: --set 'elastic.center=\"1.0\"')"
+            )
+        return value
+
     beta: float = Field(0.9, gt=0.0)
     tau: int = Field(1, ge=1)
     delta: float = Field(0.9, ge=0.0, lt=1.0)
@@ -223,11 +243,18 @@ class RunConfig(_Frozen):
                 )
         if self.sim.stragglers > self.processes:
             raise ValueError("more stragglers than processes")
-        if self.algorithm not in ATTIYA_SCHILLER and self.lr.schedule == "inverse_time":
+        if self.algorithm not in ATTIYA_SCHILLER and self.lr.schedule != "constant":
             raise ValueError(
                 f"{self.algorithm} is analysed with a fixed η: use lr.schedule = constant (DASGD "
                 "needs it: every node must apply every gradient with the same η)"
             )
+        if self.algorithm == "dasgd" and self.processes > MAX_TAG_LEN - 3:
+            raise ValueError(
+                f"dasgd carries a version vector of n integers in every gradient's tag: "
+                f"n ≤ {MAX_TAG_LEN - 3}"
+            )
+        if self.elastic.alpha is not None and "beta" in self.elastic.model_fields_set:
+            raise ValueError("set elastic.alpha or elastic.beta (β = pα), not both")
         if self.algorithm in ELASTIC:
             if self.processes < 2:
                 raise ValueError(f"{self.algorithm} needs a center and at least one worker")
@@ -365,6 +392,42 @@ class RunConfig(_Frozen):
         if big_n > n - self.failures:
             out.append("N > n − f")  # unreachable: refused at validation
         out += self._other_warnings(constants)
+        return out
+
+    def unused_settings(self) -> list[str]:
+        """Settings that differ from their defaults but mean nothing to this algorithm (a
+        config shared between algorithms): warned about, not refused."""
+        algo, out = self.algorithm, []
+
+        def changed(section: BaseModel, name: str) -> bool:
+            default = type(section).model_fields[name].default
+            return bool(getattr(section, name) != default)
+
+        def note(what: str, applies: tuple[str, ...]) -> None:
+            out.append(f"{what} is ignored by {algo} (it applies to {', '.join(applies)})")
+
+        if self.topology is not None and algo not in TOPOLOGY_ALGORITHMS:
+            note("topology", TOPOLOGY_ALGORITHMS)
+        momentum = ("eamsgd", "mdownpour")
+        periodic = ("easgd", "async_easgd", "eamsgd", "downpour")
+        for name, applies in (
+            ("center", ELASTIC),
+            ("alpha", ELASTIC),
+            ("beta", ELASTIC),
+            ("tau", periodic),
+            ("delta", momentum),
+        ):
+            if changed(self.elastic, name) and algo not in applies:
+                note(f"elastic.{name}", applies)
+        if changed(self.mix, "period") and algo not in ("local_steps", "reduced_frequency"):
+            note("mix.period", ("local_steps", "reduced_frequency"))
+        if changed(self.mix, "gamma") and algo != "slack":
+            note("mix.gamma", ("slack",))
+        if self.quorum is not None and algo not in ("alg1", "alg2"):
+            note("quorum", ("alg1", "alg2"))
+        for name in ("aggregator", "q", "rounds", "inner_rounds"):
+            if changed(self.maa, name) and algo not in ("alg2", "maa"):
+                note(f"maa.{name}", ("alg2", "maa"))
         return out
 
     def _other_warnings(self, constants: Constants) -> list[str]:

@@ -171,6 +171,8 @@ def mixing(
         written = _fig3(plot, protocol, params, runs or DEFAULT_RUNS, seed) if plot else None
     except PeerlearnError as exc:
         raise _fail(str(exc)) from None
+    except OSError as exc:  # the plot's directory or file
+        raise _fail(f"cannot write the plot {plot}: {exc.strerror or exc}") from None
     if json_out:
         typer.echo(json.dumps(result))
     else:

@@ -114,7 +114,7 @@ def _other_program(cfg: RunConfig, x1: Vector, pid: int) -> Program:
     steps, n, algo = cfg.steps, cfg.processes, cfg.algorithm
     eta = cfg.schedule()(1)  # fixed η (validated)
     if algo == "dasgd":
-        return dasgd(pid, n, x1, eta, steps, cfg.graph.neighbours[pid])
+        return dasgd(pid, x1, eta, steps, cfg.graph.neighbours)
     if algo in ("allreduce", "local_steps", "reduced_frequency", "slack"):
         gamma = cfg.mix.gamma if algo == "slack" else 1.0
         return averaging(x1, steps, eta, n, cfg.mix_period, gamma)

@@ -141,6 +141,10 @@ def test_theory_warnings() -> None:
         (["--algorithm", "slack", "--gamma", "0"], "mix.gamma"),
         (["--algorithm", "dasgd", "--set", "lr.schedule=inverse_time"], "fixed η"),
         (["--set", "nonsense"], "expected FIELD=VALUE"),
+        (["--set", "elastic=1", "--set", "elastic.tau=2"], "elastic was set to a value"),
+        (["--algorithm", "easgd", "--set", "elastic.center=0.1"], "quote it"),
+        (["--algorithm", "easgd", "--alpha", "0.1", "--beta", "0.5"], "not both"),
+        (["--algorithm", "slack", "--set", "lr.schedule=sqrt_n_over_t"], "fixed η"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
@@ -324,3 +328,32 @@ def test_cli_simulates_the_other_papers(algorithm: str, tmp_path: Path) -> None:
         assert st["S_max"] <= st["S_hat_max"] and st["S_avg"] <= st["S_hat_avg"]
     else:
         assert summary["staleness"] is None
+
+
+def test_settings_another_algorithm_uses_are_warned_about() -> None:
+    shared = {"topology": "ring", "elastic": {"tau": 4}, "mix": {"gamma": 0.5}}
+    warnings = load_config(overrides={"algorithm": "alg1", **shared}).unused_settings()
+    assert len(warnings) == 3 and any("elastic.tau is ignored by alg1" in w for w in warnings)
+    # each applies to some algorithm: no warning there
+    assert (
+        load_config(overrides={"algorithm": "downpour", "elastic": {"tau": 4}}).unused_settings()
+        == []
+    )
+    assert load_config(
+        overrides={"algorithm": "mdownpour", "elastic": {"tau": 4}}
+    ).unused_settings()
+    # the documented template (defaults) warns about nothing, whatever the algorithm
+    for algorithm in ("alg1", "dasgd", "slack", "easgd"):
+        cfg = load_config(ROOT / "configs" / "simulate.toml", {"algorithm": algorithm})
+        assert cfg.unused_settings() == []
+    res = CliRunner().invoke(app, ["simulate", "-q", "-T", "3", "--topology", "ring"])
+    assert res.exit_code == 0 and "topology is ignored by alg1" in res.output
+
+
+def test_mixing_plot_to_a_bad_path_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")  # a file where the plot's directory would go
+    res = CliRunner().invoke(
+        app, ["mixing", "-p", "allreduce", "--plot", str(tmp_path / "file" / "x.png")]
+    )
+    assert res.exit_code == 2 and "cannot write the plot" in res.output
+    assert "Traceback" not in res.output

@@ -13,8 +13,11 @@ Messages (all ``Post``, into the inboxes of the node's neighbours in the topolog
 * ``("done", origin, count)`` — ``origin`` computed ``count`` gradients in all.
 
 Relaying (V1) makes any connected topology work: a node forwards every gradient and DONE it
-sees for the first time to its other neighbours on arrival, and drops copies it already saw
-(dedupe by ``(origin, seq)``), so each gradient is applied exactly once everywhere.
+sees for the first time to its neighbours on arrival, and drops copies it already saw (dedupe
+by ``(origin, seq)``), so each gradient is applied exactly once everywhere. It skips the
+origin's own neighbours, which the origin posted to directly (links lose nothing): along a
+shortest path from the origin every node is either one of those or the next hop of a relayer,
+so flooding still reaches everybody — and on the complete graph nothing is relayed at all.
 
 Version vectors are exact only when each origin's gradients are applied in sequence order;
 several paths can reorder them, so a gradient that arrives before its predecessor from the
@@ -63,13 +66,16 @@ class _Seen:
 
 def dasgd(
     me: int,
-    n: int,
     x0: Vector,
     eta: float,
     samples: int | None,
-    neighbours: tuple[int, ...],
+    graph: tuple[tuple[int, ...], ...],
 ) -> Generator[Effect, Any, Vector]:
-    """Node ``me`` of ``n``: compute ``samples`` gradients (None: forever), apply everyone's."""
+    """Node ``me`` of ``n = len(graph)``: compute ``samples`` gradients (None: forever), apply
+    everyone's; ``graph[k]`` are node k's neighbours."""
+    n = len(graph)
+    neighbours = graph[me]
+    reached = [frozenset((k, *graph[k])) for k in range(n)]  # what an origin's own post reaches
     x = x0
     t = 0  # local steps = gradients applied
     applied = [0] * n  # version vector of the current state
@@ -82,8 +88,9 @@ def dasgd(
     zeros = np.zeros_like(x0)
     zeros.flags.writeable = False
 
-    def forward(letter: Letter) -> Generator[Effect, Any, None]:
-        others = tuple(k for k in neighbours if k != letter.sender)
+    def forward(letter: Letter, origin: int) -> Generator[Effect, Any, None]:
+        skip = reached[origin]
+        others = tuple(k for k in neighbours if k != letter.sender and k not in skip)
         if others:
             yield Post(others, letter.tag, letter.value)
 
@@ -94,11 +101,11 @@ def dasgd(
             if tag[0] == "done":
                 if origin not in finals:
                     finals[origin] = number
-                    yield from forward(letter)
+                    yield from forward(letter, origin)
                 continue
             if not seen[origin].add(number):
                 continue  # a copy over another path
-            yield from forward(letter)
+            yield from forward(letter, origin)
             held[origin][number] = (tuple(int(v) for v in tag[3:]), letter.value)
             while released[origin] in held[origin]:  # what is in sequence now
                 vv, g = held[origin].pop(released[origin])

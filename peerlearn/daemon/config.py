@@ -181,7 +181,8 @@ class NodeConfig(BaseSettings):
                 processes=n,
                 clusters=self.membership.clusters,
                 cluster_sizes=[d.workers for d in self.all_daemons],
-                quorum=quorum,
+                # N means something to the Attiya–Schiller SGD only (warned about elsewhere)
+                quorum=quorum if self.algorithm in ("alg1", "alg2") else None,
                 steps=self.steps,
                 dim=self.dim,
                 problem=self.problem,
@@ -197,10 +198,12 @@ class NodeConfig(BaseSettings):
     @cached_property
     def fingerprint(self) -> str:
         """Hash of everything that must agree across daemons (run + membership)."""
-        run = self.run.model_dump(mode="json", exclude={"sim", "trace"})
+        # The graph itself, not the topology's spelling: hosts may keep one edge file at
+        # different paths, and two files at one path may differ.
+        run = self.run.model_dump(mode="json", exclude={"sim", "trace", "topology"})
         daemons = [d.model_dump() for d in self.all_daemons]
         extra: dict[str, Any] = {}
-        if self.run.algorithm in TOPOLOGY_ALGORITHMS:  # an edge file may differ between hosts
+        if self.run.algorithm in TOPOLOGY_ALGORITHMS:
             extra["graph"] = self.run.graph.edges()
         blob = json.dumps({"run": run, "daemons": daemons, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]

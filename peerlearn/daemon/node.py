@@ -222,6 +222,11 @@ class Daemon:
             self.peer_port,
             self.api_port,
         )
+        for warning in self.run_cfg.unused_settings():
+            log.warning("%s", warning)
+        if self.problem is not None:
+            for warning in self.run_cfg.theory_warnings(self.problem.constants):
+                log.warning("%s", warning)
         return self
 
     async def _start_api(self) -> None:

@@ -138,8 +138,10 @@ class Transport:
         """One frame to daemon ``cluster`` for its processes ``to`` (into their inbox queues
         if ``post``)."""
         link = self._by_cluster.get(cluster)
-        if link is not None:
-            link.offer(tag, sender, step, value, to, post)
+        if link is None:  # membership lists the cluster, the config no address: counted
+            self.stats.drop("no_link")
+            return
+        link.offer(tag, sender, step, value, to, post)
 
     def release_producers(self) -> None:
         """Shutdown: no worker may stay blocked on a full link (see OutLink.release_producers)."""

@@ -84,7 +84,7 @@ MAX_REASON: Final = 1024  # Refuse / Bye reasons: room for two fingerprints and 
 # Tags are (kind, t), (kind, t, r), (kind, t, r, k) — and DASGD's (kind, origin, seq, step,
 # version vector…), one int per process: the header cap bounds the rest.
 MAX_TAG_LEN: Final = 4096
-MAX_RECIPIENTS: Final = 2**16
+MAX_RECIPIENTS: Final = 4096  # with MAX_TAG_LEN, far below MAX_HEADER for realistic ids
 MAX_DIMS: Final = 4
 MAX_BODY_DEPTH: Final = 8  # nesting of a Control body
 
