@@ -4,7 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench clean system-deps
+
+# Real servers the tests start (Debian packages): command:package. Installed when missing and
+# possible (root with apt); otherwise the tests that need them skip and say why.
+SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus docker-compose:docker-compose \
+                chromium:chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -22,10 +27,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check peerlearn tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | xargs); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	else echo "note: $$missing missing (needs root and apt): tests using them are skipped"; fi
+
+test: lint system-deps
 	$(BIN)/pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-deps
 	$(BIN)/pytest -q -m slow -o addopts='--strict-markers'
 
 bench: $(STAMP)
