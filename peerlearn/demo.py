@@ -9,6 +9,7 @@ rate and the same number of gradient evaluations, and a PNG plot is written.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,12 @@ def _messages(cluster: LocalCluster) -> list[int]:
 async def _run(s: DemoSettings, console: Console) -> tuple[list[_Sample], LocalCluster, float]:
     samples: list[_Sample] = []
     async with local_cluster(s.daemons, workers=s.workers, **s.node_fields()) as cluster:
+        run, problem = cluster.daemons[0].run_cfg, cluster.daemons[0].problem
+        warnings = run.unused_settings() + (
+            run.theory_warnings(problem.constants) if problem is not None else []
+        )
+        for warning in warnings:
+            console.print(f"[yellow]note:[/] {warning}", highlight=False)
         started = time.monotonic()
         urls = "\n".join(f"  daemon {i}: {u}/metrics" for i, u in enumerate(cluster.urls))
         console.print(f"metrics:\n{urls}")
@@ -132,7 +139,15 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
         f"[bold]peerlearn demo[/]: {s.algorithm} on {s.problem}, {s.daemons} daemons × "
         f"{s.workers} workers on 127.0.0.1, {s.duration:.0f}s"
     )
-    samples, cluster, seconds = uvloop.run(_run(s, console))
+    # The live table is the interface: the daemons' own start-up warnings (one per daemon)
+    # would tear it, so they are said once here and the daemons log errors only.
+    logger = logging.getLogger("peerlearn")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        samples, cluster, seconds = uvloop.run(_run(s, console))
+    finally:
+        logger.setLevel(level)
     if s.algorithm == "maa":
         return _agreement_result(cluster, seconds, console)
     problem = make_problem(s.problem)

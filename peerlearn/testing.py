@@ -143,7 +143,7 @@ async def local_cluster(
                 "peers": [a for a in addrs if a != addrs[i]],
                 "api": "127.0.0.1:0",
                 "workers": workers,
-                "eval_every": 0.2,
+                "eval_every": 1,
                 **fields,
             },
         )

@@ -74,6 +74,7 @@ def cluster_maa(
         yield Report("agreement", x, key=(instance, r, None))
         y = yield from smmaa(x, (instance, r), inner_rounds, aggregator)
         rcv = yield Exchange(("maa", instance, r), y, MajorityOfClusters())
+        yield Report("agreement_received", rcv, key=(instance, r))  # for measured contraction
         x = _aggregate(aggregator, [m.value for m in rcv], y)
     yield Report("agreement", x, key=(instance, rounds + 1, None))
     return x

@@ -108,7 +108,15 @@ class NodeConfig(BaseSettings):
     drain_timeout: float = Field(
         5.0, ge=0, description="at shutdown: time for queued frames to reach their peers"
     )
-    eval_every: float = Field(1.0, gt=0, description="seconds between loss evaluations")
+    eval_every: int = Field(10, ge=1, description="steps between a worker's loss evaluations")
+    eval_batch: int = Field(256, ge=1, description="examples in the fixed evaluation batch")
+    snapshot_every: float = Field(
+        5.0,
+        ge=0,
+        description="seconds between model snapshots sent to peers, for the global consensus "
+        "distance of algorithms that never send models (DASGD, centers); 0: off",
+    )
+    metrics: bool = Field(True, description="export metrics (off: for measuring their cost)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod

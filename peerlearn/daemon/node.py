@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 
+from peerlearn.algorithms import diam2
 from peerlearn.control.app import build_app
 from peerlearn.control.metrics import DaemonMetrics, Snapshot, WorkerSample
 from peerlearn.daemon.config import NodeConfig, parse_address
@@ -46,7 +47,9 @@ __all__ = ["Daemon", "DaemonState"]
 log = logging.getLogger(__name__)
 
 #: tag kinds whose values are models (used for the global consensus distance)
-_MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired")
+_MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired", "snapshot")
+#: algorithms whose messages carry no worker models: their daemons send snapshots instead
+_SNAPSHOT_ALGORITHMS = ("dasgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
 
 
 class DaemonState(StrEnum):
@@ -88,6 +91,9 @@ class _Router:
             self.transport.send(cluster, tag, sender, step, value, tuple(pids), post)
 
     def deliver(self, data: Data) -> None:
+        if data.tag[0] == "snapshot":  # for the global consensus distance only
+            self._d._heard[data.sender] = (time.monotonic(), data.value)
+            return
         if data.to or data.post:
             pids = data.to or self._d.pids
             self._d._deliver_to(pids, data.tag, data.sender, data.value, data.step, data.post)
@@ -123,10 +129,25 @@ class Daemon:
         }
         self.router = _Router(self)
         self.stats = TransportStats()
-        self.metrics = DaemonMetrics(self._snapshot)
+        self.metrics = DaemonMetrics(
+            self._snapshot,
+            {
+                "algorithm": self.run_cfg.algorithm,
+                "problem": self.run_cfg.problem.name if self.problem is not None else "",
+                "cluster": str(self.me.cluster),
+                "clusters": str(self.membership.clusters),
+                "processes": str(self.membership.processes),
+                "workers": str(len(self.pids)),
+                "fingerprint": cfg.fingerprint,
+            },
+        )
         self.put_counts: dict[Put, int] = dict.fromkeys(Put, 0)
         self._heard: dict[int, tuple[float, Vector]] = {}
-        self._losses: dict[int, tuple[int, float]] = {}
+        self._losses: dict[int, tuple[int, float]] = {}  # pid -> (step, loss at that step)
+        self._eval_due: dict[int, tuple[int, Vector]] = {}  # pid -> (step, model) to evaluate
+        self._eval_step: dict[int, int] = {}  # pid -> step of its last evaluation request
+        self._eval_wanted = asyncio.Event()
+        self._spread: dict[int, tuple[Any, int, float]] = {}  # pid -> (instance, round, diam²)
         self._agreement_rounds = 0
         self._rounds = self.run_cfg.agreement_rounds()[0]
         self._counters = threading.Lock()
@@ -158,6 +179,7 @@ class Daemon:
         self._api: uvicorn.Server | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._monitor_task: asyncio.Task[None] | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
         self._listen_socket = listen_socket
         self._stop_requested = asyncio.Event()
         self.progress = asyncio.Event()
@@ -213,6 +235,12 @@ class Daemon:
             w.start()
         self.state = DaemonState.RUNNING
         self._monitor_task = self._tasks.create_task(self._monitor(), name="monitor")
+        if (
+            self.cfg.metrics
+            and self.cfg.snapshot_every > 0
+            and self.run_cfg.algorithm in _SNAPSHOT_ALGORITHMS
+        ):
+            self._snapshot_task = self._tasks.create_task(self._snapshots(), name="snapshots")
         log.info(
             "daemon %s: cluster %d of %d, workers %s, peers on :%s, API on :%s",
             self.cfg.run.algorithm,
@@ -285,11 +313,12 @@ class Daemon:
             await self.transport.close()
         if self._api is not None:
             self._api.should_exit = True
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
+        for task in (self._monitor_task, self._snapshot_task):
+            if task is not None:
+                task.cancel()
         if self._tasks is not None:  # links end once closed, the API once told to exit
             await self._tasks.__aexit__(None, None, None)
-        await self._evaluate()
+        await self._evaluate(final=True)
         self.state = DaemonState.STOPPED
         self._stopped.set()
         log.info("daemon stopped: %s", self.summary())
@@ -303,10 +332,30 @@ class Daemon:
     # --- the monitor --------------------------------------------------------------------------
 
     async def _monitor(self) -> None:
-        """Periodic work: loss evaluation."""
+        """Loss evaluation, off the workers' threads: whenever a worker went ``eval_every``
+        steps since its last evaluation, its model at that step is evaluated on the fixed
+        evaluation batch."""
         while True:
+            await self._eval_wanted.wait()
+            self._eval_wanted.clear()
             await self._evaluate()
-            await asyncio.sleep(self.cfg.eval_every)
+
+    async def _snapshots(self) -> None:
+        """Every ``snapshot_every`` seconds, each local worker's model to every peer daemon —
+        for algorithms whose messages carry no models, so that peers can compute the global
+        consensus distance. The frames are counted like any other (kind ``snapshot``)."""
+        transport = self.transport
+        assert transport is not None
+        while True:
+            await asyncio.sleep(self.cfg.snapshot_every)
+            models = [(w.pid, w.step, w.x) for w in self.workers if w.x is not None]
+            # offer() may wait (bounded) for room on a full link: not on the event loop
+            await asyncio.to_thread(self._send_snapshots, transport, models)
+
+    @staticmethod
+    def _send_snapshots(transport: Transport, models: list[tuple[int, int, Vector]]) -> None:
+        for pid, step, x in models:
+            transport.broadcast(("snapshot", step), pid, step, x)
 
     def _on_worker_exit(self, worker: Worker) -> None:  # on the worker's thread
         self._loop.call_soon_threadsafe(self._worker_exited)
@@ -319,22 +368,31 @@ class Daemon:
             self._tasks.create_task(self._finished(), name="finished")
 
     async def _finished(self) -> None:
-        await self._evaluate()  # the final models' losses, for the summary and /status
+        await self._evaluate(final=True)  # the final models' losses, for the summary and /status
         log.info("every local worker is done: %s", self.summary())
         if self.cfg.exit_on_finish:
             self.request_stop("finished (exit_on_finish)")
 
-    async def _evaluate(self) -> None:
+    async def _evaluate(self, final: bool = False) -> None:
+        """Evaluate the models that are due (``final``: every worker's current model)."""
         problem = self.problem
-        if problem is None:
+        if problem is None or not self.cfg.metrics:
             return
+        with self._counters:
+            due = dict(self._eval_due)
+            self._eval_due.clear()
+        if final:
+            due |= {w.pid: (w.step, w.x) for w in self.workers if w.x is not None}
         todo = [
-            (w.pid, w.step, w.x)
-            for w in self.workers
-            if w.x is not None and self._losses.get(w.pid, (-1, 0.0))[0] != w.step
+            (pid, step, x)
+            for pid, (step, x) in due.items()
+            if self._losses.get(pid, (-1, 0.0))[0] != step
         ]
         if todo:
-            values = await asyncio.to_thread(lambda: [problem.loss(x) for _, _, x in todo])
+            batch = self.cfg.eval_batch
+            values = await asyncio.to_thread(
+                lambda: [problem.eval_loss(x, batch) for _, _, x in todo]
+            )
             for (pid, step, _), value in zip(todo, values, strict=True):
                 self._losses[pid] = (step, value)
 
@@ -342,10 +400,12 @@ class Daemon:
 
     def _fan_out(self, tag: Tag, msg: Msg, step: int) -> None:
         # Called from every local worker thread and the event loop: counters under a lock.
+        observe = self.cfg.metrics
         for w in self.workers:
             outcome = self.mailboxes[w.pid].put(tag, msg)
             if outcome is Put.STORED:
-                self.metrics.staleness.observe(w.step - step)
+                if observe:
+                    self.metrics.staleness.observe(w.step - step)
             elif outcome is not Put.DUPLICATE:
                 self.stats.drop(str(outcome))
             with self._counters:
@@ -367,14 +427,40 @@ class Daemon:
             with self._counters:
                 self.put_counts[outcome] += 1
 
-    def _on_report(self, worker: Worker, rep: Report) -> None:
-        if rep.name == "agreement" and rep.key[2] is None and rep.key[1] <= self._rounds:
+    def _on_report(self, worker: Worker, rep: Report) -> None:  # on the worker's thread
+        name = rep.name
+        if name == "model":
+            if self.cfg.metrics and rep.step - self._eval_step.get(worker.pid, -(2**62)) >= (
+                self.cfg.eval_every
+            ):
+                self._eval_step[worker.pid] = rep.step
+                with self._counters:
+                    self._eval_due[worker.pid] = (rep.step, rep.value)
+                self._loop.call_soon_threadsafe(self._eval_wanted.set)
+            if self._watched:
+                self._loop.call_soon_threadsafe(self.progress.set)
+        elif name == "agreement" and rep.key[2] is None and rep.key[1] <= self._rounds:
             with self._counters:  # a cluster round begins (round R + 1 is the output)
                 self._agreement_rounds += 1
-        elif rep.name == "staleness":
+        elif not self.cfg.metrics:
+            return
+        elif name == "staleness":
             self.metrics.gradient_staleness.observe(rep.value)
-        elif rep.name == "model" and self._watched:
-            self._loop.call_soon_threadsafe(self.progress.set)
+        elif name == "agreement_received":
+            self._contraction(worker.pid, rep)
+
+    def _contraction(self, pid: int, rep: Report) -> None:
+        """Per worker: diam² of the values it received in cluster round r + 1 over that of
+        round r of the same agreement instance (Lemma 19's factor, measured)."""
+        instance, r = rep.key
+        values = [m.value for m in rep.value]
+        spread = diam2(values)
+        # Values that agree to rounding carry no contraction to measure (0/0 or noise/noise)
+        floor = 1e-20 * max(float(v @ v) for v in values)
+        last = self._spread.get(pid)
+        self._spread[pid] = (instance, r, spread if spread > floor else 0.0)
+        if last is not None and last[0] == instance and last[1] == r - 1 and last[2] > 0:
+            self.metrics.contraction.observe(spread / last[2])
 
     def watch(self) -> asyncio.Event:
         """An event set whenever a local worker completes an iteration (for waiters such as

@@ -63,6 +63,12 @@ class Problem(ABC):
         """Constants the bounds need; fields are ``None`` where unknown."""
         return Constants()
 
+    def eval_loss(self, x: Vector, batch: int) -> float:
+        """The loss on a fixed evaluation batch of at most ``batch`` examples — what a daemon
+        exports as ``peerlearn_loss``: cheap, and comparable across workers and time because
+        the batch never changes. Problems without data evaluate the exact loss."""
+        return self.loss(x)
+
     def evaluate(self, x: Vector) -> dict[str, float]:
         """Extra quality figures for reports (e.g. test accuracy); empty by default."""
         return {}
