@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: tag kinds whose values are models (used for the global consensus distance)
 _MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired", "snapshot")
+#: seconds between the monitor's evaluation ticks
+_EVAL_TICK = 0.2
 #: algorithms whose messages carry no worker models: their daemons send snapshots instead
 _SNAPSHOT_ALGORITHMS = ("dasgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
 
@@ -146,7 +148,6 @@ class Daemon:
         self._losses: dict[int, tuple[int, float]] = {}  # pid -> (step, loss at that step)
         self._eval_due: dict[int, tuple[int, Vector]] = {}  # pid -> (step, model) to evaluate
         self._eval_step: dict[int, int] = {}  # pid -> step of its last evaluation request
-        self._eval_wanted = asyncio.Event()
         self._spread: dict[int, tuple[Any, int, float]] = {}  # pid -> (instance, round, diam²)
         self._agreement_rounds = 0
         self._rounds = self.run_cfg.agreement_rounds()[0]
@@ -333,11 +334,11 @@ class Daemon:
 
     async def _monitor(self) -> None:
         """Loss evaluation, off the workers' threads: whenever a worker went ``eval_every``
-        steps since its last evaluation, its model at that step is evaluated on the fixed
-        evaluation batch."""
+        steps since its last evaluation, its model at that step is kept, and evaluated on the
+        fixed evaluation batch at the next of these ticks — a few wake-ups a second whatever
+        the step rate (one per evaluation measurably slowed fast runs)."""
         while True:
-            await self._eval_wanted.wait()
-            self._eval_wanted.clear()
+            await asyncio.sleep(_EVAL_TICK)
             await self._evaluate()
 
     async def _snapshots(self) -> None:
@@ -436,7 +437,6 @@ class Daemon:
                 self._eval_step[worker.pid] = rep.step
                 with self._counters:
                     self._eval_due[worker.pid] = (rep.step, rep.value)
-                self._loop.call_soon_threadsafe(self._eval_wanted.set)
             if self._watched:
                 self._loop.call_soon_threadsafe(self.progress.set)
         elif name == "agreement" and rep.key[2] is None and rep.key[1] <= self._rounds:
