@@ -291,7 +291,18 @@ def test_node_config_precedence_and_errors(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(ConfigError, match=r"quorum N = 9 > n − f"):
         load_node_config(None, {"quorum": 9})
     with pytest.raises(ConfigError, match="repeat an address"):
-        load_node_config(None, {"peers": ["127.0.0.1:7001"]})
+        load_node_config(None, {"peers": ["127.0.0.1:7002", "127.0.0.1:7002"]})
+    # every daemon may share one list that names itself too (listen defaults to :7001)
+    shared = load_node_config(None, {"peers": ["127.0.0.1:7002", "127.0.0.1:7001"]})
+    assert [d.address for d in shared.all_daemons] == ["127.0.0.1:7001", "127.0.0.1:7002"]
+    # from the environment: comma-separated or JSON; an empty PEERLEARN_STEPS is unlimited
+    monkeypatch.setenv("PEERLEARN_PEERS", "127.0.0.1:7002, 127.0.0.1:7003")
+    monkeypatch.setenv("PEERLEARN_STEPS", "")
+    env = load_node_config(None)
+    assert env.peers == ["127.0.0.1:7002", "127.0.0.1:7003"] and env.steps is None
+    monkeypatch.setenv("PEERLEARN_PEERS", '["127.0.0.1:7002"')
+    with pytest.raises(ConfigError, match="not a JSON list"):
+        load_node_config(None)
 
 
 @pytest.mark.parametrize(

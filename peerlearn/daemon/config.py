@@ -16,11 +16,17 @@ import json
 from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from peerlearn.config import (
     TOPOLOGY_ALGORITHMS,
@@ -89,7 +95,11 @@ class NodeConfig(BaseSettings):
 
     # --- membership ---------------------------------------------------------------------------
     daemons: list[DaemonSpec] = Field(default_factory=list)
-    peers: list[str] = Field(default_factory=list, description="short form: other addresses")
+    peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="short form: the daemons' addresses (this one's may be listed too); in "
+        "the environment comma-separated or a JSON list",
+    )
     workers: int = Field(2, ge=1, description="worker threads (processes) of this daemon")
     cluster: int | None = Field(None, ge=0, description="this daemon's cluster id")
 
@@ -145,9 +155,10 @@ class NodeConfig(BaseSettings):
                 )
             return tuple(specs)
         me = self.advertise or self.listen
+        if len(set(self.peers)) != len(self.peers):
+            raise ConfigError(f"peers {self.peers} repeat an address")
+        # Listing this daemon too is allowed: every daemon of a deployment can share one list.
         addrs = sorted({me, *self.peers}, key=parse_address)
-        if len(addrs) != len(self.peers) + 1:
-            raise ConfigError(f"peers {self.peers} repeat an address or name this daemon ({me})")
         return tuple(
             DaemonSpec(cluster=i, address=a, workers=self.workers) for i, a in enumerate(addrs)
         )
@@ -171,6 +182,28 @@ class NodeConfig(BaseSettings):
     @cached_property
     def membership(self) -> Membership:
         return Membership.of_sizes([d.workers for d in self.all_daemons])
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _peer_list(cls, value: Any) -> Any:
+        """``"a:1,b:2"`` or ``'["a:1", "b:2"]'`` from the environment, a list elsewhere."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list of addresses: {exc}") from None
+            return [p.strip() for p in text.split(",") if p.strip()]
+        return value
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _unlimited(cls, value: Any) -> Any:
+        """``PEERLEARN_STEPS=`` (empty), ``none`` or ``unlimited``: no limit."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited"):
+            return None
+        return value
 
     @cached_property
     def run(self) -> RunConfig:
@@ -244,5 +277,7 @@ def load_node_config(path: Path | None = None, flags: dict[str, Any] | None = No
         return NodeConfig(**(flags or {})).validate_all()
     except ValidationError as exc:
         raise ConfigError(explain(exc)) from None
+    except SettingsError as exc:  # an environment variable pydantic-settings cannot parse
+        raise ConfigError(f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)) from None
     finally:
         _FILE.reset(token)
