@@ -121,6 +121,7 @@ class OutLink:
         self._seq = 0
         self._wakeup = asyncio.Event()  # frames were queued
         self._acked = asyncio.Event()  # an ack arrived
+        self._peer_left = False  # the peer said bye: it stops, nothing more will be acked
         self._stop = asyncio.Event()  # close() was called
         self._closing = False
         self._proto: FrameProtocol | None = None
@@ -353,10 +354,13 @@ class OutLink:
                     self._room.release()
                 self._acked.set()  # a draining close waits on this
             case Welcome() | Refuse():
+                self._peer_left = False
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_result(msg)
             case Bye(reason=reason):
                 log.info("%s said bye: %s", self.name, reason)
+                self._peer_left = True
+                self._acked.set()  # a draining close need not wait for it any longer
                 proto.close()
             case _:
                 self._stats.error("unexpected_message")
@@ -383,13 +387,19 @@ class OutLink:
             if self.state is LinkState.CONNECTED:
                 self.state = LinkState.DRAINING
             deadline = time.monotonic() + self._settings.drain_timeout
-            while self.outstanding and (left := deadline - time.monotonic()) > 0:
+            while (
+                self.outstanding
+                and not self._peer_left
+                and (left := deadline - time.monotonic()) > 0
+            ):
                 self._acked.clear()
                 try:
                     await asyncio.wait_for(self._acked.wait(), left)
                 except TimeoutError:
                     break
-            if self.outstanding:
+            if self.outstanding and self._peer_left:
+                log.info("%s: %d frames not acked: it stopped first", self.name, self.outstanding)
+            elif self.outstanding:
                 log.warning("%s: %d frames not acked at shutdown", self.name, self.outstanding)
         self._closing = True
         self._stop.set()
