@@ -1,18 +1,21 @@
 """The control API of one daemon: thin FastAPI handlers that read runtime state.
 
 ``GET /status``, ``GET /peers``, ``GET /metrics`` (Prometheus text), ``GET /model?worker=i``
-(.npy), ``POST /stop``. The daemon owns the process and its signals; this app only asks it to
-stop. The OpenAPI document is at ``/openapi.json``.
+(.npy), ``POST /stop``; ``GET /``, the live status page (docs/status-page.md), with its script
+and style sheet at ``GET /static/status.js`` and ``/static/status.css``. The daemon owns the
+process and its signals; this app only asks it to stop. The OpenAPI document is at
+``/openapi.json``.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from peerlearn import __version__
@@ -20,6 +23,9 @@ from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.effects import Vector
 
 __all__ = ["ControlTarget", "build_app"]
+
+_STATIC = Path(__file__).with_name("static")
+_ASSETS = {"status.js": "text/javascript", "status.css": "text/css"}
 
 
 class ControlTarget(Protocol):
@@ -38,6 +44,18 @@ class ControlTarget(Protocol):
 
 def build_app(target: ControlTarget) -> FastAPI:
     app = FastAPI(title="peerlearn daemon", version=__version__)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> HTMLResponse:
+        """The live status page: charts of this daemon's /metrics and /status, polled."""
+        return HTMLResponse((_STATIC / "index.html").read_text("utf-8"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        """The status page's script and style sheet."""
+        if name not in _ASSETS:
+            raise HTTPException(404, f"no static file {name!r}")
+        return Response((_STATIC / name).read_text("utf-8"), media_type=_ASSETS[name])
 
     @app.get("/status")
     def status() -> dict[str, Any]:
