@@ -101,8 +101,10 @@ async def _run(s: DemoSettings, console: Console) -> tuple[list[_Sample], LocalC
         for warning in warnings:
             console.print(f"[yellow]note:[/] {warning}", highlight=False)
         started = time.monotonic()
-        urls = "\n".join(f"  daemon {i}: {u}/metrics" for i, u in enumerate(cluster.urls))
-        console.print(f"metrics:\n{urls}")
+        urls = "\n".join(
+            f"  daemon {i}: {u}/  (metrics: {u}/metrics)" for i, u in enumerate(cluster.urls)
+        )
+        console.print(f"status pages (live charts):\n{urls}")
         last, last_t = _messages(cluster), started
         rates: dict[int, float] = {}
         with Live(console=console, refresh_per_second=4, transient=False) as live:

@@ -17,7 +17,7 @@ def test_demo_trains_and_compares_with_sequential_sgd(tmp_path: Path) -> None:
     console = Console(record=True, width=120)
     result = run_demo(DemoSettings(duration=4.0, out=tmp_path), console)
     text = console.export_text()
-    assert "metrics:" in text and "/metrics" in text
+    assert "status pages" in text and "/metrics" in text
     assert "sequential SGD" in text and "test accuracy" in text
     assert result["gradient_evaluations"] > 100
     assert result["test_accuracy"] > 0.85  # digits, softmax regression

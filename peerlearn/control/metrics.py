@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -56,6 +56,7 @@ class DaemonMetrics:
     def __init__(
         self, snapshot: Callable[[], Snapshot], config: Mapping[str, str] | None = None
     ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = CollectorRegistry(auto_describe=True)
         build = {
             "version": __version__,
@@ -69,13 +70,14 @@ class DaemonMetrics:
             registry=self.registry,
         ).labels(**build).set(1)
         config = dict(config or {})
-        Gauge(
+        info = Gauge(
             "peerlearn_config_info",
             "Always 1; the labels say what this daemon runs (the run is the same on every "
             "daemon: compare fingerprints).",
             labelnames=list(config),
             registry=self.registry,
-        ).labels(**config).set(1)
+        )
+        (info.labels(**config) if config else info).set(1)
         self.contraction = Histogram(
             "peerlearn_agreement_contraction",
             "Per worker and cluster-agreement round: diam² of the values received in round r+1 "
@@ -95,7 +97,8 @@ class DaemonMetrics:
             "peerlearn_gradient_staleness",
             "DASGD: tight staleness |S| (Tosi–Theobald Def. 1, the symmetric difference of the "
             "applied gradient sets) of each gradient a worker applied; 0 for its own.",
-            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            # unpaced DASGD on a small problem reaches thousands of gradients of staleness
+            buckets=(0, *(2**k for k in range(15))),
             registry=self.registry,
         )
         self.registry.register(_Collector(snapshot))
@@ -114,6 +117,11 @@ class _Collector(Collector):
             "peerlearn_loss", "Loss of the worker's current model.", labels=["worker"]
         )
         step = GaugeMetricFamily("peerlearn_step", "Worker's current iteration.", labels=["worker"])
+        steps = CounterMetricFamily(
+            "peerlearn_steps",
+            "Iterations the worker completed (its step as a counter, for rate()).",
+            labels=["worker"],
+        )
         lag = GaugeMetricFamily(
             "peerlearn_step_lag",
             "Steps behind the fastest worker this daemon has heard from.",
@@ -121,10 +129,11 @@ class _Collector(Collector):
         )
         for w in s.workers:
             step.add_metric([w.worker], w.step)
+            steps.add_metric([w.worker], max(w.step - 1, 0))
             lag.add_metric([w.worker], w.lag)
             if w.loss is not None:
                 loss.add_metric([w.worker], w.loss)
-        yield from (loss, step, lag)
+        yield from (loss, step, steps, lag)
         cd = GaugeMetricFamily(
             "peerlearn_consensus_distance",
             "(1/n) Σ‖x_i − x̄‖²: host = this daemon's workers (exact); global = with the latest "

@@ -110,7 +110,12 @@ class NodeConfig(BaseSettings):
     exit_on_finish: bool = False
     stall_timeout: float = Field(10.0, gt=0, description="waiting longer: reported blocked")
     peer_timeout: float = Field(10.0, gt=0, description="away longer: flagged in /peers")
-    queue_size: int = Field(4096, ge=1, description="outstanding frames per peer link")
+    queue_size: int = Field(
+        256,
+        ge=1,
+        description="outstanding frames per peer link; the receiving loop works through up to "
+        "this many per link before it answers an API request (4096 made /metrics take seconds)",
+    )
     queue_timeout: float = Field(30.0, gt=0, description="producer's bounded wait for room")
     stop_grace: float = Field(
         5.0, ge=0, description="at shutdown: time for workers to finish their iteration"

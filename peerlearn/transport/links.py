@@ -75,7 +75,7 @@ class LinkState(StrEnum):
 
 @dataclass(frozen=True)
 class LinkSettings:
-    max_queue: int = 4096  # outstanding frames per link (queued + unacked)
+    max_queue: int = 256  # outstanding frames per link (queued + unacked)
     queue_timeout: float = 30.0  # how long a producer may wait for room
     connect_timeout: float = 5.0  # TCP connect + handshake
     backoff_initial: float = 0.05
