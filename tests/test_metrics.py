@@ -41,7 +41,9 @@ async def test_info_series_and_loss_every_eval_every_steps() -> None:
     async with local_cluster(
         2, workers=2, algorithm="alg1", steps=None, problem=QUAD, eval_every=25
     ) as cluster:
-        await cluster.wait_for(lambda: cluster.min_step() > 120)
+        d = cluster.daemons[0]
+        # evaluations run on the monitor's tick, a little after the steps they belong to
+        await cluster.wait_for(lambda: cluster.min_step() > 120 and len(d._losses) == 2)
         text = await _metrics(cluster)
         (build,) = _samples(text, "peerlearn_build_info")
         assert 'version="' in build and 'python="' in build
@@ -49,7 +51,6 @@ async def test_info_series_and_loss_every_eval_every_steps() -> None:
         fingerprint = cluster.daemons[0].cfg.fingerprint
         assert 'algorithm="alg1"' in config and f'fingerprint="{fingerprint}"' in config
         assert len(_samples(text, "peerlearn_loss")) == 2
-        d = cluster.daemons[0]
         for pid, (step, _) in d._losses.items():
             assert step % 25 == 1, (pid, step)  # steps 1, 26, 51, …: every 25 steps
 
