@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -62,10 +63,8 @@ async def _run(fields: dict[str, object], metrics: bool, seconds: float, scrape:
                     for url in cluster.urls:
                         (await client.get(f"{url}/metrics")).raise_for_status()
                         n += 1
-                    try:
+                    with contextlib.suppress(TimeoutError):  # the scrape interval passed
                         await asyncio.wait_for(stop.wait(), scrape)
-                    except TimeoutError:
-                        pass
             return n
 
         task = asyncio.create_task(scraper()) if metrics else None
