@@ -20,6 +20,7 @@ __all__ = [
     "diam2",
     "maa_rounds",
     "mid_ext",
+    "mid_ext_diam2",
     "rounds_for",
 ]
 
@@ -53,13 +54,18 @@ def diam2(values: Sequence[Vector]) -> float:
 
 def mid_ext(values: Sequence[Vector]) -> Vector:
     """MidExtremes: the midpoint of a farthest pair (L303). The identity on one value."""
+    return mid_ext_diam2(values)[0]
+
+
+def mid_ext_diam2(values: Sequence[Vector]) -> tuple[Vector, float]:
+    """MidExtremes and the squared diameter of ``values``, which it finds anyway."""
     if len(values) == 1:
-        return values[0]
+        return values[0], 0.0
     stacked = _stack(values)
     d2 = _pairwise2(stacked)
     a, b = np.unravel_index(int(np.argmax(d2)), d2.shape)
     mid: Vector = (stacked[a] + stacked[b]) / 2.0
-    return mid
+    return mid, float(d2[a, b])
 
 
 def approach_ext(values: Sequence[Vector], own: Vector) -> Vector:

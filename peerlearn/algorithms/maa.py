@@ -6,7 +6,10 @@ rounds of different iterations never mix (spec pitfall 1).
 
 Every value a process holds at the start of a round is reported as ``Report("agreement", v,
 key=(instance, r, k))`` — ``k`` is ``None`` for a cluster round — and the outputs appear as round
-``R + 1``; a trace of these is enough to check contraction and validity offline.
+``R + 1``; a trace of these is enough to check contraction and validity offline. After each
+cluster round's exchange, ``Report("agreement_spread", (diam², ‖x‖²), key=(instance, r))`` gives
+the squared diameter of what the round received (MidExt computes it anyway): a daemon turns
+consecutive rounds into its measured-contraction histogram.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from typing import Any
 
-from peerlearn.algorithms.aggregate import Aggregator, approach_ext, mid_ext
+from peerlearn.algorithms.aggregate import (
+    Aggregator,
+    approach_ext,
+    diam2,
+    mid_ext,
+    mid_ext_diam2,
+)
 from peerlearn.effects import (
     Collect,
     Effect,
@@ -74,7 +83,12 @@ def cluster_maa(
         yield Report("agreement", x, key=(instance, r, None))
         y = yield from smmaa(x, (instance, r), inner_rounds, aggregator)
         rcv = yield Exchange(("maa", instance, r), y, MajorityOfClusters())
-        yield Report("agreement_received", rcv, key=(instance, r))  # for measured contraction
-        x = _aggregate(aggregator, [m.value for m in rcv], y)
+        values = [m.value for m in rcv]
+        if aggregator is Aggregator.MIDEXT:
+            x, spread = mid_ext_diam2(values)  # MidExt finds the diameter anyway
+        else:
+            x, spread = approach_ext(values, y), diam2(values)
+        # diam² of what this round received and the values' scale: the measured contraction
+        yield Report("agreement_spread", (spread, float(x @ x)), key=(instance, r))
     yield Report("agreement", x, key=(instance, rounds + 1, None))
     return x

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from peerlearn.algorithms import diam2
 from peerlearn.control.app import build_app
 from peerlearn.control.metrics import DaemonMetrics, Snapshot, WorkerSample
 from peerlearn.daemon.config import NodeConfig, parse_address
@@ -446,17 +445,16 @@ class Daemon:
             return
         elif name == "staleness":
             self.metrics.gradient_staleness.observe(rep.value)
-        elif name == "agreement_received":
+        elif name == "agreement_spread":
             self._contraction(worker.pid, rep)
 
     def _contraction(self, pid: int, rep: Report) -> None:
         """Per worker: diam² of the values it received in cluster round r + 1 over that of
         round r of the same agreement instance (Lemma 19's factor, measured)."""
         instance, r = rep.key
-        values = [m.value for m in rep.value]
-        spread = diam2(values)
+        spread, norm2 = rep.value  # diam² received, ‖output‖²
         # Values that agree to rounding carry no contraction to measure (0/0 or noise/noise)
-        floor = 1e-20 * max(float(v @ v) for v in values)
+        floor = 1e-20 * norm2
         last = self._spread.get(pid)
         self._spread[pid] = (instance, r, spread if spread > floor else 0.0)
         if last is not None and last[0] == instance and last[1] == r - 1 and last[2] > 0:
