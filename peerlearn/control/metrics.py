@@ -3,20 +3,30 @@
 Each daemon has its own registry (several daemons may share a process: ``peerlearn demo``,
 tests). Hot-path figures live in plain counters (:class:`TransportStats`, the router's
 counters) and worker fields; a custom collector turns them into samples at scrape time, so a
-message costs a counter increment, not a Prometheus call. The staleness histogram is observed
-directly (one ``observe`` per delivered message and receiving worker).
+message costs a counter increment, not a Prometheus call. The two histograms of the hot path
+(staleness per delivered message, DASGD's staleness per applied gradient) are plain bucket
+counts (:class:`Buckets`) turned into histogram samples at scrape time too: a client
+``Histogram.observe`` takes two locks and scans its buckets in Python, which cost a cheap DASGD
+step about a fifth of its CPU (``benchmarks/bench_metrics.py``).
 """
 
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from peerlearn import __version__
 
@@ -86,27 +96,67 @@ class DaemonMetrics:
             buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.875, 23 / 24, 1.0, 1.5, 2.0),
             registry=self.registry,
         )
-        self.staleness = Histogram(
-            "peerlearn_staleness_steps",
-            "Receiver's step minus the step a message was computed at, per delivered message "
-            "(negative: it arrived early and was buffered).",
-            buckets=(-8, -4, -2, -1, 0, 1, 2, 4, 8, 16, 32, 64),
-            registry=self.registry,
-        )
-        self.gradient_staleness = Histogram(
-            "peerlearn_gradient_staleness",
-            "DASGD: tight staleness |S| (Tosi–Theobald Def. 1, the symmetric difference of the "
-            "applied gradient sets) of each gradient a worker applied; 0 for its own.",
-            # unpaced DASGD on a small problem reaches thousands of gradients of staleness
-            buckets=(0, *(2**k for k in range(15))),
-            registry=self.registry,
-        )
-        self.registry.register(_Collector(snapshot))
+        #: per delivered message (the daemon updates it under its counters' lock)
+        self.staleness = Buckets(STALENESS_BOUNDS)
+        #: per applied DASGD gradient, one per worker (each written by its worker thread only)
+        self.gradient_staleness: dict[str, Buckets] = {}
+        self.registry.register(_Collector(snapshot, self))
+
+    def gradient_buckets(self, worker: str) -> Buckets:
+        """The gradient-staleness counts of ``worker`` (made on first use)."""
+        buckets = self.gradient_staleness.get(worker)
+        if buckets is None:
+            buckets = self.gradient_staleness[worker] = Buckets(GRADIENT_STALENESS_BOUNDS)
+        return buckets
+
+
+STALENESS_BOUNDS = (-8, -4, -2, -1, 0, 1, 2, 4, 8, 16, 32, 64)
+# unpaced DASGD on a small problem reaches thousands of gradients of staleness
+GRADIENT_STALENESS_BOUNDS = (0, *(2**k for k in range(15)))
+
+
+class Buckets:
+    """Counts per histogram bucket, its sum and count, for one writer (or under the writer's
+    own lock): ``observe`` is a bisection and three increments, no lock of its own. A scrape
+    reads the counts while they may move — a sample may be one observation behind another,
+    which Prometheus tolerates as it does any concurrent scrape."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def family(
+        self, name: str, documentation: str, parts: list[Buckets], with_sum: bool
+    ) -> HistogramMetricFamily:
+        """``parts`` summed into one histogram family (cumulative buckets)."""
+        counts = [sum(c) for c in zip(*(p.counts for p in parts), strict=True)]
+        running, buckets = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        if with_sum:
+            total = sum(p.total for p in parts)
+            return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
+        # With negative buckets the client library exports no _sum (OpenMetrics); the _count
+        # it keeps, and so does this.
+        family = HistogramMetricFamily(name, documentation, buckets=buckets)
+        family.samples.append(Sample(f"{name}_count", {}, running))
+        return family
 
 
 class _Collector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], metrics: DaemonMetrics) -> None:
         self._snapshot = snapshot
+        self._metrics = metrics
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names are dynamic per scrape; nothing to check at registration
@@ -134,6 +184,22 @@ class _Collector(Collector):
             if w.loss is not None:
                 loss.add_metric([w.worker], w.loss)
         yield from (loss, step, steps, lag)
+        m = self._metrics
+        yield m.staleness.family(
+            "peerlearn_staleness_steps",
+            "Receiver's step minus the step a message was computed at, per delivered message "
+            "(negative: it arrived early and was buffered).",
+            [m.staleness],
+            with_sum=False,
+        )
+        grads = list(m.gradient_staleness.values()) or [Buckets(GRADIENT_STALENESS_BOUNDS)]
+        yield grads[0].family(
+            "peerlearn_gradient_staleness",
+            "DASGD: tight staleness |S| (Tosi–Theobald Def. 1, the symmetric difference of the "
+            "applied gradient sets) of each gradient a worker applied; 0 for its own.",
+            grads,
+            with_sum=True,
+        )
         cd = GaugeMetricFamily(
             "peerlearn_consensus_distance",
             "(1/n) Σ‖x_i − x̄‖²: host = this daemon's workers (exact); global = with the latest "

@@ -145,6 +145,9 @@ class Daemon:
         self.put_counts: dict[Put, int] = dict.fromkeys(Put, 0)
         self._heard: dict[int, tuple[float, Vector]] = {}
         self._losses: dict[int, tuple[int, float]] = {}  # pid -> (step, loss at that step)
+        self._gradient_buckets = {
+            pid: self.metrics.gradient_buckets(self.membership.name(pid)) for pid in self.pids
+        }
         self._eval_due: dict[int, tuple[int, Vector]] = {}  # pid -> (step, model) to evaluate
         self._eval_step: dict[int, int] = {}  # pid -> step of its last evaluation request
         self._spread: dict[int, tuple[Any, int, float]] = {}  # pid -> (instance, round, diam²)
@@ -403,16 +406,15 @@ class Daemon:
         observe = self.cfg.metrics
         for w in self.workers:
             outcome = self.mailboxes[w.pid].put(tag, msg)
-            if outcome is Put.STORED:
-                if observe:
-                    self.metrics.staleness.observe(w.step - step)
-            elif outcome is not Put.DUPLICATE:
+            if outcome is not Put.STORED and outcome is not Put.DUPLICATE:
                 self.stats.drop(str(outcome))
             with self._counters:
                 self.put_counts[outcome] += 1
                 if outcome is Put.STORED:
                     self.staleness_sum += w.step - step
                     self.staleness_count += 1
+                    if observe:
+                        self.metrics.staleness.observe(w.step - step)
 
     def _deliver_to(
         self, pids: Iterable[int], tag: Tag, sender: int, value: Vector, step: int, post: bool
@@ -444,7 +446,7 @@ class Daemon:
         elif not self.cfg.metrics:
             return
         elif name == "staleness":
-            self.metrics.gradient_staleness.observe(rep.value)
+            self._gradient_buckets[worker.pid].observe(rep.value)
         elif name == "agreement_spread":
             self._contraction(worker.pid, rep)
 
