@@ -25,7 +25,8 @@ loops share two cores and one interpreter lock, so the step rate of single runs 
 the steadier figure. Target: the median CPU cost per step (on/off − 1) at most 5 % for every
 algorithm (exit code 1 if not); the step-rate ratio is printed next to it.
 
-Run ``.venv/bin/python benchmarks/bench_metrics.py`` on an idle machine (about 6 min;
+Run ``.venv/bin/python benchmarks/bench_metrics.py`` on an idle machine (about 6 min; add
+``--processes`` for one ``peerlearn run`` process per daemon, as deployed;
 ``--quick``: about 1 min).
 """
 
@@ -33,13 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -108,6 +113,102 @@ async def _run(
         return steps / elapsed, 1000 * cpu / max(steps, 1)
 
 
+def _free_ports(k: int) -> list[int]:
+    socks = [socket.socket() for _ in range(k)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def _flags(fields: dict[str, Any], prefix: str = "") -> list[str]:
+    """Node fields as ``--set`` flags (nested tables dotted)."""
+    out = []
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            out += _flags(value, f"{prefix}{key}.")
+        else:
+            out += ["--set", f"{prefix}{key}={value}"]
+    return out
+
+
+def _proc_cpu(pids: list[int]) -> float:
+    """User + system seconds of the processes ``pids`` so far (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def _steps(api: str) -> int:
+    with urllib.request.urlopen(f"{api}/status", timeout=10) as r:
+        return sum(w["step"] for w in json.load(r)["workers"])
+
+
+def _run_processes(
+    fields: dict[str, Any], metrics: bool, seconds: float, scrape: float
+) -> tuple[float, float]:
+    """(steps per second, CPU ms per step) of three ``peerlearn run`` processes: one
+    interpreter lock per daemon, as deployed."""
+    peers, apis = _free_ports(3), _free_ports(3)
+    addrs = ",".join(f"127.0.0.1:{p}" for p in peers)
+    urls = [f"http://127.0.0.1:{a}" for a in apis]
+    env = {**os.environ, "PEERLEARN_METRICS": "true" if metrics else "false"}
+    daemons = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "peerlearn.cli",
+                "run",
+                "--listen",
+                f"127.0.0.1:{p}",
+                "--api",
+                f"127.0.0.1:{a}",
+                "--peers",
+                addrs,
+                "--workers",
+                "2",
+                "--log-level",
+                "error",
+                *_flags(fields),
+            ],
+            env=env,
+        )
+        for p, a in zip(peers, apis, strict=True)
+    ]
+    scraper = None
+    try:
+        deadline = time.monotonic() + 60
+        for url in urls:
+            while True:
+                try:
+                    if _steps(url) > 0:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon at {url} did not start")
+                time.sleep(0.1)
+        if metrics:
+            scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, *urls, str(scrape)])
+        time.sleep(1.0)
+        pids = [d.pid for d in daemons]
+        steps0, cpu0, t0 = sum(map(_steps, urls)), _proc_cpu(pids), time.perf_counter()
+        time.sleep(seconds)
+        steps = sum(map(_steps, urls)) - steps0
+        cpu, elapsed = _proc_cpu(pids) - cpu0, time.perf_counter() - t0
+    finally:
+        for proc in (*daemons, *([scraper] if scraper else [])):
+            proc.kill()
+            proc.wait()
+    return steps / elapsed, 1000 * cpu / max(steps, 1)
+
+
 def _spread(values: list[float]) -> str:
     q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
     return f"{median:8.3f} [{q1:.3f}–{q3:.3f}]".rjust(27)
@@ -120,6 +221,11 @@ def main() -> int:
     parser.add_argument("--scrape", type=float, default=1.0, help="scrape interval (s)")
     parser.add_argument("--quick", action="store_true", help="2 s runs, 2 pairs")
     parser.add_argument("--algorithms", nargs="*", default=list(WORKLOADS))
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="one `peerlearn run` process per daemon instead of three daemons in this one",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.repeat = 2.0, 4
@@ -135,7 +241,12 @@ def main() -> int:
         rates, cpus = [], []
         for i in range(args.repeat):
             order = (True, False) if i % 2 == 0 else (False, True)
-            got = {m: uvloop.run(_run(fields, m, args.seconds, args.scrape)) for m in order}
+            got = {
+                m: _run_processes(fields, m, args.seconds, args.scrape)
+                if args.processes
+                else uvloop.run(_run(fields, m, args.seconds, args.scrape))
+                for m in order
+            }
             rates.append(got[True][0] / got[False][0])
             cpus.append(got[True][1] / got[False][1])
         cpu = statistics.median(cpus)
