@@ -48,6 +48,9 @@ from typing import Any
 
 import pytest
 
+if __name__ != "__main__":  # this file is also the observer script run in a namespace, where
+    from tests.netns import bridge, stop  # the repository is not on sys.path (nor needed)
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -58,7 +61,6 @@ PEERLEARN = str(Path(sys.executable).with_name("peerlearn"))
 DAEMONS = ["daemon0", "daemon1", "daemon2"]
 PEER_PORT, API_PORT, PROMETHEUS_PORT = 7000, 8000, 9090
 SUBNET = "10.214.0"
-SWITCH_IP = f"{SUBNET}.254"
 # The observer's budget: Prometheus must see every target up and then a second scrape of each
 # with a higher step, so this must exceed two scrape intervals of configs/prometheus.yml.
 OBSERVE_TIMEOUT = 40.0
@@ -342,94 +344,39 @@ class Hosts:
         )
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
-def _setup(*args: str) -> None:
-    res = _ip(*args)
-    if res.returncode != 0:
-        pytest.skip(f"network namespaces unavailable: `ip {' '.join(args)}`: {res.stderr.strip()}")
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait(10)
-
-
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[Hosts]:
-    if shutil.which("ip") is None:
-        pytest.skip("network namespaces unavailable: no `ip` command (iproute2)")
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces unavailable: not running as root")
     services = [*DAEMONS, "prometheus"]
     tag = f"pldp-{os.getpid()}-{secrets.token_hex(2)}"
-    net = Hosts(
-        switch=f"{tag}-sw",
-        ns={s: f"{tag}-{s[0]}{s[-1]}" for s in services},  # e.g. pldp-…-d0, pldp-…-ps
-        ip={s: f"{SUBNET}.{i + 1}" for i, s in enumerate(services)},
-        tmp=tmp_path,
-    )
+    suffixes = {s: f"{s[0]}{s[-1]}" for s in services}  # e.g. pldp-…-d0, pldp-…-ps
     netns_etc = Path("/etc/netns")
-    created: list[str] = []
     etc_dirs: list[Path] = []
     made_netns_etc = False
-    try:
-        for ns in (net.switch, *net.ns.values()):
-            _setup("netns", "add", ns)
-            created.append(ns)
-            _setup("-n", ns, "link", "set", "lo", "up")
-        sw = net.switch
-        _setup("-n", sw, "link", "add", "br0", "type", "bridge")
-        _setup("-n", sw, "addr", "add", f"{SWITCH_IP}/24", "dev", "br0")
-        _setup("-n", sw, "link", "set", "br0", "up")
-        for i, service in enumerate(services):
-            ns, port = net.ns[service], f"port{i}"
-            _setup(
-                "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", sw
+    with bridge(tag, suffixes, SUBNET) as br:
+        net = Hosts(switch=br.switch, ns=br.ns, ip=br.ips, tmp=tmp_path)
+        try:
+            # Service names resolve as on Docker's network: `ip netns exec NS` bind-mounts
+            # every file of /etc/netns/NS/ over /etc/, so this hosts file is /etc/hosts there.
+            hosts_file = "127.0.0.1\tlocalhost\n::1\tlocalhost\n" + "".join(
+                f"{ip}\t{service}\n" for service, ip in net.ip.items()
             )
-            _setup("-n", sw, "link", "set", port, "master", "br0")
-            _setup("-n", sw, "link", "set", port, "up")
-            _setup("-n", ns, "addr", "add", f"{net.ip[service]}/24", "dev", "eth0")
-            _setup("-n", ns, "link", "set", "eth0", "up")
-        # Service names resolve as on Docker's network: `ip netns exec NS` bind-mounts every
-        # file of /etc/netns/NS/ over /etc/, so this hosts file is /etc/hosts in there.
-        hosts_file = "127.0.0.1\tlocalhost\n::1\tlocalhost\n" + "".join(
-            f"{ip}\t{service}\n" for service, ip in net.ip.items()
-        )
-        made_netns_etc = not netns_etc.exists()
-        for ns in net.ns.values():
-            try:
-                (netns_etc / ns).mkdir(parents=True)
-                etc_dirs.append(netns_etc / ns)
-                (netns_etc / ns / "hosts").write_text(hosts_file)
-            except OSError as exc:
-                pytest.skip(f"cannot write {netns_etc / ns}/hosts for name resolution: {exc}")
-        yield net
-    finally:
-        for proc in net.procs:
-            _stop(proc)
-        for ns in created:  # anything else still in our namespaces is ours too
-            for pid in _ip("netns", "pids", ns).stdout.split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        if net.switch in created:
-            for i in range(len(services)):
-                _ip("-n", net.switch, "link", "del", f"port{i}")  # takes the node's eth0 along
-            _ip("-n", net.switch, "link", "del", "br0")
-        for ns in created:
-            _ip("netns", "del", ns)
-        for d in etc_dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        if made_netns_etc:
-            with contextlib.suppress(OSError):  # only if empty: someone else may use it now
-                netns_etc.rmdir()
+            made_netns_etc = not netns_etc.exists()
+            for ns in net.ns.values():
+                try:
+                    (netns_etc / ns).mkdir(parents=True)
+                    etc_dirs.append(netns_etc / ns)
+                    (netns_etc / ns / "hosts").write_text(hosts_file)
+                except OSError as exc:
+                    pytest.skip(f"cannot write {netns_etc / ns}/hosts for name resolution: {exc}")
+            yield net
+        finally:
+            for proc in net.procs:
+                stop(proc)
+            for d in etc_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            if made_netns_etc:
+                with contextlib.suppress(OSError):  # only if empty: someone else may use it now
+                    netns_etc.rmdir()
 
 
 def _in_image(cmd: list[str]) -> list[str]:

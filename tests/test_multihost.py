@@ -29,12 +29,9 @@ pairs or bridge cannot be created (e.g. a container without CAP_SYS_ADMIN).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -46,8 +43,10 @@ from typing import IO, Any
 
 import pytest
 
+if __name__ != "__main__":  # this file is also the observer script run in a namespace, where
+    from tests.netns import bridge, stop  # the repository is not on sys.path (nor needed)
+
 SUBNET = "10.213.0"
-SWITCH_IP = f"{SUBNET}.254"
 PEER_PORT, API_PORT = 7001, 8001
 DAEMONS, WORKERS, STEPS = 3, 2, 300
 # The default quadratic starts at loss ≈ 5.4 (½ Σ λ_k (x0 − x*)_k², ‖x0 − x*‖² = 10); after
@@ -85,73 +84,17 @@ class Netns:
         return "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')}" for p in self.logs)
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
-def _setup(*args: str) -> None:
-    """One set-up command; the environment failing it is a skip, not a peerlearn failure."""
-    res = _ip(*args)
-    if res.returncode != 0:
-        pytest.skip(f"network namespaces unavailable: `ip {' '.join(args)}`: {res.stderr.strip()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # the daemon shuts down gracefully on SIGTERM
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait(10)
-
-
 @pytest.fixture
 def netns(tmp_path: Path) -> Iterator[Netns]:
-    if shutil.which("ip") is None:
-        pytest.skip("network namespaces unavailable: no `ip` command (iproute2)")
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces unavailable: not running as root")
     tag = f"plmh-{os.getpid()}-{secrets.token_hex(2)}"
-    net = Netns(
-        switch=f"{tag}-sw",
-        nodes=[f"{tag}-n{i}" for i in range(DAEMONS)],
-        ips=[f"{SUBNET}.{i + 1}" for i in range(DAEMONS)],
-    )
-    created: list[str] = []
-    try:
-        for ns in (net.switch, *net.nodes):
-            _setup("netns", "add", ns)
-            created.append(ns)
-            _setup("-n", ns, "link", "set", "lo", "up")
-        sw = net.switch
-        _setup("-n", sw, "link", "add", "br0", "type", "bridge")
-        _setup("-n", sw, "addr", "add", f"{SWITCH_IP}/24", "dev", "br0")
-        _setup("-n", sw, "link", "set", "br0", "up")
-        for i, (ns, ip) in enumerate(zip(net.nodes, net.ips, strict=True)):
-            port = f"port{i}"
-            _setup(
-                "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", sw
-            )
-            _setup("-n", sw, "link", "set", port, "master", "br0")
-            _setup("-n", sw, "link", "set", port, "up")
-            _setup("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            _setup("-n", ns, "link", "set", "eth0", "up")
+    with bridge(tag, {f"n{i}": f"n{i}" for i in range(DAEMONS)}, SUBNET) as br:
+        net = Netns(switch=br.switch, nodes=list(br.ns.values()), ips=list(br.ips.values()))
         net.logs = [tmp_path / f"daemon{i}.log" for i in range(DAEMONS)]
-        yield net
-    finally:
-        for proc in net.procs:
-            _stop(proc)
-        for ns in created:  # anything else still in our namespaces is ours too
-            for pid in _ip("netns", "pids", ns).stdout.split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        if net.switch in created:
-            for i in range(DAEMONS):
-                _ip("-n", net.switch, "link", "del", f"port{i}")  # takes the node's eth0 along
-            _ip("-n", net.switch, "link", "del", "br0")
-        for ns in created:
-            _ip("netns", "del", ns)
+        try:
+            yield net
+        finally:
+            for proc in net.procs:
+                stop(proc)
 
 
 # --- the observer (runs inside the switch namespace) ------------------------------------------
