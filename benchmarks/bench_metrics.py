@@ -1,11 +1,12 @@
-"""What the metrics cost: step rate and CPU per step of a daemon cluster, metrics on and off.
+"""What the metrics cost: step rate of a daemon cluster with metrics on and off.
 
-Three daemons × two workers in this process on 127.0.0.1 (``peerlearn.testing.local_cluster``,
-uvloop) train for ``--seconds`` per run (after one second of warm-up). A run gives two figures:
-the step rate — gradients computed per second over the six workers, which is the steps per
-second of Alg 1 and Alg 2; for DASGD, whose local step also counts every gradient applied from
-elsewhere, the gradients are the work done — and the process's CPU time (user + system, all
-threads) per gradient.
+Two clusters of three ``peerlearn run`` processes × two workers on 127.0.0.1 (one process per
+daemon, as deployed) are started side by side and then take turns: one runs while every
+process of the other is paused with SIGSTOP. A turn is a ``--window`` of training (after a
+quarter second for the resumed processes to settle) and gives the step rate — stochastic
+gradients computed per second over the six workers, from ``/status``: the steps of Alg 1 and
+Alg 2; a DASGD step also counts every gradient applied from elsewhere, so its gradients are the
+work done — and the daemons' CPU time per gradient (from /proc).
 
 ``off``
     The reference: ``metrics = false`` — no histogram observations (staleness per delivered
@@ -13,47 +14,56 @@ threads) per gradient.
     evaluations, no model snapshots, and nobody scrapes.
 ``on``
     Everything a monitored run does: the defaults (loss on the evaluation batch every 10 steps,
-    snapshots every 5 s where an algorithm needs them) **and** a scraper reading every daemon's
-    ``/metrics`` every ``--scrape`` seconds (1 s: five times more often than the shipped
-    Prometheus config), from another process — as Prometheus would.
+    snapshots every 5 s of wall time — every 2.5 s of running time, as the cluster runs half
+    the time) **and** a scraper reading every daemon's ``/metrics`` every ``--scrape`` seconds
+    (1 s: five times more often than the shipped Prometheus config), from its own process —
+    as Prometheus would — paused and resumed with its cluster.
 
-Each pair is one ``on`` and one ``off`` run back to back, each a fresh cluster, in alternating
-order (whatever the first run of a pair gains or loses cancels); a pair's ratios are on/off,
-and each figure is the median [quartiles] over ``--repeat`` pairs. Six threads and three event
-loops share two cores and one interpreter lock, so the step rate of single runs varies by
-±15 % whatever the metrics do; CPU time per step — the work the metrics add to each step — is
-the steadier figure. Target: the median CPU cost per step (on/off − 1) at most 5 % for every
-algorithm (exit code 1 if not); the step-rate ratio is printed next to it.
+Why turns: on these shared two-core machines the step rate of one unchanged cluster moves by
+±10 % from one second to the next and by about ±6 % between fresh 5-second runs, more than the
+effect being measured, and a fresh cluster per run costs seconds of start-up. Turns of a second
+cost nothing, so hundreds of them fit in a few minutes, and adjacent turns see the same machine.
+A pair is one ``on`` and one ``off`` turn, alternating which goes first (a drift during a pair
+cancels); the cost is estimated from the per-pair on/off ratios: their geometric mean, with a
+95 % bootstrap confidence interval over pairs. Verdict per algorithm, for the target (step rate
+with metrics at most 5 % lower):
 
-Run ``.venv/bin/python benchmarks/bench_metrics.py`` on an idle machine (about 6 min; add
-``--processes`` for one ``peerlearn run`` process per daemon, as deployed;
-``--quick``: about 1 min).
+* ``PASS`` — the whole interval lies at or above 0.95: the cost is ≤ 5 % with 95 % confidence;
+* ``FAIL`` — the whole interval lies below 0.95;
+* ``UNSETTLED`` — the interval straddles 0.95: run more pairs.
+
+The exit code is 0 only if every algorithm passes. ``--control`` adds the same measurement with
+both clusters ``off``: its interval must cover 1.0, a check that the interval is honest about
+the noise and that taking turns favours neither cluster.
+
+Run ``.venv/bin/python benchmarks/bench_metrics.py`` on an idle machine (about 5 min per
+algorithm with the defaults; ``--quick``: 20 pairs, under a minute per algorithm, too few to
+settle anything).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
-import resource
+import shutil
+import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
-from peerlearn.testing import LocalCluster, local_cluster
+import numpy as np
 
 WORKLOADS: dict[str, dict[str, Any]] = {
-    # (algorithm, node fields): Alg 1 on the digits softmax (the demo), Alg 2 (agreement
-    # contraction is observed every round) and DASGD (every applied gradient is observed)
+    # node fields: Alg 1 on the digits softmax (the demo), Alg 2 (agreement contraction is
+    # observed every round) and DASGD (every applied gradient is observed)
     "alg1": {"algorithm": "alg1", "problem": {"name": "softmax"}, "lr": {"eta": 0.1}},
     "alg2": {
         "algorithm": "alg2",
@@ -64,6 +74,14 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "dasgd": {"algorithm": "dasgd", "problem": {"name": "softmax"}, "lr": {"eta": 0.02}},
 }
 
+DAEMONS, WORKERS, TARGET, SETTLE = 3, 2, 0.05, 0.25
+
+#: Two fresh clusters of the same code differ by up to ±10 % in step rate for as long as they
+#: live (an off/off control measured 0.93 and 1.10), enough to hide or fake the cost: every
+#: daemon gets the same hash seed and, where ``setarch`` can turn it off, no address-space
+#: randomization, so that instances are alike (off/off controls then measured 0.98–1.01).
+PREFIX = ["setarch", "-R"] if shutil.which("setarch") else []
+ENV = {"PYTHONHASHSEED": "0"}
 
 #: the scraper, in its own process so that its CPU time is not counted as the daemons'
 SCRAPER = """
@@ -71,46 +89,15 @@ import sys, time, urllib.request
 *urls, every = sys.argv[1:]
 while True:
     for url in urls:
-        urllib.request.urlopen(url + "/metrics", timeout=5).read()
+        urllib.request.urlopen(url + "/metrics", timeout=30).read()
     time.sleep(float(every))
 """
 
 
-def _gradients(cluster: LocalCluster) -> int:
-    """Gradients computed so far: the unit of work. It is the step count for Alg 1/Alg 2; a
-    DASGD node's step counts every gradient it *applies* (n per gradient computed), and how
-    many of its steps are cheap applies depends on timing, not on the metrics."""
-    return sum(w.grads for d in cluster.daemons for w in d.workers)
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return usage.ru_utime + usage.ru_stime
-
-
-async def _run(
-    fields: dict[str, Any], metrics: bool, seconds: float, scrape: float
-) -> tuple[float, float]:
-    """(gradients per second, CPU milliseconds per gradient) of one fresh cluster."""
-    async with local_cluster(
-        3, workers=2, steps=None, metrics=metrics, eval_every=10, **fields
-    ) as cluster:
-        scraper = (
-            subprocess.Popen([sys.executable, "-c", SCRAPER, *cluster.urls, str(scrape)])
-            if metrics
-            else None
-        )
-        try:
-            await asyncio.sleep(1.0)  # warm-up: connections, first evaluations
-            steps0, cpu0, t0 = _gradients(cluster), _cpu(), time.perf_counter()
-            await asyncio.sleep(seconds)
-            steps = _gradients(cluster) - steps0
-            cpu, elapsed = _cpu() - cpu0, time.perf_counter() - t0
-        finally:
-            if scraper is not None:
-                scraper.kill()
-                scraper.wait()
-        return steps / elapsed, 1000 * cpu / max(steps, 1)
+@dataclass(frozen=True)
+class Turn:
+    rate: float  # gradients per second, all workers
+    cpu_ms: float  # daemon CPU milliseconds per gradient
 
 
 def _free_ports(k: int) -> list[int]:
@@ -134,7 +121,7 @@ def _flags(fields: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _proc_cpu(pids: list[int]) -> float:
+def _proc_cpu(pids: Sequence[int]) -> float:
     """User + system seconds of the processes ``pids`` so far (from /proc)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -144,117 +131,213 @@ def _proc_cpu(pids: list[int]) -> float:
     return total / ticks
 
 
-def _steps(api: str) -> int:
-    with urllib.request.urlopen(f"{api}/status", timeout=10) as r:
-        return sum(w["step"] for w in json.load(r)["workers"])
+def _gradients(api: str) -> int:
+    with urllib.request.urlopen(f"{api}/status", timeout=30) as r:
+        return sum(w["gradients"] for w in json.load(r)["workers"])
 
 
-def _run_processes(
-    fields: dict[str, Any], metrics: bool, seconds: float, scrape: float
-) -> tuple[float, float]:
-    """(steps per second, CPU ms per step) of three ``peerlearn run`` processes: one
-    interpreter lock per daemon, as deployed."""
-    peers, apis = _free_ports(3), _free_ports(3)
+@dataclass
+class Cluster:
+    """Three daemon processes (and, with metrics, their scraper) that can be paused."""
+
+    label: str
+    daemons: list[subprocess.Popen[bytes]]
+    urls: list[str]
+    scraper: subprocess.Popen[bytes] | None = None
+
+    def _processes(self) -> list[subprocess.Popen[bytes]]:
+        return [*([self.scraper] if self.scraper else []), *self.daemons]
+
+    def check(self) -> None:
+        for proc in self._processes():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.label}: process {proc.args!r} exited ({proc.returncode})"
+                )
+
+    def pause(self) -> None:
+        for proc in self._processes():
+            proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for proc in reversed(self._processes()):  # daemons first: the scraper finds them up
+            proc.send_signal(signal.SIGCONT)
+
+    def gradients(self) -> int:
+        return sum(map(_gradients, self.urls))
+
+    def cpu(self) -> float:
+        return _proc_cpu([d.pid for d in self.daemons])
+
+    def turn(self, seconds: float) -> Turn:
+        """Resume, let the processes settle, train ``seconds``, pause; what the turn did."""
+        self.check()
+        self.resume()
+        try:
+            time.sleep(SETTLE)
+            grads0, cpu0, t0 = self.gradients(), self.cpu(), time.perf_counter()
+            time.sleep(seconds)
+            grads, cpu = self.gradients() - grads0, self.cpu() - cpu0
+            elapsed = time.perf_counter() - t0
+        finally:
+            self.pause()
+        if grads <= 0:
+            raise RuntimeError(f"{self.label}: no gradient computed in {seconds:g} s")
+        return Turn(grads / elapsed, 1000 * cpu / grads)
+
+
+@contextmanager
+def started(label: str, fields: dict[str, Any], metrics: bool, scrape: float) -> Iterator[Cluster]:
+    """A fresh cluster, trained until every daemon has computed a gradient, then paused;
+    killed (paused or not) on exit."""
+    peers, apis = _free_ports(DAEMONS), _free_ports(DAEMONS)
     addrs = ",".join(f"127.0.0.1:{p}" for p in peers)
-    urls = [f"http://127.0.0.1:{a}" for a in apis]
-    env = {**os.environ, "PEERLEARN_METRICS": "true" if metrics else "false"}
-    daemons = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "peerlearn.cli",
-                "run",
-                "--listen",
-                f"127.0.0.1:{p}",
-                "--api",
-                f"127.0.0.1:{a}",
-                "--peers",
-                addrs,
-                "--workers",
-                "2",
-                "--log-level",
-                "error",
-                *_flags(fields),
-            ],
-            env=env,
-        )
-        for p, a in zip(peers, apis, strict=True)
-    ]
-    scraper = None
+    env = {**os.environ, **ENV, "PEERLEARN_METRICS": "true" if metrics else "false"}
+    command = [*PREFIX, sys.executable, "-m", "peerlearn.cli", "run", "--peers", addrs]
+    command += ["--workers", str(WORKERS), "--log-level", "error", *_flags(fields)]
+    cluster = Cluster(label, [], [f"http://127.0.0.1:{a}" for a in apis])
     try:
+        for p, a in zip(peers, apis, strict=True):
+            listen = ["--listen", f"127.0.0.1:{p}", "--api", f"127.0.0.1:{a}"]
+            cluster.daemons.append(subprocess.Popen([*command, *listen], env=env))
         deadline = time.monotonic() + 60
-        for url in urls:
+        for url in cluster.urls:
             while True:
+                cluster.check()
                 try:
-                    if _steps(url) > 0:
+                    if _gradients(url) > 0:
                         break
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"daemon at {url} did not start")
+                    raise RuntimeError(f"{label}: {url} computed no gradient within 60 s")
                 time.sleep(0.1)
         if metrics:
-            scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, *urls, str(scrape)])
-        time.sleep(1.0)
-        pids = [d.pid for d in daemons]
-        steps0, cpu0, t0 = sum(map(_steps, urls)), _proc_cpu(pids), time.perf_counter()
-        time.sleep(seconds)
-        steps = sum(map(_steps, urls)) - steps0
-        cpu, elapsed = _proc_cpu(pids) - cpu0, time.perf_counter() - t0
+            scraper = [sys.executable, "-c", SCRAPER, *cluster.urls, str(scrape)]
+            cluster.scraper = subprocess.Popen(scraper)
+        cluster.pause()
+        yield cluster
     finally:
-        for proc in (*daemons, *([scraper] if scraper else [])):
-            proc.kill()
+        for proc in cluster._processes():
+            proc.kill()  # SIGKILL ends a stopped process too
             proc.wait()
-    return steps / elapsed, 1000 * cpu / max(steps, 1)
 
 
-def _spread(values: list[float]) -> str:
-    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return f"{median:8.3f} [{q1:.3f}–{q3:.3f}]".rjust(27)
+def geometric_ci(rounds: Sequence[Sequence[float]], seed: int = 0) -> tuple[float, float, float]:
+    """Geometric mean of the ratios of all ``rounds`` and its 95 % percentile-bootstrap
+    interval. Pairs of one round share their two clusters, whatever makes those instances
+    faster or slower included, so the resampling has two levels: rounds with replacement,
+    then pairs within each drawn round (10 000 resamples, seeded so that a report can be
+    reproduced from its ratios)."""
+    logs = np.log(np.asarray(rounds, dtype=float))  # (rounds, pairs per round)
+    k, n = logs.shape
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, k, size=(10_000, k, 1))
+    means = logs[drawn, rng.integers(0, n, size=(10_000, k, n))].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(np.exp(logs.mean())), float(np.exp(lo)), float(np.exp(hi))
+
+
+def ratios(first: Sequence[Turn], second: Sequence[Turn], field: str) -> list[float]:
+    """Per-pair ratios first/second of a :class:`Turn` field."""
+    return [getattr(a, field) / getattr(b, field) for a, b in zip(first, second, strict=True)]
+
+
+def _interval(mean: float, lo: float, hi: float) -> str:
+    return f"{mean:.3f} [{lo:.3f}–{hi:.3f}]"
+
+
+def verdict(lo: float, hi: float, target: float = TARGET) -> str:
+    """Whether the on/off step-rate interval [lo, hi] settles 'at most ``target`` slower'."""
+    if lo >= 1 - target:
+        return "PASS"
+    if hi < 1 - target:
+        return "FAIL"
+    return "UNSETTLED"
+
+
+def measure_round(
+    name: str, arms: tuple[bool, bool], pairs: int, window: float, scrape: float
+) -> tuple[list[Turn], list[Turn]]:
+    """``pairs`` pairs of turns of two fresh clusters with metrics ``arms``; each arm's turns."""
+    fields = WORKLOADS[name]
+    turns: tuple[list[Turn], list[Turn]] = ([], [])
+    with ExitStack() as stack:
+        clusters = [
+            stack.enter_context(started(f"{name} {'on' if m else 'off'} #{i}", fields, m, scrape))
+            for i, m in enumerate(arms)
+        ]
+        for cluster in clusters:  # warm-up: connections, first evaluations, first scrape
+            cluster.turn(1.0)
+        for i in range(pairs):
+            for arm in (0, 1) if i % 2 == 0 else (1, 0):
+                turns[arm].append(clusters[arm].turn(window))
+    return turns
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per run")
-    parser.add_argument("--repeat", type=int, default=10, help="on/off pairs per algorithm")
-    parser.add_argument("--scrape", type=float, default=1.0, help="scrape interval (s)")
-    parser.add_argument("--quick", action="store_true", help="2 s runs, 2 pairs")
-    parser.add_argument("--algorithms", nargs="*", default=list(WORKLOADS))
-    parser.add_argument(
-        "--processes",
-        action="store_true",
-        help="one `peerlearn run` process per daemon instead of three daemons in this one",
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--window", type=float, default=1.0, help="seconds timed per turn")
+    parser.add_argument("--rounds", type=int, default=4, help="fresh pairs of clusters")
+    parser.add_argument("--pairs", type=int, default=30, help="on/off turn pairs per round")
+    parser.add_argument("--scrape", type=float, default=1.0, help="scrape interval (s)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 10 pairs")
+    parser.add_argument("--control", action="store_true", help="also off/off, as a check")
+    parser.add_argument("--algorithms", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
     args = parser.parse_args()
     if args.quick:
-        args.seconds, args.repeat = 2.0, 4
-    logging.getLogger("peerlearn").setLevel(logging.ERROR)  # start-up warnings, per cluster
+        args.rounds, args.pairs = 2, 10
+    if args.rounds < 1 or args.pairs < 2 or args.window <= 0:
+        parser.error("--rounds must be positive, --pairs at least 2, --window positive")
     print(
-        f"metrics cost: 3 daemons × 2 workers, {args.seconds:g} s per run, {args.repeat} on/off "
-        f"pairs, scrape every {args.scrape:g} s, load average {os.getloadavg()[0]:.2f}"
+        f"metrics cost: pairs of clusters of {DAEMONS} daemon processes × {WORKERS} workers"
+        f" taking turns of {args.window:g} s; {args.rounds} rounds × {args.pairs} pairs; scrape"
+        f" every {args.scrape:g} s; load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'algorithm':10s} {'steps/s on/off [quartiles]':>27s} {'CPU/step on/off':>27s}")
-    worst = 0.0
-    for name in args.algorithms:
-        fields = WORKLOADS[name]
-        rates, cpus = [], []
-        for i in range(args.repeat):
-            order = (True, False) if i % 2 == 0 else (False, True)
-            got = {
-                m: _run_processes(fields, m, args.seconds, args.scrape)
-                if args.processes
-                else uvloop.run(_run(fields, m, args.seconds, args.scrape))
-                for m in order
-            }
-            rates.append(got[True][0] / got[False][0])
-            cpus.append(got[True][1] / got[False][1])
-        cpu = statistics.median(cpus)
-        worst = max(worst, cpu - 1)
-        print(f"{name:10s} {_spread(rates)} {_spread(cpus)}   ({cpu - 1:+.1%} CPU per step)")
-    verdict = "PASS" if worst <= 0.05 else "FAIL"
-    print(f"{verdict}: largest median CPU cost per step {worst:.1%} (target ≤ 5 %)")
-    return 0 if verdict == "PASS" else 1
+    print("ratios first/second arm: geometric mean [95 % bootstrap interval]; per round")
+    print(
+        f"{'algorithm':9s} {'arms':7s} {'gradients/s (median)':>21s} {'step rate ratio':>23s}"
+        f" {'CPU/gradient ratio':>23s}  verdict"
+    )
+    verdicts = []
+    plans = [(name, (True, False)) for name in args.algorithms]
+    if args.control:
+        plans += [(name, (False, False)) for name in args.algorithms]
+    for name, arms in plans:
+        arms_label = "/".join("on" if m else "off" for m in arms)
+        rounds = []
+        for r in range(args.rounds):
+            rounds.append(measure_round(name, arms, args.pairs, args.window, args.scrape))
+            print(
+                f"  {name} {arms_label} round {r + 1}/{args.rounds}: step rate ratio"
+                f" {_interval(*geometric_ci([ratios(*rounds[-1], 'rate')]))}",
+                file=sys.stderr,
+                flush=True,
+            )
+        rate, rate_lo, rate_hi = geometric_ci([ratios(*t, "rate") for t in rounds])
+        cpu = geometric_ci([ratios(*t, "cpu_ms") for t in rounds])
+        if arms[0] != arms[1]:
+            outcome = verdict(rate_lo, rate_hi)
+            verdicts.append(outcome)
+            outcome += f" (cost {1 - rate:+.1%})"
+        else:
+            outcome = "covers 1.0" if rate_lo <= 1 <= rate_hi else "MISSES 1.0"
+        medians = [
+            f"{np.median([t.rate for first_second in rounds for t in first_second[arm]]):.0f}"
+            for arm in (0, 1)
+        ]
+        per_round = " ".join(f"{np.exp(np.mean(np.log(ratios(*t, 'rate')))):.3f}" for t in rounds)
+        print(
+            f"{name:9s} {arms_label:7s} {' / '.join(medians):>21s}"
+            f" {_interval(rate, rate_lo, rate_hi):>23s} {_interval(*cpu):>23s}  {outcome}"
+            f"; rounds {per_round}",
+            flush=True,
+        )
+    passed = all(v == "PASS" for v in verdicts)
+    print(f"{'PASS' if passed else 'NOT PASSED'}: target step rate with metrics ≥ 95 % of without")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ async def test_status_peers_metrics_model_and_stop() -> None:
         assert status["state"] == "running" and status["algorithm"] == "alg1"
         assert [w["id"] for w in status["workers"]] == ["0.0", "0.1"]
         assert all(w["step"] > 20 for w in status["workers"])
+        assert all(w["gradients"] >= 20 for w in status["workers"])  # one per Alg 1 step
         peers = (await c.get("/peers")).json()
         assert [p["state"] for p in peers] == ["connected", "connected"]
         text = (await c.get("/metrics")).text

@@ -513,6 +513,7 @@ class Daemon:
                 "id": w.name,
                 "state": str(w.state),
                 "step": w.step,
+                "gradients": w.grads,
                 "loss": loss,
                 "error": w.error,
             }
