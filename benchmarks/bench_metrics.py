@@ -76,12 +76,20 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 DAEMONS, WORKERS, TARGET, SETTLE = 3, 2, 0.05, 0.25
 
-#: Two fresh clusters of the same code differ by up to ±10 % in step rate for as long as they
-#: live (an off/off control measured 0.93 and 1.10), enough to hide or fake the cost: every
-#: daemon gets the same hash seed and, where ``setarch`` can turn it off, no address-space
-#: randomization, so that instances are alike (off/off controls then measured 0.98–1.01).
+#: Two fresh clusters of the same code can differ by up to ±10 % in step rate for as long as
+#: they live (off/off controls measured 0.93 and 1.10), enough to hide or fake the cost: where
+#: things land in memory (address-space randomization, hash seed, environment size) is part of
+#: it. So the two clusters of a round get the same layout: no address-space randomization
+#: (``setarch -R``), the same hash seed and an environment of the same size (metrics "1"/"0"),
+#: and each round a different seed and environment size — the layout varies between rounds,
+#: whose spread the interval then includes, not between the arms being compared.
 PREFIX = ["setarch", "-R"] if shutil.which("setarch") else []
-ENV = {"PYTHONHASHSEED": "0"}
+
+
+def layout(round_: int) -> dict[str, str]:
+    """The environment that sets round ``round_``'s memory layout."""
+    return {"PYTHONHASHSEED": str(round_), "PEERLEARN_BENCH_LAYOUT": "x" * (24 * round_)}
+
 
 #: the scraper, in its own process so that its CPU time is not counted as the daemons'
 SCRAPER = """
@@ -187,12 +195,14 @@ class Cluster:
 
 
 @contextmanager
-def started(label: str, fields: dict[str, Any], metrics: bool, scrape: float) -> Iterator[Cluster]:
+def started(
+    label: str, fields: dict[str, Any], metrics: bool, scrape: float, env: dict[str, str]
+) -> Iterator[Cluster]:
     """A fresh cluster, trained until every daemon has computed a gradient, then paused;
     killed (paused or not) on exit."""
     peers, apis = _free_ports(DAEMONS), _free_ports(DAEMONS)
     addrs = ",".join(f"127.0.0.1:{p}" for p in peers)
-    env = {**os.environ, **ENV, "PEERLEARN_METRICS": "true" if metrics else "false"}
+    env = {**os.environ, **env, "PEERLEARN_METRICS": "1" if metrics else "0"}
     command = [*PREFIX, sys.executable, "-m", "peerlearn.cli", "run", "--peers", addrs]
     command += ["--workers", str(WORKERS), "--log-level", "error", *_flags(fields)]
     cluster = Cluster(label, [], [f"http://127.0.0.1:{a}" for a in apis])
@@ -257,14 +267,17 @@ def verdict(lo: float, hi: float, target: float = TARGET) -> str:
 
 
 def measure_round(
-    name: str, arms: tuple[bool, bool], pairs: int, window: float, scrape: float
+    name: str, arms: tuple[bool, bool], round_: int, pairs: int, window: float, scrape: float
 ) -> tuple[list[Turn], list[Turn]]:
-    """``pairs`` pairs of turns of two fresh clusters with metrics ``arms``; each arm's turns."""
+    """``pairs`` pairs of turns of two fresh clusters with metrics ``arms`` and the memory
+    layout of ``round_``; each arm's turns."""
     fields = WORKLOADS[name]
     turns: tuple[list[Turn], list[Turn]] = ([], [])
     with ExitStack() as stack:
         clusters = [
-            stack.enter_context(started(f"{name} {'on' if m else 'off'} #{i}", fields, m, scrape))
+            stack.enter_context(
+                started(f"{name} {'on' if m else 'off'} #{i}", fields, m, scrape, layout(round_))
+            )
             for i, m in enumerate(arms)
         ]
         for cluster in clusters:  # warm-up: connections, first evaluations, first scrape
@@ -309,7 +322,7 @@ def main() -> int:
         arms_label = "/".join("on" if m else "off" for m in arms)
         rounds = []
         for r in range(args.rounds):
-            rounds.append(measure_round(name, arms, args.pairs, args.window, args.scrape))
+            rounds.append(measure_round(name, arms, r, args.pairs, args.window, args.scrape))
             print(
                 f"  {name} {arms_label} round {r + 1}/{args.rounds}: step rate ratio"
                 f" {_interval(*geometric_ci([ratios(*rounds[-1], 'rate')]))}",
