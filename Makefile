@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean system-deps
+.PHONY: demo test test-slow lint bench bench-metrics clean system-deps
 
 # Real servers the tests start (Debian packages): command:package. Installed when missing and
 # possible (root with apt); otherwise the tests that need them skip and say why.
@@ -49,6 +49,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_transport.py
+
+# what the metrics cost (about 20 min; needs an idle machine): benchmarks/bench_metrics.py
+bench-metrics: $(STAMP)
+	$(BIN)/python benchmarks/bench_metrics.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

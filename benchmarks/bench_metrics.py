@@ -9,7 +9,7 @@ Alg 2; a DASGD step also counts every gradient applied from elsewhere, so its gr
 work done — and the daemons' CPU time per gradient (from /proc).
 
 ``off``
-    The reference: ``metrics = false`` — no histogram observations (staleness per delivered
+    The reference: ``metrics = false`` (``PEERLEARN_METRICS=0``) — no histogram observations (staleness per delivered
     message, DASGD's staleness per applied gradient, agreement contraction), no loss
     evaluations, no model snapshots, and nobody scrapes.
 ``on``
@@ -20,13 +20,15 @@ work done — and the daemons' CPU time per gradient (from /proc).
     as Prometheus would — paused and resumed with its cluster.
 
 Why turns: on these shared two-core machines the step rate of one unchanged cluster moves by
-±10 % from one second to the next and by about ±6 % between fresh 5-second runs, more than the
-effect being measured, and a fresh cluster per run costs seconds of start-up. Turns of a second
-cost nothing, so hundreds of them fit in a few minutes, and adjacent turns see the same machine.
-A pair is one ``on`` and one ``off`` turn, alternating which goes first (a drift during a pair
-cancels); the cost is estimated from the per-pair on/off ratios: their geometric mean, with a
-95 % bootstrap confidence interval over pairs. Verdict per algorithm, for the target (step rate
-with metrics at most 5 % lower):
+±10 % from one second to the next, and two fresh clusters of the same code differ by up to
+±10 % for as long as they live — more than the effect being measured. Turns of a second cost no
+start-up, so hundreds fit in a few minutes, and adjacent turns see the same machine; a pair is
+one turn of each cluster, alternating which goes first (a drift during a pair cancels). The two
+clusters of a round share a memory layout (see ``PREFIX``), and each of ``--rounds`` rounds
+starts two fresh clusters with another layout. The cost is estimated from the per-pair ratios
+on/off: their geometric mean, with a 95 % bootstrap confidence interval that resamples rounds,
+then pairs within them (pairs of one round are not independent). Verdict per algorithm, for
+the target (step rate with metrics at most 5 % lower):
 
 * ``PASS`` — the whole interval lies at or above 0.95: the cost is ≤ 5 % with 95 % confidence;
 * ``FAIL`` — the whole interval lies below 0.95;
@@ -36,9 +38,9 @@ The exit code is 0 only if every algorithm passes. ``--control`` adds the same m
 both clusters ``off``: its interval must cover 1.0, a check that the interval is honest about
 the noise and that taking turns favours neither cluster.
 
-Run ``.venv/bin/python benchmarks/bench_metrics.py`` on an idle machine (about 5 min per
-algorithm with the defaults; ``--quick``: 20 pairs, under a minute per algorithm, too few to
-settle anything).
+Run ``make bench-metrics`` (``.venv/bin/python benchmarks/bench_metrics.py``) on an idle
+machine: about 6 min per algorithm with the defaults, twice that with ``--control``;
+``--quick`` (2 rounds of 10 pairs) takes a minute per algorithm and settles nothing.
 """
 
 from __future__ import annotations

@@ -123,7 +123,9 @@ class NodeConfig(BaseSettings):
     drain_timeout: float = Field(
         5.0, ge=0, description="at shutdown: time for queued frames to reach their peers"
     )
-    eval_every: int = Field(10, ge=1, description="steps between a worker's loss evaluations")
+    eval_every: int = Field(
+        10, ge=1, description="steps between a worker's loss evaluations (at most one a second)"
+    )
     eval_batch: int = Field(256, ge=1, description="examples in the fixed evaluation batch")
     snapshot_every: float = Field(
         5.0,

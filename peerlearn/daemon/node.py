@@ -47,8 +47,11 @@ log = logging.getLogger(__name__)
 
 #: tag kinds whose values are models (used for the global consensus distance)
 _MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired", "snapshot")
-#: seconds between the monitor's evaluation ticks
-_EVAL_TICK = 0.2
+#: seconds between the monitor's evaluation ticks: at most one loss evaluation per worker and
+#: tick. At 0.2 s the evaluations (each about two gradients' CPU) cost Alg 1 a few per cent of
+#: its step rate (benchmarks/bench_metrics.py); a dashboard scraped every 5 s and a status page
+#: polling every second need no more than one a second.
+_EVAL_TICK = 1.0
 #: algorithms whose messages carry no worker models: their daemons send snapshots instead
 _SNAPSHOT_ALGORITHMS = ("dasgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
 
@@ -337,8 +340,8 @@ class Daemon:
     async def _monitor(self) -> None:
         """Loss evaluation, off the workers' threads: whenever a worker went ``eval_every``
         steps since its last evaluation, its model at that step is kept, and evaluated on the
-        fixed evaluation batch at the next of these ticks — a few wake-ups a second whatever
-        the step rate (one per evaluation measurably slowed fast runs)."""
+        fixed evaluation batch at the next of these ticks — one wake-up a second whatever the
+        step rate (one per evaluation measurably slowed fast runs)."""
         while True:
             await asyncio.sleep(_EVAL_TICK)
             await self._evaluate()

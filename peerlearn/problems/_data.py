@@ -162,14 +162,14 @@ class DataProblem(Problem):
         training split (seed 0: the same rows on every daemon and at every evaluation)."""
         if batch >= self._n_train:
             return self.loss(x)
-        rows = self._eval_rows(batch)
-        data = self._data_loss(x, self._split.x_train[rows], self._split.y_train[rows])
+        inputs, labels = self._eval_batch(batch)
+        data = self._data_loss(x, inputs, labels)
         return data + 0.5 * self._l2 * float(np.dot(x, x))
 
-    @functools.cache  # noqa: B019 — one small index array per batch size, for the problem's life
-    def _eval_rows(self, batch: int) -> IntArray:
-        rows: IntArray = np.random.default_rng(0).permutation(self._n_train)[:batch]
-        return rows
+    @functools.cache  # noqa: B019 — one small batch per batch size, for the problem's life
+    def _eval_batch(self, batch: int) -> tuple[Vector, IntArray]:
+        rows = np.random.default_rng(0).permutation(self._n_train)[:batch]
+        return self._split.x_train[rows], self._split.y_train[rows]
 
     def evaluate(self, x: Vector) -> dict[str, float]:
         """Train/test accuracy and the test data loss (without the ridge term)."""
