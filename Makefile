@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_transport.py
 
-# what the metrics cost (about 20 min; needs an idle machine): benchmarks/bench_metrics.py
+# what the metrics cost (about 30 min; needs an idle machine): benchmarks/bench_metrics.py
 bench-metrics: $(STAMP)
 	$(BIN)/python benchmarks/bench_metrics.py
 

@@ -1,45 +1,49 @@
 """What the metrics cost: step rate of a daemon cluster with metrics on and off.
 
 Two clusters of three ``peerlearn run`` processes × two workers on 127.0.0.1 (one process per
-daemon, as deployed) are started side by side and then take turns: one runs while every
-process of the other is paused with SIGSTOP. A turn is a ``--window`` of training (after a
+daemon, as deployed) are started one after the other and then take turns: one runs while
+every process of the other is paused with SIGSTOP. A turn is a ``--window`` of training (after a
 quarter second for the resumed processes to settle) and gives the step rate — stochastic
-gradients computed per second over the six workers, from ``/status``: the steps of Alg 1 and
-Alg 2; a DASGD step also counts every gradient applied from elsewhere, so its gradients are the
-work done — and the daemons' CPU time per gradient (from /proc).
+gradients computed per second over the six workers, from ``/status``: for Alg 1 and Alg 2 the
+same as steps, while a DASGD worker's step also counts the gradients it applied from elsewhere
+— and the daemons' CPU time per gradient (from /proc).
 
 ``off``
-    The reference: ``metrics = false`` (``PEERLEARN_METRICS=0``) — no histogram observations (staleness per delivered
-    message, DASGD's staleness per applied gradient, agreement contraction), no loss
-    evaluations, no model snapshots, and nobody scrapes.
+    The reference: ``metrics = false`` (``PEERLEARN_METRICS=0``) — no histogram observations
+    (staleness per delivered message, DASGD's staleness per applied gradient, agreement
+    contraction), no loss evaluations, no model snapshots, and nobody scrapes.
 ``on``
     Everything a monitored run does: the defaults (loss on the evaluation batch every 10 steps,
-    snapshots every 5 s of wall time — every 2.5 s of running time, as the cluster runs half
-    the time) **and** a scraper reading every daemon's ``/metrics`` every ``--scrape`` seconds
-    (1 s: five times more often than the shipped Prometheus config), from its own process —
-    as Prometheus would — paused and resumed with its cluster.
+    at most once a second; DASGD's model snapshots every 5 s) **and** a scraper reading every
+    daemon's ``/metrics`` every ``--scrape`` seconds (5 s, as ``configs/prometheus.yml``; a
+    status page open in a browser reads it every second), from its own process — as Prometheus
+    would — paused and resumed with its cluster. Timers run on wall time: one that fell due
+    during a pause fires on resume, in the unmeasured quarter second.
 
 Why turns: on these shared two-core machines the step rate of one unchanged cluster moves by
 ±10 % from one second to the next, and two fresh clusters of the same code differ by up to
 ±10 % for as long as they live — more than the effect being measured. Turns of a second cost no
 start-up, so hundreds fit in a few minutes, and adjacent turns see the same machine; a pair is
-one turn of each cluster, alternating which goes first (a drift during a pair cancels). The two
-clusters of a round share a memory layout (see ``PREFIX``), and each of ``--rounds`` rounds
-starts two fresh clusters with another layout. The cost is estimated from the per-pair ratios
-on/off: their geometric mean, with a 95 % bootstrap confidence interval that resamples rounds,
-then pairs within them (pairs of one round are not independent). Verdict per algorithm, for
-the target (step rate with metrics at most 5 % lower):
+one turn of each cluster, alternating which goes first (a linear drift cancels over two
+pairs). The two clusters of a round share a memory layout (see ``PREFIX``), and each of
+``--rounds`` rounds starts two fresh clusters with another layout. Pairs of one round are not
+independent (they share two instances); rounds are. So a round's ratio on/off is the geometric
+mean of its pairs', and the estimate is the geometric mean of the rounds' ratios with a 95 %
+Student-t interval over rounds. Verdict per algorithm, for the target (step rate with metrics
+at most 5 % lower):
 
 * ``PASS`` — the whole interval lies at or above 0.95: the cost is ≤ 5 % with 95 % confidence;
 * ``FAIL`` — the whole interval lies below 0.95;
-* ``UNSETTLED`` — the interval straddles 0.95: run more pairs.
+* ``UNSETTLED`` — the interval straddles 0.95: run more rounds (``--layout-seed`` gives new
+  rounds layouts of their own).
 
-The exit code is 0 only if every algorithm passes. ``--control`` adds the same measurement with
-both clusters ``off``: its interval must cover 1.0, a check that the interval is honest about
-the noise and that taking turns favours neither cluster.
+Exit code 0 if every algorithm passes, 1 if not, 2 if the benchmark itself failed.
+``--control`` adds the same measurement with both clusters ``off``: its interval should cover
+1.0, a check that the interval is honest about the noise and that taking turns favours
+neither cluster (reported, not part of the exit code: one in twenty misses by chance).
 
 Run ``make bench-metrics`` (``.venv/bin/python benchmarks/bench_metrics.py``) on an idle
-machine: about 6 min per algorithm with the defaults, twice that with ``--control``;
+machine: about 9 min per algorithm with the defaults, twice that with ``--control``;
 ``--quick`` (2 rounds of 10 pairs) takes a minute per algorithm and settles nothing.
 """
 
@@ -78,6 +82,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 DAEMONS, WORKERS, TARGET, SETTLE = 3, 2, 0.05, 0.25
 
+
 #: Two fresh clusters of the same code can differ by up to ±10 % in step rate for as long as
 #: they live (off/off controls measured 0.93 and 1.10), enough to hide or fake the cost: where
 #: things land in memory (address-space randomization, hash seed, environment size) is part of
@@ -85,7 +90,15 @@ DAEMONS, WORKERS, TARGET, SETTLE = 3, 2, 0.05, 0.25
 #: (``setarch -R``), the same hash seed and an environment of the same size (metrics "1"/"0"),
 #: and each round a different seed and environment size — the layout varies between rounds,
 #: whose spread the interval then includes, not between the arms being compared.
-PREFIX = ["setarch", "-R"] if shutil.which("setarch") else []
+def _no_aslr_prefix() -> list[str]:
+    """``setarch -R`` where it works (a container may forbid changing the personality)."""
+    if shutil.which("setarch") is None:
+        return []
+    works = subprocess.run(["setarch", "-R", "true"], capture_output=True).returncode == 0
+    return ["setarch", "-R"] if works else []
+
+
+PREFIX = _no_aslr_prefix()
 
 
 def layout(round_: int) -> dict[str, str]:
@@ -162,7 +175,7 @@ class Cluster:
         for proc in self._processes():
             if proc.poll() is not None:
                 raise RuntimeError(
-                    f"{self.label}: process {proc.args!r} exited ({proc.returncode})"
+                    f"{self.label}: process {proc.pid} exited with {proc.returncode}"
                 )
 
     def pause(self) -> None:
@@ -202,7 +215,8 @@ def started(
 ) -> Iterator[Cluster]:
     """A fresh cluster, trained until every daemon has computed a gradient, then paused;
     killed (paused or not) on exit."""
-    peers, apis = _free_ports(DAEMONS), _free_ports(DAEMONS)
+    ports = _free_ports(2 * DAEMONS)  # one call: no port handed out twice
+    peers, apis = ports[:DAEMONS], ports[DAEMONS:]
     addrs = ",".join(f"127.0.0.1:{p}" for p in peers)
     env = {**os.environ, **env, "PEERLEARN_METRICS": "1" if metrics else "0"}
     command = [*PREFIX, sys.executable, "-m", "peerlearn.cli", "run", "--peers", addrs]
@@ -211,7 +225,9 @@ def started(
     try:
         for p, a in zip(peers, apis, strict=True):
             listen = ["--listen", f"127.0.0.1:{p}", "--api", f"127.0.0.1:{a}"]
-            cluster.daemons.append(subprocess.Popen([*command, *listen], env=env))
+            # own process group: should this benchmark die without killing it, the paused group
+            # is orphaned, and the kernel sends it SIGHUP and SIGCONT, which end a daemon
+            cluster.daemons.append(subprocess.Popen([*command, *listen], env=env, process_group=0))
         deadline = time.monotonic() + 60
         for url in cluster.urls:
             while True:
@@ -226,7 +242,7 @@ def started(
                 time.sleep(0.1)
         if metrics:
             scraper = [sys.executable, "-c", SCRAPER, *cluster.urls, str(scrape)]
-            cluster.scraper = subprocess.Popen(scraper)
+            cluster.scraper = subprocess.Popen(scraper, process_group=0)
         cluster.pause()
         yield cluster
     finally:
@@ -235,19 +251,30 @@ def started(
             proc.wait()
 
 
-def geometric_ci(rounds: Sequence[Sequence[float]], seed: int = 0) -> tuple[float, float, float]:
-    """Geometric mean of the ratios of all ``rounds`` and its 95 % percentile-bootstrap
-    interval. Pairs of one round share their two clusters, whatever makes those instances
-    faster or slower included, so the resampling has two levels: rounds with replacement,
-    then pairs within each drawn round (10 000 resamples, seeded so that a report can be
-    reproduced from its ratios)."""
-    logs = np.log(np.asarray(rounds, dtype=float))  # (rounds, pairs per round)
-    k, n = logs.shape
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, k, size=(10_000, k, 1))
-    means = logs[drawn, rng.integers(0, n, size=(10_000, k, n))].mean(axis=(1, 2))
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return float(np.exp(logs.mean())), float(np.exp(lo)), float(np.exp(hi))
+#: two-sided 95 % quantiles of Student's t by degrees of freedom (beyond 30: the value at 30,
+#: slightly wider than the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def geometric_ci(units: Sequence[float]) -> tuple[float, float, float]:
+    """Geometric mean of ``units`` (independent ratios, at least two) and its 95 % Student-t
+    interval, computed on their logarithms."""
+    logs = np.log(np.asarray(units, dtype=float))
+    k = len(logs)
+    if k < 2:
+        raise ValueError("an interval needs at least two independent ratios")
+    half = _T975[min(k - 1, len(_T975)) - 1] * logs.std(ddof=1) / np.sqrt(k)
+    mean = logs.mean()
+    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
+def round_ratio(pair_ratios: Sequence[float]) -> float:
+    """A round's ratio: the geometric mean of its pairs'. Pairs of one round share their two
+    clusters — whatever makes those instances faster or slower included — so they are not
+    independent; rounds are, and the interval is taken over rounds."""
+    return float(np.exp(np.mean(np.log(pair_ratios))))
 
 
 def ratios(first: Sequence[Turn], second: Sequence[Turn], field: str) -> list[float]:
@@ -275,14 +302,16 @@ def measure_round(
     layout of ``round_``; each arm's turns."""
     fields = WORKLOADS[name]
     turns: tuple[list[Turn], list[Turn]] = ([], [])
+    # which cluster starts (and so gets its ports and start-up CPU) first alternates by round
+    starts = (0, 1) if round_ % 2 == 0 else (1, 0)
+    clusters: dict[int, Cluster] = {}
     with ExitStack() as stack:
-        clusters = [
-            stack.enter_context(
-                started(f"{name} {'on' if m else 'off'} #{i}", fields, m, scrape, layout(round_))
+        for i in starts:
+            label = f"{name} {'on' if arms[i] else 'off'} #{i}"
+            clusters[i] = stack.enter_context(
+                started(label, fields, arms[i], scrape, layout(round_))
             )
-            for i, m in enumerate(arms)
-        ]
-        for cluster in clusters:  # warm-up: connections, first evaluations, first scrape
+        for cluster in clusters.values():  # warm-up: connections, first evaluations, first scrape
             cluster.turn(1.0)
         for i in range(pairs):
             for arm in (0, 1) if i % 2 == 0 else (1, 0):
@@ -290,67 +319,96 @@ def measure_round(
     return turns
 
 
+def _on_sigterm(*_: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    sys.exit(143)
+
+
+def report(
+    name: str, arms: tuple[bool, bool], rounds: list[tuple[list[Turn], list[Turn]]]
+) -> tuple[str, str | None]:
+    """One algorithm's row, and its verdict (``None`` for a control)."""
+    rate, rate_lo, rate_hi = geometric_ci([round_ratio(ratios(*t, "rate")) for t in rounds])
+    cpu = geometric_ci([round_ratio(ratios(*t, "cpu_ms")) for t in rounds])
+    judged = verdict(rate_lo, rate_hi) if arms[0] != arms[1] else None
+    if judged is not None:
+        outcome = f"{judged} (step rate {rate - 1:+.1%})"
+    else:
+        outcome = "covers 1.0" if rate_lo <= 1 <= rate_hi else "misses 1.0"
+    medians = [
+        f"{np.median([t.rate for first_second in rounds for t in first_second[arm]]):.0f}"
+        for arm in (0, 1)
+    ]
+    per_round = " ".join(f"{round_ratio(ratios(*t, 'rate')):.3f}" for t in rounds)
+    arms_label = "/".join("on" if m else "off" for m in arms)
+    row = (
+        f"{name:9s} {arms_label:7s} {' / '.join(medians):>21s}"
+        f" {_interval(rate, rate_lo, rate_hi):>23s} {_interval(*cpu):>23s}  {outcome};"
+        f" rounds {per_round}"
+    )
+    return row, judged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--window", type=float, default=1.0, help="seconds timed per turn")
-    parser.add_argument("--rounds", type=int, default=4, help="fresh pairs of clusters")
+    parser.add_argument("--rounds", type=int, default=6, help="fresh pairs of clusters")
     parser.add_argument("--pairs", type=int, default=30, help="on/off turn pairs per round")
-    parser.add_argument("--scrape", type=float, default=1.0, help="scrape interval (s)")
+    parser.add_argument(
+        "--scrape", type=float, default=5.0, help="scrape interval (s); 5: configs/prometheus.yml"
+    )
+    parser.add_argument(
+        "--layout-seed", type=int, default=0, help="round r gets memory layout seed + r"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 10 pairs")
     parser.add_argument("--control", action="store_true", help="also off/off, as a check")
-    parser.add_argument("--algorithms", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--algorithms", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     args = parser.parse_args()
+    # Paused daemons ignore SIGTERM until resumed: on SIGTERM, unwind so that every cluster is
+    # killed with SIGKILL on the way out (as on Ctrl-C) instead of being left paused.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if args.quick:
         args.rounds, args.pairs = 2, 10
-    if args.rounds < 1 or args.pairs < 2 or args.window <= 0:
-        parser.error("--rounds must be positive, --pairs at least 2, --window positive")
+    if args.rounds < 2 or args.pairs < 2 or args.window <= 0 or args.scrape <= 0:
+        parser.error("--rounds and --pairs must be at least 2, --window and --scrape positive")
     print(
         f"metrics cost: pairs of clusters of {DAEMONS} daemon processes × {WORKERS} workers"
         f" taking turns of {args.window:g} s; {args.rounds} rounds × {args.pairs} pairs; scrape"
-        f" every {args.scrape:g} s; load average {os.getloadavg()[0]:.2f}"
+        f" every {args.scrape:g} s; ASLR {'off' if PREFIX else 'ON (no working setarch -R)'};"
+        f" layout seed {args.layout_seed}; load average {os.getloadavg()[0]:.2f}"
     )
-    print("ratios first/second arm: geometric mean [95 % bootstrap interval]; per round")
+    print("ratios first/second arm: geometric mean of the rounds' [95 % t interval over rounds]")
     print(
         f"{'algorithm':9s} {'arms':7s} {'gradients/s (median)':>21s} {'step rate ratio':>23s}"
         f" {'CPU/gradient ratio':>23s}  verdict"
     )
-    verdicts = []
     plans = [(name, (True, False)) for name in args.algorithms]
     if args.control:
         plans += [(name, (False, False)) for name in args.algorithms]
+    passed = True
     for name, arms in plans:
-        arms_label = "/".join("on" if m else "off" for m in arms)
         rounds = []
         for r in range(args.rounds):
-            rounds.append(measure_round(name, arms, r, args.pairs, args.window, args.scrape))
+            try:
+                turns = measure_round(
+                    name, arms, args.layout_seed + r, args.pairs, args.window, args.scrape
+                )
+            except (RuntimeError, OSError) as exc:
+                print(f"bench_metrics: {name}: {exc}", file=sys.stderr)
+                return 2
+            rounds.append(turns)
             print(
-                f"  {name} {arms_label} round {r + 1}/{args.rounds}: step rate ratio"
-                f" {_interval(*geometric_ci([ratios(*rounds[-1], 'rate')]))}",
+                f"  {name} {'/'.join('on' if m else 'off' for m in arms)} round"
+                f" {r + 1}/{args.rounds}: step rate ratio"
+                f" {_interval(*geometric_ci(ratios(*turns, 'rate')))} (interval over its pairs)",
                 file=sys.stderr,
                 flush=True,
             )
-        rate, rate_lo, rate_hi = geometric_ci([ratios(*t, "rate") for t in rounds])
-        cpu = geometric_ci([ratios(*t, "cpu_ms") for t in rounds])
-        if arms[0] != arms[1]:
-            outcome = verdict(rate_lo, rate_hi)
-            verdicts.append(outcome)
-            outcome += f" (cost {1 - rate:+.1%})"
-        else:
-            outcome = "covers 1.0" if rate_lo <= 1 <= rate_hi else "MISSES 1.0"
-        medians = [
-            f"{np.median([t.rate for first_second in rounds for t in first_second[arm]]):.0f}"
-            for arm in (0, 1)
-        ]
-        per_round = " ".join(f"{np.exp(np.mean(np.log(ratios(*t, 'rate')))):.3f}" for t in rounds)
-        print(
-            f"{name:9s} {arms_label:7s} {' / '.join(medians):>21s}"
-            f" {_interval(rate, rate_lo, rate_hi):>23s} {_interval(*cpu):>23s}  {outcome}"
-            f"; rounds {per_round}",
-            flush=True,
-        )
-    passed = all(v == "PASS" for v in verdicts)
+        row, judged = report(name, arms, rounds)
+        passed &= judged in (None, "PASS")
+        print(row, flush=True)
     print(f"{'PASS' if passed else 'NOT PASSED'}: target step rate with metrics ≥ 95 % of without")
     return 0 if passed else 1
 

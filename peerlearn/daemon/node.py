@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 #: tag kinds whose values are models (used for the global consensus distance)
 _MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired", "snapshot")
 #: seconds between the monitor's evaluation ticks: at most one loss evaluation per worker and
-#: tick. At 0.2 s the evaluations (each about two gradients' CPU) cost Alg 1 a few per cent of
-#: its step rate (benchmarks/bench_metrics.py); a dashboard scraped every 5 s and a status page
-#: polling every second need no more than one a second.
+#: tick. An evaluation costs about two gradients' CPU; a dashboard scraped every 5 s and a
+#: status page polling every second need no more than one a second (what five a second cost
+#: Alg 1 was within the noise of benchmarks/bench_metrics.py, see benchmarks/RESULTS.md).
 _EVAL_TICK = 1.0
 #: algorithms whose messages carry no worker models: their daemons send snapshots instead
 _SNAPSHOT_ALGORITHMS = ("dasgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
