@@ -225,8 +225,9 @@ def started(
     try:
         for p, a in zip(peers, apis, strict=True):
             listen = ["--listen", f"127.0.0.1:{p}", "--api", f"127.0.0.1:{a}"]
-            # own process group: should this benchmark die without killing it, the paused group
-            # is orphaned, and the kernel sends it SIGHUP and SIGCONT, which end a daemon
+            # own process group: a Ctrl-C in the terminal reaches only this benchmark, which
+            # kills every cluster itself (a paused daemon would not act on the signal). Killed
+            # with SIGKILL, it leaves paused daemons behind: pkill -9 -f "peerlearn.cli run"
             cluster.daemons.append(subprocess.Popen([*command, *listen], env=env, process_group=0))
         deadline = time.monotonic() + 60
         for url in cluster.urls:
