@@ -12,8 +12,12 @@ A run is fully described by one TOML file (see ``configs/``); CLI flags override
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
+import re
 import tomllib
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -28,16 +32,18 @@ from pydantic import (
 )
 
 from peerlearn.algorithms import Aggregator, Constant, InverseTime, Schedule, maa_rounds
-from peerlearn.algorithms.easgd_theory import beta_max
+from peerlearn.algorithms.easgd_theory import beta_max, stable
 from peerlearn.errors import ConfigError
 from peerlearn.faults import CrashSpec, parse_crash
 from peerlearn.membership import Membership
 from peerlearn.problems.base import Constants
+from peerlearn.ties import at_most, below, compare
 from peerlearn.topology import Topology, make_topology
 from peerlearn.wire.messages import MAX_TAG_LEN
 
 __all__ = [
     "ALGORITHMS",
+    "THEORY_CONDITIONS",
     "Distribution",
     "ElasticConfig",
     "LRConfig",
@@ -47,8 +53,10 @@ __all__ = [
     "ProblemConfig",
     "RunConfig",
     "SimConfig",
+    "TomlFile",
     "explain",
     "load_config",
+    "load_toml",
     "merge",
     "read_toml",
 ]
@@ -353,46 +361,99 @@ class RunConfig(_Frozen):
         )
 
     def theory_warnings(self, constants: Constants) -> list[str]:
-        """The theorems' conditions this run breaks (spec pitfall 14), one sentence each."""
+        """The results' conditions this run breaks, one sentence each: the result's whole
+        condition as :data:`THEORY_CONDITIONS` quotes it, then the parts this run breaks.
+
+        Thresholds follow the tie rule of :mod:`peerlearn.ties`: a value equal to its bound up to
+        rounding meets a "≤" (T = 16L²N computed as 16.000000000000004 does not warn) and fails
+        a strict "<" or ">" (β = β_max is unstable, as :func:`easgd_theory.stable` says)."""
         out: list[str] = []
-        n, m, big_n, steps = self.processes, self.clusters, self.n_quorum, self.steps
-        if self.algorithm == "alg1" and self.lr.schedule == "inverse_time":
-            beta, gamma = self.lr.beta, self.lr.gamma
-            if constants.mu is not None and beta <= 1 / constants.mu:
-                out.append(f"Thm 1 needs β > 1/μ = {1 / constants.mu:g}; β = {beta:g}")
-            if constants.L is not None and beta / (gamma + 1) > 1 / constants.L:
-                out.append(
-                    f"Thm 1 needs β/(γ+1) ≤ 1/L = {1 / constants.L:g}; it is {beta / (gamma + 1):g}"
-                )
-        eta1 = self.schedule()(1) if self.lr.schedule != "sqrt_n_over_t" or steps else None
-        constant = self.lr.schedule == "constant"
-        if self.algorithm == "alg1" and constant and constants.L and self.lr.eta > 1 / constants.L:
-            out.append(f"Thm 1 / Lemma 3 need η ≤ 1/L = {1 / constants.L:g}; η = {self.lr.eta:g}")
-        if self.algorithm == "alg2" and eta1 is not None and constants.L:
-            bound = min(1 / (4 * constants.L), 0.5)
-            if eta1 > bound:
-                out.append(
-                    f"Thm 4 / Lemma 21 need η ≤ min{{1/(4L), 1/2}} = {bound:g}; η = {eta1:g}"
-                )
-        if self.algorithm == "alg1" and constants.mu is None:
-            out.append("Alg 1's guarantee (Thm 1) is for strongly convex problems; μ is unknown")
-        if self.algorithm == "alg2" and steps is not None:
-            if constants.L is not None and steps < 16 * constants.L**2 * big_n:
-                out.append(f"Thm 3/4 need T ≥ 16L²N = {16 * constants.L**2 * big_n:g}; T = {steps}")
-            if steps < 4 * big_n:
-                out.append(f"Thm 4 needs T ≥ 4N = {4 * big_n}; T = {steps}")
-        if self.algorithm in ("alg2", "maa"):
+        algo, lr, big_l, mu = self.algorithm, self.lr, constants.L, constants.mu
+        m, big_n, steps = self.clusters, self.n_quorum, self.steps
+        eta1 = self.schedule()(1) if lr.schedule != "sqrt_n_over_t" or steps else None
+
+        def warn(result: str, broken: list[str]) -> None:
+            if broken:
+                out.append(f"{_needs(result)} {THEORY_CONDITIONS[result]}: {'; '.join(broken)}")
+
+        if algo == "alg1":
+            parts = [] if mu is not None else ["μ is unknown (Q may not be strongly convex)"]
+            if lr.schedule == "inverse_time":
+                beta, gamma = lr.beta, lr.gamma
+                if mu is not None and at_most(beta, 1 / mu):
+                    parts.append(f"β = {beta:g} is not above 1/μ = {1 / mu:g}")
+                if big_l is not None and not at_most(beta / (gamma + 1), 1 / big_l):
+                    parts.append(f"β/(γ+1) = {beta / (gamma + 1):g} > 1/L = {1 / big_l:g}")
+                warn("Thm 1", parts)
+            else:  # a constant η: Thm 1 takes η_t = β/(γ+t), the per-iteration lemmas still hold
+                if eta1 is not None and big_l is not None and not at_most(eta1, 1 / big_l):
+                    parts.append(f"η = {eta1:g} > 1/L = {1 / big_l:g}")
+                warn("Lemmas 3, 4 and 6", parts)
+        if algo == "alg2":
+            warn("Lemma 21", self._lemma21_broken(eta1, big_l))
+            if steps is not None:
+                t3, t4 = self._thm34_broken(eta1, big_l)
+                warn("Thm 3", t3)
+                warn("Thm 4", t4)
+        if algo in ("alg2", "maa"):
             dead = {p for c in self.crash_specs for p in c.pids}
             alive = sum(1 for ms in self.membership.members if any(p not in dead for p in ms))
             if alive < m // 2 + 1:
-                out.append(
-                    f"only {alive} of {m} clusters keep a live process; agreement needs "
-                    f"⌊m/2⌋+1 = {m // 2 + 1}: processes will block (Thm 5)"
+                warn(
+                    "Alg 3",
+                    [
+                        f"the crash specs leave {alive} of {m} clusters a live process, fewer than "
+                        f"⌊m/2⌋+1 = {m // 2 + 1}, so processes will block (by Thm 5 no algorithm "
+                        "can do better)"
+                    ],
                 )
-        if big_n > n - self.failures:
+        if big_n > self.processes - self.failures:
             out.append("N > n − f")  # unreachable: refused at validation
         out += self._other_warnings(constants)
         return out
+
+    def _agreement_broken(self, eta1: float | None) -> list[str]:
+        """The ways this run's agreement is not the "q_t = η/4" of Lemma 21 and Thm 4."""
+        broken = []
+        q = self.agreement_q()
+        if eta1 is not None and compare(q, eta1 / 4) != 0:
+            broken.append(f"q = {q:g} ≠ η/4 = {eta1 / 4:g}")
+        rounds, inner = self.agreement_rounds()
+        need, need_inner = maa_rounds(q, self.maa.aggregator)
+        if rounds < need or inner < need_inner:
+            broken.append(
+                f"maa.rounds/inner_rounds = {rounds}/{inner} are below the {need}/{need_inner} "
+                f"that a q-contraction needs"
+            )
+        return broken
+
+    def _lemma21_broken(self, eta1: float | None, big_l: float | None) -> list[str]:
+        broken = []
+        if self.lr.schedule == "inverse_time":
+            broken.append("lr.schedule = inverse_time is not constant")
+        bound = min(0.5, 1 / big_l) if big_l is not None else None
+        if eta1 is not None and bound is not None and not at_most(eta1, bound):
+            broken.append(f"η = {eta1:g} > min{{1/2, 1/L}} = {bound:g}")
+        return broken + self._agreement_broken(eta1)
+
+    def _thm34_broken(self, eta1: float | None, big_l: float | None) -> tuple[list[str], list[str]]:
+        """What this run breaks of Thm 3's and of Thm 4's conditions (T finite)."""
+        steps, big_n = self.steps, self.n_quorum
+        assert steps is not None
+        rate: list[str] = []
+        if self.lr.schedule == "inverse_time":
+            rate.append("lr.schedule = inverse_time is not constant")
+        elif eta1 is not None and compare(eta1, math.sqrt(big_n / steps)) != 0:
+            rate.append(f"η = {eta1:g} ≠ √(N/T) = {math.sqrt(big_n / steps):g}")
+        t3: list[str] = []
+        t4: list[str] = []
+        if big_l is not None and compare(steps, 16 * big_l**2 * big_n) < 0:
+            t3.append(f"T = {steps} < 16L²N = {16 * big_l**2 * big_n:g}")
+        need4 = max(16 * big_l**2 * big_n if big_l is not None else 0.0, 4.0 * big_n)
+        if compare(steps, need4) < 0:
+            what = "max{16L²N, 4N}" if big_l is not None else "4N"
+            t4.append(f"T = {steps} < {what} = {need4:g}")
+        return t3 + rate, t4 + rate + self._agreement_broken(eta1)
 
     def unused_settings(self) -> list[str]:
         """Settings that differ from their defaults but mean nothing to this algorithm (a
@@ -436,23 +497,54 @@ class RunConfig(_Frozen):
         if eta is None or constants.L is None:
             return out
         big_l = constants.L
-        if self.algorithm == "dasgd" and eta > 1 / (4 * max(big_l, 1.0)):
-            out.append(
-                f"DASGD's Thm 1 needs η ≤ 1/(4·L_eff·S) ≤ 1/(4·max(L, 1)) = "
-                f"{1 / (4 * max(big_l, 1.0)):g}; η = {eta:g}"
+
+        def warn(result: str, broken: str) -> None:
+            out.append(f"{_needs(result)} {THEORY_CONDITIONS[result]}: {broken}")
+
+        if self.algorithm == "dasgd" and not at_most(eta, 1 / (4 * max(big_l, 1.0))):
+            # S_avg ≥ 1 implies Ŝ_max ≥ Ŝ_avg ≥ 1 (Ŝ ⊇ S), so both bounds are ≤ 1/(4·max(L, 1))
+            warn(
+                "DASGD's Thm 1",
+                "the staleness is only known after the run, but whenever S_avg ≥ 1 both mean "
+                f"η ≤ 1/(4·max(L, 1)) = {1 / (4 * max(big_l, 1.0)):g}; η = {eta:g}",
             )
-        if self.algorithm == "easgd" and eta * big_l < 2:
-            p = self.processes - 1
-            bmax = beta_max(p, eta, big_l)
-            beta = self.elastic_alpha * p
-            if beta >= bmax:
-                out.append(
-                    f"EASGD's center is unstable (condition 17): β = pα = {beta:g} ≥ β_max = "
-                    f"{bmax:g} for p = {p}, ηL = {eta * big_l:g}"
+        p, alpha = self.processes - 1, self.elastic_alpha
+        # (17) is easiest for the smallest ηh (β_max falls as ηh grows), so h = L decides it
+        if self.algorithm == "easgd" and not stable(p, eta, alpha, big_l):
+            if below(eta * big_l, 2.0):
+                broken = (
+                    f"β = pα = {p * alpha:g} is not below β_max = {beta_max(p, eta, big_l):g} "
+                    f"(p = {p}, ηL = {eta * big_l:g}): the center diverges"
                 )
-        elif self.algorithm == "easgd":
-            out.append(f"EASGD needs ηh < 2 for every curvature h; ηL = {eta * big_l:g}")
+            else:
+                broken = f"ηL = {eta * big_l:g} is not below 2, where no β is stable"
+            warn("EASGD's condition (17)", broken)
         return out
+
+
+#: The whole hypothesis of each result a theory warning names, worded as the papers state it
+#: (Attiya–Schiller Thm 1, Lemmas 3/4/6, 21, Thm 3, Thm 4 with Lemma 22 and erratum a, §4.1;
+#: Tosi–Theobald Thm 1; EASGD supplement (17)). tests/test_theory_warnings.py holds the papers'
+#: wording and checks these against it, and each warning's check against its condition.
+THEORY_CONDITIONS: dict[str, str] = {
+    "Thm 1": (
+        "an L-smooth, μ-strongly convex Q and η_t = β/(γ+t) ≤ 1/L (i.e. β/(γ+1) ≤ 1/L) "
+        "with β > 1/μ and γ > 0"
+    ),
+    "Lemmas 3, 4 and 6": "an L-smooth, μ-strongly convex Q and η ≤ 1/L",
+    "Lemma 21": "a constant η ≤ min{1/2, 1/L} and q_t = η/4",
+    "Thm 3": "T ≥ 16L²N and a constant η = √(N/T)",
+    "Thm 4": "T ≥ max{16L²N, 4N}, a constant η = √(N/T) and q_t = η/4",
+    "Alg 3": "f_c ≤ ⌊(m−1)/2⌋ crashed clusters, i.e. ⌊m/2⌋+1 clusters with a live process",
+    "DASGD's Thm 1": (
+        "L ≥ 1 and η ≤ 1/(4·L·S_avg) (eq. 11) or η ≤ 1/(4·L·√(Ŝ_avg·Ŝ_max)) (eq. 12)"
+    ),
+    "EASGD's condition (17)": "−1 < φ < γ < 1 for every curvature h ≤ L",
+}
+
+
+def _needs(result: str) -> str:
+    return f"{result} {'need' if result.startswith('Lemmas') else 'needs'}"
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -466,32 +558,160 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def explain(exc: ValidationError) -> str:
-    """One line naming each invalid field and why (for a ConfigError)."""
+def explain(
+    exc: ValidationError,
+    model: type[BaseModel] | None = None,
+    file: TomlFile | None = None,
+    overrides: dict[str, Any] | None = None,
+    env_prefix: str | None = None,
+) -> str:
+    """One line naming each invalid field and why (for a ConfigError).
+
+    With ``model``, an unknown key says which known one it probably is (a typo); with the
+    ``file`` it came from, an error about a value written there names the file and line
+    (unless ``overrides`` replaced that value); with ``env_prefix``, one that came from an
+    environment variable names the variable."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
+        loc = tuple(err["loc"])
+        where = _dotted(loc) or "config"
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
+        if err["type"] == "extra_forbidden":
+            text = f"unknown setting `{where}`"
+            if model is not None and (guess := _did_you_mean(model, loc)) is not None:
+                text += f" (did you mean `{guess}`?)"
+        else:
+            text = f"{where}: {msg}"
+        if file is not None and loc and _holds(file.data, loc) and not _holds(overrides, loc):
+            line = file.line_of(loc)
+            text = f"{file.path}{f', line {line}' if line else ''}: {text}"
+        elif env_prefix is not None and loc and not _holds(overrides, loc):
+            name = (env_prefix + "__".join(str(p) for p in loc)).upper()
+            if any(key.upper() == name for key in os.environ):
+                text = f"environment variable {name}: {text}"
+        parts.append(text)
     return "; ".join(parts)
 
 
-def read_toml(path: Path | None) -> dict[str, Any]:
-    """The TOML file at ``path`` as a dict ({} for None); ConfigError if missing or invalid."""
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """``("daemons", 1, "adress")`` → ``daemons[1].adress``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out
+
+
+def _holds(data: Any, loc: tuple[int | str, ...]) -> bool:
+    """Does the nested dict/list ``data`` have an entry at ``loc``?"""
+    for part in loc:
+        in_dict = isinstance(data, dict) and isinstance(part, str) and part in data
+        in_list = isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+        if not (in_dict or in_list):
+            return False
+        data = data[part]
+    return True
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (directly, in a list, or optional), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _submodel(arg)) is not None:
+            return found
+    return None
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple[int | str, ...]) -> str | None:
+    """The known setting closest to the unknown key at ``loc``, as a dotted path (a typo's
+    likely intent), or None when nothing is close."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list index ([[daemons]]): same model
+            continue
+        field = current.model_fields.get(part) if current is not None else None
+        current = _submodel(field.annotation) if field is not None else None
+        if current is None:
+            return None
+    if current is None:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(current.model_fields), n=1)
+    return _dotted((*loc[:-1], close[0])) if close else None
+
+
+@dataclass(frozen=True)
+class TomlFile:
+    """A config file as read: its path, text and parsed tables."""
+
+    path: Path
+    text: str
+    data: dict[str, Any]
+
+    def line_of(self, loc: tuple[int | str, ...]) -> int | None:
+        """The 1-based line where the key at ``loc`` is written, or None if not found.
+
+        A line scan, enough for configs as people write them: ``[table]`` and
+        ``[[array]]`` headers, ``key = …`` and dotted ``a.b = …`` keys, and keys inside a
+        one-line inline table (``lr = { eat = 1 }``)."""
+        table: tuple[int | str, ...] = ()
+        arrays: dict[tuple[int | str, ...], int] = {}
+        for number, raw in enumerate(self.text.splitlines(), 1):
+            line = raw.strip()
+            if header := _HEADER.match(line):
+                path = _key_path(header.group(2))
+                if header.group(1) == "[[":
+                    arrays[path] = arrays.get(path, -1) + 1
+                    table = (*path, arrays[path])
+                else:
+                    table = path
+                continue
+            if key := _KEY.match(line):
+                full = (*table, *_key_path(key.group(1)))
+                if full == loc:
+                    return number
+                if loc[: len(full)] == full and re.search(
+                    rf"[{{,]\s*[\"']?{re.escape(str(loc[-1]))}[\"']?\s*=", line
+                ):
+                    return number
+        return None
+
+
+_HEADER = re.compile(r"^(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_KEY = re.compile(rf"^({_PART}(?:\s*\.\s*{_PART})*)\s*=")
+
+
+def _key_path(text: str) -> tuple[str, ...]:
+    return tuple(p.strip().strip("\"'") for p in text.split("."))
+
+
+def load_toml(path: Path | None) -> TomlFile | None:
+    """The TOML file at ``path`` (None for None); ConfigError if missing or invalid."""
     if path is None:
-        return {}
+        return None
     try:
-        return tomllib.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        return TomlFile(Path(path), text, tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
+def read_toml(path: Path | None) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict ({} for None); ConfigError if missing or invalid."""
+    file = load_toml(path)
+    return file.data if file is not None else {}
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read ``path`` (TOML), apply nested ``overrides`` (CLI flags win) and validate."""
-    data = merge(read_toml(path), overrides or {})
+    file = load_toml(path)
+    data = merge(file.data if file is not None else {}, overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(explain(exc)) from None
+        raise ConfigError(explain(exc, RunConfig, file, overrides)) from None

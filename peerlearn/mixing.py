@@ -1,4 +1,4 @@
-"""MixML mixing time t_mix of communication protocols (Lu, Nash & De Sa; spec B).
+"""MixML mixing time t_mix of communication protocols (Lu, Nash & De Sa, Section 3.1).
 
 Theory of operation
 -------------------
@@ -24,13 +24,16 @@ product P, so (P − M_∞)X = P(X − M_∞X), and X − M_∞X ranges over ker
   "just after each communication". Identity events cost nothing: only the communicating events
   are multiplied in.
 * Random protocols have no uniform bound (an unlucky schedule never mixes), so, as in the paper's
-  "1000 runs" and spec B.5, :meth:`MixingProtocol.sample_tmix` reports the distribution of the
+  "1000 runs" (Section 6), :meth:`MixingProtocol.sample_tmix` reports the distribution of the
   first τ with ‖P_{0,τ}Q‖₂ ≤ ½ over independent schedules — the window starting at t = 0.
 * When every communication is non-expansive on ker(M_∞) (true of all protocols here, checked at
   build time), ‖P_{s,τ}Q‖₂ cannot grow with τ, and the first halving is found by doubling then
   bisection with O(log τ) norm evaluations; otherwise every prefix is checked.
-* A norm within 1e-12 of ½ counts as halved, so exact ties (γ = ½, |λ₂| = ½) are not lost to
-  rounding.
+* Ties: many windows have a norm of exactly ½ (γ = ½ or 1 − 2^{−1/k}, |λ₂(W)| = 2^{−1/k}, the
+  dyadic products of pair averages), and the computed norm then lands a few ulps either side of
+  ½ depending on the BLAS kernel. Every comparison with ½ — the exact scan, the sampled runs,
+  Lemma 1's uniform t_mix and the closed forms — goes through :func:`halves`, which counts a
+  norm within a relative 1e-9 of ½ (:mod:`peerlearn.ties`) as ½, hence halved ("≤ ½").
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from peerlearn.errors import ConfigError
+from peerlearn.ties import at_most, below
 from peerlearn.topology import make_topology
 
 __all__ = [
@@ -63,6 +67,7 @@ __all__ = [
     "build_protocol",
     "event_operator",
     "exact_tmix",
+    "halves",
     "lemma1_holds",
     "sample_tmix",
 ]
@@ -70,7 +75,6 @@ __all__ = [
 Matrix = npt.NDArray[np.float64]
 
 MAX_EVENTS = 1_000_000  # τ cap: beyond this a protocol is reported as (practically) not mixing
-_HALF = 0.5 + 1e-12
 _BLOCK = 1024  # random events are drawn in fixed blocks, so a seed fixes the whole schedule
 _MAX_N = 1024  # every operator is a dense (slots × slots) matrix
 
@@ -148,14 +152,20 @@ def _opnorm(a: Matrix) -> float:
     return float(np.linalg.norm(a, 2)) if a.size else 0.0
 
 
+def halves(norm: float) -> bool:
+    """Assumption 2's "≤ ½", the one place a window's norm meets ½: a norm equal to ½ up to
+    rounding (:func:`peerlearn.ties.compare`) counts as ½, so as halved, on every machine."""
+    return at_most(norm, 0.5)
+
+
 def _halved(p: Matrix) -> bool:
-    """‖p‖₂ ≤ ½, with the SVD only when ‖p‖_F/√rank ≤ ‖p‖₂ ≤ ‖p‖_F leaves it open."""
+    """halves(‖p‖₂), with the SVD only when ‖p‖_F/√rank ≤ ‖p‖₂ ≤ ‖p‖_F leaves it open."""
     frob = float(np.linalg.norm(p))
-    if frob <= _HALF:
+    if halves(frob):
         return True
-    if frob > _HALF * math.sqrt(min(p.shape)):
+    if not halves(frob / math.sqrt(min(p.shape))):
         return False
-    return _opnorm(p) <= _HALF
+    return halves(_opnorm(p))
 
 
 def _advance(p: Matrix, events: Sequence[Event]) -> Matrix:
@@ -290,7 +300,7 @@ class MixingProtocol:
     period: int = 0
     pattern: tuple[tuple[int, Event], ...] = ()
     choices: tuple[Event, ...] = ()
-    closed_form: float | None = None  # the spec's formula for t_mix (its mean if random)
+    closed_form: float | None = None  # t_mix by formula (its mean if random)
     derived: dict[str, float] = field(default_factory=dict)  # e.g. |λ₂(W)| of a symmetric W
 
     @property
@@ -317,7 +327,7 @@ class MixingProtocol:
         """Whether every communication is non-expansive on ker(M_∞) (‖M Q‖₂ ≤ 1)."""
         return all(
             isinstance(ev, PairAverage)  # an orthogonal projection
-            or _opnorm(ev.dense(self.slots) @ self.q) <= 1 + 1e-12
+            or at_most(_opnorm(ev.dense(self.slots) @ self.q), 1.0)
             for ev in self.events()
         )
 
@@ -361,7 +371,7 @@ class MixingProtocol:
     def _check_mixes(self) -> None:
         p = _advance(self.q, [ev for _, ev in self.pattern])
         rho = float(np.max(np.abs(np.linalg.eigvals(self.q.T @ p)))) if p.size else 0.0
-        if rho > 1 - 1e-9:
+        if not below(rho, 1.0):
             raise ConfigError(
                 f"{self.name} never mixes: one period of its operators has spectral radius "
                 f"{rho:.6g} on ker(M_∞) (e.g. a disconnected W)"
@@ -444,7 +454,7 @@ def _check_lemma1(
             restricted[a, : len(prods)] = np.linalg.norm(stack @ proto.q, 2, axis=(1, 2))
     if t_mix is None:
         for t in range(1, k_ops + 1):
-            if np.all(restricted[: k_ops - t + 1, t] <= _HALF):
+            if all(halves(float(v)) for v in restricted[: k_ops - t + 1, t]):
                 t_mix = t
                 break
         else:
@@ -460,7 +470,7 @@ def _check_lemma1(
     ratio = all_devs / bound
     worst = int(np.argmax(ratio))
     return Lemma1Check(
-        holds=bool(ratio[worst] <= 1 + 1e-9),
+        holds=at_most(float(ratio[worst]), 1.0),
         worst_ratio=float(ratio[worst]),
         worst_window=(int(all_starts[worst]), int(all_lens[worst])),
         t_mix=t_mix,
@@ -497,8 +507,19 @@ def _load_weights(source: str | Path | Matrix, n: int) -> Matrix:
 
 
 def _rounds_to_halve(rate: float) -> int:
-    """⌈ln 2 / −ln rate⌉ applications of a contraction by ``rate`` (at least one)."""
-    return 1 if rate <= 0 else max(1, math.ceil(math.log(2) / -math.log(rate)))
+    """The least k ≥ 1 with halves(rate^k): applications of a contraction by ``rate`` ≥ 0.
+
+    That is ⌈ln 2 / −ln rate⌉, except at a tie, where the float ratio is k ± a few ulps and its
+    ceiling may be k + 1 (rate = 2^{−1/k}); deciding with :func:`halves`, as the exact scan
+    does, makes the closed form agree with it there."""
+    if rate <= 0:
+        return 1
+    k = max(1, math.ceil(math.log(2) / -math.log(rate)))
+    while k > 1 and halves(rate ** (k - 1)):
+        k -= 1
+    while not halves(rate**k):
+        k += 1
+    return k
 
 
 def build_protocol(
@@ -593,7 +614,7 @@ def _sync_gossip(
         q = np.linalg.svd(jmat)[2][1:].T
         lam2 = float(np.max(np.abs(np.linalg.eigvalsh(q.T @ w @ q))))
         derived["lambda2"] = lam2
-        form = n * _rounds_to_halve(lam2) if lam2 < 1 - 1e-9 else None
+        form = n * _rounds_to_halve(lam2) if below(lam2, 1.0) else None
     pattern = ((n - 1, Dense(w)),)
     return MixingProtocol(
         "sync_gossip", n, jmat, params, n, pattern, closed_form=form, derived=derived

@@ -94,8 +94,8 @@ def test_theory_warnings() -> None:
     assert good.theory_warnings(quad.constants) == []
     alg2 = load_config(overrides={"algorithm": "alg2", "steps": 10})
     assert any("16L²N" in w for w in alg2.theory_warnings(quad.constants))
-    big = load_config(overrides={"algorithm": "alg2", "lr": {"eta": 0.3}})
-    assert any("min{1/(4L), 1/2}" in w for w in big.theory_warnings(quad.constants))
+    big = load_config(overrides={"algorithm": "alg2", "lr": {"eta": 0.6}})  # Lemma 21: η ≤ 1/2
+    assert any("min{1/2, 1/L} = 0.5" in w for w in big.theory_warnings(quad.constants))
     fast = load_config(overrides={"lr": {"eta": 0.9}})
     assert any("η ≤ 1/L" in w for w in fast.theory_warnings(quad.constants))
     # β_max(p = 2, ηL = 0.2) = 1.2857: β = 1.9 makes the synchronous center diverge
@@ -211,7 +211,16 @@ def test_cli_outputs_and_trace(tmp_path: Path) -> None:
     assert summary["schema_version"] == 1
     assert summary["config"]["steps"] == 3 and summary["status"] == "finished"
     proc = summary["processes"][0]
-    assert set(proc) == {"id", "cluster", "crashed", "steps_done", "x", "loss", "output"}
+    assert set(proc) == {
+        "id",
+        "cluster",
+        "crashed",
+        "diverged",
+        "steps_done",
+        "x",
+        "loss",
+        "output",
+    }
     assert len(proc["output"]) == 10  # Alg 2's x_τ
     assert len(proc["x"]) == 10 and proc["steps_done"] == 3
     header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
@@ -221,7 +230,8 @@ def test_cli_outputs_and_trace(tmp_path: Path) -> None:
     assert {"instance", "round", "inner_round", "process", "cluster", "value"} == set(lines[0])
     rounds = summary["derived"]["agreement_rounds"]
     outputs = [x for x in lines if x["round"] == rounds + 1 and x["inner_round"] is None]
-    assert len(outputs) == 3 * 9  # one output per instance and process (no crash by t = 3)
+    processes = summary["config"]["processes"]  # configs/demo.toml's
+    assert len(outputs) == 3 * processes  # one per instance and process (no crash by t = 3)
     assert any(x["inner_round"] == 15 for x in lines)  # SMMAA outputs: inner round 14 + 1
 
 
@@ -368,3 +378,87 @@ def test_mixing_plot_to_a_bad_path_is_one_line(tmp_path: Path) -> None:
     )
     assert res.exit_code == 2 and "cannot write the plot" in res.output
     assert "Traceback" not in res.output
+
+
+def test_a_typo_in_a_config_file_names_the_file_the_line_and_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('algorithm = "alg1"\nstpes = 10\n\n[lr]\neat = 0.1\n')
+    res = CliRunner().invoke(app, ["simulate", "-q", "--config", str(path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert f"{path}, line 2: unknown setting `stpes` (did you mean `steps`?)" in res.output
+    assert f"{path}, line 5: unknown setting `lr.eat` (did you mean `lr.eta`?)" in res.output
+    # a typo in a flag's --set names no file
+    with pytest.raises(ConfigError, match=r"^unknown setting `sim.sample_evry` \(did you mean"):
+        load_config(overrides={"sim": {"sample_evry": 1.0}})
+
+
+def test_a_typo_in_a_node_config_or_its_environment_says_what_was_meant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peerlearn.daemon.config import load_node_config, unknown_environment
+
+    path = tmp_path / "node.toml"
+    path.write_text(
+        'stpes = 3\nlr.eat = 0.1\n[[daemons]]\ncluster = 0\naddress = "a:1"\nworkers = 1\n'
+        '[[daemons]]\ncluster = 1\nadress = "b:1"\nworkers = 1\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_node_config(path)
+    message = str(info.value)
+    assert f"{path}, line 1: unknown setting `stpes` (did you mean `steps`?)" in message
+    assert f"{path}, line 2: unknown setting `lr.eat` (did you mean `lr.eta`?)" in message
+    assert f"{path}, line 9: unknown setting `daemons[1].adress` (did you mean" in message
+    monkeypatch.setenv("PEERLEARN_LR__EAT", "0.1")
+    with pytest.raises(ConfigError, match="environment variable PEERLEARN_LR__EAT: unknown"):
+        load_node_config(None)
+    env = {"PEERLEARN_STPES": "3", "PEERLEARN_STEPS": "3", "PEERLEARN_SCREENSHOT": "x", "X": "1"}
+    assert unknown_environment(env) == [
+        "environment variable PEERLEARN_STPES is not a setting and is ignored "
+        "(did you mean PEERLEARN_STEPS?)"
+    ]
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+def test_peers_must_be_a_list_of_host_port(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A space instead of a comma made one peer `a:1 b:2` (host `a:1 b`): a peer that looked
+    down forever. Every source now refuses it, naming the item."""
+    from peerlearn.daemon.config import load_node_config
+
+    bad, path, flags = "127.0.0.1:7002 127.0.0.1:7003", None, {}
+    if source == "flag":
+        flags = {"peers": [bad]}
+    elif source == "env":
+        monkeypatch.setenv("PEERLEARN_PEERS", bad)
+    else:
+        path = tmp_path / "node.toml"
+        path.write_text(f'peers = ["{bad}"]\n')
+    with pytest.raises(ConfigError, match=rf"'{bad}' is not host:port \(separate addresses"):
+        load_node_config(path, flags)
+    for good in ("[::1]:7002", "peer_1:7002", "host-a.example.org:7002", "10.0.0.2:7002"):
+        assert load_node_config(None, {"peers": [good]}).peers == [good]
+    for wrong in ("::1:7002", "a b:1", "a:1:2", "-a:1", "a:", "[a]:1", "a:70000"):
+        with pytest.raises(ConfigError, match="is not host:port"):
+            load_node_config(None, {"peers": [wrong]})
+
+
+def test_user_strings_are_printed_literally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--problem myprob:boom` printed an emoji (the run's description line reads `… on
+    myprob:boom: n=…`), and `[/]` crashed the printer: rich markup and emoji codes in what
+    the user typed are text."""
+    (tmp_path / "myprob.py").write_text(
+        "from peerlearn.problems import make_problem\n\n"
+        "def boom():\n    return make_problem('quadratic')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = CliRunner().invoke(app, ["simulate", "-q", "-T", "2", "--problem", "myprob:boom"])
+    assert res.exit_code == 0, res.output
+    assert "alg1 on myprob:boom: n=" in res.output and "💥" not in res.output
+    for name in ("[/]x:boom", "[bold]b:c", "x:boom"):
+        res = CliRunner().invoke(app, ["simulate", "-q", "--problem", name])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"problem {name!r}" in res.output

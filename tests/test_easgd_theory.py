@@ -12,6 +12,7 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
+from peerlearn.algorithms import easgd_theory
 from peerlearn.algorithms.easgd_theory import (
     asymptotic_variance,
     beta_max,
@@ -190,7 +191,8 @@ def test_drift_matrix_shape_and_spectrum() -> None:
     gamma, phi = roots(p, eta, alpha)
     # γ, φ plus the p − 1 worker-disagreement modes 1 − α − ηh (spec A.2)
     expected = sorted([gamma, phi] + [1 - alpha - eta] * (p - 1))
-    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(m)), expected, atol=1e-14)
+    # eigvalsh is backward stable: a few ulps times p + 1, whatever the LAPACK kernel
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(m)), expected, atol=1e-12)
 
 
 GRID = [(p, eta, alpha) for p in (1, 2, 7, 100) for eta in (0.01, 0.5, 1.9, 2.5)
@@ -230,6 +232,41 @@ def test_beta_max_table_and_edge(p: int, eta_h: float, printed: str) -> None:
     assert phi == pytest.approx(-1.0, abs=1e-12)
     for factor, expect in ((0.95, True), (0.999, True), (1.001, False), (1.05, False)):
         assert stable(p, eta_h / h, factor * bmax / p, h=h) is expect, factor
+
+
+# β = β_max exactly (φ = −1) over 54 (p, ηh): the computed φ lands a few ulps either side of −1
+# (−0.9999999999999996 for some), and condition (17) is strict, so each must be unstable.
+EDGE = [(p, eh) for p in (1, 2, 3, 4, 5, 7, 10, 16, 100) for eh in (0.1, 0.3, 0.5, 1.0, 1.5, 1.9)]
+ULPS = (-8, -1, 0, 1, 8)
+
+
+def _ulps(x: float, k: int) -> float:
+    """x moved by k units in the last place."""
+    for _ in range(abs(k)):
+        x = float(np.nextafter(x, math.copysign(math.inf, k)))
+    return x
+
+
+@pytest.mark.parametrize(("p", "eta_h"), EDGE)
+def test_beta_max_is_unstable_whatever_the_last_bit(
+    p: int, eta_h: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alpha = beta_max(p, eta_h) / p
+    assert not stable(p, eta_h, alpha)
+    assert asymptotic_variance(p, eta_h, alpha, 1.0) == math.inf
+    for shift in ULPS:  # β_max itself a few ulps off
+        assert not stable(p, eta_h, _ulps(alpha, shift)), shift
+    assert stable(p, eta_h, alpha * (1 - 1e-6))
+    assert asymptotic_variance(p, eta_h, alpha * (1 - 1e-6), 1.0) < math.inf
+    assert not stable(p, eta_h, alpha * (1 + 1e-6))
+    original = easgd_theory.roots
+    for shift in ULPS:  # the computed φ a few ulps off, through stable()'s own roots()
+        monkeypatch.setattr(
+            easgd_theory,
+            "roots",
+            lambda *a, s=shift: (original(*a)[0], _ulps(original(*a)[1], s)),
+        )
+        assert not stable(p, eta_h, alpha), shift
 
 
 def test_stability_needs_positive_rates_and_eta_h_below_two() -> None:

@@ -1,19 +1,20 @@
-"""Closed forms for synchronous EASGD on a 1-D quadratic (EASGD supplement §7.1, spec A.2).
+"""Closed forms for synchronous EASGD on a 1-D quadratic (EASGD supplement, Section 7.1).
 
-Model (E:L13–15, E:L39–41): worker i sees g = h·x − b − ξ with ξ ~ (0, σ²) i.i.d. per worker per
+Model (eqs. (14), (18), (19)): worker i sees g = h·x − b − ξ with ξ ~ (0, σ²) i.i.d. per worker per
 step; p workers update in lock-step with constant η and moving rate α, the center with β = pα.
 Every function works in coordinates centered at x* = b/h, so pass ``x0 − x*``, not ``x0``.
 
-Time indexing (the one the spec's table uses): t counts synchronous steps, ``x̃_0`` is the initial
-center, and step t → t+1 reads only time-t values (E:L39–41). With equal initial values x̃_1 = x̃_0,
-and noise drawn at step 0 reaches the center first at t = 2, so V[x̃_0] = V[x̃_1] = 0 and
-V[x̃_2] = pα²η²σ². Row 1 of the table (p=4, η=0.1, α=0.05, x₀=1): E x̃_2 = 1 + β·(0.9 − 1) = 0.98.
-Arrays indexed by t have length T + 1 and hold t = 0..T.
+Time indexing (the one of the table in tests/test_easgd_theory.py): t counts synchronous
+steps, ``x̃_0`` is the initial center, and step t → t+1 reads only time-t values (eqs. (18)–(19)).
+With equal initial values x̃_1 = x̃_0, and noise drawn at step 0 reaches the center first at
+t = 2, so V[x̃_0] = V[x̃_1] = 0 and V[x̃_2] = pα²η²σ². Row 1 of the table (p=4, η=0.1, α=0.05,
+x₀=1): E x̃_2 = 1 + β·(0.9 − 1) = 0.98. Arrays indexed by t have length T + 1 and hold t = 0..T.
 
-Sources: M (E:L53–59), Lemma 7.1 eqs. (15)/(16) and a, c², γ, φ (E:L17–23), stability (17)
-(E:L25–33, E:L104–114), V_∞ (E:L124), Corollary 7.1 (E:L118–126), Lemma 7.2 (E:L132–164). The
-round-robin map follows the spec's reconstruction of main-paper Algorithm 1 (spec A.1(b), [NOT IN
-TEXT]); the supplement only says its analysis is "similar" (E:L35).
+Sources, all in the supplement's Section 7: the drift matrix M (proof of Lemma 7.1), Lemma 7.1
+with eqs. (15)/(16) and a, c², γ, φ, stability condition (17) (Section 7.1.2), V_∞ (proof of
+Corollary 7.1), Corollary 7.1, Lemma 7.2 (Section 7.2). The round-robin map is our reconstruction
+of the main paper's asynchronous EASGD (its Algorithm 1), which the supplement does not analyse:
+it only says the analysis is "similar" (after Lemma 7.1).
 
 Everything is plain numpy on floats; nothing here simulates the algorithm programs, so Monte-Carlo
 tests of those can compare against these numbers.
@@ -25,6 +26,8 @@ import math
 
 import numpy as np
 import numpy.typing as npt
+
+from peerlearn.ties import compare
 
 __all__ = [
     "asymptotic_variance",
@@ -58,7 +61,7 @@ def _check_t(name: str, t: int) -> None:
 
 
 def roots(p: int, eta: float, alpha: float, h: float = 1.0) -> tuple[float, float]:
-    """γ and φ of Lemma 7.1 (E:L23), γ ≥ φ.
+    """γ and φ of Lemma 7.1, γ ≥ φ.
 
     Args:
         p: number of workers.
@@ -73,7 +76,7 @@ def roots(p: int, eta: float, alpha: float, h: float = 1.0) -> tuple[float, floa
     eh, beta = eta * h, p * alpha
     a = eh + beta + alpha
     c2 = eh * beta
-    # a² − 4c² written as a sum of non-negative terms (spec A.2): no cancellation, never negative.
+    # a² − 4c² written as a sum of non-negative terms: no cancellation, never negative.
     s = math.sqrt((eh - beta) ** 2 + 2 * alpha * (eh + beta) + alpha**2)
     if a + s == 0:  # η = α = 0: M is the identity
         return 1.0, 1.0
@@ -84,7 +87,7 @@ def roots(p: int, eta: float, alpha: float, h: float = 1.0) -> tuple[float, floa
 
 
 def drift_matrix(p: int, eta: float, alpha: float, h: float = 1.0) -> FloatArray:
-    """The symmetric (p+1)×(p+1) drift matrix M on (x¹…x^p, x̃) − x* (E:L57).
+    """The symmetric (p+1)×(p+1) drift matrix M on (x¹…x^p, x̃) − x* (proof of Lemma 7.1).
 
     One synchronous step is x_{t+1} = M x_t + (ηξ¹_t, …, ηξ^p_t, 0).
     """
@@ -127,8 +130,8 @@ def center_mean(
     x0 = _workers(x0_workers, p)
     if alpha == 0:  # the center is never pulled anywhere
         return float(x0_center)
-    # u₀ = Σ_i (x₀ⁱ − α/(1 − pα − φ)·x̃₀) (E:L23). Both 1 − pα − φ and 1 − α − ηh − φ are ≥ 0 and
-    # their product is pα² (E:L61), so divide by the larger one: the smaller may have cancelled.
+    # u₀ = Σ_i (x₀ⁱ − α/(1 − pα − φ)·x̃₀) (Lemma 7.1). Both 1 − pα − φ and 1 − α − ηh − φ are ≥ 0 and
+    # their product is pα², so divide by the larger one: the smaller may have cancelled.
     g_center = 1.0 - p * alpha - phi
     g_worker = 1.0 - alpha - eta * h - phi
     ratio = alpha / g_center if g_center >= g_worker else g_worker / (p * alpha)
@@ -177,7 +180,7 @@ def center_variance(
 
 
 def asymptotic_variance(p: int, eta: float, alpha: float, sigma: float, h: float = 1.0) -> float:
-    """V_∞ = β²η²/((1−γ²)(1−φ²)) · (1+γφ)/(1−γφ) · σ²/p (E:L124).
+    """V_∞ = β²η²/((1−γ²)(1−φ²)) · (1+γφ)/(1−γφ) · σ²/p (proof of Corollary 7.1).
 
     Returns ``math.inf`` outside region (17) and 0.0 when α = 0 or η = 0 (no noise reaches x̃).
     """
@@ -199,7 +202,7 @@ def asymptotic_variance(p: int, eta: float, alpha: float, sigma: float, h: float
 
 
 def corollary_71_limit(beta: float, eta: float, sigma: float, h: float = 1.0) -> float:
-    """lim_p lim_t p·E[(x̃_t − x*)²] with β fixed (Corollary 7.1, E:L120).
+    """lim_p lim_t p·E[(x̃_t − x*)²] with β fixed (Corollary 7.1).
 
     βηh/((2−β)(2−ηh)) · (2 − β − ηh + βηh)/(β + ηh − βηh) · σ²/h².
     """
@@ -247,18 +250,28 @@ def propagate_moments(
 
 
 def stable(p: int, eta: float, alpha: float, h: float = 1.0) -> bool:
-    """Condition (17): −1 < φ < γ < 1 (E:L27)."""
-    gamma, phi = roots(p, eta, alpha, h)
-    return -1.0 < phi < gamma < 1.0
+    """Condition (17): −1 < φ < γ < 1, strict.
+
+    γ < 1 ⇔ ηh > 0 and α > 0 (Section 7.1.2), and then φ < γ (γ − φ = √(a² − 4c²) ≥ α > 0): both are
+    decided exactly. φ > −1 is decided with the tie rule of :mod:`peerlearn.ties`: at β =
+    :func:`beta_max`, where φ = −1 exactly, the computed φ lands a few ulps either side of −1
+    (−0.9999999999999996 for about a quarter of (p, ηh)), and a φ equal to −1 up to rounding fails
+    the strict condition. This is the only stability test: :func:`asymptotic_variance` and the
+    config warning (``peerlearn.config``) both call it.
+    """
+    _check(p, eta, alpha, h)
+    _, phi = roots(p, eta, alpha, h)
+    return eta * h > 0 and alpha > 0 and compare(phi, -1.0) > 0
 
 
 def beta_max(p: int, eta: float, h: float = 1.0) -> float:
-    """Sup of the stable β = pα for fixed p and ηh: 2(2 − ηh)/((2 − ηh) + 2/p) (spec A.2).
+    """Sup of the stable β = pα for fixed p and ηh: 2(2 − ηh)/((2 − ηh) + 2/p).
 
     It solves the product condition (2 − ηh)(2 − β) > 2β/p of (17) for β. With u = 2 − ηh ∈ (0, 2)
     the sum condition (2 − ηh) + (2 − β) > β/p allows β < (2 + u)p/(p + 1), which is never below
     this bound (the difference reduces to 4 + u²p ≥ 0), so the product condition is the binding one.
-    The stable set is 0 < β < beta_max, and φ = −1 at β = beta_max.
+    The stable set is 0 < β < beta_max, and φ = −1 at β = beta_max (which :func:`stable` counts
+    as unstable, also when rounding puts the computed φ just above −1).
 
     Raises:
         ValueError: unless 0 < ηh < 2; outside it no β > 0 is stable.
@@ -273,14 +286,14 @@ def beta_max(p: int, eta: float, h: float = 1.0) -> float:
 def double_average_variance(
     T: int, p: int, eta: float, alpha: float, sigma: float, h: float = 1.0
 ) -> FloatArray:
-    """t·V[z_t] for t = 0..T, z_t = (1/t) Σ_{k=0}^{t−1} x̃_k (eq. 26, E:L134), by exact propagation.
+    """t·V[z_t] for t = 0..T, z_t = (1/t) Σ_{k=0}^{t−1} x̃_k (eq. 26), by exact propagation.
 
-    Lemma 7.2 (E:L136): the values tend to σ²/(p h²) inside region (17), with an O(1/t) gap.
+    Lemma 7.2: the values tend to σ²/(p h²) inside region (17), with an O(1/t) gap.
     Entry 0 is NaN (z_0 is an empty average). Initial values are irrelevant: they only shift the
     mean.
 
     The propagated state is (y, x̃, S) with y the worker average and S_t = Σ_{k<t} x̃_k: x̃ sees
-    the workers only through y (E:L41), and y's noise is ηξ̄ with variance η²σ²/p (E:L262), so
+    the workers only through y (eq. (19)), and y's noise is ηξ̄ with variance η²σ²/p (eq. (42)), so
     this is exact while costing O(T) instead of O(T·p³).
     """
     _check_t("T", T)
@@ -306,7 +319,7 @@ def double_average_variance(
 def round_robin_radius(p: int, eta_h: float, alpha: float) -> float:
     """Spectral radius of one round (p ticks) of round-robin async EASGD, τ = 1, 1-D quadratic.
 
-    Worker i is active at ticks ≡ i (mod p). Its tick is Algorithm 1 (spec A.1(b)) on the
+    Worker i is active at ticks ≡ i (mod p). Its tick is the main paper's Algorithm 1 on the
     snapshot x = xⁱ: xⁱ ← xⁱ − α(x − x̃) − ηh·x and x̃ ← x̃ + α(x − x̃), the gradient taken at the
     pre-elastic x. The result is the radius of the product of the p tick maps (a cyclic shift of
     the order leaves it unchanged); below 1 means the noiseless iteration converges. For p = 1 the
