@@ -48,6 +48,11 @@ Quorums
 
 Values are numpy arrays that nobody mutates after they were yielded: a runtime may hand the same
 object to every receiver.
+
+Values are finite, too. A process whose gradient, reported model or outgoing value holds a NaN or
+an infinity has *diverged*: the runtime stops it right there, before the value reaches anyone,
+like a crash (:class:`Divergence` says where), and reports it; the other processes go on without
+it. A non-finite value that arrives over a network anyway is dropped, never delivered.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ __all__ = [
     "Broadcast",
     "Collect",
     "Count",
+    "Divergence",
     "Effect",
     "Exchange",
     "Grad",
@@ -73,6 +79,7 @@ __all__ = [
     "Msg",
     "Post",
     "Program",
+    "Quantity",
     "Quorum",
     "Receive",
     "Report",
@@ -80,6 +87,8 @@ __all__ = [
     "Tag",
     "Vector",
     "Write",
+    "finite",
+    "quiet_float_errors",
     "quorum_have",
     "quorum_need",
     "quorum_take",
@@ -87,6 +96,42 @@ __all__ = [
 
 Vector: TypeAlias = npt.NDArray[np.float64]
 Tag: TypeAlias = tuple[Any, ...]
+
+
+def tag_text(tag: Tag) -> str:
+    """A tag as log lines show it: ``("params", 12)`` → ``params 12``."""
+    return " ".join(str(part) for part in tag)
+
+
+#: what turned non-finite when a process diverged
+Quantity: TypeAlias = Literal["gradient", "model"]
+
+
+class Divergence(NamedTuple):
+    """Where a process diverged: the iteration that produced the non-finite value, and whether
+    that value was a gradient or a model (a value a process sends is derived from its model,
+    unless it is the gradient it computed — which was checked first)."""
+
+    step: int
+    quantity: Quantity
+
+
+def finite(value: Vector) -> bool:
+    """Whether every entry of ``value`` is finite (no NaN, no ±inf).
+
+    One vectorised pass over the values: about 1.5 µs for 650 floats, 0.15 ms for 10⁶ (a copy
+    of 10⁶ takes 0.6 ms). A sum would tell as well — NaN and ±inf propagate through ``+`` — and
+    is a little cheaper for small arrays (1 µs), but finite terms can overflow it, so it needs
+    this check behind it, and its overflow and invalid-value flags would be RuntimeWarnings
+    wherever numpy's errors are not silenced (the transport's event loop)."""
+    return bool(np.isfinite(value).all())
+
+
+def quiet_float_errors() -> np.errstate:
+    """numpy's floating-point warnings off (overflow, invalid value, divide by zero), for the
+    code that computes a run's values: a diverging run is reported once, by the :func:`finite`
+    checks, instead of as RuntimeWarnings on the user's terminal."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
 class Msg(NamedTuple):

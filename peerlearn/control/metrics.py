@@ -15,7 +15,7 @@ from __future__ import annotations
 import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics
@@ -36,7 +36,7 @@ __all__ = ["DaemonMetrics", "Snapshot", "WorkerSample"]
 @dataclass(frozen=True)
 class WorkerSample:
     worker: str
-    step: int
+    step: int  # iterations completed (Worker.completed), as /status reports it
     loss: float | None
     lag: int
 
@@ -57,6 +57,8 @@ class Snapshot:
     peers_away: int
     peers_total: int
     agreement_rounds: int
+    #: local workers by state (every state, 0 included, so that an alert can test for > 0)
+    states: dict[str, int] = field(default_factory=dict)
 
 
 class DaemonMetrics:
@@ -166,10 +168,12 @@ class _Collector(Collector):
         loss = GaugeMetricFamily(
             "peerlearn_loss", "Loss of the worker's current model.", labels=["worker"]
         )
-        step = GaugeMetricFamily("peerlearn_step", "Worker's current iteration.", labels=["worker"])
+        step = GaugeMetricFamily(
+            "peerlearn_step", "Iterations the worker has completed.", labels=["worker"]
+        )
         steps = CounterMetricFamily(
             "peerlearn_steps",
-            "Iterations the worker completed (its step as a counter, for rate()).",
+            "Iterations the worker has completed (its step as a counter, for rate()).",
             labels=["worker"],
         )
         lag = GaugeMetricFamily(
@@ -179,11 +183,20 @@ class _Collector(Collector):
         )
         for w in s.workers:
             step.add_metric([w.worker], w.step)
-            steps.add_metric([w.worker], max(w.step - 1, 0))
+            steps.add_metric([w.worker], w.step)
             lag.add_metric([w.worker], w.lag)
             if w.loss is not None:
                 loss.add_metric([w.worker], w.loss)
         yield from (loss, step, steps, lag)
+        workers = GaugeMetricFamily(
+            "peerlearn_workers",
+            "Local workers by state: created, running, finished, stopped, crashed (raised), "
+            "diverged (a gradient or model turned non-finite; it stopped before sending it).",
+            labels=["state"],
+        )
+        for state, count in s.states.items():
+            workers.add_metric([state], count)
+        yield workers
         m = self._metrics
         yield m.staleness.family(
             "peerlearn_staleness_steps",

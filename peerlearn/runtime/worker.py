@@ -15,7 +15,11 @@ effect             on a worker thread
 =================  ========================================================================
 
 A worker that raises counts as a crashed process (crash-stop): its thread ends, the daemon goes
-on serving and relaying for the others. :meth:`Worker.stop` lets the current iteration finish.
+on serving and relaying for the others. A worker whose gradient (as the oracle returns it), model
+(as it is reported) or any value it is about to send or write is not finite has *diverged*: it
+stops the same way, before the value reaches anybody, in state ``diverged``. The program and the
+oracle run with numpy's floating-point warnings off: those checks report the problem instead.
+:meth:`Worker.stop` lets the current iteration finish.
 """
 
 from __future__ import annotations
@@ -33,17 +37,21 @@ from peerlearn.effects import (
     Await,
     Broadcast,
     Collect,
+    Divergence,
     Exchange,
     Grad,
     Msg,
     Post,
     Program,
+    Quantity,
     Receive,
     Report,
     Send,
     Tag,
     Vector,
     Write,
+    finite,
+    quiet_float_errors,
 )
 from peerlearn.errors import ProgramError
 from peerlearn.runtime.mailbox import Mailbox, MailboxClosed
@@ -60,6 +68,7 @@ class WorkerState(StrEnum):
     FINISHED = "finished"  # the program returned
     STOPPED = "stopped"  # asked to stop, at an iteration boundary or while waiting
     CRASHED = "crashed"  # the program or the oracle raised
+    DIVERGED = "diverged"  # a gradient or model turned non-finite: stopped before sending it
 
 
 class Router(Protocol):
@@ -75,6 +84,14 @@ class Router(Protocol):
 
 class _Stop(Exception):
     """Raised inside the worker loop to leave at an iteration boundary."""
+
+
+class _Diverged(Exception):
+    """Raised inside the worker loop when a value turned out non-finite."""
+
+    def __init__(self, step: int, quantity: Quantity) -> None:
+        super().__init__(step, quantity)
+        self.divergence = Divergence(max(step, 0), quantity)
 
 
 class Worker:
@@ -106,6 +123,7 @@ class Worker:
         self.x: Vector | None = None
         self.output: Any = None
         self.error: str | None = None
+        self.diverged: Divergence | None = None
         self.grads = 0
         self.grad_seconds = 0.0
         self._program = program
@@ -122,6 +140,13 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"Worker({self.name}, {self.state}, step={self.step})"
+
+    @property
+    def completed(self) -> int:
+        """Iterations this worker has completed: what logs, ``/status`` and ``peerlearn_step``
+        call its step. (``step`` is the iteration it is in, as its program reported at the
+        iteration's start — T + 1 once T are done — and what its messages are stamped with.)"""
+        return max(self.step - 1, 0)
 
     def start(self) -> None:
         self.state = WorkerState.RUNNING
@@ -148,6 +173,10 @@ class Worker:
     # --- the loop -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        with quiet_float_errors():  # numpy's error state is per thread: set it on this one
+            self._loop()
+
+    def _loop(self) -> None:
         send = self._program.send
         value: Any = None
         try:
@@ -160,20 +189,27 @@ class Worker:
                         value = self._grad(x, self._rng)
                         self.grad_seconds += time.perf_counter() - started
                         self.grads += 1
+                        if not finite(value):
+                            raise _Diverged(self.step, "gradient")
                     case Exchange(tag=tag, value=v, quorum=quorum):
+                        self._outgoing(v)
                         self._router.broadcast(self.pid, tag, v, self.step)
                         value = self.mailbox.take(tag, quorum)
                     case Await(tag=tag, quorum=quorum):
                         value = self.mailbox.take(tag, quorum)
                     case Broadcast(tag=tag, value=v):
+                        self._outgoing(v)
                         self._router.broadcast(self.pid, tag, v, self.step)
                     case Send(to=to, tag=tag, value=v):
+                        self._outgoing(v)
                         self._router.send(self.pid, to, tag, v, self.step, False)
                     case Post(to=to, tag=tag, value=v):
+                        self._outgoing(v)
                         self._router.send(self.pid, to, tag, v, self.step, True)
                     case Receive(block=block):
                         value = self.mailbox.receive(block)
                     case Write(key=key, value=v):
+                        self._outgoing(v)  # the cluster's other workers read it
                         self._store.write(self.pid, key, v)
                     case Collect(key=key):
                         value = self._collect(key)
@@ -192,10 +228,27 @@ class Worker:
         except (_Stop, MailboxClosed):
             self.state = WorkerState.STOPPED
             self._program.close()
+        except _Diverged as exc:
+            self.diverged = exc.divergence
+            self.state = WorkerState.DIVERGED
+            step, quantity = exc.divergence
+            log.error(
+                "worker %s diverged: non-finite %s at iteration %d; it stopped before sending it",
+                self.name,
+                quantity,
+                step,
+            )
+            self._program.close()
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = WorkerState.CRASHED
-            log.error("worker %s crashed at step %d: %s", self.name, self.step, self.error)
+            # With its traceback: a problem or program that raises is a bug to find.
+            log.exception(
+                "worker %s crashed after %d completed steps: %s",
+                self.name,
+                self.completed,
+                self.error,
+            )
             self._program.close()
         finally:
             self._store.retire(self.pid)
@@ -207,9 +260,15 @@ class Worker:
     def _model(self, rep: Report) -> None:
         if self._stop.is_set():  # the previous iteration is complete: leave here
             raise _Stop
+        if not finite(rep.value):  # x_t is what iteration t − 1 produced; x keeps x_{t−1}
+            raise _Diverged(rep.step - 1, "model")
         self.step, self.x = rep.step, rep.value
         self.mailbox.advance(rep.step)
         self._store.advance(self.pid, rep.step)
+
+    def _outgoing(self, value: Vector) -> None:
+        if not finite(value):  # derived from the model (a gradient was checked as computed)
+            raise _Diverged(self.step, "model")
 
     def _collect(self, key: Tag) -> tuple[Msg, ...]:
         got = []

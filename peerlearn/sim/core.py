@@ -20,9 +20,10 @@ A process runs its program synchronously until it yields an effect that takes vi
                  the process's compute distribution (stragglers scale it);
 * ``Broadcast``— one DELIVER event per receiver, each with its own random delay: per-link mean
                  factors × per-message draws, so every receiver sees its own arrival order
-                 (spec pitfall 12). A partition holds the messages *sent* across it while it
-                 lasts (messages already in flight when it starts are on the wire and
-                 arrive) and delivers them when it heals;
+                 (with one order for all, every process would average the same messages and
+                 stay identical: contraction tests would be vacuous). A partition holds the
+                 messages *sent* across it while it lasts (messages already in flight when it
+                 starts are on the wire and arrive) and delivers them when it heals;
 * ``Send``     — a ``Broadcast`` to the listed processes only;
 * ``Await``    — satisfied from the mailbox at once, or the process waits; each DELIVER checks
                  only the awaited tag;
@@ -36,6 +37,11 @@ Liveness is explicit: when the heap is empty, every live process has either fini
 in an ``Await`` that can never complete — the run is ``blocked``, and each waiting process is
 listed with its tag and how many messages (or clusters) it has and needs. No step cap, no
 timeout. Crashes are crash-stop: a crashed process's pending events are ignored.
+
+Divergence is checked where a value leaves the process that computed it: a gradient as ``Grad``
+returns it, a model as it is reported, and every value a process sends or writes. A non-finite
+one stops the process there, crash-stop, before anybody receives it, and the run ends
+``diverged``. Received values need no check of their own: every sender was checked.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from peerlearn.effects import (
     Broadcast,
     Collect,
     Count,
+    Divergence,
     Exchange,
     Grad,
     Letter,
@@ -64,6 +71,7 @@ from peerlearn.effects import (
     Msg,
     Post,
     Program,
+    Quantity,
     Quorum,
     Receive,
     Report,
@@ -71,6 +79,8 @@ from peerlearn.effects import (
     Tag,
     Vector,
     Write,
+    finite,
+    quiet_float_errors,
     quorum_have,
     quorum_need,
     quorum_take,
@@ -78,7 +88,7 @@ from peerlearn.effects import (
 from peerlearn.errors import ProgramError
 from peerlearn.membership import Membership
 
-__all__ = ["BlockedProcess", "Outcome", "Proc", "Simulator", "Status"]
+__all__ = ["BlockedProcess", "DivergedProcess", "Outcome", "Proc", "Simulator", "Status"]
 
 _RESUME, _DELIVER, _READ, _CRASH, _SAMPLE, _HEAL = range(6)
 
@@ -89,6 +99,7 @@ class Status(StrEnum):
     FINISHED = "finished"  # every non-crashed process completed its program
     BLOCKED = "blocked"  # quiescent event queue while a live process waits
     FAILED = "failed"  # a program or a gradient raised
+    DIVERGED = "diverged"  # a process's gradient or model turned non-finite (NaN or ±inf)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,14 @@ class BlockedProcess:
     have: int
     need: int
     unit: str  # "processes" or "clusters"
+
+
+@dataclass(frozen=True)
+class DivergedProcess:
+    pid: int
+    name: str
+    step: int  # the iteration that produced the non-finite value
+    quantity: Quantity  # "gradient" or "model"
 
 
 @dataclass(eq=False)
@@ -126,6 +145,7 @@ class Proc:
     crash_mid_broadcast: bool = False
     armed: bool = False  # crash during the next broadcast
     collect: tuple[Tag, list[Msg], int] | None = None  # key, read so far, next member index
+    diverged: Divergence | None = None  # set with ``crashed``: the process stopped there
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,7 @@ class Outcome:
     held: int
     blocked: tuple[BlockedProcess, ...]
     error: str | None
+    diverged: tuple[DivergedProcess, ...] = ()
 
 
 class _Run:
@@ -245,6 +266,13 @@ class Simulator:
     def run(
         self, progress: Callable[[Simulator], None] | None = None, every: int = 20000
     ) -> Outcome:
+        """Run to the end: every process finished, crashed, diverged or blocked."""
+        # Programs, oracles and samples compute in here: a diverging value is reported by the
+        # checks (status ``diverged``), not by a RuntimeWarning per operation.
+        with quiet_float_errors():
+            return self._run(progress, every)
+
+    def _run(self, progress: Callable[[Simulator], None] | None, every: int) -> Outcome:
         for part in self._partitions:
             if part.end is not None:
                 self._push(part.end, _HEAL, -1, part)
@@ -309,8 +337,15 @@ class Simulator:
             blocked = ()
         if self._on_sample is not None:
             self._on_sample(self.now)
+        diverged = tuple(
+            DivergedProcess(p.pid, self.membership.name(p.pid), *p.diverged)
+            for p in procs
+            if p.diverged is not None
+        )
         if error is not None:
             status = Status.FAILED
+        elif diverged:
+            status = Status.DIVERGED
         elif blocked:
             status = Status.BLOCKED
         else:
@@ -324,6 +359,7 @@ class Simulator:
             held=len(self._held),
             blocked=blocked,
             error=error,
+            diverged=diverged,
         )
 
     # --- interpreting effects -------------------------------------------------------------------
@@ -349,6 +385,9 @@ class Simulator:
                         return
                 case Grad(x=x):
                     g = self._grad(proc.pid, x)
+                    if not finite(g):
+                        self._diverge(proc, proc.step, "gradient")
+                        return
                     self._push(
                         self.now + self._compute() * proc.compute_scale, _RESUME, proc.pid, g
                     )
@@ -361,6 +400,9 @@ class Simulator:
                     if self._on_report is not None:
                         self._on_report(proc, rep)
                 case Write(key=key, value=v):
+                    if not finite(v):  # registers are read by the whole cluster
+                        self._diverge(proc, proc.step, "model")
+                        return
                     self._write(proc, key, v)
                 case Collect(key=key):
                     proc.collect = (key, [], 0)
@@ -393,6 +435,9 @@ class Simulator:
                     raise ProgramError(f"process {proc.pid} yielded {eff!r}, which is no effect")
 
     def _model(self, proc: Proc, rep: Report) -> None:
+        if not finite(rep.value):  # x_t is what iteration t − 1 produced
+            self._diverge(proc, rep.step - 1, "model")
+            return
         if proc.step and rep.step > proc.step:  # iterations completed since the last report
             self.steps_total += rep.step - proc.step
         proc.step, proc.x = rep.step, rep.value
@@ -410,6 +455,9 @@ class Simulator:
         to: Sequence[int] | None = None,
         post: bool = False,
     ) -> None:
+        if not finite(value):  # nobody receives it: the sender stops here
+            self._diverge(proc, proc.step, "model")
+            return
         n = self.membership.processes
         sender = proc.pid
         same = self._same_cluster[sender]
@@ -567,6 +615,12 @@ class Simulator:
             del self._collected[regs_key]
 
     # --- faults ---------------------------------------------------------------------------------
+
+    def _diverge(self, proc: Proc, step: int, quantity: Quantity) -> None:
+        """``proc`` computed a non-finite value: it stops as if it crashed (so that quorum
+        algorithms go on without it), and the run will end ``diverged``."""
+        proc.diverged = Divergence(max(step, 0), quantity)
+        self._crash(proc)
 
     def _crash(self, proc: Proc) -> None:
         if proc.crashed or proc.finished:

@@ -15,7 +15,7 @@ import numpy as np
 
 from peerlearn.algorithms import diam2
 from peerlearn.config import Distribution, RunConfig
-from peerlearn.effects import Msg, Report, Tag, Vector
+from peerlearn.effects import Msg, Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import ConfigError
 from peerlearn.problems import Problem
 from peerlearn.runs import (
@@ -43,9 +43,10 @@ class ProcessResult:
     cluster: int
     crashed: bool
     steps_done: int
-    x: Vector | None
+    x: Vector | None  # a diverged process's last finite model
     loss: float | None
     output: Any
+    diverged: bool = False  # stopped by a non-finite gradient or model (not ``crashed``)
 
 
 @dataclass
@@ -71,12 +72,14 @@ class SimResult:
         return self.outcome.status
 
     def live(self) -> list[ProcessResult]:
-        return [p for p in self.processes if not p.crashed]
+        """The processes that neither crashed nor diverged."""
+        return [p for p in self.processes if not p.crashed and not p.diverged]
 
     @property
     def final_loss(self) -> float | None:
         losses = [p.loss for p in self.live() if p.loss is not None]
-        return float(np.mean(losses)) if losses else None
+        with quiet_float_errors():  # huge losses of a run near divergence: inf, not a warning
+            return float(np.mean(losses)) if losses else None
 
     @property
     def stationary_distance(self) -> float:
@@ -86,15 +89,17 @@ class SimResult:
     @property
     def max_pairwise_distance(self) -> float:
         """max over live processes i, j of ‖x_i − x_j‖² (internal convergence)."""
-        return diam2([p.x for p in self.live() if p.x is not None])
+        with quiet_float_errors():
+            return diam2([p.x for p in self.live() if p.x is not None])
 
 
 def consensus_distance(xs: list[Vector]) -> float:
-    """(1/n) Σ ‖x_i − x̄‖²."""
+    """(1/n) Σ ‖x_i − x̄‖² (inf when huge models overflow it; never a RuntimeWarning)."""
     if len(xs) < 2:
         return 0.0
     stacked = np.stack(xs)
-    return float(((stacked - stacked.mean(axis=0)) ** 2).sum(axis=1).mean())
+    with quiet_float_errors():
+        return float(((stacked - stacked.mean(axis=0)) ** 2).sum(axis=1).mean())
 
 
 def _vector_sampler(dist: Distribution, rng: np.random.Generator) -> Callable[[int], Vector]:
@@ -238,19 +243,21 @@ def run_simulation(
     )
     if progress is not None:
         progress(sim.steps_total, total)
-    processes = [
-        ProcessResult(
-            pid=p.pid,
-            name=members.name(p.pid),
-            cluster=p.cluster,
-            crashed=p.crashed,
-            steps_done=max(p.step - 1, 0),
-            x=p.x,
-            loss=loss_of(p),
-            output=p.output,
-        )
-        for p in sim.procs
-    ]
+    with quiet_float_errors():  # the final losses
+        processes = [
+            ProcessResult(
+                pid=p.pid,
+                name=members.name(p.pid),
+                cluster=p.cluster,
+                crashed=p.crashed and p.diverged is None,
+                steps_done=max(p.step - 1, 0),
+                x=p.x,
+                loss=loss_of(p),
+                output=p.output,
+                diverged=p.diverged is not None,
+            )
+            for p in sim.procs
+        ]
     return SimResult(
         config=cfg,
         outcome=outcome,

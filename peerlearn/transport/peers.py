@@ -5,7 +5,9 @@ dimension and dtype, run fingerprint, and that cluster and worker ids match the 
 membership) and answered with ``Welcome`` or ``Refuse(reason)`` — a refused handshake is logged
 with its reason, counted, and the connection closed. Then come ``Data`` frames: duplicates
 (seq ≤ the last delivered from that daemon, after a reconnect) are dropped and counted, the
-rest handed to ``deliver`` on the event loop, and acked cumulatively once per read batch.
+rest handed to ``deliver`` on the event loop, and acked cumulatively once per read batch. A Data
+frame whose values are not all finite is acked too but dropped (counted ``non_finite``): no
+model may take it in, and a link closed over it would have the sender resend it forever.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peerlearn.effects import Tag, Vector
+from peerlearn.effects import Tag, Vector, finite, tag_text
 from peerlearn.membership import Membership
-from peerlearn.transport.links import LinkSettings, LinkState, OutLink
+from peerlearn.transport.links import LinkSettings, LinkState, OutLink, Throttle
 from peerlearn.transport.pool import BufferPool
 from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
@@ -41,6 +43,10 @@ from peerlearn.wire import (
 __all__ = ["PeerAddress", "Transport"]
 
 log = logging.getLogger(__name__)
+
+
+#: dialers whose refusals are logged at a backed-off rate (beyond: forgotten, logged anew)
+_MAX_REFUSALS_TRACKED = 256
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,19 @@ class Transport:
         ]
         self._by_cluster = {link.cluster: link for link in self.links}
         self._inbound: dict[FrameProtocol, _Inbound] = {}
+        # (dialer, reason) -> when to log its refusal again; dialers are the static
+        # membership's, or a handful of strangers: bounded in practice
+        self._refusals: dict[tuple[str, str], Throttle] = {}
         self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered
+        self._non_finite_from: set[int] = set()  # peer clusters already logged for it
         self._server: asyncio.Server | None = None
         self.port: int | None = None
 
     def __repr__(self) -> str:
         return f"Transport(cluster={self.hello.cluster}, port={self.port}, peers={len(self.links)})"
+
+    def __str__(self) -> str:  # how log lines name this end: in words, not a repr
+        return f"daemon {self.hello.cluster}"
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -107,11 +120,12 @@ class Transport:
         for link in self.links:
             tasks.create_task(link.run(), name=f"link-{link.name}")
 
-    async def close(self) -> None:
-        """Stop intake, drain outbound links, close everything."""
+    async def close(self, drain_unconnected: bool = True) -> None:
+        """Stop intake, drain outbound links, close everything (``drain_unconnected``: also
+        wait for peers that never connected, see OutLink.close)."""
         if self._server is not None:
             self._server.close()
-        await asyncio.gather(*(link.close() for link in self.links))
+        await asyncio.gather(*(link.close(drain_unconnected) for link in self.links))
         for proto in list(self._inbound):
             proto.send(Bye(reason="shutdown"))
             proto.close()
@@ -187,6 +201,21 @@ class Transport:
                     return
                 self._delivered[peer] = data.seq
                 self.stats.count("in", str(data.tag[0]), self._label(peer), proto.codec.last_size)
+                # Checked here, on the payload just received into its buffer: the last point
+                # before a mailbox, where a quorum could take the value — and the algorithm's
+                # averaging, which reads the values anyway, comes after the quorum is chosen.
+                if not finite(data.value):
+                    self.stats.drop("non_finite")  # acked above like any frame, never resent
+                    if peer not in self._non_finite_from:
+                        self._non_finite_from.add(peer)
+                        log.warning(
+                            "dropping a message with non-finite values from daemon %s "
+                            "(process %s, tag %s); further ones are only counted",
+                            self._label(peer),
+                            self.membership.name(data.sender),
+                            tag_text(data.tag),
+                        )
+                    return
                 self._deliver(data)
             case Ping(nonce=nonce):
                 proto.send(Pong(nonce=nonce))
@@ -194,12 +223,12 @@ class Transport:
                 proto.close()
             case _:
                 self.stats.error("unexpected_message")
-                log.warning("%s: unexpected %s from %s", self, msg.kind, proto.peername)
+                log.warning("%s: unexpected %s from %s", self, msg.kind, proto.remote)
                 proto.close()
 
     def _handshake(self, proto: FrameProtocol, state: _Inbound, msg: Message) -> None:
         if not isinstance(msg, Hello):
-            self._refuse(proto, "bad_handshake", f"expected hello, got {msg.kind}")
+            self._refuse(proto, None, "bad_handshake", f"expected hello, got {msg.kind}")
             return
         try:
             check_hello(
@@ -209,20 +238,31 @@ class Transport:
                 expect_fingerprint=self.hello.fingerprint,
             )
         except HandshakeError as exc:
-            self._refuse(proto, str(exc.reason), str(exc))
+            self._refuse(proto, msg, str(exc.reason), str(exc))
             return
         problem = self._membership_problem(msg)
         if problem is not None:
-            self._refuse(proto, "membership_mismatch", problem)
+            self._refuse(proto, msg, "membership_mismatch", problem)
             return
         state.cluster = msg.cluster
         proto.send(Welcome(cluster=self.hello.cluster))
-        log.info("%s: inbound link from daemon %s (%s) established", self, msg.name, proto.peername)
+        log.info("%s: inbound link from daemon %s (%s) established", self, msg.name, proto.remote)
 
-    def _refuse(self, proto: FrameProtocol, reason: str, text: str) -> None:
+    def _refuse(self, proto: FrameProtocol, hello: Hello | None, reason: str, text: str) -> None:
+        """Refuse a dialer: the reason code goes back (the dialer words it from its side; the
+        details would be this run's settings, sent to a peer not authenticated), the details
+        into this daemon's log — once, then at doubling intervals per dialer and reason, as
+        the dialer retries every few seconds."""
         self.stats.error(reason)
-        log.error("refusing %s: %s", proto.peername, text)
-        proto.send(Refuse(reason=text[:1000]))
+        host = proto.peername[0] if isinstance(proto.peername, tuple) else proto.peername
+        who = f"daemon {hello.name!r} (cluster {hello.cluster})" if hello else str(host)
+        if len(self._refusals) >= _MAX_REFUSALS_TRACKED:  # strangers make up names: bounded
+            self._refusals.clear()
+        throttle = self._refusals.setdefault((who, reason), Throttle())
+        if (count := throttle.due(text)) is not None:
+            again = f" (refused {count} times so far)" if count > 1 else ""
+            log.error("refusing %s at %s: %s%s", who, proto.remote, text, again)
+        proto.send(Refuse(reason=reason))
         proto.close()
 
     def _membership_problem(self, hello: Hello) -> str | None:

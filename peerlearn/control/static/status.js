@@ -340,7 +340,7 @@
     running: "ok", connected: "ok", finished: "", starting: "", created: "",
     stopping: "warn", stopped: "warn", connecting: "warn", reconnecting: "warn", draining: "warn",
     closed: "bad",
-    blocked: "bad", crashed: "bad", away: "bad",
+    blocked: "bad", crashed: "bad", diverged: "bad", away: "bad",
   };
 
   function badge(text) {
