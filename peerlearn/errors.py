@@ -7,6 +7,7 @@ Every error peerlearn raises on purpose derives from :class:`PeerlearnError`::
     │   └── CrashSpecError    a malformed ``--crash`` spec
     ├── ProblemError          a problem that cannot be built or evaluated
     ├── ProgramError          an algorithm program yielded something its runtime cannot interpret
+    ├── StartupError          a daemon cannot start: its peer or API address is in use, …
     └── SimulationError       the simulator met an inconsistent state (a bug, not bad input)
 
 The CLI turns every ``PeerlearnError`` into one clear line on stderr and exit code 2; anything
@@ -22,6 +23,7 @@ __all__ = [
     "ProblemError",
     "ProgramError",
     "SimulationError",
+    "StartupError",
 ]
 
 
@@ -47,3 +49,7 @@ class ProgramError(PeerlearnError):
 
 class SimulationError(PeerlearnError):
     """The simulator reached a state that its invariants rule out."""
+
+
+class StartupError(PeerlearnError):
+    """A daemon could not start; the message names the address or resource and why."""

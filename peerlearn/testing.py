@@ -55,7 +55,8 @@ class LocalCluster:
         return self.clients[i]
 
     def steps(self) -> list[int]:
-        return [w.step for d in self.daemons for w in d.workers]
+        """Iterations each worker has completed (its step in /status)."""
+        return [w.completed for d in self.daemons for w in d.workers]
 
     def min_step(self) -> int:
         return min(self.steps())

@@ -212,7 +212,7 @@ def test_three_daemons_in_three_namespaces_train_over_veth(netns: Netns) -> None
         assert status["cluster"] == cluster_of[addrs[i]]
         assert len(status["workers"]) == WORKERS
         for w in status["workers"]:
-            assert w["state"] == "finished" and w["step"] == STEPS + 1, f"{where}: {w}"
+            assert w["state"] == "finished" and w["step"] == STEPS, f"{where}: {w}"
             assert w["loss"] is not None and w["loss"] < LOSS_BOUND, (where, w, initial)
 
         others = [a for a in addrs if a != addrs[i]]

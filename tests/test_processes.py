@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,3 +114,119 @@ async def test_sigkill_one_daemon_of_four(algorithm: str) -> None:
         peers = (await poll_status(urls[0], lambda s: True))["peers"]
         assert [p["state"] for p in peers][2] != "connected"  # cluster 3 is gone
         assert procs[0].poll() is None  # the survivors keep running
+
+
+@pytest.mark.parametrize("which", ["--api", "--listen"])
+def test_a_busy_port_is_one_line_naming_the_address_and_exit_2(which: str) -> None:
+    """Today's uvicorn error, a `Task exception was never retrieved` traceback and exit 3 for a
+    busy API port: now one line, as for the peer port."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        ports = {"--api": "127.0.0.1:0", "--listen": "127.0.0.1:0", which: address}
+        res = subprocess.run(
+            [PEERLEARN, "run", *[x for kv in ports.items() for x in kv], "--peers", "127.0.0.1:9"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert address in res.stderr and "address already in use" in res.stderr
+
+
+def test_peers_with_a_space_are_refused_and_unknown_env_warned_about() -> None:
+    env = {**os.environ, "PEERLEARN_STPES": "3"}
+    res = subprocess.run(
+        [PEERLEARN, "run", "--peers", "127.0.0.1:7002 127.0.0.1:7003"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert "PEERLEARN_STPES" in lines[0] and "did you mean PEERLEARN_STEPS?" in lines[0]
+    assert "'127.0.0.1:7002 127.0.0.1:7003' is not host:port" in lines[1]
+    assert "separate addresses with commas" in lines[1] and len(lines) == 2
+
+
+def test_ctrl_c_while_waiting_for_peers_stops_within_a_second() -> None:
+    """The workers wait for a peer that never comes: no iteration can end (stop_grace) and
+    nothing queued for that peer can be delivered (drain_timeout) — neither is waited for."""
+    (never,) = free_ports(1)
+    proc = subprocess.Popen(
+        [
+            *(PEERLEARN, "run", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"),
+            *("--peers", f"127.0.0.1:{never}", "--log-level", "info"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the daemon is up (or has died: then the loop ends)
+            if "API on" in line:
+                break
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Before: 10.6 s (stop_grace 5 s + drain_timeout 5 s); now ≈ 0.6 s, with room for a
+    # loaded machine.
+    assert code == 0 and took < 3.0, (code, took)
+
+
+def _pythonpath() -> list[str]:
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
+CRASHY = '''
+import threading
+
+from peerlearn.problems.quadratic import NoisyQuadratic
+
+
+class Crashy(NoisyQuadratic):
+    """Worker 0.1's oracle raises at its third gradient; the others run."""
+
+    calls = 0
+
+    def grad(self, x, rng):
+        if threading.current_thread().name == "worker-0.1":
+            Crashy.calls += 1
+            if Crashy.calls == 3:
+                raise RuntimeError("boom in the oracle")
+        return super().grad(x, rng)
+
+
+def make(**params):
+    return Crashy(**params)
+'''
+
+
+def test_a_crashed_worker_logs_its_traceback_and_the_daemon_exits_1(tmp_path: Path) -> None:
+    """One of two workers crashes, the other finishes (N = 1): exit 1, not 0 as before (then
+    only a daemon whose every worker crashed exited 1)."""
+    (tmp_path / "crashy.py").write_text(CRASHY)
+    res = subprocess.run(
+        [
+            *(PEERLEARN, "run", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"),
+            *("--workers", "2", "--max-failures", "1", "--steps", "20", "--exit-on-finish"),
+            *("--problem", "crashy:make", "--log-level", "warning"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *_pythonpath()])},
+    )
+    assert res.returncode == 1, res.stderr
+    assert "worker 0.1 crashed after 2 completed steps: RuntimeError: boom" in res.stderr
+    assert "Traceback" in res.stderr and 'raise RuntimeError("boom in the oracle")' in res.stderr
+    assert "exit code 1: worker(s) 0.1 crashed" in res.stderr

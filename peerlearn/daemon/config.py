@@ -11,8 +11,13 @@ cluster ids are then the positions of the addresses in sorted order, the same on
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import ipaddress
 import json
+import os
+import re
+from collections.abc import Mapping
 from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
@@ -38,20 +43,44 @@ from peerlearn.config import (
     ProblemConfig,
     RunConfig,
     explain,
-    read_toml,
+    load_toml,
 )
 from peerlearn.errors import ConfigError
 from peerlearn.membership import Membership
 
-__all__ = ["DaemonSpec", "NodeConfig", "load_node_config", "parse_address"]
+__all__ = [
+    "DaemonSpec",
+    "NodeConfig",
+    "load_node_config",
+    "parse_address",
+    "unknown_environment",
+]
+
+
+#: a host name (RFC 1123 labels, plus ``_`` as container names have) or an IPv4 address
+_HOST = re.compile(
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*"
+)
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` → (host, port); ConfigError with the reason otherwise."""
+    """``host:port`` or ``[ipv6]:port`` → (host, port); ConfigError with the reason otherwise.
+
+    Strict on purpose: ``"a:1 b:2"`` (a space instead of a comma) must not pass as the host
+    ``a:1 b`` and then look like a peer that is down."""
     host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"address {text!r} is not host:port")
-    return host.strip("[]"), int(port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            valid = isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        except ValueError:
+            valid = False
+    else:
+        valid = _HOST.fullmatch(host) is not None
+    if not sep or not valid or not port.isdigit() or not 0 <= int(port) < 65536:
+        hint = " (separate addresses with commas)" if any(c in text.strip() for c in " \t;") else ""
+        raise ConfigError(f"address {text!r} is not host:port{hint}")
+    return host, int(port)
 
 
 class DaemonSpec(BaseModel):
@@ -135,6 +164,9 @@ class NodeConfig(BaseSettings):
     )
     metrics: bool = Field(True, description="export metrics (off: for measuring their cost)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line on stderr, for log collectors"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -202,6 +234,20 @@ class NodeConfig(BaseSettings):
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"not a JSON list of addresses: {exc}") from None
             return [p.strip() for p in text.split(",") if p.strip()]
+        return value
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_address(item)  # names the offending item
+        return value
+
+    @field_validator("listen", "api", "advertise")
+    @classmethod
+    def _an_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)
         return value
 
     @field_validator("steps", mode="before")
@@ -279,12 +325,38 @@ class _FileSource(PydanticBaseSettingsSource):
 
 def load_node_config(path: Path | None = None, flags: dict[str, Any] | None = None) -> NodeConfig:
     """File < ``PEERLEARN_*`` env < flags; every problem is one ConfigError naming the field."""
-    token = _FILE.set(read_toml(path))
+    file = load_toml(path)
+    token = _FILE.set(file.data if file is not None else None)
     try:
         return NodeConfig(**(flags or {})).validate_all()
     except ValidationError as exc:
-        raise ConfigError(explain(exc)) from None
+        raise ConfigError(explain(exc, NodeConfig, file, flags, "PEERLEARN_")) from None
     except SettingsError as exc:  # an environment variable pydantic-settings cannot parse
         raise ConfigError(f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)) from None
     finally:
         _FILE.reset(token)
+
+
+#: ``PEERLEARN_*`` variables that are no settings: knobs of the tests and benchmarks
+_NOT_SETTINGS = frozenset(
+    {"PEERLEARN_SCREENSHOT", "PEERLEARN_BENCH_LAYOUT", "PEERLEARN_REQUIRE_ALL"}
+)
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``PEERLEARN_*`` variable that names no setting (pydantic-settings
+    ignores them silently, so a misspelt ``PEERLEARN_STPES`` would simply not apply)."""
+    env = os.environ if environ is None else environ
+    fields = list(NodeConfig.model_fields)
+    out = []
+    for key in sorted(env):
+        name = key.upper()
+        if not name.startswith("PEERLEARN_") or name in _NOT_SETTINGS:
+            continue
+        top = name.removeprefix("PEERLEARN_").split("__")[0].lower()
+        if top in fields:
+            continue  # an unknown key below a known table is refused by validation
+        close = difflib.get_close_matches(top, fields, n=1)
+        hint = f" (did you mean PEERLEARN_{close[0].upper()}?)" if close else ""
+        out.append(f"environment variable {key} is not a setting and is ignored{hint}")
+    return out

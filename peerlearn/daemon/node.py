@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import socket
 import threading
 import time
@@ -27,10 +29,11 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from peerlearn.control.app import build_app
+from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics, Snapshot, WorkerSample
 from peerlearn.daemon.config import NodeConfig, parse_address
-from peerlearn.effects import Letter, Msg, Report, Tag, Vector
+from peerlearn.effects import Letter, Msg, Report, Tag, Vector, quiet_float_errors
+from peerlearn.errors import StartupError
 from peerlearn.runs import build_problem, grad_stream, make_programs
 from peerlearn.runtime.mailbox import Mailbox, Put, Waiting
 from peerlearn.runtime.store import RegisterStore
@@ -54,6 +57,10 @@ _MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired
 _EVAL_TICK = 1.0
 #: algorithms whose messages carry no worker models: their daemons send snapshots instead
 _SNAPSHOT_ALGORITHMS = ("dasgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
+
+
+#: worker states whose model counts in the daemon's mean model (GET /model)
+_HEALTHY = (WorkerState.CREATED, WorkerState.RUNNING, WorkerState.FINISHED, WorkerState.STOPPED)
 
 
 class DaemonState(StrEnum):
@@ -200,7 +207,15 @@ class Daemon:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> Daemon:
-        """Listen, connect, serve the API, start the workers."""
+        """Listen, connect, serve the API, start the workers.
+
+        Raises:
+            StartupError: the peer or API address cannot be listened on (in use, not an
+                address of this host): one line naming the address, before anything started.
+        """
+        # Bound here, before anything runs, so that a busy port is one clear error — uvicorn
+        # binding it itself logs its own error and exits its task with SystemExit.
+        api_socket = _listen("control API", self.cfg.api)
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         hello = Hello(
@@ -234,9 +249,15 @@ class Daemon:
             self.stats,
         )
         self.router.transport = self.transport
-        await self.transport.start(self._tasks, self._listen_socket)
+        try:
+            await self.transport.start(self._tasks, self._listen_socket)
+        except OSError as exc:
+            api_socket.close()
+            raise StartupError(
+                f"cannot listen for peers on {self.cfg.listen}: {_why(exc)}"
+            ) from None
         self.peer_port = self.transport.port
-        await self._start_api()
+        await self._start_api(api_socket)
         for w in self.workers:
             w.start()
         self.state = DaemonState.RUNNING
@@ -248,11 +269,11 @@ class Daemon:
         ):
             self._snapshot_task = self._tasks.create_task(self._snapshots(), name="snapshots")
         log.info(
-            "daemon %s: cluster %d of %d, workers %s, peers on :%s, API on :%s",
+            "daemon started: %s, cluster %d of %d, workers %s, peers on :%s, API on :%s",
             self.cfg.run.algorithm,
             self.me.cluster,
             self.membership.clusters,
-            [self.membership.name(p) for p in self.pids],
+            ", ".join(self.membership.name(p) for p in self.pids),
             self.peer_port,
             self.api_port,
         )
@@ -263,19 +284,17 @@ class Daemon:
                 log.warning("%s", warning)
         return self
 
-    async def _start_api(self) -> None:
-        host, port = parse_address(self.cfg.api)
+    async def _start_api(self, sock: socket.socket) -> None:
         config = uvicorn.Config(
             build_app(self),
-            host=host,
-            port=port,
+            log_config=None,  # its records reach the process's handler: one format (--log-format)
             log_level="warning",
             lifespan="off",
             access_log=False,
         )
         server = _EmbeddedServer(config)
         assert self._tasks is not None
-        self._tasks.create_task(server.serve(), name="api")
+        self._tasks.create_task(server.serve(sockets=[sock]), name="api")
         while not server.started:
             if server.should_exit:
                 raise OSError(f"control API could not bind {self.cfg.api}")
@@ -300,23 +319,22 @@ class Daemon:
         if self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
             await self._stopped.wait()
             return
+        # Its workers' last frames may be what a peer starting late needs to finish too.
+        finished = self.state is DaemonState.FINISHED
         self.state = DaemonState.STOPPING
         self._stop_requested.set()
         # (1) Workers finish their current iteration — bounded by stop_grace, since the
         # messages it waits for may never come (peers stopping or gone) — then stop.
         for w in self.workers:
             w.request_stop()
-        grace = time.monotonic() + self.cfg.stop_grace
-        await asyncio.to_thread(
-            lambda: [w.join(max(0.0, grace - time.monotonic())) for w in self.workers]
-        )
+        await self._grace(time.monotonic() + self.cfg.stop_grace)
         for w in self.workers:
             w.stop()
         if self.transport is not None:
             self.transport.release_producers()
         await asyncio.to_thread(lambda: [w.join(30.0) for w in self.workers])
         if self.transport is not None:
-            await self.transport.close()
+            await self.transport.close(drain_unconnected=finished)
         if self._api is not None:
             self._api.should_exit = True
         for task in (self._monitor_task, self._snapshot_task):
@@ -328,6 +346,21 @@ class Daemon:
         self.state = DaemonState.STOPPED
         self._stopped.set()
         log.info("daemon stopped: %s", self.summary())
+
+    async def _grace(self, deadline: float) -> None:
+        """Until every worker has left at an iteration boundary, or ``deadline``. A worker
+        whose iteration cannot complete — it waits for a quorum that this daemon and the
+        daemons connected now cannot meet, e.g. peers that never came — is not waited for:
+        Ctrl-C while waiting for peers stops at once, not after stop_grace."""
+        while time.monotonic() < deadline:
+            live = [w for w in self.workers if not w.done.is_set()]
+            if all(self._stuck(w) for w in live):  # also: none left
+                return
+            await asyncio.sleep(0.02)  # shutdown only: a short poll, no thread per worker
+
+    def _stuck(self, worker: Worker) -> bool:
+        waiting = worker.mailbox.waiting()
+        return waiting is not None and not self._reachable(waiting)
 
     async def __aenter__(self) -> Daemon:
         return await self.start()
@@ -396,9 +429,12 @@ class Daemon:
         ]
         if todo:
             batch = self.cfg.eval_batch
-            values = await asyncio.to_thread(
-                lambda: [problem.eval_loss(x, batch) for _, _, x in todo]
-            )
+
+            def losses() -> list[float]:
+                with quiet_float_errors():  # a model near divergence evaluates to inf, quietly
+                    return [problem.eval_loss(x, batch) for _, _, x in todo]
+
+            values = await asyncio.to_thread(losses)
             for (pid, step, _), value in zip(todo, values, strict=True):
                 self._losses[pid] = (step, value)
 
@@ -490,7 +526,7 @@ class Daemon:
         models = local + [v for _, v in heard.values()]
         return Snapshot(
             workers=[
-                WorkerSample(w.name, w.step, loss, fastest - w.step)
+                WorkerSample(w.name, w.completed, loss, fastest - w.step)
                 for w, loss in self._worker_samples()
             ],
             consensus_host=consensus_distance(local) if local else None,
@@ -506,6 +542,7 @@ class Daemon:
             else 0,
             peers_total=len(self.cfg.all_daemons) - 1,
             agreement_rounds=self._agreement_rounds,
+            states={s.value: sum(w.state is s for w in self.workers) for s in WorkerState},
         )
 
     def status(self) -> dict[str, Any]:
@@ -515,10 +552,12 @@ class Daemon:
             entry: dict[str, Any] = {
                 "id": w.name,
                 "state": str(w.state),
-                "step": w.step,
+                "step": w.completed,
                 "gradients": w.grads,
-                "loss": loss,
+                # JSON has no inf: a model near divergence may evaluate to it (metrics say +Inf)
+                "loss": loss if loss is None or math.isfinite(loss) else None,
                 "error": w.error,
+                "diverged": None if w.diverged is None else w.diverged._asdict(),
             }
             if waiting is not None:
                 waited = time.monotonic() - waiting.since
@@ -566,25 +605,54 @@ class Daemon:
                 "away": link.away,
                 "outstanding": link.outstanding,
                 "refused": link.last_refusal,
+                "last_error": link.last_error,
             }
             for link in self.transport.links
         ]
 
-    def model(self, worker: int) -> Vector | None:
-        if not 0 <= worker < len(self.workers):
-            return None
-        return self.workers[worker].x
+    def models(self) -> list[WorkerModel]:
+        # A whitelist of healthy states: a worker in any failed state, today's or a future
+        # one, keeps its model out of the daemon's mean.
+        return [WorkerModel(w.name, w.x, w.state in _HEALTHY) for w in self.workers]
 
     def summary(self) -> str:
-        states = [str(w.state) for w in self.workers]
-        steps = [w.step for w in self.workers]
-        losses = [loss for _, loss in self._worker_samples() if loss is not None]
-        mean = f"{np.mean(losses):.6g}" if losses else "—"
-        return f"workers {states}, steps {steps}, mean loss {mean}"
+        # In words for the log: "0.0 finished after 200 steps, 0.1 crashed after 7 steps".
+        workers = ", ".join(f"{w.name} {w.state} after {w.completed} steps" for w in self.workers)
+        # A diverged worker's last finite model may be astronomically bad: not in the mean.
+        losses = [
+            loss for w, loss in self._worker_samples() if loss is not None and w.diverged is None
+        ]
+        with quiet_float_errors():
+            mean = f"{np.mean(losses):.6g}" if losses else "—"
+        return f"workers {workers}; mean loss {mean}"
 
     @property
     def finished(self) -> bool:
         return all(w.state is WorkerState.FINISHED for w in self.workers)
+
+
+def _why(exc: OSError) -> str:
+    """An OSError's reason alone (``address already in use``): no errno prefix, no socket
+    address in Python's or uvloop's wording (the caller names the address as the user wrote it)."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        reason = exc.strerror or str(exc)
+    else:
+        reason = os.strerror(exc.errno)
+    return reason[:1].lower() + reason[1:]
+
+
+def _listen(what: str, address: str) -> socket.socket:
+    """A listening TCP socket on ``address`` (host:port), or StartupError naming it."""
+    host, port = parse_address(address)
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.create_server(sockaddr[:2], family=family)
+    except OSError as exc:
+        raise StartupError(f"cannot listen for the {what} on {address}: {_why(exc)}") from None
+    sock.setblocking(False)
+    return sock
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from collections import deque
@@ -36,7 +38,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from peerlearn.effects import Tag, Vector
+from peerlearn.effects import Tag, Vector, tag_text
 from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
 from peerlearn.wire import (
@@ -53,7 +55,7 @@ from peerlearn.wire import (
     Welcome,
 )
 
-__all__ = ["LinkSettings", "LinkState", "OutLink"]
+__all__ = ["LinkSettings", "LinkState", "OutLink", "Throttle"]
 
 T = TypeVar("T")
 
@@ -63,6 +65,41 @@ log = logging.getLogger(__name__)
 def _tiny_only(dtype: np.dtype[Any], shape: tuple[int, ...]) -> Vector:
     """Allocator of the out-link's receive side: a peer never sends data back on it."""
     raise RemoteProtocolError(Reason.BAD_FIELD, "data frame on an outbound link")
+
+
+def _unresolved(exc: BaseException) -> bool:
+    return isinstance(exc, socket.gaierror)
+
+
+class Throttle:
+    """When to log a condition that recurs on every retry: the first time, whenever its text
+    changes, and — if it should be repeated — again at doubling intervals (``first`` seconds,
+    then twice that, … up to ``longest``), so that a log stays readable for days."""
+
+    def __init__(self, first: float = 10.0, longest: float = 600.0) -> None:
+        self._first, self._longest = first, longest
+        self._text: str | None = None
+        self._count = 0
+        self._interval = first
+        self._next = 0.0
+
+    def due(self, text: str, repeat: bool = True) -> int | None:
+        """Count one occurrence of ``text``; the count so far if it should be logged now."""
+        now = time.monotonic()
+        if text != self._text:
+            self._text, self._count, self._interval = text, 1, self._first
+            self._next = now + self._interval
+            return 1
+        self._count += 1
+        if repeat and now >= self._next:
+            self._interval = min(self._interval * 2, self._longest)
+            self._next = now + self._interval
+            return self._count
+        return None
+
+    def reset(self) -> None:
+        """The condition is over: its next occurrence is logged again."""
+        self._text = None
 
 
 class LinkState(StrEnum):
@@ -109,7 +146,12 @@ class OutLink:
         self._away_logged = False
         self.connected_since: float | None = None
         self.disconnected_since = time.monotonic()
-        self.last_refusal: str | None = None
+        self.last_refusal: str | None = None  # the last refusal, in this daemon's words
+        #: why the last attempt to connect failed (resolver, connect, handshake or refusal);
+        #: None once connected
+        self.last_error: str | None = None
+        self.failed_attempts = 0  # since the last connection (or the start)
+        self._error_log = Throttle()
         self._hello = hello
         self._settings = settings
         self._stats = stats
@@ -175,9 +217,9 @@ class OutLink:
                 self._stats.drop("queue_full")
                 log.warning(
                     "%s: queue full for %.1fs, frame %s dropped",
-                    self,
+                    self.name,
                     self._settings.queue_timeout,
-                    tag,
+                    tag_text(tag),
                 )
                 return False
             if self._room.acquire(timeout=min(step, left)):
@@ -207,7 +249,7 @@ class OutLink:
                     f"{value.nbytes} bytes > max_payload {self._settings.max_payload}",
                 )
         except LocalProtocolError as exc:
-            log.error("%s: cannot send %s: %s", self.name, tag, exc)
+            log.error("%s: cannot send %s: %s", self.name, tag_text(tag), exc)
             self._stats.drop("unsendable")
             self._room.release()
             return
@@ -245,20 +287,27 @@ class OutLink:
                     self.port,
                 )
             )
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError) as exc:
+            if not self._closing:
+                self._failed(
+                    self._connect_error(exc), logging.WARNING if _unresolved(exc) else logging.INFO
+                )
             return False
         proto.send(self._hello)
         try:
             answer = await self._unless_stopped(asyncio.shield(self._welcome))
         except TimeoutError:
             proto.close()
+            if not self._closing:
+                timeout = self._settings.connect_timeout
+                self._failed(f"no answer to the handshake within {timeout:g}s", logging.INFO)
             return False
         if answer is None:  # the connection was lost during the handshake
+            self._failed("connection closed during the handshake", logging.INFO)
             return False
         if isinstance(answer, Refuse):
-            if answer.reason != self.last_refusal:
-                log.error("%s refused our handshake: %s", self.name, answer.reason)
-            self.last_refusal = answer.reason
+            self.last_refusal = f"refused this daemon: {self._refusal(answer.reason)}"
+            self._failed(self.last_refusal, logging.ERROR, repeat=True)
             self._stats.error("handshake_refused")
             proto.close()
             return False
@@ -269,6 +318,9 @@ class OutLink:
             log.info("%s is back", self.name)
         self._away_logged = False
         self.last_refusal = None
+        self.last_error = None
+        self.failed_attempts = 0
+        self._error_log.reset()
         # Whatever was sent but not acked may be lost: it goes out again, first, in order.
         self._queue.extendleft(reversed(self._unacked))
         self._unacked.clear()
@@ -310,7 +362,7 @@ class OutLink:
             try:
                 n = proto.send(frame)
             except LocalProtocolError as exc:  # a frame we cannot encode: our bug, not theirs
-                log.error("%s: cannot send %s: %s", self.name, frame.tag, exc)
+                log.error("%s: cannot send %s: %s", self.name, tag_text(frame.tag), exc)
                 self._stats.drop("unsendable")
                 self._room.release()
                 continue
@@ -338,11 +390,56 @@ class OutLink:
         if self.away and not self._away_logged:
             self._away_logged = True
             log.warning(
-                "%s away for more than %.1fs (%s)",
+                "%s away for more than %.1fs (%s%s)",
                 self.name,
                 self._settings.peer_timeout,
                 self.state,
+                f": {self.last_error}" if self.last_error else "",
             )
+
+    def _failed(self, error: str, level: int, repeat: bool = False) -> None:
+        """Record why this attempt failed; log it the first time and when it changes (and,
+        with ``repeat``, again at doubling intervals: a refusal needs someone to act)."""
+        self.last_error = error
+        self.failed_attempts += 1
+        if (count := self._error_log.due(error, repeat)) is not None:
+            again = f" (still, {count} attempts so far)" if count > 1 else ""
+            log.log(level, "%s: %s%s", self.name, error, again)
+
+    def _connect_error(self, exc: OSError | TimeoutError) -> str:
+        if _unresolved(exc):
+            return f"cannot resolve host {self.host!r}: {exc.strerror or exc}"
+        if isinstance(exc, TimeoutError):
+            return f"no connection within {self._settings.connect_timeout:g}s"
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+        return f"cannot connect: {reason[:1].lower()}{reason[1:]}"
+
+    def _refusal(self, code: str) -> str:
+        """A refusal's reason code, worded from this daemon's side. The refusing side sends
+        the code only — no setting, no digest of them, to a peer it has not authenticated."""
+        hello = self._hello
+        match code:
+            case Reason.FINGERPRINT_MISMATCH:
+                return (
+                    "its run settings differ from this daemon's (algorithm, problem, seed, "
+                    "steps, lr, … or the daemon list): start every daemon with the same run. "
+                    f"This daemon's run fingerprint is {hello.fingerprint}; each daemon shows "
+                    "its own as the fingerprint label of peerlearn_config_info"
+                )
+            case Reason.DIM_MISMATCH:
+                return f"its model dimension differs from this daemon's ({hello.dim})"
+            case Reason.DTYPE_MISMATCH:
+                return f"its model dtype differs from this daemon's ({hello.dtype})"
+            case Reason.UNSUPPORTED_VERSION:
+                return f"it does not speak this daemon's protocol version {hello.version}"
+            case "membership_mismatch":
+                return (
+                    "its daemon list differs from this daemon's (this daemon is cluster "
+                    f"{hello.cluster} with processes {list(hello.workers)})"
+                )
+            case "bad_handshake":
+                return "it did not understand this daemon's handshake"
+        return f"{code[:200]!r}"  # a peer's free text: quoted, never trusted as a log line
 
     # --- protocol callbacks -------------------------------------------------------------------
 
@@ -377,13 +474,19 @@ class OutLink:
 
     # --- shutdown -----------------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, drain_unconnected: bool = True) -> None:
         """Drain: give queued and unacked frames ``drain_timeout`` to be acked, then close.
 
         Also when the peer is not connected right now: it may be starting late or reconnecting,
         and what we queued for it may be exactly what it needs to finish (a daemon that
-        finished first must not take its last iterations' messages with it)."""
-        if self.outstanding:
+        finished first must not take its last iterations' messages with it). Unless
+        ``drain_unconnected`` is False and the peer never connected: a run interrupted while
+        waiting for its peers stops at once (the frames are dropped, counted
+        ``never_connected``)."""
+        if self.outstanding and not drain_unconnected and self.connected_since is None:
+            log.info("%s: %d frames dropped: it never connected", self.name, self.outstanding)
+            self._stats.drop("never_connected", self.outstanding)
+        elif self.outstanding:
             if self.state is LinkState.CONNECTED:
                 self.state = LinkState.DRAINING
             deadline = time.monotonic() + self._settings.drain_timeout
