@@ -2,8 +2,9 @@
 
 Random streams all derive from the run seed (``numpy.random.SeedSequence`` with a spawn key of
 ``(purpose, cluster, index)``): gradient noise and agreement inputs are independent per process
-(spec pitfall 9), the simulator's schedule has its own stream, and x_1 and τ are common to
-every process. A process therefore computes the same gradients whichever runtime hosts it.
+(Attiya–Schiller's Lemma 1 needs independent samples), the simulator's schedule has its own
+stream, and x_1 and τ are common to every process. A process therefore computes the same
+gradients whichever runtime hosts it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ stochastic W over the graph's edges) take their neighbours from here. A topology
 * a file path             a JSON list of edges ``[[i, j], …]`` or an object ``{"edges": …}``.
 
 Every graph is undirected, without self-loops, and must be connected — DASGD's "no lost
-messages" (spec §1.2) needs a path between every pair — otherwise :class:`ConfigError`.
+messages" (its Section 3.2) needs a path between every pair — otherwise :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Topology:
         """The Metropolis–Hastings weights: symmetric, doubly stochastic, positive diagonal.
 
         ``W_ij = 1/(1 + max(d_i, d_j))`` on edges, the rest on the diagonal; on a ring this is
-        the 1/3 weighting of MixML's synchronous ring (spec B.2)."""
+        the 1/3 weighting of MixML's synchronous ring (its Section 3 case study II)."""
         n = self.n
         w = np.zeros((n, n))
         deg = [len(ns) for ns in self.neighbours]

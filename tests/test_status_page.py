@@ -20,8 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peerlearn.control.app import build_app
-from peerlearn.effects import Vector
+from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.testing import LocalCluster, local_cluster
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,7 +56,7 @@ class _Idle:
     def peers(self) -> list[dict[str, Any]]:
         raise AssertionError("not asked")
 
-    def model(self, worker: int) -> Vector | None:
+    def models(self) -> list[WorkerModel]:
         raise AssertionError("not asked")
 
     def request_stop(self, reason: str) -> None:

@@ -1,7 +1,7 @@
 """Aggregation rules and round counts of approximate agreement (Attiya–Schiller §4.1, App. B).
 
 ``diam2`` is the *squared* Euclidean diameter, the quantity every contraction factor of the
-paper refers to (spec §1.0, erratum b).
+paper refers to: its Lemma 19 proves the contraction factors for the squared diameter only.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def diam2(values: Sequence[Vector]) -> float:
 
 
 def mid_ext(values: Sequence[Vector]) -> Vector:
-    """MidExtremes: the midpoint of a farthest pair (L303). The identity on one value."""
+    """MidExtremes: the midpoint of a farthest pair (Attiya–Schiller, Section 4.1). The identity
+    on one value."""
     return mid_ext_diam2(values)[0]
 
 
@@ -69,7 +70,8 @@ def mid_ext_diam2(values: Sequence[Vector]) -> tuple[Vector, float]:
 
 
 def approach_ext(values: Sequence[Vector], own: Vector) -> Vector:
-    """ApproachExtreme: halfway from ``own`` towards the value farthest from it (L660)."""
+    """ApproachExtreme: halfway from ``own`` towards the value farthest from it (Attiya–Schiller,
+    Appendix A.2)."""
     stacked = _stack(values)
     diff = stacked - own
     far = int(np.argmax(np.einsum("ij,ij->i", diff, diff)))

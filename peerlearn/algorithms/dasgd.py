@@ -1,4 +1,4 @@
-"""Tosi–Theobald DASGD, Algorithm 1, as an effect program (spec ``dasgd.md`` §1.3, V0 + V1).
+"""Tosi–Theobald DASGD, Algorithm 1, as an effect program, with a relay for sparse topologies.
 
 Each node is one process: received gradients are applied first, one per local step; only when
 none is ready does the node compute a gradient on its current model, apply it at once and send
@@ -21,7 +21,7 @@ so flooding still reaches everybody — and on the complete graph nothing is rel
 
 Version vectors are exact only when each origin's gradients are applied in sequence order;
 several paths can reorder them, so a gradient that arrives before its predecessor from the
-same origin is held until the gap fills (the spec's reorder-buffer fallback, §2.2). Then the
+same origin is held until the gap fills (a reorder buffer). Then the
 applied set is always ``{(k, c): c < V[k]}`` and the tight staleness of Def. 1 is the L1
 distance ``Σ_k |V_i^t[k] − V_j^s[k]|`` (own gradients: 0).
 

@@ -1,4 +1,5 @@
-"""The EASGD family and DOWNPOUR (Zhang–Choromanska–LeCun; spec ``easgd-mixml.md`` §A.1).
+"""The EASGD family and DOWNPOUR (Zhang–Choromanska–LeCun: the main paper's Algorithms 1–2
+and the supplement's Section 8).
 
 Every variant has p workers and one *center* (master) process, the ``center`` of the run; the
 center is a program of its own, hosted by whichever daemon hosts that process. Time indexing:
@@ -17,7 +18,7 @@ divides ``c``.
                x^i ← x^i − η g, v ← v − η g (one gradient for both); a last push flushes v
 ``mdownpour``  A.1e: workers pull x̃ and push g(x̃); the center applies Nesterov momentum,
                v ← δv − η g, x̃ ← x̃ + δv − η g (the −ηg term the supplement's transcription
-               lost, spec C.5: without it δ = 0 would never move x̃); δ = 0 is MixML's
+               lost in Section 8.2: without it δ = 0 would never move x̃); δ = 0 is MixML's
                asynchronous parameter server
 =============  ==================================================================================
 

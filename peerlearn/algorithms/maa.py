@@ -1,8 +1,9 @@
 """Multidimensional approximate agreement: Alg 3 (cluster MAA) and Alg 4 (SMMAA).
 
 Both are sub-programs: an SGD program runs them with ``yield from``. They read like the paper
-(Attiya–Schiller L309–L323 and L680–L692); tags and register keys carry the instance so that
-rounds of different iterations never mix (spec pitfall 1).
+(Attiya–Schiller, Algorithms 3 and 4); tags and register keys carry the instance so that
+rounds of different iterations never mix (the paper's Alg 3 tags a message with its round only,
+but each iteration runs an instance of its own).
 
 Every value a process holds at the start of a round is reported as ``Report("agreement", v,
 key=(instance, r, k))`` — ``k`` is ``None`` for a cluster round — and the outputs appear as round
@@ -59,7 +60,7 @@ def smmaa(
     for k in range(1, rounds + 1):
         yield Report("agreement", a, key=(t, r, k))
         # Write before collecting: the first value written to A_k is then seen by every
-        # collector (L697), the whole correctness argument.
+        # collector (the proof of the paper's Lemma 16), the whole correctness argument.
         yield Write(("sm", t, r, k), a)
         collected = yield Collect(("sm", t, r, k))
         a = _aggregate(aggregator, [m.value for m in collected], a)  # A_{k+1}[i]

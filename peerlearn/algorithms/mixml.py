@@ -1,4 +1,4 @@
-"""MixML's communication protocols (Lu–Nash–De Sa; spec ``easgd-mixml.md`` §B.2) as programs.
+"""MixML's communication protocols (Lu–Nash–De Sa, Sections 3 and 6) as programs.
 
 Each worker runs SGD with a fixed η; the protocols differ only in how models are mixed — the
 linear operators :mod:`peerlearn.mixing` analyses. The asynchronous parameter server is

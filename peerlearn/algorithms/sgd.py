@@ -33,7 +33,7 @@ def _mean(values: list[Vector]) -> Vector:
 def alg1(
     x1: Vector, steps: int | None, quorum: int, eta: Schedule
 ) -> Generator[Effect, Any, Vector]:
-    """Alg 1 (L165–L177): step on the parameters, exchange them, average exactly N."""
+    """Alg 1 of Attiya–Schiller: step on the parameters, exchange them, average exactly N."""
     x = x1
     t = 0
     for t in _iterations(steps):
@@ -56,7 +56,7 @@ def alg2(
     inner_rounds: int,
     aggregator: Aggregator = Aggregator.MIDEXT,
 ) -> Generator[Effect, Any, Vector]:
-    """Alg 2 (L286–L298): exchange gradients, average all ≥ N, step from own x, then MAA_t.
+    """Alg 2 of Attiya–Schiller: exchange gradients, average all ≥ N, step from own x, then MAA_t.
 
     ``tau`` ∈ [1, T] is the common output iteration (None: output the last model);
     ``rounds`` is the number of cluster rounds of each MAA_t — None: derived for every t from

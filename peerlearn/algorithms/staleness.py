@@ -1,6 +1,6 @@
 """DASGD staleness from the apply and compute logs: tight S, loose Ŝ, and their averages.
 
-Definitions (Tosi–Theobald §4; spec ``dasgd.md`` §2). Node j computed its gradient ``g_j^s`` on
+Definitions (Tosi–Theobald, Section 4). Node j computed its gradient ``g_j^s`` on
 the state ``G_j^s`` (the set of gradients applied to reach it); node i applies it as its step
 t+1, from the state ``G_i^t``.
 

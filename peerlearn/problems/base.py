@@ -3,7 +3,8 @@
 A problem is deterministic once built: its data, its start point ``x0`` and its constants are
 fixed by the problem parameters (and, for generated data, by the *problem* seed, common to every
 process). Randomness of the oracle comes only from the ``rng`` a caller passes to :meth:`grad`,
-one independent stream per process (Attiya–Schiller pitfall 9).
+one independent stream per process: Attiya–Schiller's Lemma 1 needs independent samples
+across processes, and a shared seed would lose the 1/N variance gain.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ workers broadcasting by reference) call :meth:`Mailbox.put`; the worker thread b
 Tags carry the iteration at index 1 (``("params", t)``, ``("maa", t, r)`` …). A worker that
 reached iteration ``s`` (:meth:`advance`) has finished every tag with ``t < s``: messages for
 those are *late* and dropped (counted). Tags of the current iteration whose ``take`` completed
-are finished too. Anything else is buffered — also future tags of a faster sender (spec
-pitfall 2) — up to ``max_buffered`` messages; beyond that a message is dropped and counted,
+are finished too. Anything else is buffered — also future tags of a faster sender, whose
+messages a slower process will need: dropping them could deadlock it — up to ``max_buffered``
+messages; beyond that a message is dropped and counted,
 never silently.
 
 Besides the tag boxes, a mailbox holds an *inbox*: a FIFO of :class:`~peerlearn.effects.Letter`

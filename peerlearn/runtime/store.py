@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Alg 4 needs single-writer multi-reader *atomic* registers A_k[i], one array per (instance,
 round) and one register per process, read one by one by a collect — no snapshot, no lock
-(Attiya–Schiller L680–L697, spec pitfall 10). Here a register array is a Python list with one
-slot per local worker, kept in a dict keyed by the register key ``("sm", t, r, k)``.
+(Attiya–Schiller, Algorithm 4, Appendix A.2; a published value is never mutated). Here a
+register array is a Python list with one slot per local worker, kept in a dict keyed by the
+register key ``("sm", t, r, k)``.
 
 Memory ordering. A write publishes a *new, fully built, read-only* ndarray by a single
 reference store (``slots[i] = value``); a read is a single reference load. In CPython both are

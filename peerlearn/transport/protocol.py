@@ -50,6 +50,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def __repr__(self) -> str:
         return f"FrameProtocol({self.peername})"
 
+    @property
+    def remote(self) -> str:
+        """The other end's address as log lines show it: ``127.0.0.1:41234``, ``[::1]:41234``."""
+        peer = self.peername
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = str(peer[0])
+            return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return str(peer) if peer else "an unknown address"
+
     # --- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,6 +131,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 return
 
     def _fail(self, exc: RemoteProtocolError) -> None:
-        log.warning("closing connection from %s: %s (%s)", self.peername, exc, exc.reason)
+        log.warning("closing connection from %s: %s (%s)", self.remote, exc, exc.reason)
         self._on_error(self, exc)
         self.close()
