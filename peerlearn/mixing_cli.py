@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from peerlearn.console import err, out
+from peerlearn.console import err, out, warn
 from peerlearn.console import fail as _fail
 from peerlearn.errors import PeerlearnError
 
@@ -69,7 +69,7 @@ def _fig3(path: Path, chosen: str, params: dict[str, Any], runs: int, seed: int)
                 )
                 xs.append(n)
             except PeerlearnError as exc:
-                err.print(f"[yellow]plot:[/] {name} at n={n} skipped: {exc}", highlight=False)
+                warn(f"{name} at n={n} skipped: {exc}", label="plot")
         if xs:
             style = "--" if random else "-"
             ax.plot(
@@ -105,32 +105,48 @@ def mixing(
             "or async_ps.",
         ),
     ],
-    n: Annotated[int, typer.Option("--workers", "-n", help="Workers n (≥ 2).")] = 8,
+    n: Annotated[int, typer.Option("--workers", "-n", help="Number of workers n (≥ 2).")] = 8,
     exact: Annotated[
-        bool, typer.Option("--exact", help="Exact t_mix (the default for deterministic ones).")
+        bool,
+        typer.Option(
+            "--exact", help="Compute t_mix exactly (the default for deterministic protocols)."
+        ),
     ] = False,
     runs: Annotated[
         int | None,
         typer.Option(
-            help=f"Sample R schedules, window from t = 0 (default {DEFAULT_RUNS} for random ones)."
+            help="Sample R schedules, window from t = 0.",
+            show_default=f"{DEFAULT_RUNS} for random protocols",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of random schedules and topologies.")] = 0,
     local_steps: Annotated[
         int | None,
-        typer.Option("--local-steps", help="m (local_steps: 2, reduced_frequency: 10)."),
+        typer.Option(
+            "--local-steps",
+            help="Number of local steps m between averages.",
+            show_default="2 for local_steps, 10 for reduced_frequency",
+        ),
     ] = None,
-    gamma: Annotated[float | None, typer.Option(help="Slack γ, 0 < γ ≤ 1 (default 0.1).")] = None,
+    gamma: Annotated[
+        float | None, typer.Option(help="Slack γ, 0 < γ ≤ 1.", show_default="0.1")
+    ] = None,
     weights: Annotated[
         str | None,
-        typer.Option(help="sync_gossip W: 'metropolis' (default) or a JSON n×n matrix file."),
+        typer.Option(
+            help="sync_gossip W: 'metropolis' or a JSON n×n matrix file.",
+            show_default="metropolis",
+        ),
     ] = None,
     topology: Annotated[
         str | None,
-        typer.Option(help="Gossip graph: complete, ring (default), random-regular[:d] or FILE."),
+        typer.Option(
+            help="Gossip graph: complete, ring, random-regular[:d] or FILE.", show_default="ring"
+        ),
     ] = None,
     scheduling: Annotated[
-        str | None, typer.Option(help="async_ps: round_robin (default) or random.")
+        str | None,
+        typer.Option(help="async_ps: round_robin or random.", show_default="round_robin"),
     ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
@@ -178,7 +194,7 @@ def mixing(
     else:
         _print_table(result, proto)
     if written is not None:
-        err.print(f"wrote {written}", highlight=False)
+        err.print(f"wrote {written}", markup=False, highlight=False)
 
 
 def _print_table(result: dict[str, Any], proto: MixingProtocol) -> None:

@@ -1,9 +1,10 @@
 """What ``peerlearn simulate --out DIR`` writes.
 
-* ``summary.json`` — ``schema_version``, the resolved config, ``status``, blocked and crashed
-  processes, totals, and ``processes``: id, cluster, crashed, steps done, final ``x``, final loss;
+* ``summary.json`` — ``schema_version``, the resolved config, ``status``, blocked, diverged and
+  crashed processes, totals, and ``processes``: id, cluster, crashed, diverged, steps done, final
+  ``x`` (a diverged process's last finite model), final loss;
 * ``metrics.csv``  — samples in virtual time: ``time,process,step,loss,consensus_distance``;
-* ``plot.png``     — mean loss and consensus distance over virtual time;
+* ``plot.png``     — mean loss and consensus distance over virtual time, from time 0 (x_1);
 * ``trace.jsonl``  — with ``--trace``: one line per value a process holds at the start of every
   cluster-MAA round (``inner_round`` null) and shared-memory round (``inner_round`` k); the
   outputs appear as round R+1.
@@ -16,14 +17,20 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from peerlearn.algorithms.staleness import apply_log, loose_staleness, summarize
+from peerlearn.effects import quiet_float_errors
 from peerlearn.sim.runner import SimResult
 
-__all__ = ["SCHEMA_VERSION", "staleness_figures", "summary", "write_outputs"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+
+__all__ = ["SCHEMA_VERSION", "log_panel", "staleness_figures", "summary", "write_outputs"]
 
 SCHEMA_VERSION = 1
 
@@ -79,12 +86,16 @@ def summary(result: SimResult) -> dict[str, Any]:
             }
             for b in out.blocked
         ],
+        "diverged": [
+            {"process": d.name, "step": d.step, "quantity": d.quantity} for d in out.diverged
+        ],
         "crashed": [p.name for p in result.processes if p.crashed],
         "processes": [
             {
                 "id": p.name,
                 "cluster": p.cluster,
                 "crashed": p.crashed,
+                "diverged": p.diverged,
                 "steps_done": p.steps_done,
                 "x": None if p.x is None else [float(v) for v in p.x],
                 "loss": _num(p.loss),
@@ -99,9 +110,9 @@ def summary(result: SimResult) -> dict[str, Any]:
     if result.problem is not None:
         live = [p.x for p in result.live() if p.x is not None]
         if live:
-            data["evaluation_of_mean_model"] = {
-                k: _num(v) for k, v in result.problem.evaluate(np.mean(live, axis=0)).items()
-            }
+            with quiet_float_errors():  # huge models near divergence: inf → null, no warning
+                evaluation = result.problem.evaluate(np.mean(live, axis=0))
+            data["evaluation_of_mean_model"] = {k: _num(v) for k, v in evaluation.items()}
     del members
     return data
 
@@ -142,6 +153,38 @@ def _write_trace(result: SimResult, path: Path) -> None:
             )
 
 
+def log_panel(ax: Axes, xs: Sequence[float], ys: Sequence[float], color: str) -> None:
+    """``ys`` over ``xs`` on a log axis that stays readable when values hit 0 or dip far below
+    the rest (one 1e-30 among 1e-3…1; exact averages leaving 1e-32 of rounding): the axis
+    starts two decades below the 10th percentile of the positive values within 15 decades of
+    the largest (or at the smallest of those, when nothing lies below it), and values under
+    that floor are drawn on it, marked ▼. No positive value at all: a linear axis."""
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
+    positive = sorted(y for _, y in pairs if y > 0)
+    if not positive:
+        ax.plot([x for x, _ in pairs], [y for _, y in pairs], color=color)
+        return
+    usable = [y for y in positive if y >= positive[-1] * 1e-15]
+    lowest = usable[(len(usable) - 1) // 10] * 1e-2
+    floor = max(usable[0], lowest)
+    if any(y < floor for _, y in pairs):  # points drawn on the floor must not look like data
+        floor = lowest
+    ax.set_yscale("log")
+    ax.plot([x for x, _ in pairs], [max(y, floor) for _, y in pairs], color=color)
+    low = [x for x, y in pairs if y < floor]
+    if low:
+        ax.plot(
+            low,
+            [floor] * len(low),
+            "v",
+            color=color,
+            markersize=4,
+            label=f"below {floor:.1e} (0, rounding or a rare dip): drawn at it",
+        )
+        ax.legend(loc="best", fontsize="small")
+    ax.set_ylim(bottom=floor / 2)
+
+
 def _write_plot(result: SimResult, path: Path) -> None:
     import matplotlib
 
@@ -151,9 +194,17 @@ def _write_plot(result: SimResult, path: Path) -> None:
     loss_at: dict[float, list[float]] = defaultdict(list)
     cd_at: dict[float, float] = {}
     for time, _, _, loss, cd in result.samples:
-        if loss is not None:
+        # A diverging run's last samples overflow to inf: no place on a (log) axis.
+        if loss is not None and math.isfinite(loss):
             loss_at[time].append(loss)
-        cd_at[time] = cd
+        if math.isfinite(cd):
+            cd_at[time] = cd
+    problem = result.problem
+    if problem is not None and 0.0 not in loss_at:
+        # Step 0: every process starts from the problem's x_1, so the curve starts at its loss
+        # and at consensus 0 (standalone agreement starts from random inputs: no such point).
+        loss_at[0.0] = [problem.loss(problem.x0())]
+        cd_at.setdefault(0.0, 0.0)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     cfg = result.config
     fig.suptitle(
@@ -168,9 +219,7 @@ def _write_plot(result: SimResult, path: Path) -> None:
     else:
         ax1.text(0.5, 0.5, "no loss for standalone agreement", ha="center", transform=ax1.transAxes)
     ts = sorted(cd_at)
-    ax2.plot(ts, [cd_at[t] for t in ts], color="tab:orange")
-    if any(v > 0 for v in cd_at.values()):
-        ax2.set_yscale("log")
+    log_panel(ax2, ts, [cd_at[t] for t in ts], color="tab:orange")
     ax2.set_ylabel("consensus distance")
     ax2.set_xlabel("virtual time")
     fig.tight_layout()
@@ -184,7 +233,8 @@ def write_outputs(result: SimResult, out: Path) -> list[Path]:
     paths = [out / "summary.json", out / "metrics.csv", out / "plot.png"]
     paths[0].write_text(json.dumps(summary(result), indent=2) + "\n")
     _write_metrics(result, paths[1])
-    _write_plot(result, paths[2])
+    with quiet_float_errors():  # means and log scales of huge values near divergence
+        _write_plot(result, paths[2])
     if result.config.trace:
         paths.append(out / "trace.jsonl")
         _write_trace(result, paths[-1])
