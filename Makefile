@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench bench-metrics clean system-deps
+.PHONY: demo test test-slow lint bench bench-metrics clean system-deps mutate
 
 # Real servers the tests start (Debian packages): command:package. Installed when missing and
 # possible (root with apt); otherwise the tests that need them skip and say why.
@@ -43,7 +43,15 @@ test: lint system-deps
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP) system-deps
-	$(BIN)/pytest -q -m slow -o addopts='--strict-markers'
+	$(BIN)/pytest -q -m slow -o addopts='--strict-markers -rfEs'
+
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml): by hand, never in CI
+# (hours on 2 cores; resumable). Mutants land in mutants/; `$(BIN)/mutmut browse` to read them.
+# MUTANTS narrows the run to names matching a glob, e.g. MUTANTS='peerlearn.wire*'.
+MUTANTS ?=
+mutate: $(STAMP)
+	$(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
@@ -55,4 +63,4 @@ bench-metrics: $(STAMP)
 	$(BIN)/python benchmarks/bench_metrics.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs mutants .pytest_cache .mypy_cache .ruff_cache

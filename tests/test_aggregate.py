@@ -76,3 +76,31 @@ def test_aggregates_stay_in_convex_hull(points: np.ndarray) -> None:
         scale = 1.0 + float(np.abs(pts).max())
         assert resid < 1e-6 * scale
         assert w.min() > -1e-6
+
+
+# --- from `make mutate` (docs/testing.md): mutants of aggregate.py the tests above let live ---
+
+
+def test_mid_ext_diam2_reports_the_diameter_it_used() -> None:
+    """The diameter feeds the `agreement_spread` report: 0 for one value, diam² otherwise."""
+    from peerlearn.algorithms.aggregate import mid_ext_diam2
+
+    x = np.array([3.0, -1.0])
+    mid, spread = mid_ext_diam2([x])
+    assert mid is x and spread == 0.0
+    xs = [np.array([0.0, 0.0]), np.array([1.0, 0.0]), np.array([4.0, 3.0])]
+    mid, spread = mid_ext_diam2(xs)
+    np.testing.assert_allclose(mid, [2.0, 1.5])
+    assert spread == pytest.approx(diam2(xs)) and spread == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize("q", [1.0 + 1e-9, 1.5, 2.0])
+def test_rounds_for_rejects_a_target_above_one(q: float) -> None:
+    with pytest.raises(ValueError, match="q must be"):
+        rounds_for(q, 7 / 8)
+
+
+@pytest.mark.parametrize(("factor", "k"), [(0.5, 3), (7 / 8, 2), (7 / 8, 14), (23 / 24, 5)])
+def test_rounds_for_at_an_exact_power_needs_exactly_k_rounds(factor: float, k: int) -> None:
+    """q = factor^k is reached after k rounds, not k + 1 (the tolerance must round down)."""
+    assert rounds_for(factor**k, factor) == k

@@ -70,7 +70,10 @@ async def test_agreement_contraction_is_measured() -> None:
         buckets = _samples(await _metrics(cluster), "peerlearn_agreement_contraction_bucket")
         count = buckets['{le="+Inf"}']
         assert count > 10
-        assert buckets['{le="1.0"}'] / count > 0.9
+        # Most rounds shrink the spread to 7/8 or less (Lemma 19 promises 23/24). Not all: a
+        # worker's quorum of clusters differs from round to round, so the values it receives
+        # may spread wider than the last round's (a few of 30–50 ratios land above 2 here).
+        assert buckets['{le="0.875"}'] / count >= 0.75
 
 
 async def test_snapshots_give_gradient_only_algorithms_a_global_consensus() -> None:

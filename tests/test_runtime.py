@@ -7,7 +7,9 @@ on sleeps.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,18 @@ from peerlearn.runtime.worker import Worker, WorkerState
 from .helpers import cfg
 
 TIMEOUT = 60.0  # generous upper bounds on waits for events, never sleeps
+
+
+def wait_for_state(reached: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Until another thread has brought an object into a state that no event announces (a
+    mailbox does not signal that a taker has parked): look again every millisecond, which
+    hands the GIL to that thread instead of starving it, and fail at the deadline rather
+    than hang the suite."""
+    deadline = time.monotonic() + timeout
+    while not reached():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"state not reached within {timeout} s")
+        time.sleep(0.001)
 
 
 def v(*xs: float) -> np.ndarray:
@@ -107,8 +121,9 @@ def test_mailbox_wakes_the_waiter_and_reports_progress() -> None:
     waiter.start()
     box.put(("m", 1, 1), Msg(0, v(0.0)))
     box.put(("m", 1, 1), Msg(3, v(0.0)))  # same cluster as 0: still one cluster
-    while (w := box.waiting()) is None or w.have != 1:
-        pass  # the waiter registers itself; spin only on state, no sleep
+    wait_for_state(lambda: (w := box.waiting()) is not None and w.have == 1)
+    w = box.waiting()
+    assert w is not None
     assert (w.tag, w.have, w.need, w.unit) == (("m", 1, 1), 1, 2, "clusters")
     box.put(("m", 1, 1), Msg(1, v(0.0)))
     waiter.join(TIMEOUT)
@@ -274,8 +289,7 @@ def test_request_stop_lets_the_current_iteration_finish() -> None:
             _NoRouter(),
         )
         worker.start()
-        while box.waiting() is None:
-            pass  # until the worker is parked in its wait (a state, not a timer)
+        wait_for_state(lambda b=box: b.waiting() is not None)  # parked in its wait
         if graceful:
             worker.request_stop()
             box.put(("x", 1), Msg(0, v(1.0)))
