@@ -18,7 +18,8 @@ from matplotlib.axes import Axes
 from peerlearn import demo
 from peerlearn.config import load_config
 from peerlearn.problems import make_problem
-from peerlearn.sim.output import log_panel, write_outputs
+from peerlearn.runs import grad_stream
+from peerlearn.sim.output import log_panel, sequential_baseline, write_outputs
 from peerlearn.sim.runner import run_simulation
 
 
@@ -70,11 +71,36 @@ def test_simulate_plot_starts_at_step_0(
     cfg = load_config(None, {"algorithm": "alg1", "processes": 4, "clusters": 2, "steps": 20})
     result = run_simulation(cfg)
     write_outputs(result, tmp_path)
-    (loss_ax, (xs, ys)), (cd_ax, (cd_xs, _)) = plotted[0], plotted[1]
+    (loss_ax, (xs, ys)), (base_ax, (bxs, bys)), (cd_ax, (cd_xs, _)) = plotted[:3]
     problem = make_problem("quadratic")
-    assert xs[0] == 0.0 and ys[0] == pytest.approx(problem.loss(problem.x0()))
+    start = problem.loss(problem.x0())
+    assert xs[0] == 0.0 and ys[0] == pytest.approx(start)
+    # the sequential baseline on the loss panel, from the same start, at the same times
+    assert base_ax is loss_ax and list(bxs) == list(xs) and bys[0] == pytest.approx(start)
     assert cd_xs[0] == 0.0 and cd_ax.get_yscale() == "log"  # consensus 0 at the start: floored
     assert loss_ax is not cd_ax
+
+
+def test_simulate_baseline_is_one_process_alone_in_the_same_virtual_time() -> None:
+    cfg = load_config(
+        None,
+        {"algorithm": "alg1", "processes": 4, "clusters": 2, "steps": 30, "seed": 3}
+        | {"lr": {"schedule": "constant", "eta": 0.05}},
+    )
+    result = run_simulation(cfg)
+    times = [0.0, 2.5, 10.0]
+    baseline = sequential_baseline(result, times)
+    # by hand: one gradient per mean compute time (1.0), process 0's noise stream, same η
+    problem, rng = make_problem("quadratic"), grad_stream(cfg, 0)
+    x, expected = problem.x0(), []
+    for steps_before, time in zip([0, 2, 8], times, strict=True):
+        for _ in range(steps_before):
+            x = x - 0.05 * problem.grad(x, rng)
+        expected.append((time, problem.loss(x)))
+    assert [t for t, _ in baseline] == times
+    assert np.allclose([v for _, v in baseline], [v for _, v in expected], rtol=1e-12)
+    agreement = load_config(None, {"algorithm": "maa", "processes": 3, "clusters": 3, "steps": 1})
+    assert sequential_baseline(run_simulation(agreement), times) == []
 
 
 def test_demo_plot_starts_at_step_0_with_the_sequential_baseline(

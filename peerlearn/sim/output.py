@@ -4,7 +4,8 @@
   crashed processes, totals, and ``processes``: id, cluster, crashed, diverged, steps done, final
   ``x`` (a diverged process's last finite model), final loss;
 * ``metrics.csv``  — samples in virtual time: ``time,process,step,loss,consensus_distance``;
-* ``plot.png``     — mean loss and consensus distance over virtual time, from time 0 (x_1);
+* ``plot.png``     — mean loss and consensus distance over virtual time, from time 0 (x_1), with
+  sequential SGD of one process alone over the same virtual time as the baseline;
 * ``trace.jsonl``  — with ``--trace``: one line per value a process holds at the start of every
   cluster-MAA round (``inner_round`` null) and shared-memory round (``inner_round`` k); the
   outputs appear as round R+1.
@@ -23,6 +24,7 @@ import numpy as np
 
 from peerlearn.algorithms.staleness import apply_log, loose_staleness, summarize
 from peerlearn.effects import quiet_float_errors
+from peerlearn.runs import grad_stream
 from peerlearn.sim.runner import SimResult
 
 if TYPE_CHECKING:
@@ -30,7 +32,14 @@ if TYPE_CHECKING:
 
     from matplotlib.axes import Axes
 
-__all__ = ["SCHEMA_VERSION", "log_panel", "staleness_figures", "summary", "write_outputs"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "log_panel",
+    "sequential_baseline",
+    "staleness_figures",
+    "summary",
+    "write_outputs",
+]
 
 SCHEMA_VERSION = 1
 
@@ -185,6 +194,33 @@ def log_panel(ax: Axes, xs: Sequence[float], ys: Sequence[float], color: str) ->
     ax.set_ylim(bottom=floor / 2)
 
 
+#: gradient steps the plot's sequential baseline may take (a long run is cut off there)
+_BASELINE_STEPS = 200_000
+
+
+def sequential_baseline(result: SimResult, times: Sequence[float]) -> list[tuple[float, float]]:
+    """What one process alone makes of the same virtual time: sequential SGD from x_1 with the
+    run's learning rate, one stochastic gradient per mean compute time (``sim.compute.mean``),
+    its loss at each of ``times``. Empty where there is no such baseline (standalone agreement,
+    zero compute time); it ends where its model stops being finite."""
+    problem, cfg = result.problem, result.config
+    step_time = cfg.sim.compute.mean
+    if problem is None or step_time <= 0 or not times:
+        return []
+    eta = cfg.schedule()
+    rng = grad_stream(cfg, 0)  # a fresh copy of process 0's noise stream
+    x, t, out = problem.x0(), 0, []
+    for time in times:
+        while (t + 1) * step_time <= time and t < _BASELINE_STEPS:
+            t += 1
+            x = x - eta(t) * problem.grad(x, rng)
+        loss = problem.loss(x)
+        if not math.isfinite(loss):
+            break
+        out.append((time, loss))
+    return out
+
+
 def _write_plot(result: SimResult, path: Path) -> None:
     import matplotlib
 
@@ -214,6 +250,15 @@ def _write_plot(result: SimResult, path: Path) -> None:
     if loss_at:
         ts = sorted(loss_at)
         ax1.plot(ts, [float(np.mean(loss_at[t])) for t in ts], label="mean loss (live)")
+        baseline = sequential_baseline(result, ts)
+        if baseline:
+            bt, bl = zip(*baseline, strict=True)
+            ax1.plot(
+                bt, bl, color="tab:gray", linestyle="--", label="sequential SGD, one process alone"
+            )
+        low, high = min(map(min, loss_at.values())), max(map(max, loss_at.values()))
+        if low > 0 and high < 1e12 * low:  # (no dip to rounding level squashing the panel)
+            ax1.set_yscale("log")  # the noise floors apart: what averaging buys shows there
         ax1.set_ylabel("loss")
         ax1.legend()
     else:
