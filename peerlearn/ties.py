@@ -16,9 +16,10 @@ results care about.
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
-__all__ = ["TIE_RTOL", "at_most", "below", "compare"]
+__all__ = ["TIE_RTOL", "at_most", "below", "ceil", "compare"]
 
 TIE_RTOL: Final = 1e-9
 
@@ -38,3 +39,10 @@ def at_most(a: float, b: float) -> bool:
 def below(a: float, b: float) -> bool:
     """a < b, a tie counting as equal (so it fails)."""
     return compare(a, b) < 0
+
+
+def ceil(x: float) -> int:
+    """⌈x⌉, where x within TIE_RTOL of an integer k counts as k: ⌈log_{7/8}(7/8)³⌉ is 3 even
+    when the division comes out 3.0000000000000004."""
+    nearest = round(x)
+    return int(nearest) if compare(x, nearest) == 0 else math.ceil(x)

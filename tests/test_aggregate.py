@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from peerlearn import ties
 from peerlearn.algorithms import Aggregator, approach_ext, diam2, maa_rounds, mid_ext, rounds_for
 
 from .helpers import barycentric
@@ -104,3 +105,15 @@ def test_rounds_for_rejects_a_target_above_one(q: float) -> None:
 def test_rounds_for_at_an_exact_power_needs_exactly_k_rounds(factor: float, k: int) -> None:
     """q = factor^k is reached after k rounds, not k + 1 (the tolerance must round down)."""
     assert rounds_for(factor**k, factor) == k
+
+
+@pytest.mark.parametrize("k", [1, 3, 14, 57, 103])
+@pytest.mark.parametrize("ulps", [-4, -1, 0, 1, 4])
+def test_ceil_counts_a_few_ulps_from_an_integer_as_the_integer(k: int, ulps: int) -> None:
+    """The tie rule's ceiling: rounding on either side of k gives k on every machine, and a
+    value clearly past k gives k + 1."""
+    x = float(k)
+    for _ in range(abs(ulps)):
+        x = float(np.nextafter(x, np.inf if ulps > 0 else -np.inf))
+    assert ties.ceil(x) == k
+    assert ties.ceil(k + 1e-6) == k + 1 and ties.ceil(k - 1e-6) == k

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from peerlearn import ties
 from peerlearn.effects import Vector
 
 __all__ = [
@@ -85,8 +86,8 @@ def rounds_for(q: float, factor: float) -> int:
         raise ValueError(f"contraction target q must be in (0, 1], got {q}")
     if q == 1.0:
         return 0
-    # The small epsilon keeps exact powers (q = factor**k) from rounding up to k + 1.
-    return math.ceil(math.log(q) / math.log(factor) - 1e-12)
+    # Exact powers (q = factor**k) must not round up to k + 1: the one tie rule.
+    return ties.ceil(math.log(q) / math.log(factor))
 
 
 #: Per-round squared-diameter factors: shared-memory round (Lemma 16) and cluster round
