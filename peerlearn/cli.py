@@ -663,7 +663,8 @@ def demo(
 
     Ends with the mean model's test accuracy next to sequential SGD with the same gradient
     budget, and writes a plot, summary.json and metrics.csv. Without a terminal (make demo >
-    FILE) it prints a progress line every few seconds instead of the live table."""
+    FILE) it prints a progress line every few seconds instead of the live table. Exits 1 when
+    a worker crashed or diverged (summary.json's status: failed or diverged)."""
     from peerlearn.config import ALGORITHMS
     from peerlearn.demo import DemoSettings, run_demo
 
@@ -673,7 +674,7 @@ def demo(
         raise _fail("--daemons and --workers must be ≥ 1 and --duration > 0")
     try:
         extra = _parse_set(set_ or [])
-        run_demo(
+        result = run_demo(
             DemoSettings(
                 algorithm=algorithm,
                 problem=problem,
@@ -688,6 +689,8 @@ def demo(
         )
     except PeerlearnError as exc:
         raise _fail(str(exc)) from None
+    if result["status"] in ("failed", "diverged"):  # as `simulate`: said above, and exit 1
+        raise typer.Exit(code=1)
 
 
 app.command(name="mixing", cls=_Command)(mixing)

@@ -28,11 +28,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from peerlearn.problems import make_problem
+from peerlearn.runtime.worker import WorkerState
 from peerlearn.sim.runner import consensus_distance
 from peerlearn.testing import LocalCluster, local_cluster
 
 if TYPE_CHECKING:
     from peerlearn.config import RunConfig
+    from peerlearn.effects import Vector
     from peerlearn.problems.base import Problem
 
 __all__ = ["SCHEMA_VERSION", "DemoSettings", "run_demo"]
@@ -226,9 +228,16 @@ def _messages(cluster: LocalCluster) -> list[int]:
     return [sum(d.stats.messages.values()) for d in cluster.daemons]
 
 
+def _live_models(cluster: LocalCluster) -> list[Vector]:
+    """The models of the live workers (``Worker.live``): a crashed worker's is frozen where it
+    stopped and a diverged one's last finite model may be astronomically far away, so neither
+    enters the mean model or the consensus distance."""
+    return [w.x for d in cluster.daemons for w in d.workers if w.live and w.x is not None]
+
+
 def _sample(cluster: LocalCluster, problem: Problem | None, elapsed: float) -> _Sample:
     workers = [w for d in cluster.daemons for w in d.workers]
-    xs = [w.x for w in workers if w.x is not None]
+    xs = _live_models(cluster)
     mean_loss = None
     if problem is not None and xs:
         with np.errstate(all="ignore"):  # a diverging model's loss is inf, not a warning
@@ -310,7 +319,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
     """Run the demo; returns the figures it printed (for tests and scripts)."""
     import uvloop
 
-    console = console or Console()
+    console = console or Console(emoji=False)  # user strings literally, as peerlearn.console
     eta = s.eta()
     console.print(
         f"[bold]peerlearn demo[/]: {escape(s.algorithm)} on {escape(s.problem)}, {s.daemons} "
@@ -330,12 +339,14 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
     if s.algorithm == "maa":
         agreement = _agreement_result(cluster, seconds, console)
         _write_files(s, samples, _summary(s, cluster, seconds, agreement, None), console)
-        return agreement
+        _say_failures(cluster, console)
+        return {**agreement, "status": _status(cluster)}
     problem = cluster.daemons[0].problem
     assert problem is not None
-    xs = [w.x for d in cluster.daemons for w in d.workers if w.x is not None]
+    xs = _live_models(cluster)
     grads = sum(w.grads for d in cluster.daemons for w in d.workers)
-    mean_model = np.mean(xs, axis=0)
+    with np.errstate(all="ignore"):  # a model near divergence may sum to inf: evaluated as such
+        mean_model = np.mean(xs, axis=0) if xs else None  # None: no live worker has a model
     # Sequential SGD: same learning rate, same number of gradient evaluations; its loss is
     # recorded at the gradient counts the demo sampled, for the plot.
     rng = np.random.default_rng(s.seed + 12345)
@@ -351,12 +362,15 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
             if i < grads:
                 x = x - eta * problem.grad(x, rng)
         seq_seconds = time.perf_counter() - seq_started
-        ours, seq = problem.evaluate(mean_model), problem.evaluate(x)
+        seq = problem.evaluate(x)
+        ours: dict[str, float | None] = (
+            dict.fromkeys(seq) if mean_model is None else dict(problem.evaluate(mean_model))
+        )
         result: dict[str, Any] = {
             "seconds": seconds,
             "gradient_evaluations": grads,
             "gradients_per_second": grads / seconds,
-            "loss": problem.loss(mean_model),
+            "loss": None if mean_model is None else problem.loss(mean_model),
             "sequential_seconds": seq_seconds,
             "sequential_gradients_per_second": grads / seq_seconds if seq_seconds > 0 else None,
             "sequential_loss": problem.loss(x),
@@ -364,7 +378,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
             **{f"sequential_{k}": v for k, v in seq.items()},
         }
     console.print()
-    table = Table(title="result (mean model of all workers)", title_justify="left")
+    table = Table(title="result (mean model of the live workers)", title_justify="left")
     table.add_column("")
     table.add_column(f"{s.algorithm}, {s.daemons}×{s.workers} workers", justify="right")
     table.add_column("sequential SGD", justify="right")
@@ -376,9 +390,9 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
         f"{result['gradients_per_second']:,.0f}",
         "—" if seq_rate is None else f"{seq_rate:,.0f}",
     )
-    table.add_row("train loss", f"{result['loss']:.4f}", f"{result['sequential_loss']:.4f}")
+    table.add_row("train loss", _cell(result["loss"]), _cell(result["sequential_loss"]))
     for key in ours:
-        table.add_row(key.replace("_", " "), f"{ours[key]:.4f}", f"{seq[key]:.4f}")
+        table.add_row(key.replace("_", " "), _cell(ours[key]), _cell(seq[key]))
     console.print(table)
     console.print(
         f"Same gradient budget: sequential SGD takes the same {grads:,} stochastic gradient steps "
@@ -390,8 +404,52 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
     )
     summary = _summary(s, cluster, seconds, result, problem)
     _write_files(s, samples, summary, console, sequential=curve)
+    _say_failures(cluster, console)
     result["plot"] = str(s.out / "demo.png")
+    result["status"] = summary["status"]
     return result
+
+
+def _cell(v: float | None) -> str:
+    """A result cell: "—" when no live worker is left to evaluate."""
+    return "—" if v is None else f"{v:.4f}"
+
+
+def _status(cluster: LocalCluster) -> str:
+    """The run's status in `peerlearn simulate`'s words: a worker that raised fails the run,
+    a non-finite value diverges it."""
+    states = {w.state for d in cluster.daemons for w in d.workers}
+    if WorkerState.CRASHED in states:
+        return "failed"
+    return "diverged" if WorkerState.DIVERGED in states else "finished"
+
+
+def _say_failures(cluster: LocalCluster, console: Console) -> None:
+    """A line for the crashed workers and one for the diverged, as `peerlearn simulate` says
+    them (the exit code is the command's: 1 for either)."""
+    workers = [w for d in cluster.daemons for w in d.workers]
+    crashed = [w for w in workers if w.state is WorkerState.CRASHED]
+    diverged = [w for w in workers if w.diverged is not None]
+    if crashed:
+        more = f" ({len(crashed)} of {len(workers)} workers crashed)" if crashed[1:] else ""
+        console.print(
+            f"[red]failed:[/] worker {crashed[0].name} crashed: {escape(crashed[0].error or '')}"
+            f"{more}. Its model is left out of the mean model.",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if diverged:
+        first = min(diverged, key=lambda w: (w.diverged or (0, ""), w.pid))
+        assert first.diverged is not None
+        more = f" ({len(diverged)} of {len(workers)} workers diverged)" if diverged[1:] else ""
+        console.print(
+            f"[red]diverged:[/] worker {first.name} computed a non-finite "
+            f"{first.diverged.quantity} at iteration {first.diverged.step}{more}. A diverged "
+            "worker stops before sending the value, as if it crashed, and its model is left "
+            "out of the mean model; a smaller learning rate may help.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _agreement_result(cluster: LocalCluster, seconds: float, console: Console) -> dict[str, Any]:
@@ -424,12 +482,9 @@ def _summary(
 ) -> dict[str, Any]:
     """summary.json: like `peerlearn simulate`'s — status, config, per-worker figures, the
     mean model's evaluation and the sequential baseline."""
-    states = {str(w.state) for d in cluster.daemons for w in d.workers}
-    # simulate's words: a worker that raised fails the run, a non-finite value diverges it
-    status = "failed" if "crashed" in states else "diverged" if "diverged" in states else "finished"
     data: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "status": status,
+        "status": _status(cluster),
         "config": {
             "daemons": s.daemons,
             "workers_per_daemon": s.workers,
@@ -443,6 +498,8 @@ def _summary(
                 "daemon": i,
                 "state": str(w.state),
                 "error": w.error,
+                # where it diverged ({step, quantity}, as in /status), or null
+                "diverged": None if w.diverged is None else w.diverged._asdict(),
                 "steps": w.completed,
                 "gradients": w.grads,
                 "loss": _finite(d.loss_of(w)),

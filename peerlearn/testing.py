@@ -59,7 +59,14 @@ class LocalCluster:
         return [w.completed for d in self.daemons for w in d.workers]
 
     def min_step(self) -> int:
-        return min(self.steps())
+        """The fewest iterations any *live* worker has completed (``Worker.live``: crashed and
+        diverged workers are left out, since their step never grows again and a
+        ``wait_for(lambda: min_step() > k)`` would wait out its timeout); RuntimeError when no
+        worker is live, so that such a wait fails at once."""
+        steps = [w.completed for d in self.daemons for w in d.workers if w.live]
+        if not steps:
+            raise RuntimeError("no live worker: every worker crashed or diverged")
+        return min(steps)
 
     async def wait_for(self, condition: Callable[[], bool], timeout: float = 60.0) -> None:
         """Wait until ``condition()`` holds, re-checking whenever a worker makes progress;

@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 
 from peerlearn.algorithms import diam2
+from peerlearn.daemon import node
 from peerlearn.daemon.config import load_node_config
 from peerlearn.daemon.node import Daemon, DaemonState
+from peerlearn.errors import StartupError
 from peerlearn.problems import make_problem
 from peerlearn.runs import Purpose, grad_stream, stream
 from peerlearn.runtime.worker import WorkerState
 from peerlearn.testing import LocalCluster, local_cluster
+from peerlearn.transport.links import LinkSettings, OutLink
+from peerlearn.transport.stats import TransportStats
+from peerlearn.wire import PROTOCOL_VERSION, Hello
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
 # The same problem in 100 coordinates: the loss at the noise floor is a sum of 100 terms with the
@@ -225,13 +230,32 @@ def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
+def _fake_resolver(monkeypatch: pytest.MonkeyPatch, host: str, hang: bool = False) -> list[str]:
+    """The running loop's resolver, with ``host`` unknown (or never answered, with ``hang``):
+    no test depends on the machine's DNS. Returns the hosts looked up, in order."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    asked: list[str] = []
+
+    async def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(name)
+        if name != host:
+            return await real(name, *args, **kwargs)
+        if hang:
+            await asyncio.Event().wait()
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    return asked
+
+
 async def test_a_peer_name_that_does_not_resolve_says_so_once(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="peerlearn")
+    asked = _fake_resolver(monkeypatch, "peer0.test")
     cfg = load_node_config(
-        None,
-        {"listen": "127.0.0.1:0", "api": "127.0.0.1:0", "peers": ["no-such-host.invalid:7002"]},
+        None, {"listen": "127.0.0.1:0", "api": "127.0.0.1:0", "peers": ["peer0.test:7002"]}
     )
     async with Daemon(cfg) as d:
         assert d.transport is not None
@@ -239,10 +263,37 @@ async def test_a_peer_name_that_does_not_resolve_says_so_once(
         await _wait_until(lambda: link.failed_attempts >= 3)
         async with _client(d) as client:
             (peer,) = (await client.get("/peers")).json()
-        assert "cannot resolve host 'no-such-host.invalid'" in peer["last_error"]
+        assert peer["last_error"] == "cannot resolve host 'peer0.test': Name or service not known"
         assert peer["refused"] is None
+    assert asked.count("peer0.test") >= 3  # a lookup of its own at each attempt
     # the resolver error once, not once per retry
-    assert len(_messages(caplog, "cannot resolve host 'no-such-host.invalid'")) == 1
+    assert len(_messages(caplog, "cannot resolve host 'peer0.test'")) == 1
+
+
+async def test_a_resolver_that_does_not_answer_is_not_a_peer_that_is_down(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the lookup ran inside the connect's timeout: a resolver that times out read
+    "no connection within 5s", like a peer that is down."""
+    caplog.set_level(logging.INFO, logger="peerlearn")
+    asked = _fake_resolver(monkeypatch, "peer0.test", hang=True)
+    hello = Hello(PROTOCOL_VERSION, 0, (0,), 1, "float64", "run", "0@127.0.0.1:0")
+    settings = LinkSettings(resolve_timeout=0.1, backoff_initial=0.01, backoff_max=0.02)
+    link = OutLink(
+        1, "peer0.test", 7002, hello, settings, TransportStats(), asyncio.get_running_loop()
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        await _wait_until(lambda: link.failed_attempts >= 3)
+    finally:
+        await link.close()
+        await task
+    assert (
+        link.last_error
+        == "cannot resolve host 'peer0.test': no answer from the resolver within 0.1s"
+    )
+    assert len(_messages(caplog, "cannot resolve host 'peer0.test'")) == 1
+    assert asked == ["peer0.test"]  # the hung lookup is waited for again, not started anew
 
 
 async def test_a_fingerprint_mismatch_is_worded_from_this_side_and_not_repeated(
@@ -303,3 +354,120 @@ def test_a_recurring_error_is_logged_again_at_doubling_intervals(
     assert logged == [0, 10, 30, 70, 110, 150, 190]  # then every `longest` seconds
     assert throttle.due("another reason") == 1  # a change is logged at once
     assert throttle.due("another reason", repeat=False) is None
+
+
+def _free(port: int) -> bool:
+    """Whether ``port`` on 127.0.0.1 can be listened on again (nothing of ours holds it)."""
+    try:
+        socket.create_server(("127.0.0.1", port)).close()
+    except OSError:
+        return False
+    return True
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+async def test_api_on_localhost_answers_on_every_address_of_localhost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where localhost resolves to ::1 first, `--api localhost:…` listened on ::1 only (the
+    first answer), and http://127.0.0.1 found nothing; uvicorn, binding it itself, had bound
+    both. Now every address, on one port."""
+    real = socket.getaddrinfo
+
+    def ipv6_first(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "localhost":
+            return real(host, port, *args, **kwargs)
+        stream = (socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        return [
+            (socket.AF_INET6, *stream, ("::1", port, 0, 0)),
+            (socket.AF_INET, *stream, ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    cfg = load_node_config(
+        None,
+        {"listen": "127.0.0.1:0", "api": "localhost:0", "workers": 1, "steps": 5, "problem": QUAD},
+    )
+    hosts = ["127.0.0.1", "[::1]"] if _ipv6_loopback() else ["127.0.0.1"]
+    async with Daemon(cfg) as d:
+        for host in hosts:
+            async with httpx.AsyncClient(base_url=f"http://{host}:{d.api_port}") as client:
+                assert (await client.get("/status")).status_code == 200, host
+
+
+def _leftover_tasks() -> list[str]:
+    return [
+        t.get_name()
+        for t in asyncio.all_tasks()
+        if t.get_name().startswith(("link-", "api", "monitor")) and not t.done()
+    ]
+
+
+async def test_a_busy_peer_port_leaves_nothing_behind() -> None:
+    """The API socket was bound first: the StartupError for the peer port frees it again."""
+    api_port, busy_port = _free_ports(2)
+    with socket.create_server(("127.0.0.1", busy_port)):
+        cfg = load_node_config(
+            None,
+            {
+                "listen": f"127.0.0.1:{busy_port}",
+                "api": f"127.0.0.1:{api_port}",
+                "peers": ["127.0.0.1:9"],
+            },
+        )
+        with pytest.raises(StartupError, match="cannot listen for peers"):
+            await Daemon(cfg).start()
+    assert _free(api_port)
+    assert _leftover_tasks() == []
+
+
+@pytest.mark.parametrize("failure", ["api_port_busy", "api_app_fails"])
+async def test_a_failed_start_closes_every_socket_and_task(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start() that fails, before or after the peer links started: the listening socket it
+    was given is closed, the API port free, no link or API task left running (before: the
+    TaskGroup was entered and never left, the given socket stayed open)."""
+    api_port, peer_port = _free_ports(2)
+    given = socket.create_server(("127.0.0.1", peer_port))
+    given.setblocking(False)
+    busy = socket.create_server(("127.0.0.1", api_port)) if failure == "api_port_busy" else None
+    if failure == "api_app_fails":
+
+        def broken_app(daemon: Daemon) -> Any:
+            raise RuntimeError("the API cannot be built")
+
+        monkeypatch.setattr(node, "build_app", broken_app)
+    cfg = load_node_config(
+        None,
+        {
+            "listen": f"127.0.0.1:{peer_port}",
+            "api": f"127.0.0.1:{api_port}",
+            "peers": ["127.0.0.1:9"],  # a link task to end
+        },
+    )
+    expected = StartupError if busy is not None else RuntimeError
+    try:
+        with pytest.raises(expected):
+            await Daemon(cfg, listen_socket=given).start()
+    finally:
+        if busy is not None:
+            busy.close()
+    assert given.fileno() == -1
+    assert _free(peer_port) and _free(api_port)
+    assert _leftover_tasks() == []
+
+
+def _free_ports(k: int) -> list[int]:
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(k)]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

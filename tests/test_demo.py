@@ -157,3 +157,73 @@ def test_demo_in_a_terminal_shows_the_live_table(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["instances_completed"] >= 0
     assert (tmp_path / "metrics.csv").exists() and not (tmp_path / "demo.png").exists()
+
+
+def test_a_demo_that_diverges_says_so_and_exits_1(tmp_path: Path) -> None:
+    """η = 1e100 on the quadratic overflows within a few iterations: a `diverged:` line naming
+    the worker, the iteration and the quantity; each worker's divergence in summary.json; no
+    live worker left for a mean model; exit code 1, as `peerlearn simulate`."""
+    import json
+
+    res = CliRunner().invoke(
+        app,
+        ["demo", "--problem", "quadratic", "--lr", "1e100", "--duration", "1", "--out", tmp_path],
+    )
+    assert res.exit_code == 1, res.output
+    assert "diverged: worker " in res.output and " at iteration " in res.output, res.output
+    assert "RuntimeWarning" not in res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    for w in summary["workers"]:
+        assert w["state"] == "diverged"
+        assert set(w["diverged"]) == {"step", "quantity"}
+        assert w["diverged"]["quantity"] in ("gradient", "model")
+        assert isinstance(w["diverged"]["step"], int)
+    assert summary["mean_model"]["loss"] is None  # the mean of no live worker
+
+
+def test_a_demo_leaves_a_crashed_worker_out_of_its_mean_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Worker 0.0 raises at iteration 3: its frozen model stays out of the mean model the
+    result and summary.json evaluate, the run says `failed:` and its status is `failed`.
+    Without a console the demo prints user strings literally (no `:boom:` emoji)."""
+    import json
+
+    from peerlearn.runtime.worker import Worker
+    from tests.helpers import oracle_fault, raises
+
+    crash = oracle_fault(3, raises("the oracle broke"))
+    clusters: list[LocalCluster] = []
+    real = demo.local_cluster
+
+    @asynccontextmanager
+    async def faulty(*args: Any, **kwargs: Any) -> AsyncIterator[LocalCluster]:
+        kwargs["worker_factory"] = lambda i: crash if i == 0 else Worker
+        async with real(*args, **kwargs) as cluster:
+            clusters.append(cluster)
+            yield cluster
+
+    monkeypatch.setattr(demo, "local_cluster", faulty)
+    monkeypatch.setenv("COLUMNS", "500")  # long tmp paths on one line
+    out = tmp_path / ":boom:"
+    result = run_demo(DemoSettings(problem="quadratic", duration=1.5, out=out))
+    text = capsys.readouterr().out
+    assert "failed: worker 0.0 crashed: RuntimeError: the oracle broke" in text, text
+    assert f"wrote {out / 'summary.json'}" in text and "💥" not in text
+    assert result["status"] == "failed"
+    workers = [w for d in clusters[0].daemons for w in d.workers]
+    assert workers[0].error is not None and workers[0].x is not None
+    live = [w.x for w in workers[1:] if w.x is not None]
+    assert len(live) == 5
+    problem = clusters[0].daemons[0].problem
+    assert problem is not None
+    expected = problem.loss(np.mean(live, axis=0))
+    assert result["loss"] == pytest.approx(expected, rel=1e-9)
+    # the crashed worker's model (iteration 2's) is far enough off to change the figure
+    assert problem.loss(np.mean([workers[0].x, *live], axis=0)) > 1.05 * expected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["mean_model"]["loss"] == pytest.approx(expected, rel=1e-9)
+    assert summary["workers"][0]["state"] == "crashed"
+    assert summary["workers"][0]["diverged"] is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from peerlearn.algorithms import alg1
@@ -26,9 +28,10 @@ from peerlearn.membership import Membership
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.sim import Simulator, Status
 from peerlearn.sim.core import DivergedProcess
+from peerlearn.sim.runner import consensus_distance
 from peerlearn.testing import local_cluster
 from peerlearn.wire import NEED_DATA, PROTOCOL_VERSION, Ack, Codec, Data, Hello, Ping, Pong, Welcome
-from tests.helpers import oracle_fault
+from tests.helpers import oracle_fault, raises
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
 PEERLEARN = str(Path(sys.executable).with_name("peerlearn"))
@@ -259,3 +262,54 @@ async def test_a_non_finite_frame_is_dropped_acked_and_counted() -> None:
         metrics = (await cluster.client(0).get("/metrics")).text
         assert 'peerlearn_messages_dropped_total{reason="non_finite"} 1.0' in metrics
         writer.close()
+
+
+CrashAt5 = oracle_fault(5, raises("the oracle broke"))  # worker 0.0, iteration 5
+
+
+async def test_only_live_workers_count_in_host_consensus_mean_loss_and_min_step() -> None:
+    """Worker 0.0 crashes at iteration 5 and keeps its model of then: the daemon's host
+    consensus distance (/metrics), the mean loss of its summary line and the test kit's
+    ``min_step`` are over the live workers 0.1 and 0.2 only. Counting the crashed one, the
+    distance would take in a model 25 iterations behind, and ``min_step`` would stay at 4."""
+    async with local_cluster(
+        2,
+        workers=3,
+        algorithm="alg1",
+        steps=30,
+        problem=QUAD,
+        worker_factory=lambda i: CrashAt5 if i == 0 else Worker,
+    ) as cluster:
+        await cluster.wait_for(lambda: cluster.min_step() >= 30, timeout=30)
+        await cluster.wait_until_finished()
+        d = cluster.daemons[0]
+        crashed, *live = d.workers
+        assert crashed.state is WorkerState.CRASHED and crashed.completed == 4
+        assert all(w.state is WorkerState.FINISHED for w in live)
+        metrics = (await cluster.client(0).get("/metrics")).text
+        host = re.search(r'^peerlearn_consensus_distance\{scope="host"\} (\S+)$', metrics, re.M)
+        assert host is not None
+        models = [w.x for w in live if w.x is not None]
+        assert len(models) == 2 and crashed.x is not None
+        expected = consensus_distance(models)
+        assert float(host.group(1)) == pytest.approx(expected, rel=1e-9)
+        # the test's teeth: the crashed worker's model is far enough off to change the figure
+        assert consensus_distance([crashed.x, *models]) > 2 * expected
+        assert 'peerlearn_workers{state="crashed"} 1.0' in metrics
+        losses = [loss for w in live if (loss := d.loss_of(w)) is not None]
+        assert len(losses) == 2
+        assert d.summary().endswith(f"mean loss {np.mean(losses):.6g}")
+
+
+def test_the_mean_model_of_huge_models_is_served_without_a_runtime_warning() -> None:
+    """GET /model's mean of finite models whose sum overflows: inf in the bytes, as the values
+    say, and no numpy RuntimeWarning on the daemon's terminal."""
+    from peerlearn.control.app import WorkerModel, _pick_model
+
+    huge = np.full(3, 1e308)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would raise here
+        x, name = _pick_model(
+            [WorkerModel("0.0", huge, True), WorkerModel("0.1", huge, True)], None
+        )
+    assert name == "mean" and np.isinf(x).all()

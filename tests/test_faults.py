@@ -4,11 +4,13 @@ raises. (Heavier fault combinations run in the simulator.)"""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 from typing import Any
 
 import numpy as np
+import pytest
 
 from peerlearn.daemon.node import DaemonState
 from peerlearn.runtime.worker import Worker, WorkerState
@@ -89,6 +91,27 @@ async def test_bad_input_closes_that_connection_counts_it_and_training_goes_on()
         before = cluster.min_step()
         await cluster.wait_for(lambda: cluster.min_step() > before + 10)
         assert target.state is DaemonState.RUNNING
+
+
+async def test_a_stranger_varying_its_hello_gets_one_log_line_not_one_per_try(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refusals are logged per remote host and reason: ten Hellos from one host, each with
+    another name and fingerprint, make one ERROR line (the throttle once keyed on the claimed
+    name, so every made-up name was logged anew) — and all ten are refused and counted."""
+    async with local_cluster(2, workers=1, algorithm="alg1", steps=None, problem=QUAD) as cluster:
+        port = cluster.daemons[0].peer_port
+        assert port is not None
+        caplog.set_level(logging.ERROR, logger="peerlearn.transport.peers")
+        for i in range(10):
+            hello = _hello(cluster, name=f"stranger-{i}", fingerprint=f"{i:032x}")
+            codec = Codec()
+            codec.receive_data(await _exchange(port, _frames(hello)))
+            refusal = codec.next_event()
+            assert isinstance(refusal, Refuse) and refusal.reason == "fingerprint_mismatch"
+        lines = [r for r in caplog.records if r.getMessage().startswith("refusing")]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert cluster.daemons[0].stats.protocol_errors["fingerprint_mismatch"] == 10
 
 
 def _cut_every_link(cluster: LocalCluster) -> None:

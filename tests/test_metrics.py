@@ -100,3 +100,23 @@ async def test_metrics_off_observes_nothing() -> None:
         assert _samples(text, "peerlearn_loss") == {}
         assert not any("snapshot" in k for k in _samples(text, "peerlearn_messages_total"))
         assert _samples(text, "peerlearn_step")  # the scrape-time figures are still there
+
+
+async def test_a_blocked_worker_is_counted_blocked_not_running() -> None:
+    """Daemon 1 never starts: Alg 1's worker 0.0 waits for its quorum of 2 processes, which the
+    daemons connected now cannot meet. Past stall_timeout /status calls it blocked, and so does
+    peerlearn_workers{state}: blocked 1, running 0 (every state still exported)."""
+    from peerlearn.testing import poll_status
+
+    async with local_cluster(
+        2, workers=1, start=False, algorithm="alg1", problem=QUAD, stall_timeout=0.2
+    ) as cluster:
+        await cluster.daemons[0].start()
+        await poll_status(cluster.urls[0], lambda s: s["workers"][0]["state"] == "blocked")
+        workers = _samples(await _metrics(cluster), "peerlearn_workers")
+        assert workers['{state="blocked"}'] == 1.0
+        assert workers['{state="running"}'] == 0.0
+        assert set(workers) == {
+            f'{{state="{s}"}}'
+            for s in ("created", "running", "blocked", "finished", "stopped", "crashed", "diverged")
+        }

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from peerlearn import __version__
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.control.views import PeerView, StatusView
-from peerlearn.effects import Vector
+from peerlearn.effects import Vector, quiet_float_errors
 
 __all__ = ["NPY_MEDIA_TYPE", "ControlTarget", "WorkerModel", "build_app"]
 
@@ -153,7 +153,9 @@ def _pick_model(models: list[WorkerModel], worker: str | None) -> tuple[Vector, 
         xs = [m.x for m in models if m.live and m.x is not None]
         if not xs:
             raise HTTPException(404, f"no live worker here has a model yet (workers: {ids})")
-        return np.mean(np.stack(xs), axis=0), "mean"
+        # huge finite models may overflow to inf in the sum: the bytes say so, no warning
+        with quiet_float_errors():
+            return np.mean(np.stack(xs), axis=0), "mean"
     by_id = {m.id: m for m in models}
     by_index = {str(i): m for i, m in enumerate(models)}
     chosen = by_id.get(worker.strip()) or by_index.get(worker.strip())

@@ -190,8 +190,10 @@ class _Collector(Collector):
         yield from (loss, step, steps, lag)
         workers = GaugeMetricFamily(
             "peerlearn_workers",
-            "Local workers by state: created, running, finished, stopped, crashed (raised), "
-            "diverged (a gradient or model turned non-finite; it stopped before sending it).",
+            "Local workers by state: created, running, blocked (running, but waiting longer than "
+            "stall_timeout on a quorum the connected daemons cannot meet; not counted as "
+            "running), finished, stopped, crashed (raised), diverged (a gradient or model turned "
+            "non-finite; it stopped before sending it).",
             labels=["state"],
         )
         for state, count in s.states.items():
@@ -215,8 +217,8 @@ class _Collector(Collector):
         )
         cd = GaugeMetricFamily(
             "peerlearn_consensus_distance",
-            "(1/n) Σ‖x_i − x̄‖²: host = this daemon's workers (exact); global = with the latest "
-            "models heard from peers.",
+            "(1/n) Σ‖x_i − x̄‖²: host = this daemon's live workers (exact; crashed and diverged "
+            "ones left out); global = with the latest models heard from peers.",
             labels=["scope"],
         )
         if s.consensus_host is not None:

@@ -39,7 +39,10 @@ class WaitingView(_View):
 class DivergenceView(_View):
     """Where a worker diverged: it stopped there, before sending the value."""
 
-    step: int = Field(description="the iteration (1, 2, …) that produced the non-finite value")
+    step: int = Field(
+        description="the iteration that produced the non-finite value (1, 2, …); 0 when the "
+        "value came before any iteration, e.g. a non-finite starting model x₁"
+    )
     quantity: Literal["gradient", "model"] = Field(
         description="what held a NaN or an infinity: the gradient the worker computed, or its "
         "model (or a value derived from it that it was about to send)"

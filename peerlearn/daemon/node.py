@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -57,10 +58,6 @@ _MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired
 _EVAL_TICK = 1.0
 #: algorithms whose messages carry no worker models: their daemons send snapshots instead
 _SNAPSHOT_ALGORITHMS = ("dasgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
-
-
-#: worker states whose model counts in the daemon's mean model (GET /model)
-_HEALTHY = (WorkerState.CREATED, WorkerState.RUNNING, WorkerState.FINISHED, WorkerState.STOPPED)
 
 
 class DaemonState(StrEnum):
@@ -212,10 +209,50 @@ class Daemon:
         Raises:
             StartupError: the peer or API address cannot be listened on (in use, not an
                 address of this host): one line naming the address, before anything started.
+
+        Whatever start() raises, it leaves nothing behind: no socket open (the listening
+        socket it was given included), no task, no worker thread.
         """
-        # Bound here, before anything runs, so that a busy port is one clear error — uvicorn
-        # binding it itself logs its own error and exits its task with SystemExit.
-        api_socket = _listen("control API", self.cfg.api)
+        api_sockets: list[socket.socket] = []
+        try:
+            # Bound here, before anything runs, so that a busy port is one clear error —
+            # uvicorn binding it itself logs its own error and exits its task with SystemExit.
+            api_sockets = _listen("control API", self.cfg.api)
+            await self._start(api_sockets)
+        except BaseException as exc:
+            await self._abandon(exc, api_sockets)
+            raise
+        return self
+
+    async def _abandon(self, exc: BaseException, api_sockets: list[socket.socket]) -> None:
+        """Undo a start() that failed at any point (``exc``: why): a caller that goes on (a
+        test, a program embedding daemons) keeps no port bound, no task, no thread."""
+        for w in self.workers:
+            w.stop()
+        started = [w for w in self.workers if w.state is not WorkerState.CREATED]
+        await asyncio.to_thread(_join, started)
+        if self.transport is not None:  # its links end, its server closes
+            try:
+                await self.transport.close(drain_unconnected=False)
+            except Exception:  # the caller must get exc, not this
+                log.exception("closing the peer links after a failed start")
+        api = self._api
+        if api is not None:
+            api.should_exit = True
+            for server in getattr(api, "servers", ()):  # set once uvicorn bound them
+                server.close()
+        if self._tasks is not None:
+            # Leaving the group with an error cancels what still runs (the API server, the
+            # monitor) and raises a group holding exc, or exc: the caller gets exc itself.
+            with contextlib.suppress(BaseException):
+                await self._tasks.__aexit__(type(exc), exc, exc.__traceback__)
+            self._tasks = None
+        for sock in api_sockets:
+            sock.close()
+        if self._listen_socket is not None:
+            self._listen_socket.close()
+
+    async def _start(self, api_sockets: list[socket.socket]) -> None:
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         hello = Hello(
@@ -252,12 +289,11 @@ class Daemon:
         try:
             await self.transport.start(self._tasks, self._listen_socket)
         except OSError as exc:
-            api_socket.close()
             raise StartupError(
                 f"cannot listen for peers on {self.cfg.listen}: {_why(exc)}"
             ) from None
         self.peer_port = self.transport.port
-        await self._start_api(api_socket)
+        await self._start_api(api_sockets)
         for w in self.workers:
             w.start()
         self.state = DaemonState.RUNNING
@@ -282,9 +318,8 @@ class Daemon:
         if self.problem is not None:
             for warning in self.run_cfg.theory_warnings(self.problem.constants):
                 log.warning("%s", warning)
-        return self
 
-    async def _start_api(self, sock: socket.socket) -> None:
+    async def _start_api(self, sockets: list[socket.socket]) -> None:
         config = uvicorn.Config(
             build_app(self),
             log_config=None,  # its records reach the process's handler: one format (--log-format)
@@ -292,14 +327,14 @@ class Daemon:
             lifespan="off",
             access_log=False,
         )
-        server = _EmbeddedServer(config)
+        # Known at once: stop(), or a start() that fails, tells it to exit.
+        server = self._api = _EmbeddedServer(config)
         assert self._tasks is not None
-        self._tasks.create_task(server.serve(sockets=[sock]), name="api")
+        self._tasks.create_task(server.serve(sockets=sockets), name="api")
         while not server.started:
             if server.should_exit:
                 raise OSError(f"control API could not bind {self.cfg.api}")
             await asyncio.sleep(0.01)  # uvicorn exposes no started event
-        self._api = server
         self.api_port = server.servers[0].sockets[0].getsockname()[1]
 
     def request_stop(self, reason: str) -> None:
@@ -349,18 +384,47 @@ class Daemon:
 
     async def _grace(self, deadline: float) -> None:
         """Until every worker has left at an iteration boundary, or ``deadline``. A worker
-        whose iteration cannot complete — it waits for a quorum that this daemon and the
-        daemons connected now cannot meet, e.g. peers that never came — is not waited for:
-        Ctrl-C while waiting for peers stops at once, not after stop_grace."""
+        whose iteration cannot complete is not waited for — Ctrl-C while waiting for peers
+        stops at once, not after stop_grace. Cannot complete means, for a stopping daemon:
+
+        - its quorum needs more processes (or clusters) than this daemon and the peer daemons
+          connected now have (:meth:`_reachable`), whatever it waits for; or
+        - no peer daemon is connected and every local worker still running waits, and did so
+          at two polls in a row with the very same waits: nothing can send anyone anything.
+          This covers what the count cannot judge — an inbox (``Receive``: gossip pairing,
+          an elastic center's requests) or a message from one process (``Await(("rep", t),
+          Count(1))``: a worker and its center on a daemon that never came), whose sender
+          the daemon does not know.
+        """
+        if self.transport is not None:
+            # A worker blocked handing a frame to a peer that never connected (its window full:
+            # DASGD's stream) would wait out the grace. Releasing it loses nothing: a daemon
+            # that finished has no worker sending, and one that did not drops the frames for
+            # such a peer at close anyway (never_connected).
+            for link in self.transport.links:
+                if link.connected_since is None:
+                    link.release_producers()
+        previous: dict[int, tuple[Tag, float]] | None = None
         while time.monotonic() < deadline:
-            live = [w for w in self.workers if not w.done.is_set()]
-            if all(self._stuck(w) for w in live):  # also: none left
+            waits = {w.pid: w.mailbox.waiting() for w in self.workers if not w.done.is_set()}
+            if all(wt is not None and not self._reachable(wt) for wt in waits.values()):
+                return  # also: none left
+            # Polled one worker after another, not atomically: a worker seen waiting may have
+            # been woken by one seen running an instant later. The same waits (tag and start)
+            # at two polls mean every worker waited throughout the second poll, all at once.
+            # Frames from peers arrive on this loop, so none come in while it polls.
+            now: dict[int, tuple[Tag, float]] | None = None
+            if not self._peers_connected():
+                now = {p: (wt.tag, wt.since) for p, wt in waits.items() if wt is not None}
+                if len(now) < len(waits):  # one of them runs: it may still send
+                    now = None
+            if now is not None and now == previous:
                 return
+            previous = now
             await asyncio.sleep(0.02)  # shutdown only: a short poll, no thread per worker
 
-    def _stuck(self, worker: Worker) -> bool:
-        waiting = worker.mailbox.waiting()
-        return waiting is not None and not self._reachable(waiting)
+    def _peers_connected(self) -> bool:
+        return self.transport is not None and bool(self.transport.connected_clusters())
 
     async def __aenter__(self) -> Daemon:
         return await self.start()
@@ -520,7 +584,9 @@ class Daemon:
 
     def _snapshot(self) -> Snapshot:
         fastest = max([w.step for w in self.workers] + [self.fastest_heard])
-        local = [w.x for w in self.workers if w.x is not None]
+        # live workers only (Worker.live): a crashed worker's model is frozen, a diverged one's
+        # may be astronomically far away (a remote worker stops before it sends such a model)
+        local = [w.x for w in self.workers if w.live and w.x is not None]
         now = time.monotonic()
         heard = dict(self._heard)
         models = local + [v for _, v in heard.values()]
@@ -542,7 +608,24 @@ class Daemon:
             else 0,
             peers_total=len(self.cfg.all_daemons) - 1,
             agreement_rounds=self._agreement_rounds,
-            states={s.value: sum(w.state is s for w in self.workers) for s in WorkerState},
+            states=self._states(),
+        )
+
+    def _states(self) -> dict[str, int]:
+        """Local workers by state for ``peerlearn_workers``: every state, 0 included, with a
+        blocked worker (see :meth:`_blocked`) counted as blocked instead of running."""
+        states = {s.value: 0 for s in WorkerState} | {"blocked": 0}
+        for w in self.workers:
+            states["blocked" if self._blocked(w.mailbox.waiting()) else w.state.value] += 1
+        return states
+
+    def _blocked(self, waiting: Waiting | None) -> bool:
+        """Waiting longer than stall_timeout on a quorum the daemons connected now cannot meet:
+        what ``/status`` and ``peerlearn_workers{state="blocked"}`` call blocked."""
+        return (
+            waiting is not None
+            and time.monotonic() - waiting.since > self.cfg.stall_timeout
+            and not self._reachable(waiting)
         )
 
     def status(self) -> dict[str, Any]:
@@ -568,7 +651,7 @@ class Daemon:
                     "unit": waiting.unit,
                     "seconds": round(waited, 3),
                 }
-                if waited > self.cfg.stall_timeout and not self._reachable(waiting):
+                if self._blocked(waiting):
                     entry["state"] = "blocked"
             workers.append(entry)
         return {
@@ -589,7 +672,7 @@ class Daemon:
         """Could the quorum still be met by this daemon and the daemons connected now?"""
         live = {self.me.cluster}
         if self.transport is not None:
-            live |= {link.cluster for link in self.transport.links if link.state == "connected"}
+            live |= self.transport.connected_clusters()
         if waiting.unit == "clusters":
             return len(live) >= waiting.need
         return sum(len(self.membership.members[c]) for c in live) >= waiting.need
@@ -611,17 +694,16 @@ class Daemon:
         ]
 
     def models(self) -> list[WorkerModel]:
-        # A whitelist of healthy states: a worker in any failed state, today's or a future
-        # one, keeps its model out of the daemon's mean.
-        return [WorkerModel(w.name, w.x, w.state in _HEALTHY) for w in self.workers]
+        # Worker.live is a whitelist: a worker in any failed state, today's or a future one,
+        # keeps its model out of the daemon's mean.
+        return [WorkerModel(w.name, w.x, w.live) for w in self.workers]
 
     def summary(self) -> str:
         # In words for the log: "0.0 finished after 200 steps, 0.1 crashed after 7 steps".
         workers = ", ".join(f"{w.name} {w.state} after {w.completed} steps" for w in self.workers)
-        # A diverged worker's last finite model may be astronomically bad: not in the mean.
-        losses = [
-            loss for w, loss in self._worker_samples() if loss is not None and w.diverged is None
-        ]
+        # Live workers only: a diverged worker's last finite model may be astronomically bad,
+        # a crashed one's is frozen where it stopped.
+        losses = [loss for w, loss in self._worker_samples() if loss is not None and w.live]
         with quiet_float_errors():
             mean = f"{np.mean(losses):.6g}" if losses else "—"
         return f"workers {workers}; mean loss {mean}"
@@ -629,6 +711,12 @@ class Daemon:
     @property
     def finished(self) -> bool:
         return all(w.state is WorkerState.FINISHED for w in self.workers)
+
+
+def _join(workers: list[Worker]) -> None:
+    for w in workers:
+        with contextlib.suppress(RuntimeError):  # its thread never started
+            w.join(30.0)
 
 
 def _why(exc: OSError) -> str:
@@ -641,18 +729,64 @@ def _why(exc: OSError) -> str:
     return reason[:1].lower() + reason[1:]
 
 
-def _listen(what: str, address: str) -> socket.socket:
-    """A listening TCP socket on ``address`` (host:port), or StartupError naming it."""
+def _listen(what: str, address: str) -> list[socket.socket]:
+    """Listening TCP sockets on every address ``address``'s host resolves to, as asyncio's
+    create_server binds them (``localhost``: 127.0.0.1 and ::1 where both exist), all on one
+    port — for port 0, the one the first address got. An address whose family this host does
+    not have (EADDRNOTAVAIL, EAFNOSUPPORT) is skipped, as asyncio does; StartupError naming
+    ``address`` if any other fails, or none is left."""
     host, port = parse_address(address)
+    for attempt in range(_PORT_ATTEMPTS):
+        socks: list[socket.socket] = []
+        try:
+            socks = _bind_all(host, port)
+        except _PortTaken:  # port 0: the port the first address got is taken on another
+            if attempt + 1 < _PORT_ATTEMPTS:
+                continue
+            reason = os.strerror(errno.EADDRINUSE).lower()
+            raise StartupError(f"cannot listen for the {what} on {address}: {reason}") from None
+        except OSError as exc:
+            raise StartupError(f"cannot listen for the {what} on {address}: {_why(exc)}") from None
+        for sock in socks:
+            sock.setblocking(False)
+        return socks
+    raise AssertionError("unreachable")
+
+
+#: port 0 on several addresses: how often to pick a port again that another address had taken
+_PORT_ATTEMPTS = 5
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _bind_all(host: str, port: int) -> list[socket.socket]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
+    socks: list[socket.socket] = []
+    skipped: OSError | None = None
     try:
-        family, _, _, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.create_server(sockaddr[:2], family=family)
-    except OSError as exc:
-        raise StartupError(f"cannot listen for the {what} on {address}: {_why(exc)}") from None
-    sock.setblocking(False)
-    return sock
+        for family, sockaddr in addresses:
+            chosen = socks[0].getsockname()[1] if socks else port
+            try:
+                socks.append(
+                    socket.create_server((sockaddr[0], chosen, *sockaddr[2:]), family=family)
+                )
+            except OSError as exc:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    skipped = exc  # a family this host has not enabled (bpo-30945)
+                    continue
+                if exc.errno == errno.EADDRINUSE and port == 0 and socks:
+                    raise _PortTaken from None
+                raise
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    if not socks:
+        raise skipped or OSError(errno.EADDRNOTAVAIL, f"no address for {host}")
+    return socks
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -57,7 +57,7 @@ from peerlearn.errors import ProgramError
 from peerlearn.runtime.mailbox import Mailbox, MailboxClosed
 from peerlearn.runtime.store import RegisterStore
 
-__all__ = ["Router", "Worker", "WorkerState"]
+__all__ = ["LIVE_STATES", "Router", "Worker", "WorkerState"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,16 @@ class WorkerState(StrEnum):
     STOPPED = "stopped"  # asked to stop, at an iteration boundary or while waiting
     CRASHED = "crashed"  # the program or the oracle raised
     DIVERGED = "diverged"  # a gradient or model turned non-finite: stopped before sending it
+
+
+#: The states of a *live* worker: one whose model counts wherever workers' models are
+#: combined (a daemon's mean model and consensus distances, the demo's mean model) and whose
+#: step counts in progress waits. A whitelist, so that a failed state added later is left out
+#: too: a crashed worker's model is frozen and a diverged one's last finite model may be
+#: astronomically far from the others.
+LIVE_STATES = frozenset(
+    {WorkerState.CREATED, WorkerState.RUNNING, WorkerState.FINISHED, WorkerState.STOPPED}
+)
 
 
 class Router(Protocol):
@@ -140,6 +150,11 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"Worker({self.name}, {self.state}, step={self.step})"
+
+    @property
+    def live(self) -> bool:
+        """Neither crashed nor diverged (nor in any other failed state): see :data:`LIVE_STATES`."""
+        return self.state in LIVE_STATES
 
     @property
     def completed(self) -> int:

@@ -67,10 +67,6 @@ def _tiny_only(dtype: np.dtype[Any], shape: tuple[int, ...]) -> Vector:
     raise RemoteProtocolError(Reason.BAD_FIELD, "data frame on an outbound link")
 
 
-def _unresolved(exc: BaseException) -> bool:
-    return isinstance(exc, socket.gaierror)
-
-
 class Throttle:
     """When to log a condition that recurs on every retry: the first time, whenever its text
     changes, and — if it should be repeated — again at doubling intervals (``first`` seconds,
@@ -114,6 +110,7 @@ class LinkState(StrEnum):
 class LinkSettings:
     max_queue: int = 256  # outstanding frames per link (queued + unacked)
     queue_timeout: float = 30.0  # how long a producer may wait for room
+    resolve_timeout: float = 5.0  # the peer's name lookup, before the connect
     connect_timeout: float = 5.0  # TCP connect + handshake
     backoff_initial: float = 0.05
     backoff_max: float = 2.0
@@ -168,6 +165,8 @@ class OutLink:
         self._closing = False
         self._proto: FrameProtocol | None = None
         self._welcome: asyncio.Future[Message | None] | None = None  # None: connection lost
+        #: the name lookup under way: one at a time, however long the resolver hangs
+        self._lookup: asyncio.Future[list[Any]] | None = None
 
     def __repr__(self) -> str:
         queued, unacked = len(self._queue), len(self._unacked)
@@ -273,6 +272,8 @@ class OutLink:
             # Full jitter: reconnect storms of many daemons spread out instead of syncing up.
             await self._sleep(random.uniform(0, backoff))
             backoff = min(backoff * 2, self._settings.backoff_max)
+        if self._lookup is not None:
+            self._lookup.cancel()  # a hung resolver: its thread ends when it ends
         self.state = LinkState.CLOSED
 
     async def _connect(self) -> bool:
@@ -280,18 +281,18 @@ class OutLink:
         codec = Codec(max_payload=self._settings.max_payload, allocator=_tiny_only)
         self._welcome = self._loop.create_future()
         try:
-            _, proto = await self._unless_stopped(
-                self._loop.create_connection(
-                    lambda: FrameProtocol(codec, self._on_message, self._on_error, self._on_lost),
-                    self.host,
-                    self.port,
-                )
+            addresses = await self._resolve()
+        except (OSError, TimeoutError) as exc:
+            if not self._closing:
+                self._failed(self._resolve_error(exc), logging.WARNING)
+            return False
+        try:
+            proto = await self._unless_stopped(
+                self._open(addresses, codec), self._settings.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
             if not self._closing:
-                self._failed(
-                    self._connect_error(exc), logging.WARNING if _unresolved(exc) else logging.INFO
-                )
+                self._failed(self._connect_error(exc), logging.INFO)
             return False
         proto.send(self._hello)
         try:
@@ -326,15 +327,57 @@ class OutLink:
         self._unacked.clear()
         return True
 
-    async def _unless_stopped(self, aw: Awaitable[T]) -> T:
-        """``aw``'s result; TimeoutError after ``connect_timeout``, or as soon as close() has
-        given up draining (a dead peer must not hold a stopping daemon for the timeout)."""
+    async def _resolve(self) -> list[str]:
+        """The peer's addresses, on their own: inside the connect, a resolver that times out
+        would read as a peer that does not answer. A lookup still hanging from an earlier
+        attempt is waited for again rather than doubled (each one holds a resolver thread)."""
+        lookup = self._lookup
+        # A lookup that failed is asked again; one that answered after its attempt gave up
+        # is used (a resolver that always takes longer than resolve_timeout still gets through).
+        if lookup is None or (lookup.done() and (lookup.cancelled() or lookup.exception())):
+            lookup = self._lookup = asyncio.ensure_future(
+                self._loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            )
+        try:
+            infos = await self._unless_stopped(
+                asyncio.shield(lookup), self._settings.resolve_timeout
+            )
+        except TimeoutError:
+            raise  # still under way: the next attempt waits for this one
+        except BaseException:  # the resolver's error, or this task cancelled
+            lookup.cancel()
+            self._lookup = None
+            raise
+        self._lookup = None
+        # In the resolver's order (RFC 6724 preference), each address once.
+        return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in infos))
+
+    async def _open(self, addresses: list[str], codec: Codec) -> FrameProtocol:
+        """A connection to the first of ``addresses`` that takes one; else the last error."""
+        error: OSError = OSError(f"no address for {self.host}")
+        for address in addresses:
+            try:
+                _, proto = await self._loop.create_connection(
+                    lambda: FrameProtocol(codec, self._on_message, self._on_error, self._on_lost),
+                    address,
+                    self.port,
+                )
+            except OSError as exc:
+                error = exc
+                continue
+            return proto
+        raise error
+
+    async def _unless_stopped(self, aw: Awaitable[T], timeout: float | None = None) -> T:
+        """``aw``'s result; TimeoutError after ``timeout`` (default ``connect_timeout``), or as
+        soon as close() has given up draining (a dead peer must not hold a stopping daemon for
+        the timeout)."""
         task = asyncio.ensure_future(aw)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
             done, _ = await asyncio.wait(
                 {task, stop},
-                timeout=self._settings.connect_timeout,
+                timeout=self._settings.connect_timeout if timeout is None else timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
@@ -406,9 +449,14 @@ class OutLink:
             again = f" (still, {count} attempts so far)" if count > 1 else ""
             log.log(level, "%s: %s%s", self.name, error, again)
 
+    def _resolve_error(self, exc: OSError | TimeoutError) -> str:
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer from the resolver within {self._settings.resolve_timeout:g}s"
+        else:
+            reason = (exc.strerror if isinstance(exc, socket.gaierror) else None) or str(exc)
+        return f"cannot resolve host {self.host!r}: {reason}"
+
     def _connect_error(self, exc: OSError | TimeoutError) -> str:
-        if _unresolved(exc):
-            return f"cannot resolve host {self.host!r}: {exc.strerror or exc}"
         if isinstance(exc, TimeoutError):
             return f"no connection within {self._settings.connect_timeout:g}s"
         reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)

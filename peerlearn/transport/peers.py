@@ -45,7 +45,8 @@ __all__ = ["PeerAddress", "Transport"]
 log = logging.getLogger(__name__)
 
 
-#: dialers whose refusals are logged at a backed-off rate (beyond: forgotten, logged anew)
+#: remote hosts whose refusals are logged at a backed-off rate (beyond: the least recently
+#: refused is forgotten, and logged anew if it comes back)
 _MAX_REFUSALS_TRACKED = 256
 
 
@@ -91,8 +92,8 @@ class Transport:
         ]
         self._by_cluster = {link.cluster: link for link in self.links}
         self._inbound: dict[FrameProtocol, _Inbound] = {}
-        # (dialer, reason) -> when to log its refusal again; dialers are the static
-        # membership's, or a handful of strangers: bounded in practice
+        # (remote host, reason) -> when to log its refusal again, least recently refused
+        # first (a dict keeps insertion order), at most _MAX_REFUSALS_TRACKED
         self._refusals: dict[tuple[str, str], Throttle] = {}
         self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered
         self._non_finite_from: set[int] = set()  # peer clusters already logged for it
@@ -164,6 +165,12 @@ class Transport:
 
     def connected(self) -> int:
         return sum(1 for link in self.links if link.state is LinkState.CONNECTED)
+
+    def connected_clusters(self) -> set[int]:
+        """The peer daemons frames can come from now: over this daemon's link to them, or
+        theirs to it (a handshake that succeeded in either direction)."""
+        out = {link.cluster for link in self.links if link.state is LinkState.CONNECTED}
+        return out | {s.cluster for s in self._inbound.values() if s.cluster is not None}
 
     # --- inbound ------------------------------------------------------------------------------
 
@@ -251,15 +258,18 @@ class Transport:
     def _refuse(self, proto: FrameProtocol, hello: Hello | None, reason: str, text: str) -> None:
         """Refuse a dialer: the reason code goes back (the dialer words it from its side; the
         details would be this run's settings, sent to a peer not authenticated), the details
-        into this daemon's log — once, then at doubling intervals per dialer and reason, as
-        the dialer retries every few seconds."""
+        into this daemon's log — once, then at doubling intervals per remote host and reason,
+        as a dialer retries every few seconds. Keyed by the host, not by anything the Hello
+        claims: a stranger varying its name or fingerprint gets no log line per connection."""
         self.stats.error(reason)
-        host = proto.peername[0] if isinstance(proto.peername, tuple) else proto.peername
-        who = f"daemon {hello.name!r} (cluster {hello.cluster})" if hello else str(host)
-        if len(self._refusals) >= _MAX_REFUSALS_TRACKED:  # strangers make up names: bounded
-            self._refusals.clear()
-        throttle = self._refusals.setdefault((who, reason), Throttle())
-        if (count := throttle.due(text)) is not None:
+        host = proto.peername[0] if isinstance(proto.peername, tuple) else str(proto.peername)
+        who = f"daemon {hello.name!r} (cluster {hello.cluster})" if hello else host
+        key = (host, reason)
+        throttle = self._refusals.pop(key, None) or Throttle()
+        self._refusals[key] = throttle  # most recently refused last: the first is evicted
+        if len(self._refusals) > _MAX_REFUSALS_TRACKED:
+            del self._refusals[next(iter(self._refusals))]
+        if (count := throttle.due(reason)) is not None:
             again = f" (refused {count} times so far)" if count > 1 else ""
             log.error("refusing %s at %s: %s%s", who, proto.remote, text, again)
         proto.send(Refuse(reason=reason))
