@@ -25,7 +25,10 @@ TIE_RTOL: Final = 1e-9
 
 
 def compare(a: float, b: float) -> int:
-    """−1, 0 or 1 as a < b, a = b or a > b, where a = b when |a − b| ≤ TIE_RTOL·max(|a|, |b|)."""
+    """−1, 0 or 1 as a < b, a = b or a > b, where a = b when |a − b| ≤ TIE_RTOL·max(|a|, |b|).
+
+    For finite a and b only — the closed forms and thresholds give it nothing else: a NaN
+    compares as greater either way round, and so does ∞ against itself."""
     if abs(a - b) <= TIE_RTOL * max(abs(a), abs(b)):
         return 0
     return -1 if a < b else 1
