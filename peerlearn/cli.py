@@ -146,7 +146,7 @@ def simulate(
         typer.Option(
             "--processes",
             "-n",
-            help="Number of processes n (process p is cluster.index = p mod m . p div m).",
+            help="Number of processes n (process p runs in cluster p mod m, round-robin).",
             show_default=str(_RUN.processes),
         ),
     ] = None,
