@@ -109,8 +109,8 @@ def noise_sum(config: RunConfig, counts: dict[int, int]) -> Vector:
     return total
 
 
-def oracle_fault(step: int, fault: Callable[[Vector], Vector]) -> type[Worker]:
-    """A Worker class whose process 0 gets ``fault(gradient)`` instead of its gradient at
+def oracle_fault(step: int, fault: Callable[[Vector], Vector], pid: int = 0) -> type[Worker]:
+    """A Worker class whose process ``pid`` gets ``fault(gradient)`` instead of its gradient at
     iteration ``step`` (``fault`` may raise: an oracle that crashes). Every other process of a
     daemon built with it, and every other iteration, computes as usual."""
 
@@ -121,7 +121,7 @@ def oracle_fault(step: int, fault: Callable[[Vector], Vector]) -> type[Worker]:
 
             def faulty(x: Vector, rng: np.random.Generator) -> Vector:
                 g = grad(x, rng)
-                return fault(g) if self.step == step and self.pid == 0 else g
+                return fault(g) if self.step == step and self.pid == pid else g
 
             self._grad = faulty
 

@@ -21,6 +21,7 @@ from peerlearn.runtime.local import ThreadRun
 from peerlearn.runtime.mailbox import Mailbox, MailboxClosed, Put
 from peerlearn.runtime.store import RegisterStore, StoreError
 from peerlearn.runtime.worker import Worker, WorkerState
+from tests.helpers import oracle_fault, raises
 
 from .helpers import cfg
 
@@ -206,19 +207,7 @@ class PausedInCollect(Worker):
             self.release.wait(TIMEOUT)
 
 
-class RaisesAtStep(Worker):
-    """Fault: the gradient oracle raises at iteration 3."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        grad = self._grad
-
-        def failing(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-            if self.step == 3:
-                raise RuntimeError("injected oracle failure")
-            return grad(x, rng)
-
-        self._grad = failing
+RaisesAtStep = oracle_fault(3, raises("injected oracle failure"), pid=2)  # process 2
 
 
 def test_a_worker_paused_mid_collect_does_not_stop_the_others() -> None:

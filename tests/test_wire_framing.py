@@ -9,9 +9,7 @@ defensive paths of the header encoder and decoder.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +19,6 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from peerlearn.wire import (
     MAGIC,
     MAX_HEADER,
-    NEED_DATA,
     PREFIX,
     PROTOCOL_VERSION,
     Ack,
@@ -37,25 +34,11 @@ from peerlearn.wire import (
     RemoteProtocolError,
 )
 from peerlearn.wire.header import encode_header
+from tests.test_wire import data_header, drain, encode, frame, remote_error
 
 SMALLEST = PREFIX.size + MAX_HEADER  # the smallest read buffer a codec accepts
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def encode(*msgs: Message, codec: Codec | None = None) -> bytes:
-    codec = codec or Codec()
-    return b"".join(bytes(chunk) for msg in msgs for chunk in codec.send(msg))
-
-
-def frame(header: object, payload: bytes = b"", *, flags: int = 0) -> bytes:
-    raw = header if isinstance(header, bytes) else msgpack.packb(header)
-    return PREFIX.pack(MAGIC, PROTOCOL_VERSION, flags, len(raw), len(payload)) + raw + payload
-
-
-def data_header(**over: Any) -> dict[str, Any]:
-    base = {"t": "data", "q": 1, "g": (), "s": 0, "p": 1, "r": (), "b": False, "y": "f8"}
-    return base | {"h": (2,)} | over
 
 
 def put(codec: Codec, data: bytes) -> None:
@@ -66,28 +49,12 @@ def put(codec: Codec, data: bytes) -> None:
     codec.buffer_updated(len(data))
 
 
-def events(codec: Codec) -> list[Message]:
-    out: list[Message] = []
-    while (event := codec.next_event()) is not NEED_DATA:
-        assert isinstance(event, Message)
-        out.append(event)
-    return out
-
-
 def control_frame(header_len: int) -> bytes:
     """An encoded Control frame whose msgpack header is exactly ``header_len`` bytes."""
     overhead = len(encode(Control("x", {"b": bytes(1000)}))) - PREFIX.size - 1000
     out = encode(Control("x", {"b": bytes(header_len - overhead)}))
     assert len(out) == PREFIX.size + header_len
     return out
-
-
-def remote_error(data: bytes, codec: Codec | None = None) -> RemoteProtocolError:
-    codec = codec or Codec()
-    codec.receive_data(data)
-    with pytest.raises(RemoteProtocolError) as info:
-        events(codec)
-    return info.value
 
 
 # --- constructor bounds -------------------------------------------------------------------------
@@ -104,7 +71,7 @@ def test_max_payload_zero_still_carries_every_message_without_a_payload() -> Non
     codec = Codec(max_payload=0)
     empty = Data(0, (), 0, 0, np.empty((2, 0)))
     codec.receive_data(encode(Ping(1), empty, codec=codec))
-    assert events(codec) == [Ping(1), empty]
+    assert drain(codec) == [Ping(1), empty]
     with pytest.raises(LocalProtocolError) as info:
         codec.send(Data(0, (), 0, 0, np.ones(1)))
     assert info.value.reason is Reason.PAYLOAD_TOO_LARGE
@@ -125,7 +92,7 @@ def test_a_payload_of_exactly_max_payload_passes_both_ways(value: np.ndarray) ->
     msg = Data(3, ("params", 1), 2, 1, value)
     codec = Codec(max_payload=value.nbytes)
     codec.receive_data(encode(msg, codec=codec))
-    assert events(codec) == [msg]
+    assert drain(codec) == [msg]
     if value.nbytes:
         with pytest.raises(LocalProtocolError):
             Codec(max_payload=value.nbytes - 1).send(msg)
@@ -137,7 +104,7 @@ def test_a_header_of_exactly_max_header_passes_both_ways() -> None:
     stream = control_frame(MAX_HEADER)
     codec = Codec(read_buffer_size=SMALLEST)
     codec.receive_data(stream)
-    (msg,) = events(codec)
+    (msg,) = drain(codec)
     assert isinstance(msg, Control) and encode(msg) == stream
 
 
@@ -176,7 +143,7 @@ def test_receive_data_takes_more_than_one_region() -> None:
     msg = Data(1, (), 0, 0, np.arange(100_000.0))  # 800 kB: several regions
     codec = Codec()
     codec.receive_data(encode(msg, Ping(2)))
-    assert events(codec) == [msg, Ping(2)]
+    assert drain(codec) == [msg, Ping(2)]
 
 
 def test_buffer_updated_needs_a_fresh_nonempty_region() -> None:
@@ -188,7 +155,7 @@ def test_buffer_updated_needs_a_fresh_nonempty_region() -> None:
     with pytest.raises(ValueError, match=r"buffer_updated\(1\) but get_buffer lent 0 bytes"):
         codec.buffer_updated(1)  # the region was used up
     put(codec, encode(Ping(1))[5:])
-    assert events(codec) == [Ping(1)]
+    assert drain(codec) == [Ping(1)]
 
 
 # --- compaction of the read buffer --------------------------------------------------------------
@@ -200,7 +167,7 @@ def test_an_idle_codec_offers_the_whole_read_buffer() -> None:
     codec = Codec(read_buffer_size=SMALLEST)
     assert len(codec.get_buffer(-1)) == SMALLEST
     put(codec, PING * 3)
-    assert events(codec) == [Ping(1)] * 3
+    assert drain(codec) == [Ping(1)] * 3
     assert len(codec.get_buffer(-1)) == SMALLEST
 
 
@@ -218,11 +185,11 @@ def test_a_pending_header_is_compacted_only_if_it_would_not_fit(
     stream = PING + control_frame(header_len)
     fed = len(PING) + PREFIX.size + 100
     put(codec, stream[:fed])
-    assert events(codec) == [Ping(1)]
+    assert drain(codec) == [Ping(1)]
     assert len(codec.get_buffer(-1)) == (SMALLEST - 100 if compacted else SMALLEST - fed)
     codec.buffer_updated(1)  # (the region must be reported before the next one is asked for)
     codec.receive_data(stream[fed + 1 :])
-    (msg,) = events(codec)
+    (msg,) = drain(codec)
     assert isinstance(msg, Control)
 
 
@@ -231,11 +198,11 @@ def test_the_buffer_is_compacted_when_under_4096_bytes_are_free(free: int, compa
     codec = Codec(read_buffer_size=SMALLEST)
     first = control_frame(SMALLEST - free - 5 - PREFIX.size)
     put(codec, first + PING[:5])  # a whole frame, then 5 bytes of the next prefix
-    assert len(events(codec)) == 1
+    assert len(drain(codec)) == 1
     assert len(codec.get_buffer(-1)) == (SMALLEST - 5 if compacted else free)
     codec.buffer_updated(1)
     codec.receive_data(PING[6:])
-    assert events(codec) == [Ping(1)]
+    assert drain(codec) == [Ping(1)]
 
 
 # --- errors: what they keep and what they say -----------------------------------------------------
@@ -338,7 +305,7 @@ def test_remote_errors_say_what_was_wrong(
     codec = Codec()
     run(codec)
     with pytest.raises(RemoteProtocolError) as info:
-        events(codec)
+        drain(codec)
     assert info.value.reason is reason
     for text in texts:
         assert text in str(info.value)
