@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from peerlearn.effects import quiet_float_errors
 from peerlearn.problems import make_problem
 from peerlearn.runtime.worker import WorkerState
 from peerlearn.sim.runner import consensus_distance
@@ -240,7 +241,7 @@ def _sample(cluster: LocalCluster, problem: Problem | None, elapsed: float) -> _
     xs = _live_models(cluster)
     mean_loss = None
     if problem is not None and xs:
-        with np.errstate(all="ignore"):  # a diverging model's loss is inf, not a warning
+        with quiet_float_errors():  # a diverging model's loss is inf, not a warning
             mean_loss = float(problem.loss(np.mean(xs, axis=0)))
     return _Sample(
         elapsed,
@@ -345,7 +346,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
     assert problem is not None
     xs = _live_models(cluster)
     grads = sum(w.grads for d in cluster.daemons for w in d.workers)
-    with np.errstate(all="ignore"):  # a model near divergence may sum to inf: evaluated as such
+    with quiet_float_errors():  # a model near divergence may sum to inf: evaluated as such
         mean_model = np.mean(xs, axis=0) if xs else None  # None: no live worker has a model
     # Sequential SGD: same learning rate, same number of gradient evaluations; its loss is
     # recorded at the gradient counts the demo sampled, for the plot.
@@ -354,7 +355,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
     marks = sorted({p.grads for p in samples if p.grads <= grads})
     curve: list[tuple[int, float]] = []
     seq_started = time.perf_counter()
-    with np.errstate(all="ignore"):
+    with quiet_float_errors():
         for i in range(grads + 1):
             if marks and marks[0] == i:
                 marks.pop(0)
@@ -584,7 +585,7 @@ def _plot(samples: list[_Sample], s: DemoSettings, sequential: list[tuple[int, f
     log_panel(b, [p.grads for p in samples], [p.consensus for p in samples], color="tab:orange")
     b.set_ylabel("consensus distance")
     b.set_xlabel("gradient evaluations (all workers)")
-    with np.errstate(all="ignore"):
+    with quiet_float_errors():
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     plt.close(fig)
