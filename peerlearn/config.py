@@ -20,9 +20,10 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,14 +33,13 @@ from pydantic import (
 )
 
 from peerlearn.algorithms import Aggregator, Constant, InverseTime, Schedule, maa_rounds
-from peerlearn.algorithms.easgd_theory import beta_max, stable
+from peerlearn.algorithms.registry import ALGORITHMS, conditions, lookup, readers
+from peerlearn.algorithms.spec import OPTIONAL_SETTINGS, AlgorithmSpec
 from peerlearn.errors import ConfigError
 from peerlearn.faults import CrashSpec, parse_crash
 from peerlearn.membership import Membership
 from peerlearn.problems.base import Constants
-from peerlearn.ties import at_most, below, compare
 from peerlearn.topology import Topology, make_topology
-from peerlearn.wire.messages import MAX_TAG_LEN
 
 __all__ = [
     "ALGORITHMS",
@@ -52,6 +52,7 @@ __all__ = [
     "PartitionConfig",
     "ProblemConfig",
     "RunConfig",
+    "RunSettings",
     "SimConfig",
     "TomlFile",
     "explain",
@@ -61,34 +62,17 @@ __all__ = [
     "read_toml",
 ]
 
-Algorithm = Literal[
-    # Attiya–Schiller
-    "alg1",
-    "alg2",
-    "maa",
-    # Tosi–Theobald
-    "dasgd",
-    # Zhang–Choromanska–LeCun, and MixML's asynchronous parameter server
-    "easgd",
-    "async_easgd",
-    "eamsgd",
-    "downpour",
-    "mdownpour",
-    "async_ps",
-    # Lu–Nash–De Sa (MixML)
-    "allreduce",
-    "local_steps",
-    "reduced_frequency",
-    "slack",
-    "sync_gossip",
-    "async_gossip",
-]
-#: every algorithm, by paper (the README's algorithm table lists them with their parameters)
-ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
-ATTIYA_SCHILLER = ("alg1", "alg2", "maa")
-ELASTIC = ("easgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
-#: algorithms whose processes talk over a topology (the others talk to everyone or a center)
-TOPOLOGY_ALGORITHMS = ("dasgd", "sync_gossip", "async_gossip")
+
+def _known_algorithm(name: str) -> str:
+    if name not in ALGORITHMS:
+        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown algorithm {name!r}{hint}: one of {', '.join(ALGORITHMS)}")
+    return name
+
+
+#: an algorithm's name: a key of :data:`peerlearn.algorithms.registry.REGISTRY`
+Algorithm = Annotated[str, AfterValidator(_known_algorithm)]
 
 
 class _Frozen(BaseModel):
@@ -146,9 +130,9 @@ class LRConfig(_Frozen):
 
 
 class MAAConfig(_Frozen):
-    """Agreement parameters. ``q`` defaults to η/4 for Alg 2 (erratum a) and 1/4 for standalone
-    agreement; ``rounds``/``inner_rounds`` override the counts derived from q (0 turns MAA off,
-    ``inner_rounds = 1`` nearly switches SMMAA off — ablations)."""
+    """Agreement parameters. ``q`` defaults to η/4 for Alg 2 (erratum a in docs/papers.md) and
+    1/4 for standalone agreement; ``rounds``/``inner_rounds`` override the counts derived from q
+    (0 turns MAA off, ``inner_rounds = 1`` nearly switches SMMAA off — ablations)."""
 
     aggregator: Aggregator = Aggregator.MIDEXT
     q: float | None = Field(None, gt=0.0, le=1.0)
@@ -201,22 +185,24 @@ class ProblemConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class RunConfig(_Frozen):
-    """Everything a simulated run needs. Processes are ``cluster.index``, round-robin."""
+class RunSettings(_Frozen):
+    """The learning run: the settings every runtime shares — the simulator (:class:`RunConfig`)
+    and every daemon of a deployment (:class:`peerlearn.daemon.config.NodeConfig`, where they
+    form the run fingerprint). Declared once, here."""
 
     algorithm: Algorithm = "alg1"
     seed: int = Field(0, ge=0)
-    processes: int = Field(8, ge=1)
-    clusters: int = Field(4, ge=1)
-    quorum: int | None = Field(None, ge=1, description="N; defaults to n − f")
     steps: int | None = Field(
-        100, ge=1, description="T (SGD iterations, or MAA instances); None: until stopped"
+        None, ge=1, description="T (SGD iterations, or MAA instances); None: until stopped"
     )
-    cluster_sizes: list[int] | None = Field(
-        None, description="processes per cluster (daemons); default: even, round-robin"
+    quorum: int | None = Field(None, ge=1, description="N; defaults to n − f")
+    max_failures: int | None = Field(
+        None,
+        ge=0,
+        description="f, the crashes the run is built to survive; default: the processes the "
+        "crash specs kill (simulator), ⌊(n−1)/2⌋ (daemons)",
     )
     dim: int = Field(4, ge=1, description="input dimension of standalone MAA")
-    trace: bool = False
     topology: str | None = Field(
         None,
         description="complete, ring, random-regular[:d] or an edge file (DASGD: complete, "
@@ -227,6 +213,22 @@ class RunConfig(_Frozen):
     maa: MAAConfig = MAAConfig()
     elastic: ElasticConfig = ElasticConfig()
     mix: MixConfig = MixConfig()
+
+
+class RunConfig(RunSettings):
+    """Everything a run needs: the run's settings and its layout in processes and clusters,
+    plus the simulator's knobs. Processes are ``cluster.index``, round-robin."""
+
+    # The one default that differs: a simulation needs a finite T, a daemon runs until stopped.
+    steps: int | None = Field(
+        100, ge=1, description="T (SGD iterations, or MAA instances); None: until stopped"
+    )
+    processes: int = Field(8, ge=1)
+    clusters: int = Field(4, ge=1)
+    cluster_sizes: list[int] | None = Field(
+        None, description="processes per cluster (daemons); default: even, round-robin"
+    )
+    trace: bool = False
     sim: SimConfig = SimConfig()
 
     @model_validator(mode="after")
@@ -235,12 +237,25 @@ class RunConfig(_Frozen):
         _ = self.membership
         crashes = self.crash_specs
         f = self.failures
+        why = (
+            f"max_failures f = {f}"
+            if self.max_failures is not None
+            else f"the crash specs {[c.spec for c in crashes]} kill {f}"
+        )
         if self.quorum is not None and self.quorum > self.processes - f:
             raise ValueError(
                 f"quorum N = {self.quorum} > n − f = {self.processes} − {f}: processes would "
-                f"wait forever (the crash specs {[c.spec for c in crashes]} kill {f})"
+                f"wait forever ({why})"
+            )
+        killed = len({p for c in crashes for p in c.pids})
+        if self.max_failures is not None and killed > self.max_failures:
+            raise ValueError(
+                f"the crash specs kill {killed} processes, more than max_failures f = "
+                f"{self.max_failures}"
             )
         if self.processes - f < 1:
+            if self.max_failures is not None:
+                raise ValueError(f"max_failures f = {f} must be < n = {self.processes}")
             raise ValueError("the crash specs kill every process")
         for part in self.sim.partitions:
             seen = [c for g in part.groups for c in g]
@@ -251,30 +266,23 @@ class RunConfig(_Frozen):
                 )
         if self.sim.stragglers > self.processes:
             raise ValueError("more stragglers than processes")
-        if self.algorithm not in ATTIYA_SCHILLER and self.lr.schedule != "constant":
+        spec = self.spec
+        if spec.fixed_eta and self.lr.schedule != "constant":
             raise ValueError(
                 f"{self.algorithm} is analysed with a fixed η: use lr.schedule = constant (DASGD "
                 "needs it: every node must apply every gradient with the same η)"
             )
-        if self.algorithm == "dasgd" and self.processes > MAX_TAG_LEN - 3:
-            raise ValueError(
-                f"dasgd carries a version vector of n integers in every gradient's tag: "
-                f"n ≤ {MAX_TAG_LEN - 3}"
-            )
         if self.elastic.alpha is not None and "beta" in self.elastic.model_fields_set:
             raise ValueError("set elastic.alpha or elastic.beta (β = pα), not both")
-        if self.algorithm in ELASTIC:
-            if self.processes < 2:
-                raise ValueError(f"{self.algorithm} needs a center and at least one worker")
-            _ = self.center
-            if self.elastic_alpha >= 1:
-                raise ValueError(
-                    f"elastic α = β/p = {self.elastic_alpha:g} must be < 1 "
-                    f"(β = {self.elastic.beta:g}, p = {self.processes - 1})"
-                )
-        if self.algorithm in TOPOLOGY_ALGORITHMS:
+        spec.check(self)
+        if spec.topology is not None:
             _ = self.graph
         return self
+
+    @property
+    def spec(self) -> AlgorithmSpec:
+        """The record of this run's algorithm: everything peerlearn knows about it."""
+        return lookup(self.algorithm)
 
     @cached_property
     def center(self) -> int:
@@ -297,14 +305,15 @@ class RunConfig(_Frozen):
 
     @property
     def mix_period(self) -> int:
-        if self.mix.period is not None:
+        """m: ``mix.period`` where the algorithm reads it, else the algorithm's own."""
+        if self.mix.period is not None and self.spec.reads("mix.period"):
             return self.mix.period
-        return {"local_steps": 2, "reduced_frequency": 10}.get(self.algorithm, 1)
+        return self.spec.period
 
     @cached_property
     def graph(self) -> Topology:
         """The communication graph of a topology algorithm."""
-        spec = self.topology or ("complete" if self.algorithm == "dasgd" else "ring")
+        spec = self.topology or self.spec.topology or "ring"
         try:
             return make_topology(spec, self.processes, self.seed)
         except ConfigError as exc:
@@ -327,7 +336,9 @@ class RunConfig(_Frozen):
 
     @property
     def failures(self) -> int:
-        """f: the number of distinct processes the crash specs kill."""
+        """f: ``max_failures``, or the number of distinct processes the crash specs kill."""
+        if self.max_failures is not None:
+            return self.max_failures
         return len({p for c in self.crash_specs for p in c.pids})
 
     @property
@@ -348,9 +359,7 @@ class RunConfig(_Frozen):
     def agreement_q(self) -> float:
         if self.maa.q is not None:
             return self.maa.q
-        if self.algorithm == "alg2":
-            return min(1.0, self.schedule()(1) / 4)
-        return 0.25
+        return self.spec.agreement_q(self)
 
     def agreement_rounds(self) -> tuple[int, int]:
         """(cluster rounds R, shared-memory rounds) per agreement instance."""
@@ -364,187 +373,36 @@ class RunConfig(_Frozen):
         """The results' conditions this run breaks, one sentence each: the result's whole
         condition as :data:`THEORY_CONDITIONS` quotes it, then the parts this run breaks.
 
-        Thresholds follow the tie rule of :mod:`peerlearn.ties`: a value equal to its bound up to
-        rounding meets a "≤" (T = 16L²N computed as 16.000000000000004 does not warn) and fails
-        a strict "<" or ">" (β = β_max is unstable, as :func:`easgd_theory.stable` says)."""
-        out: list[str] = []
-        algo, lr, big_l, mu = self.algorithm, self.lr, constants.L, constants.mu
-        m, big_n, steps = self.clusters, self.n_quorum, self.steps
-        eta1 = self.schedule()(1) if lr.schedule != "sqrt_n_over_t" or steps else None
-
-        def warn(result: str, broken: list[str]) -> None:
-            if broken:
-                out.append(f"{_needs(result)} {THEORY_CONDITIONS[result]}: {'; '.join(broken)}")
-
-        if algo == "alg1":
-            parts = [] if mu is not None else ["μ is unknown (Q may not be strongly convex)"]
-            if lr.schedule == "inverse_time":
-                beta, gamma = lr.beta, lr.gamma
-                if mu is not None and at_most(beta, 1 / mu):
-                    parts.append(f"β = {beta:g} is not above 1/μ = {1 / mu:g}")
-                if big_l is not None and not at_most(beta / (gamma + 1), 1 / big_l):
-                    parts.append(f"β/(γ+1) = {beta / (gamma + 1):g} > 1/L = {1 / big_l:g}")
-                warn("Thm 1", parts)
-            else:  # a constant η: Thm 1 takes η_t = β/(γ+t), the per-iteration lemmas still hold
-                if eta1 is not None and big_l is not None and not at_most(eta1, 1 / big_l):
-                    parts.append(f"η = {eta1:g} > 1/L = {1 / big_l:g}")
-                warn("Lemmas 3, 4 and 6", parts)
-        if algo == "alg2":
-            warn("Lemma 21", self._lemma21_broken(eta1, big_l))
-            if steps is not None:
-                t3, t4 = self._thm34_broken(eta1, big_l)
-                warn("Thm 3", t3)
-                warn("Thm 4", t4)
-        if algo in ("alg2", "maa"):
-            dead = {p for c in self.crash_specs for p in c.pids}
-            alive = sum(1 for ms in self.membership.members if any(p not in dead for p in ms))
-            if alive < m // 2 + 1:
-                warn(
-                    "Alg 3",
-                    [
-                        f"the crash specs leave {alive} of {m} clusters a live process, fewer than "
-                        f"⌊m/2⌋+1 = {m // 2 + 1}, so processes will block (by Thm 5 no algorithm "
-                        "can do better)"
-                    ],
-                )
-        if big_n > self.processes - self.failures:
-            out.append("N > n − f")  # unreachable: refused at validation
-        out += self._other_warnings(constants)
-        return out
-
-    def _agreement_broken(self, eta1: float | None) -> list[str]:
-        """The ways this run's agreement is not the "q_t = η/4" of Lemma 21 and Thm 4."""
-        broken = []
-        q = self.agreement_q()
-        if eta1 is not None and compare(q, eta1 / 4) != 0:
-            broken.append(f"q = {q:g} ≠ η/4 = {eta1 / 4:g}")
-        rounds, inner = self.agreement_rounds()
-        need, need_inner = maa_rounds(q, self.maa.aggregator)
-        if rounds < need or inner < need_inner:
-            broken.append(
-                f"maa.rounds/inner_rounds = {rounds}/{inner} are below the {need}/{need_inner} "
-                f"that a q-contraction needs"
-            )
-        return broken
-
-    def _lemma21_broken(self, eta1: float | None, big_l: float | None) -> list[str]:
-        broken = []
-        if self.lr.schedule == "inverse_time":
-            broken.append("lr.schedule = inverse_time is not constant")
-        bound = min(0.5, 1 / big_l) if big_l is not None else None
-        if eta1 is not None and bound is not None and not at_most(eta1, bound):
-            broken.append(f"η = {eta1:g} > min{{1/2, 1/L}} = {bound:g}")
-        return broken + self._agreement_broken(eta1)
-
-    def _thm34_broken(self, eta1: float | None, big_l: float | None) -> tuple[list[str], list[str]]:
-        """What this run breaks of Thm 3's and of Thm 4's conditions (T finite)."""
-        steps, big_n = self.steps, self.n_quorum
-        assert steps is not None
-        rate: list[str] = []
-        if self.lr.schedule == "inverse_time":
-            rate.append("lr.schedule = inverse_time is not constant")
-        elif eta1 is not None and compare(eta1, math.sqrt(big_n / steps)) != 0:
-            rate.append(f"η = {eta1:g} ≠ √(N/T) = {math.sqrt(big_n / steps):g}")
-        t3: list[str] = []
-        t4: list[str] = []
-        if big_l is not None and compare(steps, 16 * big_l**2 * big_n) < 0:
-            t3.append(f"T = {steps} < 16L²N = {16 * big_l**2 * big_n:g}")
-        need4 = max(16 * big_l**2 * big_n if big_l is not None else 0.0, 4.0 * big_n)
-        if compare(steps, need4) < 0:
-            what = "max{16L²N, 4N}" if big_l is not None else "4N"
-            t4.append(f"T = {steps} < {what} = {need4:g}")
-        return t3 + rate, t4 + rate + self._agreement_broken(eta1)
+        Each algorithm's record holds its results and checks them. Thresholds follow the tie
+        rule of :mod:`peerlearn.ties`: a value equal to its bound up to rounding meets a "≤"
+        (T = 16L²N computed as 16.000000000000004 does not warn) and fails a strict "<" or
+        ">" (β = β_max is unstable, as :func:`easgd_theory.stable` says)."""
+        return self.spec.warnings(self, constants)
 
     def unused_settings(self) -> list[str]:
         """Settings that differ from their defaults but mean nothing to this algorithm (a
         config shared between algorithms): warned about, not refused."""
-        algo, out = self.algorithm, []
-
-        def changed(section: BaseModel, name: str) -> bool:
-            default = type(section).model_fields[name].default
-            return bool(getattr(section, name) != default)
-
-        def note(what: str, applies: tuple[str, ...]) -> None:
-            out.append(f"{what} is ignored by {algo} (it applies to {', '.join(applies)})")
-
-        if self.topology is not None and algo not in TOPOLOGY_ALGORITHMS:
-            note("topology", TOPOLOGY_ALGORITHMS)
-        momentum = ("eamsgd", "mdownpour")
-        periodic = ("easgd", "async_easgd", "eamsgd", "downpour")
-        for name, applies in (
-            ("center", ELASTIC),
-            ("alpha", ELASTIC),
-            ("beta", ELASTIC),
-            ("tau", periodic),
-            ("delta", momentum),
-        ):
-            if changed(self.elastic, name) and algo not in applies:
-                note(f"elastic.{name}", applies)
-        if changed(self.mix, "period") and algo not in ("local_steps", "reduced_frequency"):
-            note("mix.period", ("local_steps", "reduced_frequency"))
-        if changed(self.mix, "gamma") and algo != "slack":
-            note("mix.gamma", ("slack",))
-        if self.quorum is not None and algo not in ("alg1", "alg2"):
-            note("quorum", ("alg1", "alg2"))
-        for name in ("aggregator", "q", "rounds", "inner_rounds"):
-            if changed(self.maa, name) and algo not in ("alg2", "maa"):
-                note(f"maa.{name}", ("alg2", "maa"))
+        out = []
+        for setting in OPTIONAL_SETTINGS:
+            if self._changed(setting) and not self.spec.reads(setting):
+                applies = ", ".join(readers(setting))
+                out.append(f"{setting} is ignored by {self.algorithm} (it applies to {applies})")
         return out
 
-    def _other_warnings(self, constants: Constants) -> list[str]:
-        out: list[str] = []
-        eta = self.schedule()(1) if self.steps or self.lr.schedule == "constant" else None
-        if eta is None or constants.L is None:
-            return out
-        big_l = constants.L
-
-        def warn(result: str, broken: str) -> None:
-            out.append(f"{_needs(result)} {THEORY_CONDITIONS[result]}: {broken}")
-
-        if self.algorithm == "dasgd" and not at_most(eta, 1 / (4 * max(big_l, 1.0))):
-            # S_avg ≥ 1 implies Ŝ_max ≥ Ŝ_avg ≥ 1 (Ŝ ⊇ S), so both bounds are ≤ 1/(4·max(L, 1))
-            warn(
-                "DASGD's Thm 1",
-                "the staleness is only known after the run, but whenever S_avg ≥ 1 both mean "
-                f"η ≤ 1/(4·max(L, 1)) = {1 / (4 * max(big_l, 1.0)):g}; η = {eta:g}",
-            )
-        p, alpha = self.processes - 1, self.elastic_alpha
-        # (17) is easiest for the smallest ηh (β_max falls as ηh grows), so h = L decides it
-        if self.algorithm == "easgd" and not stable(p, eta, alpha, big_l):
-            if below(eta * big_l, 2.0):
-                broken = (
-                    f"β = pα = {p * alpha:g} is not below β_max = {beta_max(p, eta, big_l):g} "
-                    f"(p = {p}, ηL = {eta * big_l:g}): the center diverges"
-                )
-            else:
-                broken = f"ηL = {eta * big_l:g} is not below 2, where no β is stable"
-            warn("EASGD's condition (17)", broken)
-        return out
+    def _changed(self, setting: str) -> bool:
+        """Does this config set ``setting`` (dotted) to other than its default?"""
+        if setting in ("topology", "quorum"):  # None: the algorithm's own
+            return getattr(self, setting) is not None
+        section_name, name = setting.split(".")
+        section: BaseModel = getattr(self, section_name)
+        default = type(section).model_fields[name].default
+        return bool(getattr(section, name) != default)
 
 
-#: The whole hypothesis of each result a theory warning names, worded as the papers state it
-#: (Attiya–Schiller Thm 1, Lemmas 3/4/6, 21, Thm 3, Thm 4 with Lemma 22 and erratum a, §4.1;
-#: Tosi–Theobald Thm 1; EASGD supplement (17)). tests/test_theory_warnings.py holds the papers'
-#: wording and checks these against it, and each warning's check against its condition.
-THEORY_CONDITIONS: dict[str, str] = {
-    "Thm 1": (
-        "an L-smooth, μ-strongly convex Q and η_t = β/(γ+t) ≤ 1/L (i.e. β/(γ+1) ≤ 1/L) "
-        "with β > 1/μ and γ > 0"
-    ),
-    "Lemmas 3, 4 and 6": "an L-smooth, μ-strongly convex Q and η ≤ 1/L",
-    "Lemma 21": "a constant η ≤ min{1/2, 1/L} and q_t = η/4",
-    "Thm 3": "T ≥ 16L²N and a constant η = √(N/T)",
-    "Thm 4": "T ≥ max{16L²N, 4N}, a constant η = √(N/T) and q_t = η/4",
-    "Alg 3": "f_c ≤ ⌊(m−1)/2⌋ crashed clusters, i.e. ⌊m/2⌋+1 clusters with a live process",
-    "DASGD's Thm 1": (
-        "L ≥ 1 and η ≤ 1/(4·L·S_avg) (eq. 11) or η ≤ 1/(4·L·√(Ŝ_avg·Ŝ_max)) (eq. 12)"
-    ),
-    "EASGD's condition (17)": "−1 < φ < γ < 1 for every curvature h ≤ L",
-}
-
-
-def _needs(result: str) -> str:
-    return f"{result} {'need' if result.startswith('Lemmas') else 'needs'}"
+#: The whole hypothesis of each result a theory warning names, worded as the papers state it,
+#: from the algorithm records. tests/test_theory_warnings.py holds the papers' wording and
+#: checks these against it, and each warning's check against its condition.
+THEORY_CONDITIONS: dict[str, str] = conditions()
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

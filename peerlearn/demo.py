@@ -27,6 +27,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from peerlearn.algorithms.registry import lookup
+from peerlearn.algorithms.spec import AlgorithmSpec
 from peerlearn.effects import quiet_float_errors
 from peerlearn.problems import make_problem
 from peerlearn.runtime.worker import WorkerState
@@ -85,7 +87,7 @@ class DemoSettings:
             "steps": None,
             **self.extra,
         }
-        if self.algorithm == "maa":
+        if not self.spec.needs_problem:
             fields["steps"] = 10_000  # agreement instances need a count (seeded inputs)
         if self.shortens_agreement():
             # A live demo keeps agreement short: the full round count of q = η/4 would make
@@ -93,8 +95,12 @@ class DemoSettings:
             fields["maa"] = dict(SHORT_AGREEMENT)
         return fields
 
+    @property
+    def spec(self) -> AlgorithmSpec:
+        return lookup(self.algorithm)
+
     def shortens_agreement(self) -> bool:
-        return self.algorithm in ("alg2", "maa") and "maa" not in self.extra
+        return self.spec.agreement and "maa" not in self.extra
 
     def run_config(self, eta: float | None = None) -> RunConfig:
         """The run every daemon of this demo builds (stand-in addresses for the real ports)."""
@@ -116,7 +122,7 @@ class DemoSettings:
     def warnings(self, eta: float | None = None) -> list[str]:
         """What ``peerlearn run`` would warn about for this demo's run."""
         run = self.run_config(eta)
-        if run.algorithm == "maa":  # no problem, no step size
+        if not run.spec.needs_problem:  # no problem, no step size
             return run.unused_settings()
         problem = _problem(run.problem.name, json.dumps(run.problem.params, sort_keys=True))
         return run.unused_settings() + run.theory_warnings(problem.constants)
@@ -140,7 +146,7 @@ def _default_eta(
     given = json.loads(extra)
     given.setdefault("maa", {})
     s = DemoSettings(algorithm, problem, daemons, workers, seed=seed, extra=given)
-    base = (0.5 if problem == "softmax" else 0.1) * (0.1 if algorithm == "mdownpour" else 1.0)
+    base = (0.5 if problem == "softmax" else 0.1) * s.spec.demo_step
     floor = len(s.warnings(base * 1e-6))
     eta = base
     while eta > base * 1e-6 and len(s.warnings(eta)) > floor:
@@ -180,8 +186,8 @@ class _Row:
 def _rows(cluster: LocalCluster, rates: dict[int, float]) -> list[_Row]:
     rows = []
     for i, d in enumerate(cluster.daemons):
-        snap = d._snapshot()
-        stale = d.staleness_sum / d.staleness_count if d.staleness_count else 0.0
+        snap = d.monitor.snapshot()
+        stale = d.staleness.total / d.staleness.count if d.staleness.count else 0.0
         for w in d.workers:
             rows.append(
                 _Row(w.name, w.completed, d.loss_of(w), stale, snap.consensus_host, rates.get(i, 0))
@@ -261,7 +267,7 @@ async def _run(s: DemoSettings, console: Console) -> tuple[list[_Sample], LocalC
         )
         for warning in warnings:
             console.print(f"[yellow]note:[/] {escape(warning)}", highlight=False)
-        if warnings and s.shortens_agreement() and run.algorithm == "alg2":
+        if warnings and s.shortens_agreement() and run.spec.needs_problem:
             console.print(
                 f"      (the demo shortens agreement to {SHORT_AGREEMENT['rounds']}×"
                 f"{SHORT_AGREEMENT['inner_rounds']} rounds per iteration to stay live; `peerlearn "
@@ -325,7 +331,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
     console.print(
         f"[bold]peerlearn demo[/]: {escape(s.algorithm)} on {escape(s.problem)}, {s.daemons} "
         f"daemons × {s.workers} workers on 127.0.0.1, {s.duration:.0f}s"
-        + ("" if s.algorithm == "maa" else f", η = {eta:g}"),
+        + (f", η = {eta:g}" if s.spec.needs_problem else ""),
         soft_wrap=True,
     )
     # The live table is the interface: the daemons' own start-up warnings (one per daemon)
@@ -337,7 +343,7 @@ def run_demo(s: DemoSettings, console: Console | None = None) -> dict[str, Any]:
         samples, cluster, seconds = uvloop.run(_run(s, console))
     finally:
         logger.setLevel(level)
-    if s.algorithm == "maa":
+    if not s.spec.needs_problem:
         agreement = _agreement_result(cluster, seconds, console)
         _write_files(s, samples, _summary(s, cluster, seconds, agreement, None), console)
         _say_failures(cluster, console)

@@ -1,4 +1,4 @@
-"""MidExt / ApproachExt and round counts (Attiya–Schiller L303, L660, L713, spec §1.3–1.4)."""
+"""MidExt / ApproachExt and round counts (Attiya–Schiller Section 4.1, App. A.2)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_diam2_is_squared() -> None:
 @pytest.mark.parametrize(
     ("q", "agg", "expected"),
     [
-        (0.25, Aggregator.MIDEXT, (33, 14)),  # spec §1.3: q = 1/4 → 33 rounds, 14 SMMAA rounds
+        (0.25, Aggregator.MIDEXT, (33, 14)),  # Alg 3: q = 1/4 → 33 rounds, 14 SMMAA rounds
         (0.25, Aggregator.APPROACHEXT, (111, 73)),  # Lemma 20: 111 outer, 73 inner
         (math.sqrt(4 / 64) / 4, Aggregator.MIDEXT, (66, 14)),  # Lemma 22 samples: N=4, T=64
         (math.sqrt(4 / 256) / 4, Aggregator.MIDEXT, (82, 14)),
@@ -53,7 +53,7 @@ def test_round_counts_match_spec(q: float, agg: Aggregator, expected: tuple[int,
 
 
 def test_smmaa_round_counts() -> None:
-    assert rounds_for(1 / 6, 7 / 8) == 14  # L713
+    assert rounds_for(1 / 6, 7 / 8) == 14  # Lemma 16
     assert rounds_for(1 / 6, 31 / 32) == 57
     assert rounds_for(1 / 10, 7 / 8) == 18
     assert rounds_for(1 / 10, 31 / 32) == 73

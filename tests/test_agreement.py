@@ -1,9 +1,10 @@
-"""Cluster MAA (Alg 3) over SMMAA (Alg 4) in the simulator, checked against the spec's bounds.
+"""Cluster MAA (Alg 3) over SMMAA (Alg 4) in the simulator, checked against the paper's bounds.
 
-Every bound here is deterministic (spec §3): it holds in every execution, so each run is
+Every bound here is deterministic (docs/papers.md): it holds in every execution, so each run is
 asserted on its own, under random per-receiver schedules and crashes — including crashes in the
 middle of a broadcast and whole clusters. Each test also checks that schedules really differed
-between receivers (spec pitfall 12): otherwise contraction would be trivially exact.
+between receivers (docs/papers.md, per-receiver schedules): otherwise contraction would
+be trivially exact.
 """
 
 from __future__ import annotations
@@ -83,10 +84,10 @@ def test_lemma19_each_cluster_round_contracts(
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_outputs_are_convex_combinations_of_all_started_inputs(scenario: str) -> None:
-    """Validity (L272): every output — and every intermediate value — lies in the convex hull
+    """Validity (Section 4.1): every output — and every intermediate value — lies in the convex hull
     of the inputs of *all* processes that started the instance, crashed ones included
-    (pitfall 8). With d = 12 ≥ n the 9 inputs are affinely independent, so the barycentric
-    weights are unique and must be non-negative."""
+    (docs/papers.md, all started inputs). With d = 12 ≥ n the 9 inputs are affinely
+    independent, so the barycentric weights are unique and must be non-negative."""
     res = run_maa("midext", 11, scenario, dim=12)
     groups = rounds_by(res, inner=False)
     rounds, _ = res.config.agreement_rounds()
@@ -112,7 +113,7 @@ def test_two_collects_of_one_round_return_different_subsets() -> None:
     ]
     assert differing
     _, sets = differing[0]
-    assert all(pid in seen for pid, seen in sets.items())  # own write is always seen (L697)
+    assert all(pid in seen for pid, seen in sets.items())  # own write is always seen (Lemma 16)
 
 
 def test_only_a_minority_of_clusters_alive_blocks() -> None:

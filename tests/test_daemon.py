@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from peerlearn.algorithms import diam2
+from peerlearn.control.views import peers_view
 from peerlearn.daemon import node
 from peerlearn.daemon.config import load_node_config
 from peerlearn.daemon.node import Daemon, DaemonState
@@ -321,7 +322,7 @@ async def test_a_fingerprint_mismatch_is_worded_from_this_side_and_not_repeated(
             lambda: all(d.stats.protocol_errors["handshake_refused"] >= 3 for d in daemons)
         )
         for d, other in zip(daemons, reversed(daemons), strict=True):
-            (peer,) = d.peers()
+            (peer,) = peers_view(d.links)
             assert peer["refused"].startswith("refused this daemon: its run settings differ")
             assert d.cfg.fingerprint in peer["refused"]  # ours, to compare with the other's
             assert other.cfg.fingerprint not in peer["refused"]  # theirs never came

@@ -1,10 +1,11 @@
-"""DASGD (Tosi–Theobald, spec ``dasgd.md``) on the simulator: consistency, staleness, bounds.
+"""DASGD (Tosi–Theobald) on the simulator: consistency, staleness, bounds.
 
 Every run goes through :func:`run_simulation`. Trajectories are rebuilt offline by *replay*:
 with σ = 0 the gradient ``(j, c)`` is ∇f at node j's model just before the step that computed
 it, so walking the ``"compute"`` and ``"staleness"`` reports in the order they were made (a
 causal order) and applying ``x ← x − η g`` reproduces every node's model at every step, and the
-model ``x_j^s`` each gradient was computed on. L6 and T1b are checked on those trajectories.
+model ``x_j^s`` each gradient was computed on. L6 and T1b (docs/papers.md) are checked on
+those trajectories.
 A program wrapper (:class:`Tap`) records what the node programs receive and the gradients they
 are handed, without touching the simulator.
 """
@@ -37,7 +38,7 @@ from peerlearn.sim import SimResult, Status, run_simulation
 
 from .helpers import cfg
 
-L_QUAD = 4.0  # the paper's quadratic: μ = 1, L = 4, f* = 0 (spec §4 E1)
+L_QUAD = 4.0  # the paper's quadratic: μ = 1, L = 4, f* = 0 (its Section 5)
 QUAD: dict[str, Any] = {"name": "quadratic", "sigma": 0.0, "mu": 1.0, "L": L_QUAD}
 CONSTANT = {"dist": "constant", "mean": 1.0}
 LATENCY = {"dist": "constant", "mean": 0.05}
@@ -450,7 +451,7 @@ def test_smax_of_two_nodes_is_slowdown_plus_two(slowdown: int) -> None:
     The fast node applies a slow gradient computed on a snapshot that lacked one fast gradient
     still in flight (latency > 0); x more are computed during the slow compute, and the slow
     gradient, arriving during a fast compute, waits for it to end (no preemption): x + 2.
-    Ŝ = S here. (The spec's own simulation: 3 / 12 / 52.)"""
+    Ŝ = S here. (An independent simulation: 3 / 12 / 52.)"""
     r, log = _run(_cfg(2, 200, slowdown=slowdown))
     s_avg, s_max = summarize(r.staleness)
     assert s_max == slowdown + 2
@@ -585,7 +586,7 @@ def test_theorem1b_bound_can_fail_far_above_the_condition() -> None:
 
 
 def test_a_crash_blocks_the_survivors_forever() -> None:
-    """DASGD assumes no failures (L140, L188): when a node stops after 4 local steps, the
+    """DASGD assumes no failures (Section 3.2): when a node stops after 4 local steps, the
     others never receive its DONE (nor the rest of its gradients) and wait on their inboxes;
     the simulator reports the run as blocked instead of hanging."""
     r = run_simulation(_cfg(3, 20, crashes=("process:0.0@t=5",)), record_reports=LOGS)

@@ -44,7 +44,7 @@ def _files() -> list[Path]:
 def test_the_pattern_catches_what_it_should() -> None:
     caught = [
         "it follows `../shared/DESIGN.md`",
-        "(`peerlearn/mixing.py`, spec `../shared/specs/easgd-mixml.md` §B)",
+        "(`peerlearn/analysis/mixing.py`, spec `../shared/specs/easgd-mixml.md` §B)",
         "following the paper's 1000 runs and spec B.5",
         "future tags of a faster sender (spec pitfall 2)",
         "one stream per process (Attiya–Schiller pitfall 9)",

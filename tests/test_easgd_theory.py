@@ -1,4 +1,4 @@
-"""EASGD quadratic closed forms against the spec's numbers (easgd-mixml.md A.1, A.2).
+"""EASGD quadratic closed forms against the reference table (docs/papers.md).
 
 Table values are checked to the precision they are printed with: a value printed as 0.626047
 must lie within half a unit of its last digit. Time index t counts synchronous steps from x̃_0.
@@ -12,8 +12,8 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-from peerlearn.algorithms import easgd_theory
-from peerlearn.algorithms.easgd_theory import (
+from peerlearn.analysis import easgd_theory
+from peerlearn.analysis.easgd_theory import (
     asymptotic_variance,
     beta_max,
     center_mean,
@@ -42,7 +42,7 @@ def assert_printed(value: float, printed: str) -> None:
     assert abs(value - float(printed)) <= half_unit * (1 + 1e-9), (value, printed)
 
 
-# spec A.2 "Concrete numeric instances"; x₀ⁱ = x̃₀ = 1, h = 1.
+# The reference table (docs/papers.md); x₀ⁱ = x̃₀ = 1, h = 1.
 # (p, η, α, σ, γ, φ, E x̃ at 2/10/100, V at 2/10/100, V_∞, p·V_∞, Cor 7.1)
 TABLE = [
     (4, 0.1, 0.05, 1.0, "0.92807764", "0.72192236",
@@ -77,7 +77,7 @@ def test_spec_table_row(row: tuple[object, ...]) -> None:
     for t, m_s, v_s in zip(TABLE_TIMES, means_s, vars_s, strict=True):
         assert_printed(center_mean(t, p, eta, alpha, 1.0, 1.0), m_s)
         assert_printed(center_variance(t, p, eta, alpha, sigma), v_s)
-        # the spec checked each row by exact propagation too
+        # each row was derived by exact propagation too
         assert_printed(float(prop_means[t]), m_s)
         assert_printed(float(prop_vars[t]), v_s)
     v_inf = asymptotic_variance(p, eta, alpha, sigma)
@@ -141,7 +141,7 @@ def test_closed_forms_match_exact_propagation(
 
 
 def test_per_eigen_coordinate_formulas_match_multidimensional_propagation() -> None:
-    # Spec A.2 recipe step 5 / Lemma 7.3: with A = Q diag(λ) Qᵀ and Σ = Q diag(s²) Qᵀ the system
+    # Lemma 7.3: with A = Q diag(λ) Qᵀ and Σ = Q diag(s²) Qᵀ the system
     # splits into 1-D problems per eigen-coordinate (h → λ_k, σ² → s_k²). Propagate the full
     # n(p+1)-dim system in the original basis and compare the center's moments.
     rng = np.random.default_rng(7)
@@ -189,7 +189,7 @@ def test_drift_matrix_shape_and_spectrum() -> None:
     assert m.shape == (p + 1, p + 1)
     np.testing.assert_array_equal(m, m.T)
     gamma, phi = roots(p, eta, alpha)
-    # γ, φ plus the p − 1 worker-disagreement modes 1 − α − ηh (spec A.2)
+    # γ, φ plus the p − 1 worker-disagreement modes 1 − α − ηh (eigenvalues of M)
     expected = sorted([gamma, phi] + [1 - alpha - eta] * (p - 1))
     # eigvalsh is backward stable: a few ulps times p + 1, whatever the LAPACK kernel
     np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(m)), expected, atol=1e-12)
@@ -294,7 +294,7 @@ def test_lemma_72_double_averaging(
     for t, printed in expected.items():
         assert_printed(float(values[t]), printed)
     limit = 1.0 / p  # σ²/(p h²)
-    assert abs(values[1000] - limit) < 0.05 * limit  # spec: t ≥ 1000, 5 %
+    assert abs(values[1000] - limit) < 0.05 * limit  # t ≥ 1000 within 5 %: the gap is O(1/t)
     assert abs(values[10000] - limit) < abs(values[1000] - limit)  # the O(1/t) gap shrinks
 
 
@@ -353,7 +353,7 @@ def _mse(t: int, p: int, eta: float, beta: float, sigma: float = 10.0) -> float:
     ],
 )
 def test_fig5_mse(p: int, eta: float, beta: float, expected: dict[int | None, str]) -> None:
-    # Fig. 5 setting (E:L100): x̃₀ = x₀ⁱ = 1, h = 1, σ = 10; t = None is t → ∞ (bias → 0).
+    # Fig. 5 setting (Section 7.1.1): x̃₀ = x₀ⁱ = 1, h = 1, σ = 10; t = None is t → ∞ (bias → 0).
     assert stable(p, eta, beta / p)
     for t, printed in expected.items():
         value = asymptotic_variance(p, eta, beta / p, 10.0) if t is None else _mse(t, p, eta, beta)

@@ -1,15 +1,15 @@
-"""The EASGD family's real programs in the simulator against the closed forms (spec
-easgd-mixml.md §A.1, §A.2 "Simulator test recipe").
+"""The EASGD family's real programs in the simulator against the closed forms (labels
+A.1a–A.1e and the reference table: docs/papers.md).
 
 Time indexing (checked by ``test_sync_programs_follow_a1a_time_indexing``): the center's k-th
-"model" report holds x̃_{k−1} and a worker's t-th report holds x^i_{t−1}, in the spec's and
-:mod:`peerlearn.algorithms.easgd_theory`'s time t (x̃_0 initial, step t → t+1 reads time-t values
+"model" report holds x̃_{k−1} and a worker's t-th report holds x^i_{t−1}, in the paper's and
+:mod:`peerlearn.analysis.easgd_theory`'s time t (x̃_0 initial, step t → t+1 reads time-t values
 only). So ``report.step − 1`` is the theory's t, and the final report (step T + 1) is x̃_T.
 
 Two ways of drawing Monte-Carlo samples of the 1-D recursion, both running the unmodified
 programs:
 
-* **independent seeds** (the spec's recipe literally): R runs of a 1-D ``NoisyQuadratic`` through
+* **independent seeds** (the plain recipe): R runs of a 1-D ``NoisyQuadratic`` through
   :func:`run_simulation`, one per run seed;
 * **replicas**: one run of a ``NoisyQuadratic`` of dimension R with μ = L = h. Every coordinate is
   then an independent copy of the 1-D system: the Hessian is h·I, the noise is N(0, σ_tot²/R) per
@@ -20,7 +20,7 @@ programs:
   standard error √(V_t/R), exactly as R runs started at x₀ = 1. One replica run costs about as
   much as one scalar run, so R = 10⁴…10⁵ fits in seconds.
 
-Pass criterion (spec A.2): |emp − V| < 4·V·√(2/R) for variances, 4 standard errors for means.
+Pass criterion (docs/papers.md): |emp − V| < 4·V·√(2/R) for variances, 4 standard errors for means.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from peerlearn.algorithms.easgd_theory import (
+from peerlearn.analysis.easgd_theory import (
     asymptotic_variance,
     beta_max,
     center_mean,
@@ -51,7 +51,7 @@ from peerlearn.runtime.worker import WorkerState
 from peerlearn.sim.core import Proc, Simulator, Status
 from peerlearn.sim.runner import SimResult, run_simulation
 
-# Spec A.2 rows 1 and 2: (p, η, α), h = 1, σ = 1, x₀ = x̃₀ = 1 (centered).
+# Reference-table rows 1 and 2 (docs/papers.md): (p, η, α), h = 1, σ = 1, x₀ = x̃₀ = 1 (centered).
 ROW1 = (4, 0.1, 0.05)
 ROW2 = (10, 0.5, 0.09)
 SIGMA = 1.0
@@ -178,7 +178,7 @@ def run_replicas(cfg: RunConfig, keep: CenterSamples) -> CenterSamples:
 
 
 def assert_variance(emp: float, v: float, r: int, what: str) -> None:
-    """Spec A.2's criterion |emp − V| < 4·V·√(2/R)."""
+    """The pass criterion |emp − V| < 4·V·√(2/R)."""
     tol = 4 * v * math.sqrt(2 / r)
     assert abs(emp - v) < tol, f"{what}: empirical {emp:.6g} vs {v:.6g} (tolerance {tol:.3g})"
 
@@ -254,7 +254,7 @@ def check_lemma_71(samples: Vector, p: int, eta: float, alpha: float, ts: tuple[
 
 @pytest.mark.parametrize("row", [ROW1, ROW2], ids=["row1", "row2"])
 def test_lemma_71_over_independent_seeds(row: tuple[int, float, float]) -> None:
-    """The spec's recipe literally: R = 600 runs; t = 2 (V = pα²η²σ²) and t = 10."""
+    """Independent seeds: R = 600 runs; t = 2 (V = pα²η²σ²) and t = 10."""
     p, eta, alpha = row
     check_lemma_71(independent_seeds(p, eta, alpha, 10, 600), p, eta, alpha, (2, 10))
 
@@ -284,7 +284,7 @@ def check_replicas(row: tuple[int, float, float], steps: int, ts: tuple[int, ...
         assert_mean(m_hat, m, v, r, f"E x̃_{t} (replicas)")
         residual = e - m_hat * d
         assert_variance(float(residual @ residual) / (r - 1), v, r, f"V x̃_{t} (replicas)")
-    # V_∞ (E:L124): the last t is deep in the stationary regime (V_T = V_∞ to 7 digits).
+    # V_∞ (Corollary 7.1): the last t is deep in the stationary regime (V_T = V_∞ to 7 digits).
     v_inf = asymptotic_variance(p, eta, alpha, SIGMA)
     assert center_variance(steps, p, eta, alpha, SIGMA) == pytest.approx(v_inf, rel=1e-6)
     residual = keep.values[steps] - float(keep.values[steps] @ d) / r * d
@@ -299,7 +299,7 @@ def check_replicas(row: tuple[int, float, float], steps: int, ts: tuple[int, ...
 def test_lemma_71_and_v_inf_over_replicas(
     row: tuple[int, float, float], steps: int, ts: tuple[int, ...]
 ) -> None:
-    """R = 50 000 replicas: mean and variance of x̃_t at the spec's t, and V_∞ at t = T."""
+    """R = 50 000 replicas: mean and variance of x̃_t at the table's t, and V_∞ at t = T."""
     check_replicas(row, steps, ts, 50_000)
 
 
@@ -312,7 +312,7 @@ def test_lemma_71_and_v_inf_over_replicas(
 def test_lemma_71_and_v_inf_over_replicas_slow(
     row: tuple[int, float, float], steps: int, ts: tuple[int, ...]
 ) -> None:
-    """The spec's 200 000 Monte-Carlo runs (row 1 at T = 200, row 2 at T = 50)."""
+    """200 000 Monte-Carlo runs (row 1 at T = 200, row 2 at T = 50)."""
     check_replicas(row, steps, ts, 200_000)
 
 
@@ -422,7 +422,7 @@ def test_async_easgd_with_one_worker_is_sync_easgd(sigma: float, tau: int) -> No
         assert len(sync[pid]) == len(asyn[pid]) == len(eamsgd[pid])
         assert np.max(np.abs(np.array(sync[pid]) - np.array(asyn[pid]))) < 1e-12
         assert np.array_equal(np.array(asyn[pid]), np.array(eamsgd[pid]))
-    if sigma == 0 and tau == 1:  # and the closed form: γ = 0.809, φ = −0.309 (spec row 3)
+    if sigma == 0 and tau == 1:  # and the closed form: γ = 0.809, φ = −0.309 (table row 3)
         means, _ = propagate_moments(60, 1, 0.5, 0.5, 0.0, 1.0, 1.0)
         offset = asyn[1][0]  # x₀ − x* (a unit vector): the mean scales with it per coordinate
         assert np.max(np.abs(np.array(asyn[0]) - np.outer(means, offset))) < 1e-12

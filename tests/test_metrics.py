@@ -43,7 +43,7 @@ async def test_info_series_and_loss_every_eval_every_steps() -> None:
     ) as cluster:
         d = cluster.daemons[0]
         # evaluations run on the monitor's tick, a little after the steps they belong to
-        await cluster.wait_for(lambda: cluster.min_step() > 120 and len(d._losses) == 2)
+        await cluster.wait_for(lambda: cluster.min_step() > 120 and len(d.monitor.losses) == 2)
         text = await _metrics(cluster)
         (build,) = _samples(text, "peerlearn_build_info")
         assert 'version="' in build and 'python="' in build
@@ -51,7 +51,7 @@ async def test_info_series_and_loss_every_eval_every_steps() -> None:
         fingerprint = cluster.daemons[0].cfg.fingerprint
         assert 'algorithm="alg1"' in config and f'fingerprint="{fingerprint}"' in config
         assert len(_samples(text, "peerlearn_loss")) == 2
-        for pid, (step, _) in d._losses.items():
+        for pid, (step, _) in d.monitor.losses.items():
             assert step % 25 == 1, (pid, step)  # steps 1, 26, 51, …: every 25 steps
 
 
@@ -81,7 +81,7 @@ async def test_snapshots_give_gradient_only_algorithms_a_global_consensus() -> N
         3, workers=1, algorithm="dasgd", steps=None, problem=QUAD, snapshot_every=0.1
     ) as cluster:
         await cluster.wait_for(
-            lambda: len(cluster.daemons[0]._heard) == 2 and cluster.min_step() > 50
+            lambda: len(cluster.daemons[0].heard.models) == 2 and cluster.min_step() > 50
         )
         text = await _metrics(cluster)
         assert '{scope="global"}' in _samples(text, "peerlearn_consensus_distance")

@@ -1,5 +1,6 @@
-"""MixML t_mix (spec B): exact values against the paper's and spec's formulas, sampled values
-against the spec's reference table, Assumption 1, Lemma 1, and the ``peerlearn mixing`` command."""
+"""MixML t_mix: exact values against the paper's and closed-form formulas, sampled values
+against the reference values of docs/papers.md, Assumption 1, Lemma 1, and the ``peerlearn
+mixing`` command."""
 
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from peerlearn import mixing
-from peerlearn.cli import app
-from peerlearn.errors import ConfigError
-from peerlearn.mixing import (
+from peerlearn.analysis import mixing
+from peerlearn.analysis.mixing import (
     PROTOCOLS,
     MixingProtocol,
     _first_halving,
@@ -30,6 +29,8 @@ from peerlearn.mixing import (
     lemma1_holds,
     sample_tmix,
 )
+from peerlearn.cli import app
+from peerlearn.errors import ConfigError
 from peerlearn.topology import make_topology
 
 DETERMINISTIC: list[tuple[str, dict[str, Any]]] = [
@@ -78,8 +79,8 @@ def test_round_robin_parameter_server_is_n(n: int) -> None:
 @pytest.mark.parametrize("n", [2, 4, 8, 16])
 @pytest.mark.parametrize("m", [1, 2, 3, 10])
 def test_local_steps_and_reduced_frequency_are_m_n(n: int, m: int) -> None:
-    assert exact_tmix("local_steps", n, local_steps=m) == m * n
-    assert exact_tmix("reduced_frequency", n, local_steps=m) == m * n
+    assert exact_tmix("local_steps", n, period=m) == m * n
+    assert exact_tmix("reduced_frequency", n, period=m) == m * n
 
 
 def test_step_defaults_are_the_papers() -> None:
@@ -125,7 +126,7 @@ def test_sync_gossip_on_complete_graph_is_allreduce() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "params"), [*DETERMINISTIC, ("local_steps", {"local_steps": 3}), ("slack", {})]
+    ("name", "params"), [*DETERMINISTIC, ("local_steps", {"period": 3}), ("slack", {})]
 )
 @pytest.mark.parametrize("n", [3, 4, 8])
 def test_exact_matches_brute_force_over_every_start(
@@ -199,7 +200,7 @@ def test_random_parameter_server_is_coupon_collector(n: int) -> None:
 
 @pytest.mark.parametrize(("n", "reference"), [(4, 7.1), (8, 31.4), (16, 177.6)])
 def test_async_ring_gossip_near_spec_table(n: int, reference: float) -> None:
-    # The spec's 7.1 at n = 4 counts windows whose norm is exactly ½ as not halved (a float
+    # The reference 7.1 at n = 4 counts windows whose norm is exactly ½ as not halved (a float
     # rounding artifact; ½ is attained exactly with dyadic matrices); "≤ ½" gives about 6.7.
     dist = sample_tmix("async_gossip", n, runs=1000, seed=0)
     assert dist.mean == pytest.approx(reference, rel=0.10)

@@ -165,7 +165,8 @@ def test_mean_of_independent_draws_has_variance_sigma2_over_b(key: str, batch: i
 
 
 def test_shared_seeds_destroy_the_variance_gain() -> None:
-    """Pitfall 9: B processes with the same seed average B copies of one draw — variance σ²."""
+    """B processes with the same seed average B copies of one draw — variance σ² (docs/papers.md,
+    independent randomness)."""
     problem = FACTORIES["quadratic"]()
     sigma2 = problem.constants.sigma2
     assert sigma2 is not None

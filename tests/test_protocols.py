@@ -122,7 +122,7 @@ def test_dasgd_relays_only_where_the_origin_did_not_post() -> None:
 
 
 def test_dasgd_crash_blocks_the_survivors() -> None:
-    """DASGD assumes no failures (spec §1.2): a node crashing before its DONE leaves the others
+    """DASGD assumes no failures (Section 3.2): a node crashing before its DONE leaves the others
     waiting for its gradients forever — the simulator says so instead of hanging."""
     config = _run_cfg("dasgd", n=4, steps=10, sim={"crashes": ["process:0.0@t=3"]})
     result = run_simulation(config)

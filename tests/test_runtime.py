@@ -192,7 +192,7 @@ def test_maa_rounds_contract_across_real_threads() -> None:
         assert diam2(list(trace[(instance, rounds + 1)].values())) <= 0.25 * first + 1e-12
     # Whether receive sets differ here is up to the OS scheduler (local fan-out delivers in one
     # order to every mailbox), so this test cannot insist on it; the simulator's agreement tests
-    # control schedules and do assert it (spec pitfall 12).
+    # control schedules and do assert it (docs/papers.md, per-receiver schedules).
 
 
 class PausedInCollect(Worker):
@@ -214,6 +214,10 @@ def test_a_worker_paused_mid_collect_does_not_stop_the_others() -> None:
     """No lock is held across a collect: with worker 0 frozen between two register reads, the
     others (a majority of clusters, N ≤ n − 1) keep completing iterations."""
     progressed = threading.Event()
+    # fresh events: a second run of this test in one process (mutmut runs the suite twice)
+    # must not find the last run's release already set
+    PausedInCollect.paused = threading.Event()
+    PausedInCollect.release = threading.Event()
 
     def factory(pid: int, *args: Any) -> Worker:
         return (PausedInCollect if pid == 0 else Worker)(pid, *args)

@@ -96,7 +96,7 @@ def test_a_raising_program_fails_the_run() -> None:
 
 def test_alg1_averages_exactly_the_first_n() -> None:
     """With σ = 0 and a common start, Alg 1 stays identical across processes; with noise and
-    N < n the receive sets differ, so the models do too (pitfall 12)."""
+    N < n the receive sets differ, so the models do too (docs/papers.md, per-receiver schedules)."""
     base: dict[str, Any] = {"algorithm": "alg1", "processes": 6, "clusters": 3, "steps": 30}
     exact = run_simulation(cfg(**base, problem={"name": "quadratic", "sigma": 0.0}))
     assert exact.max_pairwise_distance < 1e-24

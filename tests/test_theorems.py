@@ -1,7 +1,7 @@
 """SGD bounds in expectation: Thm 1 (Alg 1) and Lemma 21 (Alg 2), averaged over seeds.
 
 Statistical, so σ > 0 and several seeds; the fast variants use few seeds where the measured
-value sits far below the bound, the `slow` variants use the spec's seed counts.
+value sits far below the bound, the `slow` variants use many more seeds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from peerlearn.sim import Status, run_simulation
 
 from .helpers import cfg, rounds_by
 
-# Spec §3, Thm 1 example: μ = L = 1, β = 2, γ = 3, σ² = 1, ‖x_1 − x*‖² = 10, T = 1000, N = 4.
+# Thm 1, docs/papers.md: μ = L = 1, β = 2, γ = 3, σ² = 1, ‖x_1 − x*‖² = 10, T = 1000, N = 4.
 BETA, GAMMA, SIGMA2, START2, T = 2.0, 3.0, 1.0, 10.0, 1000
 QUAD = {"name": "quadratic", "dim": 4, "mu": 1.0, "L": 1.0, "sigma": 1.0, "start_distance2": START2}
 
@@ -151,7 +151,7 @@ def test_alg1_with_full_quorum_matches_exact_moment_propagation() -> None:
 
 def test_thm1_bound_formula_on_the_spec_instance() -> None:
     ext_bound, int_bound = thm1_bounds(4)
-    assert ext_bound == pytest.approx(0.0408, abs=1e-4)  # the spec's numeric instance
+    assert ext_bound == pytest.approx(0.0408, abs=1e-4)  # docs/papers.md, Thm 1's instance
     assert int_bound == pytest.approx(0.0438, abs=1e-4)
 
 

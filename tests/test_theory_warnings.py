@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from peerlearn.algorithms.easgd_theory import beta_max, stable
+from peerlearn.analysis.easgd_theory import beta_max, stable
 from peerlearn.config import THEORY_CONDITIONS, load_config
 from peerlearn.problems.base import Constants
 

@@ -1,5 +1,5 @@
 """The EASGD family and DOWNPOUR (Zhang–Choromanska–LeCun: the main paper's Algorithms 1–2
-and the supplement's Section 8).
+and the supplement's Section 8). The labels A.1a–A.1e below are explained in docs/papers.md.
 
 Every variant has p workers and one *center* (master) process, the ``center`` of the run; the
 center is a program of its own, hosted by whichever daemon hosts that process. Time indexing:
@@ -31,8 +31,9 @@ workers' iteration t of that exchange).
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable
+from enum import StrEnum
 from itertools import count
-from typing import Any, Literal
+from typing import Any
 
 from peerlearn.effects import Await, Count, Effect, Grad, Post, Receive, Report, Send, Vector
 
@@ -45,7 +46,14 @@ __all__ = [
     "sync_worker",
 ]
 
-Variant = Literal["async", "eamsgd", "downpour", "mdownpour"]
+
+class Variant(StrEnum):
+    """The asynchronous programs: what a worker sends the center and what it gets back."""
+
+    ASYNC = "async"  # snapshot x → d = α(x − x̃); the gradient computed meanwhile
+    EAMSGD = "eamsgd"  # the same, with Nesterov momentum on the worker
+    DOWNPOUR = "downpour"  # accumulated update v → x̃, every τ steps
+    MDOWNPOUR = "mdownpour"  # gradient → x̃, Nesterov momentum on the center
 
 
 def _clock(steps: int | None) -> Iterable[int]:
@@ -60,11 +68,11 @@ def _exchanges(steps: int, tau: int) -> int:
 def center_requests(variant: Variant, steps: int, tau: int) -> int:
     """How many requests one worker sends the center in a run of ``steps`` iterations."""
     match variant:
-        case "async" | "eamsgd":
+        case Variant.ASYNC | Variant.EAMSGD:
             return _exchanges(steps, tau)
-        case "downpour":
+        case Variant.DOWNPOUR:
             return _exchanges(steps, tau) + 1  # + the final flush of v
-        case "mdownpour":
+        case Variant.MDOWNPOUR:
             return steps
 
 
@@ -127,22 +135,22 @@ def elastic_worker(
         c = t - 1
         talk = c % tau == 0
         match variant:
-            case "async" | "eamsgd":
+            case Variant.ASYNC | Variant.EAMSGD:
                 snapshot = x
                 if talk:
                     yield Post((center,), ("req", t), snapshot)
-                if variant == "async":
+                if variant is Variant.ASYNC:
                     g = yield Grad(snapshot)  # computed while the center answers
                 if talk:
                     (d,) = yield Await(("rep", t), Count(1))
                     x = x - d.value
-                if variant == "async":
+                if variant is Variant.ASYNC:
                     x = x - eta * g
                 else:
                     g = yield Grad(snapshot + delta * v)
                     v = delta * v - eta * g
                     x = x + v
-            case "downpour":
+            case Variant.DOWNPOUR:
                 if talk:
                     yield Post((center,), ("req", t), v)
                     (xc,) = yield Await(("rep", t), Count(1))
@@ -150,12 +158,12 @@ def elastic_worker(
                 g = yield Grad(x)
                 x = x - eta * g
                 v = v - eta * g
-            case "mdownpour":
+            case Variant.MDOWNPOUR:
                 g = yield Grad(x)
                 yield Post((center,), ("req", t), g)
                 (xc,) = yield Await(("rep", t), Count(1))
                 x = xc.value
-    if variant == "downpour" and steps is not None:  # flush the last accumulated update
+    if variant is Variant.DOWNPOUR and steps is not None:  # flush the last accumulated update
         yield Post((center,), ("req", steps + 1), v)
         (xc,) = yield Await(("rep", steps + 1), Count(1))
         x = xc.value
@@ -180,14 +188,14 @@ def elastic_center(
         for letter in (yield Receive(block=True)):
             value, t = letter.value, letter.tag[1]
             match variant:
-                case "async" | "eamsgd":
+                case Variant.ASYNC | Variant.EAMSGD:
                     d = alpha * (value - xc)
                     xc = xc + d
                     answer = d
-                case "downpour":
+                case Variant.DOWNPOUR:
                     xc = xc + value
                     answer = xc
-                case "mdownpour":
+                case Variant.MDOWNPOUR:
                     v = delta * v - eta * value
                     xc = xc + delta * v - eta * value
                     answer = xc

@@ -1,7 +1,7 @@
 """MixML's communication protocols (Lu–Nash–De Sa, Sections 3 and 6) as programs.
 
 Each worker runs SGD with a fixed η; the protocols differ only in how models are mixed — the
-linear operators :mod:`peerlearn.mixing` analyses. The asynchronous parameter server is
+linear operators :mod:`peerlearn.analysis.mixing` analyses. The asynchronous parameter server is
 :func:`peerlearn.algorithms.elastic.elastic_center` with δ = 0 (``mdownpour`` without momentum).
 
 ==================  ===========================================================================

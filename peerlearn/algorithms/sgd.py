@@ -60,7 +60,7 @@ def alg2(
 
     ``tau`` ∈ [1, T] is the common output iteration (None: output the last model);
     ``rounds`` is the number of cluster rounds of each MAA_t — None: derived for every t from
-    q_t = η_t/4 (erratum a), so a decaying schedule gets more rounds as η_t shrinks;
+    q_t = η_t/4 (docs/papers.md, erratum a), so a decaying schedule gets more rounds as η_t shrinks;
     ``inner_rounds`` the shared-memory rounds per cluster round.
     """
     x = x1

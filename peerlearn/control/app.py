@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from peerlearn import __version__
 from peerlearn.control.metrics import DaemonMetrics
-from peerlearn.control.views import PeerView, StatusView
+from peerlearn.control.views import PeerView, StatusSource, StatusView, peers_view, status_view
 from peerlearn.effects import Vector, quiet_float_errors
 
 __all__ = ["NPY_MEDIA_TYPE", "ControlTarget", "WorkerModel", "build_app"]
@@ -47,14 +47,10 @@ class _NpyResponse(Response):
     media_type = NPY_MEDIA_TYPE
 
 
-class ControlTarget(Protocol):
-    """What the API needs from a daemon."""
+class ControlTarget(StatusSource, Protocol):
+    """What the API needs from a daemon: what /status and /peers read, and more."""
 
     metrics: DaemonMetrics
-
-    def status(self) -> dict[str, Any]: ...
-
-    def peers(self) -> list[dict[str, Any]]: ...
 
     def models(self) -> list[WorkerModel]: ...
 
@@ -87,17 +83,17 @@ def build_app(target: ControlTarget) -> FastAPI:
             raise HTTPException(404, f"no static file {name!r}")
         return Response((_STATIC / name).read_text("utf-8"), media_type=_ASSETS[name])
 
-    # /status and /peers declare their models for the document but send the daemon's view as
-    # built (views.py says why); the tests check the two agree.
+    # /status and /peers declare their models for the document but send the views as built
+    # (views.py says why); the tests check the two agree.
     @app.get("/status", response_model=StatusView)
     async def status() -> JSONResponse:
         """State, algorithm, per-worker step / loss / what it waits for, peers."""
-        return JSONResponse(jsonable_encoder(target.status()))
+        return JSONResponse(jsonable_encoder(status_view(target)))
 
     @app.get("/peers", response_model=list[PeerView])
     async def peers() -> JSONResponse:
         """Every remote daemon of the membership and its link state."""
-        return JSONResponse(jsonable_encoder(target.peers()))
+        return JSONResponse(jsonable_encoder(peers_view(target.links)))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,23 +1,42 @@
-"""The JSON the control API answers with, as pydantic models: they give ``/status`` and
-``/peers`` their schemas in the OpenAPI document (``/openapi.json``, ``/docs``).
+"""The JSON ``/status`` and ``/peers`` answer with: how it is built, and its schemas.
 
-The daemon builds these views as plain dicts (``Daemon.status()``, ``Daemon.peers()``); the
-handlers send them as built, so a field the models lack is never dropped from a response and a
-mismatch can never turn ``/status`` into an error 500. The models forbid unknown fields instead,
-and the tests validate a live daemon's answers against the served schemas: a field added to a
-view without its model fails there.
+:func:`status_view` and :func:`peers_view` build the answers as plain dicts from what a daemon
+shows of itself (:class:`StatusSource`: its state, run, workers, out-links, and the monitor's
+losses and blocked judgement — read-only, no private member), here rather than in the daemon,
+which keeps only its lifecycle. The pydantic models give the answers their schemas in the
+OpenAPI document (``/openapi.json``, ``/docs``). The handlers send the dicts as built, so a
+field the models lack is never dropped from a response and a mismatch can never turn
+``/status`` into an error 500. The models forbid unknown fields instead, and the tests validate
+a live daemon's answers against the served schemas: a field added to a view without its model
+fails there.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from peerlearn.config import Algorithm
-from peerlearn.transport.links import LinkState
+from peerlearn.config import Algorithm, RunConfig
+from peerlearn.membership import Membership
+from peerlearn.problems import Problem
+from peerlearn.runtime.mailbox import Waiting
+from peerlearn.runtime.worker import Worker
+from peerlearn.transport.links import LinkState, OutLink
 
-__all__ = ["DivergenceView", "PeerView", "StatusView", "WaitingView", "WorkerView"]
+__all__ = [
+    "DivergenceView",
+    "PeerView",
+    "StatusSource",
+    "StatusView",
+    "WaitingView",
+    "WorkerView",
+    "peers_view",
+    "status_view",
+]
 
 
 class _View(BaseModel):
@@ -105,3 +124,96 @@ class StatusView(_View):
     uptime_seconds: float
     workers: list[WorkerView]
     peers: list[PeerView]
+
+
+class StatusSource(Protocol):
+    """What ``/status`` and ``/peers`` read from a daemon
+    (:class:`~peerlearn.daemon.node.Daemon`)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def run_cfg(self) -> RunConfig: ...
+
+    @property
+    def problem(self) -> Problem | None: ...
+
+    @property
+    def membership(self) -> Membership: ...
+
+    @property
+    def cluster(self) -> int: ...
+
+    @property
+    def started_at(self) -> float: ...  # time.monotonic() when the daemon was made
+
+    @property
+    def workers(self) -> Sequence[Worker]: ...
+
+    @property
+    def links(self) -> Sequence[OutLink]: ...
+
+    def loss_of(self, worker: Worker) -> float | None: ...
+
+    def blocked(self, waiting: Waiting | None) -> bool: ...
+
+
+def status_view(daemon: StatusSource) -> dict[str, Any]:
+    """The answer of ``GET /status`` (schema: :class:`StatusView`)."""
+    workers = []
+    for w in daemon.workers:
+        loss = daemon.loss_of(w)
+        waiting = w.mailbox.waiting()
+        entry: dict[str, Any] = {
+            "id": w.name,
+            "state": str(w.state),
+            "step": w.completed,
+            "gradients": w.grads,
+            # JSON has no inf: a model near divergence may evaluate to it (metrics say +Inf)
+            "loss": loss if loss is None or math.isfinite(loss) else None,
+            "error": w.error,
+            "diverged": None if w.diverged is None else w.diverged._asdict(),
+        }
+        if waiting is not None:
+            waited = time.monotonic() - waiting.since
+            entry["waiting"] = {
+                "tag": list(waiting.tag),
+                "have": waiting.have,
+                "need": waiting.need,
+                "unit": waiting.unit,
+                "seconds": round(waited, 3),
+            }
+            if daemon.blocked(waiting):
+                entry["state"] = "blocked"
+        workers.append(entry)
+    run = daemon.run_cfg
+    return {
+        "state": str(daemon.state),
+        "algorithm": run.algorithm,
+        "problem": run.problem.name if daemon.problem is not None else None,
+        "cluster": daemon.cluster,
+        "clusters": daemon.membership.clusters,
+        "processes": daemon.membership.processes,
+        "quorum": run.n_quorum,
+        "steps": run.steps,
+        "uptime_seconds": round(time.monotonic() - daemon.started_at, 3),
+        "workers": workers,
+        "peers": peers_view(daemon.links),
+    }
+
+
+def peers_view(links: Iterable[OutLink]) -> list[dict[str, Any]]:
+    """The answer of ``GET /peers`` (schema: a list of :class:`PeerView`)."""
+    return [
+        {
+            "cluster": link.cluster,
+            "address": f"{link.host}:{link.port}",
+            "state": str(link.state),
+            "away": link.away,
+            "outstanding": link.outstanding,
+            "refused": link.last_refusal,
+            "last_error": link.last_error,
+        }
+        for link in links
+    ]

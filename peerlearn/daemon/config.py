@@ -33,18 +33,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from peerlearn.config import (
-    TOPOLOGY_ALGORITHMS,
-    Algorithm,
-    ElasticConfig,
-    LRConfig,
-    MAAConfig,
-    MixConfig,
-    ProblemConfig,
-    RunConfig,
-    explain,
-    load_toml,
-)
+from peerlearn.algorithms.registry import lookup
+from peerlearn.config import RunConfig, RunSettings, explain, load_toml
 from peerlearn.errors import ConfigError
 from peerlearn.membership import Membership
 
@@ -98,29 +88,14 @@ class DaemonSpec(BaseModel):
         return v
 
 
-class NodeConfig(BaseSettings):
-    """Everything ``peerlearn run`` needs. Fields marked *run* must agree on every daemon:
-    they form the run fingerprint checked in the handshake."""
+class NodeConfig(BaseSettings, RunSettings):
+    """Everything ``peerlearn run`` needs: the run's settings (declared once, by
+    :class:`~peerlearn.config.RunSettings`; they must agree on every daemon and form the run
+    fingerprint checked in the handshake), the membership, and this node's own settings."""
 
     model_config = SettingsConfigDict(
         env_prefix="PEERLEARN_", env_nested_delimiter="__", frozen=True, extra="forbid"
     )
-
-    # --- the run (fingerprinted) -------------------------------------------------------------
-    algorithm: Algorithm = "alg1"
-    problem: ProblemConfig = ProblemConfig()
-    seed: int = Field(0, ge=0)
-    steps: int | None = Field(None, ge=1, description="iterations per worker; None: unlimited")
-    lr: LRConfig = LRConfig()
-    maa: MAAConfig = MAAConfig()
-    quorum: int | None = Field(None, ge=1, description="N; default n − max_failures")
-    max_failures: int | None = Field(None, ge=0, description="f; default ⌊(n−1)/2⌋ processes")
-    dim: int = Field(4, ge=1, description="input dimension of standalone agreement (maa)")
-    topology: str | None = Field(
-        None, description="dasgd / gossip: complete, ring, random-regular[:d] or an edge file"
-    )
-    elastic: ElasticConfig = ElasticConfig()
-    mix: MixConfig = MixConfig()
 
     # --- membership ---------------------------------------------------------------------------
     daemons: list[DaemonSpec] = Field(default_factory=list)
@@ -260,31 +235,20 @@ class NodeConfig(BaseSettings):
 
     @cached_property
     def run(self) -> RunConfig:
-        """The run as the algorithms see it (shared with the simulator's config)."""
+        """The run as the algorithms see it: this config's run settings, laid out over the
+        daemons (the simulator's config type, so both runtimes build the same programs)."""
         n = self.membership.processes
-        f = self.max_failures if self.max_failures is not None else (n - 1) // 2
-        if f >= n:
-            raise ConfigError(f"max_failures f = {f} must be < n = {n}")
-        quorum = self.quorum if self.quorum is not None else n - f
-        if quorum > n - f:
-            raise ConfigError(f"quorum N = {quorum} > n − f = {n} − {f}")
+        settings = self.model_dump(include=set(RunSettings.model_fields))
+        if self.max_failures is None:  # a daemon survives any minority by default
+            settings["max_failures"] = (n - 1) // 2
+        if not lookup(self.algorithm).reads("quorum"):
+            settings["quorum"] = None  # N means something to the Attiya–Schiller SGD only
         try:
             return RunConfig(
-                algorithm=self.algorithm,
-                seed=self.seed,
+                **settings,
                 processes=n,
                 clusters=self.membership.clusters,
                 cluster_sizes=[d.workers for d in self.all_daemons],
-                # N means something to the Attiya–Schiller SGD only (warned about elsewhere)
-                quorum=quorum if self.algorithm in ("alg1", "alg2") else None,
-                steps=self.steps,
-                dim=self.dim,
-                problem=self.problem,
-                lr=self.lr,
-                maa=self.maa,
-                topology=self.topology,
-                elastic=self.elastic,
-                mix=self.mix,
             )
         except ValidationError as exc:
             raise ConfigError(explain(exc)) from None
@@ -297,7 +261,7 @@ class NodeConfig(BaseSettings):
         run = self.run.model_dump(mode="json", exclude={"sim", "trace", "topology"})
         daemons = [d.model_dump() for d in self.all_daemons]
         extra: dict[str, Any] = {}
-        if self.run.algorithm in TOPOLOGY_ALGORITHMS:
+        if self.run.spec.topology is not None:
             extra["graph"] = self.run.graph.edges()
         blob = json.dumps({"run": run, "daemons": daemons, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]

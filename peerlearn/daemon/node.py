@@ -1,5 +1,12 @@
 """One peer daemon: worker threads, register store, links to the other daemons, control API.
 
+This module is the daemon's lifecycle: it builds the parts, starts them, stops them in a fixed
+order and owns every task. The parts live apart: where messages go in
+:mod:`peerlearn.daemon.routing` (local delivery shared with the in-process runtime, in
+:mod:`peerlearn.runtime.delivery`), what is measured in :mod:`peerlearn.daemon.monitor`, what
+``/status`` and ``/peers`` answer in :mod:`peerlearn.control.views`, from the read-only surface
+this class offers (:attr:`Daemon.links`, :meth:`Daemon.loss_of`, :meth:`Daemon.blocked`, …).
+
 Lifecycle (uvicorn's ``server.py`` shape, every task owned by one ``asyncio.TaskGroup``)::
 
     STARTING ─start()─> RUNNING ─every worker done─> FINISHED ─┐
@@ -18,46 +25,35 @@ import asyncio
 import contextlib
 import errno
 import logging
-import math
 import os
 import socket
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from enum import StrEnum
-from typing import Any
 
 import numpy as np
 import uvicorn
 
 from peerlearn.control.app import WorkerModel, build_app
-from peerlearn.control.metrics import DaemonMetrics, Snapshot, WorkerSample
+from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.config import NodeConfig, parse_address
-from peerlearn.effects import Letter, Msg, Report, Tag, Vector, quiet_float_errors
+from peerlearn.daemon.monitor import Monitor, Staleness
+from peerlearn.daemon.routing import DaemonRouter, Heard
+from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
 from peerlearn.runs import build_problem, grad_stream, make_programs
-from peerlearn.runtime.mailbox import Mailbox, Put, Waiting
+from peerlearn.runtime.delivery import Delivery
+from peerlearn.runtime.mailbox import Mailbox, Waiting
 from peerlearn.runtime.store import RegisterStore
 from peerlearn.runtime.worker import Worker, WorkerState
-from peerlearn.sim.runner import consensus_distance
-from peerlearn.transport.links import LinkSettings
+from peerlearn.transport.links import LinkSettings, OutLink
 from peerlearn.transport.peers import PeerAddress, Transport
 from peerlearn.transport.stats import TransportStats
-from peerlearn.wire import PROTOCOL_VERSION, Data, Hello
+from peerlearn.wire import PROTOCOL_VERSION, Hello
 
 __all__ = ["Daemon", "DaemonState"]
 
 log = logging.getLogger(__name__)
-
-#: tag kinds whose values are models (used for the global consensus distance)
-_MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired", "snapshot")
-#: seconds between the monitor's evaluation ticks: at most one loss evaluation per worker and
-#: tick. An evaluation costs about two gradients' CPU; a dashboard scraped every 5 s and a
-#: status page polling every second need no more than one a second (what five a second cost
-#: Alg 1 was within the noise of benchmarks/bench_metrics.py, see benchmarks/RESULTS.md).
-_EVAL_TICK = 1.0
-#: algorithms whose messages carry no worker models: their daemons send snapshots instead
-_SNAPSHOT_ALGORITHMS = ("dasgd", "async_easgd", "eamsgd", "downpour", "mdownpour", "async_ps")
 
 
 class DaemonState(StrEnum):
@@ -66,51 +62,6 @@ class DaemonState(StrEnum):
     FINISHED = "finished"  # every local worker is done; still relaying and serving
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-class _Router:
-    """Broadcasts of local workers: every local mailbox by reference, each remote daemon once;
-    sends and posts: the listed local mailboxes, and one frame per daemon hosting the others.
-    Frames from remote daemons: every local mailbox, or the ones they list."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._d = daemon
-        self.transport: Transport | None = None
-
-    def broadcast(self, sender: int, tag: Tag, value: Vector, step: int) -> None:
-        value.flags.writeable = False  # shared by reference from here on
-        self._d._fan_out(tag, Msg(sender, value), step)
-        if self.transport is not None:
-            self.transport.broadcast(tag, sender, step, value)
-
-    def send(
-        self, sender: int, to: tuple[int, ...], tag: Tag, value: Vector, step: int, post: bool
-    ) -> None:
-        value.flags.writeable = False
-        d = self._d
-        d._deliver_to([p for p in to if p in d.mailboxes], tag, sender, value, step, post)
-        if self.transport is None:
-            return
-        remote: dict[int, list[int]] = {}
-        for p in to:
-            if p not in d.mailboxes:
-                remote.setdefault(d.membership.cluster_of[p], []).append(p)
-        for cluster, pids in remote.items():
-            self.transport.send(cluster, tag, sender, step, value, tuple(pids), post)
-
-    def deliver(self, data: Data) -> None:
-        if data.tag[0] == "snapshot":  # for the global consensus distance only
-            self._d._heard[data.sender] = (time.monotonic(), data.value)
-            return
-        if data.to or data.post:
-            pids = data.to or self._d.pids
-            self._d._deliver_to(pids, data.tag, data.sender, data.value, data.step, data.post)
-        else:
-            self._d._fan_out(data.tag, Msg(data.sender, data.value), data.step)
-        if data.step > self._d.fastest_heard:
-            self._d.fastest_heard = data.step
-        if data.tag and data.tag[0] in _MODEL_KINDS:
-            self._d._heard[data.sender] = (time.monotonic(), data.value)
 
 
 class Daemon:
@@ -135,10 +86,10 @@ class Daemon:
         self.mailboxes = {
             pid: Mailbox(self.membership.cluster_of, self.membership.clusters) for pid in self.pids
         }
-        self.router = _Router(self)
         self.stats = TransportStats()
         self.metrics = DaemonMetrics(
-            self._snapshot,
+            # scraped only once the API serves, when the monitor (made below) exists
+            lambda: self.monitor.snapshot(),
             {
                 "algorithm": self.run_cfg.algorithm,
                 "problem": self.run_cfg.problem.name if self.problem is not None else "",
@@ -149,22 +100,15 @@ class Daemon:
                 "fingerprint": cfg.fingerprint,
             },
         )
-        self.put_counts: dict[Put, int] = dict.fromkeys(Put, 0)
-        self._heard: dict[int, tuple[float, Vector]] = {}
-        self._losses: dict[int, tuple[int, float]] = {}  # pid -> (step, loss at that step)
-        self._gradient_buckets = {
-            pid: self.metrics.gradient_buckets(self.membership.name(pid)) for pid in self.pids
-        }
-        self._eval_due: dict[int, tuple[int, Vector]] = {}  # pid -> (step, model) to evaluate
-        self._eval_step: dict[int, int] = {}  # pid -> step of its last evaluation request
-        self._spread: dict[int, tuple[Any, int, float]] = {}  # pid -> (instance, round, diam²)
-        self._agreement_rounds = 0
-        self._rounds = self.run_cfg.agreement_rounds()[0]
-        self._counters = threading.Lock()
-        self.fastest_heard = 0  # highest step any remote message was computed at
-        self.staleness_sum = 0  # plain mirrors of the histogram, for the demo's live table
-        self.staleness_count = 0
-        self._steps_seen = 0
+        self.heard = Heard()
+        # The workers need the router, and its delivery's staleness their steps: the map is
+        # filled as soon as they exist, before any runs.
+        receivers: dict[int, Worker] = {}
+        self.staleness = Staleness(receivers, self.metrics.staleness if cfg.metrics else None)
+        self.delivery = Delivery(
+            self.mailboxes, dropped=self.stats.drop, stored=self.staleness.record
+        )
+        self.router = DaemonRouter(self.delivery, self.membership, self.heard)
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         grad = self.problem.grad if self.problem is not None else _no_grad
         self.workers = [
@@ -183,6 +127,10 @@ class Daemon:
         ]
         for w in self.workers:
             w.on_exit = self._on_worker_exit
+        receivers.update((w.pid, w) for w in self.workers)
+        self.monitor = Monitor(
+            cfg, self.problem, self.workers, self.metrics, self.heard, self.stats
+        )
         self.transport: Transport | None = None
         self.api_port: int | None = None
         self.peer_port: int | None = None
@@ -285,7 +233,8 @@ class Daemon:
             settings,
             self.stats,
         )
-        self.router.transport = self.transport
+        self.router.attach(self.transport)
+        self.monitor.attach(self.transport)
         try:
             await self.transport.start(self._tasks, self._listen_socket)
         except OSError as exc:
@@ -297,13 +246,13 @@ class Daemon:
         for w in self.workers:
             w.start()
         self.state = DaemonState.RUNNING
-        self._monitor_task = self._tasks.create_task(self._monitor(), name="monitor")
-        if (
-            self.cfg.metrics
-            and self.cfg.snapshot_every > 0
-            and self.run_cfg.algorithm in _SNAPSHOT_ALGORITHMS
-        ):
-            self._snapshot_task = self._tasks.create_task(self._snapshots(), name="snapshots")
+        self._monitor_task = self._tasks.create_task(
+            self.monitor.evaluate_every_tick(), name="monitor"
+        )
+        if self.monitor.sends_snapshots:
+            self._snapshot_task = self._tasks.create_task(
+                self.monitor.send_snapshots(), name="snapshots"
+            )
         log.info(
             "daemon started: %s, cluster %d of %d, workers %s, peers on :%s, API on :%s",
             self.cfg.run.algorithm,
@@ -377,7 +326,7 @@ class Daemon:
                 task.cancel()
         if self._tasks is not None:  # links end once closed, the API once told to exit
             await self._tasks.__aexit__(None, None, None)
-        await self._evaluate(final=True)
+        await self.monitor.evaluate(final=True)
         self.state = DaemonState.STOPPED
         self._stopped.set()
         log.info("daemon stopped: %s", self.summary())
@@ -388,7 +337,7 @@ class Daemon:
         stops at once, not after stop_grace. Cannot complete means, for a stopping daemon:
 
         - its quorum needs more processes (or clusters) than this daemon and the peer daemons
-          connected now have (:meth:`_reachable`), whatever it waits for; or
+          connected now have (:meth:`Monitor.reachable`), whatever it waits for; or
         - no peer daemon is connected and every local worker still running waits, and did so
           at two polls in a row with the very same waits: nothing can send anyone anything.
           This covers what the count cannot judge — an inbox (``Receive``: gossip pairing,
@@ -407,7 +356,7 @@ class Daemon:
         previous: dict[int, tuple[Tag, float]] | None = None
         while time.monotonic() < deadline:
             waits = {w.pid: w.mailbox.waiting() for w in self.workers if not w.done.is_set()}
-            if all(wt is not None and not self._reachable(wt) for wt in waits.values()):
+            if all(wt is not None and not self.monitor.reachable(wt) for wt in waits.values()):
                 return  # also: none left
             # Polled one worker after another, not atomically: a worker seen waiting may have
             # been woken by one seen running an instant later. The same waits (tag and start)
@@ -432,33 +381,7 @@ class Daemon:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # --- the monitor --------------------------------------------------------------------------
-
-    async def _monitor(self) -> None:
-        """Loss evaluation, off the workers' threads: whenever a worker went ``eval_every``
-        steps since its last evaluation, its model at that step is kept, and evaluated on the
-        fixed evaluation batch at the next of these ticks — one wake-up a second whatever the
-        step rate (one per evaluation measurably slowed fast runs)."""
-        while True:
-            await asyncio.sleep(_EVAL_TICK)
-            await self._evaluate()
-
-    async def _snapshots(self) -> None:
-        """Every ``snapshot_every`` seconds, each local worker's model to every peer daemon —
-        for algorithms whose messages carry no models, so that peers can compute the global
-        consensus distance. The frames are counted like any other (kind ``snapshot``)."""
-        transport = self.transport
-        assert transport is not None
-        while True:
-            await asyncio.sleep(self.cfg.snapshot_every)
-            models = [(w.pid, w.step, w.x) for w in self.workers if w.x is not None]
-            # offer() may wait (bounded) for room on a full link: not on the event loop
-            await asyncio.to_thread(self._send_snapshots, transport, models)
-
-    @staticmethod
-    def _send_snapshots(transport: Transport, models: list[tuple[int, int, Vector]]) -> None:
-        for pid, step, x in models:
-            transport.broadcast(("snapshot", step), pid, step, x)
+    # --- hooks from the workers ---------------------------------------------------------------
 
     def _on_worker_exit(self, worker: Worker) -> None:  # on the worker's thread
         self._loop.call_soon_threadsafe(self._worker_exited)
@@ -471,99 +394,15 @@ class Daemon:
             self._tasks.create_task(self._finished(), name="finished")
 
     async def _finished(self) -> None:
-        await self._evaluate(final=True)  # the final models' losses, for the summary and /status
+        await self.monitor.evaluate(final=True)  # the final models' losses: summary, /status
         log.info("every local worker is done: %s", self.summary())
         if self.cfg.exit_on_finish:
             self.request_stop("finished (exit_on_finish)")
 
-    async def _evaluate(self, final: bool = False) -> None:
-        """Evaluate the models that are due (``final``: every worker's current model)."""
-        problem = self.problem
-        if problem is None or not self.cfg.metrics:
-            return
-        with self._counters:
-            due = dict(self._eval_due)
-            self._eval_due.clear()
-        if final:
-            due |= {w.pid: (w.step, w.x) for w in self.workers if w.x is not None}
-        todo = [
-            (pid, step, x)
-            for pid, (step, x) in due.items()
-            if self._losses.get(pid, (-1, 0.0))[0] != step
-        ]
-        if todo:
-            batch = self.cfg.eval_batch
-
-            def losses() -> list[float]:
-                with quiet_float_errors():  # a model near divergence evaluates to inf, quietly
-                    return [problem.eval_loss(x, batch) for _, _, x in todo]
-
-            values = await asyncio.to_thread(losses)
-            for (pid, step, _), value in zip(todo, values, strict=True):
-                self._losses[pid] = (step, value)
-
-    # --- hooks from the runtime ---------------------------------------------------------------
-
-    def _fan_out(self, tag: Tag, msg: Msg, step: int) -> None:
-        # Called from every local worker thread and the event loop: counters under a lock.
-        observe = self.cfg.metrics
-        for w in self.workers:
-            outcome = self.mailboxes[w.pid].put(tag, msg)
-            if outcome is not Put.STORED and outcome is not Put.DUPLICATE:
-                self.stats.drop(str(outcome))
-            with self._counters:
-                self.put_counts[outcome] += 1
-                if outcome is Put.STORED:
-                    self.staleness_sum += w.step - step
-                    self.staleness_count += 1
-                    if observe:
-                        self.metrics.staleness.observe(w.step - step)
-
-    def _deliver_to(
-        self, pids: Iterable[int], tag: Tag, sender: int, value: Vector, step: int, post: bool
-    ) -> None:
-        for pid in pids:
-            box = self.mailboxes[pid]
-            outcome = (
-                box.post(Letter(tag, sender, value)) if post else box.put(tag, Msg(sender, value))
-            )
-            if outcome is not Put.STORED and outcome is not Put.DUPLICATE:
-                self.stats.drop(str(outcome))
-            with self._counters:
-                self.put_counts[outcome] += 1
-
     def _on_report(self, worker: Worker, rep: Report) -> None:  # on the worker's thread
-        name = rep.name
-        if name == "model":
-            if self.cfg.metrics and rep.step - self._eval_step.get(worker.pid, -(2**62)) >= (
-                self.cfg.eval_every
-            ):
-                self._eval_step[worker.pid] = rep.step
-                with self._counters:
-                    self._eval_due[worker.pid] = (rep.step, rep.value)
-            if self._watched:
-                self._loop.call_soon_threadsafe(self.progress.set)
-        elif name == "agreement" and rep.key[2] is None and rep.key[1] <= self._rounds:
-            with self._counters:  # a cluster round begins (round R + 1 is the output)
-                self._agreement_rounds += 1
-        elif not self.cfg.metrics:
-            return
-        elif name == "staleness":
-            self._gradient_buckets[worker.pid].observe(rep.value)
-        elif name == "agreement_spread":
-            self._contraction(worker.pid, rep)
-
-    def _contraction(self, pid: int, rep: Report) -> None:
-        """Per worker: diam² of the values it received in cluster round r + 1 over that of
-        round r of the same agreement instance (Lemma 19's factor, measured)."""
-        instance, r = rep.key
-        spread, norm2 = rep.value  # diam² received, ‖output‖²
-        # Values that agree to rounding carry no contraction to measure (0/0 or noise/noise)
-        floor = 1e-20 * norm2
-        last = self._spread.get(pid)
-        self._spread[pid] = (instance, r, spread if spread > floor else 0.0)
-        if last is not None and last[0] == instance and last[1] == r - 1 and last[2] > 0:
-            self.metrics.contraction.observe(spread / last[2])
+        self.monitor.on_report(worker, rep)
+        if rep.name == "model" and self._watched:
+            self._loop.call_soon_threadsafe(self.progress.set)
 
     def watch(self) -> asyncio.Event:
         """An event set whenever a local worker completes an iteration (for waiters such as
@@ -571,127 +410,25 @@ class Daemon:
         self._watched = True
         return self.progress
 
-    # --- views for the API --------------------------------------------------------------------
+    # --- what the control API and the tests read ----------------------------------------------
+
+    @property
+    def cluster(self) -> int:
+        """This daemon's cluster id."""
+        return self.me.cluster
+
+    @property
+    def links(self) -> tuple[OutLink, ...]:
+        """The out-links to the other daemons (none before start)."""
+        return tuple(self.transport.links) if self.transport is not None else ()
 
     def loss_of(self, worker: Worker) -> float | None:
-        entry = self._losses.get(worker.pid)
-        return entry[1] if entry is not None else None
+        """The latest loss evaluation of a local worker's model; None: none yet."""
+        return self.monitor.loss_of(worker)
 
-    def _worker_samples(self) -> Iterator[tuple[Worker, float | None]]:
-        for w in self.workers:
-            entry = self._losses.get(w.pid)
-            yield w, entry[1] if entry is not None else None
-
-    def _snapshot(self) -> Snapshot:
-        fastest = max([w.step for w in self.workers] + [self.fastest_heard])
-        # live workers only (Worker.live): a crashed worker's model is frozen, a diverged one's
-        # may be astronomically far away (a remote worker stops before it sends such a model)
-        local = [w.x for w in self.workers if w.live and w.x is not None]
-        now = time.monotonic()
-        heard = dict(self._heard)
-        models = local + [v for _, v in heard.values()]
-        return Snapshot(
-            workers=[
-                WorkerSample(w.name, w.completed, loss, fastest - w.step)
-                for w, loss in self._worker_samples()
-            ],
-            consensus_host=consensus_distance(local) if local else None,
-            consensus_global=consensus_distance(models) if heard else None,
-            consensus_global_age=max((now - t for t, _ in heard.values()), default=None),
-            messages=dict(self.stats.messages),
-            bytes=dict(self.stats.bytes),
-            dropped=dict(self.stats.dropped),
-            protocol_errors=dict(self.stats.protocol_errors),
-            peers_connected=self.transport.connected() if self.transport else 0,
-            peers_away=sum(1 for link in self.transport.links if link.away)
-            if self.transport
-            else 0,
-            peers_total=len(self.cfg.all_daemons) - 1,
-            agreement_rounds=self._agreement_rounds,
-            states=self._states(),
-        )
-
-    def _states(self) -> dict[str, int]:
-        """Local workers by state for ``peerlearn_workers``: every state, 0 included, with a
-        blocked worker (see :meth:`_blocked`) counted as blocked instead of running."""
-        states = {s.value: 0 for s in WorkerState} | {"blocked": 0}
-        for w in self.workers:
-            states["blocked" if self._blocked(w.mailbox.waiting()) else w.state.value] += 1
-        return states
-
-    def _blocked(self, waiting: Waiting | None) -> bool:
-        """Waiting longer than stall_timeout on a quorum the daemons connected now cannot meet:
-        what ``/status`` and ``peerlearn_workers{state="blocked"}`` call blocked."""
-        return (
-            waiting is not None
-            and time.monotonic() - waiting.since > self.cfg.stall_timeout
-            and not self._reachable(waiting)
-        )
-
-    def status(self) -> dict[str, Any]:
-        workers = []
-        for w, loss in self._worker_samples():
-            waiting = w.mailbox.waiting()
-            entry: dict[str, Any] = {
-                "id": w.name,
-                "state": str(w.state),
-                "step": w.completed,
-                "gradients": w.grads,
-                # JSON has no inf: a model near divergence may evaluate to it (metrics say +Inf)
-                "loss": loss if loss is None or math.isfinite(loss) else None,
-                "error": w.error,
-                "diverged": None if w.diverged is None else w.diverged._asdict(),
-            }
-            if waiting is not None:
-                waited = time.monotonic() - waiting.since
-                entry["waiting"] = {
-                    "tag": list(waiting.tag),
-                    "have": waiting.have,
-                    "need": waiting.need,
-                    "unit": waiting.unit,
-                    "seconds": round(waited, 3),
-                }
-                if self._blocked(waiting):
-                    entry["state"] = "blocked"
-            workers.append(entry)
-        return {
-            "state": str(self.state),
-            "algorithm": self.run_cfg.algorithm,
-            "problem": self.run_cfg.problem.name if self.problem is not None else None,
-            "cluster": self.me.cluster,
-            "clusters": self.membership.clusters,
-            "processes": self.membership.processes,
-            "quorum": self.run_cfg.n_quorum,
-            "steps": self.run_cfg.steps,
-            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
-            "workers": workers,
-            "peers": self.peers(),
-        }
-
-    def _reachable(self, waiting: Waiting) -> bool:
-        """Could the quorum still be met by this daemon and the daemons connected now?"""
-        live = {self.me.cluster}
-        if self.transport is not None:
-            live |= self.transport.connected_clusters()
-        if waiting.unit == "clusters":
-            return len(live) >= waiting.need
-        return sum(len(self.membership.members[c]) for c in live) >= waiting.need
-
-    def peers(self) -> list[dict[str, Any]]:
-        if self.transport is None:
-            return []
-        return [
-            {
-                "cluster": link.cluster,
-                "address": f"{link.host}:{link.port}",
-                "state": str(link.state),
-                "away": link.away,
-                "outstanding": link.outstanding,
-                "refused": link.last_refusal,
-                "last_error": link.last_error,
-            }
-            for link in self.transport.links
-        ]
+    def blocked(self, waiting: Waiting | None) -> bool:
+        """Whether a worker waiting on ``waiting`` counts as blocked (:meth:`Monitor.blocked`)."""
+        return self.monitor.blocked(waiting)
 
     def models(self) -> list[WorkerModel]:
         # Worker.live is a whitelist: a worker in any failed state, today's or a future one,
@@ -703,7 +440,7 @@ class Daemon:
         workers = ", ".join(f"{w.name} {w.state} after {w.completed} steps" for w in self.workers)
         # Live workers only: a diverged worker's last finite model may be astronomically bad,
         # a crashed one's is frozen where it stopped.
-        losses = [loss for w, loss in self._worker_samples() if loss is not None and w.live]
+        losses = [loss for w in self.workers if (loss := self.loss_of(w)) is not None and w.live]
         with quiet_float_errors():
             mean = f"{np.mean(losses):.6g}" if losses else "—"
         return f"workers {workers}; mean loss {mean}"

@@ -1,4 +1,4 @@
-"""The strongly convex quadratic of Attiya–Schiller Theorem 1 (experiment E1).
+"""The strongly convex quadratic of Attiya–Schiller Theorem 1 (experiment E1, docs/papers.md).
 
 Q(x) = ½ Σ_k λ_k (x_k − x*_k)² with eigenvalues λ_k spread evenly over [μ, L] and the oracle
 G(x, z) = ∇Q(x) + ξ, ξ ~ N(0, (σ²/d)·I). Everything a bound needs is known exactly: L, μ,

@@ -4,18 +4,19 @@ The in-process runtime: one :class:`RegisterStore` per cluster, one :class:`Mail
 worker, and a router that delivers every broadcast to every mailbox by reference. It runs the
 same programs as the simulator and the daemon, on real threads, so tests can check the runtime
 pieces (store, mailboxes, workers) without sockets; the daemon swaps the router for one that
-also sends frames to remote daemons.
+also sends frames to remote daemons. Both routers deliver locally through the one
+:class:`~peerlearn.runtime.delivery.Delivery`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 
 from peerlearn.config import RunConfig
-from peerlearn.effects import Letter, Msg, Report, Tag, Vector
+from peerlearn.effects import Msg, Report, Tag, Vector
 from peerlearn.membership import Membership
 from peerlearn.runs import build_problem, grad_stream, make_programs
+from peerlearn.runtime.delivery import Delivery, share
 from peerlearn.runtime.mailbox import Mailbox, Put
 from peerlearn.runtime.store import RegisterStore
 from peerlearn.runtime.worker import Worker, WorkerState
@@ -28,28 +29,22 @@ class LocalRouter:
 
     def __init__(self) -> None:
         self.mailboxes: dict[int, Mailbox] = {}
-        self.counts: dict[Put, int] = dict.fromkeys(Put, 0)
-        self._lock = threading.Lock()  # only guards the counters, never a wait
+        self.delivery = Delivery(self.mailboxes)
+
+    @property
+    def counts(self) -> dict[Put, int]:
+        """Messages by what their mailbox did with them."""
+        return self.delivery.counts
 
     def broadcast(self, sender: int, tag: Tag, value: Vector, step: int) -> None:
-        value.flags.writeable = False  # shared by reference from here on
-        msg = Msg(sender, value)
-        for box in self.mailboxes.values():
-            outcome = box.put(tag, msg)
-            with self._lock:
-                self.counts[outcome] += 1
+        share(value)
+        self.delivery.fan_out(tag, Msg(sender, value), step)
 
     def send(
         self, sender: int, to: tuple[int, ...], tag: Tag, value: Vector, step: int, post: bool
     ) -> None:
-        value.flags.writeable = False
-        for pid in to:
-            box = self.mailboxes[pid]
-            outcome = (
-                box.post(Letter(tag, sender, value)) if post else box.put(tag, Msg(sender, value))
-            )
-            with self._lock:
-                self.counts[outcome] += 1
+        share(value)
+        self.delivery.deliver_to(to, tag, sender, value, post)
 
 
 class ThreadRun:

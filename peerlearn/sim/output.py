@@ -73,8 +73,8 @@ def summary(result: SimResult) -> dict[str, Any]:
         "derived": {
             "failures": cfg.failures,
             "quorum": cfg.n_quorum,
-            "agreement_rounds": rounds if cfg.algorithm in ("alg2", "maa") else None,
-            "shared_memory_rounds": inner if cfg.algorithm in ("alg2", "maa") else None,
+            "agreement_rounds": rounds if cfg.spec.agreement else None,
+            "shared_memory_rounds": inner if cfg.spec.agreement else None,
         },
         "virtual_time": out.time,
         "events": out.events,
@@ -244,7 +244,7 @@ def _write_plot(result: SimResult, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     cfg = result.config
     fig.suptitle(
-        f"{cfg.algorithm} · {cfg.problem.name if cfg.algorithm != 'maa' else 'agreement'} · "
+        f"{cfg.algorithm} · {cfg.problem.name if cfg.spec.needs_problem else 'agreement'} · "
         f"n={cfg.processes} m={cfg.clusters} N={cfg.n_quorum} · {result.status}"
     )
     if loss_at:

@@ -227,7 +227,7 @@ def run_simulation(
         partitions=partitions,
         sample_every=sim_cfg.sample_every,
         on_sample=on_sample,
-        on_report=on_report if cfg.trace or keep or cfg.algorithm == "dasgd" else None,
+        on_report=on_report if cfg.trace or keep or cfg.spec.staleness else None,
         on_receive=on_receive if record_receives else None,
     )
     for spec in cfg.crash_specs:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import count, islice, takewhile
@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from peerlearn.algorithms.registry import lookup
 from peerlearn.errors import ConfigError
 from peerlearn.ties import at_most, below
 from peerlearn.topology import make_topology
@@ -81,8 +82,14 @@ _MAX_N = 1024  # every operator is a dense (slots × slots) matrix
 # name → (parameters it takes, what its operators are); the CLI and the docs read this table.
 PROTOCOLS: dict[str, tuple[frozenset[str], str]] = {
     "allreduce": (frozenset(), "J at the last of every n events, I otherwise"),
-    "local_steps": (frozenset({"local_steps"}), "J every m·n events (m local steps; m = 2)"),
-    "reduced_frequency": (frozenset({"local_steps"}), "J every m·n events (m = 10)"),
+    "local_steps": (
+        frozenset({"period"}),
+        f"J every m·n events (m local steps; m = {lookup('local_steps').period})",
+    ),
+    "reduced_frequency": (
+        frozenset({"period"}),
+        f"J every m·n events (m = {lookup('reduced_frequency').period})",
+    ),
     "slack": (frozenset({"gamma"}), "(1−γ)I + γJ every n events (γ = 0.1)"),
     "sync_gossip": (
         frozenset({"weights", "topology", "seed"}),
@@ -97,7 +104,6 @@ PROTOCOLS: dict[str, tuple[frozenset[str], str]] = {
         "slots (s, c_1..c_n); worker i's event pushes into s then pulls c_i ← s",
     ),
 }
-_DEFAULT_STEPS = {"local_steps": 2, "reduced_frequency": 10}
 
 
 @dataclass(frozen=True, eq=False)
@@ -297,6 +303,7 @@ class MixingProtocol:
     n: int
     m_inf: Matrix
     params: dict[str, Any]  # resolved parameters, JSON-ready
+    # events per repetition of ``pattern``: m·n for local_steps, whose m is params["period"]
     period: int = 0
     pattern: tuple[tuple[int, Event], ...] = ()
     choices: tuple[Event, ...] = ()
@@ -526,7 +533,7 @@ def build_protocol(
     name: str,
     n: int,
     *,
-    local_steps: int | None = None,
+    period: int | None = None,
     gamma: float | None = None,
     weights: str | Path | Matrix | None = None,
     topology: str | None = None,
@@ -537,7 +544,7 @@ def build_protocol(
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}: {', '.join(PROTOCOLS)}")
     given = {
-        "local_steps": local_steps,
+        "period": period,
         "gamma": gamma,
         "weights": weights,
         "topology": topology,
@@ -549,29 +556,47 @@ def build_protocol(
             raise ConfigError(f"{key} does not apply to {name} (it takes {takes})")
     if not 2 <= n <= _MAX_N:
         raise ConfigError(f"n must be between 2 and {_MAX_N} workers, got {n}")
+    return _BUILDERS[name](n, given, seed)
+
+
+_Given = dict[str, Any]
+
+
+def _allreduce(n: int, given: _Given, seed: int | None) -> MixingProtocol:
     jmat = np.full((n, n), 1.0 / n)
-    if name == "allreduce":
-        return MixingProtocol(name, n, jmat, {}, n, ((n - 1, Dense(jmat)),), closed_form=n)
-    if name in _DEFAULT_STEPS:
-        m = _DEFAULT_STEPS[name] if local_steps is None else local_steps
+    return MixingProtocol("allreduce", n, jmat, {}, n, ((n - 1, Dense(jmat)),), closed_form=n)
+
+
+def _periodic(name: str) -> Callable[[int, _Given, int | None], MixingProtocol]:
+    """Local steps and reduced frequency: J every m·n events, m the algorithm's own period
+    (:mod:`peerlearn.algorithms.registry`) unless given."""
+
+    def build(n: int, given: _Given, seed: int | None) -> MixingProtocol:
+        jmat = np.full((n, n), 1.0 / n)
+        m = lookup(name).period if given["period"] is None else given["period"]
         if m < 1:
-            raise ConfigError(f"--local-steps must be ≥ 1, got {m}")
+            raise ConfigError(f"--period must be ≥ 1, got {m}")
         pattern = ((m * n - 1, Dense(jmat)),)
-        return MixingProtocol(name, n, jmat, {"local_steps": m}, m * n, pattern, closed_form=m * n)
-    if name == "slack":
-        g = 0.1 if gamma is None else gamma
-        if not 0 < g <= 1:
-            raise ConfigError(f"--gamma must satisfy 0 < γ ≤ 1, got {g}")
-        op = Dense((1 - g) * np.eye(n) + g * jmat)
-        form = n * _rounds_to_halve(1 - g)
-        return MixingProtocol(name, n, jmat, {"gamma": g}, n, ((n - 1, op),), closed_form=form)
-    if name == "async_ps":
-        return _async_ps(n, scheduling or "round_robin")
-    if name == "async_gossip":
-        topo = make_topology(topology or "ring", n, seed or 0)
-        choices = tuple(PairAverage(i, j) for i, j in topo.edges())
-        return MixingProtocol(name, n, jmat, _topo_params(topo.name, seed), choices=choices)
-    return _sync_gossip(n, weights, topology, seed or 0)
+        return MixingProtocol(name, n, jmat, {"period": m}, m * n, pattern, closed_form=m * n)
+
+    return build
+
+
+def _slack(n: int, given: _Given, seed: int | None) -> MixingProtocol:
+    jmat = np.full((n, n), 1.0 / n)
+    g = 0.1 if given["gamma"] is None else given["gamma"]
+    if not 0 < g <= 1:
+        raise ConfigError(f"--gamma must satisfy 0 < γ ≤ 1, got {g}")
+    op = Dense((1 - g) * np.eye(n) + g * jmat)
+    form = n * _rounds_to_halve(1 - g)
+    return MixingProtocol("slack", n, jmat, {"gamma": g}, n, ((n - 1, op),), closed_form=form)
+
+
+def _async_gossip(n: int, given: _Given, seed: int | None) -> MixingProtocol:
+    jmat = np.full((n, n), 1.0 / n)
+    topo = make_topology(given["topology"] or "ring", n, seed or 0)
+    choices = tuple(PairAverage(i, j) for i, j in topo.edges())
+    return MixingProtocol("async_gossip", n, jmat, _topo_params(topo.name, seed), choices=choices)
 
 
 def _topo_params(topology: str, seed: int | None) -> dict[str, Any]:
@@ -581,7 +606,8 @@ def _topo_params(topology: str, seed: int | None) -> dict[str, Any]:
     return {"topology": topology}
 
 
-def _async_ps(n: int, scheduling: str) -> MixingProtocol:
+def _async_ps(n: int, given: _Given, seed: int | None) -> MixingProtocol:
+    scheduling = given["scheduling"] or "round_robin"
     m_inf = np.zeros((n + 1, n + 1))
     m_inf[:, 0] = 1.0  # slot 0 is the server s; M_∞ copies it into every cache c_i
     pulls = tuple(Copy(i + 1, 0) for i in range(n))  # the push is the update Δ, not an operator
@@ -595,13 +621,16 @@ def _async_ps(n: int, scheduling: str) -> MixingProtocol:
     raise ConfigError(f"unknown scheduling {scheduling!r}: round_robin or random")
 
 
-def _sync_gossip(
-    n: int, weights: str | Path | Matrix | None, topology: str | None, seed: int
-) -> MixingProtocol:
+def _sync_gossip(n: int, given: _Given, seed: int | None) -> MixingProtocol:
+    weights: str | Path | Matrix | None = given["weights"]
+    topology: str | None = given["topology"]
     params: dict[str, Any]
     if weights is None or (isinstance(weights, str) and weights == "metropolis"):
-        topo = make_topology(topology or "ring", n, seed)
-        w, params = topo.metropolis(), {"weights": "metropolis", **_topo_params(topo.name, seed)}
+        topo = make_topology(topology or "ring", n, seed or 0)
+        w, params = (
+            topo.metropolis(),
+            {"weights": "metropolis", **_topo_params(topo.name, seed or 0)},
+        )
     elif topology is not None:
         raise ConfigError("sync_gossip: give --weights FILE or --topology, not both")
     else:
@@ -619,6 +648,19 @@ def _sync_gossip(
     return MixingProtocol(
         "sync_gossip", n, jmat, params, n, pattern, closed_form=form, derived=derived
     )
+
+
+#: how each protocol's operators are built: a table, so adding a protocol is one entry here
+#: and one in :data:`PROTOCOLS`
+_BUILDERS: dict[str, Callable[[int, _Given, int | None], MixingProtocol]] = {
+    "allreduce": _allreduce,
+    "local_steps": _periodic("local_steps"),
+    "reduced_frequency": _periodic("reduced_frequency"),
+    "slack": _slack,
+    "sync_gossip": _sync_gossip,
+    "async_gossip": _async_gossip,
+    "async_ps": _async_ps,
+}
 
 
 def event_operator(protocol: str, n: int, t: int, *, seed: int = 0, **params: Any) -> Matrix:

@@ -1,6 +1,7 @@
-"""``peerlearn mixing``: MixML's t_mix of a communication protocol (see :mod:`peerlearn.mixing`).
+"""``peerlearn mixing``: MixML's t_mix of a communication protocol.
 
-Registered on the main app at the end of :mod:`peerlearn.cli`. Like every command there, errors a
+:mod:`peerlearn.analysis.mixing` computes it; this module reads the flags and prints the result.
+Registered on the main app by :mod:`peerlearn.cli`. Like every command there, errors a
 user can cause print one line on stderr and exit with code 2; ``--json`` keeps stdout to exactly
 one JSON object (notes and "wrote …" go to stderr).
 """
@@ -19,18 +20,20 @@ from peerlearn.console import fail as _fail
 from peerlearn.errors import PeerlearnError
 
 if TYPE_CHECKING:
-    from peerlearn.mixing import MixingProtocol
+    from peerlearn.analysis.mixing import MixingProtocol
 
 __all__ = ["PLOT_NS", "mixing"]
 
 PLOT_NS = (2, 4, 8, 16, 32)
 DEFAULT_RUNS = 1000
+#: protocols with no fixed order of events, drawn once per scheduling (the paper's AsyncPS)
+_SCHEDULINGS = {"async_ps": ("round_robin", "random")}
 
 
 def _label(proto: MixingProtocol) -> str:
     shown = {k: v for k, v in proto.params.items() if k != "weights" or v != "metropolis"}
     inner = ", ".join(
-        f"{'γ' if k == 'gamma' else 'm' if k == 'local_steps' else k}={v}" for k, v in shown.items()
+        f"{'γ' if k == 'gamma' else 'm' if k == 'period' else k}={v}" for k, v in shown.items()
     )
     return f"{proto.name} ({inner})" if inner else proto.name
 
@@ -44,14 +47,14 @@ def _fig3(path: Path, chosen: str, params: dict[str, Any], runs: int, seed: int)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peerlearn.mixing import PROTOCOLS, build_protocol
+    from peerlearn.analysis.mixing import PROTOCOLS, build_protocol
 
     lines: list[tuple[str, dict[str, Any]]] = []
     for name in PROTOCOLS:
         if name == chosen:
             lines.append((name, params))
-        if name == "async_ps":  # both schedulings, as the paper's AsyncPS has no fixed order
-            for sched in ("round_robin", "random"):
+        if name in _SCHEDULINGS:
+            for sched in _SCHEDULINGS[name]:
                 if name != chosen or params.get("scheduling", "round_robin") != sched:
                     lines.append((name, {"scheduling": sched}))
         elif name != chosen:
@@ -120,11 +123,11 @@ def mixing(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of random schedules and topologies.")] = 0,
-    local_steps: Annotated[
+    period: Annotated[
         int | None,
         typer.Option(
-            "--local-steps",
-            help="Number of local steps m between averages.",
+            "--period",
+            help="m: local steps between averagings.",
             show_default="2 for local_steps, 10 for reduced_frequency",
         ),
     ] = None,
@@ -156,12 +159,12 @@ def mixing(
     ] = None,
 ) -> None:
     """MixML mixing time t_mix: computation events until every start halves ‖X − M_∞X‖₂."""
-    from peerlearn.mixing import build_protocol
+    from peerlearn.analysis.mixing import build_protocol
 
     params: dict[str, Any] = {
         k: v
         for k, v in {
-            "local_steps": local_steps,
+            "period": period,
             "gamma": gamma,
             "weights": weights,
             "topology": topology,

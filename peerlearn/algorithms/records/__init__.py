@@ -1,0 +1,1 @@
+"""The algorithm records, one module per paper (see :mod:`peerlearn.algorithms.spec`)."""

@@ -1,0 +1,141 @@
+"""Lu–Nash–De Sa (MixML): AllReduce, local steps, reduced frequency, the slack matrix, and
+synchronous and asynchronous gossip (D-PSGD and AD-PSGD). MixML's asynchronous parameter
+server is MDOWNPOUR without momentum: its record is with the elastic family.
+
+Every protocol averages with a mixing matrix; ``peerlearn mixing`` computes its mixing time
+(:mod:`peerlearn.analysis.mixing`), which reads the default period from these records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from peerlearn.algorithms.mixml import async_gossip, averaging, sync_gossip
+from peerlearn.algorithms.records._common import step_size
+from peerlearn.algorithms.records.attiya_schiller import start_point
+from peerlearn.algorithms.spec import AlgorithmSpec
+from peerlearn.effects import Program
+from peerlearn.streams import Purpose, stream
+
+if TYPE_CHECKING:
+    from peerlearn.config import RunConfig
+    from peerlearn.problems import Problem
+
+__all__ = ["RECORDS"]
+
+_Programs = Callable[["RunConfig", "Problem | None", Sequence[int]], list[Program]]
+
+
+def _averaging(slack: bool) -> _Programs:
+    def programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
+        x1, eta, n = start_point(problem), cfg.schedule()(1), cfg.processes
+        gamma = cfg.mix.gamma if slack else 1.0
+        return [averaging(x1, cfg.steps, eta, n, cfg.mix_period, gamma) for _ in pids]
+
+    return programs
+
+
+def _sync_gossip(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
+    x1, eta, w = start_point(problem), cfg.schedule()(1), cfg.graph.metropolis()
+    out: list[Program] = []
+    for p in pids:
+        row = {int(j): float(w[p, j]) for j in (p, *cfg.graph.neighbours[p])}
+        out.append(sync_gossip(x1, cfg.steps, eta, p, row))
+    return out
+
+
+def _async_gossip(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
+    x1, eta, m = start_point(problem), cfg.schedule()(1), cfg.membership
+    return [
+        async_gossip(
+            x1,
+            cfg.steps,
+            eta,
+            p,
+            cfg.graph.neighbours[p],
+            stream(cfg.seed, Purpose.GOSSIP, m.cluster_of[p], m.index(p)),
+        )
+        for p in pids
+    ]
+
+
+def _period(cfg: RunConfig) -> list[str]:
+    return [*step_size(cfg), f"m={cfg.mix_period}"]
+
+
+def _topology(cfg: RunConfig) -> list[str]:
+    return [*step_size(cfg), f"topology {cfg.graph.name}"]
+
+
+RECORDS = (
+    AlgorithmSpec(
+        name="allreduce",
+        paper="MixML AllReduce",
+        exchanges="models after a step, to everyone; exact average",
+        waits_for="all n",
+        tolerates="no crashes",
+        parameters="—",
+        programs=_averaging(slack=False),
+        describe=step_size,
+    ),
+    AlgorithmSpec(
+        name="local_steps",
+        paper="MixML local steps",
+        exchanges="the average every m steps",
+        waits_for="all n",
+        tolerates="no crashes",
+        parameters="`[mix] period` m (2)",
+        programs=_averaging(slack=False),
+        settings=frozenset({"mix.period"}),
+        period=2,
+        describe=_period,
+    ),
+    AlgorithmSpec(
+        name="reduced_frequency",
+        paper="MixML reduced frequency",
+        exchanges="the same operator, rarer (t_mix = m·n)",
+        waits_for="all n",
+        tolerates="no crashes",
+        parameters="m (10)",
+        programs=_averaging(slack=False),
+        settings=frozenset({"mix.period"}),
+        period=10,
+        describe=_period,
+    ),
+    AlgorithmSpec(
+        name="slack",
+        paper="MixML slack matrix",
+        exchanges="every step x ← (1 − γ)x + γx̄",
+        waits_for="all n",
+        tolerates="no crashes",
+        parameters="`[mix] gamma` γ",
+        programs=_averaging(slack=True),
+        settings=frozenset({"mix.gamma"}),
+        describe=lambda cfg: [*step_size(cfg), f"γ={cfg.mix.gamma:g}"],
+    ),
+    AlgorithmSpec(
+        name="sync_gossip",
+        paper="MixML sync ring / D-PSGD",
+        exchanges="models to the neighbours; Metropolis weights W (⅓ on a ring)",
+        waits_for="every neighbour",
+        tolerates="no crashes",
+        parameters="`topology` (ring)",
+        programs=_sync_gossip,
+        settings=frozenset({"topology"}),
+        topology="ring",
+        describe=_topology,
+    ),
+    AlgorithmSpec(
+        name="async_gossip",
+        paper="MixML async ring / AD-PSGD",
+        exchanges="pairwise average with one random neighbour per step",
+        waits_for="that neighbour's answer (serving others meanwhile)",
+        tolerates="no crashes",
+        parameters="`topology` (ring)",
+        programs=_async_gossip,
+        settings=frozenset({"topology"}),
+        topology="ring",
+        describe=_topology,
+    ),
+)

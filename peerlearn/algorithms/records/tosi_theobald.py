@@ -1,0 +1,86 @@
+"""Tosi–Theobald DASGD: apply received gradients first, over any connected topology.
+
+The theory warning quotes DASGD's Thm 1 (its step-size conditions, eq. 11 and eq. 12); the
+staleness it is stated in is measured by the runtimes (:mod:`peerlearn.algorithms.staleness`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from peerlearn.algorithms.dasgd import dasgd
+from peerlearn.algorithms.records._common import first_eta, sentence, step_size
+from peerlearn.algorithms.records.attiya_schiller import start_point
+from peerlearn.algorithms.spec import AlgorithmSpec
+from peerlearn.effects import Program
+from peerlearn.ties import at_most
+from peerlearn.wire.messages import MAX_TAG_LEN
+
+if TYPE_CHECKING:
+    from peerlearn.config import RunConfig
+    from peerlearn.problems import Problem
+    from peerlearn.problems.base import Constants
+
+__all__ = ["RECORDS"]
+
+CONDITIONS = {
+    "DASGD's Thm 1": (
+        "L ≥ 1 and η ≤ 1/(4·L·S_avg) (eq. 11) or η ≤ 1/(4·L·√(Ŝ_avg·Ŝ_max)) (eq. 12)"
+    ),
+}
+
+
+def _programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
+    x1 = start_point(problem)
+    eta = cfg.schedule()(1)  # fixed η (validated)
+    return [dasgd(p, x1, eta, cfg.steps, cfg.graph.neighbours) for p in pids]
+
+
+def _check(cfg: RunConfig) -> None:
+    if cfg.processes > MAX_TAG_LEN - 3:
+        raise ValueError(
+            f"dasgd carries a version vector of n integers in every gradient's tag: "
+            f"n ≤ {MAX_TAG_LEN - 3}"
+        )
+
+
+def _warnings(cfg: RunConfig, constants: Constants) -> list[str]:
+    eta = first_eta(cfg)
+    if eta is None or constants.L is None:
+        return []
+    big_l = constants.L
+    if at_most(eta, 1 / (4 * max(big_l, 1.0))):
+        return []
+    # S_avg ≥ 1 implies Ŝ_max ≥ Ŝ_avg ≥ 1 (Ŝ ⊇ S), so both bounds are ≤ 1/(4·max(L, 1))
+    return sentence(
+        CONDITIONS,
+        "DASGD's Thm 1",
+        [
+            "the staleness is only known after the run, but whenever S_avg ≥ 1 both mean "
+            f"η ≤ 1/(4·max(L, 1)) = {1 / (4 * max(big_l, 1.0)):g}; η = {eta:g}"
+        ],
+    )
+
+
+RECORDS = (
+    AlgorithmSpec(
+        name="dasgd",
+        paper="Tosi–Theobald Alg 1",
+        exchanges="each gradient once, tagged with its version vector, relayed over the topology",
+        waits_for="nothing: applies what arrived, else computes",
+        tolerates="no crashes (a lost node blocks the end)",
+        parameters="`topology`, fixed η",
+        programs=_programs,
+        settings=frozenset({"topology"}),
+        topology="complete",
+        sends_models=False,
+        staleness=True,
+        conditions=CONDITIONS,
+        check=_check,
+        warnings=_warnings,
+        describe=lambda cfg: [*step_size(cfg), f"topology {cfg.graph.name}"],
+        # every node applies every node's gradients
+        planned_iterations=lambda cfg: cfg.processes**2 * (cfg.steps or 0),
+    ),
+)

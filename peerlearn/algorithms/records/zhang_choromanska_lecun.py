@@ -1,0 +1,229 @@
+"""Zhang–Choromanska–LeCun: synchronous and asynchronous EASGD, EAMSGD, DOWNPOUR and its
+momentum variant MDOWNPOUR — and MixML's asynchronous parameter server, which is MDOWNPOUR
+without momentum. One process (``elastic.center``) runs the center, the others are workers.
+
+The theory warning quotes the stability condition (17) of synchronous EASGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from peerlearn.algorithms.elastic import (
+    Variant,
+    center_requests,
+    elastic_center,
+    elastic_worker,
+    sync_center,
+    sync_worker,
+)
+from peerlearn.algorithms.records._common import first_eta, sentence, step_size
+from peerlearn.algorithms.records.attiya_schiller import start_point
+from peerlearn.algorithms.spec import AlgorithmSpec
+from peerlearn.analysis.easgd_theory import beta_max, stable
+from peerlearn.effects import Program
+from peerlearn.ties import below
+
+if TYPE_CHECKING:
+    from peerlearn.config import RunConfig
+    from peerlearn.problems import Problem
+    from peerlearn.problems.base import Constants
+
+__all__ = ["RECORDS"]
+
+CONDITIONS = {"EASGD's condition (17)": "−1 < φ < γ < 1 for every curvature h ≤ L"}
+
+_CENTER = frozenset({"elastic.center", "elastic.alpha", "elastic.beta"})
+_PERIOD = frozenset({"elastic.tau"})
+_MOMENTUM = frozenset({"elastic.delta"})
+
+
+def _workers(cfg: RunConfig) -> tuple[int, ...]:
+    return tuple(p for p in range(cfg.processes) if p != cfg.center)
+
+
+def _check(cfg: RunConfig) -> None:
+    if cfg.processes < 2:
+        raise ValueError(f"{cfg.algorithm} needs a center and at least one worker")
+    _ = cfg.center
+    if cfg.elastic_alpha >= 1:
+        raise ValueError(
+            f"elastic α = β/p = {cfg.elastic_alpha:g} must be < 1 "
+            f"(β = {cfg.elastic.beta:g}, p = {cfg.processes - 1})"
+        )
+
+
+def _describe(momentum: bool) -> Callable[[RunConfig], list[str]]:
+    def describe(cfg: RunConfig) -> list[str]:
+        el = cfg.elastic
+        parts = [*step_size(cfg), f"center {el.center}, α={cfg.elastic_alpha:g}, τ={el.tau}"]
+        return parts + ([f"δ={el.delta:g}"] if momentum else [])
+
+    return describe
+
+
+# --- synchronous EASGD -----------------------------------------------------------------------
+
+
+def _sync_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
+    x1, steps, tau = start_point(problem), cfg.steps, cfg.elastic.tau
+    eta, alpha, center = cfg.schedule()(1), cfg.elastic_alpha, cfg.center
+    return [
+        sync_center(x1, steps, alpha, tau, _workers(cfg))
+        if p == center
+        else sync_worker(x1, steps, eta, alpha, tau, center)
+        for p in pids
+    ]
+
+
+def _sync_warnings(cfg: RunConfig, constants: Constants) -> list[str]:
+    eta = first_eta(cfg)
+    if eta is None or constants.L is None:
+        return []
+    big_l, p, alpha = constants.L, cfg.processes - 1, cfg.elastic_alpha
+    # (17) is easiest for the smallest ηh (β_max falls as ηh grows), so h = L decides it
+    if stable(p, eta, alpha, big_l):
+        return []
+    if below(eta * big_l, 2.0):
+        broken = (
+            f"β = pα = {p * alpha:g} is not below β_max = {beta_max(p, eta, big_l):g} "
+            f"(p = {p}, ηL = {eta * big_l:g}): the center diverges"
+        )
+    else:
+        broken = f"ηL = {eta * big_l:g} is not below 2, where no β is stable"
+    return sentence(CONDITIONS, "EASGD's condition (17)", [broken])
+
+
+# --- the asynchronous variants ---------------------------------------------------------------
+
+
+def _tau(cfg: RunConfig, variant: Variant) -> int:
+    return 1 if variant is Variant.MDOWNPOUR else cfg.elastic.tau
+
+
+def _async_programs(
+    variant: Variant, momentum: bool
+) -> Callable[[RunConfig, Problem | None, Sequence[int]], list[Program]]:
+    def programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
+        x1, steps, center = start_point(problem), cfg.steps, cfg.center
+        eta, alpha, tau = cfg.schedule()(1), cfg.elastic_alpha, _tau(cfg, variant)
+        delta = cfg.elastic.delta if momentum else 0.0
+        out: list[Program] = []
+        for p in pids:
+            if p == center:
+                workers = len(_workers(cfg))
+                requests = None if steps is None else workers * center_requests(variant, steps, tau)
+                out.append(elastic_center(variant, x1, requests, eta, alpha, delta))
+            else:
+                out.append(elastic_worker(variant, x1, steps, eta, tau, delta, center))
+        return out
+
+    return programs
+
+
+def _async_planned(variant: Variant) -> Callable[[RunConfig], int]:
+    def planned(cfg: RunConfig) -> int:
+        steps, workers = cfg.steps or 0, cfg.processes - 1
+        return workers * steps + workers * center_requests(variant, steps, _tau(cfg, variant))
+
+    return planned
+
+
+def _asynchronous(
+    name: str,
+    variant: Variant,
+    *,
+    paper: str,
+    exchanges: str,
+    parameters: str,
+    settings: frozenset[str],
+    momentum: bool = False,
+    demo_step: float = 1.0,
+    waits_for: str = "its answer",
+    tolerates: str = "as above",
+) -> AlgorithmSpec:
+    return AlgorithmSpec(
+        name=name,
+        paper=paper,
+        exchanges=exchanges,
+        waits_for=waits_for,
+        tolerates=tolerates,
+        parameters=parameters,
+        programs=_async_programs(variant, momentum),
+        settings=_CENTER | settings,
+        center=True,
+        sends_models=False,
+        check=_check,
+        describe=_describe(momentum),
+        planned_iterations=_async_planned(variant),
+        demo_step=demo_step,
+    )
+
+
+RECORDS = (
+    AlgorithmSpec(
+        name="easgd",
+        paper="Zhang et al. synchronous EASGD",
+        exchanges="workers ⇄ center: x^i_t and x̃_t every τ steps",
+        waits_for="the center: all p workers",
+        tolerates="no crashes",
+        parameters="`[elastic]` α or β = pα, τ",
+        programs=_sync_programs,
+        settings=_CENTER | _PERIOD,
+        center=True,
+        conditions=CONDITIONS,
+        check=_check,
+        warnings=_sync_warnings,
+        describe=_describe(False),
+        planned_iterations=lambda cfg: (
+            (cfg.processes - 1) * (cfg.steps or 0) + -(-(cfg.steps or 0) // cfg.elastic.tau)
+        ),
+    ),
+    _asynchronous(
+        "async_easgd",
+        Variant.ASYNC,
+        paper="EASGD (async, Alg 1)",
+        exchanges="worker's snapshot → center; center answers d = α(x − x̃)",
+        parameters="α/β, τ",
+        settings=_PERIOD,
+        waits_for="the worker: its answer",
+        tolerates="crashed workers, not the center",
+    ),
+    _asynchronous(
+        "eamsgd",
+        Variant.EAMSGD,
+        paper="EAMSGD (Alg 2)",
+        exchanges="as `async_easgd`, Nesterov momentum on the worker",
+        parameters="α/β, τ, δ",
+        settings=_PERIOD | _MOMENTUM,
+        momentum=True,
+    ),
+    _asynchronous(
+        "downpour",
+        Variant.DOWNPOUR,
+        paper="DOWNPOUR (Alg 3)",
+        exchanges="accumulated update v → center, x̃ back, every τ steps",
+        parameters="τ",
+        settings=_PERIOD,
+    ),
+    _asynchronous(
+        "mdownpour",
+        Variant.MDOWNPOUR,
+        paper="MDOWNPOUR (Alg 4–5)",
+        exchanges="gradient → center (Nesterov momentum there), x̃ back",
+        parameters="δ",
+        settings=_MOMENTUM,
+        momentum=True,
+        # the center's momentum δ = 0.9 makes the effective step η/(1 − δ)
+        demo_step=0.1,
+    ),
+    _asynchronous(
+        "async_ps",
+        Variant.MDOWNPOUR,  # δ = 0
+        paper="MixML asynchronous parameter server",
+        exchanges="gradient → center, x̃ back (MDOWNPOUR with δ = 0)",
+        parameters="—",
+        settings=frozenset(),
+    ),
+)

@@ -1,0 +1,152 @@
+"""What one algorithm is, in one record: :class:`AlgorithmSpec`.
+
+A record holds everything the rest of peerlearn needs to know about an algorithm — how to build
+its programs, which settings it reads, what it checks before a run and which theorems'
+conditions it warns about, what it exchanges and whom it waits for (the README's table is
+tested against these records), whether it has a center or a topology — so that config, runs,
+the CLI, the daemon, the demo and the simulator look the record up instead of branching on the
+algorithm's name. The records themselves live in :mod:`peerlearn.algorithms.records`, one
+module per paper; :mod:`peerlearn.algorithms.registry` collects them.
+
+Three fields describe what is true of every algorithm today and are where the next changes go:
+``delivery`` (how its messages must arrive), ``resume`` (what of its state survives a restart)
+and ``compressible`` (whether its payloads may be sent lossily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from peerlearn.effects import Program
+
+if TYPE_CHECKING:
+    from peerlearn.config import RunConfig
+    from peerlearn.problems import Problem
+    from peerlearn.problems.base import Constants
+
+__all__ = [
+    "OPTIONAL_SETTINGS",
+    "AlgorithmSpec",
+    "Delivery",
+    "Resume",
+    "every_step",
+    "no_check",
+    "no_warnings",
+]
+
+
+class Delivery(StrEnum):
+    """What the algorithm needs of the transport."""
+
+    #: every message arrives exactly once, in order per link: acked, resent until acked. All
+    #: algorithms need this today (a lost gradient or model blocks whoever awaits it).
+    RELIABLE = "reliable"
+
+
+class Resume(StrEnum):
+    """What of an algorithm's state survives a restart of its process."""
+
+    NOTHING = "nothing"  # a restarted process starts from x_1 (no checkpoint yet)
+
+
+#: settings that mean something to some algorithms only: each record lists the ones it reads
+#: in ``settings``, and a config that changes one its algorithm ignores gets a warning
+#: (:meth:`peerlearn.config.RunConfig.unused_settings`)
+OPTIONAL_SETTINGS = (
+    "topology",
+    "elastic.center",
+    "elastic.alpha",
+    "elastic.beta",
+    "elastic.tau",
+    "elastic.delta",
+    "mix.period",
+    "mix.gamma",
+    "quorum",
+    "maa.aggregator",
+    "maa.q",
+    "maa.rounds",
+    "maa.inner_rounds",
+)
+
+
+def no_check(cfg: RunConfig) -> None:
+    """Nothing beyond the generic validation."""
+
+
+def no_warnings(cfg: RunConfig, constants: Constants) -> list[str]:
+    """No theorem whose conditions a run could break."""
+    return []
+
+
+def every_step(cfg: RunConfig) -> int:
+    """Every process makes every iteration: n·T."""
+    return cfg.processes * (cfg.steps or 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmSpec:
+    """One algorithm. The text fields are the README's algorithm table, row by row."""
+
+    name: str
+    #: the README columns: the paper and algorithm, what is exchanged, whom a process waits
+    #: for (its quorum), which failures it survives, the settings it takes
+    paper: str
+    exchanges: str
+    waits_for: str
+    tolerates: str
+    parameters: str
+    #: the programs of processes ``pids``: (config, problem or None, pids) → programs
+    programs: Callable[[RunConfig, Problem | None, Sequence[int]], list[Program]]
+    #: the entries of :data:`OPTIONAL_SETTINGS` it reads
+    settings: frozenset[str] = frozenset()
+    #: False for standalone agreement: no problem, no gradient, no step size
+    needs_problem: bool = True
+    #: analysed with a fixed η only (``lr.schedule = constant``)
+    fixed_eta: bool = True
+    #: the default communication graph; None: it talks to everyone or to a center
+    topology: str | None = None
+    #: one process (``elastic.center``) serves the others
+    center: bool = False
+    #: the default period m: local steps between averagings
+    period: int = 1
+    #: runs multidimensional approximate agreement (the ``[maa]`` settings and round counts)
+    agreement: bool = False
+    #: its messages carry the workers' models; if not, daemons send model snapshots so that
+    #: the consensus distance across daemons can still be measured
+    sends_models: bool = True
+    #: reports DASGD's staleness (Def. 2): the runtimes keep its apply logs
+    staleness: bool = False
+    #: the theorems it warns about, each with its whole condition as the paper states it
+    conditions: Mapping[str, str] = field(default_factory=dict)
+    #: raises ValueError when a config cannot run this algorithm (beyond the generic checks)
+    check: Callable[[RunConfig], None] = no_check
+    #: the conditions of ``conditions`` a config breaks, one sentence per result
+    warnings: Callable[[RunConfig, Constants], list[str]] = no_warnings
+    #: its parameters in a one-line description of a run ("η=0.05", "topology ring", …)
+    describe: Callable[[RunConfig], list[str]] = lambda cfg: []
+    #: iterations (model reports past the first) all processes make in a finite run
+    planned_iterations: Callable[[RunConfig], int] = every_step
+    #: the agreement target q when the config gives none (agreement algorithms)
+    default_q: float | Callable[[RunConfig], float] = 0.25
+    #: the demo's step relative to a plain SGD step (momentum on the center multiplies the
+    #: effective step by 1/(1 − δ))
+    demo_step: float = 1.0
+    delivery: Delivery = Delivery.RELIABLE
+    resume: Resume = Resume.NOTHING
+    #: whether its payloads may be compressed lossily (none may: the papers' bounds assume
+    #: exact values)
+    compressible: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = self.settings - set(OPTIONAL_SETTINGS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown settings {sorted(unknown)}")
+
+    def reads(self, setting: str) -> bool:
+        return setting in self.settings
+
+    def agreement_q(self, cfg: RunConfig) -> float:
+        return self.default_q(cfg) if callable(self.default_q) else self.default_q

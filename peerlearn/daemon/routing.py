@@ -1,0 +1,104 @@
+"""Where a daemon's messages go: its workers' messages out, its peers' frames in.
+
+The daemon's router is what its workers call for ``Broadcast``, ``Send`` and ``Post``, and what
+its transport calls with every Data frame a peer daemon sent. The local part of either — a value
+into the mailboxes of this daemon's workers — is the shared
+:class:`~peerlearn.runtime.delivery.Delivery`, the same code the in-process runtime uses; this
+module adds what only a daemon has: remote daemons to reach once each, frames that name their
+receivers, and the record of what it heard from remote workers (:class:`Heard`), which the
+monitor (:mod:`peerlearn.daemon.monitor`) reads for the global consensus distance and the lag.
+
+Kept apart from the lifecycle (:mod:`peerlearn.daemon.node`) because it runs on other threads —
+every local worker's and the event loop — and needs none of the daemon's state besides the
+collaborators it is given.
+"""
+
+from __future__ import annotations
+
+import time
+
+from peerlearn.effects import Msg, Tag, Vector
+from peerlearn.membership import Membership
+from peerlearn.runtime.delivery import Delivery, share
+from peerlearn.transport.peers import Transport
+from peerlearn.wire import Data
+
+__all__ = ["DaemonRouter", "Heard"]
+
+#: tag kinds whose values are models (used for the global consensus distance)
+_MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired", "snapshot")
+
+
+class Heard:
+    """What this daemon heard from remote workers, written by the router on the event loop.
+
+    ``models``: the latest model of each remote worker whose messages carry one (or which sent
+    a snapshot), with when it came (``time.monotonic()``) — for the global consensus distance.
+    ``fastest_step``: the highest step any remote message was computed at — for the lag.
+    """
+
+    def __init__(self) -> None:
+        self.models: dict[int, tuple[float, Vector]] = {}
+        self.fastest_step = 0
+
+
+class DaemonRouter:
+    """Broadcasts of local workers: every local mailbox by reference, each remote daemon once;
+    sends and posts: the listed local mailboxes, and one frame per daemon hosting the others.
+    Frames from remote daemons: every local mailbox, or the ones they list.
+
+    :param delivery: the local delivery over this daemon's mailboxes (pid → mailbox).
+    :param membership: which cluster (daemon) hosts each process.
+    :param heard: where models and steps heard from remote workers are recorded.
+
+    Until :meth:`attach` gives it the transport, messages reach the local mailboxes only.
+    """
+
+    def __init__(self, delivery: Delivery, membership: Membership, heard: Heard) -> None:
+        self._delivery = delivery
+        self._mailboxes = delivery.mailboxes
+        self._local = tuple(delivery.mailboxes)  # this daemon's processes, in pid order
+        self._cluster_of = membership.cluster_of
+        self._heard = heard
+        self._transport: Transport | None = None
+
+    def attach(self, transport: Transport) -> None:
+        """From now on, messages for remote processes go out through ``transport``."""
+        self._transport = transport
+
+    def broadcast(self, sender: int, tag: Tag, value: Vector, step: int) -> None:
+        share(value)
+        self._delivery.fan_out(tag, Msg(sender, value), step)
+        if self._transport is not None:
+            self._transport.broadcast(tag, sender, step, value)
+
+    def send(
+        self, sender: int, to: tuple[int, ...], tag: Tag, value: Vector, step: int, post: bool
+    ) -> None:
+        share(value)
+        mailboxes = self._mailboxes
+        self._delivery.deliver_to([p for p in to if p in mailboxes], tag, sender, value, post)
+        if self._transport is None:
+            return
+        remote: dict[int, list[int]] = {}
+        for p in to:
+            if p not in mailboxes:
+                remote.setdefault(self._cluster_of[p], []).append(p)
+        for cluster, pids in remote.items():
+            self._transport.send(cluster, tag, sender, step, value, tuple(pids), post)
+
+    def deliver(self, data: Data) -> None:
+        """A Data frame from a peer daemon (on the event loop)."""
+        heard = self._heard
+        if data.tag[0] == "snapshot":  # for the global consensus distance only
+            heard.models[data.sender] = (time.monotonic(), data.value)
+            return
+        if data.to or data.post:
+            pids = data.to or self._local
+            self._delivery.deliver_to(pids, data.tag, data.sender, data.value, data.post)
+        else:
+            self._delivery.fan_out(data.tag, Msg(data.sender, data.value), data.step)
+        if data.step > heard.fastest_step:
+            heard.fastest_step = data.step
+        if data.tag and data.tag[0] in _MODEL_KINDS:
+            heard.models[data.sender] = (time.monotonic(), data.value)
