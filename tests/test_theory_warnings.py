@@ -139,6 +139,20 @@ def test_cluster_majority() -> None:
     )
     [warning] = named("Alg 3", crashed)
     assert "2 of 4 clusters" in warning and "⌊m/2⌋+1 = 3" in warning
+    # Thm 5 is about SGD; for agreement alone the bound is agreement's own impossibility
+    assert "Thm 5" not in warning and "approximate agreement" in warning
+    [sgd] = named(
+        "Alg 3",
+        warnings(
+            Constants(L=1.0),
+            algorithm="alg2",
+            processes=4,
+            clusters=4,
+            quorum=2,
+            sim={"crashes": ["cluster:0@t=1", "cluster:1@t=1"]},
+        ),
+    )
+    assert "by Thm 5 no algorithm can do better" in sgd
 
 
 # the 54 (p, ηh) pairs at β = β_max: φ = −1 exactly, computed a few ulps either side

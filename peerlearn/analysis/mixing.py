@@ -51,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from peerlearn.algorithms.registry import lookup
+from peerlearn.config import MixConfig
 from peerlearn.errors import ConfigError
 from peerlearn.ties import at_most, below
 from peerlearn.topology import make_topology
@@ -78,6 +79,8 @@ Matrix = npt.NDArray[np.float64]
 MAX_EVENTS = 1_000_000  # τ cap: beyond this a protocol is reported as (practically) not mixing
 _BLOCK = 1024  # random events are drawn in fixed blocks, so a seed fixes the whole schedule
 _MAX_N = 1024  # every operator is a dense (slots × slots) matrix
+#: the slack matrix's γ unless given: the run config's default, so both tools agree
+SLACK_GAMMA = MixConfig().gamma
 
 # name → (parameters it takes, what its operators are); the CLI and the docs read this table.
 PROTOCOLS: dict[str, tuple[frozenset[str], str]] = {
@@ -90,7 +93,7 @@ PROTOCOLS: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"period"}),
         f"J every m·n events (m = {lookup('reduced_frequency').period})",
     ),
-    "slack": (frozenset({"gamma"}), "(1−γ)I + γJ every n events (γ = 0.1)"),
+    "slack": (frozenset({"gamma"}), f"(1−γ)I + γJ every n events (γ = {SLACK_GAMMA:g})"),
     "sync_gossip": (
         frozenset({"weights", "topology", "seed"}),
         "W every n events; W = Metropolis weights of the topology (ring: 1/3) or a JSON file",
@@ -584,7 +587,7 @@ def _periodic(name: str) -> Callable[[int, _Given, int | None], MixingProtocol]:
 
 def _slack(n: int, given: _Given, seed: int | None) -> MixingProtocol:
     jmat = np.full((n, n), 1.0 / n)
-    g = 0.1 if given["gamma"] is None else given["gamma"]
+    g = SLACK_GAMMA if given["gamma"] is None else given["gamma"]
     if not 0 < g <= 1:
         raise ConfigError(f"--gamma must satisfy 0 < γ ≤ 1, got {g}")
     op = Dense((1 - g) * np.eye(n) + g * jmat)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from peerlearn.config import MixConfig
 from peerlearn.console import err, out, warn
 from peerlearn.console import fail as _fail
 from peerlearn.errors import PeerlearnError
@@ -132,7 +133,8 @@ def mixing(
         ),
     ] = None,
     gamma: Annotated[
-        float | None, typer.Option(help="Slack γ, 0 < γ ≤ 1.", show_default="0.1")
+        float | None,
+        typer.Option(help="Slack γ, 0 < γ ≤ 1.", show_default=f"{MixConfig().gamma:g}"),
     ] = None,
     weights: Annotated[
         str | None,

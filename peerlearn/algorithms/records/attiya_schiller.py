@@ -119,11 +119,12 @@ def _alg2_warnings(cfg: RunConfig, constants: Constants) -> list[str]:
         t3, t4 = _thm34_broken(cfg, eta1, big_l)
         out += sentence(CONDITIONS, "Thm 3", t3)
         out += sentence(CONDITIONS, "Thm 4", t4)
-    return out + _majority_warnings(cfg, constants)
+    return out + _majority_warnings(cfg, _SGD_OPTIMAL)
 
 
-def _majority_warnings(cfg: RunConfig, constants: Constants) -> list[str]:
-    """Alg 3 waits for ⌊m/2⌋+1 clusters: crash specs that leave fewer alive block it."""
+def _majority_warnings(cfg: RunConfig, optimal: str) -> list[str]:
+    """Alg 3 waits for ⌊m/2⌋+1 clusters: crash specs that leave fewer alive block it.
+    ``optimal`` says why no algorithm can do better."""
     m = cfg.clusters
     dead = {p for c in cfg.crash_specs for p in c.pids}
     alive = sum(1 for ms in cfg.membership.members if any(p not in dead for p in ms))
@@ -134,10 +135,15 @@ def _majority_warnings(cfg: RunConfig, constants: Constants) -> list[str]:
         "Alg 3",
         [
             f"the crash specs leave {alive} of {m} clusters a live process, fewer than "
-            f"⌊m/2⌋+1 = {m // 2 + 1}, so processes will block (by Thm 5 no algorithm "
-            "can do better)"
+            f"⌊m/2⌋+1 = {m // 2 + 1}, so processes will block ({optimal})"
         ],
     )
+
+
+#: why a majority of live clusters is necessary: for SGD, the paper's Thm 5; for agreement
+#: itself, even one-dimensional approximate agreement (Attiya, Kumari and Schiller, OPODIS 2020)
+_SGD_OPTIMAL = "by Thm 5 no algorithm can do better"
+_AGREEMENT_OPTIMAL = "no approximate agreement can do better, even in one dimension"
 
 
 def _agreement_broken(cfg: RunConfig, eta1: float | None) -> list[str]:
@@ -234,6 +240,6 @@ RECORDS = (
         fixed_eta=False,
         agreement=True,
         conditions={"Alg 3": CONDITIONS["Alg 3"]},
-        warnings=_majority_warnings,
+        warnings=lambda cfg, constants: _majority_warnings(cfg, _AGREEMENT_OPTIMAL),
     ),
 )
