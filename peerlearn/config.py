@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -71,8 +72,13 @@ def _known_algorithm(name: str) -> str:
     return name
 
 
-#: an algorithm's name: a key of :data:`peerlearn.algorithms.registry.REGISTRY`
-Algorithm = Annotated[str, AfterValidator(_known_algorithm)]
+#: an algorithm's name: a key of :data:`peerlearn.algorithms.registry.REGISTRY` (its JSON schema,
+#: e.g. of /status in /openapi.json, lists them)
+Algorithm = Annotated[
+    str,
+    AfterValidator(_known_algorithm),
+    WithJsonSchema({"type": "string", "enum": list(ALGORITHMS)}),
+]
 
 
 class _Frozen(BaseModel):
@@ -274,6 +280,10 @@ class RunConfig(RunSettings):
             )
         if self.elastic.alpha is not None and "beta" in self.elastic.model_fields_set:
             raise ValueError("set elastic.alpha or elastic.beta (β = pα), not both")
+        if spec.center:
+            if self.processes < 2:
+                raise ValueError(f"{self.algorithm} needs a center and at least one worker")
+            _ = self.center
         spec.check(self)
         if spec.topology is not None:
             _ = self.graph

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from peerlearn.cli import app
 from peerlearn.config import load_config
+from peerlearn.daemon.config import NodeConfig, load_node_config
 from peerlearn.errors import ConfigError, CrashSpecError
 from peerlearn.faults import parse_crash
 from peerlearn.membership import Membership
@@ -462,3 +463,36 @@ def test_user_strings_are_printed_literally(
         res = CliRunner().invoke(app, ["simulate", "-q", "--problem", name])
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert f"problem {name!r}" in res.output
+
+
+def _node(**fields: object) -> NodeConfig:
+    three = {"listen": "127.0.0.1:7001", "peers": ["127.0.0.1:7002", "127.0.0.1:7003"]}
+    return load_node_config(None, {**three, "workers": 2, **fields})
+
+
+def test_the_run_settings_reach_the_daemons_run_as_given() -> None:
+    """A daemon's run is built from its own settings (RunSettings, declared once): nested
+    sections keep what was set explicitly, so `elastic.alpha` alone is not "alpha and beta"."""
+    assert _node(algorithm="easgd", elastic={"alpha": 0.1}).run.elastic_alpha == 0.1
+    # one quorum, however it is said: N = n − f with f = ⌊(n−1)/2⌋ by default
+    same = {_node().fingerprint, _node(quorum=4).fingerprint, _node(max_failures=2).fingerprint}
+    assert len(same) == 1 and _node(quorum=3).fingerprint not in same
+    # f means nothing to an algorithm without a quorum
+    dasgd = [_node(algorithm="dasgd", lr={"eta": 0.01}, **f) for f in ({}, {"max_failures": 1})]
+    assert dasgd[0].fingerprint == dasgd[1].fingerprint
+    assert dasgd[1].run.n_quorum == 6
+    with pytest.raises(ConfigError, match=r"quorum N = 6 > n − f = 6 − 2"):
+        _node(quorum=6, max_failures=2).validate_all()
+
+
+def test_a_period_is_read_by_the_algorithms_with_one_only() -> None:
+    """`mix.period` changes the local-step protocols; for the others it is warned about as
+    ignored, and it is."""
+    local = load_config(None, {"algorithm": "local_steps", "mix": {"period": 4}})
+    assert local.mix_period == 4 and local.unused_settings() == []
+    allreduce = load_config(None, {"algorithm": "allreduce", "mix": {"period": 4}})
+    assert allreduce.mix_period == 1
+    assert allreduce.unused_settings() == [
+        "mix.period is ignored by allreduce (it applies to local_steps, reduced_frequency)"
+    ]
+    assert load_config(None, {"algorithm": "reduced_frequency"}).mix_period == 10

@@ -55,9 +55,10 @@ def _names_in(node: ast.AST) -> set[str]:
     return found
 
 
-def branches_on_names(source: str) -> list[tuple[int, str]]:
-    """(line, name) of every comparison or ``case`` against an algorithm's name, and of every
-    tuple, list or set of names (kept to compare with later)."""
+def branches_on_names(source: str, tables: bool = True) -> list[tuple[int, str]]:
+    """(line, name) of every comparison or ``case`` against an algorithm's name, of every
+    tuple, list or set of names (kept to compare with later) and of every dict keyed by
+    names (a table of what algorithms are)."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):
@@ -78,6 +79,11 @@ def branches_on_names(source: str) -> list[tuple[int, str]]:
             names = [e.value for e in node.elts if isinstance(e, ast.Constant)]
             if len(names) == len(node.elts) >= 2 and all(n in REGISTRY for n in names):
                 out += [(node.lineno, n) for n in names]
+        elif tables and isinstance(node, ast.Dict):
+            # a table keyed by names: knowledge of algorithms kept outside their records
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+            if len(keys) == len(node.keys) >= 2 and all(k in REGISTRY for k in keys):
+                out += [(node.lineno, k) for k in keys]
         elif isinstance(node, ast.match_case):
             out += [(node.pattern.lineno, n) for n in sorted(_names_in(node.pattern))]
     return sorted(set(out))
@@ -92,6 +98,7 @@ def test_the_check_sees_branches() -> None:
         'z = "maa" in extra  # a section named like the algorithm\n'
         'SNAPSHOTS = ["dasgd", "downpour"]\n'
         'tag = ("maa", t, r)\n'
+        'DEFAULTS = {"local_steps": 2, "reduced_frequency": 10}\n'
     )
     assert branches_on_names(source) == [
         (1, "dasgd"),
@@ -100,7 +107,15 @@ def test_the_check_sees_branches() -> None:
         (4, "slack"),
         (7, "dasgd"),
         (7, "downpour"),
+        (9, "local_steps"),
+        (9, "reduced_frequency"),
     ]
+
+
+#: MixML's protocols modelled as mixing operators, by protocol name: the analysis tool's own
+#: catalogue of what it can compute t_mix for (defaults it shares with a run come from the
+#: records and the config)
+CATALOGUES = {PACKAGE / "analysis" / "mixing.py"}
 
 
 def test_no_branch_on_an_algorithm_name_outside_its_record() -> None:
@@ -108,7 +123,7 @@ def test_no_branch_on_an_algorithm_name_outside_its_record() -> None:
     for path in sorted(PACKAGE.rglob("*.py")):
         if RECORDS in path.parents:
             continue
-        for line, name in branches_on_names(path.read_text()):
+        for line, name in branches_on_names(path.read_text(), tables=path not in CATALOGUES):
             offenders.append(f"{path.relative_to(ROOT)}:{line} compares with {name!r}")
     assert offenders == []
 
@@ -152,3 +167,9 @@ def test_each_record_builds_its_programs(algorithm: str) -> None:
     programs = make_programs(cfg, build_problem(cfg), range(cfg.processes))
     assert len(programs) == cfg.processes
     assert cfg.spec.planned_iterations(cfg) > 0
+
+
+def test_the_json_schema_lists_the_algorithms() -> None:
+    """/openapi.json (and any schema of a config) says which names are valid."""
+    schema = RunConfig.model_json_schema()["properties"]["algorithm"]
+    assert schema["enum"] == list(ALGORITHMS)

@@ -10,6 +10,8 @@ against:
 * :mod:`peerlearn.analysis.easgd_theory` — synchronous EASGD's moments, stability condition and
   limits on a 1-D quadratic (EASGD supplement, Section 7).
 
-The submodules are not imported here, so importing one (the config imports ``easgd_theory``)
-does not pull in the others' dependencies.
+Dependencies run one way: analysis reads the algorithm records (the default period m) and the
+run config's defaults (the slack γ), and the records read ``easgd_theory`` for their stability
+warning; no runtime module imports ``mixing``. The submodules are not imported here, so
+importing one does not pull in the others' dependencies.
 """

@@ -81,6 +81,9 @@ _BLOCK = 1024  # random events are drawn in fixed blocks, so a seed fixes the wh
 _MAX_N = 1024  # every operator is a dense (slots × slots) matrix
 #: the slack matrix's γ unless given: the run config's default, so both tools agree
 SLACK_GAMMA = MixConfig().gamma
+#: the orders of events a protocol with a ``scheduling`` parameter can follow (the first is its
+#: default): the asynchronous parameter server has no fixed one
+SCHEDULINGS = ("round_robin", "random")
 
 # name → (parameters it takes, what its operators are); the CLI and the docs read this table.
 PROTOCOLS: dict[str, tuple[frozenset[str], str]] = {
@@ -610,7 +613,7 @@ def _topo_params(topology: str, seed: int | None) -> dict[str, Any]:
 
 
 def _async_ps(n: int, given: _Given, seed: int | None) -> MixingProtocol:
-    scheduling = given["scheduling"] or "round_robin"
+    scheduling = given["scheduling"] or SCHEDULINGS[0]
     m_inf = np.zeros((n + 1, n + 1))
     m_inf[:, 0] = 1.0  # slot 0 is the server s; M_∞ copies it into every cache c_i
     pulls = tuple(Copy(i + 1, 0) for i in range(n))  # the push is the update Δ, not an operator
@@ -621,7 +624,7 @@ def _async_ps(n: int, given: _Given, seed: int | None) -> MixingProtocol:
     if scheduling == "random":  # coupon collector: mean n·H_n
         form = n * sum(1.0 / k for k in range(1, n + 1))
         return MixingProtocol("async_ps", n, m_inf, params, choices=pulls, closed_form=form)
-    raise ConfigError(f"unknown scheduling {scheduling!r}: round_robin or random")
+    raise ConfigError(f"unknown scheduling {scheduling!r}: {' or '.join(SCHEDULINGS)}")
 
 
 def _sync_gossip(n: int, given: _Given, seed: int | None) -> MixingProtocol:

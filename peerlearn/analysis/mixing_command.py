@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from peerlearn.algorithms.registry import REGISTRY
 from peerlearn.config import MixConfig
 from peerlearn.console import err, out, warn
 from peerlearn.console import fail as _fail
@@ -27,8 +28,6 @@ __all__ = ["PLOT_NS", "mixing"]
 
 PLOT_NS = (2, 4, 8, 16, 32)
 DEFAULT_RUNS = 1000
-#: protocols with no fixed order of events, drawn once per scheduling (the paper's AsyncPS)
-_SCHEDULINGS = {"async_ps": ("round_robin", "random")}
 
 
 def _label(proto: MixingProtocol) -> str:
@@ -48,15 +47,15 @@ def _fig3(path: Path, chosen: str, params: dict[str, Any], runs: int, seed: int)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peerlearn.analysis.mixing import PROTOCOLS, build_protocol
+    from peerlearn.analysis.mixing import PROTOCOLS, SCHEDULINGS, build_protocol
 
     lines: list[tuple[str, dict[str, Any]]] = []
     for name in PROTOCOLS:
         if name == chosen:
             lines.append((name, params))
-        if name in _SCHEDULINGS:
-            for sched in _SCHEDULINGS[name]:
-                if name != chosen or params.get("scheduling", "round_robin") != sched:
+        if "scheduling" in PROTOCOLS[name][0]:  # no fixed order: one line per scheduling
+            for sched in SCHEDULINGS:
+                if name != chosen or params.get("scheduling", SCHEDULINGS[0]) != sched:
                     lines.append((name, {"scheduling": sched}))
         elif name != chosen:
             lines.append((name, {}))
@@ -129,7 +128,11 @@ def mixing(
         typer.Option(
             "--period",
             help="m: local steps between averagings.",
-            show_default="2 for local_steps, 10 for reduced_frequency",
+            show_default=", ".join(
+                f"{spec.period} for {name}"
+                for name, spec in REGISTRY.items()
+                if spec.reads("mix.period")
+            ),
         ),
     ] = None,
     gamma: Annotated[

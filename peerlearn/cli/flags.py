@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from peerlearn.algorithms.registry import ALGORITHMS, REGISTRY, readers
 from peerlearn.config import RunConfig, merge
 from peerlearn.daemon.config import NodeConfig
 from peerlearn.errors import ConfigError
@@ -37,6 +38,15 @@ __all__ = [
 #: variable) sets the field: the defaults --help shows
 _RUN = RunConfig()
 _NODE = {name: str(field.default) for name, field in NodeConfig.model_fields.items()}
+
+
+def _by_algorithm(setting: str, default: Callable[[str], object]) -> str:
+    """``2 for local_steps, 10 for reduced_frequency``: the default of ``setting`` per algorithm
+    that reads it, from the algorithm records (algorithms sharing a default listed together)."""
+    groups: dict[str, list[str]] = {}
+    for name in readers(setting):
+        groups.setdefault(str(default(name)), []).append(name)
+    return ", ".join(f"{value} for {'/'.join(names)}" for value, names in groups.items())
 
 
 @dataclass(frozen=True)
@@ -140,10 +150,7 @@ FLAGS: tuple[Flag, ...] = (
         ("algorithm",),
         {
             _SIM: Use(
-                "alg1 (strongly convex), alg2 (non-convex), maa; dasgd; easgd, async_easgd, "
-                "eamsgd, downpour, mdownpour, async_ps; allreduce, local_steps, "
-                "reduced_frequency, slack, sync_gossip, async_gossip (see the README's "
-                "algorithm table).",
+                f"{', '.join(ALGORITHMS)} (see the README's algorithm table).",
                 _RUN.algorithm,
             ),
             _DAEMON: Use("Any algorithm of `simulate --help` (README table).", _NODE["algorithm"]),
@@ -217,12 +224,14 @@ FLAGS: tuple[Flag, ...] = (
         ("quorum",),
         {
             _SIM: Use(
-                "Quorum N of alg1/alg2: how many processes' messages an iteration waits for.",
+                f"Quorum N of {'/'.join(readers('quorum'))}: how many processes' messages an "
+                "iteration waits for.",
                 "n − f, f = processes the crash specs kill",
                 short="-N",
             ),
             _DAEMON: Use(
-                "Quorum N of alg1/alg2: how many processes' messages an iteration waits for.",
+                f"Quorum N of {'/'.join(readers('quorum'))}: how many processes' messages an "
+                "iteration waits for.",
                 "n − f",
             ),
         },
@@ -285,8 +294,9 @@ FLAGS: tuple[Flag, ...] = (
         ("topology",),
         {
             _SIM: Use(
-                "dasgd/gossip: complete, ring, random-regular[:d] or a JSON edge file.",
-                "complete for dasgd, ring for gossip",
+                f"{'/'.join(readers('topology'))}: complete, ring, random-regular[:d] or a JSON "
+                "edge file.",
+                _by_algorithm("topology", lambda name: REGISTRY[name].topology),
             )
         },
     ),
@@ -318,7 +328,11 @@ FLAGS: tuple[Flag, ...] = (
         "delta",
         float | None,
         ("elastic", "delta"),
-        {_SIM: Use("Momentum δ (eamsgd, mdownpour).", f"{_RUN.elastic.delta:g}")},
+        {
+            _SIM: Use(
+                f"Momentum δ ({', '.join(readers('elastic.delta'))}).", f"{_RUN.elastic.delta:g}"
+            )
+        },
     ),
     Flag(
         "period",
@@ -326,8 +340,8 @@ FLAGS: tuple[Flag, ...] = (
         ("mix", "period"),
         {
             _SIM: Use(
-                "local_steps / reduced_frequency: average every m steps.",
-                "2 for local_steps, 10 for reduced_frequency",
+                f"{' / '.join(readers('mix.period'))}: average every m steps.",
+                _by_algorithm("mix.period", lambda name: REGISTRY[name].period),
             )
         },
     ),

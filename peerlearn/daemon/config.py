@@ -238,11 +238,13 @@ class NodeConfig(BaseSettings, RunSettings):
         """The run as the algorithms see it: this config's run settings, laid out over the
         daemons (the simulator's config type, so both runtimes build the same programs)."""
         n = self.membership.processes
-        settings = self.model_dump(include=set(RunSettings.model_fields))
-        if self.max_failures is None:  # a daemon survives any minority by default
-            settings["max_failures"] = (n - 1) // 2
+        # the values themselves, not a dump: nested settings keep what was set explicitly
+        # (elastic.alpha and elastic.beta may not both be)
+        settings = {name: getattr(self, name) for name in RunSettings.model_fields}
         if not lookup(self.algorithm).reads("quorum"):
-            settings["quorum"] = None  # N means something to the Attiya–Schiller SGD only
+            settings["max_failures"] = None  # f sets N, and this algorithm has none
+        elif self.max_failures is None:
+            settings["max_failures"] = (n - 1) // 2  # a daemon survives any minority
         try:
             return RunConfig(
                 **settings,
@@ -256,14 +258,20 @@ class NodeConfig(BaseSettings, RunSettings):
     @cached_property
     def fingerprint(self) -> str:
         """Hash of everything that must agree across daemons (run + membership)."""
-        # The graph itself, not the topology's spelling: hosts may keep one edge file at
-        # different paths, and two files at one path may differ.
-        run = self.run.model_dump(mode="json", exclude={"sim", "trace", "topology"})
+        # N as the run uses it, however it was given (quorum, max_failures or neither), and
+        # nothing for algorithms that have none
+        run = self.run
+        quorum = run.n_quorum if run.spec.reads("quorum") else None
+        fields = run.model_copy(update={"quorum": quorum}).model_dump(
+            mode="json", exclude={"sim", "trace", "topology", "max_failures"}
+        )
         daemons = [d.model_dump() for d in self.all_daemons]
         extra: dict[str, Any] = {}
+        # The graph itself, not the topology's spelling: hosts may keep one edge file at
+        # different paths, and two files at one path may differ.
         if self.run.spec.topology is not None:
             extra["graph"] = self.run.graph.edges()
-        blob = json.dumps({"run": run, "daemons": daemons, **extra}, sort_keys=True)
+        blob = json.dumps({"run": fields, "daemons": daemons, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def validate_all(self) -> NodeConfig:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from peerlearn.effects import Vector
+
 if TYPE_CHECKING:
     from peerlearn.config import RunConfig
+    from peerlearn.problems import Problem
 
-__all__ = ["first_eta", "sentence", "step_size"]
+__all__ = ["first_eta", "sentence", "start_point", "step_size"]
 
 
 def sentence(conditions: Mapping[str, str], result: str, broken: list[str]) -> list[str]:
@@ -31,3 +34,11 @@ def step_size(cfg: RunConfig) -> list[str]:
     """``η=…`` for a one-line description (fixed-η algorithms)."""
     eta = first_eta(cfg)
     return [] if eta is None else [f"η={eta:g}"]
+
+
+def start_point(problem: Problem | None) -> Vector:
+    """x_1, common to every process and read-only: programs share it."""
+    assert problem is not None, "this algorithm needs a problem"
+    x1 = problem.x0()
+    x1.flags.writeable = False  # shared by every program: nobody may mutate it
+    return x1

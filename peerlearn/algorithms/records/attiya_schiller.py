@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.aggregate import maa_rounds
-from peerlearn.algorithms.records._common import first_eta, sentence
+from peerlearn.algorithms.records._common import first_eta, sentence, start_point
 from peerlearn.algorithms.sgd import alg1, alg2, maa_instances
 from peerlearn.algorithms.spec import AlgorithmSpec
-from peerlearn.effects import Program, Vector
+from peerlearn.effects import Program
+from peerlearn.errors import ConfigError
 from peerlearn.streams import Purpose, stream
 from peerlearn.ties import at_most, compare
 
@@ -46,14 +47,6 @@ CONDITIONS = {
 # --- programs --------------------------------------------------------------------------------
 
 
-def start_point(problem: Problem | None) -> Vector:
-    """x_1, common to every process and read-only: programs share it."""
-    assert problem is not None, "this algorithm needs a problem"
-    x1 = problem.x0()
-    x1.flags.writeable = False  # shared by every program: nobody may mutate it
-    return x1
-
-
 def _alg1_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
     x1 = start_point(problem)
     eta = cfg.schedule()
@@ -73,8 +66,6 @@ def _alg2_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int])
 
 
 def _maa_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
-    from peerlearn.errors import ConfigError
-
     if cfg.steps is None:
         raise ConfigError("standalone agreement needs a finite number of instances (steps)")
     rounds, inner = cfg.agreement_rounds()

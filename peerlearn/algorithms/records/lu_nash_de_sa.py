@@ -12,8 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.mixml import async_gossip, averaging, sync_gossip
-from peerlearn.algorithms.records._common import step_size
-from peerlearn.algorithms.records.attiya_schiller import start_point
+from peerlearn.algorithms.records._common import start_point, step_size
 from peerlearn.algorithms.spec import AlgorithmSpec
 from peerlearn.effects import Program
 from peerlearn.streams import Purpose, stream

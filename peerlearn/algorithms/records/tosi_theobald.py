@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.dasgd import dasgd
-from peerlearn.algorithms.records._common import first_eta, sentence, step_size
-from peerlearn.algorithms.records.attiya_schiller import start_point
+from peerlearn.algorithms.records._common import first_eta, sentence, start_point, step_size
 from peerlearn.algorithms.spec import AlgorithmSpec
 from peerlearn.effects import Program
 from peerlearn.ties import at_most
