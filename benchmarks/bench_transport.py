@@ -139,19 +139,24 @@ def raw_sender(out: Any, port: int, nbytes: int, k: int, reps: int) -> None:
 
 def _hello(cluster: int, nbytes: int) -> Any:
     from peerlearn.membership import Membership
-    from peerlearn.wire import PROTOCOL_VERSION, Hello
+    from peerlearn.wire import PROTOCOL_VERSION, Hello, Join
 
     membership = Membership(processes=2, clusters=2)  # process 0 in cluster 0, 1 in 1
     hello = Hello(
-        version=PROTOCOL_VERSION,
+        min_version=PROTOCOL_VERSION,
+        max_version=PROTOCOL_VERSION,
         cluster=cluster,
+        incarnation=time.time_ns(),
+        nonce=0,
+        name=f"bench-{cluster}",
+    )
+    join = Join(
         workers=membership.members[cluster],
         dim=nbytes // 8,
         dtype="float64",
         fingerprint=FINGERPRINT,
-        name=f"bench-{cluster}",
     )
-    return membership, hello
+    return membership, hello, join
 
 
 def _settings(nbytes: int) -> Any:
@@ -191,10 +196,10 @@ def pl_receiver(out: Any, nbytes: int, k: int, reps: int) -> None:
                 done.set_result(None)
             # returning drops the last reference: the pool may hand the array out again
 
-        membership, hello = _hello(1, nbytes)
+        membership, hello, join = _hello(1, nbytes)
         pool = BufferPool()
         transport = Transport(
-            hello, membership, ("127.0.0.1", 0), [], deliver, _settings(nbytes), pool=pool
+            hello, join, membership, ("127.0.0.1", 0), [], deliver, _settings(nbytes), pool=pool
         )
         async with asyncio.TaskGroup() as tasks:
             await transport.start(tasks)
@@ -226,9 +231,10 @@ def pl_sender(out: Any, port: int, nbytes: int, k: int, reps: int) -> None:
     value = payload_array(nbytes)
 
     async def main() -> dict[str, Any]:
-        membership, hello = _hello(0, nbytes)
+        membership, hello, join = _hello(0, nbytes)
         transport = Transport(
             hello,
+            join,
             membership,
             ("127.0.0.1", 0),
             [PeerAddress(1, "127.0.0.1", port)],

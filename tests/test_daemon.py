@@ -24,7 +24,7 @@ from peerlearn.runtime.worker import WorkerState
 from peerlearn.testing import LocalCluster, local_cluster
 from peerlearn.transport.links import LinkSettings, OutLink
 from peerlearn.transport.stats import TransportStats
-from peerlearn.wire import PROTOCOL_VERSION, Hello
+from peerlearn.wire import PROTOCOL_VERSION, Hello, Join
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
 # The same problem in 100 coordinates: the loss at the noise floor is a sum of 100 terms with the
@@ -278,10 +278,11 @@ async def test_a_resolver_that_does_not_answer_is_not_a_peer_that_is_down(
     "no connection within 5s", like a peer that is down."""
     caplog.set_level(logging.INFO, logger="peerlearn")
     asked = _fake_resolver(monkeypatch, "peer0.test", hang=True)
-    hello = Hello(PROTOCOL_VERSION, 0, (0,), 1, "float64", "run", "0@127.0.0.1:0")
+    hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, 0, 1, 0, "0@127.0.0.1:0")
+    join = Join((0,), 1, "float64", "run")
     settings = LinkSettings(resolve_timeout=0.1, backoff_initial=0.01, backoff_max=0.02)
     link = OutLink(
-        1, "peer0.test", 7002, hello, settings, TransportStats(), asyncio.get_running_loop()
+        1, "peer0.test", 7002, hello, join, settings, TransportStats(), asyncio.get_running_loop()
     )
     task = asyncio.create_task(link.run())
     try:

@@ -30,7 +30,18 @@ from peerlearn.sim import Simulator, Status
 from peerlearn.sim.core import DivergedProcess
 from peerlearn.sim.runner import consensus_distance
 from peerlearn.testing import local_cluster
-from peerlearn.wire import NEED_DATA, PROTOCOL_VERSION, Ack, Codec, Data, Hello, Ping, Pong, Welcome
+from peerlearn.wire import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Ack,
+    Codec,
+    Data,
+    Hello,
+    Join,
+    Ping,
+    Pong,
+    Welcome,
+)
 from tests.helpers import oracle_fault, raises
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
@@ -228,20 +239,23 @@ async def test_a_non_finite_frame_is_dropped_acked_and_counted() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", target.peer_port)
         codec = Codec()
         hello = Hello(
-            version=PROTOCOL_VERSION,
+            min_version=PROTOCOL_VERSION,
+            max_version=PROTOCOL_VERSION,
             cluster=2,
-            workers=(2,),
-            dim=target.dim,
-            dtype="float64",
-            fingerprint=target.cfg.fingerprint,
+            incarnation=1,
+            nonce=1,
             name="impostor",
         )
+        join = Join(
+            workers=(2,), dim=target.dim, dtype="float64", fingerprint=target.cfg.fingerprint
+        )
         nan = np.full(target.dim, np.nan)
-        for msg in (hello, Data(seq=1, tag=("params", t0), sender=2, step=t0, value=nan)):
+        for msg in (hello, join, Data(seq=1, tag=("params", t0), sender=2, step=t0, value=nan)):
             for chunk in codec.send(msg):
                 writer.write(bytes(chunk))
         await writer.drain()
         assert isinstance(await _next(reader, codec), Welcome)
+        assert await _next(reader, codec) == Ack(seq=0)  # the Join's answer: nothing yet
         assert await _next(reader, codec) == Ack(seq=1)
         for chunk in codec.send(Ping(nonce=7)):  # the link is still up
             writer.write(bytes(chunk))

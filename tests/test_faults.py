@@ -15,7 +15,7 @@ import pytest
 from peerlearn.daemon.node import DaemonState
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import LocalCluster, local_cluster
-from peerlearn.wire import PROTOCOL_VERSION, Codec, Data, Hello, Refuse
+from peerlearn.wire import PROTOCOL_VERSION, Codec, Data, Hello, Join, Refuse, Welcome
 from tests.helpers import noise_sum, oracle_fault, raises
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
@@ -33,17 +33,35 @@ async def _exchange(port: int, payload: bytes) -> bytes:
 
 
 def _hello(cluster: LocalCluster, **over: Any) -> Hello:
+    fields: dict[str, Any] = {
+        "min_version": PROTOCOL_VERSION,
+        "max_version": PROTOCOL_VERSION,
+        "cluster": 1,
+        "incarnation": cluster.daemons[1].incarnation,
+        "nonce": 1,
+        "name": "intruder",
+    }
+    return Hello(**{**fields, **over})
+
+
+def _join(cluster: LocalCluster, **over: Any) -> Join:
     d = cluster.daemons[1]
     fields: dict[str, Any] = {
-        "version": PROTOCOL_VERSION,
-        "cluster": 1,
         "workers": d.pids,
         "dim": d.dim,
         "dtype": "float64",
         "fingerprint": d.cfg.fingerprint,
-        "name": "intruder",
     }
-    return Hello(**{**fields, **over})
+    return Join(**{**fields, **over})
+
+
+def _refusal(answer: bytes) -> Refuse:
+    """The Refuse in a daemon's answer to a Hello and a Join (after its Welcome)."""
+    codec = Codec()
+    codec.receive_data(answer)
+    welcome, refusal = codec.next_event(), codec.next_event()
+    assert isinstance(welcome, Welcome) and isinstance(refusal, Refuse), (welcome, refusal)
+    return refusal
 
 
 def _frames(*msgs: Any) -> bytes:
@@ -64,17 +82,18 @@ async def test_bad_input_closes_that_connection_counts_it_and_training_goes_on()
         huge_header = struct.pack("!2sBBIQ", b"PL", PROTOCOL_VERSION, 0, 1 << 30, 0)
         await _exchange(port, huge_header)  # oversized header length
         await _exchange(port, _frames(_hello(cluster))[:-3])  # a truncated frame
-        answer = await _exchange(port, _frames(_hello(cluster, fingerprint="0" * 32)))
-        codec = Codec()
-        codec.receive_data(answer)
-        refusal = codec.next_event()
-        assert isinstance(refusal, Refuse) and refusal.reason == "fingerprint_mismatch"
-        answer = await _exchange(port, _frames(_hello(cluster, workers=(7,))))
-        codec = Codec()
-        codec.receive_data(answer)
-        refusal = codec.next_event()
+        hello = _hello(cluster)
+        answer = await _exchange(port, _frames(hello, _join(cluster, fingerprint="0" * 32)))
+        assert _refusal(answer).reason == "fingerprint_mismatch"
+        answer = await _exchange(port, _frames(hello, _join(cluster, workers=(7,))))
         # only the reason code goes back: this run's membership stays with this daemon
-        assert isinstance(refusal, Refuse) and refusal.reason == "membership_mismatch"
+        assert _refusal(answer).reason == "membership_mismatch"
+        # a Hello from an earlier start of cluster 1 than the one connected
+        stale = _hello(cluster, incarnation=cluster.daemons[1].incarnation - 1)
+        codec = Codec()
+        codec.receive_data(await _exchange(port, _frames(stale)))
+        refusal = codec.next_event()
+        assert isinstance(refusal, Refuse) and refusal.reason == "stale_incarnation"
 
         errors = target.stats.protocol_errors
         for reason in (
@@ -84,6 +103,7 @@ async def test_bad_input_closes_that_connection_counts_it_and_training_goes_on()
             "truncated",
             "fingerprint_mismatch",
             "membership_mismatch",
+            "stale_incarnation",
         ):
             assert errors[reason] >= 1, (reason, dict(errors))
         metrics = (await cluster.client(0).get("/metrics")).text
@@ -104,11 +124,10 @@ async def test_a_stranger_varying_its_hello_gets_one_log_line_not_one_per_try(
         assert port is not None
         caplog.set_level(logging.ERROR, logger="peerlearn.transport.peers")
         for i in range(10):
-            hello = _hello(cluster, name=f"stranger-{i}", fingerprint=f"{i:032x}")
-            codec = Codec()
-            codec.receive_data(await _exchange(port, _frames(hello)))
-            refusal = codec.next_event()
-            assert isinstance(refusal, Refuse) and refusal.reason == "fingerprint_mismatch"
+            hello = _hello(cluster, name=f"stranger-{i}")
+            join = _join(cluster, fingerprint=f"{i:032x}")
+            refusal = _refusal(await _exchange(port, _frames(hello, join)))
+            assert refusal.reason == "fingerprint_mismatch"
         lines = [r for r in caplog.records if r.getMessage().startswith("refusing")]
         assert len(lines) == 1, [r.getMessage() for r in lines]
         assert cluster.daemons[0].stats.protocol_errors["fingerprint_mismatch"] == 10
@@ -282,7 +301,7 @@ async def test_bad_data_after_the_handshake_closes_the_link() -> None:
         target = cluster.daemons[0]
         assert target.peer_port is not None
         await cluster.wait_for(lambda: cluster.min_step() > 3)
-        hello = _hello(cluster)
+        hello, join = _hello(cluster), _join(cluster)
         good = np.zeros(target.dim)
         for bad in (
             Data(seq=10**9, tag=("params", 5), sender=0, step=5, value=good),  # not cluster 1's
@@ -290,7 +309,7 @@ async def test_bad_data_after_the_handshake_closes_the_link() -> None:
             # addressed to a process daemon 0 does not host (process 1 lives on daemon 1)
             Data(10**9, ("params", 5), 1, 5, good, to=(1,), post=True),
         ):
-            await _exchange(target.peer_port, _frames(hello, bad))
+            await _exchange(target.peer_port, _frames(hello, join, bad))
         assert target.stats.protocol_errors["bad_data"] == 3
         before = cluster.min_step()
         await cluster.wait_for(lambda: cluster.min_step() > before + 5)

@@ -121,6 +121,54 @@ async def test_sigkill_one_daemon_of_four(algorithm: str) -> None:
         assert procs[0].poll() is None  # the survivors keep running
 
 
+def _metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in a /metrics text; 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_a_daemon_restarted_with_the_same_command_is_a_new_incarnation() -> None:
+    """SIGKILL one daemon of four and start it again with the same command, as compose's
+    `restart:` does. Its peers see a greater incarnation in its Hello: they number their frames
+    to it from 1 again and take its own frames from 1, so nothing is dropped as a duplicate or
+    refused as a gap, the survivors keep their pace and nobody logs a line per frame. (The
+    restarted daemon itself starts from x_1 at iteration 1; catching up is rejoin's work.)"""
+    with daemons(4, "--workers", "2", "--algorithm", "alg1") as (procs, urls):
+        await poll_status(urls[0], lambda s: steps(s) > 10)
+        os.kill(procs[3].pid, signal.SIGKILL)
+        procs[3].wait(30)
+        again = subprocess.Popen(procs[3].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            restarted = await poll_status(
+                urls[3], lambda s: all(p["state"] == "connected" for p in s["peers"])
+            )
+            assert restarted["workers"][0]["step"] <= 1  # a new process, from the start
+            before = [steps(await poll_status(url, lambda s: True)) for url in urls[:3]]
+            for url, step in zip(urls[:3], before, strict=True):
+                await poll_status(url, lambda s, b=step: steps(s) > b + 50)  # type: ignore[misc]
+            async with httpx.AsyncClient() as client:
+                for url in urls[:3]:
+                    metrics = (await client.get(f"{url}/metrics")).text
+                    gaps = 'peerlearn_protocol_errors_total{reason="sequence_gap"}'
+                    assert _metric(metrics, gaps) == 0
+                    # the restarted daemon's frames 1, 2, … are new, not repeats of the old ones
+                    duplicates = 'peerlearn_messages_dropped_total{reason="duplicate"}'
+                    assert _metric(metrics, duplicates) == 0
+            peers = (await poll_status(urls[0], lambda s: True))["peers"]
+            assert [p["state"] for p in peers] == ["connected"] * 3
+        finally:
+            again.kill()
+            again.wait(30)
+        for p in procs[:3]:
+            p.kill()
+            p.wait(30)
+        for p in (*procs[:3], again):
+            lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
+            assert len(lines) <= 50, lines[:10]
+
+
 @pytest.mark.parametrize("which", ["--api", "--listen"])
 def test_a_busy_port_is_one_line_naming_the_address_and_exit_2(which: str) -> None:
     """Today's uvicorn error, a `Task exception was never retrieved` traceback and exit 3 for a

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import pathlib
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -26,6 +27,7 @@ from peerlearn.wire import (
     CLOSED,
     MAGIC,
     MAX_HEADER,
+    MIN_PROTOCOL_VERSION,
     NEED_DATA,
     PREFIX,
     PROTOCOL_VERSION,
@@ -36,6 +38,7 @@ from peerlearn.wire import (
     Data,
     HandshakeError,
     Hello,
+    Join,
     LocalProtocolError,
     Message,
     Ping,
@@ -45,7 +48,8 @@ from peerlearn.wire import (
     Refuse,
     RemoteProtocolError,
     Welcome,
-    check_hello,
+    check_join,
+    negotiate,
 )
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -175,15 +179,29 @@ def body_values(depth: int) -> st.SearchStrategy[Any]:
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(
         Hello,
+        min_version=st.integers(0, 3),
+        max_version=st.integers(3, 255),
+        cluster=UINT63,
+        incarnation=UINT63,
+        nonce=UINT63,
+        name=texts,
+        mac=st.binary(max_size=64),
+    ),
+    st.builds(
+        Welcome,
         version=st.integers(0, 255),
         cluster=UINT63,
+        incarnation=UINT63,
+        nonce=UINT63,
+        mac=st.binary(max_size=64),
+    ),
+    st.builds(
+        Join,
         workers=st.lists(UINT63, max_size=6, unique=True).map(tuple),
         dim=UINT63,
         dtype=st.sampled_from(["float32", "float64"]),
         fingerprint=texts,
-        name=texts,
     ),
-    st.builds(Welcome, cluster=UINT63),
     st.builds(Refuse, reason=st.text(max_size=40)),
     st.builds(
         Data,
@@ -253,7 +271,7 @@ def test_long_streams_through_the_smallest_read_buffer(seed: int) -> None:
 
 def test_exact_events_from_known_bytes() -> None:
     stream = encode(Ping(7), Ack(3), Data(1, ("params", 2), 4, 2, np.array([1.5, -2.0])))
-    ping = b"PL\x02\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
+    ping = b"PL\x03\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
     assert stream.startswith(ping)  # the layout, spelled out once
     codec = Codec()
     codec.receive_data(stream)
@@ -394,7 +412,7 @@ PAY = bytes(16)
     [
         (b"GET / HTTP/1.1\r\n", Reason.BAD_MAGIC),
         (b"GE", Reason.BAD_MAGIC),  # refused after two bytes
-        (frame(GOOD, PAY, version=3), Reason.UNSUPPORTED_VERSION),
+        (frame(GOOD, PAY, version=4), Reason.UNSUPPORTED_VERSION),
         (frame(GOOD, PAY, version=0), Reason.UNSUPPORTED_VERSION),
         (frame(GOOD, PAY, flags=1), Reason.BAD_FLAGS),
         (frame(b"\xc1", PAY), Reason.BAD_HEADER),  # 0xc1: never used in msgpack
@@ -413,7 +431,10 @@ PAY = bytes(16)
         (frame({"t": "ack", "q": 1.0}), Reason.BAD_FIELD),
         (frame({"t": "ack", "q": -1}), Reason.BAD_FIELD),
         (frame({"t": "ack", "q": 2**64 - 1}), Reason.BAD_FIELD),  # uint64, not int64
-        (frame({"t": "welcome", "c": None}), Reason.BAD_FIELD),
+        (
+            frame({"t": "welcome", "v": 3, "c": None, "i": 1, "o": 1, "m": b""}),
+            Reason.BAD_FIELD,
+        ),
         (frame({"t": "bye", "r": b"bytes"}), Reason.BAD_FIELD),
         (frame({"t": "bye", "r": "x" * 2000}), Reason.BAD_FIELD),
         (frame({"t": "control", "k": "x", "b": [1]}), Reason.BAD_FIELD),
@@ -431,7 +452,7 @@ PAY = bytes(16)
         (frame(data_header(h=2), PAY), Reason.BAD_SHAPE),
         (frame(data_header(h=(2**63,)), PAY), Reason.BAD_SHAPE),
         (
-            frame({"t": "hello", "v": 1, "c": 0, "w": (1, 1), "d": 3, "y": "", "f": "", "n": ""}),
+            frame({"t": "join", "w": (1, 1), "d": 3, "y": "", "f": ""}),
             Reason.BAD_FIELD,  # duplicate worker ids
         ),
     ],
@@ -445,8 +466,8 @@ def test_malformed_input_reason(stream: bytes, reason: Reason) -> None:
 
 
 def test_unsupported_version_message() -> None:
-    err = remote_error(frame({"t": "ping", "o": 1}, version=3))
-    assert str(err) == "unsupported protocol version 3 (this side speaks 2)"
+    err = remote_error(frame({"t": "ping", "o": 1}, version=4))
+    assert str(err) == "unsupported protocol version 4 (this side speaks 3)"
 
 
 def test_errors_come_after_the_good_frames_and_stick() -> None:
@@ -564,8 +585,11 @@ def test_random_bytes_raise_only_remote_protocol_errors(junk: bytes, chunk: int)
         (lambda: Ack(True), Reason.BAD_FIELD),
         (lambda: Ping(2**63), Reason.BAD_FIELD),
         (lambda: Bye("x" * 1025), Reason.BAD_FIELD),
-        (lambda: Hello(256, 0, (), 1, "float64", "f", "n"), Reason.BAD_FIELD),
-        (lambda: Hello(1, 0, (1, 1), 1, "float64", "f", "n"), Reason.BAD_FIELD),
+        (lambda: Hello(3, 256, 0, 1, 1, "n"), Reason.BAD_FIELD),
+        (lambda: Hello(4, 3, 0, 1, 1, "n"), Reason.BAD_FIELD),  # an empty range
+        (lambda: Hello(3, 3, 0, 1, 1, "n", mac=b"x" * 65), Reason.BAD_FIELD),
+        (lambda: Hello(3, 3, 0, 1, 1, "n", mac="text"), Reason.BAD_FIELD),  # type: ignore[arg-type]
+        (lambda: Join((1, 1), 1, "float64", "f"), Reason.BAD_FIELD),
         (lambda: Control("x", {"a": {1, 2}}), Reason.BAD_FIELD),
         (lambda: Control("x", {"a": ((((((((((1,),),),),),),),),),)}), Reason.BAD_FIELD),
     ],
@@ -577,9 +601,9 @@ def test_illegal_messages_are_refused_locally(build: Callable[[], Message], reas
 
 
 def test_oversized_headers_are_refused_on_send() -> None:
-    hello = Hello(1, 0, tuple(range(2**40, 2**40 + 9000)), 1, "float64", "f", "n")
+    join = Join(tuple(range(2**40, 2**40 + 9000)), 1, "float64", "f")
     with pytest.raises(LocalProtocolError) as info:
-        Codec().send(hello)
+        Codec().send(join)
     assert info.value.reason is Reason.HEADER_TOO_LARGE
     with pytest.raises(LocalProtocolError) as info:
         Codec().send("not a message")  # type: ignore[arg-type]
@@ -606,22 +630,30 @@ def test_error_classes() -> None:
 
 # --- handshake ----------------------------------------------------------------------------------
 
-HELLO = Hello(PROTOCOL_VERSION, 2, (4, 5), 12, "float64", "run-abc", "b")
+HELLO = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, 2, 10**18, 7, "b")
+JOIN = Join((4, 5), 12, "float64", "run-abc")
 EXPECT = {"expect_dim": 12, "expect_dtype": "float64", "expect_fingerprint": "run-abc"}
 
 
-def test_check_hello_accepts_a_matching_peer() -> None:
-    check_hello(HELLO, **EXPECT)  # type: ignore[arg-type]
+def test_the_highest_common_version_is_spoken() -> None:
+    assert negotiate(HELLO) == PROTOCOL_VERSION
+    assert negotiate(replace(HELLO, max_version=PROTOCOL_VERSION + 5)) == PROTOCOL_VERSION
+    with pytest.raises(HandshakeError) as info:
+        negotiate(replace(HELLO, min_version=PROTOCOL_VERSION + 1, max_version=255))
+    assert info.value.reason is Reason.UNSUPPORTED_VERSION
+    assert f"peer speaks protocol versions {PROTOCOL_VERSION + 1}..255" in str(info.value)
+    assert "(peer 'b', cluster 2)" in str(info.value)
+    with pytest.raises(HandshakeError):
+        negotiate(replace(HELLO, min_version=0, max_version=MIN_PROTOCOL_VERSION - 1))
+
+
+def test_check_join_accepts_a_matching_peer() -> None:
+    check_join(JOIN, **EXPECT)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("change", "reason", "text"),
     [
-        (
-            {"version": 3},
-            Reason.UNSUPPORTED_VERSION,
-            "protocol version 3 not supported (this side speaks 2)",
-        ),
         ({"dim": 10}, Reason.DIM_MISMATCH, "dim 10 != 12"),
         ({"dtype": "float32"}, Reason.DTYPE_MISMATCH, "dtype float32 != float64"),
         (
@@ -631,23 +663,18 @@ def test_check_hello_accepts_a_matching_peer() -> None:
         ),
     ],
 )
-def test_check_hello_mismatches(change: dict[str, Any], reason: Reason, text: str) -> None:
-    fields = {
-        f: getattr(HELLO, f)
-        for f in ("version", "cluster", "workers", "dim", "dtype", "fingerprint", "name")
-    }
-    hello = Hello(**(fields | change))
+def test_check_join_mismatches(change: dict[str, Any], reason: Reason, text: str) -> None:
     with pytest.raises(HandshakeError) as info:
-        check_hello(hello, **EXPECT)  # type: ignore[arg-type]
+        check_join(replace(JOIN, **change), **EXPECT)  # type: ignore[arg-type]
     assert info.value.reason is reason
-    assert str(info.value).startswith(text) and "(peer 'b', cluster 2)" in str(info.value)
+    assert str(info.value).startswith(text)
 
 
-def test_a_hello_of_another_version_decodes_so_it_can_be_refused() -> None:
-    (hello,) = feed(encode(Hello(7, 1, (), 12, "float64", "run-abc", "future")))
+def test_a_hello_of_other_versions_decodes_so_it_can_be_refused() -> None:
+    (hello,) = feed(encode(Hello(7, 9, 1, 1, 1, "future")))
     assert isinstance(hello, Hello)
-    with pytest.raises(HandshakeError, match="protocol version 7 not supported"):
-        check_hello(hello, **EXPECT)  # type: ignore[arg-type]
+    with pytest.raises(HandshakeError, match=r"peer speaks protocol versions 7\.\.9"):
+        negotiate(hello)
 
 
 # --- layering -----------------------------------------------------------------------------------

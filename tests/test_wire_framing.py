@@ -25,7 +25,7 @@ from peerlearn.wire import (
     Codec,
     Control,
     Data,
-    Hello,
+    Join,
     LocalProtocolError,
     Message,
     Ping,
@@ -317,9 +317,9 @@ def test_remote_errors_say_what_was_wrong(
         (sent(Data(0, (), 0, 0, np.ones(2))), Reason.PAYLOAD_TOO_LARGE, ["16 bytes", "is 8"]),
         (sent("ping"), Reason.UNKNOWN_TYPE, ["not a message: str"]),
         (
-            sent(Hello(1, 0, tuple(range(2**40, 2**40 + 9000)), 1, "float64", "f", "n")),
+            sent(Join(tuple(range(2**40, 2**40 + 9000)), 1, "float64", "f")),
             Reason.HEADER_TOO_LARGE,
-            ["hello header of 81", f"> {MAX_HEADER}"],
+            ["join header of 81", f"> {MAX_HEADER}"],
         ),
     ],
 )

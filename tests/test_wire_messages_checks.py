@@ -25,6 +25,7 @@ from peerlearn.wire import (
     Control,
     Data,
     Hello,
+    Join,
     LocalProtocolError,
     Message,
     Ping,
@@ -52,15 +53,24 @@ MAX_WORKERS = 2**16
 
 def hello(**change: Any) -> Hello:
     fields: dict[str, Any] = {
-        "version": 1,
+        "min_version": 3,
+        "max_version": 3,
         "cluster": 0,
-        "workers": (1,),
-        "dim": 3,
-        "dtype": "float64",
-        "fingerprint": "f",
+        "incarnation": 1,
+        "nonce": 2,
         "name": "n",
     }
     return Hello(**(fields | change))
+
+
+def welcome(**change: Any) -> Welcome:
+    fields: dict[str, Any] = {"version": 3, "cluster": 0, "incarnation": 1, "nonce": 2}
+    return Welcome(**(fields | change))
+
+
+def join(**change: Any) -> Join:
+    fields: dict[str, Any] = {"workers": (1,), "dim": 3, "dtype": "float64", "fingerprint": "f"}
+    return Join(**(fields | change))
 
 
 def data(**change: Any) -> Data:
@@ -122,13 +132,14 @@ def test_numpy_integers_just_outside_are_refused(lo: int, hi: int) -> None:
 
 
 def test_text_caps() -> None:
-    assert hello(name="n" * MAX_TEXT, dtype="d" * MAX_TEXT, fingerprint="f" * MAX_TEXT)
+    assert hello(name="n" * MAX_TEXT)
+    assert join(dtype="d" * MAX_TEXT, fingerprint="f" * MAX_TEXT)
     assert Control("c" * MAX_TEXT, {}).name == "c" * MAX_TEXT
     assert Refuse("r" * MAX_REASON).reason == "r" * MAX_REASON
     assert Bye("r" * MAX_REASON).reason == "r" * MAX_REASON
     refused: list[tuple[Callable[[], object], str]] = [
-        (lambda: hello(dtype="d" * (MAX_TEXT + 1)), "dtype"),
-        (lambda: hello(fingerprint="f" * (MAX_TEXT + 1)), "fingerprint"),
+        (lambda: join(dtype="d" * (MAX_TEXT + 1)), "dtype"),
+        (lambda: join(fingerprint="f" * (MAX_TEXT + 1)), "fingerprint"),
         (lambda: hello(name="n" * (MAX_TEXT + 1)), "name"),
         (lambda: Control("c" * (MAX_TEXT + 1), {}), "name"),
         (lambda: Refuse("r" * (MAX_REASON + 1)), "reason"),
@@ -142,11 +153,11 @@ def test_text_caps() -> None:
 def test_sequence_caps() -> None:
     assert len(data(tag=[7] * MAX_TAG_LEN).tag) == MAX_TAG_LEN  # a list: the slow path
     assert len(data(to=list(range(MAX_RECIPIENTS))).to) == MAX_RECIPIENTS
-    assert len(hello(workers=list(range(MAX_WORKERS))).workers) == MAX_WORKERS
+    assert len(join(workers=list(range(MAX_WORKERS))).workers) == MAX_WORKERS
     refused: list[tuple[Callable[[], object], str, int]] = [
         (lambda: data(tag=[7] * (MAX_TAG_LEN + 1)), "tag", MAX_TAG_LEN),
         (lambda: data(to=list(range(MAX_RECIPIENTS + 1))), "to", MAX_RECIPIENTS),
-        (lambda: hello(workers=list(range(MAX_WORKERS + 1))), "workers", MAX_WORKERS),
+        (lambda: join(workers=list(range(MAX_WORKERS + 1))), "workers", MAX_WORKERS),
     ]
     for build, name, cap in refused:
         with pytest.raises(
@@ -190,12 +201,25 @@ def test_tags_are_normalized_on_the_slow_path() -> None:
 
 
 def test_every_message_stores_normalized_fields() -> None:
-    h = hello(version=np.uint8(2), cluster=np.int64(3), workers=[np.int32(4), 5], dim=np.int16(6))
-    assert (h.version, h.cluster, h.workers, h.dim) == (2, 3, (4, 5), 6)
-    assert [type(v) for v in (h.version, h.cluster, h.dim, *h.workers)] == [int] * 5
-    assert type(h.workers) is tuple
+    h = hello(
+        min_version=np.uint8(2),
+        max_version=np.uint8(3),
+        cluster=np.int64(3),
+        incarnation=np.int64(4),
+        nonce=np.int64(5),
+    )
+    assert (h.min_version, h.max_version, h.cluster, h.incarnation, h.nonce) == (2, 3, 3, 4, 5)
+    fields = (h.min_version, h.max_version, h.cluster, h.incarnation, h.nonce)
+    assert [type(v) for v in fields] == [int] * 5
+    w = welcome(
+        version=np.uint8(3), cluster=np.int64(3), incarnation=np.int64(4), nonce=np.int64(5)
+    )
+    assert (w.version, w.cluster, w.incarnation, w.nonce) == (3, 3, 4, 5)
+    assert [type(v) for v in (w.version, w.cluster, w.incarnation, w.nonce)] == [int] * 4
+    j = join(workers=[np.int32(4), 5], dim=np.int16(6))
+    assert (j.workers, j.dim) == ((4, 5), 6) and type(j.workers) is tuple
+    assert [type(v) for v in (j.dim, *j.workers)] == [int] * 3
     singles: list[tuple[Message, str]] = [
-        (Welcome(np.int64(7)), "cluster"),  # type: ignore[arg-type]
         (Ack(np.int64(7)), "seq"),  # type: ignore[arg-type]
         (Ping(np.int64(7)), "nonce"),  # type: ignore[arg-type]
         (Pong(np.int64(7)), "nonce"),  # type: ignore[arg-type]
@@ -244,24 +268,37 @@ def test_same_array_needs_the_same_type_shape_and_values() -> None:
     ("build", "reason", "message"),
     [
         (
-            lambda: make(Hello, "1", 0, (), 1, "d", "f", "n"),
+            lambda: make(Hello, "1", 3, 0, 1, 1, "n"),
             Reason.BAD_FIELD,
-            "version: expected an int",
+            "min_version: expected an int",
         ),
-        (lambda: hello(version=256), Reason.BAD_FIELD, "version: 256 out of range [0, 255]"),
-        (lambda: hello(cluster=-1), Reason.BAD_FIELD, "cluster: -1 out of range"),
-        (lambda: hello(dim=1.0), Reason.BAD_FIELD, "dim: expected an int, got float 1.0"),
-        (lambda: hello(dtype=1), Reason.BAD_FIELD, "dtype: expected a str, got int 1"),
-        (lambda: hello(fingerprint=None), Reason.BAD_FIELD, "fingerprint: expected a str"),
-        (lambda: hello(name=b"n"), Reason.BAD_FIELD, "name: expected a str, got bytes b'n'"),
-        (lambda: hello(workers=3), Reason.BAD_FIELD, "workers: expected a tuple, got int 3"),
-        (lambda: hello(workers=(1, "2")), Reason.BAD_FIELD, "workers element: expected an int"),
         (
-            lambda: hello(workers=(2, 1, 2)),
+            lambda: hello(max_version=256),
+            Reason.BAD_FIELD,
+            "max_version: 256 out of range [0, 255]",
+        ),
+        (lambda: hello(min_version=4), Reason.BAD_FIELD, "max_version: 3 below min_version 4"),
+        (lambda: hello(cluster=-1), Reason.BAD_FIELD, "cluster: -1 out of range"),
+        (lambda: hello(incarnation=-1), Reason.BAD_FIELD, "incarnation: -1 out of range"),
+        (lambda: hello(nonce=2**63), Reason.BAD_FIELD, "nonce: 9223372036854775808 out of range"),
+        (lambda: hello(name=b"n"), Reason.BAD_FIELD, "name: expected a str, got bytes b'n'"),
+        (lambda: hello(mac="m"), Reason.BAD_FIELD, "mac: expected bytes, got str 'm'"),
+        (lambda: hello(mac=b"m" * 65), Reason.BAD_FIELD, "mac: 65 bytes, at most 64"),
+        (lambda: welcome(version=256), Reason.BAD_FIELD, "version: 256 out of range [0, 255]"),
+        (lambda: welcome(cluster=-1), Reason.BAD_FIELD, "cluster: -1 out of range"),
+        (lambda: welcome(incarnation=-1), Reason.BAD_FIELD, "incarnation: -1 out of range"),
+        (lambda: welcome(nonce=-1), Reason.BAD_FIELD, "nonce: -1 out of range"),
+        (lambda: welcome(mac=bytearray(b"m")), Reason.BAD_FIELD, "mac: expected bytes"),
+        (lambda: join(dim=1.0), Reason.BAD_FIELD, "dim: expected an int, got float 1.0"),
+        (lambda: join(dtype=1), Reason.BAD_FIELD, "dtype: expected a str, got int 1"),
+        (lambda: join(fingerprint=None), Reason.BAD_FIELD, "fingerprint: expected a str"),
+        (lambda: join(workers=3), Reason.BAD_FIELD, "workers: expected a tuple, got int 3"),
+        (lambda: join(workers=(1, "2")), Reason.BAD_FIELD, "workers element: expected an int"),
+        (
+            lambda: join(workers=(2, 1, 2)),
             Reason.BAD_FIELD,
             "workers: duplicate process ids in (2, 1, 2)",
         ),
-        (lambda: Welcome(-1), Reason.BAD_FIELD, "cluster: -1 out of range"),
         (lambda: make(Refuse, 1), Reason.BAD_FIELD, "reason: expected a str, got int 1"),
         (lambda: make(Bye, None), Reason.BAD_FIELD, "reason: expected a str, got NoneType None"),
         (lambda: Ack(-1), Reason.BAD_FIELD, "seq: -1 out of range"),

@@ -49,7 +49,7 @@ from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.transport.links import LinkSettings, OutLink
 from peerlearn.transport.peers import PeerAddress, Transport
 from peerlearn.transport.stats import TransportStats
-from peerlearn.wire import PROTOCOL_VERSION, Hello
+from peerlearn.wire import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Hello, Join
 
 __all__ = ["Daemon", "DaemonState"]
 
@@ -78,6 +78,9 @@ class Daemon:
         self.run_cfg = cfg.run
         self.membership = cfg.membership
         self.me = cfg.me
+        #: which start of this daemon this is: its boot time, so a restart compares greater
+        #: (peers reset the sequence numbers they kept for the last one)
+        self.incarnation = time.time_ns()
         self.state = DaemonState.STARTING
         self.pids = self.membership.members[self.me.cluster]
         self.problem = build_problem(self.run_cfg)
@@ -204,13 +207,15 @@ class Daemon:
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         hello = Hello(
-            version=PROTOCOL_VERSION,
+            min_version=MIN_PROTOCOL_VERSION,
+            max_version=PROTOCOL_VERSION,
             cluster=self.me.cluster,
-            workers=self.pids,
-            dim=self.dim,
-            dtype="float64",
-            fingerprint=self.cfg.fingerprint,
+            incarnation=self.incarnation,
+            nonce=0,  # each connection draws its own
             name=f"{self.me.cluster}@{self.me.address}",
+        )
+        join = Join(
+            workers=self.pids, dim=self.dim, dtype="float64", fingerprint=self.cfg.fingerprint
         )
         peers = [
             PeerAddress(d.cluster, *parse_address(d.address))
@@ -226,6 +231,7 @@ class Daemon:
         )
         self.transport = Transport(
             hello,
+            join,
             self.membership,
             parse_address(self.cfg.listen),
             peers,

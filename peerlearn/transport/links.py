@@ -27,12 +27,13 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ from peerlearn.wire import (
     Codec,
     Data,
     Hello,
+    Join,
     LocalProtocolError,
     Message,
     Reason,
@@ -54,6 +56,7 @@ from peerlearn.wire import (
     RemoteProtocolError,
     Welcome,
 )
+from peerlearn.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
 __all__ = ["LinkSettings", "LinkState", "OutLink", "Throttle"]
 
@@ -123,7 +126,8 @@ class OutLink:
     """The sending side of the link to one remote daemon.
 
     :param name: the peer's label (``cluster:host:port``) for logs and metrics.
-    :param hello: our handshake.
+    :param hello: who this daemon is (a fresh nonce goes into each connection's copy).
+    :param join: this daemon's run, said once the peer has answered the Hello.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class OutLink:
         host: str,
         port: int,
         hello: Hello,
+        join: Join,
         settings: LinkSettings,
         stats: TransportStats,
         loop: asyncio.AbstractEventLoop,
@@ -150,6 +155,9 @@ class OutLink:
         self.failed_attempts = 0  # since the last connection (or the start)
         self._error_log = Throttle()
         self._hello = hello
+        self._join = join
+        #: the peer's incarnation at the last handshake: a greater one is a restarted daemon
+        self.peer_incarnation: int | None = None
         self._settings = settings
         self._stats = stats
         self._loop = loop
@@ -164,7 +172,9 @@ class OutLink:
         self._stop = asyncio.Event()  # close() was called
         self._closing = False
         self._proto: FrameProtocol | None = None
-        self._welcome: asyncio.Future[Message | None] | None = None  # None: connection lost
+        #: the handshake answer awaited (Welcome to the Hello, Ack to the Join, or Refuse);
+        #: None: the connection was lost
+        self._answer: asyncio.Future[Message | None] | None = None
         #: the name lookup under way: one at a time, however long the resolver hangs
         self._lookup: asyncio.Future[list[Any]] | None = None
 
@@ -279,7 +289,6 @@ class OutLink:
     async def _connect(self) -> bool:
         # Acks and handshake answers come back: nothing big is ever received on this link.
         codec = Codec(max_payload=self._settings.max_payload, allocator=_tiny_only)
-        self._welcome = self._loop.create_future()
         try:
             addresses = await self._resolve()
         except (OSError, TimeoutError) as exc:
@@ -294,23 +303,19 @@ class OutLink:
             if not self._closing:
                 self._failed(self._connect_error(exc), logging.INFO)
             return False
-        proto.send(self._hello)
-        try:
-            answer = await self._unless_stopped(asyncio.shield(self._welcome))
-        except TimeoutError:
-            proto.close()
-            if not self._closing:
-                timeout = self._settings.connect_timeout
-                self._failed(f"no answer to the handshake within {timeout:g}s", logging.INFO)
+        welcome = await self._ask(proto, replace(self._hello, nonce=secrets.randbits(63)), Welcome)
+        if welcome is None:
             return False
-        if answer is None:  # the connection was lost during the handshake
-            self._failed("connection closed during the handshake", logging.INFO)
-            return False
-        if isinstance(answer, Refuse):
-            self.last_refusal = f"refused this daemon: {self._refusal(answer.reason)}"
-            self._failed(self.last_refusal, logging.ERROR, repeat=True)
-            self._stats.error("handshake_refused")
+        assert isinstance(welcome, Welcome)
+        if (problem := self._welcome_problem(welcome)) is not None:
             proto.close()
+            self._stats.error("bad_welcome")
+            self._failed(problem, logging.ERROR, repeat=True)
+            return False
+        if self.peer_incarnation is not None and welcome.incarnation > self.peer_incarnation:
+            self._peer_restarted()
+        self.peer_incarnation = welcome.incarnation
+        if await self._ask(proto, self._join, Ack) is None:
             return False
         self._proto = proto
         self.state = LinkState.CONNECTED
@@ -326,6 +331,76 @@ class OutLink:
         self._queue.extendleft(reversed(self._unacked))
         self._unacked.clear()
         return True
+
+    async def _ask(
+        self, proto: FrameProtocol, msg: Message, expect: type[Message]
+    ) -> Message | None:
+        """Send a handshake message and wait for its answer, of type ``expect``: the answer, or
+        None (the connection closed and the failure recorded) on a refusal, a lost connection,
+        no answer within ``connect_timeout`` or anything else."""
+        self._answer = self._loop.create_future()
+        if proto.closed.is_set():  # lost before this question: no answer will come
+            self._answer.set_result(None)
+        proto.send(msg)
+        try:
+            answer = await self._unless_stopped(asyncio.shield(self._answer))
+        except TimeoutError:
+            proto.close()
+            if not self._closing:
+                timeout = self._settings.connect_timeout
+                self._failed(f"no answer to the handshake within {timeout:g}s", logging.INFO)
+            return None
+        if answer is None:  # the connection was lost during the handshake
+            self._failed("connection closed during the handshake", logging.INFO)
+            return None
+        if isinstance(answer, Refuse):
+            self.last_refusal = f"refused this daemon: {self._refusal(answer.reason)}"
+            self._failed(self.last_refusal, logging.ERROR, repeat=True)
+            self._stats.error("handshake_refused")
+            proto.close()
+            return None
+        if not isinstance(answer, expect):
+            proto.close()
+            self._stats.error("unexpected_message")
+            self._failed(f"answered the handshake with {answer.kind}", logging.ERROR)
+            return None
+        return answer
+
+    def _welcome_problem(self, welcome: Welcome) -> str | None:
+        """Why the peer's Welcome cannot be taken, or None."""
+        if not MIN_PROTOCOL_VERSION <= welcome.version <= PROTOCOL_VERSION:
+            return (
+                f"answered with protocol version {welcome.version}, which this daemon does not "
+                f"speak ({MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION})"
+            )
+        if welcome.cluster != self.cluster:
+            return (
+                f"the daemon at {self.host}:{self.port} is cluster {welcome.cluster}, not "
+                f"{self.cluster}: the daemon lists disagree"
+            )
+        if self.peer_incarnation is not None and welcome.incarnation < self.peer_incarnation:
+            return (
+                f"answered as incarnation {welcome.incarnation}, older than "
+                f"{self.peer_incarnation} seen before: is a stale daemon still running there?"
+            )
+        return None
+
+    def _peer_restarted(self) -> None:
+        """The peer is a new incarnation: it keeps nothing of the frames numbered for the last
+        one, so they are dropped (counted) and numbering starts over."""
+        dropped = self.outstanding
+        self._queue.clear()
+        self._unacked.clear()
+        self._seq = 0
+        for _ in range(dropped):
+            self._room.release()
+        if dropped:
+            self._stats.drop("peer_restarted", dropped)
+        log.info(
+            "%s restarted (new incarnation): %d frames for its last incarnation dropped",
+            self.name,
+            dropped,
+        )
 
     async def _resolve(self) -> list[str]:
         """The peer's addresses, on their own: inside the connect, a resolver that times out
@@ -471,19 +546,27 @@ class OutLink:
                 return (
                     "its run settings differ from this daemon's (algorithm, problem, seed, "
                     "steps, lr, … or the daemon list): start every daemon with the same run. "
-                    f"This daemon's run fingerprint is {hello.fingerprint}; each daemon shows "
+                    f"This daemon's run fingerprint is {self._join.fingerprint}; each daemon shows "
                     "its own as the fingerprint label of peerlearn_config_info"
                 )
             case Reason.DIM_MISMATCH:
-                return f"its model dimension differs from this daemon's ({hello.dim})"
+                return f"its model dimension differs from this daemon's ({self._join.dim})"
             case Reason.DTYPE_MISMATCH:
-                return f"its model dtype differs from this daemon's ({hello.dtype})"
+                return f"its model dtype differs from this daemon's ({self._join.dtype})"
             case Reason.UNSUPPORTED_VERSION:
-                return f"it does not speak this daemon's protocol version {hello.version}"
+                return (
+                    "it speaks none of this daemon's protocol versions "
+                    f"({hello.min_version}..{hello.max_version})"
+                )
+            case Reason.STALE_INCARNATION:
+                return (
+                    f"it has seen a later start of cluster {hello.cluster} than this one: is "
+                    "another daemon running as this cluster, or did this host's clock go back?"
+                )
             case "membership_mismatch":
                 return (
                     "its daemon list differs from this daemon's (this daemon is cluster "
-                    f"{hello.cluster} with processes {list(hello.workers)})"
+                    f"{hello.cluster} with processes {list(self._join.workers)})"
                 )
             case "bad_handshake":
                 return "it did not understand this daemon's handshake"
@@ -498,10 +581,10 @@ class OutLink:
                     self._unacked.popleft()
                     self._room.release()
                 self._acked.set()  # a draining close waits on this
+                self._answered(msg)  # the answer to a Join, when one is awaited
             case Welcome() | Refuse():
                 self._peer_left = False
-                if self._welcome is not None and not self._welcome.done():
-                    self._welcome.set_result(msg)
+                self._answered(msg)
             case Bye(reason=reason):
                 log.info("%s said bye: %s", self.name, reason)
                 self._peer_left = True
@@ -511,12 +594,15 @@ class OutLink:
                 self._stats.error("unexpected_message")
                 proto.close()
 
+    def _answered(self, msg: Message | None) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(msg)
+
     def _on_error(self, proto: FrameProtocol, exc: RemoteProtocolError) -> None:
         self._stats.error(str(exc.reason))
 
     def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
-        if self._welcome is not None and not self._welcome.done():
-            self._welcome.set_result(None)
+        self._answered(None)
         if self.state is LinkState.CONNECTED:
             log.info("%s: connection lost (%s)", self.name, exc or "closed")
 

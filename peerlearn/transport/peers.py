@@ -1,11 +1,16 @@
 """The daemon's network side: a listening server for inbound links, one OutLink per peer.
 
-Inbound connections start with the dialer's ``Hello``; it is checked (protocol version, model
-dimension and dtype, run fingerprint, and that cluster and worker ids match the static
-membership) and answered with ``Welcome`` or ``Refuse(reason)`` — a refused handshake is logged
-with its reason, counted, and the connection closed. Then come ``Data`` frames: duplicates
-(seq ≤ the last delivered from that daemon, after a reconnect) are dropped and counted, the
-rest handed to ``deliver`` on the event loop, and acked cumulatively once per read batch. A Data
+Inbound connections start with the dialer's ``Hello``: the versions it speaks, its cluster id
+(a peer in the static membership) and its incarnation. An incarnation greater than the last one
+seen from that cluster is a restarted daemon: what was kept for the old one (the sequence number
+of the last frame delivered, its connections) is dropped; an older one is refused. The answer
+is ``Welcome`` (the version, this daemon's own incarnation) or ``Refuse(reason)``. Then the
+dialer's ``Join`` says its run (process ids, model dimension and dtype, fingerprint), answered
+with an ``Ack`` of the last frame delivered from it, or ``Refuse`` — a refused handshake is
+logged with its reason, counted, and the connection closed. Then come ``Data`` frames:
+duplicates (seq ≤ the last delivered from that daemon, after a reconnect) are dropped and
+counted, the rest handed to ``deliver`` on the event loop, and acked cumulatively once per read
+batch. A Data
 frame whose values are not all finite is acked too but dropped (counted ``non_finite``): no
 model may take it in, and a link closed over it would have the sender resend it forever.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,13 +37,16 @@ from peerlearn.wire import (
     Data,
     HandshakeError,
     Hello,
+    Join,
     Message,
     Ping,
     Pong,
+    Reason,
     Refuse,
     RemoteProtocolError,
     Welcome,
-    check_hello,
+    check_join,
+    negotiate,
 )
 
 __all__ = ["PeerAddress", "Transport"]
@@ -59,7 +68,10 @@ class PeerAddress:
 
 @dataclass
 class _Inbound:
-    cluster: int | None = None  # set once the handshake succeeded
+    cluster: int | None = None  # set once the Hello is accepted
+    incarnation: int = 0  # the dialer's, from its Hello
+    name: str = ""  # the dialer's display name, from its Hello
+    joined: bool = False  # its Join is accepted: Data may come
     ack_pending: bool = False
 
 
@@ -69,6 +81,7 @@ class Transport:
     def __init__(
         self,
         hello: Hello,
+        join: Join,
         membership: Membership,
         listen: tuple[str, int],
         peers: list[PeerAddress],
@@ -78,6 +91,7 @@ class Transport:
         pool: BufferPool | None = None,
     ) -> None:
         self.hello = hello
+        self.join = join
         self.membership = membership
         self.listen = listen
         self.peers = peers
@@ -87,7 +101,7 @@ class Transport:
         self._deliver = deliver
         self._loop = asyncio.get_running_loop()
         self.links = [
-            OutLink(p.cluster, p.host, p.port, hello, settings, self.stats, self._loop)
+            OutLink(p.cluster, p.host, p.port, hello, join, settings, self.stats, self._loop)
             for p in peers
         ]
         self._by_cluster = {link.cluster: link for link in self.links}
@@ -96,6 +110,7 @@ class Transport:
         # first (a dict keeps insertion order), at most _MAX_REFUSALS_TRACKED
         self._refusals: dict[tuple[str, str], Throttle] = {}
         self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered
+        self._incarnations: dict[int, int] = {}  # peer cluster -> its latest incarnation
         self._non_finite_from: set[int] = set()  # peer clusters already logged for it
         self._server: asyncio.Server | None = None
         self.port: int | None = None
@@ -170,7 +185,9 @@ class Transport:
         """The peer daemons frames can come from now: over this daemon's link to them, or
         theirs to it (a handshake that succeeded in either direction)."""
         out = {link.cluster for link in self.links if link.state is LinkState.CONNECTED}
-        return out | {s.cluster for s in self._inbound.values() if s.cluster is not None}
+        return out | {
+            s.cluster for s in self._inbound.values() if s.joined and s.cluster is not None
+        }
 
     # --- inbound ------------------------------------------------------------------------------
 
@@ -182,12 +199,14 @@ class Transport:
 
     def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
         state = self._inbound[proto]
-        if state.cluster is None:
+        if not state.joined or state.cluster is None:
             self._handshake(proto, state, msg)
             return
         match msg:
             case Data() as data:
                 peer = state.cluster
+                if state.incarnation != self._incarnations.get(peer):
+                    return  # a connection of the daemon's last incarnation, being closed
                 problem = self._data_problem(peer, data)
                 if problem is not None:  # well-framed but not of this run: close, count
                     self.stats.error("bad_data")
@@ -234,28 +253,87 @@ class Transport:
                 proto.close()
 
     def _handshake(self, proto: FrameProtocol, state: _Inbound, msg: Message) -> None:
+        if state.cluster is None:
+            self._hello(proto, state, msg)
+        else:
+            self._join(proto, state, msg)
+
+    def _hello(self, proto: FrameProtocol, state: _Inbound, msg: Message) -> None:
         if not isinstance(msg, Hello):
             self._refuse(proto, None, "bad_handshake", f"expected hello, got {msg.kind}")
             return
+        who = f"daemon {msg.name!r} (cluster {msg.cluster})"
         try:
-            check_hello(
+            version = negotiate(msg)
+        except HandshakeError as exc:
+            self._refuse(proto, who, str(exc.reason), str(exc))
+            return
+        m = self.membership
+        if not 0 <= msg.cluster < m.clusters or msg.cluster == self.hello.cluster:
+            text = f"cluster {msg.cluster} is not a peer of cluster {self.hello.cluster}"
+            self._refuse(proto, who, "membership_mismatch", text)
+            return
+        known = self._incarnations.get(msg.cluster)
+        if known is not None and msg.incarnation < known:
+            text = f"incarnation {msg.incarnation} is older than {known}, already seen"
+            self._refuse(proto, who, Reason.STALE_INCARNATION, text)
+            return
+        if known is None or msg.incarnation > known:
+            self._new_incarnation(proto, msg, restarted=known is not None)
+        state.cluster, state.incarnation, state.name = msg.cluster, msg.incarnation, msg.name
+        proto.send(
+            Welcome(
+                version=version,
+                cluster=self.hello.cluster,
+                incarnation=self.hello.incarnation,
+                nonce=secrets.randbits(63),
+            )
+        )
+
+    def _new_incarnation(self, proto: FrameProtocol, hello: Hello, restarted: bool) -> None:
+        """Daemon ``hello.cluster`` started (again): its frames are numbered from 1 anew, and
+        connections of its last incarnation (half-open after a crash) are closed."""
+        self._incarnations[hello.cluster] = hello.incarnation
+        self._delivered.pop(hello.cluster, None)
+        for other, st in list(self._inbound.items()):
+            if other is not proto and st.cluster == hello.cluster:
+                other.close()
+        if restarted:
+            log.info(
+                "%s: daemon %s restarted (new incarnation): its frames are numbered anew",
+                self,
+                hello.name,
+            )
+
+    def _join(self, proto: FrameProtocol, state: _Inbound, msg: Message) -> None:
+        who = f"daemon {state.name!r} (cluster {state.cluster})"
+        if not isinstance(msg, Join):
+            self._refuse(proto, who, "bad_handshake", f"expected join, got {msg.kind}")
+            return
+        try:
+            check_join(
                 msg,
-                expect_dim=self.hello.dim,
-                expect_dtype=self.hello.dtype,
-                expect_fingerprint=self.hello.fingerprint,
+                expect_dim=self.join.dim,
+                expect_dtype=self.join.dtype,
+                expect_fingerprint=self.join.fingerprint,
             )
         except HandshakeError as exc:
-            self._refuse(proto, msg, str(exc.reason), str(exc))
+            self._refuse(proto, who, str(exc.reason), str(exc))
             return
-        problem = self._membership_problem(msg)
-        if problem is not None:
-            self._refuse(proto, msg, "membership_mismatch", problem)
+        assert state.cluster is not None
+        members = self.membership.members[state.cluster]
+        if tuple(msg.workers) != members:
+            text = (
+                f"cluster {state.cluster} hosts processes {list(members)} here, "
+                f"but says {list(msg.workers)}"
+            )
+            self._refuse(proto, who, "membership_mismatch", text)
             return
-        state.cluster = msg.cluster
-        proto.send(Welcome(cluster=self.hello.cluster))
-        log.info("%s: inbound link from daemon %s (%s) established", self, msg.name, proto.remote)
+        state.joined = True
+        proto.send(Ack(seq=self._delivered.get(state.cluster, 0)))
+        log.info("%s: inbound link from %s (%s) established", self, who, proto.remote)
 
-    def _refuse(self, proto: FrameProtocol, hello: Hello | None, reason: str, text: str) -> None:
+    def _refuse(self, proto: FrameProtocol, who: str | None, reason: str, text: str) -> None:
         """Refuse a dialer: the reason code goes back (the dialer words it from its side; the
         details would be this run's settings, sent to a peer not authenticated), the details
         into this daemon's log — once, then at doubling intervals per remote host and reason,
@@ -263,7 +341,7 @@ class Transport:
         claims: a stranger varying its name or fingerprint gets no log line per connection."""
         self.stats.error(reason)
         host = proto.peername[0] if isinstance(proto.peername, tuple) else str(proto.peername)
-        who = f"daemon {hello.name!r} (cluster {hello.cluster})" if hello else host
+        who = who or host
         key = (host, reason)
         throttle = self._refusals.pop(key, None) or Throttle()
         self._refusals[key] = throttle  # most recently refused last: the first is evicted
@@ -275,27 +353,16 @@ class Transport:
         proto.send(Refuse(reason=reason))
         proto.close()
 
-    def _membership_problem(self, hello: Hello) -> str | None:
-        m = self.membership
-        if not 0 <= hello.cluster < m.clusters or hello.cluster == self.hello.cluster:
-            return f"cluster {hello.cluster} is not a peer of cluster {self.hello.cluster}"
-        if tuple(hello.workers) != m.members[hello.cluster]:
-            return (
-                f"cluster {hello.cluster} hosts processes {list(m.members[hello.cluster])} here, "
-                f"but says {list(hello.workers)}"
-            )
-        return None
-
     def _data_problem(self, peer: int, data: Data) -> str | None:
         """Why a Data frame from daemon ``peer`` cannot be a message of this run, or None."""
         if data.sender not in self.membership.members[peer]:
             return f"sender {data.sender} is not a process of cluster {peer}"
-        if data.value.shape != (self.hello.dim,) or data.value.dtype.name != self.hello.dtype:
+        if data.value.shape != (self.join.dim,) or data.value.dtype.name != self.join.dtype:
             return (
                 f"value of shape {data.value.shape} and dtype {data.value.dtype}, "
-                f"expected ({self.hello.dim},) {self.hello.dtype}"
+                f"expected ({self.join.dim},) {self.join.dtype}"
             )
-        if any(p not in self.hello.workers for p in data.to):
+        if any(p not in self.join.workers for p in data.to):
             return f"recipients {data.to} are not all processes of this daemon"
         if (
             len(data.tag) < 2
@@ -307,7 +374,7 @@ class Transport:
 
     def _ack(self, proto: FrameProtocol, state: _Inbound) -> None:
         state.ack_pending = False
-        if state.cluster is not None:
+        if state.cluster is not None and state.incarnation == self._incarnations.get(state.cluster):
             proto.send(Ack(seq=self._delivered.get(state.cluster, 0)))
 
     def _on_error(self, proto: FrameProtocol, exc: RemoteProtocolError) -> None:

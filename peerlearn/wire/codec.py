@@ -27,10 +27,11 @@ Versions
 --------
 Every frame carries the protocol version in its prefix. A frame of another version is refused
 as soon as its prefix is in (``unsupported_version``): its header layout is unknown, so there
-is nothing safe to parse. ``Hello.version`` repeats the version for the handshake
-(:func:`check_hello`). The rule for a future version 2: send the Hello in version-1 framing,
-announcing 2 in ``Hello.version``, and switch framing only after a ``Welcome``; a version-1
-peer then refuses with a clear handshake reason instead of a framing error.
+is nothing safe to parse. ``Hello`` announces the range of versions its sender speaks and the
+``Welcome`` names the one both will (:func:`negotiate`). The rule for a future version 4 that
+changes the framing: send the Hello in the oldest framing both may share, announcing 3..4, and
+switch framing only after a ``Welcome`` that names 4; a version-3 peer then answers with 3, or
+refuses with a clear handshake reason instead of a framing error.
 
 The codec frames; it does not know the conversation (which message may come when), which is
 the link's business in ``transport/``.
@@ -53,7 +54,7 @@ from peerlearn.wire.errors import (
     RemoteProtocolError,
 )
 from peerlearn.wire.header import DataHead, decode_header, encode_header
-from peerlearn.wire.messages import MESSAGE_TYPES, Array, Data, Hello, Message
+from peerlearn.wire.messages import MESSAGE_TYPES, Array, Data, Hello, Join, Message
 
 __all__ = [
     "CLOSED",
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_READ_BUFFER",
     "MAGIC",
     "MAX_HEADER",
+    "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PREFIX",
     "PROTOCOL_VERSION",
@@ -68,11 +70,16 @@ __all__ = [
     "Codec",
     "Event",
     "Sentinel",
-    "check_hello",
+    "check_join",
     "default_allocator",
+    "negotiate",
 ]
 
-PROTOCOL_VERSION: Final = 2  # 2: Data carries recipients (to) and post
+#: 2: Data carries recipients (to) and post; 3: the handshake says Hello/Welcome (versions,
+#: incarnation, nonce, room for a MAC), then Join (the run), answered by an Ack
+PROTOCOL_VERSION: Final = 3
+#: the oldest version this side still speaks (a Hello announces the range)
+MIN_PROTOCOL_VERSION: Final = 3
 MAGIC: Final = b"PL"
 PREFIX: Final = struct.Struct("!2sBBIQ")  # magic, version, flags, header length, payload length
 
@@ -443,32 +450,39 @@ class Codec:
         )
 
 
-def check_hello(
-    hello: Hello, *, expect_dim: int, expect_dtype: str, expect_fingerprint: str
-) -> None:
-    """Accept the peer's Hello, or raise why not (the text is fit for a ``Refuse``).
-
-    Checked in this order, so the most specific reason wins: the protocol version, the model
-    dimension, the dtype, then the run fingerprint (which covers the other two as well).
+def negotiate(hello: Hello) -> int:
+    """The protocol version to speak with the peer that sent ``hello``: the highest both speak.
 
     Raises:
-        HandshakeError: ``unsupported_version``, ``dim_mismatch``, ``dtype_mismatch`` or
-            ``fingerprint_mismatch``.
+        HandshakeError: ``unsupported_version`` when the ranges do not overlap.
     """
-    peer = f"(peer {hello.name!r}, cluster {hello.cluster})"
-    if hello.version != PROTOCOL_VERSION:
+    version = min(hello.max_version, PROTOCOL_VERSION)
+    if version < max(hello.min_version, MIN_PROTOCOL_VERSION):
         raise HandshakeError(
             Reason.UNSUPPORTED_VERSION,
-            f"protocol version {hello.version} not supported "
-            f"(this side speaks {PROTOCOL_VERSION}) {peer}",
+            f"peer speaks protocol versions {hello.min_version}..{hello.max_version}, this side "
+            f"{MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION} (peer {hello.name!r}, cluster "
+            f"{hello.cluster})",
         )
-    if hello.dim != expect_dim:
-        raise HandshakeError(Reason.DIM_MISMATCH, f"dim {hello.dim} != {expect_dim} {peer}")
-    if hello.dtype != expect_dtype:
-        raise HandshakeError(Reason.DTYPE_MISMATCH, f"dtype {hello.dtype} != {expect_dtype} {peer}")
-    if hello.fingerprint != expect_fingerprint:
+    return version
+
+
+def check_join(join: Join, *, expect_dim: int, expect_dtype: str, expect_fingerprint: str) -> None:
+    """Accept the peer's run, or raise why not (for this side's log; the peer gets the code).
+
+    Checked in this order, so the most specific reason wins: the model dimension, the dtype,
+    then the run fingerprint (which covers the other two as well).
+
+    Raises:
+        HandshakeError: ``dim_mismatch``, ``dtype_mismatch`` or ``fingerprint_mismatch``.
+    """
+    if join.dim != expect_dim:
+        raise HandshakeError(Reason.DIM_MISMATCH, f"dim {join.dim} != {expect_dim}")
+    if join.dtype != expect_dtype:
+        raise HandshakeError(Reason.DTYPE_MISMATCH, f"dtype {join.dtype} != {expect_dtype}")
+    if join.fingerprint != expect_fingerprint:
         raise HandshakeError(
             Reason.FINGERPRINT_MISMATCH,
-            f"fingerprint mismatch: peer runs {hello.fingerprint!r}, "
-            f"this run is {expect_fingerprint!r} {peer}",
+            f"fingerprint mismatch: peer runs {join.fingerprint!r}, "
+            f"this run is {expect_fingerprint!r}",
         )

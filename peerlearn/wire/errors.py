@@ -57,6 +57,7 @@ class Reason(StrEnum):
     DIM_MISMATCH = "dim_mismatch"
     DTYPE_MISMATCH = "dtype_mismatch"
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+    STALE_INCARNATION = "stale_incarnation"  # a Hello older than one already seen from it
 
 
 class ProtocolError(PeerlearnError):

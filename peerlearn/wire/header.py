@@ -39,15 +39,22 @@ __all__ = ["HEADER_KEYS", "DataHead", "decode_header", "encode_header"]
 # wire key -> field name, per message type ("t" is common to all).
 HEADER_KEYS: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
     "hello": (
+        ("v", "min_version"),
+        ("x", "max_version"),
+        ("c", "cluster"),
+        ("i", "incarnation"),
+        ("o", "nonce"),
+        ("n", "name"),
+        ("m", "mac"),
+    ),
+    "welcome": (
         ("v", "version"),
         ("c", "cluster"),
-        ("w", "workers"),
-        ("d", "dim"),
-        ("y", "dtype"),
-        ("f", "fingerprint"),
-        ("n", "name"),
+        ("i", "incarnation"),
+        ("o", "nonce"),
+        ("m", "mac"),
     ),
-    "welcome": (("c", "cluster"),),
+    "join": (("w", "workers"), ("d", "dim"), ("y", "dtype"), ("f", "fingerprint")),
     "refuse": (("r", "reason"),),
     # plus "y" (dtype code) and "h" (shape), which describe the payload: _PAYLOAD_KEYS
     "data": (

@@ -7,12 +7,17 @@ on exactly what comes out of a codec.
 =====================================================  ============================================
 message                                                meaning
 =====================================================  ============================================
-``Hello(version, cluster, workers, dim, dtype,         the handshake, sent first by both sides:
-fingerprint, name)``                                   who I am, which global process ids I host,
+``Hello(min_version, max_version, cluster,             the dialer's first message: the versions
+incarnation, nonce, name, mac)``                       it speaks, who it is and in which
+                                                       incarnation (greater after a restart), a
+                                                       fresh nonce, room for a MAC
+``Welcome(version, cluster, incarnation, nonce,        your Hello is accepted: the version we
+mac)``                                                 speak, who I am, my incarnation and nonce
+``Join(workers, dim, dtype, fingerprint)``             the dialer's run: the process ids it hosts,
                                                        the model's dimension and dtype, the run
-                                                       fingerprint
-``Welcome(cluster)``                                   your Hello is accepted (I am ``cluster``)
-``Refuse(reason)``                                     your Hello is refused; I close
+                                                       fingerprint; answered with ``Ack`` (the
+                                                       last frame delivered) or ``Refuse``
+``Refuse(reason)``                                     your Hello or Join is refused; I close
 ``Data(seq, tag, sender, step, value, to, post)``      an algorithm message (one copy of a
                                                        broadcast); ``seq`` numbers it on this link
                                                        for acks, resend and dedupe; ``step`` is
@@ -57,6 +62,7 @@ __all__ = [
     "INT64_MIN",
     "MAX_BODY_DEPTH",
     "MAX_DIMS",
+    "MAX_MAC",
     "MAX_REASON",
     "MAX_TAG_LEN",
     "MAX_TEXT",
@@ -67,6 +73,7 @@ __all__ = [
     "Control",
     "Data",
     "Hello",
+    "Join",
     "Message",
     "Ping",
     "Pong",
@@ -80,6 +87,7 @@ Array: TypeAlias = npt.NDArray[Any]
 INT64_MAX: Final = 2**63 - 1
 INT64_MIN: Final = -(2**63)
 MAX_TEXT: Final = 256  # names, fingerprints, dtype names, tag strings, Control names
+MAX_MAC: Final = 64  # a handshake MAC: HMAC-SHA256 is 32 bytes
 MAX_REASON: Final = 1024  # Refuse / Bye reasons: room for two fingerprints and a sentence
 # Tags are (kind, t), (kind, t, r), (kind, t, r, k) — and DASGD's (kind, origin, seq, step,
 # version vector…), one int per process: the header cap bounds the rest.
@@ -123,6 +131,15 @@ def check_str(field: str, value: object, max_len: int = MAX_TEXT) -> str:
         _bad(field, f"expected a str, got {type(value).__name__} {excerpt(value)}")
     if len(value) > max_len:
         _bad(field, f"{len(value)} characters, at most {max_len}")
+    return value
+
+
+def check_bytes(field: str, value: object, max_len: int = MAX_MAC) -> bytes:
+    """``value`` as ``bytes`` of at most ``max_len``."""
+    if type(value) is not bytes:
+        _bad(field, f"expected bytes, got {type(value).__name__} {excerpt(value)}")
+    if len(value) > max_len:
+        _bad(field, f"{len(value)} bytes, at most {max_len}")
     return value
 
 
@@ -211,36 +228,83 @@ def _freeze(obj: object, name: str, value: object, original: object) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """The handshake, sent first by both sides of a link."""
+    """The dialer's first message: who it is, in which incarnation, which versions it speaks.
 
-    version: int  # the protocol version the sender speaks
+    ``incarnation`` grows with every start of the daemon (its boot time in ns, or a counter
+    kept in its state directory): a peer that sees a greater one knows the daemon restarted and
+    resets what it kept for the old one (sequence numbers both ways). ``nonce`` is fresh per
+    connection and ``mac`` (empty: none) is where an authenticated handshake answers the other
+    side's nonce. Nothing about the run is said before the other side has answered: that is
+    :class:`Join`'s."""
+
+    min_version: int  # the protocol versions the sender speaks: min_version..max_version
+    max_version: int
     cluster: int  # the sender's cluster (daemon) id
-    workers: tuple[int, ...]  # the global process ids the sender hosts
-    dim: int  # model dimension
-    dtype: str  # model dtype name ("float32", "float64"); compared, not interpreted
-    fingerprint: str  # the run fingerprint (algorithm, problem, seed, hyper-parameters, …)
+    incarnation: int  # greater after every restart of the sender
+    nonce: int  # random, per connection
     name: str  # the daemon's display name, for logs
+    mac: bytes = b""  # proof of the cluster secret over both nonces; empty: unauthenticated
     kind: Literal["hello"] = field(default="hello", init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _freeze(self, "version", check_int("version", self.version, 0, 255), self.version)
+        _freeze(
+            self,
+            "min_version",
+            check_int("min_version", self.min_version, 0, 255),
+            self.min_version,
+        )
+        _freeze(
+            self,
+            "max_version",
+            check_int("max_version", self.max_version, 0, 255),
+            self.max_version,
+        )
+        if self.min_version > self.max_version:
+            _bad("max_version", f"{self.max_version} below min_version {self.min_version}")
         _freeze(self, "cluster", check_int("cluster", self.cluster), self.cluster)
-        _freeze(self, "workers", check_workers(self.workers), self.workers)
-        _freeze(self, "dim", check_int("dim", self.dim), self.dim)
-        check_str("dtype", self.dtype)
-        check_str("fingerprint", self.fingerprint)
+        _freeze(self, "incarnation", check_int("incarnation", self.incarnation), self.incarnation)
+        _freeze(self, "nonce", check_int("nonce", self.nonce), self.nonce)
         check_str("name", self.name)
+        check_bytes("mac", self.mac)
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """The peer's Hello is accepted; ``cluster`` is the accepting side's cluster id."""
+    """The accepting side's answer to a Hello it accepts: the version both speak from now on,
+    and who the acceptor is (cluster, incarnation, its own nonce and mac, as in Hello)."""
 
+    version: int
     cluster: int
+    incarnation: int
+    nonce: int
+    mac: bytes = b""
     kind: Literal["welcome"] = field(default="welcome", init=False, repr=False)
 
     def __post_init__(self) -> None:
+        _freeze(self, "version", check_int("version", self.version, 0, 255), self.version)
         _freeze(self, "cluster", check_int("cluster", self.cluster), self.cluster)
+        _freeze(self, "incarnation", check_int("incarnation", self.incarnation), self.incarnation)
+        _freeze(self, "nonce", check_int("nonce", self.nonce), self.nonce)
+        check_bytes("mac", self.mac)
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """The dialer's run, after the Welcome: the global process ids it hosts, the model's
+    dimension and dtype and the run fingerprint. Answered with an ``Ack`` of the last frame the
+    acceptor delivered from this dialer's incarnation (the link is open), or a ``Refuse``."""
+
+    workers: tuple[int, ...]
+    dim: int
+    dtype: str  # model dtype name ("float32", "float64"); compared, not interpreted
+    fingerprint: str  # the run fingerprint (algorithm, problem, seed, hyper-parameters, …)
+    kind: Literal["join"] = field(default="join", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _freeze(self, "workers", check_workers(self.workers), self.workers)
+        _freeze(self, "dim", check_int("dim", self.dim), self.dim)
+        check_str("dtype", self.dtype)
+        check_str("fingerprint", self.fingerprint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,13 +448,14 @@ class Control:
         object.__setattr__(self, "body", check_body(self.body))
 
 
-Message: TypeAlias = Hello | Welcome | Refuse | Data | Ack | Ping | Pong | Bye | Control
+Message: TypeAlias = Hello | Welcome | Join | Refuse | Data | Ack | Ping | Pong | Bye | Control
 
 # The wire type of each message (its ``kind``). Spelled out: with ``slots=True`` the class
 # attribute ``kind`` is a slot descriptor, not the default value.
 MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = {
     "hello": Hello,
     "welcome": Welcome,
+    "join": Join,
     "refuse": Refuse,
     "data": Data,
     "ack": Ack,
