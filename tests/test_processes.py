@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -167,6 +168,70 @@ async def test_a_daemon_restarted_with_the_same_command_is_a_new_incarnation() -
         for p in (*procs[:3], again):
             lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
             assert len(lines) <= 50, lines[:10]
+
+
+async def _rate(url: str, seconds: float) -> float:
+    """Steps per second of the slowest worker behind ``url`` over ``seconds``."""
+    start = steps(await poll_status(url, lambda s: True))
+    t0 = time.monotonic()
+    await asyncio.sleep(seconds)  # a measurement window, not a wait for a condition
+    end = steps(await poll_status(url, lambda s: True))
+    return (end - start) / (time.monotonic() - t0)
+
+
+async def test_a_stopped_daemon_does_not_stall_the_others() -> None:
+    """SIGSTOP one daemon of three (Alg 1, N = n − 1): its kernel still acknowledges, so no
+    connection closes by itself. The others' heartbeats go unanswered, they drop their links to
+    it after peer_timeout of silence and stop waiting for it (frames for it are dropped and
+    counted): they keep at least half their pace. After SIGCONT the links are back within
+    peer_timeout + 2 s."""
+    timeout = 1.0
+    with daemons(
+        3, "--workers", "1", "--algorithm", "alg1", "--set", f"peer_timeout={timeout}"
+    ) as (procs, urls):
+        await poll_status(urls[0], lambda s: steps(s) > 20)
+        before = min([await _rate(url, 2.0) for url in urls[:2]])
+        os.kill(procs[2].pid, signal.SIGSTOP)
+        try:
+            during = min(await asyncio.gather(*(_rate(url, 6.0) for url in urls[:2])))
+            status = await poll_status(urls[0], lambda s: s["peers"][1]["away"])
+            assert status["peers"][1]["state"] != "connected"
+        finally:
+            os.kill(procs[2].pid, signal.SIGCONT)
+        assert during >= before / 2, (before, during)
+        back = time.monotonic()
+        for url in urls[:2]:
+            await poll_status(url, lambda s: s["peers"][-1]["state"] == "connected", timeout=30)
+        assert time.monotonic() - back <= timeout + 2
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{urls[0]}/metrics")).text
+        assert _metric(metrics, 'peerlearn_protocol_errors_total{reason="peer_silent"}') >= 1
+
+
+async def _longest_pause(url: str, seconds: float) -> float:
+    """The longest time, within ``seconds``, that the slowest worker behind ``url`` made no step
+    (sampled every 50 ms)."""
+    async with httpx.AsyncClient(base_url=url, timeout=5.0) as client:
+        last_step, last_change, longest = -1, time.monotonic(), 0.0
+        end = last_change + seconds
+        while (now := time.monotonic()) < end:
+            step = steps((await client.get("/status")).json())
+            if step != last_step:
+                last_step, last_change = step, now
+            longest = max(longest, now - last_change)
+            await asyncio.sleep(0.05)  # the sampling period
+    return longest
+
+
+async def test_a_graceful_stop_does_not_stall_the_others() -> None:
+    """A daemon stopped with SIGTERM says bye on its links: the others stop waiting for it at
+    once (not after peer_timeout with a full window), so their pace dips for at most 1 s."""
+    with daemons(3, "--workers", "1", "--algorithm", "alg1") as (procs, urls):
+        await poll_status(urls[0], lambda s: steps(s) > 20)
+        procs[2].send_signal(signal.SIGTERM)
+        pauses = await asyncio.gather(*(_longest_pause(url, 4.0) for url in urls[:2]))
+        assert procs[2].wait(30) == 0
+        assert max(pauses) <= 1.0, pauses
 
 
 @pytest.mark.parametrize("which", ["--api", "--listen"])

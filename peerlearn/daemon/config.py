@@ -113,7 +113,12 @@ class NodeConfig(BaseSettings, RunSettings):
     api: str = "127.0.0.1:8001"
     exit_on_finish: bool = False
     stall_timeout: float = Field(10.0, gt=0, description="waiting longer: reported blocked")
-    peer_timeout: float = Field(10.0, gt=0, description="away longer: flagged in /peers")
+    peer_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="silent longer: the connection is dropped; away longer: flagged in /peers "
+        "and not waited for",
+    )
     queue_size: int = Field(
         256,
         ge=1,

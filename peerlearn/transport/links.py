@@ -51,6 +51,8 @@ from peerlearn.wire import (
     Join,
     LocalProtocolError,
     Message,
+    Ping,
+    Pong,
     Reason,
     Refuse,
     RemoteProtocolError,
@@ -117,7 +119,9 @@ class LinkSettings:
     connect_timeout: float = 5.0  # TCP connect + handshake
     backoff_initial: float = 0.05
     backoff_max: float = 2.0
-    peer_timeout: float = 10.0  # away longer than this: flagged in /peers, metrics, log
+    #: silent longer than this: the connection is dropped (heartbeats ask 4× per period);
+    #: away longer than this: flagged in /peers, metrics, log, and not waited for
+    peer_timeout: float = 5.0
     drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
     max_payload: int = 256 * 1024 * 1024
 
@@ -169,6 +173,7 @@ class OutLink:
         self._wakeup = asyncio.Event()  # frames were queued
         self._acked = asyncio.Event()  # an ack arrived
         self._peer_left = False  # the peer said bye: it stops, nothing more will be acked
+        self._dropped_silent = False  # the heartbeat dropped the connection: the peer is away
         self._stop = asyncio.Event()  # close() was called
         self._closing = False
         self._proto: FrameProtocol | None = None
@@ -433,7 +438,13 @@ class OutLink:
         for address in addresses:
             try:
                 _, proto = await self._loop.create_connection(
-                    lambda: FrameProtocol(codec, self._on_message, self._on_error, self._on_lost),
+                    lambda: FrameProtocol(
+                        codec,
+                        self._on_message,
+                        self._on_error,
+                        self._on_lost,
+                        timeout=self._settings.peer_timeout,
+                    ),
                     address,
                     self.port,
                 )
@@ -465,6 +476,20 @@ class OutLink:
     async def _pump(self) -> None:
         proto = self._proto
         assert proto is not None
+        # The heartbeat lives as long as this connection, owned (cancelled, awaited) here.
+        heartbeat = asyncio.ensure_future(self._heartbeat(proto))
+        try:
+            await self._send_frames(proto)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        self._proto = None
+        # A peer dropped for silence is gone since it last said something: away at once.
+        self.disconnected_since = proto.heard_at if self._dropped_silent else time.monotonic()
+        self._dropped_silent = False
+
+    async def _send_frames(self, proto: FrameProtocol) -> None:
         while not proto.closed.is_set():
             if not self._queue:
                 self._wakeup.clear()
@@ -487,8 +512,34 @@ class OutLink:
             self._unacked.append(frame)
             self._stats.count("out", str(frame.tag[0]), self.name, n)
             await proto.drain()
-        self._proto = None
-        self.disconnected_since = time.monotonic()
+
+    async def _heartbeat(self, proto: FrameProtocol) -> None:
+        """Ask for a sign of life (a Ping, answered by a Pong; acks count too) a few times per
+        ``peer_timeout``, and drop the connection when the peer has said nothing for that long:
+        a stopped process or a cut route never closes a connection by itself, and frames would
+        wait on it for good."""
+        timeout = self._settings.peer_timeout
+        interval = timeout / 4
+        nonce = 0
+        while not proto.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proto.closed.wait(), interval)
+            if proto.closed.is_set():
+                return
+            silent = time.monotonic() - proto.heard_at
+            if silent > timeout:
+                log.warning(
+                    "%s: no sign of life for %.1fs (no ack, no pong): connection dropped",
+                    self.name,
+                    silent,
+                )
+                self._stats.error("peer_silent")
+                self._dropped_silent = True
+                proto.abort()
+                return
+            if silent >= interval:
+                nonce += 1
+                proto.send(Ping(nonce=nonce))
 
     async def _sleep(self, seconds: float) -> None:
         """Back off, but wake up at once on close()."""
@@ -497,12 +548,12 @@ class OutLink:
 
     @property
     def away(self) -> bool:
-        """Not connected for longer than ``peer_timeout`` (read live, not at the next retry)."""
-        return (
-            self.state is not LinkState.CONNECTED
-            and self.state is not LinkState.DRAINING
-            and time.monotonic() - self.disconnected_since > self._settings.peer_timeout
-        )
+        """Not connected for longer than ``peer_timeout`` (read live, not at the next retry),
+        or gone on purpose: a peer that said bye is not waited for."""
+        if self.state is LinkState.CONNECTED or self.state is LinkState.DRAINING:
+            return False
+        gone = time.monotonic() - self.disconnected_since > self._settings.peer_timeout
+        return gone or self._peer_left
 
     def _check_away(self) -> None:
         if self.away and not self._away_logged:
@@ -585,6 +636,8 @@ class OutLink:
             case Welcome() | Refuse():
                 self._peer_left = False
                 self._answered(msg)
+            case Pong():
+                pass  # a sign of life: FrameProtocol.heard_at has it
             case Bye(reason=reason):
                 log.info("%s said bye: %s", self.name, reason)
                 self._peer_left = True

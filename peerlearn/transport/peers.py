@@ -18,9 +18,11 @@ model may take it in, and a link closed over it would have the sender resend it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,6 +115,7 @@ class Transport:
         self._incarnations: dict[int, int] = {}  # peer cluster -> its latest incarnation
         self._non_finite_from: set[int] = set()  # peer clusters already logged for it
         self._server: asyncio.Server | None = None
+        self._closed = asyncio.Event()
         self.port: int | None = None
 
     def __repr__(self) -> str:
@@ -135,10 +138,12 @@ class Transport:
         self.port = self._server.sockets[0].getsockname()[1]
         for link in self.links:
             tasks.create_task(link.run(), name=f"link-{link.name}")
+        tasks.create_task(self._drop_silent(), name="inbound-liveness")
 
     async def close(self, drain_unconnected: bool = True) -> None:
         """Stop intake, drain outbound links, close everything (``drain_unconnected``: also
         wait for peers that never connected, see OutLink.close)."""
+        self._closed.set()
         if self._server is not None:
             self._server.close()
         await asyncio.gather(*(link.close(drain_unconnected) for link in self.links))
@@ -191,9 +196,37 @@ class Transport:
 
     # --- inbound ------------------------------------------------------------------------------
 
+    async def _drop_silent(self) -> None:
+        """Close inbound connections that said nothing for ``peer_timeout``: a dialer pings a
+        few times per period when it has nothing to send, so silence means it stopped, or the
+        route is cut — and a connection nobody closes keeps its peer's frames waiting."""
+        timeout = self.settings.peer_timeout
+        while not self._closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), timeout / 4)
+            now = time.monotonic()
+            for proto, state in list(self._inbound.items()):
+                if now - proto.heard_at > timeout:
+                    who = self._label(state.cluster) if state.cluster is not None else "a dialer"
+                    log.warning(
+                        "%s: no sign of life from %s (%s) for %.1fs: connection dropped",
+                        self,
+                        who,
+                        proto.remote,
+                        now - proto.heard_at,
+                    )
+                    self.stats.error("peer_silent")
+                    proto.abort()
+
     def _accept(self) -> FrameProtocol:
         codec = Codec(max_payload=self.settings.max_payload, allocator=self.pool)
-        proto = FrameProtocol(codec, self._on_message, self._on_error, self._on_lost)
+        proto = FrameProtocol(
+            codec,
+            self._on_message,
+            self._on_error,
+            self._on_lost,
+            timeout=self.settings.peer_timeout,
+        )
         self._inbound[proto] = _Inbound()
         return proto
 

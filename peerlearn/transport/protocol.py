@@ -9,13 +9,16 @@ reason, logged, and closes this one connection; nothing propagates to the daemon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from peerlearn.wire import Codec, Message, RemoteProtocolError, Sentinel
 
-__all__ = ["FrameProtocol"]
+__all__ = ["FrameProtocol", "keep_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         on_message: Callable[[FrameProtocol, Message], None],
         on_error: Callable[[FrameProtocol, RemoteProtocolError], None],
         on_lost: Callable[[FrameProtocol, Exception | None], None],
+        timeout: float | None = None,
     ) -> None:
         self.codec = codec
+        self._timeout = timeout
         self._on_message = on_message
         self._on_error = on_error
         self._on_lost = on_lost
@@ -46,6 +51,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.peername: Any = None
         self.sent_bytes = 0
         self.received_bytes = 0
+        #: when the last bytes came in (monotonic): liveness is judged on it
+        self.heard_at = time.monotonic()
 
     def __repr__(self) -> str:
         return f"FrameProtocol({self.peername})"
@@ -65,12 +72,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
+        if self._timeout is not None:
+            keep_alive(transport, self._timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.codec.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.received_bytes += nbytes
+        self.heard_at = time.monotonic()
         try:
             self.codec.buffer_updated(nbytes)
             self._drain_events()
@@ -119,6 +129,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection now, unsent bytes and all (a peer that stopped reading would
+        hold a closing transport with a full buffer open for good)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     # --- internals ----------------------------------------------------------------------------
 
     def _drain_events(self) -> None:
@@ -134,3 +150,26 @@ class FrameProtocol(asyncio.BufferedProtocol):
         log.warning("closing connection from %s: %s (%s)", self.remote, exc, exc.reason)
         self._on_error(self, exc)
         self.close()
+
+
+def keep_alive(transport: asyncio.BaseTransport, timeout: float) -> None:
+    """Let the kernel notice a dead route in about ``timeout`` seconds, not at the next
+    retransmission timeout (minutes): TCP keepalive probes on an idle connection, and
+    ``TCP_USER_TIMEOUT`` for data that stays unacknowledged. Best effort: an option this
+    platform lacks is skipped (the links' own heartbeat covers what the kernel cannot see, such
+    as a stopped process whose kernel still acknowledges)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    seconds = max(1, round(timeout))
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), max(1, seconds // 2)),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), max(1, seconds // 4)),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(timeout * 1000)),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
