@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from peerlearn.testing import poll_status
@@ -102,8 +104,11 @@ async def test_sigkill_one_daemon_of_four(algorithm: str) -> None:
         if algorithm == "alg2":
             os.kill(procs[2].pid, signal.SIGKILL)
             procs[2].wait(30)
+            # blocked on a quorum (a send to the killed daemon may block first, until it is
+            # away: then the frames for it are dropped)
             status = await poll_status(
-                urls[0], lambda s: all(w["state"] == "blocked" for w in s["workers"])
+                urls[0],
+                lambda s: all(w["state"] == "blocked" and "waiting" in w for w in s["workers"]),
             )
             for w in status["workers"]:
                 # Blocked in agreement (2 of 3 clusters) or already in the gradient exchange
@@ -232,6 +237,51 @@ async def test_a_graceful_stop_does_not_stall_the_others() -> None:
         pauses = await asyncio.gather(*(_longest_pause(url, 4.0) for url in urls[:2]))
         assert procs[2].wait(30) == 0
         assert max(pauses) <= 1.0, pauses
+
+
+async def test_dasgd_keeps_the_frames_of_a_stopped_peer_and_finishes() -> None:
+    """DASGD needs every gradient everywhere: its frames for a peer that is away are kept, not
+    dropped. With a budget of a dozen frames per peer, SIGSTOP one daemon of three: the others'
+    workers wait for room on its link, and /status says so, naming the peer (blocked after
+    stall_timeout). After SIGCONT the kept frames go out, everyone finishes and every model is
+    the same (x⁰ − η Σ of all gradients, each applied once)."""
+    with daemons(
+        3,
+        "--workers",
+        "1",
+        "--algorithm",
+        "dasgd",
+        "--steps",
+        "300",
+        "--lr",
+        "0.01",
+        "--set",
+        "peer_timeout=1.0",
+        "--set",
+        "stall_timeout=1.0",
+        "--set",
+        "queue_bytes=4096",  # 4 floats + header a frame: 14 frames per peer
+    ) as (procs, urls):
+        await poll_status(urls[0], lambda s: steps(s) > 20)
+        os.kill(procs[2].pid, signal.SIGSTOP)
+        try:
+            for url in urls[:2]:
+                status = await poll_status(url, lambda s: s["workers"][0]["state"] == "blocked")
+                sending = status["workers"][0]["sending"]
+                assert sending["cluster"] == 2 and sending["seconds"] > 1.0, sending
+        finally:
+            os.kill(procs[2].pid, signal.SIGCONT)
+        for url in urls:
+            await poll_status(url, lambda s: s["state"] == "finished")
+        async with httpx.AsyncClient() as client:
+            models = []
+            for url in urls:
+                answer = await client.get(f"{url}/model")
+                models.append(np.load(io.BytesIO(answer.content)))
+            metrics = (await client.get(f"{urls[0]}/metrics")).text
+        for x in models[1:]:
+            np.testing.assert_allclose(x, models[0], rtol=0, atol=1e-12)
+        assert _metric(metrics, 'peerlearn_messages_dropped_total{reason="peer_away"}') == 0
 
 
 @pytest.mark.parametrize("which", ["--api", "--listen"])

@@ -8,9 +8,9 @@ the CLI, the daemon, the demo and the simulator look the record up instead of br
 algorithm's name. The records themselves live in :mod:`peerlearn.algorithms.records`, one
 module per paper; :mod:`peerlearn.algorithms.registry` collects them.
 
-Three fields describe what is true of every algorithm today and are where the next changes go:
-``delivery`` (how its messages must arrive), ``resume`` (what of its state survives a restart)
-and ``compressible`` (whether its payloads may be sent lossily).
+Three fields say what an algorithm needs of the system around it: ``delivery`` (what happens to
+its messages for a peer that is away), ``resume`` (what of its state survives a restart) and
+``compressible`` (whether its payloads may be sent lossily).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OPTIONAL_SETTINGS",
     "AlgorithmSpec",
-    "Delivery",
+    "DeliveryPolicy",
     "Resume",
     "every_step",
     "no_check",
@@ -38,12 +38,17 @@ __all__ = [
 ]
 
 
-class Delivery(StrEnum):
-    """What the algorithm needs of the transport."""
+class DeliveryPolicy(StrEnum):
+    """What the algorithm needs of the transport when a peer is away (silent or unreachable
+    longer than ``peer_timeout``)."""
 
-    #: every message arrives exactly once, in order per link: acked, resent until acked. All
-    #: algorithms need this today (a lost gradient or model blocks whoever awaits it).
-    RELIABLE = "reliable"
+    #: frames for it are dropped and counted (``peer_away``): a quorum of N ≤ n − f goes on
+    #: without them (Attiya–Schiller); the away daemon, when back, has missed them
+    DROP_WHEN_AWAY = "drop_when_away"
+    #: frames for it are kept (a link's window: ``queue_size`` frames, at most ``queue_bytes``)
+    #: and resent when it is back; a producer finding the window full waits, and /status names
+    #: the peer it waits on — a lost gradient, request or model would block these for good
+    KEEP = "keep"
 
 
 class Resume(StrEnum):
@@ -134,7 +139,7 @@ class AlgorithmSpec:
     #: the demo's step relative to a plain SGD step (momentum on the center multiplies the
     #: effective step by 1/(1 − δ))
     demo_step: float = 1.0
-    delivery: Delivery = Delivery.RELIABLE
+    delivery: DeliveryPolicy = DeliveryPolicy.KEEP
     resume: Resume = Resume.NOTHING
     #: whether its payloads may be compressed lossily (none may: the papers' bounds assume
     #: exact values)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,9 @@ from peerlearn.problems import Problem
 from peerlearn.runtime.mailbox import Waiting
 from peerlearn.runtime.worker import Worker
 from peerlearn.transport.links import LinkState, OutLink
+
+if TYPE_CHECKING:
+    from peerlearn.daemon.monitor import SendWait
 
 __all__ = [
     "DivergenceView",
@@ -55,6 +58,14 @@ class WaitingView(_View):
     seconds: float = Field(description="how long the worker has been waiting")
 
 
+class SendingView(_View):
+    """The peer whose full link a worker waits on to send a message."""
+
+    peer: str = Field(description="the peer's link, cluster@host:port")
+    cluster: int = Field(description="the peer's cluster id")
+    seconds: float = Field(description="how long the worker has been waiting for room")
+
+
 class DivergenceView(_View):
     """Where a worker diverged: it stopped there, before sending the value."""
 
@@ -75,7 +86,7 @@ class WorkerView(_View):
     state: str = Field(
         description="created, running, finished, stopped, crashed, diverged (a gradient or "
         "model turned non-finite), or blocked: waiting longer than stall_timeout for a quorum "
-        "the connected daemons cannot meet"
+        "the connected daemons cannot meet, or for room on a peer's link (see `sending`)"
     )
     step: int = Field(description="iterations the worker has completed")
     gradients: int = Field(description="stochastic gradients computed")
@@ -86,6 +97,11 @@ class WorkerView(_View):
     diverged: DivergenceView | None = Field(description="where it diverged (null: it did not)")
     waiting: WaitingView | None = Field(
         None, description="present only while the worker waits for messages"
+    )
+    sending: SendingView | None = Field(
+        None,
+        description="present only while the worker waits for room on a peer's link (the peer "
+        "reads nothing, or is away and this algorithm keeps its frames)",
     )
 
 
@@ -158,6 +174,8 @@ class StatusSource(Protocol):
 
     def blocked(self, waiting: Waiting | None) -> bool: ...
 
+    def sending(self, worker: Worker) -> SendWait | None: ...
+
 
 def status_view(daemon: StatusSource) -> dict[str, Any]:
     """The answer of ``GET /status`` (schema: :class:`StatusView`)."""
@@ -185,6 +203,15 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
                 "seconds": round(waited, 3),
             }
             if daemon.blocked(waiting):
+                entry["state"] = "blocked"
+        send = daemon.sending(w)
+        if send is not None:
+            entry["sending"] = {
+                "peer": send.peer,
+                "cluster": send.cluster,
+                "seconds": round(send.seconds, 3),
+            }
+            if send.blocked:
                 entry["state"] = "blocked"
         workers.append(entry)
     run = daemon.run_cfg

@@ -125,7 +125,15 @@ class NodeConfig(BaseSettings, RunSettings):
         description="outstanding frames per peer link; the receiving loop works through up to "
         "this many per link before it answers an API request (4096 made /metrics take seconds)",
     )
-    queue_timeout: float = Field(30.0, gt=0, description="producer's bounded wait for room")
+    queue_timeout: float = Field(
+        30.0, gt=0, description="producer's bounded wait for room (algorithms that drop frames)"
+    )
+    queue_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="bytes of frames outstanding per peer link, at most (beside queue_size: "
+        "the cap that binds for large models)",
+    )
     stop_grace: float = Field(
         5.0, ge=0, description="at shutdown: time for workers to finish their iteration"
     )

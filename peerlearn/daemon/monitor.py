@@ -28,7 +28,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from peerlearn.control.metrics import Buckets, DaemonMetrics, Snapshot, WorkerSample
 from peerlearn.daemon.config import NodeConfig
@@ -41,7 +41,7 @@ from peerlearn.sim.runner import consensus_distance
 from peerlearn.transport.peers import Transport
 from peerlearn.transport.stats import TransportStats
 
-__all__ = ["Monitor", "Staleness"]
+__all__ = ["Monitor", "SendWait", "Staleness"]
 
 #: seconds between the monitor's evaluation ticks: at most one loss evaluation per worker and
 #: tick. An evaluation costs about two gradients' CPU; a dashboard scraped every 5 s and a
@@ -261,11 +261,29 @@ class Monitor:
 
     def _states(self) -> dict[str, int]:
         """Local workers by state for ``peerlearn_workers``: every state, 0 included, with a
-        blocked worker (see :meth:`blocked`) counted as blocked instead of running."""
+        blocked worker (see :meth:`worker_blocked`) counted as blocked instead of running."""
         states = {s.value: 0 for s in WorkerState} | {"blocked": 0}
         for w in self._workers:
-            states["blocked" if self.blocked(w.mailbox.waiting()) else w.state.value] += 1
+            states["blocked" if self.worker_blocked(w) else w.state.value] += 1
         return states
+
+    def worker_blocked(self, worker: Worker) -> bool:
+        """Blocked on a quorum (:meth:`blocked`) or on a peer's full link (:meth:`sending`)."""
+        send = self.sending(worker)
+        return self.blocked(worker.mailbox.waiting()) or (send is not None and send.blocked)
+
+    def sending(self, worker: Worker) -> SendWait | None:
+        """The peer whose full link ``worker`` waits on to send, if it waits on one: blocked
+        after stall_timeout (a peer that reads nothing, or is away while its frames are kept)."""
+        ident = worker.thread_id
+        if self._transport is None or ident is None:
+            return None
+        for link in self._transport.links:
+            since = link.senders_waiting.get(ident)
+            if since is not None:
+                waited = time.monotonic() - since
+                return SendWait(link.name, link.cluster, waited, waited > self._cfg.stall_timeout)
+        return None
 
     def blocked(self, waiting: Waiting | None) -> bool:
         """Waiting longer than stall_timeout on a quorum the daemons connected now cannot meet:
@@ -284,6 +302,15 @@ class Monitor:
         if waiting.unit == "clusters":
             return len(live) >= waiting.need
         return sum(len(self._members[c]) for c in live) >= waiting.need
+
+
+class SendWait(NamedTuple):
+    """A worker waiting for room on the link to a peer."""
+
+    peer: str  # the link's name, cluster@host:port
+    cluster: int
+    seconds: float
+    blocked: bool  # longer than stall_timeout
 
 
 def _send_snapshots(transport: Transport, models: list[tuple[int, int, Vector]]) -> None:

@@ -34,10 +34,11 @@ from enum import StrEnum
 import numpy as np
 import uvicorn
 
+from peerlearn.algorithms.spec import DeliveryPolicy
 from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.config import NodeConfig, parse_address
-from peerlearn.daemon.monitor import Monitor, Staleness
+from peerlearn.daemon.monitor import Monitor, SendWait, Staleness
 from peerlearn.daemon.routing import DaemonRouter, Heard
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
@@ -52,6 +53,10 @@ from peerlearn.transport.stats import TransportStats
 from peerlearn.wire import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Hello, Join
 
 __all__ = ["Daemon", "DaemonState"]
+
+#: bytes a Data frame takes besides its vector (prefix, header with tag and recipients): an
+#: allowance for sizing a link's window from its byte budget, not a cap
+_HEADER_ALLOWANCE = 256
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +230,9 @@ class Daemon:
         settings = LinkSettings(
             max_queue=self.cfg.queue_size,
             queue_timeout=self.cfg.queue_timeout,
+            queue_bytes=self.cfg.queue_bytes,
+            frame_bytes=self.dim * 8 + _HEADER_ALLOWANCE,
+            keep=self.run_cfg.spec.delivery is DeliveryPolicy.KEEP,
             peer_timeout=self.cfg.peer_timeout,
             drain_timeout=self.cfg.drain_timeout,
             max_payload=max(self.dim * 8, 1024),
@@ -435,6 +443,10 @@ class Daemon:
     def blocked(self, waiting: Waiting | None) -> bool:
         """Whether a worker waiting on ``waiting`` counts as blocked (:meth:`Monitor.blocked`)."""
         return self.monitor.blocked(waiting)
+
+    def sending(self, worker: Worker) -> SendWait | None:
+        """The peer a local worker waits on to send, if any (:meth:`Monitor.sending`)."""
+        return self.monitor.sending(worker)
 
     def models(self) -> list[WorkerModel]:
         # Worker.live is a whitelist: a worker in any failed state, today's or a future one,

@@ -157,6 +157,11 @@ class Worker:
         return self.state in LIVE_STATES
 
     @property
+    def thread_id(self) -> int | None:
+        """Its thread's ident (None before it starts): who is waiting, to a link's producer."""
+        return self._thread.ident
+
+    @property
     def completed(self) -> int:
         """Iterations this worker has completed: what logs, ``/status`` and ``peerlearn_step``
         call its step. (``step`` is the iteration it is in, as its program reported at the

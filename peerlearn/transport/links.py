@@ -114,7 +114,13 @@ class LinkState(StrEnum):
 @dataclass(frozen=True)
 class LinkSettings:
     max_queue: int = 256  # outstanding frames per link (queued + unacked)
-    queue_timeout: float = 30.0  # how long a producer may wait for room
+    queue_timeout: float = 30.0  # how long a producer may wait for room, when frames drop
+    #: the bytes of frames a link keeps outstanding, at most (a large model's cap)
+    queue_bytes: int = 256 * 1024 * 1024
+    frame_bytes: int = 0  # the size of one frame of this run (a model vector); 0: unknown
+    #: the algorithm's delivery policy: frames for a peer that is away are kept (and resent
+    #: when it is back) rather than dropped, and a producer waits for room however long
+    keep: bool = False
     resolve_timeout: float = 5.0  # the peer's name lookup, before the connect
     connect_timeout: float = 5.0  # TCP connect + handshake
     backoff_initial: float = 0.05
@@ -124,6 +130,16 @@ class LinkSettings:
     peer_timeout: float = 5.0
     drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
     max_payload: int = 256 * 1024 * 1024
+
+    @property
+    def window(self) -> int:
+        """Frames a link may hold outstanding: ``max_queue``, and never more than
+        ``queue_bytes`` worth. One window for both policies: it is also the flow control
+        towards a connected peer that reads more slowly than this daemon sends (a window
+        sized by bytes alone would let a small model queue a million frames)."""
+        if not self.frame_bytes:
+            return self.max_queue
+        return min(self.max_queue, max(1, self.queue_bytes // self.frame_bytes))
 
 
 class OutLink:
@@ -165,7 +181,10 @@ class OutLink:
         self._settings = settings
         self._stats = stats
         self._loop = loop
-        self._room = threading.Semaphore(settings.max_queue)
+        self._room = threading.Semaphore(settings.window)
+        #: producers (worker threads, by ident) waiting for room now, and since when: a send
+        #: wait, which /status shows next to the waits for messages
+        self.senders_waiting: dict[int, float] = {}
         self._releasing = False
         self._queue: deque[Data] = deque()
         self._unacked: deque[Data] = deque()
@@ -202,7 +221,8 @@ class OutLink:
         to: tuple[int, ...] = (),
         post: bool = False,
     ) -> bool:
-        """Queue one frame for the peer; blocks (bounded) while the link is full.
+        """Queue one frame for the peer; blocks while the link is full — bounded, unless the
+        algorithm's frames are kept (``settings.keep``).
 
         Called from worker threads. False if the frame was dropped (counted)."""
         if self._closing:
@@ -214,19 +234,30 @@ class OutLink:
         return True
 
     def _wait_for_room(self, tag: Tag) -> bool:
-        """Bounded wait for a slot in the window; False (and counted) if the frame is dropped.
+        """Wait for a slot in the window; False (and counted) if the frame is dropped.
 
-        The wait is sliced so that a peer turning *away* meanwhile releases the producer:
-        crash-stop, a peer gone longer than peer_timeout with a full window is taken for dead,
-        and waiting on it would stall every worker for queue_timeout per frame."""
+        Frames that may drop wait at most ``queue_timeout``, and the wait is sliced so that a
+        peer turning *away* meanwhile releases the producer: crash-stop, a peer gone longer than
+        peer_timeout with a full window is taken for dead, and waiting on it would stall every
+        worker for queue_timeout per frame. Frames that are kept wait until there is room (the
+        peer reads again, or comes back and takes the resent frames): the wait is reported."""
         self._stats.queue_waits += 1
+        me = threading.get_ident()
+        self.senders_waiting[me] = time.monotonic()
+        try:
+            return self._wait(tag)
+        finally:
+            self.senders_waiting.pop(me, None)
+
+    def _wait(self, tag: Tag) -> bool:
+        keep = self._settings.keep
         deadline = time.monotonic() + self._settings.queue_timeout
         step = max(0.05, min(1.0, self._settings.peer_timeout / 4))
         while not self._releasing:  # release_producers: the daemon is shutting down
-            if self.away:
+            if not keep and self.away:
                 self._stats.drop("peer_away")
                 return False
-            left = deadline - time.monotonic()
+            left = deadline - time.monotonic() if not keep else step
             if left <= 0:
                 self._stats.drop("queue_full")
                 log.warning(
@@ -245,10 +276,13 @@ class OutLink:
 
     def release_producers(self) -> None:
         """Shutdown: wake producers waiting for room (a dead peer would otherwise hold a
-        stopping worker for ``queue_timeout``); frames that find the link full from now on are
-        dropped and counted. Frames that fit still go out and are drained."""
+        stopping worker); frames that find the link full from now on are dropped and counted.
+        Frames that fit still go out and are drained."""
         self._releasing = True
-        for _ in range(self._settings.max_queue):
+        # room for the waiting ones and for as many again as a window of dropping frames
+        for _ in range(
+            len(self.senders_waiting) + min(self._settings.window, self._settings.max_queue)
+        ):
             self._room.release()
 
     def _enqueue(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from peerlearn.algorithms.aggregate import maa_rounds
 from peerlearn.algorithms.records._common import first_eta, sentence, start_point
 from peerlearn.algorithms.sgd import alg1, alg2, maa_instances
-from peerlearn.algorithms.spec import AlgorithmSpec
+from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy
 from peerlearn.effects import Program
 from peerlearn.errors import ConfigError
 from peerlearn.streams import Purpose, stream
@@ -190,6 +190,7 @@ _AGREEMENT = frozenset({"maa.aggregator", "maa.q", "maa.rounds", "maa.inner_roun
 RECORDS = (
     AlgorithmSpec(
         name="alg1",
+        delivery=DeliveryPolicy.DROP_WHEN_AWAY,
         paper="Attiya–Schiller Alg 1",
         exchanges="parameters after a local step, to everyone",
         waits_for="the first N of iteration t",
@@ -203,6 +204,7 @@ RECORDS = (
     ),
     AlgorithmSpec(
         name="alg2",
+        delivery=DeliveryPolicy.DROP_WHEN_AWAY,
         paper="Attiya–Schiller Alg 2 + Alg 3/4",
         exchanges="gradients, then agreement values (clusters share registers)",
         waits_for="≥ N gradients, then ⌊m/2⌋+1 clusters per round",
@@ -220,6 +222,7 @@ RECORDS = (
     ),
     AlgorithmSpec(
         name="maa",
+        delivery=DeliveryPolicy.DROP_WHEN_AWAY,
         paper="Attiya–Schiller Alg 3 over Alg 4",
         exchanges="agreement values only (seeded inputs)",
         waits_for="⌊m/2⌋+1 clusters",
