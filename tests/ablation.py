@@ -5,8 +5,9 @@ A pytest plugin, never loaded by default::
     .venv/bin/python -m pytest -p tests.ablation tests/test_theorems.py tests/test_daemon.py \
         tests/test_demo.py
 
-It replaces the Alg 1 and Alg 2 programs that every runtime builds (``peerlearn.runs``: the
-simulator, the daemons, the demo) with versions that keep each process's own value: Alg 1
+It replaces the Alg 1 and Alg 2 programs that every runtime builds (through their records in
+``peerlearn.algorithms.records.attiya_schiller``: the simulator, the daemons, the demo) with
+versions that keep each process's own value: Alg 1
 still exchanges its parameters but keeps its own step instead of the mean; Alg 2 still
 exchanges gradients but steps with its own and runs no agreement. The learning-quality tests
 must then fail; every other behaviour (messages, quorums, steps) stays as it was.
@@ -17,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-import peerlearn.runs
 from peerlearn.algorithms.aggregate import Aggregator
+from peerlearn.algorithms.records import attiya_schiller
 from peerlearn.algorithms.schedules import Schedule
 from peerlearn.algorithms.sgd import _iterations
 from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Vector
@@ -63,8 +64,11 @@ def alg2_own_gradient(
 
 
 def pytest_configure() -> None:
-    peerlearn.runs.alg1 = alg1_own_value  # type: ignore[assignment]
-    peerlearn.runs.alg2 = alg2_own_gradient  # type: ignore[assignment]
+    # The names the records' program factories call: replacing a name nobody calls would
+    # switch nothing off, and the ablation test would wrongly call the learning tests blind.
+    for name, ablated in (("alg1", alg1_own_value), ("alg2", alg2_own_gradient)):
+        assert callable(getattr(attiya_schiller, name, None)), f"records call no {name}"
+        setattr(attiya_schiller, name, ablated)
 
 
 def pytest_report_header() -> str:
