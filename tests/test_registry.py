@@ -173,3 +173,23 @@ def test_the_json_schema_lists_the_algorithms() -> None:
     """/openapi.json (and any schema of a config) says which names are valid."""
     schema = RunConfig.model_json_schema()["properties"]["algorithm"]
     assert schema["enum"] == list(ALGORITHMS)
+
+
+def test_readme_failure_semantics_name_every_algorithm_with_its_delivery_policy() -> None:
+    from peerlearn.algorithms.spec import DeliveryPolicy
+
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index(
+        "| algorithm | survives | messages for an away peer | what blocks "
+        "(reported `blocked` in `/status`) |"
+    )
+    seen = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        names, _, policy, _ = [c.strip() for c in line.strip("|").split("|")]
+        for name in (n.strip().strip("`") for n in names.split(",")):
+            seen.append(name)
+            dropped = lookup(name).delivery is DeliveryPolicy.DROP_WHEN_AWAY
+            assert policy.startswith("dropped") == dropped, (name, policy)
+    assert sorted(seen) == sorted(ALGORITHMS)
