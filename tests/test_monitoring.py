@@ -317,8 +317,10 @@ def _free_port() -> int:
 
 
 def _test_config(targets: list[str]) -> dict[str, Any]:
-    """configs/prometheus.yml with our daemons as targets and 1 s intervals."""
+    """configs/prometheus.yml with our daemons as targets and 1 s intervals (its rule files
+    made absolute: relative ones are read from the directory of the config, a temporary one)."""
     config: dict[str, Any] = yaml.safe_load(PROMETHEUS_YML.read_text())
+    config["rule_files"] = [str(PROMETHEUS_YML.parent / f) for f in config.get("rule_files", [])]
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     job = _scrape_job(config)
     job.update(scrape_interval="1s", scrape_timeout="1s")
@@ -358,10 +360,12 @@ async def _wait_targets_up(
     while True:
         assert proc.returncode is None, f"prometheus exited:\n{log.read_text()[-3000:]}"
         try:
-            data = await _get(api, "/api/v1/targets", state="active")
-            health = {t["labels"]["instance"]: t["health"] for t in data["activeTargets"]}
-            if set(health) == targets and all(h == "up" for h in health.values()):
-                return
+            # Until ready, Prometheus answers its API with a plain-text 503, not JSON.
+            if (await api.get("/-/ready")).status_code == 200:
+                data = await _get(api, "/api/v1/targets", state="active")
+                health = {t["labels"]["instance"]: t["health"] for t in data["activeTargets"]}
+                if set(health) == targets and all(h == "up" for h in health.values()):
+                    return
         except httpx.TransportError:
             pass  # not listening yet
         if loop.time() > deadline:
