@@ -298,6 +298,30 @@ async def test_a_resolver_that_does_not_answer_is_not_a_peer_that_is_down(
     assert asked == ["peer0.test"]  # the hung lookup is waited for again, not started anew
 
 
+async def test_frames_dropped_for_a_full_window_are_counted_each_and_logged_rarely(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer that takes nothing (never connected here) with a window of one frame: every
+    further frame waits queue_timeout and is dropped — each one counted, but one log line,
+    not one per frame (a busy run drops thousands)."""
+    caplog.set_level(logging.WARNING, logger="peerlearn")
+    hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, 0, 1, 0, "0@127.0.0.1:0")
+    join = Join((0,), 1, "float64", "run")
+    settings = LinkSettings(max_queue=1, queue_timeout=0.01, peer_timeout=60.0)
+    stats = TransportStats()
+    link = OutLink(1, "127.0.0.1", 9, hello, join, settings, stats, asyncio.get_running_loop())
+
+    def produce() -> list[bool]:
+        return [link.offer(("params", t), 0, t, np.zeros(1)) for t in range(1, 21)]
+
+    sent = await asyncio.to_thread(produce)
+    assert sent == [True] + [False] * 19
+    assert stats.dropped["queue_full"] == 19
+    lines = _messages(caplog, "queue full")
+    assert len(lines) == 1 and "(1 so far" in lines[0], lines
+    await link.close(drain_unconnected=False)
+
+
 async def test_a_fingerprint_mismatch_is_worded_from_this_side_and_not_repeated(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -174,6 +174,9 @@ class OutLink:
         self.last_error: str | None = None
         self.failed_attempts = 0  # since the last connection (or the start)
         self._error_log = Throttle()
+        #: frames dropped for a full window: logged once, then at doubling intervals
+        self._drop_log = Throttle()
+        self._drop_lock = threading.Lock()
         self._hello = hello
         self._join = join
         #: the peer's incarnation at the last handshake: a greater one is a restarted daemon
@@ -260,12 +263,17 @@ class OutLink:
             left = deadline - time.monotonic() if not keep else step
             if left <= 0:
                 self._stats.drop("queue_full")
-                log.warning(
-                    "%s: queue full for %.1fs, frame %s dropped",
-                    self.name,
-                    self._settings.queue_timeout,
-                    tag_text(tag),
-                )
+                with self._drop_lock:  # worker threads: one count, one line now and then
+                    count = self._drop_log.due("queue_full")
+                if count is not None:
+                    log.warning(
+                        "%s: queue full for %.1fs, frame %s dropped (%d so far; counted "
+                        "in peerlearn_messages_dropped_total)",
+                        self.name,
+                        self._settings.queue_timeout,
+                        tag_text(tag),
+                        count,
+                    )
                 return False
             if self._room.acquire(timeout=min(step, left)):
                 if self._releasing:
