@@ -338,3 +338,91 @@ async def test_graceful_stop_finishes_the_current_iteration() -> None:
         assert all(w.state is WorkerState.STOPPED for w in workers)
         steps = sorted(w.step for w in workers)
         assert steps[-1] - steps[0] <= 1, steps
+
+
+async def test_a_hello_that_fails_its_join_changes_nothing_for_its_cluster() -> None:
+    """A Hello claiming a later start of cluster 1, followed by a Join of another run: refused,
+    and what daemon 0 keeps for the real cluster 1 stays (before, the Hello alone reset it and
+    closed the real links, which were then refused as stale for good). N = n: every message of
+    the real daemon 1 is needed, so a lock-out would stop the run."""
+    async with local_cluster(
+        2, workers=1, algorithm="alg1", steps=None, quorum=2, max_failures=0, problem=QUAD
+    ) as cluster:
+        target = cluster.daemons[0]
+        assert target.peer_port is not None
+        await cluster.wait_for(lambda: cluster.min_step() > 5)
+        later = _hello(cluster, incarnation=cluster.daemons[1].incarnation + 10**12)
+        answer = await _exchange(target.peer_port, _frames(later, _join(cluster, dim=1)))
+        assert _refusal(answer).reason == "dim_mismatch"
+        before = cluster.min_step()
+        await cluster.wait_for(lambda: cluster.min_step() > before + 20)
+        assert target.stats.protocol_errors["stale_incarnation"] == 0
+
+
+async def _throttle(target: int, rate: float) -> tuple[asyncio.Server, int]:
+    """A proxy to 127.0.0.1:``target`` passing at most ``rate`` bytes/s towards it (a slow
+    route: the sender's writes back up, as on a real one)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+
+        async def forward() -> None:
+            while data := await reader.read(16384):
+                await asyncio.sleep(len(data) / rate)  # the route's speed
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def back() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(forward(), back(), return_exceptions=True)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=16384)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_frame_longer_to_send_than_peer_timeout_still_arrives() -> None:
+    """An 8 MB frame over a 4 MB/s route with peer_timeout 0.5 s: the dialer's ping waits behind
+    the frame, so only the acceptor's own pongs show the link is alive. Without them the link
+    dropped the connection every peer_timeout and resent the frame from the start, for good."""
+    import time
+
+    from peerlearn.membership import Membership
+    from peerlearn.transport.links import LinkSettings
+    from peerlearn.transport.peers import PeerAddress, Transport
+
+    dim = 1_000_000
+    settings = LinkSettings(peer_timeout=0.5, max_payload=dim * 8 + 1024)
+    membership = Membership(2, 2)
+    got: list[Data] = []
+    arrived = asyncio.Event()
+
+    def make(cluster: int, peers: list[PeerAddress], deliver: Any) -> Transport:
+        hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, cluster, time.time_ns(), 0, f"d{cluster}")
+        join = Join((cluster,), dim, "float64", "fingerprint")
+        return Transport(hello, join, membership, ("127.0.0.1", 0), peers, deliver, settings)
+
+    def received(data: Data) -> None:
+        got.append(data)
+        arrived.set()
+
+    async with asyncio.TaskGroup() as tasks:
+        acceptor = make(0, [], received)
+        await acceptor.start(tasks)
+        assert acceptor.port is not None
+        proxy, port = await _throttle(acceptor.port, rate=4e6)
+        dialer = make(1, [PeerAddress(0, "127.0.0.1", port)], lambda data: None)
+        await dialer.start(tasks)
+        await asyncio.to_thread(dialer.links[0].offer, ("params", 1), 1, 1, np.ones(dim))
+        try:
+            await asyncio.wait_for(arrived.wait(), 30)
+        finally:
+            proxy.close()
+            await dialer.close(drain_unconnected=False)
+            await acceptor.close()
+    assert len(got) == 1 and got[0].value.shape == (dim,)
+    assert dialer.stats.protocol_errors["peer_silent"] == 0

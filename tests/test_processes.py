@@ -252,7 +252,7 @@ async def test_dasgd_keeps_the_frames_of_a_stopped_peer_and_finishes() -> None:
         "--algorithm",
         "dasgd",
         "--steps",
-        "300",
+        "2000",  # local steps of each node: 3 × 2000, not over before the SIGSTOP
         "--lr",
         "0.01",
         "--set",

@@ -9,15 +9,17 @@ Outbound (:class:`OutLink`, one per remote daemon, a nats-style lifecycle)::
     CONNECTING ─handshake ok─> CONNECTED ─connection lost─> RECONNECTING ─> … ─> CONNECTED
          └──────────────── close() ─> DRAINING (flush, bounded wait) ─> CLOSED
 
-* Worker threads hand frames over with :meth:`OutLink.offer`. Up to ``max_queue`` frames may be
-  outstanding (queued or sent but not acked); a producer beyond that waits up to
-  ``queue_timeout`` seconds (counted in ``queue_waits``), then the frame is dropped with reason
-  ``queue_full`` — counted and logged, never silent.
+* Worker threads hand frames over with :meth:`OutLink.offer`. Up to a window of frames
+  (``max_queue``, at most ``queue_bytes`` worth) may be outstanding (queued or sent but not
+  acked); a producer beyond that waits (counted in ``queue_waits``, shown in /status). What
+  ends the wait is the algorithm's delivery policy: frames that may drop wait up to
+  ``queue_timeout`` (then ``queue_full``) or until the peer is away (``peer_away``) — counted and
+  logged, never silent; frames that are kept wait for room however long.
 * Every frame gets a per-link sequence number. Sent frames stay in a resend buffer until the
   peer acks them; after a reconnect the unacked ones go out again first, so a reconnect loses
   nothing, and the receiver drops the duplicates (seq ≤ the last it delivered).
-* Reconnects back off exponentially with full jitter; a peer away longer than
-  ``peer_timeout`` is flagged (``away``) and logged.
+* Reconnects back off exponentially with full jitter; a peer silent or unreachable longer than
+  ``peer_timeout`` (a heartbeat asks for signs of life) is flagged (``away``) and logged.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ class LinkSettings:
     connect_timeout: float = 5.0  # TCP connect + handshake
     backoff_initial: float = 0.05
     backoff_max: float = 2.0
-    #: silent longer than this: the connection is dropped (heartbeats ask 4× per period);
+    #: silent longer than this: the connection is dropped (the heartbeat asks at least twice
+    #: per period, and the acceptor says it is alive a few times per period);
     #: away longer than this: flagged in /peers, metrics, log, and not waited for
     peer_timeout: float = 5.0
     drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
@@ -195,7 +198,6 @@ class OutLink:
         self._wakeup = asyncio.Event()  # frames were queued
         self._acked = asyncio.Event()  # an ack arrived
         self._peer_left = False  # the peer said bye: it stops, nothing more will be acked
-        self._dropped_silent = False  # the heartbeat dropped the connection: the peer is away
         self._stop = asyncio.Event()  # close() was called
         self._closing = False
         self._proto: FrameProtocol | None = None
@@ -256,7 +258,7 @@ class OutLink:
         keep = self._settings.keep
         deadline = time.monotonic() + self._settings.queue_timeout
         step = max(0.05, min(1.0, self._settings.peer_timeout / 4))
-        while not self._releasing:  # release_producers: the daemon is shutting down
+        while not self._releasing and not self._closing:  # the daemon is shutting down
             if not keep and self.away:
                 self._stats.drop("peer_away")
                 return False
@@ -359,11 +361,13 @@ class OutLink:
             self._stats.error("bad_welcome")
             self._failed(problem, logging.ERROR, repeat=True)
             return False
+        if await self._ask(proto, self._join, Ack) is None:
+            return False
+        # Taken only now that the peer accepted this daemon's run: an answer from anything
+        # else at that address must not make this link drop its frames.
         if self.peer_incarnation is not None and welcome.incarnation > self.peer_incarnation:
             self._peer_restarted()
         self.peer_incarnation = welcome.incarnation
-        if await self._ask(proto, self._join, Ack) is None:
-            return False
         self._proto = proto
         self.state = LinkState.CONNECTED
         self.connected_since = time.monotonic()
@@ -527,9 +531,9 @@ class OutLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
         self._proto = None
-        # A peer dropped for silence is gone since it last said something: away at once.
-        self.disconnected_since = proto.heard_at if self._dropped_silent else time.monotonic()
-        self._dropped_silent = False
+        # Gone since it last said something, whatever closed the connection (the heartbeat,
+        # the kernel's TCP_USER_TIMEOUT, a bye): ≈ now after a clean close.
+        self.disconnected_since = proto.heard_at
 
     async def _send_frames(self, proto: FrameProtocol) -> None:
         while not proto.closed.is_set():
@@ -556,8 +560,9 @@ class OutLink:
             await proto.drain()
 
     async def _heartbeat(self, proto: FrameProtocol) -> None:
-        """Ask for a sign of life (a Ping, answered by a Pong; acks count too) a few times per
-        ``peer_timeout``, and drop the connection when the peer has said nothing for that long:
+        """Ask for a sign of life (a Ping, answered by a Pong; acks and the acceptor's own pongs
+        count too) when nothing was heard for a quarter of ``peer_timeout``, and drop the
+        connection when the peer has said nothing for that long:
         a stopped process or a cut route never closes a connection by itself, and frames would
         wait on it for good."""
         timeout = self._settings.peer_timeout
@@ -576,7 +581,6 @@ class OutLink:
                     silent,
                 )
                 self._stats.error("peer_silent")
-                self._dropped_silent = True
                 proto.abort()
                 return
             if silent >= interval:

@@ -13,6 +13,10 @@ counted, the rest handed to ``deliver`` on the event loop, and acked cumulativel
 batch. A Data
 frame whose values are not all finite is acked too but dropped (counted ``non_finite``): no
 model may take it in, and a link closed over it would have the sender resend it forever.
+
+Loopback loses nothing in flight, so tests lose frames on purpose through a test-only seam,
+:attr:`Transport.fault` (None in production): it may lose a chosen Data frame (not delivered,
+not acked, its connection aborted) or take it twice (tests/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from peerlearn.effects import Tag, Vector, finite, tag_text
 from peerlearn.membership import Membership
@@ -51,7 +56,7 @@ from peerlearn.wire import (
     negotiate,
 )
 
-__all__ = ["PeerAddress", "Transport"]
+__all__ = ["FaultAction", "FrameFault", "PeerAddress", "Transport"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,22 @@ class PeerAddress:
     cluster: int
     host: str
     port: int
+
+
+class FaultAction(StrEnum):
+    """What the test-only fault hook (:attr:`Transport.fault`) does with one Data frame."""
+
+    DELIVER = "deliver"  # as usual
+    #: lost in flight: not delivered, not acked, and the connection it came on is cut (aborted)
+    #: — what a link that breaks with frames outstanding does; the sender resends it after
+    #: the reconnect (and the hook sees it again)
+    LOSE = "lose"
+    #: taken twice, as if resent: delivered, then the copy must be dropped as a duplicate
+    DUPLICATE = "duplicate"
+
+
+#: the fault hook: (the sending daemon's cluster, the frame) -> what to do with it
+FrameFault = Callable[[int, Data], FaultAction]
 
 
 @dataclass
@@ -101,6 +122,10 @@ class Transport:
         self.stats = stats or TransportStats()
         self.pool = pool or BufferPool()
         self._deliver = deliver
+        #: test-only: consulted for every Data frame of a joined connection, before anything
+        #: else is done with it, to lose or duplicate chosen frames (tests/test_reliability.py:
+        #: loopback itself loses nothing in flight). None in production: one attribute check.
+        self.fault: FrameFault | None = None
         self._loop = asyncio.get_running_loop()
         self.links = [
             OutLink(p.cluster, p.host, p.port, hello, join, settings, self.stats, self._loop)
@@ -197,15 +222,20 @@ class Transport:
     # --- inbound ------------------------------------------------------------------------------
 
     async def _drop_silent(self) -> None:
-        """Close inbound connections that said nothing for ``peer_timeout``: a dialer pings a
-        few times per period when it has nothing to send, so silence means it stopped, or the
-        route is cut — and a connection nobody closes keeps its peer's frames waiting."""
+        """Close inbound connections that said nothing for ``peer_timeout`` — a dialer pings at
+        least twice per period when it hears nothing, so silence means it stopped, or the route
+        is cut, and a connection nobody closes keeps its peer's frames waiting — and tell the
+        others, a few times per period, that this side is alive (an unasked Pong)."""
         timeout = self.settings.peer_timeout
         while not self._closed.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), timeout / 4)
             now = time.monotonic()
             for proto, state in list(self._inbound.items()):
+                if state.joined and now - proto.heard_at <= timeout:
+                    # This side's sign of life: the dialer cannot read its Ping's answer while
+                    # it is still writing a frame that takes longer than peer_timeout to send.
+                    proto.send(Pong(nonce=0))
                 if now - proto.heard_at > timeout:
                     who = self._label(state.cluster) if state.cluster is not None else "a dialer"
                     log.warning(
@@ -240,6 +270,8 @@ class Transport:
                 peer = state.cluster
                 if state.incarnation != self._incarnations.get(peer):
                     return  # a connection of the daemon's last incarnation, being closed
+                if self.fault is not None and self._faulty(proto, peer, data):
+                    return
                 problem = self._data_problem(peer, data)
                 if problem is not None:  # well-framed but not of this run: close, count
                     self.stats.error("bad_data")
@@ -285,6 +317,24 @@ class Transport:
                 log.warning("%s: unexpected %s from %s", self, msg.kind, proto.remote)
                 proto.close()
 
+    def _faulty(self, proto: FrameProtocol, peer: int, data: Data) -> bool:
+        """Apply the fault hook to one frame; True if the caller must not go on with it."""
+        hook = self.fault
+        assert hook is not None
+        match hook(peer, data):
+            case FaultAction.LOSE:
+                log.info("%s: fault hook: frame %d from %s lost", self, data.seq, peer)
+                proto.abort()
+                return True
+            case FaultAction.DUPLICATE:
+                self.fault = None  # the original, past the hook; the caller takes the copy
+                try:
+                    self._on_message(proto, data)
+                finally:
+                    self.fault = hook
+                return proto.transport is None or proto.transport.is_closing()
+        return False
+
     def _handshake(self, proto: FrameProtocol, state: _Inbound, msg: Message) -> None:
         if state.cluster is None:
             self._hello(proto, state, msg)
@@ -311,8 +361,8 @@ class Transport:
             text = f"incarnation {msg.incarnation} is older than {known}, already seen"
             self._refuse(proto, who, Reason.STALE_INCARNATION, text)
             return
-        if known is None or msg.incarnation > known:
-            self._new_incarnation(proto, msg, restarted=known is not None)
+        # The incarnation is taken only once the Join shows a daemon of this run: a Hello alone
+        # must not reset what this daemon keeps for the cluster, nor close its connections.
         state.cluster, state.incarnation, state.name = msg.cluster, msg.incarnation, msg.name
         proto.send(
             Welcome(
@@ -323,19 +373,22 @@ class Transport:
             )
         )
 
-    def _new_incarnation(self, proto: FrameProtocol, hello: Hello, restarted: bool) -> None:
-        """Daemon ``hello.cluster`` started (again): its frames are numbered from 1 anew, and
-        connections of its last incarnation (half-open after a crash) are closed."""
-        self._incarnations[hello.cluster] = hello.incarnation
-        self._delivered.pop(hello.cluster, None)
+    def _new_incarnation(self, proto: FrameProtocol, state: _Inbound) -> None:
+        """The daemon that joined on ``proto`` is a new incarnation of its cluster (a first
+        start, or a restart): its frames are numbered from 1 anew, and connections of its last
+        incarnation (half-open after a crash) are closed."""
+        assert state.cluster is not None
+        restarted = state.cluster in self._incarnations
+        self._incarnations[state.cluster] = state.incarnation
+        self._delivered.pop(state.cluster, None)
         for other, st in list(self._inbound.items()):
-            if other is not proto and st.cluster == hello.cluster:
+            if other is not proto and st.cluster == state.cluster:
                 other.close()
         if restarted:
             log.info(
                 "%s: daemon %s restarted (new incarnation): its frames are numbered anew",
                 self,
-                hello.name,
+                state.name,
             )
 
     def _join(self, proto: FrameProtocol, state: _Inbound, msg: Message) -> None:
@@ -362,6 +415,13 @@ class Transport:
             )
             self._refuse(proto, who, "membership_mismatch", text)
             return
+        known = self._incarnations.get(state.cluster)
+        if known is not None and state.incarnation < known:  # overtaken since its Hello
+            text = f"incarnation {state.incarnation} is older than {known}, already seen"
+            self._refuse(proto, who, Reason.STALE_INCARNATION, text)
+            return
+        if known is None or state.incarnation > known:
+            self._new_incarnation(proto, state)
         state.joined = True
         proto.send(Ack(seq=self._delivered.get(state.cluster, 0)))
         log.info("%s: inbound link from %s (%s) established", self, who, proto.remote)
