@@ -153,3 +153,36 @@ def test_alg2_rounds_follow_q_t_for_a_decaying_schedule() -> None:
     eta = c.schedule()
     assert rounds_at == {t: maa_rounds(eta(t) / 4, Aggregator.MIDEXT)[0] for t in (1, 6)}
     assert rounds_at[6] > rounds_at[1]
+
+
+@pytest.mark.parametrize("aggregator", ["midext", "approachext"])
+def test_each_cluster_round_reports_its_spread_and_output(aggregator: str) -> None:
+    """`agreement_spread` (what the daemon's contraction histogram reads): one report per
+    process, instance and cluster round r, keyed (instance, r), holding the diam² of the values
+    received in that round and ‖x‖² of the round's output — the value the process starts round
+    r + 1 with (its `agreement` report keyed (instance, r + 1, None))."""
+    res = run_simulation(
+        cfg(
+            algorithm="maa",
+            processes=6,
+            clusters=3,
+            steps=2,
+            dim=3,
+            maa={"aggregator": aggregator, "rounds": 3},
+        ),
+        record_reports=("agreement", "agreement_spread"),
+    )
+    assert res.status is Status.FINISHED, res.outcome
+    outputs = {
+        (pid, rep.key[0], rep.key[1]): rep.value
+        for pid, rep in res.reports
+        if rep.name == "agreement" and rep.key[2] is None
+    }
+    spreads = {
+        (pid, *rep.key): rep.value for pid, rep in res.reports if rep.name == "agreement_spread"
+    }
+    assert set(spreads) == {(p, i, r) for p in range(6) for i in (1, 2) for r in (1, 2, 3)}
+    for (pid, instance, r), (spread, norm2) in spreads.items():
+        x = outputs[(pid, instance, r + 1)]
+        assert spread >= 0.0 and norm2 == float(x @ x)
+    assert any(spread > 0 for spread, _ in spreads.values())
