@@ -32,12 +32,12 @@ from peerlearn.testing import poll_status
 from tests.test_monitoring import (
     COMPOSE_YML,
     PROMETHEUS_YML,
-    _free_port,
     _get,
     _run,
     _test_config,
     _tool,
     _wait_targets_up,
+    prometheus_server,
 )
 from tests.test_processes import daemons
 
@@ -176,22 +176,11 @@ async def test_a_real_prometheus_fires_peer_away(tmp_path: Path, fault: signal.S
         victim, survivors = instances[-1], instances[:-1]
         config = _test_config(instances)
         config["rule_files"] = [str(_fast_rules(tmp_path / "rules.yml"))]
-        config_file = tmp_path / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(config))
-        listen = f"127.0.0.1:{_free_port()}"
-        log = tmp_path / "prometheus.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                prometheus,
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address={listen}",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        try:
-            async with httpx.AsyncClient(base_url=f"http://{listen}", timeout=2.0) as api:
+        async with (
+            prometheus_server(prometheus, config, tmp_path) as (proc, listen, log),
+            httpx.AsyncClient(base_url=f"http://{listen}", timeout=2.0) as api,
+        ):
+            try:
                 for url in urls:  # every link up, every daemon stepping
                     await poll_status(url, lambda s: min(w["step"] for w in s["workers"]) > 0)
                 await _wait_targets_up(api, proc, set(instances), log)
@@ -229,13 +218,6 @@ async def test_a_real_prometheus_fires_peer_away(tmp_path: Path, fault: signal.S
                 assert down[victim]["annotations"]["summary"] == (
                     f"peerlearn daemon {victim} is down"
                 )
-        finally:
-            if fault == signal.SIGSTOP:
-                os.kill(procs[-1].pid, signal.SIGCONT)
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            finally:
+                if fault == signal.SIGSTOP:
+                    os.kill(procs[-1].pid, signal.SIGCONT)

@@ -21,6 +21,7 @@ The tests that need ``promtool`` or ``prometheus`` (Debian package prometheus, i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -28,7 +29,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -424,6 +425,38 @@ async def _template_variables_resolve(api: httpx.AsyncClient, targets: set[str])
         assert expected <= values, f"variable {var['name']}: {values}, want {expected}"
 
 
+@contextlib.asynccontextmanager
+async def prometheus_server(
+    prometheus: str, config: dict[str, Any], tmp_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
+    """A real Prometheus with ``config`` on a free port: (its process, its address, its log
+    file); terminated (killed after 10 s) on the way out."""
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    listen = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            prometheus,
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={listen}",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        yield proc, listen, log
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 async def test_every_dashboard_query_has_data_in_a_real_prometheus(tmp_path: Path) -> None:
     prometheus = _tool("prometheus")
     queries = _queries()
@@ -434,33 +467,14 @@ async def test_every_dashboard_query_has_data_in_a_real_prometheus(tmp_path: Pat
         assert port is not None
         await _garbage(port)
         targets = {f"127.0.0.1:{d.api_port}" for d in alg2.daemons + dasgd.daemons}
-        config = tmp_path / "prometheus.yml"
-        config.write_text(yaml.safe_dump(_test_config(sorted(targets))))
-        listen = f"127.0.0.1:{_free_port()}"
-        log = tmp_path / "prometheus.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address={listen}",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
+        config = _test_config(sorted(targets))
+        async with (
+            prometheus_server(prometheus, config, tmp_path) as (proc, listen, log),
+            httpx.AsyncClient(base_url=f"http://{listen}", timeout=2.0) as api,
+        ):
+            await _wait_targets_up(api, proc, targets, log)
+            failures = await _wait_for_data(api, queries, targets)
+            assert not failures, "dashboard panels without data:\n" + "\n".join(
+                f"  {k}\n    -> {v}" for k, v in failures.items()
             )
-        try:
-            async with httpx.AsyncClient(base_url=f"http://{listen}", timeout=2.0) as api:
-                await _wait_targets_up(api, proc, targets, log)
-                failures = await _wait_for_data(api, queries, targets)
-                assert not failures, "dashboard panels without data:\n" + "\n".join(
-                    f"  {k}\n    -> {v}" for k, v in failures.items()
-                )
-                await _template_variables_resolve(api, targets)
-        finally:
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await _template_variables_resolve(api, targets)
