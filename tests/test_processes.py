@@ -69,7 +69,7 @@ def daemons(k: int, *args: str) -> Iterator[tuple[list[subprocess.Popen[bytes]],
 
 
 def steps(status: dict[str, Any]) -> int:
-    return min(w["step"] for w in status["workers"])
+    return int(min(w["step"] for w in status["workers"]))
 
 
 def test_run_exits_zero_when_every_worker_is_done() -> None:
@@ -135,25 +135,32 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-async def test_a_daemon_restarted_with_the_same_command_is_a_new_incarnation() -> None:
+@pytest.mark.parametrize("algorithm", ["alg1", "alg2"])
+async def test_a_daemon_restarted_with_the_same_command_catches_up(algorithm: str) -> None:
     """SIGKILL one daemon of four and start it again with the same command, as compose's
     `restart:` does. Its peers see a greater incarnation in its Hello: they number their frames
     to it from 1 again and take its own frames from 1, so nothing is dropped as a duplicate or
-    refused as a gap, the survivors keep their pace and nobody logs a line per frame. (The
-    restarted daemon itself starts from x_1 at iteration 1; catching up is rejoin's work.)"""
-    with daemons(4, "--workers", "2", "--algorithm", "alg1") as (procs, urls):
+    refused as a gap, and nobody logs a line per frame. They tell it they dropped what they had
+    sent it; it asks one of them for its state and resumes there: it reaches the survivors'
+    step, and the survivors never pause longer than peer_timeout + 1 s."""
+    timeout = 2.0
+    with daemons(
+        4, "--workers", "2", "--algorithm", algorithm, "--set", f"peer_timeout={timeout}"
+    ) as (procs, urls):
         await poll_status(urls[0], lambda s: steps(s) > 10)
+        pauses = asyncio.gather(*(_longest_pause(url, 12.0) for url in urls[:3]))
         os.kill(procs[3].pid, signal.SIGKILL)
         procs[3].wait(30)
         again = subprocess.Popen(procs[3].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            restarted = await poll_status(
-                urls[3], lambda s: all(p["state"] == "connected" for p in s["peers"])
-            )
-            assert restarted["workers"][0]["step"] <= 1  # a new process, from the start
-            before = [steps(await poll_status(url, lambda s: True)) for url in urls[:3]]
-            for url, step in zip(urls[:3], before, strict=True):
-                await poll_status(url, lambda s, b=step: steps(s) > b + 50)  # type: ignore[misc]
+            ahead = steps(await poll_status(urls[0], lambda s: True))
+            caught = await poll_status(urls[3], lambda s: steps(s) >= ahead, timeout=20)
+            assert caught["catchup"]["rejoins"] >= 1
+            assert caught["catchup"]["last"]["resumed_at"] > 1
+            assert max(await pauses) <= timeout + 1.0
+            before = [steps(await poll_status(url, lambda s: True)) for url in urls]
+            for url, step in zip(urls, before, strict=True):
+                await poll_status(url, lambda s, b=step: steps(s) > b + 20)  # type: ignore[misc]
             async with httpx.AsyncClient() as client:
                 for url in urls[:3]:
                     metrics = (await client.get(f"{url}/metrics")).text
@@ -189,7 +196,7 @@ async def test_a_stopped_daemon_does_not_stall_the_others() -> None:
     connection closes by itself. The others' heartbeats go unanswered, they drop their links to
     it after peer_timeout of silence and stop waiting for it (frames for it are dropped and
     counted): they keep at least half their pace. After SIGCONT the links are back within
-    peer_timeout + 2 s."""
+    peer_timeout + 2 s, and the stopped one catches up from their state."""
     timeout = 1.0
     with daemons(
         3, "--workers", "1", "--algorithm", "alg1", "--set", f"peer_timeout={timeout}"
@@ -211,6 +218,9 @@ async def test_a_stopped_daemon_does_not_stall_the_others() -> None:
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(f"{urls[0]}/metrics")).text
         assert _metric(metrics, 'peerlearn_protocol_errors_total{reason="peer_silent"}') >= 1
+        ahead = steps(await poll_status(urls[0], lambda s: True))
+        caught = await poll_status(urls[2], lambda s: steps(s) >= ahead, timeout=20)
+        assert caught["catchup"]["rejoins"] >= 1
 
 
 async def _longest_pause(url: str, seconds: float) -> float:

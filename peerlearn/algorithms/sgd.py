@@ -2,6 +2,9 @@
 
 Both report the model at the start of every iteration (``Report("model", x_t, step=t)``) and
 the final one as ``step = T + 1``; that is how runtimes learn a process's progress.
+
+Both can start at any iteration ``start`` (1 for a run): a process that rejoins resumes there
+with a peer's model as its own x — the state of these algorithms is the iteration and the model.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Ve
 __all__ = ["alg1", "alg2", "maa_instances"]
 
 
-def _iterations(steps: int | None) -> Iterable[int]:
-    """t = 1..T, or forever when T is None (a daemon that runs until stopped)."""
-    return count(1) if steps is None else range(1, steps + 1)
+def _iterations(steps: int | None, start: int = 1) -> Iterable[int]:
+    """t = start..T, or forever when T is None (a daemon that runs until stopped)."""
+    return count(start) if steps is None else range(start, steps + 1)
 
 
 def _mean(values: list[Vector]) -> Vector:
@@ -31,12 +34,12 @@ def _mean(values: list[Vector]) -> Vector:
 
 
 def alg1(
-    x1: Vector, steps: int | None, quorum: int, eta: Schedule
+    x1: Vector, steps: int | None, quorum: int, eta: Schedule, start: int = 1
 ) -> Generator[Effect, Any, Vector]:
     """Alg 1 of Attiya–Schiller: step on the parameters, exchange them, average exactly N."""
     x = x1
-    t = 0
-    for t in _iterations(steps):
+    t = start - 1
+    for t in _iterations(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
         y = x - eta(t) * g
@@ -55,18 +58,20 @@ def alg2(
     rounds: int | None,
     inner_rounds: int,
     aggregator: Aggregator = Aggregator.MIDEXT,
+    start: int = 1,
 ) -> Generator[Effect, Any, Vector]:
     """Alg 2 of Attiya–Schiller: exchange gradients, average all ≥ N, step from own x, then MAA_t.
 
     ``tau`` ∈ [1, T] is the common output iteration (None: output the last model);
     ``rounds`` is the number of cluster rounds of each MAA_t — None: derived for every t from
     q_t = η_t/4 (docs/papers.md, erratum a), so a decaying schedule gets more rounds as η_t shrinks;
-    ``inner_rounds`` the shared-memory rounds per cluster round.
+    ``inner_rounds`` the shared-memory rounds per cluster round. A process started past τ
+    (resumed) outputs its last model.
     """
     x = x1
     x_tau = x1
-    t = 0
-    for t in _iterations(steps):
+    t = start - 1
+    for t in _iterations(steps, start):
         if t == tau:
             x_tau = x
         yield Report("model", x, step=t)
@@ -76,7 +81,7 @@ def alg2(
         r_t = rounds if rounds is not None else maa_rounds(min(1.0, eta(t) / 4), aggregator)[0]
         x = yield from cluster_maa(y, t, r_t, inner_rounds, aggregator)
     yield Report("model", x, step=t + 1)
-    return x_tau if tau is not None else x
+    return x_tau if tau is not None and tau >= start else x
 
 
 def maa_instances(

@@ -9,8 +9,9 @@ algorithm's name. The records themselves live in :mod:`peerlearn.algorithms.reco
 module per paper; :mod:`peerlearn.algorithms.registry` collects them.
 
 Three fields say what an algorithm needs of the system around it: ``delivery`` (what happens to
-its messages for a peer that is away), ``resume`` (what of its state survives a restart) and
-``compressible`` (whether its payloads may be sent lossily).
+its messages for a peer that is away), ``resume`` (its resume-from-state entry point: the
+programs of a process that rejoins, or None if it cannot) and ``compressible`` (whether its
+payloads may be sent lossily).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from peerlearn.effects import Program
+from peerlearn.effects import Program, Vector
 
 if TYPE_CHECKING:
     from peerlearn.config import RunConfig
@@ -31,7 +32,8 @@ __all__ = [
     "OPTIONAL_SETTINGS",
     "AlgorithmSpec",
     "DeliveryPolicy",
-    "Resume",
+    "RejoinState",
+    "Resumer",
     "every_step",
     "no_check",
     "no_warnings",
@@ -51,10 +53,18 @@ class DeliveryPolicy(StrEnum):
     KEEP = "keep"
 
 
-class Resume(StrEnum):
-    """What of an algorithm's state survives a restart of its process."""
+@dataclass(frozen=True)
+class RejoinState:
+    """The state a process resumes from — data, not a program (generators cannot be copied):
+    the iteration it starts at and the model it starts with (a live peer's)."""
 
-    NOTHING = "nothing"  # a restarted process starts from x_1 (no checkpoint yet)
+    step: int
+    model: Vector
+
+
+#: the resume-from-state entry point: (config, problem or None, pids, state) → programs that
+#: start at ``state.step`` from ``state.model``
+Resumer = Callable[["RunConfig", "Problem | None", Sequence[int], RejoinState], list[Program]]
 
 
 #: settings that mean something to some algorithms only: each record lists the ones it reads
@@ -140,7 +150,9 @@ class AlgorithmSpec:
     #: effective step by 1/(1 − δ))
     demo_step: float = 1.0
     delivery: DeliveryPolicy = DeliveryPolicy.KEEP
-    resume: Resume = Resume.NOTHING
+    #: its resume-from-state entry point; None: a process that fell behind or restarted cannot
+    #: take a peer's state and goes on from where it is
+    resume: Resumer | None = None
     #: whether its payloads may be compressed lossily (none may: the papers' bounds assume
     #: exact values)
     compressible: bool = False

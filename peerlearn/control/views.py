@@ -29,6 +29,7 @@ from peerlearn.transport.links import LinkState, OutLink
 
 if TYPE_CHECKING:
     from peerlearn.daemon.monitor import SendWait
+    from peerlearn.daemon.rejoin import Rejoin
 
 __all__ = [
     "DivergenceView",
@@ -123,6 +124,27 @@ class PeerView(_View):
     )
 
 
+class RejoinedView(_View):
+    """The last time this daemon's workers caught up from a peer's state."""
+
+    peer: int = Field(description="the cluster id of the daemon whose state they took")
+    was: int = Field(description="the iteration the slowest of them was at")
+    resumed_at: int = Field(description="the iteration they resumed at")
+    seconds_ago: float
+
+
+class CatchupView(_View):
+    """Catching up: a peer dropped messages the workers here still needed (they were stopped,
+    cut off or restarted), so they take a live peer's state instead of waiting for them."""
+
+    rejoins: int = Field(description="how often the workers resumed from a peer's state")
+    asking: int | None = Field(
+        description="the cluster id of the daemon asked for its state now (null: none)"
+    )
+    asking_seconds: float | None = Field(description="how long ago it was asked")
+    last: RejoinedView | None = Field(description="the last catch-up (null: none yet)")
+
+
 class StatusView(_View):
     """This daemon, its run and its workers."""
 
@@ -140,6 +162,7 @@ class StatusView(_View):
     uptime_seconds: float
     workers: list[WorkerView]
     peers: list[PeerView]
+    catchup: CatchupView
 
 
 class StatusSource(Protocol):
@@ -175,6 +198,9 @@ class StatusSource(Protocol):
     def blocked(self, waiting: Waiting | None) -> bool: ...
 
     def sending(self, worker: Worker) -> SendWait | None: ...
+
+    @property
+    def rejoin(self) -> Rejoin: ...
 
 
 def status_view(daemon: StatusSource) -> dict[str, Any]:
@@ -227,6 +253,25 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
         "uptime_seconds": round(time.monotonic() - daemon.started_at, 3),
         "workers": workers,
         "peers": peers_view(daemon.links),
+        "catchup": _catchup_view(daemon.rejoin),
+    }
+
+
+def _catchup_view(rejoin: Rejoin) -> dict[str, Any]:
+    now = time.monotonic()
+    asking, last = rejoin.asking, rejoin.last
+    return {
+        "rejoins": rejoin.rejoins,
+        "asking": None if asking is None else asking[0],
+        "asking_seconds": None if asking is None else round(now - asking[1], 3),
+        "last": None
+        if last is None
+        else {
+            "peer": last.peer,
+            "was": last.was,
+            "resumed_at": last.resumed_at,
+            "seconds_ago": round(now - last.at, 3),
+        },
     }
 
 

@@ -39,6 +39,7 @@ from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.config import NodeConfig, parse_address
 from peerlearn.daemon.monitor import Monitor, SendWait, Staleness
+from peerlearn.daemon.rejoin import Rejoin
 from peerlearn.daemon.routing import DaemonRouter, Heard
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
@@ -116,7 +117,10 @@ class Daemon:
         self.delivery = Delivery(
             self.mailboxes, dropped=self.stats.drop, stored=self.staleness.record
         )
-        self.router = DaemonRouter(self.delivery, self.membership, self.heard)
+        # The workers need the router and the router the catch-up, which needs the workers:
+        # it reads them only once a peer speaks, after start.
+        self.rejoin = Rejoin(self.run_cfg, self.problem, self.membership, [])
+        self.router = DaemonRouter(self.delivery, self.membership, self.heard, self.rejoin.on_state)
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         grad = self.problem.grad if self.problem is not None else _no_grad
         self.workers = [
@@ -135,6 +139,7 @@ class Daemon:
         ]
         for w in self.workers:
             w.on_exit = self._on_worker_exit
+        self.rejoin.workers = self.workers
         receivers.update((w.pid, w) for w in self.workers)
         self.monitor = Monitor(
             cfg, self.problem, self.workers, self.metrics, self.heard, self.stats
@@ -146,6 +151,7 @@ class Daemon:
         self._tasks: asyncio.TaskGroup | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._catchup_task: asyncio.Task[None] | None = None
         self._listen_socket = listen_socket
         self._stop_requested = asyncio.Event()
         self.progress = asyncio.Event()
@@ -246,8 +252,10 @@ class Daemon:
             self.router.deliver,
             settings,
             self.stats,
+            catchup=self.rejoin.on_note,
         )
         self.router.attach(self.transport)
+        self.rejoin.attach(self.transport)
         self.monitor.attach(self.transport)
         try:
             await self.transport.start(self._tasks, self._listen_socket)
@@ -263,6 +271,7 @@ class Daemon:
         self._monitor_task = self._tasks.create_task(
             self.monitor.evaluate_every_tick(), name="monitor"
         )
+        self._catchup_task = self._tasks.create_task(self._catch_up(), name="catch-up")
         if self.monitor.sends_snapshots:
             self._snapshot_task = self._tasks.create_task(
                 self.monitor.send_snapshots(), name="snapshots"
@@ -335,7 +344,7 @@ class Daemon:
             await self.transport.close(drain_unconnected=finished)
         if self._api is not None:
             self._api.should_exit = True
-        for task in (self._monitor_task, self._snapshot_task):
+        for task in (self._monitor_task, self._snapshot_task, self._catchup_task):
             if task is not None:
                 task.cancel()
         if self._tasks is not None:  # links end once closed, the API once told to exit
@@ -394,6 +403,13 @@ class Daemon:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    async def _catch_up(self) -> None:
+        """Make a state request again once the last one went unanswered (see
+        :mod:`peerlearn.daemon.rejoin`); the notes themselves come with the peers' frames."""
+        while True:
+            await asyncio.sleep(1.0)  # a retry period: requests time out after 10 s
+            self.rejoin.consider()
 
     # --- hooks from the workers ---------------------------------------------------------------
 

@@ -16,6 +16,7 @@ collaborators it is given.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from peerlearn.effects import Msg, Tag, Vector
 from peerlearn.membership import Membership
@@ -50,16 +51,24 @@ class DaemonRouter:
     :param delivery: the local delivery over this daemon's mailboxes (pid → mailbox).
     :param membership: which cluster (daemon) hosts each process.
     :param heard: where models and steps heard from remote workers are recorded.
+    :param state: where a peer's state frame (``("state", r)``, catching up) goes.
 
     Until :meth:`attach` gives it the transport, messages reach the local mailboxes only.
     """
 
-    def __init__(self, delivery: Delivery, membership: Membership, heard: Heard) -> None:
+    def __init__(
+        self,
+        delivery: Delivery,
+        membership: Membership,
+        heard: Heard,
+        state: Callable[[Data], None] | None = None,
+    ) -> None:
         self._delivery = delivery
         self._mailboxes = delivery.mailboxes
         self._local = tuple(delivery.mailboxes)  # this daemon's processes, in pid order
         self._cluster_of = membership.cluster_of
         self._heard = heard
+        self._state = state  # where a peer's state frame goes (catching up)
         self._transport: Transport | None = None
 
     def attach(self, transport: Transport) -> None:
@@ -92,6 +101,10 @@ class DaemonRouter:
         heard = self._heard
         if data.tag[0] == "snapshot":  # for the global consensus distance only
             heard.models[data.sender] = (time.monotonic(), data.value)
+            return
+        if data.tag[0] == "state":  # a peer's answer to this daemon's state request
+            if self._state is not None:
+                self._state(data)
             return
         if data.to or data.post:
             pids = data.to or self._local

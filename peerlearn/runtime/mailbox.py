@@ -16,6 +16,10 @@ Besides the tag boxes, a mailbox holds an *inbox*: a FIFO of :class:`~peerlearn.
 filled by ``Post`` and drained whole by ``Receive`` (:meth:`post`, :meth:`receive`). Inbox
 letters are never late nor deduplicated here (the transport delivers each exactly once), and
 they count towards ``max_buffered`` like the rest.
+
+A daemon that catches up (rejoin) hands its worker a resumed program through the mailbox
+(:meth:`redirect`): a worker waiting in :meth:`take` or :meth:`receive` leaves the wait with
+:class:`MailboxRedirected`, and the worker switches programs before its next effect.
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from typing import Any
 from peerlearn.effects import Letter, Msg, Quorum, Tag, quorum_have, quorum_need, quorum_take
 from peerlearn.errors import PeerlearnError
 
-__all__ = ["Mailbox", "MailboxClosed", "Put", "Waiting"]
+__all__ = ["Mailbox", "MailboxClosed", "MailboxRedirected", "Put", "Waiting"]
 
 
 class MailboxClosed(PeerlearnError):
     """The mailbox was closed (shutdown or crash) while a worker waited on it."""
+
+
+class MailboxRedirected(PeerlearnError):
+    """A resumed program was handed over (:meth:`Mailbox.redirect`) while the worker waited."""
 
 
 class Put(StrEnum):
@@ -76,6 +84,8 @@ class Mailbox:
         self._waiting: tuple[Tag, Quorum, float] | None = None
         self._inbox: list[Letter] = []
         self._receiving: float | None = None  # since when the worker waits in receive()
+        #: a resumed program for the worker, with the iteration it starts at (rejoin)
+        self._redirect: tuple[int, Any] | None = None
 
     def put(self, tag: Tag, msg: Msg) -> Put:
         """Buffer ``msg`` under ``tag`` and wake the worker if it waits on that tag."""
@@ -120,6 +130,8 @@ class Mailbox:
                     while not self._inbox:
                         if self._closed:
                             raise MailboxClosed("mailbox closed while waiting in receive")
+                        if self._redirect is not None:
+                            raise MailboxRedirected("resumed while waiting in receive")
                         self._cond.wait()
                 finally:
                     self._receiving = None
@@ -136,6 +148,8 @@ class Mailbox:
                 while True:
                     if self._closed:
                         raise MailboxClosed(f"mailbox closed while waiting on {tag}")
+                    if self._redirect is not None:
+                        raise MailboxRedirected(f"resumed while waiting on {tag}")
                     box = self._boxes.get(tag)
                     got = (
                         quorum_take(quorum, list(box.values()), self._cluster_of, self._clusters)
@@ -181,6 +195,22 @@ class Mailbox:
                 unit,
                 since,
             )
+
+    def redirect(self, step: int, program: Any) -> None:
+        """Hand the worker ``program``, a resumed one starting at iteration ``step``: it
+        switches before its next effect, leaving a wait at once. A later hand-over replaces
+        one not yet taken."""
+        with self._cond:
+            self._redirect = (step, program)
+            self._cond.notify_all()
+
+    def take_redirect(self) -> tuple[int, Any] | None:
+        """The program handed over, if any (once)."""
+        if self._redirect is None:  # the worker asks before every effect: no lock then
+            return None
+        with self._cond:
+            got, self._redirect = self._redirect, None
+            return got
 
     def close(self) -> None:
         """Wake a waiting worker with :class:`MailboxClosed`; later puts are still accepted."""

@@ -20,6 +20,10 @@ on serving and relaying for the others. A worker whose gradient (as the oracle r
 stops the same way, before the value reaches anybody, in state ``diverged``. The program and the
 oracle run with numpy's floating-point warnings off: those checks report the problem instead.
 :meth:`Worker.stop` lets the current iteration finish.
+
+A daemon that catches up hands a worker a *resumed* program (:meth:`Worker.rejoin`, built by
+the algorithm's resume entry point from a peer's state): the worker drops its current program
+before its next effect — at once if it waits for messages — and goes on with the resumed one.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from peerlearn.effects import (
     quiet_float_errors,
 )
 from peerlearn.errors import ProgramError
-from peerlearn.runtime.mailbox import Mailbox, MailboxClosed
+from peerlearn.runtime.mailbox import Mailbox, MailboxClosed, MailboxRedirected
 from peerlearn.runtime.store import RegisterStore
 
 __all__ = ["LIVE_STATES", "Router", "Worker", "WorkerState"]
@@ -131,11 +135,15 @@ class Worker:
         self.state = WorkerState.CREATED
         self.step = 0
         self.x: Vector | None = None
+        #: (step, x) as one reference, for readers on other threads (a state answer) that
+        #: need the two to match
+        self.position: tuple[int, Vector | None] = (0, None)
         self.output: Any = None
         self.error: str | None = None
         self.diverged: Divergence | None = None
         self.grads = 0
         self.grad_seconds = 0.0
+        self.rejoins = 0  # resumed programs taken (catch-ups)
         self._program = program
         self._grad = grad
         self._rng = rng
@@ -181,6 +189,11 @@ class Worker:
         self._stop.set()
         self.mailbox.close()
 
+    def rejoin(self, step: int, program: Program) -> None:
+        """Go on with ``program``, resumed at iteration ``step``, instead of the current one —
+        unless the worker has reached ``step`` by itself when it takes it over."""
+        self.mailbox.redirect(step, program)
+
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -199,49 +212,28 @@ class Worker:
     def _loop(self) -> None:
         send = self._program.send
         value: Any = None
+        mailbox = self.mailbox
+        interrupted: Any = None  # a wait a hand-over interrupted, to go on with if declined
         try:
             while True:
-                eff = send(value)
-                value = None
-                match eff:
-                    case Grad(x=x):
-                        started = time.perf_counter()
-                        value = self._grad(x, self._rng)
-                        self.grad_seconds += time.perf_counter() - started
-                        self.grads += 1
-                        if not finite(value):
-                            raise _Diverged(self.step, "gradient")
-                    case Exchange(tag=tag, value=v, quorum=quorum):
-                        self._outgoing(v)
-                        self._router.broadcast(self.pid, tag, v, self.step)
-                        value = self.mailbox.take(tag, quorum)
-                    case Await(tag=tag, quorum=quorum):
-                        value = self.mailbox.take(tag, quorum)
-                    case Broadcast(tag=tag, value=v):
-                        self._outgoing(v)
-                        self._router.broadcast(self.pid, tag, v, self.step)
-                    case Send(to=to, tag=tag, value=v):
-                        self._outgoing(v)
-                        self._router.send(self.pid, to, tag, v, self.step, False)
-                    case Post(to=to, tag=tag, value=v):
-                        self._outgoing(v)
-                        self._router.send(self.pid, to, tag, v, self.step, True)
-                    case Receive(block=block):
-                        value = self.mailbox.receive(block)
-                    case Write(key=key, value=v):
-                        self._outgoing(v)  # the cluster's other workers read it
-                        self._store.write(self.pid, key, v)
-                    case Collect(key=key):
-                        value = self._collect(key)
-                    case Report() as rep:
-                        if rep.name == "model":
-                            self._model(rep)
-                        if self._on_report is not None:
-                            self._on_report(self, rep)
-                    case _:
-                        raise ProgramError(
-                            f"worker {self.name} yielded {eff!r}, which is no effect"
-                        )
+                if (redirect := mailbox.take_redirect()) is not None:
+                    step, program = redirect
+                    if step > self.step:  # behind it still: the old program ends here
+                        self._program.close()
+                        self._program = program
+                        send = program.send
+                        value = interrupted = None
+                        self.rejoins += 1
+                    else:
+                        program.close()
+                eff = interrupted if interrupted is not None else send(value)
+                interrupted = None
+                try:
+                    value = self._effect(eff)
+                except MailboxRedirected:
+                    # Waiting, so nothing of the effect is left but the wait (an Exchange
+                    # has broadcast already).
+                    interrupted = Await(eff.tag, eff.quorum) if isinstance(eff, Exchange) else eff
         except StopIteration as stop:
             self.output = stop.value
             self.state = WorkerState.FINISHED
@@ -277,12 +269,55 @@ class Worker:
             if self.on_exit is not None:
                 self.on_exit(self)
 
+    def _effect(self, eff: Any) -> Any:
+        """Carry out one effect; its result for the program."""
+        value: Any = None
+        match eff:
+            case Grad(x=x):
+                started = time.perf_counter()
+                value = self._grad(x, self._rng)
+                self.grad_seconds += time.perf_counter() - started
+                self.grads += 1
+                if not finite(value):
+                    raise _Diverged(self.step, "gradient")
+            case Exchange(tag=tag, value=v, quorum=quorum):
+                self._outgoing(v)
+                self._router.broadcast(self.pid, tag, v, self.step)
+                value = self.mailbox.take(tag, quorum)
+            case Await(tag=tag, quorum=quorum):
+                value = self.mailbox.take(tag, quorum)
+            case Broadcast(tag=tag, value=v):
+                self._outgoing(v)
+                self._router.broadcast(self.pid, tag, v, self.step)
+            case Send(to=to, tag=tag, value=v):
+                self._outgoing(v)
+                self._router.send(self.pid, to, tag, v, self.step, False)
+            case Post(to=to, tag=tag, value=v):
+                self._outgoing(v)
+                self._router.send(self.pid, to, tag, v, self.step, True)
+            case Receive(block=block):
+                value = self.mailbox.receive(block)
+            case Write(key=key, value=v):
+                self._outgoing(v)  # the cluster's other workers read it
+                self._store.write(self.pid, key, v)
+            case Collect(key=key):
+                value = self._collect(key)
+            case Report() as rep:
+                if rep.name == "model":
+                    self._model(rep)
+                if self._on_report is not None:
+                    self._on_report(self, rep)
+            case _:
+                raise ProgramError(f"worker {self.name} yielded {eff!r}, which is no effect")
+        return value
+
     def _model(self, rep: Report) -> None:
         if self._stop.is_set():  # the previous iteration is complete: leave here
             raise _Stop
         if not finite(rep.value):  # x_t is what iteration t − 1 produced; x keeps x_{t−1}
             raise _Diverged(rep.step - 1, "model")
         self.step, self.x = rep.step, rep.value
+        self.position = (rep.step, rep.value)
         self.mailbox.advance(rep.step)
         self._store.advance(self.pid, rep.step)
 

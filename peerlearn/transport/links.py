@@ -20,6 +20,10 @@ Outbound (:class:`OutLink`, one per remote daemon, a nats-style lifecycle)::
   nothing, and the receiver drops the duplicates (seq ≤ the last it delivered).
 * Reconnects back off exponentially with full jitter; a peer silent or unreachable longer than
   ``peer_timeout`` (a heartbeat asks for signs of life) is flagged (``away``) and logged.
+* A link remembers the highest iteration it dropped frames of (``lost_upto``: dropped while the
+  peer was away or the window stayed full, or discarded because the peer restarted) and says so
+  at every connection (:class:`~peerlearn.transport.catchup.Missed`): a peer that still needs
+  them catches up by state transfer instead of waiting for them for good.
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from peerlearn.effects import Tag, Vector, tag_text
+from peerlearn.transport.catchup import Missed
 from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
 from peerlearn.wire import (
     Ack,
     Bye,
     Codec,
+    Control,
     Data,
     Hello,
     Join,
@@ -187,6 +193,7 @@ class OutLink:
         self._settings = settings
         self._stats = stats
         self._loop = loop
+        self._loop_thread = threading.get_ident()  # built on the loop's thread
         self._room = threading.Semaphore(settings.window)
         #: producers (worker threads, by ident) waiting for room now, and since when: a send
         #: wait, which /status shows next to the waits for messages
@@ -195,6 +202,12 @@ class OutLink:
         self._queue: deque[Data] = deque()
         self._unacked: deque[Data] = deque()
         self._seq = 0
+        #: the highest iteration (a frame's ``step``) queued for the peer so far, and of a
+        #: frame dropped for it: told to the peer at each connection (catch-up)
+        self._sent_upto = 0
+        self.lost_upto: int | None = None
+        self._told: int | None = None  # lost_upto as last told on this connection
+        self._controls: deque[Control] = deque()  # link-level notes to send when connected
         self._wakeup = asyncio.Event()  # frames were queued
         self._acked = asyncio.Event()  # an ack arrived
         self._peer_left = False  # the peer said bye: it stops, nothing more will be acked
@@ -233,12 +246,41 @@ class OutLink:
         if self._closing:
             self._stats.drop("link_closed")
             return False
-        if not self._room.acquire(blocking=False) and not self._wait_for_room(tag):
+        if not self._room.acquire(blocking=False) and not self._wait_for_room(tag, step):
             return False
         self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, to, post)
         return True
 
-    def _wait_for_room(self, tag: Tag) -> bool:
+    def offer_nowait(
+        self, tag: Tag, sender: int, step: int, value: Vector, to: tuple[int, ...] = ()
+    ) -> bool:
+        """Queue one frame from the event loop, which must never block: False (counted
+        ``queue_full``) if the window is full or the link closing."""
+        if self._closing or not self._room.acquire(blocking=False):
+            self._stats.drop("queue_full" if not self._closing else "link_closed")
+            return False
+        self._enqueue(tag, sender, step, value, to, False)
+        return True
+
+    def control(self, msg: Control) -> None:
+        """Send a link-level note (on the event loop): now if connected, else at the next
+        connection. Not numbered, not resent: a note lost with its connection is asked again."""
+        self._controls.append(msg)
+        self._wakeup.set()
+
+    def _lose(self, step: int) -> None:
+        """A frame of iteration ``step`` will never reach the peer: remember it, to tell."""
+        with self._drop_lock:
+            if self.lost_upto is None or step > self.lost_upto:
+                self.lost_upto = step
+            else:
+                return
+        if threading.get_ident() == self._loop_thread:
+            self._wakeup.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _wait_for_room(self, tag: Tag, step: int) -> bool:
         """Wait for a slot in the window; False (and counted) if the frame is dropped.
 
         Frames that may drop wait at most ``queue_timeout``, and the wait is sliced so that a
@@ -250,7 +292,10 @@ class OutLink:
         me = threading.get_ident()
         self.senders_waiting[me] = time.monotonic()
         try:
-            return self._wait(tag)
+            if self._wait(tag):
+                return True
+            self._lose(step)
+            return False
         finally:
             self.senders_waiting.pop(me, None)
 
@@ -312,6 +357,7 @@ class OutLink:
             self._room.release()
             return
         self._seq += 1
+        self._sent_upto = max(self._sent_upto, step)
         self._queue.append(frame)
         self._wakeup.set()
 
@@ -381,6 +427,7 @@ class OutLink:
         # Whatever was sent but not acked may be lost: it goes out again, first, in order.
         self._queue.extendleft(reversed(self._unacked))
         self._unacked.clear()
+        self._told = None  # the note may have been lost with the last connection: again
         return True
 
     async def _ask(
@@ -443,6 +490,8 @@ class OutLink:
         self._queue.clear()
         self._unacked.clear()
         self._seq = 0
+        if self._sent_upto:  # all it was sent is gone with the process, acked or not
+            self._lose(self._sent_upto)
         for _ in range(dropped):
             self._room.release()
         if dropped:
@@ -537,6 +586,7 @@ class OutLink:
 
     async def _send_frames(self, proto: FrameProtocol) -> None:
         while not proto.closed.is_set():
+            self._send_notes(proto)
             if not self._queue:
                 self._wakeup.clear()
                 if self._closing:
@@ -558,6 +608,15 @@ class OutLink:
             self._unacked.append(frame)
             self._stats.count("out", str(frame.tag[0]), self.name, n)
             await proto.drain()
+
+    def _send_notes(self, proto: FrameProtocol) -> None:
+        """Catch-up notes go before frames: what was lost, then the notes asked for."""
+        lost = self.lost_upto
+        if lost is not None and lost != self._told:
+            self._told = lost
+            proto.send(Missed(lost).control())
+        while self._controls:
+            proto.send(self._controls.popleft())
 
     async def _heartbeat(self, proto: FrameProtocol) -> None:
         """Ask for a sign of life (a Ping, answered by a Pong; acks and the acceptor's own pongs

@@ -33,6 +33,8 @@ from enum import StrEnum
 
 from peerlearn.effects import Tag, Vector, finite, tag_text
 from peerlearn.membership import Membership
+from peerlearn.transport import catchup
+from peerlearn.transport.catchup import Catchup
 from peerlearn.transport.links import LinkSettings, LinkState, OutLink, Throttle
 from peerlearn.transport.pool import BufferPool
 from peerlearn.transport.protocol import FrameProtocol
@@ -41,6 +43,7 @@ from peerlearn.wire import (
     Ack,
     Bye,
     Codec,
+    Control,
     Data,
     HandshakeError,
     Hello,
@@ -112,6 +115,7 @@ class Transport:
         settings: LinkSettings,
         stats: TransportStats | None = None,
         pool: BufferPool | None = None,
+        catchup: Callable[[int, Catchup], None] | None = None,
     ) -> None:
         self.hello = hello
         self.join = join
@@ -122,6 +126,8 @@ class Transport:
         self.stats = stats or TransportStats()
         self.pool = pool or BufferPool()
         self._deliver = deliver
+        #: called on the event loop with each catch-up note a joined peer sends (its cluster)
+        self._catchup = catchup
         #: test-only: consulted for every Data frame of a joined connection, before anything
         #: else is done with it, to lose or duplicate chosen frames (tests/test_reliability.py:
         #: loopback itself loses nothing in flight). None in production: one attribute check.
@@ -310,12 +316,45 @@ class Transport:
                 self._deliver(data)
             case Ping(nonce=nonce):
                 proto.send(Pong(nonce=nonce))
+            case Control() as control:
+                self._on_control(proto, state, control)
             case Bye():
                 proto.close()
             case _:
                 self.stats.error("unexpected_message")
                 log.warning("%s: unexpected %s from %s", self, msg.kind, proto.remote)
                 proto.close()
+
+    def _on_control(self, proto: FrameProtocol, state: _Inbound, control: Control) -> None:
+        peer = state.cluster
+        assert peer is not None
+        if state.incarnation != self._incarnations.get(peer):
+            return  # a connection of the daemon's last incarnation, being closed
+        try:
+            note = catchup.parse(control)
+        except catchup.CatchupError as exc:  # counted; the link itself is sound
+            self.stats.error("bad_control")
+            log.warning("%s: ignoring a control message from %s: %s", self, self._label(peer), exc)
+            return
+        if self._catchup is not None:
+            self._catchup(peer, note)
+
+    def request_state(self, cluster: int) -> None:
+        """Ask daemon ``cluster`` for its state (on the event loop; the answer is a Data frame)."""
+        link = self._by_cluster.get(cluster)
+        if link is not None:
+            link.control(catchup.StateRequest().control())
+
+    def send_state(self, cluster: int, tag: Tag, sender: int, step: int, value: Vector) -> bool:
+        """A state frame to daemon ``cluster``, from the event loop; False if it could not be
+        queued (no link, window full: the peer asks again)."""
+        link = self._by_cluster.get(cluster)
+        return link is not None and link.offer_nowait(tag, sender, step, value)
+
+    def lost_upto(self, cluster: int) -> int | None:
+        """The highest iteration of a frame dropped for daemon ``cluster`` (None: none)."""
+        link = self._by_cluster.get(cluster)
+        return link.lost_upto if link is not None else None
 
     def _faulty(self, proto: FrameProtocol, peer: int, data: Data) -> bool:
         """Apply the fault hook to one frame; True if the caller must not go on with it."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from peerlearn.algorithms.aggregate import maa_rounds
 from peerlearn.algorithms.records._common import first_eta, sentence, start_point
 from peerlearn.algorithms.sgd import alg1, alg2, maa_instances
-from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy
+from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, RejoinState
 from peerlearn.effects import Program
 from peerlearn.errors import ConfigError
 from peerlearn.streams import Purpose, stream
@@ -48,13 +48,23 @@ CONDITIONS = {
 
 
 def _alg1_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
-    x1 = start_point(problem)
+    return _alg1_resume(cfg, problem, pids, RejoinState(1, start_point(problem)))
+
+
+def _alg1_resume(
+    cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+) -> list[Program]:
     eta = cfg.schedule()
-    return [alg1(x1, cfg.steps, cfg.n_quorum, eta) for _ in pids]
+    return [alg1(state.model, cfg.steps, cfg.n_quorum, eta, state.step) for _ in pids]
 
 
 def _alg2_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
-    x1 = start_point(problem)
+    return _alg2_resume(cfg, problem, pids, RejoinState(1, start_point(problem)))
+
+
+def _alg2_resume(
+    cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+) -> list[Program]:
     steps = cfg.steps
     rounds, inner = cfg.agreement_rounds()
     tau = None if steps is None else int(stream(cfg.seed, Purpose.TAU).integers(1, steps + 1))
@@ -62,7 +72,20 @@ def _alg2_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int])
     per_t = cfg.maa.rounds is None and cfg.maa.q is None and cfg.lr.schedule == "inverse_time"
     r = None if per_t else rounds
     eta = cfg.schedule()
-    return [alg2(x1, steps, cfg.n_quorum, eta, tau, r, inner, cfg.maa.aggregator) for _ in pids]
+    return [
+        alg2(
+            state.model,
+            steps,
+            cfg.n_quorum,
+            eta,
+            tau,
+            r,
+            inner,
+            cfg.maa.aggregator,
+            state.step,
+        )
+        for _ in pids
+    ]
 
 
 def _maa_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
@@ -197,6 +220,7 @@ RECORDS = (
         tolerates="any f < n crashes",
         parameters="`quorum` N",
         programs=_alg1_programs,
+        resume=_alg1_resume,
         settings=frozenset({"quorum"}),
         fixed_eta=False,
         conditions={k: CONDITIONS[k] for k in ("Thm 1", "Lemmas 3, 4 and 6")},
@@ -211,6 +235,7 @@ RECORDS = (
         tolerates="a minority of clusters",
         parameters="`quorum`, `[maa]`",
         programs=_alg2_programs,
+        resume=_alg2_resume,
         settings=frozenset({"quorum"}) | _AGREEMENT,
         fixed_eta=False,
         agreement=True,

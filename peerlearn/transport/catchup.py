@@ -1,0 +1,64 @@
+"""The two link-level notes of catching up, carried in the wire's ``Control`` message.
+
+A daemon that dropped frames for a peer (the peer was away, its window stayed full, or it
+restarted and lost everything it had been sent) tells it so once the link is back, with the
+highest iteration it dropped frames of: :class:`Missed`. A daemon that learns it is missing
+messages it still needs answers with :class:`StateRequest` on its own link to that peer; the
+peer replies with its current state as a Data frame (``("state", resume_at)``, see
+:mod:`peerlearn.daemon.rejoin`), reliable and in order like every frame of the run.
+
+Parsing is sans-IO: a ``Control`` in, a record out, or :class:`CatchupError` — counted by the
+transport as ``bad_control``, never fatal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from peerlearn.errors import PeerlearnError
+from peerlearn.wire import Control
+from peerlearn.wire.messages import INT64_MAX
+
+__all__ = ["Catchup", "CatchupError", "Missed", "StateRequest", "parse"]
+
+
+class CatchupError(PeerlearnError):
+    """A Control message that is no catch-up note this daemon knows, or one with bad fields."""
+
+
+@dataclass(frozen=True, slots=True)
+class Missed:
+    """I dropped frames for you of iterations up to ``upto`` (they will never come)."""
+
+    upto: int
+    kind: Literal["missed"] = "missed"
+
+    def control(self) -> Control:
+        return Control(name=self.kind, body={"upto": self.upto})
+
+
+@dataclass(frozen=True, slots=True)
+class StateRequest:
+    """Send me your current state: I am behind and missing messages I need."""
+
+    kind: Literal["state_request"] = "state_request"
+
+    def control(self) -> Control:
+        return Control(name=self.kind, body={})
+
+
+Catchup: TypeAlias = Missed | StateRequest
+
+
+def parse(msg: Control) -> Catchup:
+    """The catch-up note ``msg`` carries; CatchupError naming what is wrong otherwise."""
+    match msg.name:
+        case "missed":
+            upto = msg.body.get("upto")
+            if type(upto) is not int or not 0 <= upto <= INT64_MAX:
+                raise CatchupError(f"missed: upto must be an iteration ≥ 0, got {upto!r:.40}")
+            return Missed(upto)
+        case "state_request":
+            return StateRequest()
+    raise CatchupError(f"unknown control message {msg.name!r:.60}")
