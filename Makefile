@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 # Real servers the tests start (Debian packages): command:package. Installed when missing and
 # possible (root with apt); otherwise the tests that need them skip and say why.
-SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus docker-compose:docker-compose \
+SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus docker-compose:docker-compose nft:nftables \
                 chromium:chromium
 
 $(STAMP): pyproject.toml
