@@ -238,10 +238,11 @@ async def _longest_pause(url: str, seconds: float) -> float:
     return longest
 
 
-async def test_a_graceful_stop_does_not_stall_the_others() -> None:
+@pytest.mark.parametrize("algorithm", ["alg1", "alg2"])
+async def test_a_graceful_stop_does_not_stall_the_others(algorithm: str) -> None:
     """A daemon stopped with SIGTERM says bye on its links: the others stop waiting for it at
     once (not after peer_timeout with a full window), so their pace dips for at most 1 s."""
-    with daemons(3, "--workers", "1", "--algorithm", "alg1") as (procs, urls):
+    with daemons(3, "--workers", "1", "--algorithm", algorithm) as (procs, urls):
         await poll_status(urls[0], lambda s: steps(s) > 20)
         procs[2].send_signal(signal.SIGTERM)
         pauses = await asyncio.gather(*(_longest_pause(url, 4.0) for url in urls[:2]))
