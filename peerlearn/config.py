@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from peerlearn.algorithms import Aggregator, Constant, InverseTime, Schedule, maa_rounds
-from peerlearn.algorithms.registry import ALGORITHMS, conditions, lookup, readers
+from peerlearn.algorithms.registry import ALGORITHMS, REGISTRY, conditions, lookup, readers
 from peerlearn.algorithms.spec import OPTIONAL_SETTINGS, AlgorithmSpec
 from peerlearn.errors import ConfigError
 from peerlearn.faults import CrashSpec, parse_crash
@@ -206,7 +206,7 @@ class RunSettings(_Frozen):
         None,
         ge=0,
         description="f, the crashes the run is built to survive; default: the processes the "
-        "crash specs kill (simulator), ⌊(n−1)/2⌋ (daemons)",
+        "crash specs kill or restart (simulator), ⌊(n−1)/2⌋ (daemons)",
     )
     dim: int = Field(4, ge=1, description="input dimension of standalone MAA")
     topology: str | None = Field(
@@ -242,11 +242,21 @@ class RunConfig(RunSettings):
         # Touch the derived views so that every inconsistency surfaces at load time.
         _ = self.membership
         crashes = self.crash_specs
+        restarts = [c.spec for c in crashes if c.mode == "restart"]
+        if restarts and self.spec.resume is None:
+            able = ", ".join(name for name, spec in REGISTRY.items() if spec.resume is not None)
+            raise ValueError(
+                f"{self.algorithm} cannot rejoin: restart faults need a resume entry point "
+                f"({', '.join(restarts)}; algorithms that have one: {able})"
+            )
+        # A restarted process misses the iterations it skips, as a crashed one would: it counts
+        # among the f processes the quorum must do without.
+        kill = "kill or restart" if restarts else "kill"
         f = self.failures
         why = (
             f"max_failures f = {f}"
             if self.max_failures is not None
-            else f"the crash specs {[c.spec for c in crashes]} kill {f}"
+            else f"the crash specs {[c.spec for c in crashes]} {kill} {f}"
         )
         if self.quorum is not None and self.quorum > self.processes - f:
             raise ValueError(
@@ -256,13 +266,13 @@ class RunConfig(RunSettings):
         killed = len({p for c in crashes for p in c.pids})
         if self.max_failures is not None and killed > self.max_failures:
             raise ValueError(
-                f"the crash specs kill {killed} processes, more than max_failures f = "
+                f"the crash specs {kill} {killed} processes, more than max_failures f = "
                 f"{self.max_failures}"
             )
         if self.processes - f < 1:
             if self.max_failures is not None:
                 raise ValueError(f"max_failures f = {f} must be < n = {self.processes}")
-            raise ValueError("the crash specs kill every process")
+            raise ValueError(f"the crash specs {kill} every process")
         for part in self.sim.partitions:
             seen = [c for g in part.groups for c in g]
             if len(seen) != len(set(seen)) or any(not 0 <= c < self.clusters for c in seen):
@@ -346,7 +356,8 @@ class RunConfig(RunSettings):
 
     @property
     def failures(self) -> int:
-        """f: ``max_failures``, or the number of distinct processes the crash specs kill."""
+        """f: ``max_failures``, or the number of distinct processes the crash specs kill or
+        restart."""
         if self.max_failures is not None:
             return self.max_failures
         return len({p for c in self.crash_specs for p in c.pids})

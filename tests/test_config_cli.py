@@ -217,11 +217,14 @@ def test_cli_outputs_and_trace(tmp_path: Path) -> None:
         "cluster",
         "crashed",
         "diverged",
+        "restarts",
+        "resumed_at",
         "steps_done",
         "x",
         "loss",
         "output",
     }
+    assert summary["restarts"] == [] and (proc["restarts"], proc["resumed_at"]) == (0, [])
     assert len(proc["output"]) == 10  # Alg 2's x_τ
     assert len(proc["x"]) == 10 and proc["steps_done"] == 3
     header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()

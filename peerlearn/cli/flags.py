@@ -226,7 +226,7 @@ FLAGS: tuple[Flag, ...] = (
             _SIM: Use(
                 f"Quorum N of {'/'.join(readers('quorum'))}: how many processes' messages an "
                 "iteration waits for.",
-                "n − f, f = processes the crash specs kill",
+                "n − f, f = processes the crash specs kill or restart",
                 short="-N",
             ),
             _DAEMON: Use(
@@ -265,7 +265,7 @@ FLAGS: tuple[Flag, ...] = (
         {
             _SIM: Use(
                 "Crash spec, repeatable: cluster:C@t=K, process:C.I@t=K[:mid-broadcast], "
-                "…@time=X (0-based ids).",
+                "process:C.I@t=K:restart, …@time=X (0-based ids).",
                 "no crashes",
             )
         },

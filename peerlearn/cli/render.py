@@ -15,6 +15,7 @@ from peerlearn.config import RunConfig
 from peerlearn.console import err, escape, out, warn
 
 if TYPE_CHECKING:
+    from peerlearn.sim.core import Restart
     from peerlearn.sim.runner import SimResult
 
 __all__ = [
@@ -67,6 +68,11 @@ def progress(quiet: bool) -> Progress:
     )
 
 
+def _restart(r: Restart) -> str:
+    """``1.0 4→5``: the iteration it was in, the one it resumed at (``down``: nobody was left)."""
+    return f"{r.name} {r.step}→{'down' if r.resumed_at is None else r.resumed_at}"
+
+
 def simulation_result(
     cfg: RunConfig, result: SimResult, evaluation: Mapping[str, float], max_logged: int
 ) -> None:
@@ -83,6 +89,9 @@ def simulation_result(
     diverged = result.outcome.diverged
     if diverged:
         table.add_column("diverged")
+    restarts = result.outcome.restarts
+    if restarts:
+        table.add_column("restarted")
     loss = result.final_loss
     spread = result.live()  # distances between no models (all crashed or diverged): none
     table.add_row(
@@ -93,6 +102,7 @@ def simulation_result(
         f"{result.outcome.time:.2f}",
         ", ".join(p.name for p in result.processes if p.crashed) or "none",
         *([_names([d.name for d in diverged], cfg.processes)] if diverged else []),
+        *([", ".join(_restart(r) for r in restarts)] if restarts else []),
     )
     out.print(table)
     if result.staleness:
@@ -103,6 +113,8 @@ def simulation_result(
         line = f"staleness (Def. 2): S_avg = {fig['S_avg']:.3g}, S_max = {fig['S_max']}"
         if fig["S_hat_avg"] is not None:
             line += f"; loose: Ŝ_avg = {fig['S_hat_avg']:.3g}, Ŝ_max = {fig['S_hat_max']}"
+        elif result.outcome.restarts:
+            line += " (Ŝ needs every node's whole apply log: none across a restart)"
         else:
             line += f" (Ŝ needs the apply logs: runs of at most {max_logged:,} steps)"
         out.print(line, highlight=False)

@@ -38,6 +38,17 @@ in an ``Await`` that can never complete — the run is ``blocked``, and each wai
 listed with its tag and how many messages (or clusters) it has and needs. No step cap, no
 timeout. Crashes are crash-stop: a crashed process's pending events are ignored.
 
+A restart is a crash followed at once by a rejoin, as a daemon killed and started again does it.
+The process loses its program, its mailbox and inbox, the messages on their way to it (every
+delivery and held message sent before the restart) and its pending gradient or read. It takes the
+state of the live process furthest ahead — the highest reported iteration s, the lowest pid on a
+tie — and resumes through the algorithm's resume entry point at iteration r: s, or s + 1 if some
+live process had already sent a message of iteration s (lost to it: it would wait for it for
+good), and never at an iteration it had sent or written anything of before (the others hold
+that message; a second one under its name would be counted twice, a register written twice).
+So every message of iteration r and later reaches it, and it misses the iterations in between as
+a crashed process would.
+
 Divergence is checked where a value leaves the process that computed it: a gradient as ``Grad``
 returns it, a model as it is reported, and every value a process sends or writes. A non-finite
 one stops the process there, crash-stop, before anybody receives it, and the run ends
@@ -88,11 +99,24 @@ from peerlearn.effects import (
 from peerlearn.errors import ProgramError
 from peerlearn.membership import Membership
 
-__all__ = ["BlockedProcess", "DivergedProcess", "Outcome", "Proc", "Simulator", "Status"]
+__all__ = [
+    "BlockedProcess",
+    "DivergedProcess",
+    "Outcome",
+    "Proc",
+    "Restart",
+    "Resumer",
+    "Simulator",
+    "Status",
+]
 
-_RESUME, _DELIVER, _READ, _CRASH, _SAMPLE, _HEAL = range(6)
+_RESUME, _DELIVER, _READ, _CRASH, _SAMPLE, _HEAL, _RESTART = range(7)
 
 Sampler = Callable[[], float]
+#: ``resume(pid, r, model, key)``: the program of process ``pid`` resuming at iteration ``r`` from
+#: ``model`` and the ``key`` it was reported with (the rest of the state: DASGD's version vector),
+#: through the algorithm's resume entry point
+Resumer = Callable[[int, int, Vector, Tag], Program]
 
 
 class Status(StrEnum):
@@ -120,6 +144,21 @@ class DivergedProcess:
     quantity: Quantity  # "gradient" or "model"
 
 
+@dataclass(frozen=True)
+class Restart:
+    """One restart: who, when, at which iteration it was, where it resumed and from whom."""
+
+    pid: int
+    name: str
+    time: float
+    step: int  # the iteration it was in (its last "model" report)
+    #: the iteration it resumed at; None: no live process was left to take state from, so it
+    #: stayed down (counted as crashed)
+    resumed_at: int | None
+    source: str | None  # the process whose state it took
+    source_step: int | None  # that process's iteration s (its model is x_s)
+
+
 @dataclass(eq=False)
 class Proc:
     """Runtime state of one simulated process."""
@@ -132,6 +171,7 @@ class Proc:
     finished: bool = False
     step: int = 0  # iteration of the last "model" report
     x: Vector | None = None  # model at the start of iteration ``step``
+    key: Tag = ()  # the key ``x`` was reported with
     output: Any = None
     waiting: tuple[Tag, Quorum] | None = None
     #: while waiting: the mailbox size below which the quorum cannot hold (a quorum needs at
@@ -146,6 +186,15 @@ class Proc:
     armed: bool = False  # crash during the next broadcast
     collect: tuple[Tag, list[Msg], int] | None = None  # key, read so far, next member index
     diverged: Divergence | None = None  # set with ``crashed``: the process stopped there
+    restart_steps: list[int] = field(default_factory=list)  # restart on reaching these, in order
+    down: bool = False  # restarting: its program stopped, it rejoins at its _RESTART event
+    #: the last iteration it sent a message or wrote a register in (any incarnation)
+    sent_step: int = 0
+    #: events and deliveries for it with a sequence number below this were sent before its last
+    #: restart: they are lost
+    lost_before: int = 0
+    #: the iteration it last resumed at: it never collects a register of an earlier one
+    floor: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,6 +208,7 @@ class Outcome:
     blocked: tuple[BlockedProcess, ...]
     error: str | None
     diverged: tuple[DivergedProcess, ...] = ()
+    restarts: tuple[Restart, ...] = ()
 
 
 class _Run:
@@ -192,6 +242,7 @@ class Simulator:
     :param programs: one program per process id.
     :param grad: ``grad(pid, x)`` — the process's stochastic gradient (its own RNG stream).
     :param rng: the schedule's random stream (delays, orders, partial broadcasts).
+    :param resume: the algorithm's resume entry point; restarts need it.
     """
 
     def __init__(
@@ -212,6 +263,7 @@ class Simulator:
         on_sample: Callable[[float], None] | None = None,
         on_report: Callable[[Proc, Report], None] | None = None,
         on_receive: Callable[[Proc, str, Tag, tuple[Msg, ...]], None] | None = None,
+        resume: Resumer | None = None,
     ) -> None:
         self.membership = membership
         n = membership.processes
@@ -237,7 +289,10 @@ class Simulator:
         self._heap: list[tuple[float, int, int, int, Any]] = []
         self._seq = itertools.count()
         self._registers: dict[Tag, list[Vector | None]] = {}
+        self._register_step: dict[Tag, int] = {}  # the iteration a register array was made in
         self._collected: dict[Tag, set[int]] = {}
+        self._resume = resume
+        self.restarts: list[Restart] = []
         self._sample_every = sample_every
         self._on_sample = on_sample
         self._on_report = on_report
@@ -257,6 +312,21 @@ class Simulator:
 
     def crash_at_time(self, pid: int, time: float) -> None:
         self._push(time, _CRASH, pid, None)
+
+    def restart_at_step(self, pid: int, step: int) -> None:
+        """Restart ``pid`` when it reaches iteration ``step`` (once per call)."""
+        self._can_restart(pid)
+        steps = self.procs[pid].restart_steps
+        steps.append(step)
+        steps.sort()
+
+    def restart_at_time(self, pid: int, time: float) -> None:
+        self._can_restart(pid)
+        self._push(time, _RESTART, pid, None)
+
+    def _can_restart(self, pid: int) -> None:
+        if self._resume is None:
+            raise ProgramError(f"process {pid} cannot restart: no resume entry point was given")
 
     def _push(self, time: float, kind: int, pid: int, payload: Any) -> None:
         heapq.heappush(self._heap, (time, next(self._seq), kind, pid, payload))
@@ -284,7 +354,7 @@ class Simulator:
             for proc in procs:
                 self._advance(proc, None)
             while heap:
-                time, _, kind, pid, payload = heap[0]
+                time, seq, kind, pid, payload = heap[0]
                 if kind == _DELIVER:  # the hot path: most events are deliveries
                     # Put the run's next delivery in this one's place: one sift, not two.
                     following = next(payload.rest, None)
@@ -296,8 +366,8 @@ class Simulator:
                     self.now = time
                     self.events += 1
                     proc = procs[pid]
-                    if proc.crashed:
-                        pass
+                    if proc.crashed or seq < proc.lost_before:
+                        pass  # it is gone, or it was down when this was on its way
                     elif payload.post:
                         self._deliver_post(proc, payload.tag, payload.msg)
                     else:
@@ -311,14 +381,16 @@ class Simulator:
                 self.events += 1
                 if kind == _RESUME:
                     proc = procs[pid]
-                    if not proc.crashed:
+                    if not proc.crashed and seq >= proc.lost_before:
                         self._advance(proc, payload)
                 elif kind == _READ:
                     proc = procs[pid]
-                    if not proc.crashed:
+                    if not proc.crashed and seq >= proc.lost_before:
                         self._read_next(proc)
                 elif kind == _CRASH:
                     self._crash(procs[pid])
+                elif kind == _RESTART:
+                    self._restart(procs[pid])
                 elif kind == _SAMPLE:
                     assert self._on_sample is not None and self._sample_every is not None
                     # Sample only while something else is pending: a sample past the last
@@ -360,6 +432,7 @@ class Simulator:
             blocked=blocked,
             error=error,
             diverged=diverged,
+            restarts=tuple(self.restarts),
         )
 
     # --- interpreting effects -------------------------------------------------------------------
@@ -395,7 +468,7 @@ class Simulator:
                 case Report() as rep:
                     if rep.name == "model":
                         self._model(proc, rep)
-                        if proc.crashed:
+                        if proc.crashed or proc.down:
                             return
                     if self._on_report is not None:
                         self._on_report(proc, rep)
@@ -440,12 +513,20 @@ class Simulator:
             return
         if proc.step and rep.step > proc.step:  # iterations completed since the last report
             self.steps_total += rep.step - proc.step
-        proc.step, proc.x = rep.step, rep.value
+        proc.step, proc.x, proc.key = rep.step, rep.value, rep.key
         if proc.crash_step is not None and rep.step >= proc.crash_step:
             if proc.crash_mid_broadcast:
                 proc.armed = True
             else:
                 self._crash(proc)
+        if proc.crashed or proc.armed:
+            return  # a crash is for good: no restart after it
+        if proc.restart_steps and rep.step >= proc.restart_steps[0]:
+            proc.restart_steps.pop(0)
+            # The rejoin is an event of its own, not a call from inside this program's step: the
+            # processes not started yet (t=1 at time 0) report first, so there is state to take.
+            proc.down = True
+            self._push(self.now, _RESTART, proc.pid, None)
 
     def _broadcast(
         self,
@@ -458,6 +539,7 @@ class Simulator:
         if not finite(value):  # nobody receives it: the sender stops here
             self._diverge(proc, proc.step, "model")
             return
+        proc.sent_step = proc.step
         n = self.membership.processes
         sender = proc.pid
         same = self._same_cluster[sender]
@@ -581,10 +663,12 @@ class Simulator:
         if regs is None:
             size = len(self.membership.members[proc.cluster])
             self._registers[regs_key] = regs = [None] * size
+            self._register_step[regs_key] = proc.step
         slot = self.membership.index(proc.pid)
         if regs[slot] is not None:
             raise ProgramError(f"process {proc.pid} wrote register {key} twice")
         regs[slot] = value
+        proc.sent_step = proc.step
 
     def _read_next(self, proc: Proc) -> None:
         assert proc.collect is not None
@@ -608,10 +692,21 @@ class Simulator:
     def _collected_by(self, cluster: int, key: Tag, pid: int) -> None:
         """Reclaim a register array once every live member of the cluster has collected it."""
         regs_key = (cluster, key)
-        readers = self._collected.setdefault(regs_key, set())
-        readers.add(pid)
-        if all(p in readers or self.procs[p].crashed for p in self.membership.members[cluster]):
+        self._collected.setdefault(regs_key, set()).add(pid)
+        self._reclaim(regs_key)
+
+    def _reclaim(self, regs_key: Tag) -> None:
+        """Drop a register array nobody will read again: every member of its cluster has
+        collected it, crashed, or resumed past its iteration."""
+        readers = self._collected[regs_key]
+        made_in = self._register_step.get(regs_key)
+        procs = self.procs
+        if all(
+            p in readers or procs[p].crashed or (made_in is not None and procs[p].floor > made_in)
+            for p in self.membership.members[regs_key[0]]
+        ):
             self._registers.pop(regs_key, None)
+            self._register_step.pop(regs_key, None)
             del self._collected[regs_key]
 
     # --- faults ---------------------------------------------------------------------------------
@@ -631,12 +726,58 @@ class Simulator:
         proc.mailbox.clear()
         proc.inbox.clear()
         proc.program.close()
-        for regs_key, readers in list(self._collected.items()):
-            if regs_key[0] == proc.cluster and all(
-                p in readers or self.procs[p].crashed for p in self.membership.members[proc.cluster]
-            ):
-                self._registers.pop(regs_key, None)
-                del self._collected[regs_key]
+        self._reclaim_cluster(proc.cluster)
+
+    def _reclaim_cluster(self, cluster: int) -> None:
+        for regs_key in [k for k in self._collected if k[0] == cluster]:
+            self._reclaim(regs_key)
+
+    def _restart(self, proc: Proc) -> None:
+        """``proc`` goes down and rejoins at once (see the module docstring)."""
+        proc.down = False
+        if proc.crashed or proc.finished:
+            return  # a crash is for good; a finished process has nothing left to lose
+        was = proc.step
+        proc.lost_before = next(self._seq)  # what was on its way to it until now is lost
+        proc.program.close()
+        proc.waiting = None
+        proc.need = 0
+        proc.receiving = False
+        proc.mailbox.clear()
+        proc.inbox.clear()
+        proc.done.clear()
+        proc.collect = None
+        if self._held:
+            self._held = [h for h in self._held if h[0] != proc.pid]
+        others = [p for p in self.procs if p is not proc and not p.crashed]
+        live = [p for p in others if not p.down and p.x is not None]
+        name = self.membership.name(proc.pid)
+        if not live:  # nobody to take state from: it stays down
+            self.restarts.append(Restart(proc.pid, name, self.now, was, None, None, None))
+            self._crash(proc)
+            return
+        source = max(live, key=lambda p: (p.step, -p.pid))
+        s = source.step
+        # Someone sent a message of iteration s already: resuming at s, it would wait for good
+        # for what it lost. Its own last iteration with a message out is behind it for good.
+        lost = any(p.sent_step >= s for p in others)
+        resumed_at = max(s + 1 if lost else s, proc.sent_step + 1)
+        assert self._resume is not None and source.x is not None
+        proc.program = self._resume(proc.pid, resumed_at, source.x.copy(), source.key)
+        proc.floor = resumed_at
+        self.restarts.append(
+            Restart(
+                proc.pid,
+                name,
+                self.now,
+                was,
+                resumed_at,
+                self.membership.name(source.pid),
+                s,
+            )
+        )
+        self._reclaim_cluster(proc.cluster)
+        self._advance(proc, None)
 
     def _active_partitions(self) -> list[Partition]:
         now = self.now

@@ -1,8 +1,9 @@
 """What ``peerlearn simulate --out DIR`` writes.
 
 * ``summary.json`` — ``schema_version``, the resolved config, ``status``, blocked, diverged and
-  crashed processes, totals, and ``processes``: id, cluster, crashed, diverged, steps done, final
-  ``x`` (a diverged process's last finite model), final loss;
+  crashed processes, restarts (who, when, the iteration it was in, where it resumed, whose state
+  it took), totals, and ``processes``: id, cluster, crashed, diverged, restarts and the iterations
+  it resumed at, steps done, final ``x`` (a diverged process's last finite model), final loss;
 * ``metrics.csv``  — samples in virtual time: ``time,process,step,loss,consensus_distance``;
 * ``plot.png``     — mean loss and consensus distance over virtual time, from time 0 (x_1), with
   sequential SGD of one process alone over the same virtual time as the baseline;
@@ -49,13 +50,15 @@ def _num(v: float | None) -> float | None:
 
 
 def staleness_figures(result: SimResult) -> dict[str, Any] | None:
-    """DASGD's Def. 2 figures: tight (S) always, loose (Ŝ) when the run kept the logs."""
+    """DASGD's Def. 2 figures: tight (S) always, loose (Ŝ) when the run kept the logs and no
+    node restarted (Ŝ replays every node's apply log from its first step; a restarted node's
+    log starts again where it resumed)."""
     if not result.staleness:
         return None
     s_avg, s_max = summarize(result.staleness)
     out: dict[str, Any] = {"S_avg": s_avg, "S_max": s_max, "S_hat_avg": None, "S_hat_max": None}
     names = {rep.name for _, rep in result.reports}
-    if {"staleness", "compute"} <= names:
+    if {"staleness", "compute"} <= names and not result.outcome.restarts:
         loose = loose_staleness(apply_log(result.reports))
         out["S_hat_avg"], out["S_hat_max"] = loose.avg, loose.max
     return out
@@ -99,12 +102,25 @@ def summary(result: SimResult) -> dict[str, Any]:
             {"process": d.name, "step": d.step, "quantity": d.quantity} for d in out.diverged
         ],
         "crashed": [p.name for p in result.processes if p.crashed],
+        "restarts": [
+            {
+                "process": r.name,
+                "time": r.time,
+                "step": r.step,
+                "resumed_at": r.resumed_at,
+                "from": r.source,
+                "from_step": r.source_step,
+            }
+            for r in out.restarts
+        ],
         "processes": [
             {
                 "id": p.name,
                 "cluster": p.cluster,
                 "crashed": p.crashed,
                 "diverged": p.diverged,
+                "restarts": len(p.restarts),
+                "resumed_at": list(p.resumed_at),
                 "steps_done": p.steps_done,
                 "x": None if p.x is None else [float(v) for v in p.x],
                 "loss": _num(p.loss),

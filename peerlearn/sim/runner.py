@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from peerlearn.algorithms import diam2
+from peerlearn.algorithms.spec import RejoinState
 from peerlearn.config import Distribution, RunConfig
-from peerlearn.effects import Msg, Report, Tag, Vector, quiet_float_errors
+from peerlearn.effects import Msg, Program, Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import ConfigError
 from peerlearn.problems import Problem
 from peerlearn.runs import (
@@ -26,7 +27,7 @@ from peerlearn.runs import (
     planned_iterations,
     stream,
 )
-from peerlearn.sim.core import Outcome, Partition, Proc, Simulator, Status
+from peerlearn.sim.core import Outcome, Partition, Proc, Restart, Resumer, Simulator, Status
 
 __all__ = [
     "ProcessResult",
@@ -47,6 +48,12 @@ class ProcessResult:
     loss: float | None
     output: Any
     diverged: bool = False  # stopped by a non-finite gradient or model (not ``crashed``)
+    restarts: tuple[Restart, ...] = ()  # its restarts, in order
+
+    @property
+    def resumed_at(self) -> tuple[int, ...]:
+        """The iterations it resumed at after its restarts."""
+        return tuple(r.resumed_at for r in self.restarts if r.resumed_at is not None)
 
 
 @dataclass
@@ -213,6 +220,16 @@ def run_simulation(
     def on_receive(proc: Proc, kind: str, tag: Tag, msgs: tuple[Msg, ...]) -> None:
         receive_sets.setdefault((kind, tag), {})[proc.pid] = frozenset(m.sender for m in msgs)
 
+    resume: Resumer | None = None
+    resume_programs = cfg.spec.resume
+    if resume_programs is not None:
+        resumer = resume_programs
+
+        def resume(pid: int, step: int, model: Vector, key: Tag) -> Program:
+            # A model's report key is the rest of its state, integers (DASGD's version vector)
+            extra = tuple(k for k in key if isinstance(k, int))
+            return resumer(cfg, problem, [pid], RejoinState(step, model, extra))[0]
+
     sim = Simulator(
         members,
         make_programs(cfg, problem, range(n)),
@@ -229,10 +246,17 @@ def run_simulation(
         on_sample=on_sample,
         on_report=on_report if cfg.trace or keep or cfg.spec.staleness else None,
         on_receive=on_receive if record_receives else None,
+        resume=resume,
     )
     for spec in cfg.crash_specs:
         for pid in spec.pids:
-            if spec.at_step is not None:
+            if spec.mode == "restart":
+                if spec.at_step is not None:
+                    sim.restart_at_step(pid, spec.at_step)
+                else:
+                    assert spec.at_time is not None
+                    sim.restart_at_time(pid, spec.at_time)
+            elif spec.at_step is not None:
                 sim.crash_at_step(pid, spec.at_step, spec.mode == "mid-broadcast")
             else:
                 assert spec.at_time is not None
@@ -255,6 +279,7 @@ def run_simulation(
                 loss=loss_of(p),
                 output=p.output,
                 diverged=p.diverged is not None,
+                restarts=tuple(r for r in outcome.restarts if r.pid == p.pid),
             )
             for p in sim.procs
         ]
