@@ -128,14 +128,17 @@ def _check_run(graph: tuple[tuple[int, ...], ...], samples: Sequence[int], seed:
         assert len(tags) == len(set(tags)), tags
         for post in node.posts:
             assert set(post.to) <= set(graph[node.pid]) and post.to
-            if post.tag[0] == "done":
-                assert post.tag[2] == samples[post.tag[1]]  # DONE carries the origin's count
+            if post.tag[0] in ("done", "complete"):
+                # DONE carries the origin's count; COMPLETE (applied everything) nothing
+                count = samples[post.tag[1]] if post.tag[0] == "done" else 0
+                assert post.tag[2] == count
                 assert isinstance(post.value, np.ndarray) and post.value.shape == X0.shape
                 assert not post.value.any() and not post.value.flags.writeable
             else:
                 assert post.tag[0] == "dg"
-        if graph[node.pid]:  # every node announces its own DONE, also with no samples at all
-            assert ("done", node.pid, samples[node.pid]) in tags
+        if graph[node.pid]:  # every node announces its own DONE, also with no samples at all,
+            assert ("done", node.pid, samples[node.pid]) in tags  # and that it is complete
+            assert ("complete", node.pid, 0) in tags
         models = [r for r in node.reports if r.name == "model"]
         steps = [r.step for r in node.reports if r.name == "staleness"]
         assert steps == list(range(1, len(everything) + 1))
@@ -187,7 +190,11 @@ def test_nodes_without_samples_announce_done_and_finish(graph: tuple[tuple[int, 
     nodes = _drive(graph, [0] * len(graph), random.Random(0))
     for node in nodes:
         assert node.posts[0] == Post(graph[node.pid], ("done", node.pid, 0), node.posts[0].value)
-        assert [r.step for r in node.reports] == [1]  # the model x⁰, nothing else
+        # the model x⁰, nothing else — besides what it learns of the others' DONEs and
+        # COMPLETEs (its state), which it ends with: everybody complete
+        assert [r.step for r in node.reports if r.name == "model"] == [1]
+        assert node.reports[-1].name == "state"
+        assert node.reports[-1].key[-len(graph) :] == (1,) * len(graph)
 
 
 def test_single_node_without_neighbours() -> None:
@@ -201,6 +208,7 @@ def test_single_node_without_neighbours() -> None:
         ("compute", 2),
         ("staleness", 2),
         ("model", 3),
+        ("state", 3),  # what it ends with: complete
     ]
 
 

@@ -295,6 +295,50 @@ async def test_dasgd_keeps_the_frames_of_a_stopped_peer_and_finishes() -> None:
         assert _metric(metrics, 'peerlearn_messages_dropped_total{reason="peer_away"}') == 0
 
 
+async def test_dasgd_restarted_with_the_same_command_rejoins_and_ends_with_equal_models() -> None:
+    """SIGKILL one DASGD daemon of three mid-run and start it again with the same command. Its
+    peers drop the frames they had for the dead process and say so; the new one takes a live
+    node's model and version vector before its workers start, asks its neighbours for the
+    gradients that state lacks (its own last incarnation's included) and numbers its own after
+    every one of them anybody saw. Every gradient is then applied exactly once everywhere: the
+    run finishes with the same model on every daemon, and the survivors never stop for longer
+    than the restart takes (peer_timeout + 1 s)."""
+    timeout = 5.0
+    with daemons(
+        3,
+        *("--workers", "1", "--algorithm", "dasgd", "--steps", "3000", "--lr", "0.01"),
+        *("--set", f"peer_timeout={timeout}"),
+    ) as (procs, urls):
+        await poll_status(urls[0], lambda s: steps(s) > 300)
+        pauses = asyncio.gather(*(_longest_pause(url, 4.0) for url in urls[:2]))
+        os.kill(procs[2].pid, signal.SIGKILL)
+        procs[2].wait(30)
+        again = subprocess.Popen(procs[2].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            for url in urls:
+                await poll_status(url, lambda s: s["state"] == "finished", timeout=60)
+            assert max(await pauses) <= timeout + 1.0
+            async with httpx.AsyncClient() as client:
+                models = []
+                for url in urls:
+                    answer = await client.get(f"{url}/model")
+                    models.append(np.load(io.BytesIO(answer.content)))
+                status = (await client.get(f"{urls[2]}/status")).json()
+            assert status["catchup"]["rejoins"] == 1, status["catchup"]
+            for x in models[1:]:
+                # the same gradients in other orders: equal up to rounding, 1e-3 per gradient
+                np.testing.assert_allclose(x, models[0], rtol=0, atol=1e-9)
+        finally:
+            again.kill()
+            again.wait(30)
+        for p in procs[:2]:
+            p.kill()
+            p.wait(30)
+        for p in (*procs[:2], again):
+            lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
+            assert len(lines) <= 50, lines[:10]
+
+
 @pytest.mark.parametrize("which", ["--api", "--listen"])
 def test_a_busy_port_is_one_line_naming_the_address_and_exit_2(which: str) -> None:
     """Today's uvicorn error, a `Task exception was never retrieved` traceback and exit 3 for a

@@ -56,10 +56,12 @@ class DeliveryPolicy(StrEnum):
 @dataclass(frozen=True)
 class RejoinState:
     """The state a process resumes from — data, not a program (generators cannot be copied):
-    the iteration it starts at and the model it starts with (a live peer's)."""
+    the iteration it starts at, the model it starts with (a live peer's) and what else of that
+    peer's state the algorithm needs, as integers (DASGD: the version vector of the model)."""
 
     step: int
     model: Vector
+    extra: tuple[int, ...] = ()
 
 
 #: the resume-from-state entry point: (config, problem or None, pids, state) → programs that

@@ -191,9 +191,10 @@ class _Collector(Collector):
         workers = GaugeMetricFamily(
             "peerlearn_workers",
             "Local workers by state: created, running, blocked (running, but waiting longer than "
-            "stall_timeout on a quorum the connected daemons cannot meet; not counted as "
-            "running), finished, stopped, crashed (raised), diverged (a gradient or model turned "
-            "non-finite; it stopped before sending it).",
+            "stall_timeout on a quorum the connected daemons cannot meet, on a peer given up on "
+            "or for room on a peer's link; not counted as running), finished, stopped, crashed "
+            "(raised), diverged (a gradient or model turned non-finite; it stopped before "
+            "sending it).",
             labels=["state"],
         )
         for state, count in s.states.items():

@@ -28,7 +28,7 @@ from peerlearn.runtime.worker import Worker
 from peerlearn.transport.links import LinkState, OutLink
 
 if TYPE_CHECKING:
-    from peerlearn.daemon.monitor import SendWait
+    from peerlearn.daemon.monitor import SendWait, WaitsOn
     from peerlearn.daemon.rejoin import Rejoin
 
 __all__ = [
@@ -41,6 +41,11 @@ __all__ = [
     "peers_view",
     "status_view",
 ]
+
+
+#: missing senders named in a wait, at most (a Count(1) wait on a run of 1000 processes would
+#: otherwise list 999); ``missing_total`` counts them all
+MISSING_SHOWN = 16
 
 
 class _View(BaseModel):
@@ -57,6 +62,19 @@ class WaitingView(_View):
     need: int = Field(description="how many the quorum needs (in `unit`)")
     unit: str = Field(description="what `have` and `need` count: processes, clusters or messages")
     seconds: float = Field(description="how long the worker has been waiting")
+    missing: list[str] | None = Field(
+        description="whose message for `tag` has not arrived (the worker itself left out): "
+        'process names "cluster.index" when `unit` is processes, cluster ids when it is '
+        f"clusters; at most {MISSING_SHOWN}, in order (see `missing_total`). Null for the "
+        "inbox (`messages`), which any process may post to"
+    )
+    missing_total: int | None = Field(
+        description="how many are missing in all (null for the inbox)"
+    )
+    peers: list[int] = Field(
+        description="the cluster ids of the daemons away now (see /peers) that host a missing "
+        "sender; for the inbox, every daemon away now: its letters could be the ones awaited"
+    )
 
 
 class SendingView(_View):
@@ -113,6 +131,11 @@ class PeerView(_View):
     address: str = Field(description="its peer address, host:port")
     state: LinkState = Field(description="the link's state")
     away: bool = Field(description="not connected for longer than peer_timeout")
+    away_seconds: float | None = Field(
+        description="how long it has been gone (since it was last heard from) while it is away; "
+        "null while it is not. Where frames are kept, beyond peer_give_up the workers waiting "
+        "on it are reported blocked"
+    )
     outstanding: int = Field(description="frames queued or sent but not acknowledged yet")
     refused: str | None = Field(
         description="why the peer refused the last handshake, in this daemon's words (null: it "
@@ -199,6 +222,8 @@ class StatusSource(Protocol):
 
     def sending(self, worker: Worker) -> SendWait | None: ...
 
+    def waits_on(self, waiting: Waiting) -> WaitsOn: ...
+
     @property
     def rejoin(self) -> Rejoin: ...
 
@@ -227,6 +252,7 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
                 "need": waiting.need,
                 "unit": waiting.unit,
                 "seconds": round(waited, 3),
+                **_waits_on(daemon, w, waiting),
             }
             if daemon.blocked(waiting):
                 entry["state"] = "blocked"
@@ -257,6 +283,19 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
     }
 
 
+def _waits_on(daemon: StatusSource, worker: Worker, waiting: Waiting) -> dict[str, Any]:
+    """The ``missing``, ``missing_total`` and ``peers`` of a worker's wait."""
+    on = daemon.waits_on(waiting)
+    if on.missing is None:
+        return {"missing": None, "missing_total": None, "peers": list(on.peers)}
+    if waiting.unit == "clusters":
+        names = [str(c) for c in on.missing]
+    else:
+        name = daemon.membership.name
+        names = [name(p) for p in on.missing if p != worker.pid]
+    return {"missing": names[:MISSING_SHOWN], "missing_total": len(names), "peers": list(on.peers)}
+
+
 def _catchup_view(rejoin: Rejoin) -> dict[str, Any]:
     now = time.monotonic()
     asking, last = rejoin.asking, rejoin.last
@@ -283,6 +322,7 @@ def peers_view(links: Iterable[OutLink]) -> list[dict[str, Any]]:
             "address": f"{link.host}:{link.port}",
             "state": str(link.state),
             "away": link.away,
+            "away_seconds": None if (gone := link.away_seconds) is None else round(gone, 3),
             "outstanding": link.outstanding,
             "refused": link.last_refusal,
             "last_error": link.last_error,

@@ -23,7 +23,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -119,6 +126,13 @@ class NodeConfig(BaseSettings, RunSettings):
         description="silent longer: the connection is dropped; away longer: flagged in /peers "
         "and not waited for",
     )
+    peer_give_up: float = Field(
+        300.0,
+        gt=0,
+        description="algorithms that keep their frames for an away peer: away longer, the "
+        "workers waiting on it are reported blocked (naming it) and it is logged; its frames "
+        "are still kept and the run resumes if it comes back",
+    )
     queue_size: int = Field(
         256,
         ge=1,
@@ -209,6 +223,16 @@ class NodeConfig(BaseSettings, RunSettings):
     @cached_property
     def membership(self) -> Membership:
         return Membership.of_sizes([d.workers for d in self.all_daemons])
+
+    @model_validator(mode="after")
+    def _give_up_after_away(self) -> NodeConfig:
+        # A peer is away only after peer_timeout: giving up on it sooner would mean nothing.
+        if self.peer_give_up < self.peer_timeout:
+            raise ValueError(
+                f"peer_give_up ({self.peer_give_up:g} s) must be at least peer_timeout "
+                f"({self.peer_timeout:g} s): a peer is given up on once it has been away"
+            )
+        return self
 
     @field_validator("peers", mode="before")
     @classmethod

@@ -16,7 +16,8 @@ workers' hot path:
   and the global consensus distance, transport counters, workers by state — counting as
   *blocked* a worker that waits longer than ``stall_timeout`` for a quorum the daemons
   connected now cannot meet (:meth:`Monitor.blocked`, :meth:`Monitor.reachable`; the shutdown
-  uses the latter too).
+  uses the latter too), or — where frames are kept — on a peer given up on (away longer than
+  ``peer_give_up``, :meth:`Monitor.waits_on`).
 
 Kept apart from the lifecycle (:mod:`peerlearn.daemon.node`): it owns no task and no socket,
 only figures; the daemon runs its loops in its task group and cancels them at shutdown.
@@ -41,7 +42,7 @@ from peerlearn.sim.runner import consensus_distance
 from peerlearn.transport.peers import Transport
 from peerlearn.transport.stats import TransportStats
 
-__all__ = ["Monitor", "SendWait", "Staleness"]
+__all__ = ["Monitor", "SendWait", "Staleness", "WaitsOn"]
 
 #: seconds between the monitor's evaluation ticks: at most one loss evaluation per worker and
 #: tick. An evaluation costs about two gradients' CPU; a dashboard scraped every 5 s and a
@@ -106,6 +107,7 @@ class Monitor:
         self._stats = stats
         self._cluster = cfg.me.cluster
         self._members = cfg.membership.members
+        self._cluster_of = cfg.membership.cluster_of
         self._peers_total = len(cfg.all_daemons) - 1
         self._transport: Transport | None = None
         self._losses: dict[int, tuple[int, float]] = {}  # pid -> (step, loss at that step)
@@ -186,6 +188,18 @@ class Monitor:
             models = [(w.pid, w.step, w.x) for w in self._workers if w.x is not None]
             # offer() may wait (bounded) for room on a full link: not on the event loop
             await asyncio.to_thread(_send_snapshots, transport, models)
+
+    async def watch_peers(self) -> None:
+        """Log the peers given up on (away longer than peer_give_up, where frames are kept),
+        once each, soon after it happens: a link's own task may sit in a connect attempt for
+        seconds, and /status judges it live anyway."""
+        transport = self._transport
+        assert transport is not None
+        period = min(1.0, self._cfg.peer_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            for link in transport.links:
+                link.check_give_up()
 
     async def evaluate(self, final: bool = False) -> None:
         """Evaluate the models that are due (``final``: every worker's current model)."""
@@ -286,13 +300,36 @@ class Monitor:
         return None
 
     def blocked(self, waiting: Waiting | None) -> bool:
-        """Waiting longer than stall_timeout on a quorum the daemons connected now cannot meet:
-        what ``/status`` and ``peerlearn_workers{state="blocked"}`` call blocked."""
-        return (
-            waiting is not None
-            and time.monotonic() - waiting.since > self._cfg.stall_timeout
-            and not self.reachable(waiting)
-        )
+        """Waiting longer than stall_timeout on a quorum the daemons connected now cannot meet,
+        or on a peer given up on (:meth:`waits_on`): what ``/status`` and
+        ``peerlearn_workers{state="blocked"}`` call blocked."""
+        if waiting is None or time.monotonic() - waiting.since <= self._cfg.stall_timeout:
+            return False
+        return not self.reachable(waiting) or self.waits_on(waiting).given_up
+
+    def waits_on(self, waiting: Waiting) -> WaitsOn:
+        """Whom a wait waits on: the processes (or clusters) whose message has not arrived, and
+        which of the peer daemons hosting them are away now. An inbox takes anyone's letters, so
+        every peer away now could be the one it waits for."""
+        away = self._away()
+        if waiting.unit == "messages":  # the inbox (Receive): senders unknown
+            return WaitsOn(None, tuple(sorted(away)), any(away.values()))
+        arrived = set(waiting.senders)
+        if waiting.unit == "clusters":
+            have = {self._cluster_of[p] for p in arrived}
+            missing = tuple(c for c in range(len(self._members)) if c not in have)
+            hosts = set(missing)
+        else:
+            missing = tuple(p for p in range(len(self._cluster_of)) if p not in arrived)
+            hosts = {self._cluster_of[p] for p in missing}
+        peers = tuple(sorted(c for c in hosts if c in away))
+        return WaitsOn(missing, peers, any(away[c] for c in peers))
+
+    def _away(self) -> dict[int, bool]:
+        """The peer daemons away now, each with whether it is given up on."""
+        if self._transport is None:
+            return {}
+        return {link.cluster: link.given_up for link in self._transport.links if link.away}
 
     def reachable(self, waiting: Waiting) -> bool:
         """Could the quorum still be met by this daemon and the daemons connected now?"""
@@ -302,6 +339,16 @@ class Monitor:
         if waiting.unit == "clusters":
             return len(live) >= waiting.need
         return sum(len(self._members[c]) for c in live) >= waiting.need
+
+
+class WaitsOn(NamedTuple):
+    """Whom a worker's wait for messages waits on (:meth:`Monitor.waits_on`)."""
+
+    #: pids (a count of processes) or cluster ids (a majority of clusters) whose message has
+    #: not arrived; None for an inbox, which anyone may post to
+    missing: tuple[int, ...] | None
+    peers: tuple[int, ...]  # the cluster ids of the daemons hosting them that are away now
+    given_up: bool  # one of those peers is given up on (away longer than peer_give_up)
 
 
 class SendWait(NamedTuple):

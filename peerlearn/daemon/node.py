@@ -38,8 +38,8 @@ from peerlearn.algorithms.spec import DeliveryPolicy
 from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.config import NodeConfig, parse_address
-from peerlearn.daemon.monitor import Monitor, SendWait, Staleness
-from peerlearn.daemon.rejoin import Rejoin
+from peerlearn.daemon.monitor import Monitor, SendWait, Staleness, WaitsOn
+from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
 from peerlearn.daemon.routing import DaemonRouter, Heard
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
@@ -120,6 +120,7 @@ class Daemon:
         # The workers need the router and the router the catch-up, which needs the workers:
         # it reads them only once a peer speaks, after start.
         self.rejoin = Rejoin(self.run_cfg, self.problem, self.membership, [])
+        self.rejoin.deliver_with(self.delivery)
         self.router = DaemonRouter(self.delivery, self.membership, self.heard, self.rejoin.on_state)
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         grad = self.problem.grad if self.problem is not None else _no_grad
@@ -152,6 +153,8 @@ class Daemon:
         self._monitor_task: asyncio.Task[None] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._catchup_task: asyncio.Task[None] | None = None
+        self._workers_task: asyncio.Task[None] | None = None
+        self._peers_task: asyncio.Task[None] | None = None
         self._listen_socket = listen_socket
         self._stop_requested = asyncio.Event()
         self.progress = asyncio.Event()
@@ -240,6 +243,7 @@ class Daemon:
             frame_bytes=self.dim * 8 + _HEADER_ALLOWANCE,
             keep=self.run_cfg.spec.delivery is DeliveryPolicy.KEEP,
             peer_timeout=self.cfg.peer_timeout,
+            peer_give_up=self.cfg.peer_give_up,
             drain_timeout=self.cfg.drain_timeout,
             max_payload=max(self.dim * 8, 1024),
         )
@@ -265,13 +269,21 @@ class Daemon:
             ) from None
         self.peer_port = self.transport.port
         await self._start_api(api_sockets)
-        for w in self.workers:
-            w.start()
+        spec = self.run_cfg.spec
+        if spec.resume is not None and spec.delivery is DeliveryPolicy.KEEP:
+            # Its messages are numbered per origin: a restarted process must take its state
+            # before it sends anything (peerlearn/daemon/rejoin.py).
+            self._workers_task = self._tasks.create_task(
+                self._start_workers_once_settled(), name="start-workers"
+            )
+        else:
+            self._start_workers()
         self.state = DaemonState.RUNNING
         self._monitor_task = self._tasks.create_task(
             self.monitor.evaluate_every_tick(), name="monitor"
         )
         self._catchup_task = self._tasks.create_task(self._catch_up(), name="catch-up")
+        self._peers_task = self._tasks.create_task(self.monitor.watch_peers(), name="peers")
         if self.monitor.sends_snapshots:
             self._snapshot_task = self._tasks.create_task(
                 self.monitor.send_snapshots(), name="snapshots"
@@ -290,6 +302,36 @@ class Daemon:
         if self.problem is not None:
             for warning in self.run_cfg.theory_warnings(self.problem.constants):
                 log.warning("%s", warning)
+
+    def _start_workers(self) -> None:
+        for w in self.workers:
+            if w.state is WorkerState.CREATED and not w.done.is_set():
+                w.start()
+
+    async def _start_workers_once_settled(self) -> None:
+        """Start the workers once every peer has said what it dropped for this daemon and the
+        state asked for, if any, has come. Peers that say nothing within peer_timeout are not
+        waited for (a first start without them loses nothing); a state request is, up to
+        three request timeouts (it is made again meanwhile): a peer that dropped frames for
+        this daemon is alive, and starting without its state could reuse numbers the last
+        incarnation used."""
+        peers = {link.cluster for link in self.links}
+        start = time.monotonic()
+        notes_until = start + self.cfg.peer_timeout
+        state_until = start + 3 * REQUEST_TIMEOUT
+        while not self.rejoin.settled(peers):
+            now = time.monotonic()
+            until = state_until if self.rejoin.waiting_for_state() else notes_until
+            if now >= until:
+                if self.rejoin.waiting_for_state():
+                    log.warning("no peer answered with its state: the workers start afresh")
+                break
+            self.rejoin.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rejoin.changed.wait(), min(until - now, 1.0))
+            self.rejoin.consider()  # a request that timed out is made again
+        if not self._stop_requested.is_set():
+            self._start_workers()
 
     async def _start_api(self, sockets: list[socket.socket]) -> None:
         config = uvicorn.Config(
@@ -332,7 +374,10 @@ class Daemon:
         self._stop_requested.set()
         # (1) Workers finish their current iteration — bounded by stop_grace, since the
         # messages it waits for may never come (peers stopping or gone) — then stop.
+        if self._workers_task is not None:
+            self._workers_task.cancel()
         for w in self.workers:
+            w.abandon()  # one that never started (waiting to rejoin) ends here
             w.request_stop()
         await self._grace(time.monotonic() + self.cfg.stop_grace)
         for w in self.workers:
@@ -344,7 +389,12 @@ class Daemon:
             await self.transport.close(drain_unconnected=finished)
         if self._api is not None:
             self._api.should_exit = True
-        for task in (self._monitor_task, self._snapshot_task, self._catchup_task):
+        for task in (
+            self._monitor_task,
+            self._snapshot_task,
+            self._catchup_task,
+            self._peers_task,
+        ):
             if task is not None:
                 task.cancel()
         if self._tasks is not None:  # links end once closed, the API once told to exit
@@ -463,6 +513,10 @@ class Daemon:
     def sending(self, worker: Worker) -> SendWait | None:
         """The peer a local worker waits on to send, if any (:meth:`Monitor.sending`)."""
         return self.monitor.sending(worker)
+
+    def waits_on(self, waiting: Waiting) -> WaitsOn:
+        """Whom a wait for messages waits on (:meth:`Monitor.waits_on`)."""
+        return self.monitor.waits_on(waiting)
 
     def models(self) -> list[WorkerModel]:
         # Worker.live is a whitelist: a worker in any failed state, today's or a future one,

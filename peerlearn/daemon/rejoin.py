@@ -10,7 +10,15 @@ will never come: this daemon asks that peer for its state
 local worker resumes at iteration ``r`` through the algorithm's resume entry point
 (``AlgorithmSpec.resume``). The answering peer picks ``r``: its worker's iteration ``s``, or
 ``s + 1`` when it had dropped frames of iteration ``s`` itself — every frame it sends from then
-on reaches this daemon, so the resumed workers never wait for one that was dropped.
+on reaches this daemon, so the resumed workers never wait for one that was dropped. What else of
+the state the algorithm needs comes in the tag, as integers (DASGD: ``("state", s, *V)``, the
+version vector its worker reported with that model).
+
+Algorithms whose frames are kept and that can resume (DASGD) number their messages per origin:
+a restarted process must not send before it knows what its last incarnation sent. Their daemon
+starts its workers only once every peer has sent its first note (``Missed(None)`` when it
+dropped nothing) and the state asked for, if any, has come (:meth:`Rejoin.settled`) — or after
+``peer_timeout``, with the peers heard so far.
 
 Several peers may have dropped frames: this daemon asks the one that dropped the latest
 iterations (the furthest ahead), one request at a time, and asks again (that peer or another)
@@ -28,21 +36,25 @@ for a peer that is away wait to be resent) and are told when they cannot rejoin.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from peerlearn.algorithms.spec import AlgorithmSpec, RejoinState
+import numpy as np
+
+from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, RejoinState
 from peerlearn.config import RunConfig
 from peerlearn.membership import Membership
 from peerlearn.problems import Problem
+from peerlearn.runtime.delivery import Delivery
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.transport.catchup import Catchup, Missed, StateRequest
 from peerlearn.transport.peers import Transport
 from peerlearn.wire import Data
 
-__all__ = ["REQUEST_TIMEOUT", "STATE_KIND", "Rejoin", "Rejoined"]
+__all__ = ["REQUEST_TIMEOUT", "STATE_KIND", "STUCK", "Rejoin", "Rejoined"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,8 @@ STATE_KIND = "state"
 #: how long a state request may go unanswered before it is made again (to whichever peer is
 #: furthest ahead then)
 REQUEST_TIMEOUT = 10.0
+#: how long a worker waits on an iteration a peer dropped frames of before it catches up
+STUCK = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,19 +89,29 @@ class Rejoin:
     ) -> None:
         self._run = run
         self._spec: AlgorithmSpec = run.spec
+        self._keeps = self._spec.delivery is DeliveryPolicy.KEEP
         self._problem = problem
         self._membership = membership
         self.workers = workers
         self._transport: Transport | None = None
         #: peer cluster → the latest iteration it said it dropped frames of for this daemon
         self._missed: dict[int, int] = {}
-        #: the peer asked, and when (time.monotonic()); None: no request out
+        #: the peer asked, when (time.monotonic()), and whether because the workers stalled
         self.asking: tuple[int, float] | None = None
+        self._stalled_ask = False
+        #: peers that did not answer a request in time: asked again only when no other can be
+        self._unanswered: set[int] = set()
         #: no local worker is behind this iteration any more once the resumed programs run
         self._floor = 0
         self.rejoins = 0
         self.last: Rejoined | None = None
         self._told_cannot = False
+        self._ignored = 0  # state frames not asked for (logged once, then counted)
+        self._delivery: Delivery | None = None  # this daemon's own mailboxes
+        #: peers that sent their first note since this daemon started
+        self.noted: set[int] = set()
+        #: set whenever a note or a state arrives (a daemon waiting to start re-checks)
+        self.changed = asyncio.Event()
 
     def attach(self, transport: Transport) -> None:
         self._transport = transport
@@ -97,22 +121,39 @@ class Rejoin:
     def on_note(self, peer: int, note: Catchup) -> None:
         match note:
             case Missed(upto=upto):
-                if upto > self._missed.get(peer, -1):
+                self.noted.add(peer)
+                if upto is not None and upto > self._missed.get(peer, -1):
                     self._missed[peer] = upto
+                    self._unanswered.discard(peer)
                 self.consider()
+                self.changed.set()
             case StateRequest():
                 self._answer(peer)
 
     def consider(self) -> None:
         """Ask for state if a local worker waits, or will, for frames a peer dropped (also
-        called every monitor tick: a request unanswered in time is made again)."""
+        called every second: a request unanswered in time is made again, to another peer if
+        there is one)."""
+        now = time.monotonic()
+        if self.asking is not None and now - self.asking[1] >= REQUEST_TIMEOUT:
+            peer = self.asking[0]
+            log.info("daemon %d did not answer the state request in time", peer)
+            self._unanswered.add(peer)
+            self.asking = None
+            self.changed.set()
+        if self.asking is not None or self._transport is None:
+            return
         behind = self._behind()
         if behind is None:
             return
         ahead = [(upto, peer) for peer, upto in self._missed.items() if upto >= behind]
         if not ahead:
+            self._consider_stall(now)
             return
-        upto, peer = max(ahead)
+        if not self._stuck(max(upto for upto, _ in ahead), now):
+            return  # they go on with what arrives (the quorum may not need those frames)
+        fresh = [(upto, peer) for upto, peer in ahead if peer not in self._unanswered]
+        upto, peer = max(fresh or ahead)
         if self._spec.resume is None:
             if not self._told_cannot:
                 self._told_cannot = True
@@ -126,12 +167,7 @@ class Rejoin:
                     behind,
                 )
             return
-        now = time.monotonic()
-        if self.asking is not None and now - self.asking[1] < REQUEST_TIMEOUT:
-            return
-        if self._transport is None:
-            return
-        self.asking = (peer, now)
+        self._ask(peer, now, stalled=False)
         log.info(
             "behind: daemon %d dropped messages up to iteration %d for workers here at "
             "iteration %d; asking it for its state",
@@ -139,7 +175,58 @@ class Rejoin:
             upto,
             behind,
         )
+
+    def _stuck(self, upto: int, now: float) -> bool:
+        """Whether a local worker needs what was dropped: not started yet, or waiting for
+        STUCK seconds on an iteration at or before ``upto`` (a healthy worker whose quorum is
+        met without those frames is left alone)."""
+        for w in self.workers:
+            if not _resumable(w):
+                continue
+            if w.state is WorkerState.CREATED:
+                return True
+            wt = w.mailbox.waiting()
+            if wt is None or now - wt.since < STUCK:
+                continue
+            t = wt.tag[1] if len(wt.tag) > 1 and isinstance(wt.tag[1], int) else None
+            if t is None or t <= upto:  # an inbox wait has no iteration: it may need them
+                return True
+        return False
+
+    def _consider_stall(self, now: float) -> None:
+        """Where frames are kept (DASGD), a daemon that resumed once and whose workers have
+        waited on their inboxes for REQUEST_TIMEOUT asks a peer for its state again: the
+        peers that could answer what its workers wait for may have ended since (a peer's
+        final state says so)."""
+        if not self._keeps or self.rejoins == 0 or self._spec.resume is None:
+            return
+        waits = [w.mailbox.waiting() for w in self.workers if _resumable(w)]
+        if not waits or any(wt is None or now - wt.since < REQUEST_TIMEOUT for wt in waits):
+            return
+        peers = sorted(self._transport.connected_clusters()) if self._transport else []
+        if not peers:
+            return
+        peer = peers[self.rejoins % len(peers)]
+        log.info(
+            "workers waited %.0fs since resuming: asking daemon %d for its state",
+            REQUEST_TIMEOUT,
+            peer,
+        )
+        self._ask(peer, now, stalled=True)
+
+    def _ask(self, peer: int, now: float, stalled: bool) -> None:
+        assert self._transport is not None
+        self.asking = (peer, now)
+        self._stalled_ask = stalled
         self._transport.request_state(peer)
+
+    def settled(self, peers: set[int]) -> bool:
+        """Every peer of ``peers`` sent its first note, and no state request is out."""
+        return self.noted >= peers and self.asking is None
+
+    def waiting_for_state(self) -> bool:
+        """A state request is out (made again, to the peer furthest ahead, if it times out)."""
+        return self.asking is not None
 
     def _behind(self) -> int | None:
         """The iteration of the slowest unfinished live local worker (at least the last
@@ -155,46 +242,81 @@ class Rejoin:
             log.info("daemon %d asked for state: no live worker here to give it", peer)
             return
         worker = max(live, key=lambda w: w.position[0])
-        step, model = worker.position
+        step, model, extra = worker.position
         assert model is not None
         lost = self._transport.lost_upto(peer)
-        resume_at = step + 1 if lost is not None and lost >= step else step
-        sent = self._transport.send_state(peer, (STATE_KIND, resume_at), worker.pid, step, model)
+        # Where frames drop, iteration s's own frames may be gone: resume after them. Where
+        # they are kept, the state is exact at s (and the algorithm repairs the rest itself).
+        resume_at = step + 1 if not self._keeps and lost is not None and lost >= step else step
+        if self._run.steps is not None:
+            resume_at = min(resume_at, self._run.steps + 1)
+        tag = (STATE_KIND, resume_at, *(int(v) for v in extra))
+        self._transport.send_state(peer, tag, worker.pid, step, model)
+        if self._keeps:
+            # Its program must not end before the restarted node is complete again: it may be
+            # the one that node needs (peerlearn/algorithms/dasgd.py, "Ending").
+            self._tell_rejoining(worker, peer)
         log.info(
-            "daemon %d asked for state: %s, at iteration %d (resume at %d)",
+            "daemon %d asked for state: sent, at iteration %d (resume at %d)",
             peer,
-            "sent" if sent else "its link is full, not sent",
             step,
             resume_at,
         )
+
+    def _tell_rejoining(self, worker: Worker, peer: int) -> None:
+        if self._delivery is None:
+            return
+        zeros = np.zeros_like(worker.position[1])
+        zeros.flags.writeable = False
+        for pid in self._membership.members[peer]:
+            self._delivery.deliver_to([worker.pid], ("rejoining", pid, 0), pid, zeros, True)
+
+    def deliver_with(self, delivery: Delivery) -> None:
+        """Where notes for this daemon's own workers go (the ``rejoining`` letter)."""
+        self._delivery = delivery
 
     # --- a state frame (event loop, from the router) ------------------------------------------
 
     def on_state(self, data: Data) -> None:
         peer = self._membership.cluster_of[data.sender]
         resume_at = data.tag[1]
-        behind = self._behind()
-        if self.asking is not None and self.asking[0] == peer:
-            self.asking = None
-        resume = self._spec.resume
-        if resume is None or behind is None or not isinstance(resume_at, int):
+        if self.asking is None or self.asking[0] != peer or not isinstance(resume_at, int):
+            self._ignored += 1  # a late answer, or one nobody asked for: never taken
+            if self._ignored == 1:
+                log.warning("ignoring a state frame from daemon %d that was not asked for", peer)
             return
-        if resume_at <= behind:
+        stalled = self._stalled_ask
+        self.asking = None
+        self.changed.set()
+        behind = self._behind()
+        resume = self._spec.resume
+        if resume is None or behind is None:
+            return
+        if self._run.steps is not None:
+            resume_at = min(resume_at, self._run.steps + 1)
+        if resume_at < behind or (resume_at == behind and not stalled):
+            # It is not ahead: what it said it dropped is not what the workers here miss.
             log.info(
                 "state from daemon %d (iteration %d) is not ahead of the workers here (%d)",
                 peer,
                 resume_at,
                 behind,
             )
+            self._missed.pop(peer, None)
             self.consider()
             return
         workers = [w for w in self.workers if _resumable(w)]
-        programs = resume(
-            self._run,
-            self._problem,
-            [w.pid for w in workers],
-            RejoinState(resume_at, data.value),
-        )
+        extra = tuple(v for v in data.tag[2:] if isinstance(v, int))
+        try:
+            programs = resume(
+                self._run,
+                self._problem,
+                [w.pid for w in workers],
+                RejoinState(resume_at, data.value, extra),
+            )
+        except ValueError as exc:  # a state this algorithm cannot resume from
+            log.warning("state from daemon %d not taken: %s", peer, exc)
+            return
         for w, program in zip(workers, programs, strict=True):
             w.rejoin(resume_at, program)
         self._floor = resume_at
@@ -207,6 +329,10 @@ class Rejoin:
             peer,
             behind,
         )
+        if not self._keeps and self._transport is not None:
+            # They skip iterations < resume_at: a peer that waits for their frames of those
+            # must be told, as if they had been dropped, or it would wait for good.
+            self._transport.lose_all(resume_at - 1)
         self.consider()  # another peer may have dropped later iterations still
 
 

@@ -61,6 +61,9 @@ class Waiting:
     need: int
     unit: str
     since: float  # time.monotonic() when the wait began
+    #: the processes whose message for ``tag`` has arrived, by pid (none for the inbox: any
+    #: process may post to it), so that /status can name the ones still missing
+    senders: tuple[int, ...] = ()
 
 
 def _iteration(tag: Tag) -> Any:
@@ -194,6 +197,7 @@ class Mailbox:
                 quorum_need(quorum, self._clusters),
                 unit,
                 since,
+                tuple(sorted(m.sender for m in box)),
             )
 
     def redirect(self, step: int, program: Any) -> None:

@@ -135,9 +135,10 @@ class Worker:
         self.state = WorkerState.CREATED
         self.step = 0
         self.x: Vector | None = None
-        #: (step, x) as one reference, for readers on other threads (a state answer) that
-        #: need the two to match
-        self.position: tuple[int, Vector | None] = (0, None)
+        #: (step, x, key of its report) as one reference, for readers on other threads (a
+        #: state answer) that need them to match; the key is what else of the state the
+        #: program reports with its model (DASGD: the version vector)
+        self.position: tuple[int, Vector | None, Tag] = (0, None, ())
         self.output: Any = None
         self.error: str | None = None
         self.diverged: Divergence | None = None
@@ -194,7 +195,19 @@ class Worker:
         unless the worker has reached ``step`` by itself when it takes it over."""
         self.mailbox.redirect(step, program)
 
+    def abandon(self) -> None:
+        """A worker never started (the daemon stopped while it waited to start): ends as
+        stopped, and its mailbox and registers are freed."""
+        if self.state is WorkerState.CREATED:
+            self.state = WorkerState.STOPPED
+            self._program.close()
+            self._store.retire(self.pid)
+            self.mailbox.retire()
+            self.done.set()
+
     def join(self, timeout: float | None = None) -> bool:
+        if self._thread.ident is None:  # never started: nothing to wait for
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -305,6 +318,8 @@ class Worker:
             case Report() as rep:
                 if rep.name == "model":
                     self._model(rep)
+                elif rep.name == "state":  # what else of the state changed, at this step
+                    self.position = (self.step, self.x, rep.key)
                 if self._on_report is not None:
                     self._on_report(self, rep)
             case _:
@@ -317,7 +332,7 @@ class Worker:
         if not finite(rep.value):  # x_t is what iteration t − 1 produced; x keeps x_{t−1}
             raise _Diverged(rep.step - 1, "model")
         self.step, self.x = rep.step, rep.value
-        self.position = (rep.step, rep.value)
+        self.position = (rep.step, rep.value, rep.key)
         self.mailbox.advance(rep.step)
         self._store.advance(self.pid, rep.step)
 

@@ -29,9 +29,11 @@ class CatchupError(PeerlearnError):
 
 @dataclass(frozen=True, slots=True)
 class Missed:
-    """I dropped frames for you of iterations up to ``upto`` (they will never come)."""
+    """I dropped frames for you of iterations up to ``upto`` (they will never come); None: I
+    dropped none. Sent at every connection, so a daemon that waits to start knows when it has
+    heard from a peer."""
 
-    upto: int
+    upto: int | None
     kind: Literal["missed"] = "missed"
 
     def control(self) -> Control:
@@ -55,9 +57,11 @@ def parse(msg: Control) -> Catchup:
     """The catch-up note ``msg`` carries; CatchupError naming what is wrong otherwise."""
     match msg.name:
         case "missed":
-            upto = msg.body.get("upto")
-            if type(upto) is not int or not 0 <= upto <= INT64_MAX:
-                raise CatchupError(f"missed: upto must be an iteration ≥ 0, got {upto!r:.40}")
+            upto = msg.body.get("upto", False)
+            if upto is not None and (type(upto) is not int or not 0 <= upto <= INT64_MAX):
+                raise CatchupError(
+                    f"missed: upto must be an iteration ≥ 0 or null, got {upto!r:.40}"
+                )
             return Missed(upto)
         case "state_request":
             return StateRequest()

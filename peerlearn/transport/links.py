@@ -137,6 +137,9 @@ class LinkSettings:
     #: per period, and the acceptor says it is alive a few times per period);
     #: away longer than this: flagged in /peers, metrics, log, and not waited for
     peer_timeout: float = 5.0
+    #: frames kept (``keep``): away longer than this, the peer is given up on — the workers
+    #: waiting on it are reported blocked and it is logged; its frames are still kept
+    peer_give_up: float = 300.0
     drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
     max_payload: int = 256 * 1024 * 1024
 
@@ -175,6 +178,7 @@ class OutLink:
         self.name = f"{cluster}@{host}:{port}"
         self.state = LinkState.CONNECTING
         self._away_logged = False
+        self._given_up_logged = False
         self.connected_since: float | None = None
         self.disconnected_since = time.monotonic()
         self.last_refusal: str | None = None  # the last refusal, in this daemon's words
@@ -195,6 +199,7 @@ class OutLink:
         self._loop = loop
         self._loop_thread = threading.get_ident()  # built on the loop's thread
         self._room = threading.Semaphore(settings.window)
+        self._overdraft = 0  # frames queued beyond the window (offer_nowait)
         #: producers (worker threads, by ident) waiting for room now, and since when: a send
         #: wait, which /status shows next to the waits for messages
         self.senders_waiting: dict[int, float] = {}
@@ -207,16 +212,19 @@ class OutLink:
         self._sent_upto = 0
         self.lost_upto: int | None = None
         self._told: int | None = None  # lost_upto as last told on this connection
+        self._noted = False  # whether this connection had its first note (even "none lost")
         self._controls: deque[Control] = deque()  # link-level notes to send when connected
         self._wakeup = asyncio.Event()  # frames were queued
         self._acked = asyncio.Event()  # an ack arrived
         self._peer_left = False  # the peer said bye: it stops, nothing more will be acked
+        self._refused = False  # the last connection attempt was refused: nothing listens
         self._stop = asyncio.Event()  # close() was called
         self._closing = False
         self._proto: FrameProtocol | None = None
-        #: the handshake answer awaited (Welcome to the Hello, Ack to the Join, or Refuse);
-        #: None: the connection was lost
-        self._answer: asyncio.Future[Message | None] | None = None
+        #: the handshake answer awaited (Welcome to the Hello, Ack to the Join, or Refuse;
+        #: None: the connection was lost), with the connection it must come on: an old
+        #: connection whose close completes late must not answer the next one's handshake
+        self._answer: tuple[FrameProtocol, asyncio.Future[Message | None]] | None = None
         #: the name lookup under way: one at a time, however long the resolver hangs
         self._lookup: asyncio.Future[list[Any]] | None = None
 
@@ -254,19 +262,33 @@ class OutLink:
     def offer_nowait(
         self, tag: Tag, sender: int, step: int, value: Vector, to: tuple[int, ...] = ()
     ) -> bool:
-        """Queue one frame from the event loop, which must never block: False (counted
-        ``queue_full``) if the window is full or the link closing."""
-        if self._closing or not self._room.acquire(blocking=False):
-            self._stats.drop("queue_full" if not self._closing else "link_closed")
+        """Queue one frame from the event loop, which must never block: beyond the window if
+        it is full (a rare frame — a state answer — that must not be lost to the workers'
+        stream filling it); False (counted) only if the link is closing."""
+        if self._closing:
+            self._stats.drop("link_closed")
             return False
+        if not self._room.acquire(blocking=False):
+            self._overdraft += 1  # its slot is not given back when it is acked
         self._enqueue(tag, sender, step, value, to, False)
         return True
+
+    def _free_slot(self) -> None:
+        """A frame left the window (acked, dropped): its slot is free again."""
+        if self._overdraft:
+            self._overdraft -= 1
+        else:
+            self._room.release()
 
     def control(self, msg: Control) -> None:
         """Send a link-level note (on the event loop): now if connected, else at the next
         connection. Not numbered, not resent: a note lost with its connection is asked again."""
         self._controls.append(msg)
         self._wakeup.set()
+
+    def lose(self, step: int) -> None:
+        """Frames of iterations up to ``step`` will never reach the peer (on the loop)."""
+        self._lose(step)
 
     def _lose(self, step: int) -> None:
         """A frame of iteration ``step`` will never reach the peer: remember it, to tell."""
@@ -354,7 +376,7 @@ class OutLink:
         except LocalProtocolError as exc:
             log.error("%s: cannot send %s: %s", self.name, tag_text(tag), exc)
             self._stats.drop("unsendable")
-            self._room.release()
+            self._free_slot()
             return
         self._seq += 1
         self._sent_upto = max(self._sent_upto, step)
@@ -395,9 +417,13 @@ class OutLink:
                 self._open(addresses, codec), self._settings.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
+            # Nobody listens at its address: the process is gone (killed, stopped for good, or
+            # not started yet) — away at once, not after peer_timeout: the port says so.
+            self._refused = isinstance(exc, ConnectionRefusedError)
             if not self._closing:
                 self._failed(self._connect_error(exc), logging.INFO)
             return False
+        self._refused = False
         welcome = await self._ask(proto, replace(self._hello, nonce=secrets.randbits(63)), Welcome)
         if welcome is None:
             return False
@@ -414,12 +440,19 @@ class OutLink:
         if self.peer_incarnation is not None and welcome.incarnation > self.peer_incarnation:
             self._peer_restarted()
         self.peer_incarnation = welcome.incarnation
+        away = time.monotonic() - self.disconnected_since
         self._proto = proto
         self.state = LinkState.CONNECTED
         self.connected_since = time.monotonic()
-        if self._away_logged:
+        if self._given_up_logged:
+            log.warning(
+                "%s is back after %.0fs away: the frames kept for it go out, the run resumes",
+                self.name,
+                away,
+            )
+        elif self._away_logged:
             log.info("%s is back", self.name)
-        self._away_logged = False
+        self._away_logged = self._given_up_logged = False
         self.last_refusal = None
         self.last_error = None
         self.failed_attempts = 0
@@ -427,7 +460,7 @@ class OutLink:
         # Whatever was sent but not acked may be lost: it goes out again, first, in order.
         self._queue.extendleft(reversed(self._unacked))
         self._unacked.clear()
-        self._told = None  # the note may have been lost with the last connection: again
+        self._noted = False  # the note may have been lost with the last connection: again
         return True
 
     async def _ask(
@@ -436,12 +469,13 @@ class OutLink:
         """Send a handshake message and wait for its answer, of type ``expect``: the answer, or
         None (the connection closed and the failure recorded) on a refusal, a lost connection,
         no answer within ``connect_timeout`` or anything else."""
-        self._answer = self._loop.create_future()
+        future: asyncio.Future[Message | None] = self._loop.create_future()
+        self._answer = (proto, future)
         if proto.closed.is_set():  # lost before this question: no answer will come
-            self._answer.set_result(None)
+            future.set_result(None)
         proto.send(msg)
         try:
-            answer = await self._unless_stopped(asyncio.shield(self._answer))
+            answer = await self._unless_stopped(asyncio.shield(future))
         except TimeoutError:
             proto.close()
             if not self._closing:
@@ -483,6 +517,19 @@ class OutLink:
             )
         return None
 
+    def peer_restarted(self, incarnation: int) -> None:
+        """The peer dialed this daemon as ``incarnation`` (on the event loop). Newer than the
+        one this link knows: what is outstanding was numbered for the old process — dropped now,
+        before the new one's frames are taken in (anything queued after is for the new one) —
+        and a connection to the old one is aborted."""
+        known = self.peer_incarnation
+        if known is not None and incarnation > known:
+            self._peer_restarted()
+            if self._proto is not None:
+                self._proto.abort()
+        if known is None or incarnation > known:
+            self.peer_incarnation = incarnation
+
     def _peer_restarted(self) -> None:
         """The peer is a new incarnation: it keeps nothing of the frames numbered for the last
         one, so they are dropped (counted) and numbering starts over."""
@@ -493,7 +540,7 @@ class OutLink:
         if self._sent_upto:  # all it was sent is gone with the process, acked or not
             self._lose(self._sent_upto)
         for _ in range(dropped):
-            self._room.release()
+            self._free_slot()
         if dropped:
             self._stats.drop("peer_restarted", dropped)
         log.info(
@@ -603,7 +650,7 @@ class OutLink:
             except LocalProtocolError as exc:  # a frame we cannot encode: our bug, not theirs
                 log.error("%s: cannot send %s: %s", self.name, tag_text(frame.tag), exc)
                 self._stats.drop("unsendable")
-                self._room.release()
+                self._free_slot()
                 continue
             self._unacked.append(frame)
             self._stats.count("out", str(frame.tag[0]), self.name, n)
@@ -612,8 +659,8 @@ class OutLink:
     def _send_notes(self, proto: FrameProtocol) -> None:
         """Catch-up notes go before frames: what was lost, then the notes asked for."""
         lost = self.lost_upto
-        if lost is not None and lost != self._told:
-            self._told = lost
+        if not self._noted or (lost is not None and lost != self._told):
+            self._told, self._noted = lost, True
             proto.send(Missed(lost).control())
         while self._controls:
             proto.send(self._controls.popleft())
@@ -654,11 +701,50 @@ class OutLink:
     @property
     def away(self) -> bool:
         """Not connected for longer than ``peer_timeout`` (read live, not at the next retry),
-        or gone on purpose: a peer that said bye is not waited for."""
+        or gone on purpose (a peer that said bye is not waited for), or plainly gone: the last
+        attempt was refused, nothing listens at its address."""
         if self.state is LinkState.CONNECTED or self.state is LinkState.DRAINING:
             return False
         gone = time.monotonic() - self.disconnected_since > self._settings.peer_timeout
-        return gone or self._peer_left
+        return gone or self._peer_left or self._refused
+
+    @property
+    def away_seconds(self) -> float | None:
+        """How long the peer has been gone (since it was last heard from), if it is away now;
+        None if it is not."""
+        return time.monotonic() - self.disconnected_since if self.away else None
+
+    @property
+    def given_up(self) -> bool:
+        """Away longer than ``peer_give_up`` while this algorithm keeps its frames: whoever
+        waits on the peer is blocked until it comes back (and is reported so). Frames that may
+        drop never wait on an away peer, so nobody is blocked on it."""
+        away = self.away_seconds
+        return self._settings.keep and away is not None and away > self._settings.peer_give_up
+
+    def check_give_up(self) -> None:
+        """Log, once, that the peer is given up on (the daemon calls this periodically: the
+        link's own task may be inside a connect attempt for seconds). Nothing else changes:
+        its frames are still kept, the link keeps trying, and the run resumes if it is back."""
+        if self._given_up_logged or not self.given_up:
+            return
+        self._given_up_logged = True
+        log.error(
+            "%s away for %.0fs (longer than peer_give_up, %gs): workers waiting on it are "
+            "blocked until it is back; %d frames kept for it%s",
+            self.name,
+            self.away_seconds or 0.0,
+            self._settings.peer_give_up,
+            self.outstanding,
+            f" ({self.last_error})" if self.last_error else "",
+        )
+
+    def peer_stopped(self) -> None:
+        """The peer said bye on a connection of its own (it stops, its workers are gone): like a
+        bye on this link, nothing more is waited for — also when this link is down right now,
+        in which case the bye could never reach it."""
+        self._peer_left = True
+        self._acked.set()  # a draining close need not wait for it any longer
 
     def _check_away(self) -> None:
         if self.away and not self._away_logged:
@@ -735,12 +821,12 @@ class OutLink:
             case Ack(seq=seq):
                 while self._unacked and self._unacked[0].seq <= seq:
                     self._unacked.popleft()
-                    self._room.release()
+                    self._free_slot()
                 self._acked.set()  # a draining close waits on this
-                self._answered(msg)  # the answer to a Join, when one is awaited
+                self._answered(proto, msg)  # the answer to a Join, when one is awaited
             case Welcome() | Refuse():
                 self._peer_left = False
-                self._answered(msg)
+                self._answered(proto, msg)
             case Pong():
                 pass  # a sign of life: FrameProtocol.heard_at has it
             case Bye(reason=reason):
@@ -752,15 +838,20 @@ class OutLink:
                 self._stats.error("unexpected_message")
                 proto.close()
 
-    def _answered(self, msg: Message | None) -> None:
-        if self._answer is not None and not self._answer.done():
-            self._answer.set_result(msg)
+    def _answered(self, proto: FrameProtocol, msg: Message | None) -> None:
+        """``msg`` came on ``proto`` (None: ``proto`` was lost): the answer awaited, if it is
+        that connection's handshake that awaits one."""
+        if self._answer is None:
+            return
+        asked, future = self._answer
+        if asked is proto and not future.done():
+            future.set_result(msg)
 
     def _on_error(self, proto: FrameProtocol, exc: RemoteProtocolError) -> None:
         self._stats.error(str(exc.reason))
 
     def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
-        self._answered(None)
+        self._answered(proto, None)
         if self.state is LinkState.CONNECTED:
             log.info("%s: connection lost (%s)", self.name, exc or "closed")
 

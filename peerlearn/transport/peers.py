@@ -145,6 +145,7 @@ class Transport:
         self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered
         self._incarnations: dict[int, int] = {}  # peer cluster -> its latest incarnation
         self._non_finite_from: set[int] = set()  # peer clusters already logged for it
+        self._control_log = Throttle()  # bad control messages: once, then at doubling intervals
         self._server: asyncio.Server | None = None
         self._closed = asyncio.Event()
         self.port: int | None = None
@@ -172,12 +173,17 @@ class Transport:
         tasks.create_task(self._drop_silent(), name="inbound-liveness")
 
     async def close(self, drain_unconnected: bool = True) -> None:
-        """Stop intake, drain outbound links, close everything (``drain_unconnected``: also
-        wait for peers that never connected, see OutLink.close)."""
+        """Drain outbound links, then stop intake and close everything (``drain_unconnected``:
+        also wait for peers that never connected, see OutLink.close).
+
+        The server listens until the links have drained: when several daemons stop at once,
+        a peer whose link to this one is reconnecting right then must still get through, to
+        take this daemon's acks and Bye — with the server closed first, its drain (and this
+        one's, waiting on it in turn) would wait out drain_timeout."""
         self._closed.set()
+        await asyncio.gather(*(link.close(drain_unconnected) for link in self.links))
         if self._server is not None:
             self._server.close()
-        await asyncio.gather(*(link.close(drain_unconnected) for link in self.links))
         for proto in list(self._inbound):
             proto.send(Bye(reason="shutdown"))
             proto.close()
@@ -319,6 +325,11 @@ class Transport:
             case Control() as control:
                 self._on_control(proto, state, control)
             case Bye():
+                # The dialer stops (its workers are gone): this daemon's link to it need not
+                # wait for acks any more, even while it is down and would never hear the bye.
+                link = self._by_cluster.get(state.cluster)
+                if link is not None and state.incarnation == self._incarnations.get(state.cluster):
+                    link.peer_stopped()
                 proto.close()
             case _:
                 self.stats.error("unexpected_message")
@@ -334,7 +345,14 @@ class Transport:
             note = catchup.parse(control)
         except catchup.CatchupError as exc:  # counted; the link itself is sound
             self.stats.error("bad_control")
-            log.warning("%s: ignoring a control message from %s: %s", self, self._label(peer), exc)
+            if (count := self._control_log.due(str(peer))) is not None:
+                log.warning(
+                    "%s: ignoring a control message from %s: %s (%d so far)",
+                    self,
+                    self._label(peer),
+                    exc,
+                    count,
+                )
             return
         if self._catchup is not None:
             self._catchup(peer, note)
@@ -350,6 +368,12 @@ class Transport:
         queued (no link, window full: the peer asks again)."""
         link = self._by_cluster.get(cluster)
         return link is not None and link.offer_nowait(tag, sender, step, value)
+
+    def lose_all(self, step: int) -> None:
+        """Tell every peer that frames of iterations up to ``step`` will never come from this
+        daemon (its workers skipped them, resuming past them)."""
+        for link in self.links:
+            link.lose(step)
 
     def lost_upto(self, cluster: int) -> int | None:
         """The highest iteration of a frame dropped for daemon ``cluster`` (None: none)."""
@@ -423,6 +447,11 @@ class Transport:
         for other, st in list(self._inbound.items()):
             if other is not proto and st.cluster == state.cluster:
                 other.close()
+        link = self._by_cluster.get(state.cluster)
+        if link is not None:
+            # Before any of its frames is delivered: what this daemon queues in answer to them
+            # is for the new incarnation, and must not be dropped as the old one's.
+            link.peer_restarted(state.incarnation)
         if restarted:
             log.info(
                 "%s: daemon %s restarted (new incarnation): its frames are numbered anew",

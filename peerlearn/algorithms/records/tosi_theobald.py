@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.dasgd import dasgd
 from peerlearn.algorithms.records._common import first_eta, sentence, start_point, step_size
-from peerlearn.algorithms.spec import AlgorithmSpec
+from peerlearn.algorithms.spec import AlgorithmSpec, RejoinState
 from peerlearn.effects import Program
 from peerlearn.ties import at_most
 from peerlearn.wire.messages import MAX_TAG_LEN
@@ -34,6 +34,22 @@ def _programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> l
     x1 = start_point(problem)
     eta = cfg.schedule()(1)  # fixed η (validated)
     return [dasgd(p, x1, eta, cfg.steps, cfg.graph.neighbours) for p in pids]
+
+
+def _resume(
+    cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+) -> list[Program]:
+    """From a live node's model and the state it was reported with (its version vector, the
+    DONE counts and the nodes complete it knows). On the complete graph only: elsewhere a node
+    also relays, and what a dead relay had still to pass on is not repaired yet."""
+    graph = cfg.graph.neighbours
+    if any(len(adjacent) != len(graph) - 1 for adjacent in graph):
+        raise ValueError(
+            f"DASGD resumes from a peer's state on the complete graph only, not on "
+            f"{cfg.graph.name}: a restarted relay's undelivered gradients are not repaired"
+        )
+    eta = cfg.schedule()(1)
+    return [dasgd(p, state.model, eta, cfg.steps, graph, resume=state.extra) for p in pids]
 
 
 def _check(cfg: RunConfig) -> None:
@@ -71,6 +87,7 @@ RECORDS = (
         tolerates="no crashes (a lost node blocks the end)",
         parameters="`topology`, fixed η",
         programs=_programs,
+        resume=_resume,
         settings=frozenset({"topology"}),
         topology="complete",
         sends_models=False,

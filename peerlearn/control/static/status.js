@@ -377,6 +377,10 @@
         else if (w.waiting) {
           const q = w.waiting;
           waiting = `${q.tag.join(" ")}: ${q.have}/${q.need} ${q.unit}, ${q.seconds.toFixed(1)} s`;
+          if (q.peers && q.peers.length) waiting += ` · away: daemon ${q.peers.join(", ")}`;
+        } else if (w.sending) {
+          const s = w.sending;
+          waiting = `room on the link to ${s.peer}, ${s.seconds.toFixed(1)} s`;
         }
         row.append(el("td", waiting, w.error ? "err" : "muted"));
         return row;
