@@ -182,6 +182,28 @@ async def test_a_daemon_restarted_with_the_same_command_catches_up(algorithm: st
             assert len(lines) <= 50, lines[:10]
 
 
+async def test_two_daemons_that_need_each_other_go_on_after_a_restart() -> None:
+    """Alg 1 on two daemons, one worker each, N = 2: the survivor waits for the killed one's
+    frame of its iteration s. The restarted daemon resumes from the survivor's state after s (the
+    survivor's own frame of s is gone), and says it skipped s: the survivor, stuck on s, catches
+    up from it in turn, and both go on together."""
+    with daemons(2, "--workers", "1", "--algorithm", "alg1", "--max-failures", "0") as (
+        procs,
+        urls,
+    ):
+        await poll_status(urls[0], lambda s: steps(s) > 10)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].wait(30)
+        again = subprocess.Popen(procs[1].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            before = steps(await poll_status(urls[0], lambda s: True))
+            for url in urls:
+                await poll_status(url, lambda s, b=before: steps(s) > b + 20, timeout=30)  # type: ignore[misc]
+        finally:
+            again.kill()
+            again.wait(30)
+
+
 async def _rate(url: str, seconds: float) -> float:
     """Steps per second of the slowest worker behind ``url`` over ``seconds``."""
     start = steps(await poll_status(url, lambda s: True))
