@@ -111,14 +111,15 @@ def test_dasgd_applies_every_gradient_once_everywhere(topology: str) -> None:
 
 def test_dasgd_relays_only_where_the_origin_did_not_post() -> None:
     """On the complete graph every node gets each gradient from its origin: no relay at all —
-    n(n − 1) deliveries per round of gradients, plus one DONE per pair. On a ring relays are
-    needed, and still each node receives each gradient at most twice (once per direction)."""
+    n(n − 1) deliveries per round of gradients, plus one DONE and one COMPLETE per pair. On a
+    ring relays are needed, and still each node receives each gradient at most twice (once per
+    direction)."""
     n, steps = 6, 5
     complete = run_simulation(_run_cfg("dasgd", n=n, steps=steps, topology="complete"))
-    assert complete.outcome.deliveries == n * (n - 1) * steps + n * (n - 1)
+    assert complete.outcome.deliveries == n * (n - 1) * steps + 2 * n * (n - 1)
     ring = run_simulation(_run_cfg("dasgd", n=n, steps=steps, topology="ring"))
     assert ring.status is Status.FINISHED
-    assert ring.outcome.deliveries <= 2 * n * (n - 1) * (steps + 1)
+    assert ring.outcome.deliveries <= 2 * n * (n - 1) * (steps + 2)
 
 
 def test_dasgd_crash_blocks_the_survivors() -> None:

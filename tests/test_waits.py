@@ -397,3 +397,19 @@ async def test_an_old_connection_closing_late_does_not_fail_the_next_handshake(
         await task
         server.close()
         await server.wait_closed()
+
+
+async def test_an_idle_link_stays_up() -> None:
+    """Two daemons that finished send each other nothing: the dialer pings anyway once it has
+    said nothing for a quarter of peer_timeout (the acceptor's own pongs keep the dialer hearing,
+    but the acceptor judges the dialer by what it sends). Before, every idle link was dropped as
+    silent and reconnected once per peer_timeout, two log lines each time."""
+    timeout = 0.5
+    async with local_cluster(
+        2, workers=1, algorithm="alg1", steps=5, problem=QUAD, peer_timeout=timeout
+    ) as cluster:
+        await cluster.wait_until_finished()
+        await asyncio.sleep(4 * timeout)  # the window in which nothing may happen
+        for d in cluster.daemons:
+            assert d.stats.reconnects == 0
+            assert d.stats.protocol_errors.get("peer_silent", 0) == 0

@@ -689,7 +689,10 @@ class OutLink:
                 self._stats.error("peer_silent")
                 proto.abort()
                 return
-            if silent >= interval:
+            # Also when this side said nothing for as long: the acceptor's own pongs keep this
+            # side hearing, but the acceptor judges this side by what it sends, and an idle
+            # link (a finished run, a peer nobody posts to) sends nothing else.
+            if silent >= interval or time.monotonic() - proto.sent_at >= interval:
                 nonce += 1
                 proto.send(Ping(nonce=nonce))
 

@@ -53,6 +53,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.received_bytes = 0
         #: when the last bytes came in (monotonic): liveness is judged on it
         self.heard_at = time.monotonic()
+        #: when the last message went out: an idle dialer pings so that the other side hears it
+        self.sent_at = self.heard_at
 
     def __repr__(self) -> str:
         return f"FrameProtocol({self.peername})"
@@ -119,6 +121,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self.transport.write(chunk)
             n += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
         self.sent_bytes += n
+        self.sent_at = time.monotonic()
         return n
 
     async def drain(self) -> None:
