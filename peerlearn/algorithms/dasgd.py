@@ -198,6 +198,9 @@ def dasgd(
             tag = letter.tag
             if tag[0] == "have":
                 asker = int(tag[1])
+                if asker in complete:  # it resumed: it says so again once it is
+                    complete.discard(asker)
+                    learned.append(asker)
                 yield from answer(asker, tuple(int(v) for v in tag[2:]))
                 if asker in unanswered:  # it restarted too: this node's "have" died with it
                     yield Post((asker,), ("have", me, *applied), zeros)
@@ -259,8 +262,9 @@ def dasgd(
         if samples is not None and computed >= samples and me not in finals:
             finals[me] = computed  # its last incarnation had computed them all
             learned.append(me)
-            if neighbours:
-                yield Post(neighbours, ("done", me, computed), zeros)
+        if me in finals and neighbours:
+            # its last incarnation's DONE may have reached only some (the state knew it)
+            yield Post(neighbours, ("done", me, finals[me]), zeros)
 
     def done() -> bool:
         return len(finals) == n and all(applied[k] == finals[k] for k in range(n))

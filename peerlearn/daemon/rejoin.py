@@ -108,6 +108,9 @@ class Rejoin:
         self._told_cannot = False
         self._ignored = 0  # state frames not asked for (logged once, then counted)
         self._delivery: Delivery | None = None  # this daemon's own mailboxes
+        self._cannot = False  # a state was refused by the algorithm: no rejoin in this run
+        self._next_stall_ask = 0.0  # a stalled daemon asks at most once per REQUEST_TIMEOUT
+        self._stall_asks = 0
         #: peers that sent their first note since this daemon started
         self.noted: set[int] = set()
         #: set whenever a note or a state arrives (a daemon waiting to start re-checks)
@@ -127,8 +130,8 @@ class Rejoin:
                     self._unanswered.discard(peer)
                 self.consider()
                 self.changed.set()
-            case StateRequest():
-                self._answer(peer)
+            case StateRequest(restart=restart):
+                self._answer(peer, restart)
 
     def consider(self) -> None:
         """Ask for state if a local worker waits, or will, for frames a peer dropped (also
@@ -141,10 +144,15 @@ class Rejoin:
             self._unanswered.add(peer)
             self.asking = None
             self.changed.set()
-        if self.asking is not None or self._transport is None:
+        if self.asking is not None or self._transport is None or self._cannot:
             return
         behind = self._behind()
         if behind is None:
+            return
+        if self._keeps and not self._starting():
+            # Frames are kept: what a peer dropped is what a restart lost, which the state
+            # taken before the workers started covers (the algorithm repairs the rest itself).
+            self._consider_stall(now)
             return
         ahead = [(upto, peer) for peer, upto in self._missed.items() if upto >= behind]
         if not ahead:
@@ -200,13 +208,17 @@ class Rejoin:
         final state says so)."""
         if not self._keeps or self.rejoins == 0 or self._spec.resume is None:
             return
+        if now < self._next_stall_ask:
+            return
         waits = [w.mailbox.waiting() for w in self.workers if _resumable(w)]
         if not waits or any(wt is None or now - wt.since < REQUEST_TIMEOUT for wt in waits):
             return
+        self._next_stall_ask = now + REQUEST_TIMEOUT
+        self._stall_asks += 1
         peers = sorted(self._transport.connected_clusters()) if self._transport else []
         if not peers:
             return
-        peer = peers[self.rejoins % len(peers)]
+        peer = peers[self._stall_asks % len(peers)]
         log.info(
             "workers waited %.0fs since resuming: asking daemon %d for its state",
             REQUEST_TIMEOUT,
@@ -218,7 +230,11 @@ class Rejoin:
         assert self._transport is not None
         self.asking = (peer, now)
         self._stalled_ask = stalled
-        self._transport.request_state(peer)
+        self._transport.request_state(peer, restart=self._starting())
+
+    def _starting(self) -> bool:
+        """No local worker has started yet (a daemon that waits to rejoin before it sends)."""
+        return any(w.state is WorkerState.CREATED for w in self.workers)
 
     def settled(self, peers: set[int]) -> bool:
         """Every peer of ``peers`` sent its first note, and no state request is out."""
@@ -236,7 +252,7 @@ class Rejoin:
 
     # --- answering a peer (event loop) --------------------------------------------------------
 
-    def _answer(self, peer: int) -> None:
+    def _answer(self, peer: int, restart: bool) -> None:
         live = [w for w in self.workers if w.live and w.position[1] is not None]
         if not live or self._transport is None:
             log.info("daemon %d asked for state: no live worker here to give it", peer)
@@ -248,13 +264,14 @@ class Rejoin:
         # Where frames drop, iteration s's own frames may be gone: resume after them. Where
         # they are kept, the state is exact at s (and the algorithm repairs the rest itself).
         resume_at = step + 1 if not self._keeps and lost is not None and lost >= step else step
-        if self._run.steps is not None:
+        if self._run.steps is not None and not self._keeps:  # T + 1 iterations at most
             resume_at = min(resume_at, self._run.steps + 1)
         tag = (STATE_KIND, resume_at, *(int(v) for v in extra))
         self._transport.send_state(peer, tag, worker.pid, step, model)
-        if self._keeps:
+        if self._keeps and restart:
             # Its program must not end before the restarted node is complete again: it may be
-            # the one that node needs (peerlearn/algorithms/dasgd.py, "Ending").
+            # the one that node needs (peerlearn/algorithms/dasgd.py, "Ending"). Only for a
+            # restart, which takes the state whatever it is.
             self._tell_rejoining(worker, peer)
         log.info(
             "daemon %d asked for state: sent, at iteration %d (resume at %d)",
@@ -292,7 +309,7 @@ class Rejoin:
         resume = self._spec.resume
         if resume is None or behind is None:
             return
-        if self._run.steps is not None:
+        if self._run.steps is not None and not self._keeps:
             resume_at = min(resume_at, self._run.steps + 1)
         if resume_at < behind or (resume_at == behind and not stalled):
             # It is not ahead: what it said it dropped is not what the workers here miss.
@@ -314,11 +331,14 @@ class Rejoin:
                 [w.pid for w in workers],
                 RejoinState(resume_at, data.value, extra),
             )
-        except ValueError as exc:  # a state this algorithm cannot resume from
-            log.warning("state from daemon %d not taken: %s", peer, exc)
+        except ValueError as exc:  # a state this algorithm cannot resume from, ever
+            log.warning("state from daemon %d not taken, no rejoin in this run: %s", peer, exc)
+            self._cannot = True
+            self.changed.set()
             return
         for w, program in zip(workers, programs, strict=True):
-            w.rejoin(resume_at, program)
+            # a stalled worker takes a state at its own step: the hand-over must be ahead
+            w.rejoin(max(resume_at, w.step + 1) if stalled else resume_at, program)
         self._floor = resume_at
         self.rejoins += 1
         self.last = Rejoined(peer, behind, resume_at, time.monotonic())

@@ -42,12 +42,14 @@ class Missed:
 
 @dataclass(frozen=True, slots=True)
 class StateRequest:
-    """Send me your current state: I am behind and missing messages I need."""
+    """Send me your current state: I am behind and missing messages I need. ``restart``: my
+    workers have not started yet (a restarted daemon), so I take whatever you send."""
 
+    restart: bool = False
     kind: Literal["state_request"] = "state_request"
 
     def control(self) -> Control:
-        return Control(name=self.kind, body={})
+        return Control(name=self.kind, body={"restart": self.restart})
 
 
 Catchup: TypeAlias = Missed | StateRequest
@@ -64,5 +66,8 @@ def parse(msg: Control) -> Catchup:
                 )
             return Missed(upto)
         case "state_request":
-            return StateRequest()
+            restart = msg.body.get("restart", False)
+            if type(restart) is not bool:
+                raise CatchupError(f"state_request: restart must be a bool, got {restart!r:.40}")
+            return StateRequest(restart)
     raise CatchupError(f"unknown control message {msg.name!r:.60}")

@@ -537,8 +537,9 @@ class OutLink:
         self._queue.clear()
         self._unacked.clear()
         self._seq = 0
-        if self._sent_upto:  # all it was sent is gone with the process, acked or not
-            self._lose(self._sent_upto)
+        # All it was sent is gone with the process, acked or not — and even if nothing was
+        # sent, it must learn that it restarted (a DASGD node must not number anew from 0).
+        self._lose(self._sent_upto)
         for _ in range(dropped):
             self._free_slot()
         if dropped:

@@ -357,15 +357,16 @@ class Transport:
         if self._catchup is not None:
             self._catchup(peer, note)
 
-    def request_state(self, cluster: int) -> None:
-        """Ask daemon ``cluster`` for its state (on the event loop; the answer is a Data frame)."""
+    def request_state(self, cluster: int, restart: bool) -> None:
+        """Ask daemon ``cluster`` for its state (on the event loop; the answer is a Data frame);
+        ``restart``: this daemon's workers have not started yet."""
         link = self._by_cluster.get(cluster)
         if link is not None:
-            link.control(catchup.StateRequest().control())
+            link.control(catchup.StateRequest(restart).control())
 
     def send_state(self, cluster: int, tag: Tag, sender: int, step: int, value: Vector) -> bool:
-        """A state frame to daemon ``cluster``, from the event loop; False if it could not be
-        queued (no link, window full: the peer asks again)."""
+        """A state frame to daemon ``cluster``, from the event loop (beyond the window if it is
+        full); False only if there is no link to it or the link is closing."""
         link = self._by_cluster.get(cluster)
         return link is not None and link.offer_nowait(tag, sender, step, value)
 

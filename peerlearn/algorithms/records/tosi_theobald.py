@@ -53,10 +53,12 @@ def _resume(
 
 
 def _check(cfg: RunConfig) -> None:
-    if cfg.processes > MAX_TAG_LEN - 3:
+    # A state for rejoin carries 3n integers in its tag (version vector, DONE counts, COMPLETE).
+    most = (MAX_TAG_LEN - 2) // 3
+    if cfg.processes > most:
         raise ValueError(
-            f"dasgd carries a version vector of n integers in every gradient's tag: "
-            f"n ≤ {MAX_TAG_LEN - 3}"
+            f"dasgd carries a version vector of n integers in every gradient's tag and 3n in a "
+            f"state for rejoin: n ≤ {most}"
         )
 
 
