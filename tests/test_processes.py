@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,10 +26,18 @@ PEERLEARN = str(Path(sys.executable).with_name("peerlearn"))
 
 
 def free_ports(k: int) -> list[int]:
-    socks = []
-    for _ in range(k):
+    """``k`` ports free now, below the kernel's ephemeral range (32768 and up on Linux): a
+    daemon restarted on its old ports must find them free, and one from the ephemeral range may
+    meanwhile be taken as the local port of some outgoing connection (a peer reconnecting)."""
+    socks: list[socket.socket] = []
+    rng = random.Random()
+    while len(socks) < k:
         s = socket.socket()
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", rng.randrange(20000, 32000)))
+        except OSError:
+            s.close()
+            continue
         socks.append(s)
     ports = [s.getsockname()[1] for s in socks]
     for s in socks:

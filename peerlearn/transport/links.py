@@ -219,6 +219,7 @@ class OutLink:
         self._peer_left = False  # the peer said bye: it stops, nothing more will be acked
         self._refused = False  # the last connection attempt was refused: nothing listens
         self._stop = asyncio.Event()  # close() was called
+        self._retry = asyncio.Event()  # the peer dialed this daemon: reconnect now
         self._closing = False
         self._proto: FrameProtocol | None = None
         #: the handshake answer awaited (Welcome to the Hello, Ack to the Join, or Refuse;
@@ -417,9 +418,11 @@ class OutLink:
                 self._open(addresses, codec), self._settings.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
-            # Nobody listens at its address: the process is gone (killed, stopped for good, or
-            # not started yet) — away at once, not after peer_timeout: the port says so.
-            self._refused = isinstance(exc, ConnectionRefusedError)
+            # Nobody listens any more where it was connected: the process is gone (killed, or
+            # stopped) — away at once, not after peer_timeout: the port says so. One that never
+            # connected may be starting still: it gets peer_timeout.
+            refused = isinstance(exc, ConnectionRefusedError)
+            self._refused = refused and self.connected_since is not None
             if not self._closing:
                 self._failed(self._connect_error(exc), logging.INFO)
             return False
@@ -698,15 +701,27 @@ class OutLink:
                 proto.send(Ping(nonce=nonce))
 
     async def _sleep(self, seconds: float) -> None:
-        """Back off, but wake up at once on close()."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+        """Back off, but wake up at once on close(), or when the peer has just dialed this
+        daemon (:meth:`retry_now`): it is up, and what this link tells it on connecting (what
+        was dropped for it) is what it waits for to start."""
+        self._retry.clear()
+        stop = asyncio.ensure_future(self._stop.wait())
+        retry = asyncio.ensure_future(self._retry.wait())
+        try:
+            await asyncio.wait({stop, retry}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            retry.cancel()
+
+    def retry_now(self) -> None:
+        """The peer is up (it dialed this daemon): end a back-off now (on the event loop)."""
+        self._retry.set()
 
     @property
     def away(self) -> bool:
         """Not connected for longer than ``peer_timeout`` (read live, not at the next retry),
-        or gone on purpose (a peer that said bye is not waited for), or plainly gone: the last
-        attempt was refused, nothing listens at its address."""
+        or gone on purpose (a peer that said bye is not waited for), or plainly gone: it was
+        connected, and the last attempt was refused — nothing listens at its address."""
         if self.state is LinkState.CONNECTED or self.state is LinkState.DRAINING:
             return False
         gone = time.monotonic() - self.disconnected_since > self._settings.peer_timeout
@@ -753,6 +768,9 @@ class OutLink:
     def _check_away(self) -> None:
         if self.away and not self._away_logged:
             self._away_logged = True
+            if self._refused:
+                log.warning("%s away: nothing listens at its address any more", self.name)
+                return
             log.warning(
                 "%s away for more than %.1fs (%s%s)",
                 self.name,

@@ -453,6 +453,7 @@ class Transport:
             # Before any of its frames is delivered: what this daemon queues in answer to them
             # is for the new incarnation, and must not be dropped as the old one's.
             link.peer_restarted(state.incarnation)
+            link.retry_now()
         if restarted:
             log.info(
                 "%s: daemon %s restarted (new incarnation): its frames are numbered anew",
