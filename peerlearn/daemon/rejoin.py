@@ -149,7 +149,7 @@ class Rejoin:
         behind = self._behind()
         if behind is None:
             return
-        if self._keeps and not self._starting():
+        if self._keeps and self._spec.resume is not None and not self._starting():
             # Frames are kept: what a peer dropped is what a restart lost, which the state
             # taken before the workers started covers (the algorithm repairs the rest itself).
             self._consider_stall(now)
