@@ -243,11 +243,21 @@ class RunConfig(RunSettings):
         _ = self.membership
         crashes = self.crash_specs
         restarts = [c.spec for c in crashes if c.mode == "restart"]
-        if restarts and self.spec.resume is None:
-            able = ", ".join(name for name, spec in REGISTRY.items() if spec.resume is not None)
+        if restarts and (self.spec.resume is None or self.spec.center):
+            able = ", ".join(
+                name
+                for name, spec in REGISTRY.items()
+                if spec.resume is not None and not spec.center
+            )
+            why = (
+                "its center is rebuilt from every worker's ledger, which daemons do and the "
+                "simulator does not model"
+                if self.spec.center and self.spec.resume is not None
+                else "restart faults need a resume entry point"
+            )
             raise ValueError(
-                f"{self.algorithm} cannot rejoin: restart faults need a resume entry point "
-                f"({', '.join(restarts)}; algorithms that have one: {able})"
+                f"{self.algorithm} cannot rejoin in the simulator: {why} "
+                f"({', '.join(restarts)}; algorithms that can: {able})"
             )
         # A restarted process misses the iterations it skips, as a crashed one would: it counts
         # among the f processes the quorum must do without.

@@ -371,6 +371,52 @@ async def test_dasgd_restarted_with_the_same_command_rejoins_and_ends_with_equal
             assert len(lines) <= 50, lines[:10]
 
 
+@pytest.mark.parametrize("killed", [0, 2])
+async def test_async_easgd_restarted_with_the_same_command_rejoins(killed: int) -> None:
+    """SIGKILL a daemon of asynchronous EASGD and start it again with the same command.
+
+    The center's (daemon 0, which hosts the center only): the survivors' workers wait on
+    answers that died with it; the new center asks their daemons for their ledgers, rebuilds
+    x̃ = x̃_1 + Σ_i D_i, answers the lost requests neutrally (d = 0) and serves on. A worker's
+    (daemon 2): it takes the center's model and its record of its ledger from the center's
+    daemon and resumes after its last answered request. Either way the survivors pause no
+    longer than the restart takes (peer_timeout + 1 s) and the run finishes: the center counts
+    the requests served before the restart, so it ends when the workers do."""
+    timeout = 5.0
+    with daemons(
+        3,
+        *("--workers", "1", "--algorithm", "async_easgd", "--steps", "4000", "--lr", "0.01"),
+        *("--set", f"peer_timeout={timeout}"),
+    ) as (procs, urls):
+        for url in urls[1:]:
+            await poll_status(url, lambda s: steps(s) > 300)
+        survivors = [i for i in range(3) if i != killed]
+        pauses = asyncio.gather(*(_longest_pause(urls[i], 8.0) for i in survivors if i != 0))
+        os.kill(procs[killed].pid, signal.SIGKILL)
+        procs[killed].wait(30)
+        again = subprocess.Popen(
+            procs[killed].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            for url in urls:
+                await poll_status(url, lambda s: s["state"] == "finished", timeout=60)
+            assert max(await pauses) <= timeout + 1.0
+            async with httpx.AsyncClient() as client:
+                status = (await client.get(f"{urls[killed]}/status")).json()
+            assert status["catchup"]["rejoins"] == 1, status["catchup"]
+            if killed:  # resumed after its last answered request, not from iteration 1
+                assert status["catchup"]["last"]["resumed_at"] > 300, status["catchup"]
+        finally:
+            again.kill()
+            again.wait(30)
+        for i in survivors:
+            procs[i].kill()
+            procs[i].wait(30)
+        for p in (*(procs[i] for i in survivors), again):
+            lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
+            assert len(lines) <= 50, lines[:10]
+
+
 @pytest.mark.parametrize("which", ["--api", "--listen"])
 def test_a_busy_port_is_one_line_naming_the_address_and_exit_2(which: str) -> None:
     """Today's uvicorn error, a `Task exception was never retrieved` traceback and exit 3 for a

@@ -409,17 +409,25 @@ def test_a_restart_counts_among_the_failures() -> None:
 
 #: algorithms whose record has no resume entry point (more get one over time: read the records)
 NO_RESUME = [name for name, spec in REGISTRY.items() if spec.resume is None][:3]
+#: centered algorithms that resume in daemons only (their center is rebuilt from the workers)
+CENTERED = [name for name, spec in REGISTRY.items() if spec.resume is not None and spec.center]
 
 
 @pytest.mark.parametrize("algorithm", NO_RESUME)
 def test_an_algorithm_without_resume_cannot_take_a_restart(algorithm: str) -> None:
     crash = "process:0.1@t=3:restart"
-    with pytest.raises(ConfigError, match=f"{algorithm} cannot rejoin: restart faults need a"):
+    with pytest.raises(ConfigError, match=f"{algorithm} cannot rejoin in the simulator: restart"):
         cfg(algorithm=algorithm, sim={"crashes": [crash]})
     res = CliRunner().invoke(app, ["simulate", "-q", "--algorithm", algorithm, "--crash", crash])
     assert res.exit_code == 2, res.output
-    assert "cannot rejoin: restart faults need a resume entry point" in res.output
+    assert "restart faults need a resume entry point" in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("algorithm", CENTERED)
+def test_a_centered_algorithm_restarts_in_daemons_only(algorithm: str) -> None:
+    with pytest.raises(ConfigError, match="rebuilt from every worker's ledger"):
+        cfg(algorithm=algorithm, sim={"crashes": ["process:0.1@t=3:restart"]})
 
 
 def test_summary_reports_restarts_per_process() -> None:

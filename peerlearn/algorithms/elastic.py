@@ -30,7 +30,7 @@ workers' iteration t of that exchange).
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from enum import StrEnum
 from itertools import count
 from typing import Any
@@ -39,6 +39,7 @@ from peerlearn.effects import Await, Count, Effect, Grad, Post, Receive, Report,
 
 __all__ = [
     "Variant",
+    "answered_requests",
     "center_requests",
     "elastic_center",
     "elastic_worker",
@@ -56,13 +57,19 @@ class Variant(StrEnum):
     MDOWNPOUR = "mdownpour"  # gradient → x̃, Nesterov momentum on the center
 
 
-def _clock(steps: int | None) -> Iterable[int]:
-    return count(1) if steps is None else range(1, steps + 1)
+def _clock(steps: int | None, start: int = 1) -> Iterable[int]:
+    return count(start) if steps is None else range(start, steps + 1)
 
 
 def _exchanges(steps: int, tau: int) -> int:
     """How many local clocks c ∈ [0, T) τ divides: ⌈T/τ⌉."""
     return -(-steps // tau)
+
+
+def answered_requests(t: int, tau: int) -> int:
+    """How many requests of an elastic worker (A.1b, A.1c) the center has answered once it has
+    answered the one of iteration ``t`` (0: none): one every τ iterations from iteration 1."""
+    return 0 if t <= 0 else (t - 1) // tau + 1
 
 
 def center_requests(variant: Variant, steps: int, tau: int) -> int:
@@ -126,11 +133,26 @@ def elastic_worker(
     tau: int,
     delta: float,
     center: int,
+    *,
+    start: int = 1,
+    ledger: Vector | None = None,
 ) -> Generator[Effect, Any, Vector]:
+    """``start``, ``ledger``: a worker resumed at iteration ``start`` (from the center's model
+    ``x0``) whose elastic differences so far sum to ``ledger`` (the center's record of them).
+
+    The elastic variants report their *ledger* — the sum D of the differences d the center
+    answered, as ``Report("ledger", D, step=t)`` after the exchange of iteration t, and with
+    ``key=(t,)`` just before a request of iteration t goes out — which is what the center is
+    rebuilt from if it restarts: x̃ = x̃_1 + Σ_i D_i, and the requests it must answer."""
     x = x0
     v = 0 * x0
-    t = 0
-    for t in _clock(steps):
+    elastic = variant in (Variant.ASYNC, Variant.EAMSGD)
+    given = 0 * x0 if ledger is None else ledger
+    if elastic:
+        yield Report("ledger", given, step=start - 1)
+    t = start - 1
+    answered = start - 1
+    for t in _clock(steps, start):
         yield Report("model", x, step=t)
         c = t - 1
         talk = c % tau == 0
@@ -138,12 +160,17 @@ def elastic_worker(
             case Variant.ASYNC | Variant.EAMSGD:
                 snapshot = x
                 if talk:
+                    # its key: the request it is about to wait for (lost if the center restarts)
+                    yield Report("ledger", given, step=answered, key=(t,))
                     yield Post((center,), ("req", t), snapshot)
                 if variant is Variant.ASYNC:
                     g = yield Grad(snapshot)  # computed while the center answers
                 if talk:
                     (d,) = yield Await(("rep", t), Count(1))
                     x = x - d.value
+                    given = given + d.value
+                    answered = t
+                    yield Report("ledger", given, step=t)
                 if variant is Variant.ASYNC:
                     x = x - eta * g
                 else:
@@ -178,20 +205,53 @@ def elastic_center(
     eta: float,
     alpha: float,
     delta: float,
+    *,
+    workers: tuple[int, ...] = (),
+    served: int = 0,
+    answered: Mapping[int, int] | None = None,
+    given: Mapping[int, Vector] | None = None,
+    pending: Mapping[int, int] | None = None,
 ) -> Generator[Effect, Any, Vector]:
-    """Serve ``requests`` requests in all (None: forever), one at a time, in arrival order."""
+    """Serve ``requests`` requests in all (None: forever), one at a time, in arrival order.
+
+    It keeps, per worker, the iteration of the last request it answered and (A.1b, A.1c) the
+    sum of the differences it sent that worker — its *ledger*, which a worker restarted from
+    the center's model takes over. Its model report's key lists the former for ``workers``
+    in order; ``Report("ledger", {worker: sum}, …)`` reports the latter after every answer.
+
+    A request of an iteration already answered (sent again around a restart) gets a neutral
+    answer — d = 0, or x̃ with nothing added — and changes nothing: each worker's requests are
+    applied once. The resumed center (see the records' resume entry point) starts at x0 with
+    ``served`` requests counted, and first answers the ``pending`` ones — iteration per worker,
+    requests lost with its last incarnation — neutrally: the worker goes on as if the exchange
+    had not pulled it, and the center's model stays x̃_1 + Σ_i D_i (the conservation law)."""
     xc = x0
     v = 0 * x0
-    served = 0
-    yield Report("model", xc, step=1)
+    last: dict[int, int] = dict(answered or {})
+    sums: dict[int, Vector] = dict(given or {})
+    elastic = variant in (Variant.ASYNC, Variant.EAMSGD)
+
+    def key() -> tuple[int, ...]:
+        return tuple(last.get(w, 0) for w in workers)
+
+    yield Report("model", xc, step=served + 1, key=key())
+    for w, t in sorted((pending or {}).items()):
+        yield Send((w,), ("rep", t), 0 * xc if elastic else xc)
+        last[w] = t
+    if elastic:
+        yield Report("ledger", dict(sums), step=served + 1)
     while requests is None or served < requests:
         for letter in (yield Receive(block=True)):
-            value, t = letter.value, letter.tag[1]
+            value, t, sender = letter.value, letter.tag[1], letter.sender
+            if sender in last and t <= last[sender]:  # answered already: neutral, once
+                yield Send((sender,), ("rep", t), 0 * xc if elastic else xc)
+                continue
             match variant:
                 case Variant.ASYNC | Variant.EAMSGD:
                     d = alpha * (value - xc)
                     xc = xc + d
                     answer = d
+                    sums[sender] = sums[sender] + d if sender in sums else d
                 case Variant.DOWNPOUR:
                     xc = xc + value
                     answer = xc
@@ -199,7 +259,10 @@ def elastic_center(
                     v = delta * v - eta * value
                     xc = xc + delta * v - eta * value
                     answer = xc
-            yield Send((letter.sender,), ("rep", t), answer)
+            yield Send((sender,), ("rep", t), answer)
+            last[sender] = t
             served += 1
-            yield Report("model", xc, step=served + 1)
+            yield Report("model", xc, step=served + 1, key=key())
+            if elastic:
+                yield Report("ledger", dict(sums), step=served + 1)
     return xc

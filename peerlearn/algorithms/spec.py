@@ -32,6 +32,7 @@ __all__ = [
     "OPTIONAL_SETTINGS",
     "AlgorithmSpec",
     "DeliveryPolicy",
+    "Ledger",
     "RejoinState",
     "Resumer",
     "every_step",
@@ -54,14 +55,30 @@ class DeliveryPolicy(StrEnum):
 
 
 @dataclass(frozen=True)
+class Ledger:
+    """What one worker of a centered algorithm holds of its exchanges with the center: the
+    iteration of the last request the center answered (0: none), the iteration of a request
+    it waits the answer of (None: none), and the sum of the center's elastic differences it
+    applied — a restarted center is rebuilt from these (x̃ = x̃_1 + Σ_i D_i), and a restarted
+    worker takes the center's record of its own."""
+
+    answered: int
+    waiting: int | None
+    total: Vector
+
+
+@dataclass(frozen=True)
 class RejoinState:
     """The state a process resumes from — data, not a program (generators cannot be copied):
     the iteration it starts at, the model it starts with (a live peer's) and what else of that
-    peer's state the algorithm needs, as integers (DASGD: the version vector of the model)."""
+    peer's state the algorithm needs, as integers (DASGD: the version vector of the model; a
+    center: the last iteration answered per worker) and, for centered algorithms, the workers'
+    ledgers by pid."""
 
     step: int
     model: Vector
     extra: tuple[int, ...] = ()
+    ledgers: Mapping[int, Ledger] = field(default_factory=dict)
 
 
 #: the resume-from-state entry point: (config, problem or None, pids, state) → programs that

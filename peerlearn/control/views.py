@@ -150,7 +150,10 @@ class PeerView(_View):
 class RejoinedView(_View):
     """The last time this daemon's workers caught up from a peer's state."""
 
-    peer: int = Field(description="the cluster id of the daemon whose state they took")
+    peer: int | None = Field(
+        description="the cluster id of the daemon whose state they took (null: a restarted "
+        "center, rebuilt from the ledgers of every daemon hosting workers)"
+    )
     was: int = Field(description="the iteration the slowest of them was at")
     resumed_at: int = Field(description="the iteration they resumed at")
     seconds_ago: float
@@ -165,6 +168,10 @@ class CatchupView(_View):
         description="the cluster id of the daemon asked for its state now (null: none)"
     )
     asking_seconds: float | None = Field(description="how long ago it was asked")
+    gathering: list[int] = Field(
+        description="a restarted center's daemon: the cluster ids of the daemons whose workers' "
+        "ledgers it still waits for (empty: none)"
+    )
     last: RejoinedView | None = Field(description="the last catch-up (null: none yet)")
 
 
@@ -303,6 +310,7 @@ def _catchup_view(rejoin: Rejoin) -> dict[str, Any]:
         "rejoins": rejoin.rejoins,
         "asking": None if asking is None else asking[0],
         "asking_seconds": None if asking is None else round(now - asking[1], 3),
+        "gathering": rejoin.gathering(),
         "last": None
         if last is None
         else {

@@ -44,7 +44,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, RejoinState
+from peerlearn.algorithms.spec import (
+    AlgorithmSpec,
+    DeliveryPolicy,
+    Ledger,
+    RejoinState,
+    Resumer,
+)
 from peerlearn.config import RunConfig
 from peerlearn.membership import Membership
 from peerlearn.problems import Problem
@@ -54,12 +60,14 @@ from peerlearn.transport.catchup import Catchup, Missed, StateRequest
 from peerlearn.transport.peers import Transport
 from peerlearn.wire import Data
 
-__all__ = ["REQUEST_TIMEOUT", "STATE_KIND", "STUCK", "Rejoin", "Rejoined"]
+__all__ = ["LEDGER_KIND", "REQUEST_TIMEOUT", "STATE_KIND", "STUCK", "Rejoin", "Rejoined"]
 
 log = logging.getLogger(__name__)
 
 #: the tag kind of a state frame: ``("state", r)``, the iteration to resume at
 STATE_KIND = "state"
+#: the tag kind of a ledger frame: ``("ledger", pid, answered, waiting)`` (centered algorithms)
+LEDGER_KIND = "ledger"
 #: how long a state request may go unanswered before it is made again (to whichever peer is
 #: furthest ahead then)
 REQUEST_TIMEOUT = 10.0
@@ -71,7 +79,7 @@ STUCK = 1.0
 class Rejoined:
     """The last catch-up: from which daemon, from and to which iteration, when (monotonic)."""
 
-    peer: int
+    peer: int | None  # None: a center rebuilt from its workers' ledgers
     was: int
     resumed_at: int
     at: float
@@ -115,6 +123,14 @@ class Rejoin:
         self.noted: set[int] = set()
         #: set whenever a note or a state arrives (a daemon waiting to start re-checks)
         self.changed = asyncio.Event()
+        # Centered algorithms (the elastic family): the center's process, the ledgers received
+        # by worker pid, and — on the center's daemon — the peers whose ledgers are still due.
+        self._center = run.center if self._spec.center and self._spec.resume is not None else None
+        self._ledgers: dict[int, Ledger] = {}
+        self._gathering: dict[int, set[int]] = {}
+        self._gather_asked: set[int] = set()
+        self._gather_since: float | None = None
+        self._gathered = False
 
     def attach(self, transport: Transport) -> None:
         self._transport = transport
@@ -145,6 +161,9 @@ class Rejoin:
             self.asking = None
             self.changed.set()
         if self.asking is not None or self._transport is None or self._cannot:
+            return
+        if self._center is not None:
+            self._consider_center(now)
             return
         behind = self._behind()
         if behind is None:
@@ -238,11 +257,169 @@ class Rejoin:
 
     def settled(self, peers: set[int]) -> bool:
         """Every peer of ``peers`` sent its first note, and no state request is out."""
-        return self.noted >= peers and self.asking is None
+        return self.noted >= peers and not self.waiting_for_state()
 
     def waiting_for_state(self) -> bool:
-        """A state request is out (made again, to the peer furthest ahead, if it times out)."""
-        return self.asking is not None
+        """A state request is out (made again, to the peer furthest ahead, if it times out),
+        or a restarted center still waits for its workers' ledgers."""
+        return self.asking is not None or self._gather_since is not None
+
+    # --- centered algorithms: the elastic family ------------------------------------------
+
+    def _consider_center(self, now: float) -> None:
+        """A restarted daemon (its workers not started, a peer said it lost frames for it):
+        hosting the center, it asks every daemon hosting workers for their ledgers and
+        rebuilds the center from them; hosting workers only, it asks the center's daemon for
+        the center's model and its record of their ledgers."""
+        if not self._starting() or not self._missed or self._gathered:
+            return
+        center_cluster = self._membership.cluster_of[self._center]  # type: ignore[index]
+        if not any(w.pid == self._center for w in self.workers):
+            if center_cluster in self._missed and self.rejoins == 0:
+                self._ask(center_cluster, now, stalled=False)
+                log.info("restarted: asking daemon %d, the center's, for its state", center_cluster)
+            return
+        assert self._transport is not None
+        if self._gather_since is None:
+            self._gather_since = now
+        for peer in sorted(self.noted - self._gather_asked):
+            pids = {p for p in self._membership.members[peer] if p != self._center}
+            if pids:
+                self._gather_asked.add(peer)
+                self._gathering[peer] = pids
+                self._transport.request_state(peer, restart=True)
+        if now - self._gather_since >= REQUEST_TIMEOUT:
+            missing = sorted(self._gathering) + sorted(self._owing() - self._gather_asked)
+            log.warning(
+                "the center is rebuilt without the ledgers of daemon(s) %s, which did not "
+                "answer in %.0fs: its model lacks their workers' pulls, and requests of theirs "
+                "lost with it are not answered",
+                ", ".join(map(str, missing)),
+                REQUEST_TIMEOUT,
+            )
+            self._resume_center()
+        elif not self._gathering and self._gather_asked >= self._owing():
+            self._resume_center()
+
+    def gathering(self) -> list[int]:
+        """The daemons whose workers' ledgers a restarted center still waits for."""
+        if self._gather_since is None:
+            return []
+        return sorted(set(self._gathering) | (self._owing() - self._gather_asked))
+
+    def _owing(self) -> set[int]:
+        """The peer daemons hosting workers of the center."""
+        me = {w.pid for w in self.workers}
+        return {
+            c
+            for c, pids in enumerate(self._membership.members)
+            if any(p != self._center and p not in me for p in pids)
+        }
+
+    def _resume_center(self) -> None:
+        self._gathered = True
+        self._gather_since = None
+        self._gathering.clear()
+        self.changed.set()
+        workers = [w for w in self.workers if _resumable(w)]
+        model = self._problem.x0() if self._problem is not None else None
+        if model is None or self._spec.resume is None:
+            return
+        try:
+            programs = self._spec.resume(
+                self._run,
+                self._problem,
+                [w.pid for w in workers],
+                RejoinState(1, model, (), dict(self._ledgers)),
+            )
+        except ValueError as exc:
+            log.warning("the center cannot resume, no rejoin in this run: %s", exc)
+            self._cannot = True
+            return
+        for w, program in zip(workers, programs, strict=True):
+            w.rejoin(1, program)
+        self.rejoins += 1
+        self.last = Rejoined(None, 0, 1, time.monotonic())
+        log.info(
+            "center rebuilt from the ledgers of %d worker(s); %d request(s) lost with it are "
+            "answered",
+            len(self._ledgers),
+            sum(1 for lg in self._ledgers.values() if lg.waiting is not None),
+        )
+
+    def on_ledger(self, data: Data) -> None:
+        """A ledger frame ``("ledger", pid, answered, waiting)``: a worker's, for the center's
+        daemon; the center's record of a local worker's, before the center's state frame."""
+        peer = self._membership.cluster_of[data.sender]
+        tag = data.tag
+        ok = len(tag) == 4 and all(isinstance(v, int) and v >= 0 for v in tag[1:])
+        pid = tag[1] if ok else None
+        if (
+            not ok
+            or not isinstance(pid, int)
+            or pid >= len(self._membership.cluster_of)
+            or pid == self._center
+        ):
+            self._ignored += 1
+            log.warning("ignoring a malformed ledger frame from daemon %d", peer)
+            return
+        assert isinstance(pid, int)
+        asked_center = self.asking is not None and self.asking[0] == peer
+        owed = self._gathering.get(peer)
+        if owed is not None and pid in owed:
+            owed.discard(pid)
+            if not owed:
+                del self._gathering[peer]
+        elif not asked_center:
+            self._ignored += 1
+            if self._ignored == 1:
+                log.warning("ignoring a ledger frame from daemon %d that was not asked for", peer)
+            return
+        answered, waiting = int(tag[2]), int(tag[3])
+        self._ledgers[pid] = Ledger(answered, waiting or None, data.value)
+        if owed is not None:
+            self.consider()
+
+    def _answer_center(self, peer: int) -> None:
+        """The center's daemon answers a restarted worker daemon with the center's model and
+        its record of that daemon's workers' ledgers; a worker daemon answers the restarted
+        center's with every local worker's ledger."""
+        assert self._transport is not None
+        asker = self._membership.members[peer]
+        center = next((w for w in self.workers if w.pid == self._center), None)
+        if center is not None:
+            step, xc, key = center.position
+            if xc is None:
+                log.info("daemon %d asked for the center's state: the center has not started", peer)
+                return
+            sums = center.ledger[1] if center.ledger is not None else {}
+            last = dict(
+                zip([p for p in range(self._run.processes) if p != self._center], key, strict=False)
+            )
+            for pid in asker:
+                total = sums.get(pid)
+                if total is None:
+                    total = np.zeros_like(xc)
+                tag = (LEDGER_KIND, pid, int(last.get(pid, 0)), 0)
+                self._transport.send_state(peer, tag, center.pid, step, total)
+            self._transport.send_state(peer, (STATE_KIND, step, *key), center.pid, step, xc)
+            log.info(
+                "daemon %d asked for state: sent the center's, after %d requests", peer, step - 1
+            )
+        elif self._center in asker:
+            for w in self.workers:
+                if self._problem is None:
+                    break
+                if w.ledger is None:
+                    answered, total, key = 0, np.zeros(self._problem.dim), ()
+                else:
+                    answered, total, key = w.ledger
+                waiting = key[0] if key and isinstance(key[0], int) else 0
+                tag = (LEDGER_KIND, w.pid, answered, waiting)
+                self._transport.send_state(peer, tag, w.pid, answered, total)
+            log.info("the center's daemon %d restarted: sent it the workers' ledgers", peer)
+        else:
+            log.info("daemon %d asked for state: neither it nor this daemon hosts the center", peer)
 
     def _behind(self) -> int | None:
         """The iteration of the slowest unfinished live local worker (at least the last
@@ -253,6 +430,10 @@ class Rejoin:
     # --- answering a peer (event loop) --------------------------------------------------------
 
     def _answer(self, peer: int, restart: bool) -> None:
+        if self._center is not None:
+            if self._transport is not None:
+                self._answer_center(peer)
+            return
         live = [w for w in self.workers if w.live and w.position[1] is not None]
         if not live or self._transport is None:
             log.info("daemon %d asked for state: no live worker here to give it", peer)
@@ -295,6 +476,9 @@ class Rejoin:
     # --- a state frame (event loop, from the router) ------------------------------------------
 
     def on_state(self, data: Data) -> None:
+        if data.tag[0] == LEDGER_KIND:
+            self.on_ledger(data)
+            return
         peer = self._membership.cluster_of[data.sender]
         resume_at = data.tag[1]
         if self.asking is None or self.asking[0] != peer or not isinstance(resume_at, int):
@@ -324,6 +508,14 @@ class Rejoin:
             return
         workers = [w for w in self.workers if _resumable(w)]
         extra = tuple(v for v in data.tag[2:] if isinstance(v, int))
+        if self._center is not None:  # the center's state: each worker resumes at its own step
+            self._resume_from_center(
+                peer,
+                resume,
+                workers,
+                RejoinState(resume_at, data.value, extra, dict(self._ledgers)),
+            )
+            return
         try:
             programs = resume(
                 self._run,
@@ -354,6 +546,31 @@ class Rejoin:
             # must be told, as if they had been dropped, or it would wait for good.
             self._transport.lose_all(resume_at - 1)
         self.consider()  # another peer may have dropped later iterations still
+
+    def _resume_from_center(
+        self, peer: int, resume: Resumer, workers: list[Worker], state: RejoinState
+    ) -> None:
+        try:
+            programs = resume(self._run, self._problem, [w.pid for w in workers], state)
+        except ValueError as exc:
+            log.warning("state from daemon %d not taken, no rejoin in this run: %s", peer, exc)
+            self._cannot = True
+            return
+        starts = []
+        for w, program in zip(workers, programs, strict=True):
+            own = state.ledgers.get(w.pid)
+            starts.append((own.answered if own is not None else 0) + 1)
+            w.rejoin(starts[-1], program)
+        self.rejoins += 1
+        self._gathered = True
+        self.last = Rejoined(peer, 0, min(starts, default=1), time.monotonic())
+        log.info(
+            "caught up: workers %s resume from the center's model (daemon %d, %d requests "
+            "served), each after its last answered request",
+            ", ".join(w.name for w in workers),
+            peer,
+            state.step - 1,
+        )
 
 
 def _resumable(w: Worker) -> bool:

@@ -102,7 +102,7 @@ class DaemonRouter:
         if data.tag[0] == "snapshot":  # for the global consensus distance only
             heard.models[data.sender] = (time.monotonic(), data.value)
             return
-        if data.tag[0] == "state":  # a peer's answer to this daemon's state request
+        if data.tag[0] in ("state", "ledger"):  # a peer's answer to a state request
             if self._state is not None:
                 self._state(data)
             return

@@ -139,6 +139,9 @@ class Worker:
         #: state answer) that need them to match; the key is what else of the state the
         #: program reports with its model (DASGD: the version vector)
         self.position: tuple[int, Vector | None, Tag] = (0, None, ())
+        #: the program's last ``Report("ledger", …)`` as (step, value, key): what it holds of
+        #: its exchanges with a center (a worker's sum of differences; the center's, per worker)
+        self.ledger: tuple[int, Any, Tag] | None = None
         self.output: Any = None
         self.error: str | None = None
         self.diverged: Divergence | None = None
@@ -320,6 +323,8 @@ class Worker:
                     self._model(rep)
                 elif rep.name == "state":  # what else of the state changed, at this step
                     self.position = (self.step, self.x, rep.key)
+                elif rep.name == "ledger":
+                    self.ledger = (rep.step, rep.value, rep.key)
                 if self._on_report is not None:
                     self._on_report(self, rep)
             case _:

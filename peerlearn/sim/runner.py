@@ -221,7 +221,10 @@ def run_simulation(
         receive_sets.setdefault((kind, tag), {})[proc.pid] = frozenset(m.sender for m in msgs)
 
     resume: Resumer | None = None
-    resume_programs = cfg.spec.resume
+    # A centered algorithm rebuilds its center from every worker's ledger and resumes a worker
+    # from the center, not from the process furthest ahead: daemons do that (their rejoin), the
+    # simulator's restart fault does not model it.
+    resume_programs = None if cfg.spec.center else cfg.spec.resume
     if resume_programs is not None:
         resumer = resume_programs
 

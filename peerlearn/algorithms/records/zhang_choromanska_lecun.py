@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.elastic import (
     Variant,
+    answered_requests,
     center_requests,
     elastic_center,
     elastic_worker,
@@ -19,9 +20,9 @@ from peerlearn.algorithms.elastic import (
     sync_worker,
 )
 from peerlearn.algorithms.records._common import first_eta, sentence, start_point, step_size
-from peerlearn.algorithms.spec import AlgorithmSpec
+from peerlearn.algorithms.spec import AlgorithmSpec, RejoinState, Resumer
 from peerlearn.analysis.easgd_theory import beta_max, stable
-from peerlearn.effects import Program
+from peerlearn.effects import Program, Vector
 from peerlearn.ties import below
 
 if TYPE_CHECKING:
@@ -111,12 +112,93 @@ def _async_programs(
             if p == center:
                 workers = len(_workers(cfg))
                 requests = None if steps is None else workers * center_requests(variant, steps, tau)
-                out.append(elastic_center(variant, x1, requests, eta, alpha, delta))
+                out.append(
+                    elastic_center(variant, x1, requests, eta, alpha, delta, workers=_workers(cfg))
+                )
             else:
                 out.append(elastic_worker(variant, x1, steps, eta, tau, delta, center))
         return out
 
     return programs
+
+
+def _async_resume(variant: Variant, momentum: bool) -> Resumer:
+    """Programs of processes ``pids`` that restarted (docs/algorithms.md, "Restarts and
+    rejoin"). A worker whose center lives resumes from the center's model ``state.model`` at
+    the iteration after its last answered request (``state.ledgers[pid].answered``), with the
+    center's record of its ledger. A center that restarted is rebuilt from its workers'
+    ledgers, x̃ = x̃_1 + Σ_i D_i, and first answers the requests they wait on (lost with it);
+    a worker restarted together with it starts over from that rebuilt model. Only the elastic
+    variants (A.1b, A.1c) keep ledgers: DOWNPOUR's and MDOWNPOUR's center cannot be rebuilt
+    (their updates are not a sum the workers hold), which raises ValueError."""
+
+    def resume(
+        cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+    ) -> list[Program]:
+        x1, steps, center = start_point(problem), cfg.steps, cfg.center
+        eta, alpha, tau = cfg.schedule()(1), cfg.elastic_alpha, _tau(cfg, variant)
+        delta = cfg.elastic.delta if momentum else 0.0
+        elastic = variant in (Variant.ASYNC, Variant.EAMSGD)
+        workers = _workers(cfg)
+        rebuilt: Vector | None = None
+        if center in pids:
+            if not elastic:
+                raise ValueError(
+                    f"the center of {variant.value} cannot be rebuilt from its workers: its "
+                    "model is not a sum of what each worker holds"
+                )
+            rebuilt = x1 + sum((state.ledgers[w].total for w in sorted(state.ledgers)), 0 * x1)
+            rebuilt.flags.writeable = False
+        out: list[Program] = []
+        for p in pids:
+            if p == center:
+                assert rebuilt is not None
+                requests = (
+                    None if steps is None else len(workers) * center_requests(variant, steps, tau)
+                )
+                ledgers = state.ledgers
+                pending = {w: lg.waiting for w, lg in ledgers.items() if lg.waiting is not None}
+                answered = {w: max(lg.answered, pending.get(w, 0)) for w, lg in ledgers.items()}
+                served = sum(answered_requests(t, tau) for t in answered.values())
+                out.append(
+                    elastic_center(
+                        variant,
+                        rebuilt,
+                        requests,
+                        eta,
+                        alpha,
+                        delta,
+                        workers=workers,
+                        served=served,
+                        answered=answered,
+                        given={w: lg.total for w, lg in ledgers.items()},
+                        pending=pending,
+                    )
+                )
+            elif rebuilt is not None:  # restarted with the center: starts over from it
+                out.append(elastic_worker(variant, rebuilt, steps, eta, tau, delta, center))
+            else:
+                own = state.ledgers.get(p)
+                after = own.answered if own is not None else 0
+                model = state.model.copy()
+                model.flags.writeable = False
+                ledger = own.total if own is not None and elastic else None
+                out.append(
+                    elastic_worker(
+                        variant,
+                        model,
+                        steps,
+                        eta,
+                        tau,
+                        delta,
+                        center,
+                        start=after + 1,
+                        ledger=ledger,
+                    )
+                )
+        return out
+
+    return resume
 
 
 def _async_planned(variant: Variant) -> Callable[[RunConfig], int]:
@@ -148,6 +230,7 @@ def _asynchronous(
         tolerates=tolerates,
         parameters=parameters,
         programs=_async_programs(variant, momentum),
+        resume=_async_resume(variant, momentum),
         settings=_CENTER | settings,
         center=True,
         sends_models=False,

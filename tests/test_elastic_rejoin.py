@@ -1,0 +1,275 @@
+"""Restarts of the elastic family (asynchronous EASGD, EAMSGD): the center rebuilt from its
+workers' ledgers, a worker resumed from the center — the programs and the records' resume entry
+point, driven by a small seeded scheduler that loses what a real restart loses (the center's
+program and inbox, every message on its way to or from the restarted process).
+
+The invariant: once every exchange is done, the center's model is x̃_1 + Σ_i D_i, where D_i is
+the sum of the differences worker i applied — and for asynchronous EASGD the conservation law
+x̃ + Σ_i x^i = (p + 1)·x_1 − η·Σ g over every gradient the workers applied. A restart that
+double-counted or lost an exchange on one side only would break both."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peerlearn.algorithms.elastic import Variant, answered_requests, elastic_center
+from peerlearn.algorithms.registry import lookup
+from peerlearn.algorithms.spec import Ledger, RejoinState
+from peerlearn.config import RunConfig, load_config
+from peerlearn.effects import Await, Grad, Letter, Msg, Post, Receive, Report, Send, Vector
+from peerlearn.runs import build_problem
+
+QUAD: dict[str, Any] = {"name": "quadratic", "dim": 4, "sigma": 0.0}
+CENTER = 0
+
+
+def config(algorithm: str, workers: int, steps: int, tau: int) -> RunConfig:
+    return load_config(
+        overrides={
+            "algorithm": algorithm,
+            "clusters": workers + 1,
+            "processes": workers + 1,
+            "steps": steps,
+            "lr": {"eta": 0.1},
+            "elastic": {"tau": tau},
+            "problem": QUAD,
+        }
+    )
+
+
+@dataclass
+class Run:
+    """The programs of one run, a seeded schedule, and what a restart loses."""
+
+    cfg: RunConfig
+    rng: random.Random
+    programs: dict[int, Any] = field(default_factory=dict)
+    effect: dict[int, Any] = field(default_factory=dict)
+    inbox: list[Letter] = field(default_factory=list)  # the center's
+    boxes: dict[int, dict[Any, list[Msg]]] = field(default_factory=dict)  # workers'
+    wire: list[tuple[int, Any, int, Vector, bool]] = field(default_factory=list)
+    ledgers: dict[int, Report] = field(default_factory=dict)
+    center_ledger: Report | None = None
+    center_model: Report | None = None
+    models: dict[int, Vector] = field(default_factory=dict)
+    applied: Vector | None = None  # η·Σ g over the gradients computed
+    done: set[int] = field(default_factory=set)
+
+    def start(self, pid: int, program: Any) -> None:
+        self.programs[pid] = program
+        self.done.discard(pid)
+        self.effect[pid] = next(program)
+        self.settle(pid)
+
+    def settle(self, pid: int) -> None:
+        """Run ``pid`` through effects that need nobody else (reports, gradients, sends)."""
+        eta = self.cfg.schedule()(1)
+        while pid in self.effect:
+            eff = self.effect[pid]
+            match eff:
+                case Report(name="ledger"):
+                    if pid == CENTER:
+                        self.center_ledger = eff
+                    else:
+                        self.ledgers[pid] = eff
+                    answer: Any = None
+                case Report(name="model"):
+                    if pid == CENTER:
+                        self.center_model = eff
+                    self.models[pid] = eff.value
+                    answer = None
+                case Grad(x=x):
+                    answer = 0.5 * x + 0.01 * pid  # a fixed quadratic, distinct per worker
+                    step = eta * answer
+                    self.applied = step if self.applied is None else self.applied + step
+                case Post(to=to, tag=tag, value=v) | Send(to=to, tag=tag, value=v):
+                    for r in to:
+                        self.wire.append((r, tag, pid, v, isinstance(eff, Post)))
+                    answer = None
+                case Await(tag=tag):
+                    box = self.boxes.setdefault(pid, {}).get(tag)
+                    if not box:
+                        return
+                    answer = (box.pop(0),)
+                case Receive():
+                    if not self.inbox:
+                        return
+                    answer, self.inbox = tuple(self.inbox), []
+                case _:
+                    raise AssertionError(eff)
+            try:
+                self.effect[pid] = self.programs[pid].send(answer)
+            except StopIteration as stop:
+                del self.effect[pid]
+                self.done.add(pid)
+                self.models[pid] = stop.value
+
+    def step(self) -> bool:
+        """Deliver one message on the wire, chosen at random; False once none is left."""
+        if not self.wire:
+            return False
+        r, tag, sender, value, post = self.wire.pop(self.rng.randrange(len(self.wire)))
+        if post:
+            self.inbox.append(Letter(tag, sender, value))
+        else:
+            self.boxes.setdefault(r, {}).setdefault(tag, []).append(Msg(sender, value))
+        self.settle(r)
+        return True
+
+    def lose(self, pid: int) -> None:
+        """``pid`` goes down: its program, its inbox and mailbox, and everything on its way to
+        or from it are lost."""
+        self.programs.pop(pid).close()
+        self.effect.pop(pid, None)
+        self.wire = [w for w in self.wire if pid not in (w[0], w[2])]
+        if pid == CENTER:
+            self.inbox = []
+            self.center_ledger = self.center_model = None
+        else:
+            self.boxes.pop(pid, None)
+            self.ledgers.pop(pid, None)
+
+
+def run_with_restart(
+    algorithm: str, workers: int, steps: int, tau: int, who: int, after: int, seed: int
+) -> Run:
+    cfg = config(algorithm, workers, steps, tau)
+    problem = build_problem(cfg)
+    assert problem is not None
+    run = Run(cfg, random.Random(seed))
+    pids = list(range(workers + 1))
+    for pid, program in zip(pids, cfg.spec.programs(cfg, problem, pids), strict=True):
+        run.start(pid, program)
+    for _ in range(after):
+        run.step()
+    resume = cfg.spec.resume
+    assert resume is not None
+    run.lose(who)
+    if who == CENTER:
+        # What the workers' daemons answer: each worker's last ledger report.
+        ledgers = {
+            pid: Ledger(rep.step, int(rep.key[0]) if rep.key else None, rep.value)
+            for pid, rep in run.ledgers.items()
+        }
+        (program,) = resume(cfg, problem, [CENTER], RejoinState(1, problem.x0(), (), ledgers))
+    else:
+        # What the center's daemon answers: its model, last answered per worker, its sums.
+        assert run.center_model is not None and run.center_ledger is not None
+        last = dict(zip(pids[1:], run.center_model.key, strict=True))
+        total = run.center_ledger.value.get(who, np.zeros(QUAD["dim"]))
+        state = RejoinState(
+            run.center_model.step,
+            run.center_model.value,
+            run.center_model.key,
+            {who: Ledger(last[who], None, total)},
+        )
+        (program,) = resume(cfg, problem, [who], state)
+    run.start(who, program)
+    while run.step():
+        pass
+    return run
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    variant=st.sampled_from(["async_easgd", "eamsgd"]),
+    workers=st.integers(1, 3),
+    steps=st.integers(1, 8),
+    tau=st.integers(1, 3),
+    after=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_a_restarted_center_is_rebuilt_and_the_run_ends_with_the_law_intact(
+    variant: str, workers: int, steps: int, tau: int, after: int, seed: int
+) -> None:
+    run = run_with_restart(variant, workers, steps, tau, CENTER, after, seed)
+    # every program ended: no worker waits for an answer the restart lost, the center served
+    # exactly the requests it counts
+    assert run.done == set(range(workers + 1)), run.effect
+    x1 = build_problem(run.cfg).x0()  # type: ignore[union-attr]
+    sums = sum((rep.value for rep in run.ledgers.values()), np.zeros_like(x1))
+    np.testing.assert_allclose(run.models[CENTER], x1 + sums, rtol=0, atol=1e-9)
+    if variant == "async_easgd":
+        total = run.models[CENTER] + sum(run.models[p] for p in range(1, workers + 1))
+        assert run.applied is not None
+        np.testing.assert_allclose(total, (workers + 1) * x1 - run.applied, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    variant=st.sampled_from(["async_easgd", "eamsgd"]),
+    workers=st.integers(1, 3),
+    steps=st.integers(2, 8),
+    tau=st.integers(1, 3),
+    after=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_a_restarted_worker_resumes_from_the_center_after_its_last_answer(
+    variant: str, workers: int, steps: int, tau: int, after: int, seed: int
+) -> None:
+    run = run_with_restart(variant, workers, steps, tau, 1, after, seed)
+    assert run.done == set(range(workers + 1)), run.effect
+    x1 = build_problem(run.cfg).x0()  # type: ignore[union-attr]
+    # the resumed worker took over the center's record of its ledger: the law holds
+    sums = sum((rep.value for rep in run.ledgers.values()), np.zeros_like(x1))
+    np.testing.assert_allclose(run.models[CENTER], x1 + sums, rtol=0, atol=1e-9)
+
+
+def test_a_resumed_center_answers_lost_requests_neutrally_then_serves_once() -> None:
+    """Pending requests get d = 0 first; a request already answered gets d = 0 again and
+    changes nothing; new ones are served and counted."""
+    x1 = np.zeros(2)
+    program = elastic_center(
+        Variant.ASYNC,
+        x1 + 1.0,
+        3,
+        0.1,
+        0.5,
+        0.0,
+        workers=(1, 2),
+        served=2,
+        answered={1: 1, 2: 0},
+        given={1: np.ones(2)},
+        pending={2: 1},
+    )
+    first = next(program)
+    assert isinstance(first, Report) and first.step == 3 and first.key == (1, 0)
+    pending = program.send(None)
+    assert isinstance(pending, Send) and pending.to == (2,) and pending.tag == ("rep", 1)
+    assert not pending.value.any()
+    assert isinstance(program.send(None), Report)  # the ledger
+    assert isinstance(program.send(None), Receive)
+    again = program.send((Letter(("req", 1), 2, np.full(2, 9.0)),))
+    assert isinstance(again, Send) and not again.value.any()  # answered already: neutral
+    assert isinstance(program.send(None), Receive)
+    served = program.send((Letter(("req", 2), 2, np.full(2, 3.0)),))
+    assert isinstance(served, Send)
+    np.testing.assert_array_equal(served.value, [1.0, 1.0])  # α(x − x̃) = 0.5·(3 − 1)
+    model = program.send(None)
+    assert isinstance(model, Report) and model.key == (1, 2) and model.step == 4
+    ledger = program.send(None)
+    assert isinstance(ledger, Report) and ledger.name == "ledger"
+    np.testing.assert_array_equal(ledger.value[2], [1.0, 1.0])
+    with pytest.raises(StopIteration):
+        program.send(None)
+
+
+@pytest.mark.parametrize("algorithm", ["downpour", "mdownpour"])
+def test_a_center_without_ledgers_cannot_be_rebuilt(algorithm: str) -> None:
+    cfg = config(algorithm, 2, 4, 1)
+    resume = cfg.spec.resume
+    assert resume is not None
+    with pytest.raises(ValueError, match="cannot be rebuilt from its workers"):
+        resume(cfg, build_problem(cfg), [CENTER], RejoinState(1, np.zeros(4)))
+
+
+def test_answered_requests_counts_one_per_tau_from_iteration_one() -> None:
+    assert [answered_requests(t, 3) for t in range(0, 9)] == [0, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert lookup("async_easgd").resume is not None and lookup("easgd").resume is None
