@@ -11,7 +11,9 @@ double-counted or lost an exchange on one side only would break both."""
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,8 +25,14 @@ from peerlearn.algorithms.elastic import Variant, answered_requests, elastic_cen
 from peerlearn.algorithms.registry import lookup
 from peerlearn.algorithms.spec import Ledger, RejoinState
 from peerlearn.config import RunConfig, load_config
+from peerlearn.daemon.rejoin import Rejoin
 from peerlearn.effects import Await, Grad, Letter, Msg, Post, Receive, Report, Send, Vector
+from peerlearn.membership import Membership
 from peerlearn.runs import build_problem
+from peerlearn.runtime.mailbox import Mailbox
+from peerlearn.runtime.worker import WorkerState
+from peerlearn.transport.catchup import Missed
+from peerlearn.wire import Data
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 4, "sigma": 0.0}
 CENTER = 0
@@ -239,12 +247,13 @@ def test_a_resumed_center_answers_lost_requests_neutrally_then_serves_once() -> 
         given={1: np.ones(2)},
         pending={2: 1},
     )
-    first = next(program)
+    ledger = next(program)  # the ledger first, then the model whose key it covers
+    assert isinstance(ledger, Report) and ledger.name == "ledger" and set(ledger.value) == {1}
+    first = program.send(None)
     assert isinstance(first, Report) and first.step == 3 and first.key == (1, 0)
     pending = program.send(None)
     assert isinstance(pending, Send) and pending.to == (2,) and pending.tag == ("rep", 1)
     assert not pending.value.any()
-    assert isinstance(program.send(None), Report)  # the ledger
     assert isinstance(program.send(None), Receive)
     again = program.send((Letter(("req", 1), 2, np.full(2, 9.0)),))
     assert isinstance(again, Send) and not again.value.any()  # answered already: neutral
@@ -252,11 +261,11 @@ def test_a_resumed_center_answers_lost_requests_neutrally_then_serves_once() -> 
     served = program.send((Letter(("req", 2), 2, np.full(2, 3.0)),))
     assert isinstance(served, Send)
     np.testing.assert_array_equal(served.value, [1.0, 1.0])  # α(x − x̃) = 0.5·(3 − 1)
-    model = program.send(None)
-    assert isinstance(model, Report) and model.key == (1, 2) and model.step == 4
     ledger = program.send(None)
     assert isinstance(ledger, Report) and ledger.name == "ledger"
     np.testing.assert_array_equal(ledger.value[2], [1.0, 1.0])
+    model = program.send(None)
+    assert isinstance(model, Report) and model.key == (1, 2) and model.step == 4
     with pytest.raises(StopIteration):
         program.send(None)
 
@@ -273,3 +282,114 @@ def test_a_center_without_ledgers_cannot_be_rebuilt(algorithm: str) -> None:
 def test_answered_requests_counts_one_per_tau_from_iteration_one() -> None:
     assert [answered_requests(t, 3) for t in range(0, 9)] == [0, 1, 1, 1, 2, 2, 2, 3, 3]
     assert lookup("async_easgd").resume is not None and lookup("easgd").resume is None
+
+
+# --- the daemon's side: the ledgers a restarted center is rebuilt from --------------------------
+
+
+class _Worker(SimpleNamespace):
+    """The parts of a runtime Worker that Rejoin reads (state, ledger, mailbox) and calls."""
+
+    def rejoin(self, step: int, program: Any) -> None:
+        self.taken = (step, program)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+        self.sent: list[tuple[Any, ...]] = []
+
+    def request_state(self, cluster: int, restart: bool) -> None:
+        self.asked.append(cluster)
+
+    def send_state(self, cluster: int, tag: Any, sender: int, step: int, value: Vector) -> bool:
+        self.sent.append((cluster, tag, sender, value))
+        return True
+
+    def connected_clusters(self) -> set[int]:
+        return {1, 2}
+
+
+def _frame(sender: int, tag: tuple[Any, ...], value: Vector) -> Data:
+    return Data(seq=1, tag=tag, sender=sender, step=0, value=value, to=())
+
+
+async def test_a_restarted_centers_daemon_gathers_every_ledger_then_rebuilds_it() -> None:
+    cfg = config("async_easgd", 2, 40, 1)  # center 0, workers 1 and 2: one daemon each
+    center = _Worker(pid=0, name="0.0", state=WorkerState.CREATED, done=threading.Event())
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1, 1]), [center])  # type: ignore[list-item]
+    transport = _Transport()
+    rejoin.attach(transport)  # type: ignore[arg-type]
+    rejoin.on_note(1, Missed(3))
+    rejoin.on_note(2, Missed(3))
+    assert sorted(transport.asked) == [1, 2] and rejoin.gathering() == [1, 2]
+    rejoin.on_state(_frame(1, ("ledger", 1, 10, 11), np.full(4, 0.5)))
+    assert rejoin.gathering() == [2] and not hasattr(center, "taken")
+    rejoin.on_state(_frame(2, ("ledger", 2, 7, 0), np.full(4, 0.25)))
+    assert rejoin.gathering() == [] and rejoin.rejoins == 1
+    _, program = center.taken
+    ledger, model = next(program), program.send(None)
+    assert set(ledger.value) == {1, 2}
+    x1 = build_problem(cfg).x0()  # type: ignore[union-attr]
+    np.testing.assert_array_equal(model.value, x1 + 0.75)
+    assert model.key == (11, 7) and model.step == 11 + 7 + 1  # served: 11 and 7 requests
+    pending = program.send(None)
+    assert isinstance(pending, Send) and pending.tag == ("rep", 11) and not pending.value.any()
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        ("ledger", 2, 10**9, 0),  # answered past the run's last request
+        ("ledger", 2, 5, 5),  # waiting on what was answered
+        ("ledger", 2, 5, 9),  # waiting on a request that is not its next
+    ],
+)
+async def test_a_ledger_no_worker_of_the_run_can_hold_is_refused(tag: tuple[Any, ...]) -> None:
+    """A hostile or broken peer cannot make the rebuilt center count requests nobody sent
+    (it would end early, and every worker would wait for good): the center is not rebuilt,
+    and the daemon says why."""
+    cfg = config("async_easgd", 2, 40, 1)
+    center = _Worker(pid=0, name="0.0", state=WorkerState.CREATED, done=threading.Event())
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1, 1]), [center])  # type: ignore[list-item]
+    rejoin.attach(_Transport())  # type: ignore[arg-type]
+    rejoin.on_note(1, Missed(3))
+    rejoin.on_note(2, Missed(3))
+    rejoin.on_state(_frame(1, ("ledger", 1, 10, 11), np.full(4, 0.5)))
+    rejoin.on_state(_frame(2, tag, np.full(4, 0.25)))
+    assert not hasattr(center, "taken") and rejoin.rejoins == 0
+
+
+def test_a_worker_answer_already_in_its_mailbox_counts_in_its_ledger() -> None:
+    """The old center's answer to the request a worker waits on may have arrived while the
+    worker computes its gradient: the worker will apply it, so its ledger must include it."""
+    cfg = config("async_easgd", 1, 40, 1)  # center 0 on daemon 0, worker 1 on daemon 1
+    mailbox = Mailbox((0, 1), 2)
+    d = np.full(4, 0.125)
+    worker = _Worker(
+        pid=1,
+        name="1.0",
+        state=WorkerState.RUNNING,
+        done=threading.Event(),
+        live=True,
+        mailbox=mailbox,
+        ledger=(4, np.full(4, 1.0), (5,)),  # answered 4, about to wait on 5
+    )
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1]), [worker])  # type: ignore[list-item]
+    assert rejoin._ledger_of(worker) == Ledger(4, 5, worker.ledger[1])  # type: ignore[arg-type]
+    mailbox.put(("rep", 5), Msg(0, d))
+    got = rejoin._ledger_of(worker)  # type: ignore[arg-type]
+    assert got is not None and (got.answered, got.waiting) == (5, None)
+    np.testing.assert_array_equal(got.total, np.full(4, 1.125))
+
+
+def test_a_downpour_worker_resumed_after_its_flush_ends_without_posting() -> None:
+    cfg = config("downpour", 1, 4, 1)
+    resume = cfg.spec.resume
+    assert resume is not None
+    state = RejoinState(9, np.ones(4), (5,), {1: Ledger(5, None, np.zeros(4))})
+    (program,) = resume(cfg, build_problem(cfg), [1], state)
+    final = next(program)
+    assert isinstance(final, Report) and final.name == "model"
+    with pytest.raises(StopIteration):
+        program.send(None)

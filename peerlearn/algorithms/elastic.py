@@ -190,7 +190,8 @@ def elastic_worker(
                 yield Post((center,), ("req", t), g)
                 (xc,) = yield Await(("rep", t), Count(1))
                 x = xc.value
-    if variant is Variant.DOWNPOUR and steps is not None:  # flush the last accumulated update
+    if variant is Variant.DOWNPOUR and steps is not None and start <= steps + 1:
+        # flush the last accumulated update (unless resumed after its flush was answered)
         yield Post((center,), ("req", steps + 1), v)
         (xc,) = yield Await(("rep", steps + 1), Count(1))
         x = xc.value
@@ -234,12 +235,15 @@ def elastic_center(
     def key() -> tuple[int, ...]:
         return tuple(last.get(w, 0) for w in workers)
 
+    # The ledger goes first, then the model whose key says which requests it covers: a reader
+    # between the two sees sums at least as new as the key (a worker resumed from them sends a
+    # request again at worst, which gets a neutral answer), never older.
+    if elastic:
+        yield Report("ledger", dict(sums), step=served + 1)
     yield Report("model", xc, step=served + 1, key=key())
     for w, t in sorted((pending or {}).items()):
         yield Send((w,), ("rep", t), 0 * xc if elastic else xc)
         last[w] = t
-    if elastic:
-        yield Report("ledger", dict(sums), step=served + 1)
     while requests is None or served < requests:
         for letter in (yield Receive(block=True)):
             value, t, sender = letter.value, letter.tag[1], letter.sender
@@ -262,7 +266,7 @@ def elastic_center(
             yield Send((sender,), ("rep", t), answer)
             last[sender] = t
             served += 1
-            yield Report("model", xc, step=served + 1, key=key())
             if elastic:
                 yield Report("ledger", dict(sums), step=served + 1)
+            yield Report("model", xc, step=served + 1, key=key())
     return xc

@@ -14,9 +14,10 @@ on reaches this daemon, so the resumed workers never wait for one that was dropp
 the state the algorithm needs comes in the tag, as integers (DASGD: ``("state", s, *V)``, the
 version vector its worker reported with that model).
 
-Algorithms whose frames are kept and that can resume (DASGD) number their messages per origin:
-a restarted process must not send before it knows what its last incarnation sent. Their daemon
-starts its workers only once every peer has sent its first note (``Missed(None)`` when it
+Algorithms whose frames are kept and that can resume (DASGD, the elastic family) need their
+state before they send anything: DASGD numbers its messages per origin, and a restarted process
+must not reuse a number its last incarnation sent; a restarted center must not serve before it
+is rebuilt. Their daemon starts its workers only once every peer has sent its first note (``Missed(None)`` when it
 dropped nothing) and the state asked for, if any, has come (:meth:`Rejoin.settled`) — or after
 ``peer_timeout``, with the peers heard so far.
 
@@ -29,9 +30,17 @@ resumed programs at their next effect (:meth:`~peerlearn.runtime.worker.Worker.r
 For the papers' guarantees: a resumed process holds a model another process held at that
 iteration, so every model stays in the convex hull of the live models, which the contraction
 arguments of Alg 1 and 2 need; the resumed process skips the iterations in between, like a
-process that was slow. Algorithms without a resume entry point (``resume=None``) keep their
-frames instead (DASGD, the elastic family, gossip, MixML's synchronous protocols: their frames
-for a peer that is away wait to be resent) and are told when they cannot rejoin.
+process that was slow. Algorithms without a resume entry point (``resume=None``: synchronous
+EASGD, gossip, MixML's synchronous protocols) keep their frames for a peer that is away and
+resend them, and are told when they cannot rejoin.
+
+The elastic family rejoins between the center and its workers instead (the records' resume
+entry point says how): a restarted daemon hosting the center asks every daemon hosting workers
+for their workers' *ledgers* — ``("ledger", pid, answered, waiting)`` frames whose value is the
+sum of the center's differences that worker applied — and resumes the center from all of them
+(after ``REQUEST_TIMEOUT`` with those it has, naming the others); a restarted daemon hosting
+workers asks the center's daemon, which answers with its record of their ledgers and then a
+state frame with the center's model.
 """
 
 from __future__ import annotations
@@ -73,6 +82,8 @@ LEDGER_KIND = "ledger"
 REQUEST_TIMEOUT = 10.0
 #: how long a worker waits on an iteration a peer dropped frames of before it catches up
 STUCK = 1.0
+#: how soon a worker's ledger is read again when it was taking an answer (a vector sum away)
+LEDGER_RETRY = 0.01
 
 
 @dataclass(frozen=True)
@@ -271,16 +282,31 @@ class Rejoin:
         hosting the center, it asks every daemon hosting workers for their ledgers and
         rebuilds the center from them; hosting workers only, it asks the center's daemon for
         the center's model and its record of their ledgers."""
-        if not self._starting() or not self._missed or self._gathered:
+        if not self._missed or self._gathered:
+            return
+        local = any(w.pid == self._center for w in self.workers)
+        if not self._starting():
+            if local and not self._told_cannot:
+                # A restart noticed only after the center started afresh (the notes came after
+                # peer_timeout): requests lost with the last center are never answered.
+                self._told_cannot = True
+                log.warning(
+                    "daemon(s) %s lost frames for this daemon after its center had started: "
+                    "the center was not rebuilt, and workers waiting on answers lost with its "
+                    "last incarnation stay blocked",
+                    ", ".join(map(str, sorted(self._missed))),
+                )
             return
         center_cluster = self._membership.cluster_of[self._center]  # type: ignore[index]
-        if not any(w.pid == self._center for w in self.workers):
+        if not local:
             if center_cluster in self._missed and self.rejoins == 0:
                 self._ask(center_cluster, now, stalled=False)
                 log.info("restarted: asking daemon %d, the center's, for its state", center_cluster)
             return
         assert self._transport is not None
         if self._gather_since is None:
+            if not self._center_can_resume():
+                return
             self._gather_since = now
         for peer in sorted(self.noted - self._gather_asked):
             pids = {p for p in self._membership.members[peer] if p != self._center}
@@ -300,6 +326,24 @@ class Rejoin:
             self._resume_center()
         elif not self._gathering and self._gather_asked >= self._owing():
             self._resume_center()
+
+    def _center_can_resume(self) -> bool:
+        """Whether this algorithm's center can be rebuilt from ledgers at all (DOWNPOUR's and
+        MDOWNPOUR's cannot: no use waiting for the workers' daemons then); said once if not."""
+        assert self._spec.resume is not None and self._center is not None
+        if self._problem is None:
+            return False
+        try:  # building the programs runs none of them
+            self._spec.resume(
+                self._run, self._problem, [self._center], RejoinState(1, self._problem.x0())
+            )
+        except ValueError as exc:
+            log.warning("restarted, but the center cannot resume: %s", exc)
+            self._cannot = True
+            self._gathered = True
+            self.changed.set()
+            return False
+        return True
 
     def gathering(self) -> list[int]:
         """The daemons whose workers' ledgers a restarted center still waits for."""
@@ -352,7 +396,7 @@ class Rejoin:
         daemon; the center's record of a local worker's, before the center's state frame."""
         peer = self._membership.cluster_of[data.sender]
         tag = data.tag
-        ok = len(tag) == 4 and all(isinstance(v, int) and v >= 0 for v in tag[1:])
+        ok = len(tag) == 4 and all(type(v) is int and v >= 0 for v in tag[1:])
         pid = tag[1] if ok else None
         if (
             not ok
@@ -361,7 +405,8 @@ class Rejoin:
             or pid == self._center
         ):
             self._ignored += 1
-            log.warning("ignoring a malformed ledger frame from daemon %d", peer)
+            if self._ignored == 1:  # then counted only: a peer cannot flood the log
+                log.warning("ignoring a malformed ledger frame from daemon %d", peer)
             return
         assert isinstance(pid, int)
         asked_center = self.asking is not None and self.asking[0] == peer
@@ -407,19 +452,47 @@ class Rejoin:
                 "daemon %d asked for state: sent the center's, after %d requests", peer, step - 1
             )
         elif self._center in asker:
-            for w in self.workers:
-                if self._problem is None:
-                    break
-                if w.ledger is None:
-                    answered, total, key = 0, np.zeros(self._problem.dim), ()
-                else:
-                    answered, total, key = w.ledger
-                waiting = key[0] if key and isinstance(key[0], int) else 0
-                tag = (LEDGER_KIND, w.pid, answered, waiting)
-                self._transport.send_state(peer, tag, w.pid, answered, total)
+            ledgers = [self._ledger_of(w) for w in self.workers if w.pid != self._center]
+            if any(lg is None for lg in ledgers):  # a worker is taking an answer: soon again
+                asyncio.get_running_loop().call_later(LEDGER_RETRY, self._answer_center, peer)
+                return
+            for pid, lg in zip(
+                [w.pid for w in self.workers if w.pid != self._center], ledgers, strict=True
+            ):
+                assert lg is not None
+                tag = (LEDGER_KIND, pid, lg.answered, lg.waiting or 0)
+                self._transport.send_state(peer, tag, pid, lg.answered, lg.total)
             log.info("the center's daemon %d restarted: sent it the workers' ledgers", peer)
         else:
             log.info("daemon %d asked for state: neither it nor this daemon hosts the center", peer)
+
+    def _ledger_of(self, w: Worker) -> Ledger | None:
+        """Worker ``w``'s ledger as the restarted center must count it; None while it cannot be
+        told (``w`` has just taken an answer and not yet reported what it applied).
+
+        A worker reports that it waits on the request of iteration t before sending it, and
+        computes a gradient before it takes the answer: the last center's answer may be in its
+        mailbox already. Then the worker will apply it, and the center must count it — the
+        ledger is the one after that answer. Answers of the last center that are not in the
+        mailbox never come (the link dropped them when the center's restart was seen)."""
+        assert self._problem is not None and self._center is not None
+        snapshot = w.ledger
+        if snapshot is None:
+            return Ledger(0, None, np.zeros(self._problem.dim))
+        answered, total, key = snapshot
+        waiting = key[0] if key and type(key[0]) is int else None
+        if waiting is None:
+            return Ledger(answered, None, total)
+        held, taken = w.mailbox.held(("rep", waiting), self._center)
+        if w.ledger is not snapshot:
+            return None  # it reported meanwhile: read again
+        if held is not None:
+            total = total + held.value
+            total.flags.writeable = False
+            return Ledger(waiting, None, total)
+        if taken and w.live and not w.done.is_set():
+            return None
+        return Ledger(answered, waiting, total)
 
     def _behind(self) -> int | None:
         """The iteration of the slowest unfinished live local worker (at least the last

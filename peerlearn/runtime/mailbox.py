@@ -90,6 +90,14 @@ class Mailbox:
         #: a resumed program for the worker, with the iteration it starts at (rejoin)
         self._redirect: tuple[int, Any] | None = None
 
+    def held(self, tag: Tag, sender: int) -> tuple[Msg | None, bool]:
+        """What the mailbox holds of ``tag`` from ``sender`` and whether the worker has taken
+        ``tag`` already (readers on other threads: a restarted center asks what a worker has
+        received of it)."""
+        with self._cond:
+            box = self._boxes.get(tag)
+            return (box.get(sender) if box else None), tag in self._done
+
     def put(self, tag: Tag, msg: Msg) -> Put:
         """Buffer ``msg`` under ``tag`` and wake the worker if it waits on that tag."""
         with self._cond:

@@ -20,7 +20,7 @@ from peerlearn.algorithms.elastic import (
     sync_worker,
 )
 from peerlearn.algorithms.records._common import first_eta, sentence, start_point, step_size
-from peerlearn.algorithms.spec import AlgorithmSpec, RejoinState, Resumer
+from peerlearn.algorithms.spec import AlgorithmSpec, Ledger, RejoinState, Resumer
 from peerlearn.analysis.easgd_theory import beta_max, stable
 from peerlearn.effects import Program, Vector
 from peerlearn.ties import below
@@ -122,6 +122,31 @@ def _async_programs(
     return programs
 
 
+def _check_ledger(variant: Variant, steps: int | None, tau: int, pid: int, lg: Ledger) -> None:
+    """A ledger a worker of this run can hold, or ValueError: its last answered request is a
+    request iteration (0: none; DOWNPOUR's last is the flush at T + 1) and the one it waits on,
+    if any, is its next. The center's count of served requests is built from these."""
+    last = None if steps is None else (steps + 1 if variant is Variant.DOWNPOUR else steps)
+    step = 1 if variant is Variant.MDOWNPOUR else tau
+
+    def request(t: int) -> bool:
+        return (
+            t >= 1
+            and (last is None or t <= last)
+            and ((t - 1) % step == 0 or (variant is Variant.DOWNPOUR and t == last))
+        )
+
+    if not (lg.answered == 0 or request(lg.answered)):
+        raise ValueError(f"process {pid}'s ledger: {lg.answered} is no request iteration")
+    following = 1 if lg.answered == 0 else lg.answered + step
+    if variant is Variant.DOWNPOUR and last is not None:
+        following = min(following, last)  # the flush
+    if lg.waiting is not None and not (lg.waiting == following and request(lg.waiting)):
+        raise ValueError(
+            f"process {pid}'s ledger: it cannot wait on iteration {lg.waiting} after {lg.answered}"
+        )
+
+
 def _async_resume(variant: Variant, momentum: bool) -> Resumer:
     """Programs of processes ``pids`` that restarted (docs/algorithms.md, "Restarts and
     rejoin"). A worker whose center lives resumes from the center's model ``state.model`` at
@@ -140,6 +165,8 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
         delta = cfg.elastic.delta if momentum else 0.0
         elastic = variant in (Variant.ASYNC, Variant.EAMSGD)
         workers = _workers(cfg)
+        for pid, lg in state.ledgers.items():
+            _check_ledger(variant, steps, tau, pid, lg)
         rebuilt: Vector | None = None
         if center in pids:
             if not elastic:
