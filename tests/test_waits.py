@@ -413,3 +413,36 @@ async def test_an_idle_link_stays_up() -> None:
         for d in cluster.daemons:
             assert d.stats.reconnects == 0
             assert d.stats.protocol_errors.get("peer_silent", 0) == 0
+
+
+async def test_a_producer_held_by_one_full_window_has_sent_to_every_other_peer() -> None:
+    """Alg 1, three daemons. Daemon 0 stops reading what daemon 1 sends it (asyncio's own flow
+    control on its connection): it acks nothing, and daemon 1's window to it fills. Daemon 1's
+    worker then waits on that link (its first, by cluster id) — but only after the frame it
+    waits to send there has gone to daemon 2: one slow peer holds back nobody else's frames."""
+    async with local_cluster(
+        3,
+        workers=1,
+        algorithm="alg1",
+        steps=None,
+        quorum=1,
+        problem=QUAD,
+        queue_size=8,
+        queue_timeout=60.0,
+        peer_timeout=60.0,
+    ) as cluster:
+        await cluster.wait_for(lambda: min(cluster.steps()) > 5)
+        zero, one = cluster.daemons[0], cluster.daemons[1]
+        assert zero.transport is not None
+        for proto, state in list(zero.transport._inbound.items()):
+            if state.cluster == 1 and proto.transport is not None:
+                proto.transport.pause_reading()
+        to_zero, to_two = one.links  # sorted by cluster id
+        assert (to_zero.cluster, to_two.cluster) == (0, 2)
+        await cluster.wait_for(lambda: bool(to_zero.senders_waiting), timeout=30)
+        # the frame held for daemon 0 is queued for daemon 2 (from the loop), and no other
+        try:
+            await cluster.wait_for(lambda: to_two._seq == to_zero._seq + 1, timeout=5)
+        except TimeoutError:  # say what was sent where
+            raise AssertionError(f"to 2: {to_two._seq}, to 0: {to_zero._seq}") from None
+        assert to_zero.senders_waiting and to_two._seq == to_zero._seq + 1

@@ -260,6 +260,37 @@ class OutLink:
         self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, to, post)
         return True
 
+    def note_wait(self) -> None:
+        """A producer begins to wait for room (:meth:`offer_within` does not count it)."""
+        self._stats.queue_waits += 1
+
+    def offer_within(
+        self, tag: Tag, sender: int, step: int, value: Vector, until: float, since: float
+    ) -> bool | None:
+        """Queue one frame, waiting for room in the window until ``until`` at most (worker
+        threads; time.monotonic()): True if queued, False if dropped (counted, as
+        :meth:`offer` drops: the link closing, the peer away, or no room ``queue_timeout``
+        after ``since``, when this producer began to wait), None if there is still no room —
+        nothing done, nothing counted: call again. What a producer sending one frame to several
+        full links waits with, so that each takes it as soon as it has room."""
+        if self._closing:
+            self._stats.drop("link_closed")
+            return False
+        if not self._room.acquire(blocking=False):
+            me = threading.get_ident()
+            self.senders_waiting[me] = since
+            try:
+                got = self._wait(tag, since + self._settings.queue_timeout, until)
+            finally:
+                self.senders_waiting.pop(me, None)
+            if got is None:
+                return None
+            if not got:
+                self._lose(step)
+                return False
+        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, (), False)
+        return True
+
     def offer_nowait(
         self, tag: Tag, sender: int, step: int, value: Vector, to: tuple[int, ...] = ()
     ) -> bool:
@@ -322,15 +353,25 @@ class OutLink:
         finally:
             self.senders_waiting.pop(me, None)
 
-    def _wait(self, tag: Tag) -> bool:
+    def _wait(
+        self, tag: Tag, deadline: float | None = None, until: float | None = None
+    ) -> bool | None:
+        """Wait for a slot: True when taken, False when the frame is dropped (counted), None
+        when ``until`` passes first (nothing counted)."""
         keep = self._settings.keep
-        deadline = time.monotonic() + self._settings.queue_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self._settings.queue_timeout
         step = max(0.05, min(1.0, self._settings.peer_timeout / 4))
         while not self._releasing and not self._closing:  # the daemon is shutting down
             if not keep and self.away:
                 self._stats.drop("peer_away")
                 return False
-            left = deadline - time.monotonic() if not keep else step
+            now = time.monotonic()
+            if until is not None and now >= until:
+                return None
+            left = deadline - now if not keep else step
+            if until is not None:
+                left = min(left, until - now) if left > 0 else left
             if left <= 0:
                 self._stats.drop("queue_full")
                 with self._drop_lock:  # worker threads: one count, one line now and then

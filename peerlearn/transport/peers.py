@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import time
@@ -99,6 +100,10 @@ class _Inbound:
     name: str = ""  # the dialer's display name, from its Hello
     joined: bool = False  # its Join is accepted: Data may come
     ack_pending: bool = False
+
+
+#: how long a producer waits on one full window before it tries the other full ones again
+BROADCAST_SLICE = 0.01
 
 
 class Transport:
@@ -193,9 +198,28 @@ class Transport:
     # --- sending (worker threads) -------------------------------------------------------------
 
     def broadcast(self, tag: Tag, sender: int, step: int, value: Vector) -> None:
-        """One frame per remote daemon (the receiving daemon fans out to its workers)."""
-        for link in self.links:
-            link.offer(tag, sender, step, value)
+        """One frame per remote daemon (the receiving daemon fans out to its workers). Every
+        link takes it as soon as its window has room: a producer held by one hung or away peer
+        has already sent the frame to all the others (it waits on the full windows together,
+        in slices of ``BROADCAST_SLICE``, each as its link's policy says)."""
+        since = time.monotonic()
+        full = [
+            link
+            for link in self.links
+            if link.offer_within(tag, sender, step, value, since, since) is None
+        ]
+        for link in full:
+            link.note_wait()
+        while len(full) > 1:
+            until = time.monotonic() + BROADCAST_SLICE
+            full = [
+                link
+                for i, link in enumerate(full)
+                if link.offer_within(tag, sender, step, value, until if i == 0 else 0.0, since)
+                is None
+            ]
+        if full:  # one left: it waits as long as its policy says, in one go
+            full[0].offer_within(tag, sender, step, value, math.inf, since)
 
     def send(
         self,
