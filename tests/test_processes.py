@@ -417,6 +417,42 @@ async def test_async_easgd_restarted_with_the_same_command_rejoins(killed: int) 
             assert len(lines) <= 50, lines[:10]
 
 
+async def test_async_gossip_restarted_with_the_same_command_rejoins() -> None:
+    """AD-PSGD on a ring of three: SIGKILL one daemon and start it again with the same command.
+    Its neighbours wait for answers its last incarnation took with it; the new one resumes from
+    a live peer's model and tells them it rejoined, so they give those exchanges up and go on:
+    they pause no longer than the restart takes (peer_timeout + 1 s) and the run finishes."""
+    timeout = 5.0
+    with daemons(
+        3,
+        *("--workers", "1", "--algorithm", "async_gossip", "--steps", "3000", "--lr", "0.01"),
+        *("--set", f"peer_timeout={timeout}"),
+    ) as (procs, urls):
+        for url in urls:
+            await poll_status(url, lambda s: steps(s) > 200)
+        pauses = asyncio.gather(*(_longest_pause(url, 8.0) for url in urls[:2]))
+        os.kill(procs[2].pid, signal.SIGKILL)
+        procs[2].wait(30)
+        again = subprocess.Popen(procs[2].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            for url in urls:
+                await poll_status(url, lambda s: s["state"] == "finished", timeout=60)
+            assert max(await pauses) <= timeout + 1.0
+            async with httpx.AsyncClient() as client:
+                status = (await client.get(f"{urls[2]}/status")).json()
+            assert status["catchup"]["rejoins"] == 1, status["catchup"]
+            assert status["catchup"]["last"]["resumed_at"] > 200, status["catchup"]
+        finally:
+            again.kill()
+            again.wait(30)
+        for p in procs[:2]:
+            p.kill()
+            p.wait(30)
+        for p in (*procs[:2], again):
+            lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
+            assert len(lines) <= 50, lines[:10]
+
+
 @pytest.mark.parametrize("which", ["--api", "--listen"])
 def test_a_busy_port_is_one_line_naming_the_address_and_exit_2(which: str) -> None:
     """Today's uvicorn error, a `Task exception was never retrieved` traceback and exit 3 for a

@@ -46,8 +46,8 @@ from peerlearn.effects import (
 __all__ = ["async_gossip", "averaging", "sync_gossip"]
 
 
-def _clock(steps: int | None) -> Iterable[int]:
-    return count(1) if steps is None else range(1, steps + 1)
+def _clock(steps: int | None, start: int = 1) -> Iterable[int]:
+    return count(start) if steps is None else range(start, steps + 1)
 
 
 def _mean(values: Sequence[Vector]) -> Vector:
@@ -105,10 +105,39 @@ def async_gossip(
     me: int,
     neighbours: tuple[int, ...],
     rng: np.random.Generator,
+    *,
+    start: int = 1,
+    incarnation: int = 0,
 ) -> Generator[Effect, Any, Vector]:
-    """AD-PSGD: step, then average with a random neighbour, serving requests while waiting."""
+    """AD-PSGD: step, then average with a random neighbour, serving requests while waiting.
+
+    ``start``, ``incarnation``: a process that restarted (``incarnation`` > 0, greater with
+    every restart) resumes at iteration ``start`` from ``x0`` (a live peer's model) and first
+    tells its neighbours (``("rejoined", incarnation)``): a
+    neighbour waiting for its answer to a request the last incarnation took with it gives that
+    request up (the exchange did not happen), and one that had its ``bye`` forgets it (and says
+    its own again if it is done): the process will say bye once more when it ends."""
     x = x0
-    finished: set[int] = set()
+    #: neighbour → the iteration its incarnation started at (1: its first), once it said bye
+    finished: dict[int, int] = {}
+    ended = False  # this process said bye: a neighbour that rejoins is told again
+    # A bye names the incarnation that says it, so that one delayed past a later "rejoined"
+    # still counts (messages of two incarnations may arrive in any order).
+    bye = ("bye", incarnation) if incarnation else ("bye",)
+
+    heard: dict[int, int] = {}  # neighbour → its latest incarnation heard of (0: its first)
+
+    def news_of(sender: int, since: int) -> Generator[Effect, Any, None]:
+        """A neighbour's incarnation ``since`` exists (said by its "rejoined" or its bye,
+        whichever comes first): a bye of an older one no longer counts, and if this process
+        is done it says its bye again — the older one took it."""
+        if since <= heard.get(sender, 0):
+            return
+        heard[sender] = since
+        if finished.get(sender, 0) < since:
+            finished.pop(sender, None)
+        if ended:
+            yield Post((sender,), (*bye[:1], t, *bye[1:]), x)
 
     def serve(letter: Letter) -> Generator[Effect, Any, None]:
         nonlocal x
@@ -117,10 +146,16 @@ def async_gossip(
                 yield Post((letter.sender,), ("paired", letter.tag[1]), x)
                 x = x + (letter.value - x) / 2
             case "bye":
-                finished.add(letter.sender)
+                since = int(letter.tag[2]) if len(letter.tag) > 2 else 0
+                yield from news_of(letter.sender, since)
+                finished[letter.sender] = max(finished.get(letter.sender, 0), since)
+            case "rejoined":
+                yield from news_of(letter.sender, int(letter.tag[1]))
 
-    t = 0
-    for t in _clock(steps):
+    t = start - 1
+    if incarnation and neighbours:
+        yield Post(neighbours, ("rejoined", incarnation), x)
+    for t in _clock(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
         x = x - eta * g
@@ -135,11 +170,14 @@ def async_gossip(
                 if letter.tag[0] == "paired" and letter.tag[1] == t:
                     answer = letter.value
                 else:
+                    if letter.tag[0] == "rejoined" and letter.sender == j:
+                        answer = sent  # j restarted: its last incarnation took the request
                     yield from serve(letter)
         # Both ends move by half the difference of the values they exchanged: the sum holds.
         x = x + (answer - sent) / 2
     if neighbours:
-        yield Post(neighbours, ("bye", t), x)
+        yield Post(neighbours, (*bye[:1], t, *bye[1:]), x)
+    ended = True
     while len(finished) < len(neighbours):
         for letter in (yield Receive(block=True)):
             yield from serve(letter)

@@ -79,6 +79,9 @@ class RejoinState:
     model: Vector
     extra: tuple[int, ...] = ()
     ledgers: Mapping[int, Ledger] = field(default_factory=dict)
+    #: grows with every restart of the resuming process (a daemon's boot time in ns; the
+    #: simulator's count of the process's restarts): tells its incarnations apart
+    incarnation: int = 1
 
 
 #: the resume-from-state entry point: (config, problem or None, pids, state) → programs that

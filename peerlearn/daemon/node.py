@@ -120,6 +120,7 @@ class Daemon:
         # The workers need the router and the router the catch-up, which needs the workers:
         # it reads them only once a peer speaks, after start.
         self.rejoin = Rejoin(self.run_cfg, self.problem, self.membership, [])
+        self.rejoin.incarnation = self.incarnation
         self.rejoin.deliver_with(self.delivery)
         self.router = DaemonRouter(self.delivery, self.membership, self.heard, self.rejoin.on_state)
         programs = make_programs(self.run_cfg, self.problem, self.pids)

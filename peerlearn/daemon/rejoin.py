@@ -17,9 +17,9 @@ version vector its worker reported with that model).
 Algorithms whose frames are kept and that can resume (DASGD, the elastic family) need their
 state before they send anything: DASGD numbers its messages per origin, and a restarted process
 must not reuse a number its last incarnation sent; a restarted center must not serve before it
-is rebuilt. Their daemon starts its workers only once every peer has sent its first note (``Missed(None)`` when it
-dropped nothing) and the state asked for, if any, has come (:meth:`Rejoin.settled`) — or after
-``peer_timeout``, with the peers heard so far.
+is rebuilt. Their daemon starts its workers only once every peer has sent its first note
+(``Missed(None)`` when it dropped nothing) and the state asked for, if any, has come
+(:meth:`Rejoin.settled`) — or after ``peer_timeout``, with the peers heard so far.
 
 Several peers may have dropped frames: this daemon asks the one that dropped the latest
 iterations (the furthest ahead), one request at a time, and asks again (that peer or another)
@@ -142,6 +142,9 @@ class Rejoin:
         self._gather_asked: set[int] = set()
         self._gather_since: float | None = None
         self._gathered = False
+        #: this daemon's incarnation (its boot time in ns): resumed programs that tell their
+        #: peers they restarted say which incarnation they are
+        self.incarnation = 1
 
     def attach(self, transport: Transport) -> None:
         self._transport = transport
@@ -594,7 +597,7 @@ class Rejoin:
                 self._run,
                 self._problem,
                 [w.pid for w in workers],
-                RejoinState(resume_at, data.value, extra),
+                RejoinState(resume_at, data.value, extra, incarnation=self.incarnation),
             )
         except ValueError as exc:  # a state this algorithm cannot resume from, ever
             log.warning("state from daemon %d not taken, no rejoin in this run: %s", peer, exc)

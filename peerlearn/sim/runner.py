@@ -227,11 +227,14 @@ def run_simulation(
     resume_programs = None if cfg.spec.center else cfg.spec.resume
     if resume_programs is not None:
         resumer = resume_programs
+        restarts: dict[int, int] = {}
 
         def resume(pid: int, step: int, model: Vector, key: Tag) -> Program:
             # A model's report key is the rest of its state, integers (DASGD's version vector)
             extra = tuple(k for k in key if isinstance(k, int))
-            return resumer(cfg, problem, [pid], RejoinState(step, model, extra))[0]
+            restarts[pid] = restarts.get(pid, 0) + 1
+            state = RejoinState(step, model, extra, incarnation=restarts[pid])
+            return resumer(cfg, problem, [pid], state)[0]
 
     sim = Simulator(
         members,

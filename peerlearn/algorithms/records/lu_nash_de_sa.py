@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.mixml import async_gossip, averaging, sync_gossip
 from peerlearn.algorithms.records._common import start_point, step_size
-from peerlearn.algorithms.spec import AlgorithmSpec
+from peerlearn.algorithms.spec import AlgorithmSpec, RejoinState
 from peerlearn.effects import Program
 from peerlearn.streams import Purpose, stream
 
@@ -57,6 +57,32 @@ def _async_gossip(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) 
         )
         for p in pids
     ]
+
+
+def _async_gossip_resume(
+    cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+) -> list[Program]:
+    """Processes that restarted resume at ``state.step`` from a live peer's model and tell
+    their neighbours, which give up the exchanges the last incarnation took with it."""
+    eta, m = cfg.schedule()(1), cfg.membership
+    out: list[Program] = []
+    for p in pids:
+        x = state.model.copy()
+        x.flags.writeable = False
+        rng = stream(cfg.seed, Purpose.GOSSIP, m.cluster_of[p], m.index(p), state.step)
+        out.append(
+            async_gossip(
+                x,
+                cfg.steps,
+                eta,
+                p,
+                cfg.graph.neighbours[p],
+                rng,
+                start=state.step,
+                incarnation=state.incarnation,
+            )
+        )
+    return out
 
 
 def _period(cfg: RunConfig) -> list[str]:
@@ -133,6 +159,7 @@ RECORDS = (
         tolerates="no crashes",
         parameters="`topology` (ring)",
         programs=_async_gossip,
+        resume=_async_gossip_resume,
         settings=frozenset({"topology"}),
         topology="ring",
         describe=_topology,
