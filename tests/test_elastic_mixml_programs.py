@@ -450,3 +450,44 @@ def test_async_gossip_without_neighbours_is_sgd() -> None:
     ]
     program = async_gossip(X0, 3, 0.5, 0, (), np.random.default_rng(0))
     check(program, Script(), expected, vec(0, 0.25))
+
+
+# --- asynchronous gossip across a restart: messages name incarnations -------------------------
+
+
+def _gossip(incarnation: int, steps: int = 1) -> Program:
+    # one neighbour (1): every request goes to it; η = 0 with gradient x: x stays until averaged
+    return async_gossip(
+        X0, steps, 0.0, 0, (1,), np.random.default_rng(0), start=1, incarnation=incarnation
+    )
+
+
+def test_a_request_meant_for_an_older_incarnation_is_answered_without_a_move() -> None:
+    far = vec(10, 10)
+    inbox = [
+        [Letter(("pair", 7), 1, far)],  # addressed to incarnation 0, which is gone
+        [Letter(("paired", 1), 1, vec(2, 2))],
+        [Letter(("bye", 9), 1, far)],
+    ]
+    effects, out = drive(_gossip(incarnation=3), Script(inbox=inbox))
+    posts = [e for e in effects if isinstance(e, Post)]
+    assert posts[0].tag == ("rejoined", 3)
+    neutral = next(p for p in posts if p.tag == ("paired", 7))
+    assert norm(neutral.value) == norm(far)  # its own value back: it does not move either
+    # it moved only by its own exchange: half-way to (2, 2) from X0 = (0, 2)
+    assert norm(out) == norm(vec(1, 2))
+    assert ("bye", 1, 3) in [p.tag for p in posts]  # its bye names its incarnation
+
+
+def test_a_requester_gives_up_when_it_hears_of_a_newer_incarnation_and_ignores_a_late_bye() -> None:
+    inbox = [
+        [Letter(("bye", 4), 1, X0)],  # the old incarnation's bye (0), then the news of 5
+        [Letter(("rejoined", 5), 1, X0)],
+        [Letter(("bye", 4), 1, X0)],  # a late copy of the old bye: ignored
+        [Letter(("bye", 9, 5), 1, X0)],  # the new incarnation's bye ends the wait
+    ]
+    effects, out = drive(_gossip(incarnation=0), Script(inbox=inbox))
+    assert norm(out) == norm(X0)  # the request to the old incarnation was given up
+    receives = [e for e in effects if isinstance(e, Receive)]
+    assert len(receives) == 4  # it waited for the new incarnation's bye
+    assert [e.tag for e in effects if isinstance(e, Post)] == [("pair", 1), ("bye", 1)]

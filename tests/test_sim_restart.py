@@ -162,8 +162,8 @@ def test_async_gossip_finishes_after_restarts(seed: int, points: list[Point]) ->
     request the last incarnation took with it gives that exchange up, and a bye it had from it
     is forgotten (said again at the end). Without the note, 24 of 60 such runs block. The run
     finishes, deterministically. (One restart per process: a process restarted again after it
-    resumed past its last iteration waits for the byes of neighbours that have ended — the
-    limit docs/algorithms.md states.)"""
+    resumed past its last iteration may find a neighbour's program ended, and wait for its bye
+    for good — the limit docs/algorithms.md states.)"""
     assume(len({pid for pid, _, _ in points}) == len(points))
     over = {**ASYNC_GOSSIP, "seed": seed}
     res = _run(over, points)

@@ -113,42 +113,54 @@ def async_gossip(
 
     ``start``, ``incarnation``: a process that restarted (``incarnation`` > 0, greater with
     every restart) resumes at iteration ``start`` from ``x0`` (a live peer's model) and first
-    tells its neighbours (``("rejoined", incarnation)``): a
-    neighbour waiting for its answer to a request the last incarnation took with it gives that
-    request up (the exchange did not happen), and one that had its ``bye`` forgets it (and says
-    its own again if it is done): the process will say bye once more when it ends."""
+    tells its neighbours (``("rejoined", incarnation)``). Messages name incarnations, so that
+    both ends of an exchange agree on whether it happened whatever order they arrive in:
+
+    - a request names the incarnation of its addressee as the requester knows it
+      (``("pair", t, k)``; plain ``("pair", t)`` for a first one); an incarnation answers a
+      request addressed to an older one neutrally (the requester's own value back: neither
+      moves), and a requester that hears of a newer incarnation than the one it addressed
+      gives its request up (the older one took it with it);
+    - a bye names the incarnation that says it (``("bye", t, k)``): a neighbour that hears of a
+      newer incarnation forgets the older one's bye, ignores a late one, and says its own bye
+      again if it is done (the older one took it with it)."""
     x = x0
-    #: neighbour → the iteration its incarnation started at (1: its first), once it said bye
+    #: neighbour → the incarnation whose bye it has (it finished), once it said bye
     finished: dict[int, int] = {}
     ended = False  # this process said bye: a neighbour that rejoins is told again
-    # A bye names the incarnation that says it, so that one delayed past a later "rejoined"
-    # still counts (messages of two incarnations may arrive in any order).
     bye = ("bye", incarnation) if incarnation else ("bye",)
-
     heard: dict[int, int] = {}  # neighbour → its latest incarnation heard of (0: its first)
+
+    def say_bye(to: tuple[int, ...]) -> Post:
+        return Post(to, (*bye[:1], t, *bye[1:]), x)
 
     def news_of(sender: int, since: int) -> Generator[Effect, Any, None]:
         """A neighbour's incarnation ``since`` exists (said by its "rejoined" or its bye,
-        whichever comes first): a bye of an older one no longer counts, and if this process
-        is done it says its bye again — the older one took it."""
+        whichever comes first)."""
         if since <= heard.get(sender, 0):
             return
         heard[sender] = since
         if finished.get(sender, 0) < since:
             finished.pop(sender, None)
         if ended:
-            yield Post((sender,), (*bye[:1], t, *bye[1:]), x)
+            yield say_bye((sender,))
 
     def serve(letter: Letter) -> Generator[Effect, Any, None]:
         nonlocal x
         match letter.tag[0]:
             case "pair":  # a neighbour's request: answer with x, then move half-way
+                addressed = int(letter.tag[2]) if len(letter.tag) > 2 else 0
+                if addressed < incarnation:  # meant for an older incarnation: no exchange
+                    yield Post((letter.sender,), ("paired", letter.tag[1]), letter.value)
+                    return
                 yield Post((letter.sender,), ("paired", letter.tag[1]), x)
                 x = x + (letter.value - x) / 2
             case "bye":
                 since = int(letter.tag[2]) if len(letter.tag) > 2 else 0
+                if since < heard.get(letter.sender, 0):
+                    return  # an older incarnation's, late
                 yield from news_of(letter.sender, since)
-                finished[letter.sender] = max(finished.get(letter.sender, 0), since)
+                finished[letter.sender] = since
             case "rejoined":
                 yield from news_of(letter.sender, int(letter.tag[1]))
 
@@ -163,20 +175,21 @@ def async_gossip(
             continue
         j = neighbours[int(rng.integers(len(neighbours)))]
         sent = x
-        yield Post((j,), ("pair", t), sent)
+        addressed = heard.get(j, 0)
+        yield Post((j,), ("pair", t, addressed) if addressed else ("pair", t), sent)
         answer: Vector | None = None
         while answer is None:
             for letter in (yield Receive(block=True)):
-                if letter.tag[0] == "paired" and letter.tag[1] == t:
+                if letter.tag[0] == "paired" and letter.tag[1] == t and letter.sender == j:
                     answer = letter.value
-                else:
-                    if letter.tag[0] == "rejoined" and letter.sender == j:
-                        answer = sent  # j restarted: its last incarnation took the request
-                    yield from serve(letter)
+                    continue
+                yield from serve(letter)
+                if answer is None and heard.get(j, 0) > addressed:
+                    answer = sent  # j restarted: the incarnation addressed took the request
         # Both ends move by half the difference of the values they exchanged: the sum holds.
         x = x + (answer - sent) / 2
     if neighbours:
-        yield Post(neighbours, (*bye[:1], t, *bye[1:]), x)
+        yield say_bye(neighbours)
     ended = True
     while len(finished) < len(neighbours):
         for letter in (yield Receive(block=True)):

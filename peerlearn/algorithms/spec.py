@@ -175,6 +175,10 @@ class AlgorithmSpec:
     #: its resume-from-state entry point; None: a process that fell behind or restarted cannot
     #: take a peer's state and goes on from where it is
     resume: Resumer | None = None
+    #: a resumed process whose workers then wait on their inboxes for the request timeout takes
+    #: a peer's state again (DASGD: the peers that could answer may have ended meanwhile, and a
+    #: final state says so); elsewhere a wait is only a wait
+    rejoin_when_stalled: bool = False
     #: whether its payloads may be compressed lossily (none may: the papers' bounds assume
     #: exact values)
     compressible: bool = False

@@ -320,9 +320,16 @@ class Daemon:
         start = time.monotonic()
         notes_until = start + self.cfg.peer_timeout
         state_until = start + 3 * REQUEST_TIMEOUT
+        self.rejoin.expect(peers, notes_until)
         while not self.rejoin.settled(peers):
             now = time.monotonic()
             until = state_until if self.rejoin.waiting_for_state() else notes_until
+            if now >= until and not self.rejoin.waiting_for_state():
+                # The peers heard so far are all there will be: the one furthest ahead of
+                # those that dropped frames is asked now, if any did.
+                self.rejoin.consider()
+                if self.rejoin.waiting_for_state():
+                    continue
             if now >= until:
                 if self.rejoin.waiting_for_state():
                     log.warning("no peer answered with its state: the workers start afresh")

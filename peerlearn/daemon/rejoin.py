@@ -142,6 +142,8 @@ class Rejoin:
         self._gather_asked: set[int] = set()
         self._gather_since: float | None = None
         self._gathered = False
+        self._expected: set[int] = set()  # the peers whose first note a starting daemon awaits
+        self._expect_until = 0.0
         #: this daemon's incarnation (its boot time in ns): resumed programs that tell their
         #: peers they restarted say which incarnation they are
         self.incarnation = 1
@@ -187,6 +189,8 @@ class Rejoin:
             # taken before the workers started covers (the algorithm repairs the rest itself).
             self._consider_stall(now)
             return
+        if self._starting() and not self.noted >= self._expected and now < self._expect_until:
+            return  # a restart: ask once every peer has said what it dropped (or in time)
         ahead = [(upto, peer) for peer, upto in self._missed.items() if upto >= behind]
         if not ahead:
             self._consider_stall(now)
@@ -239,7 +243,7 @@ class Rejoin:
         waited on their inboxes for REQUEST_TIMEOUT asks a peer for its state again: the
         peers that could answer what its workers wait for may have ended since (a peer's
         final state says so)."""
-        if not self._keeps or self.rejoins == 0 or self._spec.resume is None:
+        if not self._keeps or self.rejoins == 0 or not self._spec.rejoin_when_stalled:
             return
         if now < self._next_stall_ask:
             return
@@ -268,6 +272,13 @@ class Rejoin:
     def _starting(self) -> bool:
         """No local worker has started yet (a daemon that waits to rejoin before it sends)."""
         return any(w.state is WorkerState.CREATED for w in self.workers)
+
+    def expect(self, peers: set[int], until: float) -> None:
+        """The daemon waits to start its workers until ``peers`` have all sent their first
+        note, or until ``until`` (time.monotonic()): the state is asked of the peer furthest
+        ahead among them then, once, rather than of the first to say it dropped something."""
+        self._expected = set(peers)
+        self._expect_until = until
 
     def settled(self, peers: set[int]) -> bool:
         """Every peer of ``peers`` sent its first note, and no state request is out."""

@@ -94,6 +94,7 @@ RECORDS = (
         topology="complete",
         sends_models=False,
         staleness=True,
+        rejoin_when_stalled=True,
         conditions=CONDITIONS,
         check=_check,
         warnings=_warnings,
