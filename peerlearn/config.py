@@ -243,18 +243,24 @@ class RunConfig(RunSettings):
         _ = self.membership
         crashes = self.crash_specs
         restarts = [c.spec for c in crashes if c.mode == "restart"]
-        if restarts and (self.spec.resume is None or self.spec.center):
+        if restarts and (self.spec.resume is None or self.spec.center or self.spec.lockstep):
             able = ", ".join(
                 name
                 for name, spec in REGISTRY.items()
-                if spec.resume is not None and not spec.center
+                if spec.resume is not None and not spec.center and not spec.lockstep
             )
-            why = (
-                "its center is rebuilt from every worker's ledger, which daemons do and the "
-                "simulator does not model"
-                if self.spec.center and self.spec.resume is not None
-                else "restart faults need a resume entry point"
-            )
+            if self.spec.resume is None:
+                why = "restart faults need a resume entry point"
+            elif self.spec.center:
+                why = (
+                    "its center is rebuilt from every worker's ledger, which daemons do and the "
+                    "simulator does not model"
+                )
+            else:
+                why = (
+                    "its peers send a restarted process their last iterations' frames again, "
+                    "which daemons' links do and the simulator does not model"
+                )
             raise ValueError(
                 f"{self.algorithm} cannot rejoin in the simulator: {why} "
                 f"({', '.join(restarts)}; algorithms that can: {able})"

@@ -453,6 +453,43 @@ async def test_async_gossip_restarted_with_the_same_command_rejoins() -> None:
             assert len(lines) <= 50, lines[:10]
 
 
+@pytest.mark.parametrize("algorithm", ["allreduce", "sync_gossip"])
+async def test_a_lockstep_protocol_restarted_with_the_same_command_rejoins(algorithm: str) -> None:
+    """AllReduce and D-PSGD move in lockstep: everyone waits for the restarted daemon's value
+    of the iteration it is at. The new one resumes there, from the slowest peer's model, and
+    its peers send it their frames of the last two iterations again (its last incarnation took
+    them with it): the others pause no longer than the restart takes and the run finishes."""
+    timeout = 5.0
+    with daemons(
+        3,
+        *("--workers", "1", "--algorithm", algorithm, "--steps", "2000", "--lr", "0.01"),
+        *("--set", f"peer_timeout={timeout}"),
+    ) as (procs, urls):
+        for url in urls:
+            await poll_status(url, lambda s: steps(s) > 200)
+        pauses = asyncio.gather(*(_longest_pause(url, 8.0) for url in urls[:2]))
+        os.kill(procs[2].pid, signal.SIGKILL)
+        procs[2].wait(30)
+        again = subprocess.Popen(procs[2].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            for url in urls:
+                await poll_status(url, lambda s: s["state"] == "finished", timeout=60)
+            assert max(await pauses) <= timeout + 1.0
+            async with httpx.AsyncClient() as client:
+                status = (await client.get(f"{urls[2]}/status")).json()
+            assert status["catchup"]["rejoins"] == 1, status["catchup"]
+            assert status["catchup"]["last"]["resumed_at"] > 200, status["catchup"]
+        finally:
+            again.kill()
+            again.wait(30)
+        for p in procs[:2]:
+            p.kill()
+            p.wait(30)
+        for p in (*procs[:2], again):
+            lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
+            assert len(lines) <= 50, lines[:10]
+
+
 @pytest.mark.parametrize("which", ["--api", "--listen"])
 def test_a_busy_port_is_one_line_naming_the_address_and_exit_2(which: str) -> None:
     """Today's uvicorn error, a `Task exception was never retrieved` traceback and exit 3 for a

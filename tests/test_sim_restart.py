@@ -436,6 +436,8 @@ def test_a_restart_counts_among_the_failures() -> None:
 NO_RESUME = [name for name, spec in REGISTRY.items() if spec.resume is None][:3]
 #: centered algorithms that resume in daemons only (their center is rebuilt from the workers)
 CENTERED = [name for name, spec in REGISTRY.items() if spec.resume is not None and spec.center]
+#: lockstep protocols that resume in daemons only (their peers' links replay the last frames)
+LOCKSTEP = [name for name, spec in REGISTRY.items() if spec.resume is not None and spec.lockstep]
 
 
 @pytest.mark.parametrize("algorithm", NO_RESUME)
@@ -452,6 +454,12 @@ def test_an_algorithm_without_resume_cannot_take_a_restart(algorithm: str) -> No
 @pytest.mark.parametrize("algorithm", CENTERED)
 def test_a_centered_algorithm_restarts_in_daemons_only(algorithm: str) -> None:
     with pytest.raises(ConfigError, match="rebuilt from every worker's ledger"):
+        cfg(algorithm=algorithm, sim={"crashes": ["process:0.1@t=3:restart"]})
+
+
+@pytest.mark.parametrize("algorithm", LOCKSTEP)
+def test_a_lockstep_protocol_restarts_in_daemons_only(algorithm: str) -> None:
+    with pytest.raises(ConfigError, match="last iterations' frames again"):
         cfg(algorithm=algorithm, sim={"crashes": ["process:0.1@t=3:restart"]})
 
 

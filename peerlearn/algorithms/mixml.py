@@ -56,13 +56,21 @@ def _mean(values: Sequence[Vector]) -> Vector:
 
 
 def averaging(
-    x0: Vector, steps: int | None, eta: float, n: int, period: int = 1, gamma: float = 1.0
+    x0: Vector,
+    steps: int | None,
+    eta: float,
+    n: int,
+    period: int = 1,
+    gamma: float = 1.0,
+    *,
+    start: int = 1,
 ) -> Generator[Effect, Any, Vector]:
     """AllReduce (period 1, γ = 1), local steps / reduced frequency (period m) and the slack
-    matrix (γ < 1): every ``period`` iterations x ← (1 − γ)x + γ·mean of all n models."""
+    matrix (γ < 1): every ``period`` iterations x ← (1 − γ)x + γ·mean of all n models.
+    ``start``: a restarted process resumes at that iteration from ``x0``."""
     x = x0
-    t = 0
-    for t in _clock(steps):
+    t = start - 1
+    for t in _clock(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
         x = x - eta * g
@@ -80,12 +88,15 @@ def sync_gossip(
     eta: float,
     me: int,
     weights: dict[int, float],
+    *,
+    start: int = 1,
 ) -> Generator[Effect, Any, Vector]:
-    """D-PSGD: step, send to the neighbours, x ← Σ_j W_ij x_j (``weights`` is row ``me``)."""
+    """D-PSGD: step, send to the neighbours, x ← Σ_j W_ij x_j (``weights`` is row ``me``).
+    ``start``: a restarted process resumes at that iteration from ``x0``."""
     x = x0
-    t = 0
+    t = start - 1
     others = tuple(j for j in weights if j != me)
-    for t in _clock(steps):
+    for t in _clock(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
         y = x - eta * g

@@ -179,6 +179,11 @@ class AlgorithmSpec:
     #: a peer's state again (DASGD: the peers that could answer may have ended meanwhile, and a
     #: final state says so); elsewhere a wait is only a wait
     rejoin_when_stalled: bool = False
+    #: its processes move in lockstep (everyone, or every neighbour, waits for everyone's value
+    #: of each averaging iteration): a restarted process resumes at the iteration the slowest
+    #: peer is at, from that peer's model, and its peers send it their frames of the last two
+    #: iterations again (the ones its last incarnation took with it)
+    lockstep: bool = False
     #: whether its payloads may be compressed lossily (none may: the papers' bounds assume
     #: exact values)
     compressible: bool = False

@@ -243,6 +243,7 @@ class Daemon:
             queue_bytes=self.cfg.queue_bytes,
             frame_bytes=self.dim * 8 + _HEADER_ALLOWANCE,
             keep=self.run_cfg.spec.delivery is DeliveryPolicy.KEEP,
+            replay=self.run_cfg.spec.lockstep and self.run_cfg.spec.resume is not None,
             peer_timeout=self.cfg.peer_timeout,
             peer_give_up=self.cfg.peer_give_up,
             drain_timeout=self.cfg.drain_timeout,

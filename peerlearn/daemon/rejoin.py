@@ -198,7 +198,9 @@ class Rejoin:
         if not self._stuck(max(upto for upto, _ in ahead), now):
             return  # they go on with what arrives (the quorum may not need those frames)
         fresh = [(upto, peer) for upto, peer in ahead if peer not in self._unanswered]
-        upto, peer = max(fresh or ahead)
+        # Lockstep: the slowest peer waits for this daemon's frames of the iteration it last
+        # sent (what it dropped up to): resume there, or it waits for good.
+        upto, peer = min(fresh or ahead) if self._spec.lockstep else max(fresh or ahead)
         if self._spec.resume is None:
             if not self._told_cannot:
                 self._told_cannot = True
@@ -532,6 +534,10 @@ class Rejoin:
         # Where frames drop, iteration s's own frames may be gone: resume after them. Where
         # they are kept, the state is exact at s (and the algorithm repairs the rest itself).
         resume_at = step + 1 if not self._keeps and lost is not None and lost >= step else step
+        if self._spec.lockstep and lost is not None and 0 < lost < step:
+            # Past the iteration it last sent the asker: that one's round still waits for the
+            # asker's value (at the peers it has not reached), so the asker resumes there.
+            resume_at = lost
         if self._run.steps is not None and not self._keeps:  # T + 1 iterations at most
             resume_at = min(resume_at, self._run.steps + 1)
         tag = (STATE_KIND, resume_at, *(int(v) for v in extra))

@@ -224,7 +224,7 @@ def run_simulation(
     # A centered algorithm rebuilds its center from every worker's ledger and resumes a worker
     # from the center, not from the process furthest ahead: daemons do that (their rejoin), the
     # simulator's restart fault does not model it.
-    resume_programs = None if cfg.spec.center else cfg.spec.resume
+    resume_programs = None if cfg.spec.center or cfg.spec.lockstep else cfg.spec.resume
     if resume_programs is not None:
         resumer = resume_programs
         restarts: dict[int, int] = {}

@@ -129,6 +129,10 @@ class LinkSettings:
     #: the algorithm's delivery policy: frames for a peer that is away are kept (and resent
     #: when it is back) rather than dropped, and a producer waits for room however long
     keep: bool = False
+    #: a restarted peer gets the frames of the last two iterations sent to its last incarnation
+    #: again, acked or not (lockstep algorithms: it resumes where the slowest waits, and needs
+    #: what the others sent for that iteration); otherwise they are dropped
+    replay: bool = False
     resolve_timeout: float = 5.0  # the peer's name lookup, before the connect
     connect_timeout: float = 5.0  # TCP connect + handshake
     backoff_initial: float = 0.05
@@ -206,6 +210,9 @@ class OutLink:
         self._releasing = False
         self._queue: deque[Data] = deque()
         self._unacked: deque[Data] = deque()
+        #: acked frames of the last two iterations sent (``settings.replay`` only)
+        self._recent: deque[Data] = deque()
+        self._recent_steps = (0, 0)  # the last two distinct iterations among them
         self._seq = 0
         #: the highest iteration (a frame's ``step``) queued for the peer so far, and of a
         #: frame dropped for it: told to the peer at each connection (catch-up)
@@ -574,9 +581,23 @@ class OutLink:
         if known is None or incarnation > known:
             self.peer_incarnation = incarnation
 
+    def _keep_recent(self, frame: Data) -> None:
+        """Keep an acked frame while it is of one of the last two iterations sent."""
+        before, last = self._recent_steps
+        if frame.step > last:
+            before, last = last, frame.step
+            self._recent_steps = (before, last)
+        self._recent.append(frame)
+        while self._recent and self._recent[0].step < before:
+            self._recent.popleft()
+
     def _peer_restarted(self) -> None:
         """The peer is a new incarnation: it keeps nothing of the frames numbered for the last
-        one, so they are dropped (counted) and numbering starts over."""
+        one, so they are dropped (counted) and numbering starts over — or, where frames are
+        replayed, the last two iterations' frames are sent again, numbered for the new one."""
+        if self._settings.replay:
+            self._replay()
+            return
         dropped = self.outstanding
         self._queue.clear()
         self._unacked.clear()
@@ -592,6 +613,32 @@ class OutLink:
             "%s restarted (new incarnation): %d frames for its last incarnation dropped",
             self.name,
             dropped,
+        )
+
+    def _replay(self) -> None:
+        before = self._recent_steps[0]
+        acked = [f for f in self._recent if f.step >= before]  # their slots were given back
+        pending = [*self._unacked, *self._queue]  # each holds a slot
+        kept = [f for f in pending if f.step >= before]
+        for _ in range(len(pending) - len(kept)):
+            self._free_slot()
+        self._recent.clear()
+        self._unacked.clear()
+        self._queue.clear()
+        self._seq = 0
+        self._lose(self._sent_upto)  # its process is gone all the same: it must rejoin
+        for _ in acked:
+            if not self._room.acquire(blocking=False):
+                self._overdraft += 1
+        for frame in (*acked, *kept):  # in the order they were first sent
+            self._seq += 1
+            self._queue.append(replace(frame, seq=self._seq))
+        self._wakeup.set()
+        log.info(
+            "%s restarted (new incarnation): %d frames of iterations %d and on sent again",
+            self.name,
+            len(acked) + len(kept),
+            before,
         )
 
     async def _resolve(self) -> list[str]:
@@ -883,8 +930,10 @@ class OutLink:
         match msg:
             case Ack(seq=seq):
                 while self._unacked and self._unacked[0].seq <= seq:
-                    self._unacked.popleft()
+                    frame = self._unacked.popleft()
                     self._free_slot()
+                    if self._settings.replay:
+                        self._keep_recent(frame)
                 self._acked.set()  # a draining close waits on this
                 self._answered(proto, msg)  # the answer to a Join, when one is awaited
             case Welcome() | Refuse():

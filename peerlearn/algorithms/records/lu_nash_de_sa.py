@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.mixml import async_gossip, averaging, sync_gossip
 from peerlearn.algorithms.records._common import start_point, step_size
-from peerlearn.algorithms.spec import AlgorithmSpec, RejoinState
-from peerlearn.effects import Program
+from peerlearn.algorithms.spec import AlgorithmSpec, RejoinState, Resumer
+from peerlearn.effects import Program, Vector
 from peerlearn.streams import Purpose, stream
 
 if TYPE_CHECKING:
@@ -33,6 +33,38 @@ def _averaging(slack: bool) -> _Programs:
         return [averaging(x1, cfg.steps, eta, n, cfg.mix_period, gamma) for _ in pids]
 
     return programs
+
+
+def _averaging_resume(slack: bool) -> Resumer:
+    def resume(
+        cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+    ) -> list[Program]:
+        eta, n = cfg.schedule()(1), cfg.processes
+        gamma = cfg.mix.gamma if slack else 1.0
+        return [
+            averaging(_model(state), cfg.steps, eta, n, cfg.mix_period, gamma, start=state.step)
+            for _ in pids
+        ]
+
+    return resume
+
+
+def _model(state: RejoinState) -> Vector:
+    """The state's model, read-only (the resumed programs may share it)."""
+    x = state.model.copy()
+    x.flags.writeable = False
+    return x
+
+
+def _sync_gossip_resume(
+    cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+) -> list[Program]:
+    eta, w = cfg.schedule()(1), cfg.graph.metropolis()
+    out: list[Program] = []
+    for p in pids:
+        row = {int(j): float(w[p, j]) for j in (p, *cfg.graph.neighbours[p])}
+        out.append(sync_gossip(_model(state), cfg.steps, eta, p, row, start=state.step))
+    return out
 
 
 def _sync_gossip(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
@@ -102,6 +134,8 @@ RECORDS = (
         tolerates="no crashes",
         parameters="—",
         programs=_averaging(slack=False),
+        resume=_averaging_resume(slack=False),
+        lockstep=True,
         describe=step_size,
     ),
     AlgorithmSpec(
@@ -112,6 +146,8 @@ RECORDS = (
         tolerates="no crashes",
         parameters="`[mix] period` m (2)",
         programs=_averaging(slack=False),
+        resume=_averaging_resume(slack=False),
+        lockstep=True,
         settings=frozenset({"mix.period"}),
         period=2,
         describe=_period,
@@ -124,6 +160,8 @@ RECORDS = (
         tolerates="no crashes",
         parameters="m (10)",
         programs=_averaging(slack=False),
+        resume=_averaging_resume(slack=False),
+        lockstep=True,
         settings=frozenset({"mix.period"}),
         period=10,
         describe=_period,
@@ -136,6 +174,8 @@ RECORDS = (
         tolerates="no crashes",
         parameters="`[mix] gamma` γ",
         programs=_averaging(slack=True),
+        resume=_averaging_resume(slack=True),
+        lockstep=True,
         settings=frozenset({"mix.gamma"}),
         describe=lambda cfg: [*step_size(cfg), f"γ={cfg.mix.gamma:g}"],
     ),
@@ -147,6 +187,8 @@ RECORDS = (
         tolerates="no crashes",
         parameters="`topology` (ring)",
         programs=_sync_gossip,
+        resume=_sync_gossip_resume,
+        lockstep=True,
         settings=frozenset({"topology"}),
         topology="ring",
         describe=_topology,
