@@ -21,8 +21,11 @@ is rebuilt. Their daemon starts its workers only once every peer has sent its fi
 (``Missed(None)`` when it dropped nothing) and the state asked for, if any, has come
 (:meth:`Rejoin.settled`) — or after ``peer_timeout``, with the peers heard so far.
 
-Several peers may have dropped frames: this daemon asks the one that dropped the latest
-iterations (the furthest ahead), one request at a time, and asks again (that peer or another)
+Several peers may have dropped frames: a starting daemon waits for every peer's first note (up
+to ``peer_timeout``), then asks the one that dropped the latest iterations (the furthest ahead;
+for lockstep protocols the *slowest*, which still waits for this daemon's value of the
+iteration it last sent, and whose link sends it its last iterations' frames again), one request
+at a time, and asks again (that peer or another)
 while a notice it holds is still ahead of its workers — a request unanswered within
 ``REQUEST_TIMEOUT`` is given up. Everything runs on the event loop; the workers take their
 resumed programs at their next effect (:meth:`~peerlearn.runtime.worker.Worker.rejoin`).
@@ -31,8 +34,8 @@ For the papers' guarantees: a resumed process holds a model another process held
 iteration, so every model stays in the convex hull of the live models, which the contraction
 arguments of Alg 1 and 2 need; the resumed process skips the iterations in between, like a
 process that was slow. Algorithms without a resume entry point (``resume=None``: synchronous
-EASGD, gossip, MixML's synchronous protocols) keep their frames for a peer that is away and
-resend them, and are told when they cannot rejoin.
+EASGD, agreement) keep their frames for a peer that is away and resend them (agreement drops
+them), and are told when they cannot rejoin.
 
 The elastic family rejoins between the center and its workers instead (the records' resume
 entry point says how): a restarted daemon hosting the center asks every daemon hosting workers
@@ -192,6 +195,8 @@ class Rejoin:
         if self._starting() and not self.noted >= self._expected and now < self._expect_until:
             return  # a restart: ask once every peer has said what it dropped (or in time)
         ahead = [(upto, peer) for peer, upto in self._missed.items() if upto >= behind]
+        if self._spec.lockstep:  # a peer that sent it nothing (not a neighbour) has no round
+            ahead = [(upto, peer) for upto, peer in ahead if upto > 0]
         if not ahead:
             self._consider_stall(now)
             return
@@ -627,6 +632,11 @@ class Rejoin:
         self._floor = resume_at
         self.rejoins += 1
         self.last = Rejoined(peer, behind, resume_at, time.monotonic())
+        if self._spec.lockstep:
+            # Every peer that dropped frames for the last incarnation sends its last iterations'
+            # frames again: those ahead of resume_at too, and resuming further would skip the
+            # round the slowest waits in. Nothing more to ask anyone.
+            self._missed.clear()
         log.info(
             "caught up: workers %s resume at iteration %d from daemon %d's model (were at %d)",
             ", ".join(w.name for w in workers),

@@ -119,6 +119,10 @@ class LinkState(StrEnum):
     CLOSED = "closed"
 
 
+#: frames a restarted peer never gets again (a state answer, a model snapshot: asked anew)
+_NOT_REPLAYED = ("state", "ledger", "snapshot")
+
+
 @dataclass(frozen=True)
 class LinkSettings:
     max_queue: int = 256  # outstanding frames per link (queued + unacked)
@@ -129,9 +133,10 @@ class LinkSettings:
     #: the algorithm's delivery policy: frames for a peer that is away are kept (and resent
     #: when it is back) rather than dropped, and a producer waits for room however long
     keep: bool = False
-    #: a restarted peer gets the frames of the last two iterations sent to its last incarnation
-    #: again, acked or not (lockstep algorithms: it resumes where the slowest waits, and needs
-    #: what the others sent for that iteration); otherwise they are dropped
+    #: a restarted peer gets the frames of the last three iterations sent to its last
+    #: incarnation again, acked or not (lockstep algorithms: it resumes where the slowest waits
+    #: — two neighbours of it may be two iterations apart — and needs what the others sent for
+    #: that iteration); otherwise they are dropped
     replay: bool = False
     resolve_timeout: float = 5.0  # the peer's name lookup, before the connect
     connect_timeout: float = 5.0  # TCP connect + handshake
@@ -210,9 +215,9 @@ class OutLink:
         self._releasing = False
         self._queue: deque[Data] = deque()
         self._unacked: deque[Data] = deque()
-        #: acked frames of the last two iterations sent (``settings.replay`` only)
+        #: acked frames of the last three iterations sent (``settings.replay`` only)
         self._recent: deque[Data] = deque()
-        self._recent_steps = (0, 0)  # the last two distinct iterations among them
+        self._recent_steps = (0, 0, 0)  # the last three distinct iterations among them
         self._seq = 0
         #: the highest iteration (a frame's ``step``) queued for the peer so far, and of a
         #: frame dropped for it: told to the peer at each connection (catch-up)
@@ -582,13 +587,16 @@ class OutLink:
             self.peer_incarnation = incarnation
 
     def _keep_recent(self, frame: Data) -> None:
-        """Keep an acked frame while it is of one of the last two iterations sent."""
-        before, last = self._recent_steps
+        """Keep an acked frame while it is of one of the last three iterations sent (a state
+        answer or a snapshot is never sent again)."""
+        if frame.tag[0] in _NOT_REPLAYED:
+            return
+        first, second, last = self._recent_steps
         if frame.step > last:
-            before, last = last, frame.step
-            self._recent_steps = (before, last)
+            first, second, last = second, last, frame.step
+            self._recent_steps = (first, second, last)
         self._recent.append(frame)
-        while self._recent and self._recent[0].step < before:
+        while self._recent and self._recent[0].step < first:
             self._recent.popleft()
 
     def _peer_restarted(self) -> None:
@@ -619,14 +627,17 @@ class OutLink:
         before = self._recent_steps[0]
         acked = [f for f in self._recent if f.step >= before]  # their slots were given back
         pending = [*self._unacked, *self._queue]  # each holds a slot
-        kept = [f for f in pending if f.step >= before]
+        kept = [f for f in pending if f.step >= before and f.tag[0] not in _NOT_REPLAYED]
         for _ in range(len(pending) - len(kept)):
             self._free_slot()
+        if len(pending) > len(kept):
+            self._stats.drop("peer_restarted", len(pending) - len(kept))
         self._recent.clear()
         self._unacked.clear()
         self._queue.clear()
         self._seq = 0
-        self._lose(self._sent_upto)  # its process is gone all the same: it must rejoin
+        if self._sent_upto > 0:  # its process is gone all the same: it must rejoin
+            self._lose(self._sent_upto)  # (from a peer that sent it something: not a stranger)
         for _ in acked:
             if not self._room.acquire(blocking=False):
                 self._overdraft += 1
