@@ -602,7 +602,7 @@ class OutLink:
     def _peer_restarted(self) -> None:
         """The peer is a new incarnation: it keeps nothing of the frames numbered for the last
         one, so they are dropped (counted) and numbering starts over — or, where frames are
-        replayed, the last two iterations' frames are sent again, numbered for the new one."""
+        replayed, the last three iterations' frames are sent again, numbered for the new one."""
         if self._settings.replay:
             self._replay()
             return
