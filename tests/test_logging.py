@@ -56,7 +56,8 @@ def test_run_logs_json_lines_without_reprs(tmp_path: Path) -> None:
     """Two daemons (links, handshakes), one worker crashing (a traceback): the flag on one, the
     environment variable on the other."""
     (tmp_path / "crashy.py").write_text(CRASHY)
-    peers, apis = free_ports(2), free_ports(2)
+    ports = free_ports(4)  # one call: two could pick the same port twice
+    peers, apis = ports[:2], ports[2:]
     addrs = [f"127.0.0.1:{p}" for p in peers]
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     procs = []

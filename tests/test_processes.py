@@ -47,7 +47,10 @@ def free_ports(k: int) -> list[int]:
 
 @contextmanager
 def daemons(k: int, *args: str) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[str]]]:
-    peer_ports, api_ports = free_ports(k), free_ports(k)
+    # One call: two calls could each pick a port the other picked (both free at the time), and
+    # a daemon whose API port is another's peer port fails to start.
+    ports = free_ports(2 * k)
+    peer_ports, api_ports = ports[:k], ports[k:]
     addrs = [f"127.0.0.1:{p}" for p in peer_ports]
     procs = []
     for i in range(k):
