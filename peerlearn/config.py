@@ -243,19 +243,14 @@ class RunConfig(RunSettings):
         _ = self.membership
         crashes = self.crash_specs
         restarts = [c.spec for c in crashes if c.mode == "restart"]
-        if restarts and (self.spec.resume is None or self.spec.center or self.spec.lockstep):
+        if restarts and (self.spec.resume is None or self.spec.lockstep):
             able = ", ".join(
                 name
                 for name, spec in REGISTRY.items()
-                if spec.resume is not None and not spec.center and not spec.lockstep
+                if spec.resume is not None and not spec.lockstep
             )
             if self.spec.resume is None:
                 why = "restart faults need a resume entry point"
-            elif self.spec.center:
-                why = (
-                    "its center is rebuilt from every worker's ledger, which daemons do and the "
-                    "simulator does not model"
-                )
             else:
                 why = (
                     "its peers send a restarted process their last iterations' frames again, "
@@ -265,6 +260,14 @@ class RunConfig(RunSettings):
                 f"{self.algorithm} cannot rejoin in the simulator: {why} "
                 f"({', '.join(restarts)}; algorithms that can: {able})"
             )
+        if self.spec.center and not self.spec.center_rebuilt:
+            at_center = [c.spec for c in crashes if c.mode == "restart" and self.center in c.pids]
+            if at_center:
+                raise ValueError(
+                    f"the center of {self.algorithm} cannot restart ({', '.join(at_center)}): "
+                    "its model is not a sum of what the workers hold, so it cannot be rebuilt "
+                    "from them; its workers can restart"
+                )
         # A restarted process misses the iterations it skips, as a crashed one would: it counts
         # among the f processes the quorum must do without.
         kill = "kill or restart" if restarts else "kill"

@@ -8,7 +8,8 @@ Grammar (cluster ids and indexes are 0-based; processes are ``cluster.index``)::
                                   part of the recipients gets the message, the rest never does
     process:C.I@t=K:restart       C.I restarts when it reaches iteration K: it loses its program,
                                   its buffered messages and those in flight to it, and rejoins at
-                                  once from the live process furthest ahead (a process only; the
+                                  once from the live process furthest ahead (a centered
+                                  algorithm's: through its center; a process only; the
                                   algorithm's record needs a resume entry point)
     …@time=X                      at virtual time X instead of an iteration (simulator only)
 

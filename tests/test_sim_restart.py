@@ -255,7 +255,9 @@ def test_messages_on_their_way_are_lost_and_a_sent_iteration_is_skipped() -> Non
     way to it is gone."""
     resumed: list[tuple[int, int, Vector]] = []
 
-    def resume(pid: int, step: int, model: Vector, key: Any) -> Generator[Effect, Any, None]:
+    def resume(
+        pid: int, step: int, model: Vector, key: Any, _ledgers: Any
+    ) -> Generator[Effect, Any, None]:
         resumed.append((pid, step, model))
         yield Report("model", model, step=step)
         yield Await(("b", 1), Count(1))
@@ -278,7 +280,9 @@ def test_what_it_held_and_what_a_partition_held_for_it_are_lost() -> None:
     partition gives it anything, even after the heal — while its own message, held on its way
     to process 0, still arrives there."""
 
-    def resume(pid: int, step: int, model: Vector, key: Any) -> Generator[Effect, Any, None]:
+    def resume(
+        pid: int, step: int, model: Vector, key: Any, _ledgers: Any
+    ) -> Generator[Effect, Any, None]:
         yield Report("model", model, step=step)
         yield Await(("b", 1), Count(1))
 
@@ -298,7 +302,9 @@ def test_a_restart_before_anyone_sent_resumes_at_that_iteration() -> None:
     iteration 1 itself, its pending gradient is dropped (the old program never runs again), and
     everyone finishes with all three messages."""
 
-    def resume(pid: int, step: int, model: Vector, key: Any) -> Generator[Effect, Any, Vector]:
+    def resume(
+        pid: int, step: int, model: Vector, key: Any, _ledgers: Any
+    ) -> Generator[Effect, Any, Vector]:
         return (yield from _step_then_wait(model, step, 3))
 
     sim = _sim([_step_then_wait(np.array([float(p)]), 1, 3) for p in range(3)], resume)
@@ -317,7 +323,9 @@ def test_it_never_resumes_at_an_iteration_it_sent_a_message_of() -> None:
     message is out — the others will count it — so it resumes at 2, not 1 (a second ("b", 1)
     under its name would be a duplicate sender)."""
 
-    def resume(pid: int, step: int, model: Vector, key: Any) -> Generator[Effect, Any, Vector]:
+    def resume(
+        pid: int, step: int, model: Vector, key: Any, _ledgers: Any
+    ) -> Generator[Effect, Any, Vector]:
         yield Report("model", model, step=step)
         return model
 
@@ -346,7 +354,9 @@ def test_the_process_furthest_ahead_is_the_source() -> None:
         yield Report("model", x, step=7)
         return x
 
-    def resume(pid: int, step: int, model: Vector, key: Any) -> Generator[Effect, Any, Vector]:
+    def resume(
+        pid: int, step: int, model: Vector, key: Any, _ledgers: Any
+    ) -> Generator[Effect, Any, Vector]:
         return (yield from alone(model, step))
 
     programs = [alone(np.zeros(1), 1) for _ in range(3)]
@@ -375,7 +385,9 @@ def test_registers_of_skipped_iterations_are_reclaimed() -> None:
         yield Report("model", x, step=4)
         return x
 
-    def resume(pid: int, step: int, model: Vector, key: Any) -> Generator[Effect, Any, Vector]:
+    def resume(
+        pid: int, step: int, model: Vector, key: Any, _ledgers: Any
+    ) -> Generator[Effect, Any, Vector]:
         return (yield from rounds(model, step))
 
     sim = _sim([rounds(np.zeros(1), 1) for _ in range(2)], resume, scale=[1.0, 3.0])
@@ -387,7 +399,7 @@ def test_registers_of_skipped_iterations_are_reclaimed() -> None:
 
 
 def test_with_nobody_left_it_stays_down() -> None:
-    def resume(pid: int, step: int, model: Vector, key: Any) -> Program:
+    def resume(pid: int, step: int, model: Vector, key: Any, _ledgers: Any) -> Program:
         raise AssertionError("nobody to resume from")
 
     sim = _sim([_step_then_wait(np.zeros(1), 1, 1) for _ in range(2)], resume)
@@ -434,8 +446,6 @@ def test_a_restart_counts_among_the_failures() -> None:
 
 #: algorithms whose record has no resume entry point (more get one over time: read the records)
 NO_RESUME = [name for name, spec in REGISTRY.items() if spec.resume is None][:3]
-#: centered algorithms that resume in daemons only (their center is rebuilt from the workers)
-CENTERED = [name for name, spec in REGISTRY.items() if spec.resume is not None and spec.center]
 #: lockstep protocols that resume in daemons only (their peers' links replay the last frames)
 LOCKSTEP = [name for name, spec in REGISTRY.items() if spec.resume is not None and spec.lockstep]
 
@@ -449,12 +459,6 @@ def test_an_algorithm_without_resume_cannot_take_a_restart(algorithm: str) -> No
     assert res.exit_code == 2, res.output
     assert "restart faults need a resume entry point" in res.output
     assert "Traceback" not in res.output
-
-
-@pytest.mark.parametrize("algorithm", CENTERED)
-def test_a_centered_algorithm_restarts_in_daemons_only(algorithm: str) -> None:
-    with pytest.raises(ConfigError, match="rebuilt from every worker's ledger"):
-        cfg(algorithm=algorithm, sim={"crashes": ["process:0.1@t=3:restart"]})
 
 
 @pytest.mark.parametrize("algorithm", LOCKSTEP)

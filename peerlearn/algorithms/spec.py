@@ -147,6 +147,9 @@ class AlgorithmSpec:
     topology: str | None = None
     #: one process (``elastic.center``) serves the others
     center: bool = False
+    #: a restarted center is rebuilt from its workers' ledgers (the elastic variants); if not,
+    #: only its workers can restart
+    center_rebuilt: bool = False
     #: the default period m: local steps between averagings
     period: int = 1
     #: runs multidimensional approximate agreement (the ``[maa]`` settings and round counts)

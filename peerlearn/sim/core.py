@@ -49,6 +49,14 @@ that message; a second one under its name would be counted twice, a register wri
 So every message of iteration r and later reaches it, and it misses the iterations in between as
 a crashed process would.
 
+A centered algorithm (the elastic family, ``center`` given) rejoins through its center instead,
+as daemons do: a restart also loses the messages still on their way *from* the restarted process
+(a killed daemon's unsent frames), a restarted worker resumes from the center's model after the
+last request the center answered for it, with the center's record of its ledger, and a restarted
+center is rebuilt from the live workers' ledgers — each worker's last ledger report, plus the
+last center's answer if that sits in its mailbox already (the worker will apply it). A restarted
+worker whose center has crashed stays down.
+
 Divergence is checked where a value leaves the process that computed it: a gradient as ``Grad``
 returns it, a model as it is reported, and every value a process sends or writes. A non-finite
 one stops the process there, crash-stop, before anybody receives it, and the run ends
@@ -60,7 +68,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -68,6 +76,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from peerlearn.algorithms.spec import Ledger
 from peerlearn.effects import (
     AtLeast,
     Await,
@@ -113,10 +122,15 @@ __all__ = [
 _RESUME, _DELIVER, _READ, _CRASH, _SAMPLE, _HEAL, _RESTART = range(7)
 
 Sampler = Callable[[], float]
-#: ``resume(pid, r, model, key)``: the program of process ``pid`` resuming at iteration ``r`` from
-#: ``model`` and the ``key`` it was reported with (the rest of the state: DASGD's version vector),
-#: through the algorithm's resume entry point
-Resumer = Callable[[int, int, Vector, Tag], Program]
+#: ``resume(pid, r, model, key, ledgers)``: the program of process ``pid`` resuming at iteration
+#: ``r`` from ``model`` and the ``key`` it was reported with (the rest of the state: DASGD's
+#: version vector, a center's last answered request per worker), with the ledgers of a centered
+#: algorithm's workers by pid (empty otherwise), through the algorithm's resume entry point
+Resumer = Callable[[int, int, Vector, Tag, Mapping[int, Ledger]], Program]
+
+#: the tag of the center's answer to a worker's request of iteration t is ``(ANSWER, t)``
+#: (:mod:`peerlearn.algorithms.elastic`)
+ANSWER = "rep"
 
 
 class Status(StrEnum):
@@ -155,7 +169,9 @@ class Restart:
     #: the iteration it resumed at; None: no live process was left to take state from, so it
     #: stayed down (counted as crashed)
     resumed_at: int | None
-    source: str | None  # the process whose state it took
+    #: the process whose state it took; None: it stayed down, or (a center) was rebuilt from its
+    #: workers' ledgers
+    source: str | None
     source_step: int | None  # that process's iteration s (its model is x_s)
 
 
@@ -172,6 +188,7 @@ class Proc:
     step: int = 0  # iteration of the last "model" report
     x: Vector | None = None  # model at the start of iteration ``step``
     key: Tag = ()  # the key ``x`` was reported with
+    ledger: Report | None = None  # its last "ledger" report (centered algorithms)
     output: Any = None
     waiting: tuple[Tag, Quorum] | None = None
     #: while waiting: the mailbox size below which the quorum cannot hold (a quorum needs at
@@ -190,8 +207,8 @@ class Proc:
     down: bool = False  # restarting: its program stopped, it rejoins at its _RESTART event
     #: the last iteration it sent a message or wrote a register in (any incarnation)
     sent_step: int = 0
-    #: events and deliveries for it with a sequence number below this were sent before its last
-    #: restart: they are lost
+    #: events and deliveries for it (and, centered algorithms, from it) with a sequence number
+    #: below this were sent before its last restart: they are lost
     lost_before: int = 0
     #: the iteration it last resumed at: it never collects a register of an earlier one
     floor: int = 0
@@ -243,6 +260,7 @@ class Simulator:
     :param grad: ``grad(pid, x)`` — the process's stochastic gradient (its own RNG stream).
     :param rng: the schedule's random stream (delays, orders, partial broadcasts).
     :param resume: the algorithm's resume entry point; restarts need it.
+    :param center: a centered algorithm's center: restarts rejoin through it (module docstring).
     """
 
     def __init__(
@@ -264,6 +282,7 @@ class Simulator:
         on_report: Callable[[Proc, Report], None] | None = None,
         on_receive: Callable[[Proc, str, Tag, tuple[Msg, ...]], None] | None = None,
         resume: Resumer | None = None,
+        center: int | None = None,
     ) -> None:
         self.membership = membership
         n = membership.processes
@@ -292,6 +311,7 @@ class Simulator:
         self._register_step: dict[Tag, int] = {}  # the iteration a register array was made in
         self._collected: dict[Tag, set[int]] = {}
         self._resume = resume
+        self._center = center
         self.restarts: list[Restart] = []
         self._sample_every = sample_every
         self._on_sample = on_sample
@@ -350,6 +370,7 @@ class Simulator:
             self._push(0.0, _SAMPLE, -1, None)
         error: str | None = None
         heap, procs, pop, replace = self._heap, self.procs, heapq.heappop, heapq.heapreplace
+        centered = self._center is not None  # a restart also loses what it sent
         try:
             for proc in procs:
                 self._advance(proc, None)
@@ -366,8 +387,12 @@ class Simulator:
                     self.now = time
                     self.events += 1
                     proc = procs[pid]
-                    if proc.crashed or seq < proc.lost_before:
-                        pass  # it is gone, or it was down when this was on its way
+                    if (
+                        proc.crashed
+                        or seq < proc.lost_before
+                        or (centered and seq < procs[payload.msg.sender].lost_before)
+                    ):
+                        pass  # it is gone, or one end was down when this was on its way
                     elif payload.post:
                         self._deliver_post(proc, payload.tag, payload.msg)
                     else:
@@ -470,6 +495,8 @@ class Simulator:
                         self._model(proc, rep)
                         if proc.crashed or proc.down:
                             return
+                    elif rep.name == "ledger":
+                        proc.ledger = rep
                     if self._on_report is not None:
                         self._on_report(proc, rep)
                 case Write(key=key, value=v):
@@ -748,7 +775,14 @@ class Simulator:
         proc.done.clear()
         proc.collect = None
         if self._held:
-            self._held = [h for h in self._held if h[0] != proc.pid]
+            self._held = [
+                h
+                for h in self._held
+                if h[0] != proc.pid and (self._center is None or h[2].sender != proc.pid)
+            ]
+        if self._center is not None:
+            self._rejoin_centered(proc, was)
+            return
         others = [p for p in self.procs if p is not proc and not p.crashed]
         live = [p for p in others if not p.down and p.x is not None]
         name = self.membership.name(proc.pid)
@@ -763,7 +797,7 @@ class Simulator:
         lost = any(p.sent_step >= s for p in others)
         resumed_at = max(s + 1 if lost else s, proc.sent_step + 1)
         assert self._resume is not None and source.x is not None
-        proc.program = self._resume(proc.pid, resumed_at, source.x.copy(), source.key)
+        proc.program = self._resume(proc.pid, resumed_at, source.x.copy(), source.key, {})
         proc.floor = resumed_at
         self.restarts.append(
             Restart(
@@ -778,6 +812,71 @@ class Simulator:
         )
         self._reclaim_cluster(proc.cluster)
         self._advance(proc, None)
+
+    def _rejoin_centered(self, proc: Proc, was: int) -> None:
+        """``proc`` of a centered algorithm rejoins through the center (module docstring)."""
+        assert self._resume is not None and self._center is not None
+        center = self.procs[self._center]
+        name = self.membership.name(proc.pid)
+        if proc is center:
+            ledgers = {
+                p.pid: self._ledger_of(p, center.pid)
+                for p in self.procs
+                if p is not center and not p.crashed and p.ledger is not None
+            }
+            assert proc.x is not None
+            proc.program = self._resume(proc.pid, 1, proc.x, (), ledgers)
+            self._advance(proc, None)
+            self.restarts.append(Restart(proc.pid, name, self.now, was, proc.step, None, None))
+            return
+        if center.crashed or center.x is None:  # nobody to take state from: it stays down
+            self.restarts.append(Restart(proc.pid, name, self.now, was, None, None, None))
+            self._crash(proc)
+            return
+        # The center's model report's key is its last answered request per worker, in pid order;
+        # its ledger report, the sum of the differences it sent each (elastic variants).
+        workers = [p for p in range(self.membership.processes) if p != center.pid]
+        answered = dict(zip(workers, center.key, strict=False)).get(proc.pid, 0)
+        sums = center.ledger.value if center.ledger is not None else {}
+        total = sums.get(proc.pid, 0 * center.x)
+        resumed_at = int(answered) + 1
+        proc.program = self._resume(
+            proc.pid,
+            resumed_at,
+            center.x.copy(),
+            center.key,
+            {proc.pid: Ledger(int(answered), None, total)},
+        )
+        proc.floor = resumed_at
+        self.restarts.append(
+            Restart(
+                proc.pid,
+                name,
+                self.now,
+                was,
+                resumed_at,
+                self.membership.name(center.pid),
+                center.step,
+            )
+        )
+        self._advance(proc, None)
+
+    @staticmethod
+    def _ledger_of(worker: Proc, center: int) -> Ledger:
+        """``worker``'s ledger as a restarted center must count it: its last ledger report, or
+        the one after the last center's answer it waits on if that answer is in its mailbox
+        already (it computes a gradient before it takes the answer, and will apply it)."""
+        rep = worker.ledger
+        assert rep is not None
+        waiting = rep.key[0] if rep.key else None
+        if waiting is None:
+            return Ledger(rep.step, None, rep.value)
+        held = next(
+            (m for m in worker.mailbox.get((ANSWER, waiting), ()) if m.sender == center), None
+        )
+        if held is not None:
+            return Ledger(waiting, None, rep.value + held.value)
+        return Ledger(rep.step, waiting, rep.value)
 
     def _active_partitions(self) -> list[Partition]:
         now = self.now

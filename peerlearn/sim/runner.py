@@ -7,14 +7,14 @@ factors, stragglers, partitions, metric samples and the agreement trace.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from peerlearn.algorithms import diam2
-from peerlearn.algorithms.spec import RejoinState
+from peerlearn.algorithms.spec import Ledger, RejoinState
 from peerlearn.config import Distribution, RunConfig
 from peerlearn.effects import Msg, Program, Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import ConfigError
@@ -221,19 +221,20 @@ def run_simulation(
         receive_sets.setdefault((kind, tag), {})[proc.pid] = frozenset(m.sender for m in msgs)
 
     resume: Resumer | None = None
-    # A centered algorithm rebuilds its center from every worker's ledger and resumes a worker
-    # from the center, not from the process furthest ahead: daemons do that (their rejoin), the
-    # simulator's restart fault does not model it.
-    resume_programs = None if cfg.spec.center or cfg.spec.lockstep else cfg.spec.resume
+    # A lockstep algorithm's restarted process needs its peers' frames of the iterations it
+    # resumes at again: daemons' links replay them, the simulator's restart fault does not.
+    resume_programs = None if cfg.spec.lockstep else cfg.spec.resume
     if resume_programs is not None:
         resumer = resume_programs
         restarts: dict[int, int] = {}
 
-        def resume(pid: int, step: int, model: Vector, key: Tag) -> Program:
+        def resume(
+            pid: int, step: int, model: Vector, key: Tag, ledgers: Mapping[int, Ledger]
+        ) -> Program:
             # A model's report key is the rest of its state, integers (DASGD's version vector)
             extra = tuple(k for k in key if isinstance(k, int))
             restarts[pid] = restarts.get(pid, 0) + 1
-            state = RejoinState(step, model, extra, incarnation=restarts[pid])
+            state = RejoinState(step, model, extra, ledgers, incarnation=restarts[pid])
             return resumer(cfg, problem, [pid], state)[0]
 
     sim = Simulator(
@@ -253,6 +254,7 @@ def run_simulation(
         on_report=on_report if cfg.trace or keep or cfg.spec.staleness else None,
         on_receive=on_receive if record_receives else None,
         resume=resume,
+        center=cfg.center if cfg.spec.center else None,
     )
     for spec in cfg.crash_specs:
         for pid in spec.pids:

@@ -260,6 +260,7 @@ def _asynchronous(
         resume=_async_resume(variant, momentum),
         settings=_CENTER | settings,
         center=True,
+        center_rebuilt=variant in (Variant.ASYNC, Variant.EAMSGD),
         sends_models=False,
         check=_check,
         describe=_describe(momentum),
