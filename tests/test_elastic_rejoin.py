@@ -393,3 +393,144 @@ def test_a_downpour_worker_resumed_after_its_flush_ends_without_posting() -> Non
     assert isinstance(final, Report) and final.name == "model"
     with pytest.raises(StopIteration):
         program.send(None)
+
+
+# --- late ledgers: a worker's daemon away while the center was rebuilt ---------------------------
+
+
+def run_with_late_ledgers(
+    variant: str, workers: int, steps: int, tau: int, after: int, late: int, delay: int, seed: int
+) -> Run:
+    """The center restarts after ``after`` deliveries and is rebuilt without the ledgers of
+    workers ``1..late``; ``delay`` deliveries later each of them arrives, as the daemon joins
+    it: a ``("ledger", w, answered, waiting)`` letter in the center's inbox with the worker's
+    ledger as it is then."""
+    cfg = config(variant, workers, steps, tau)
+    problem = build_problem(cfg)
+    assert problem is not None
+    run = Run(cfg, random.Random(seed))
+    pids = list(range(workers + 1))
+    for pid, program in zip(pids, cfg.spec.programs(cfg, problem, pids), strict=True):
+        run.start(pid, program)
+    for _ in range(after):
+        run.step()
+    resume = cfg.spec.resume
+    assert resume is not None
+    run.lose(CENTER)
+
+    def ledger_of(pid: int) -> Ledger:
+        rep = run.ledgers[pid]
+        return Ledger(rep.step, int(rep.key[0]) if rep.key else None, rep.value)
+
+    on_time = {pid: ledger_of(pid) for pid in run.ledgers if pid > late}
+    (program,) = resume(cfg, problem, [CENTER], RejoinState(1, problem.x0(), (), on_time))
+    run.start(CENTER, program)
+    for _ in range(delay):
+        run.step()
+    for pid in range(1, late + 1):
+        lg = ledger_of(pid)
+        run.inbox.append(Letter(("ledger", pid, lg.answered, lg.waiting or 0), pid, lg.total))
+        run.settle(CENTER)
+    while run.step():
+        pass
+    return run
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    variant=st.sampled_from(["async_easgd", "eamsgd"]),
+    workers=st.integers(1, 3),
+    steps=st.integers(1, 8),
+    tau=st.integers(1, 3),
+    after=st.integers(0, 40),
+    late=st.integers(1, 3),
+    delay=st.integers(0, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_a_late_ledger_joins_the_rebuilt_center_and_the_run_ends_with_the_law_intact(
+    variant: str,
+    workers: int,
+    steps: int,
+    tau: int,
+    after: int,
+    late: int,
+    delay: int,
+    seed: int,
+) -> None:
+    """Whatever the late workers sent meanwhile (held by the center until their ledger
+    came), every program ends and the center is x̃_1 + Σ_i D_i."""
+    late = min(late, workers)
+    run = run_with_late_ledgers(variant, workers, steps, tau, after, late, delay, seed)
+    assert run.done == set(range(workers + 1)), run.effect
+    x1 = build_problem(run.cfg).x0()  # type: ignore[union-attr]
+    sums = sum((rep.value for rep in run.ledgers.values()), np.zeros_like(x1))
+    np.testing.assert_allclose(run.models[CENTER], x1 + sums, rtol=0, atol=1e-9)
+    if variant == "async_easgd":
+        total = run.models[CENTER] + sum(run.models[p] for p in range(1, workers + 1))
+        assert run.applied is not None
+        np.testing.assert_allclose(total, (workers + 1) * x1 - run.applied, rtol=0, atol=1e-9)
+
+
+def test_a_rebuilt_center_holds_a_late_workers_request_until_its_ledger_comes() -> None:
+    x1 = np.zeros(2)
+    program = elastic_center(
+        Variant.ASYNC,
+        x1 + 1.0,  # x̃_1 + D_1, worker 2's ledger missing
+        6,
+        0.1,
+        0.5,
+        0.0,
+        workers=(1, 2),
+        served=1,
+        answered={1: 1},
+        given={1: np.ones(2)},
+        tau=1,
+    )
+    next(program), program.send(None)  # its ledger and model reports
+    assert isinstance(program.send(None), Receive)
+    # worker 2 asks before its ledger came: held, nothing answered
+    assert isinstance(program.send((Letter(("req", 3), 2, np.full(2, 5.0)),)), Receive)
+    # its ledger: answered 2 requests (D = 2), waiting on 3 — the held one, served for real
+    ledger = program.send((Letter(("ledger", 2, 2, 3), 2, np.full(2, 2.0)),))
+    assert isinstance(ledger, Report) and ledger.name == "ledger"
+    np.testing.assert_array_equal(ledger.value[2], [2.0, 2.0])
+    model = program.send(None)
+    assert model.step == 1 + 2 + 1 and model.key == (1, 2)
+    np.testing.assert_array_equal(model.value, [3.0, 3.0])  # x̃_1 + D_1 + D_2
+    served = program.send(None)
+    assert isinstance(served, Send) and served.tag == ("rep", 3)
+    np.testing.assert_array_equal(served.value, [1.0, 1.0])  # α(x − x̃) = 0.5·(5 − 3)
+    # a second ledger of worker 2 (a duplicate) adds nothing
+    program.send(None), program.send(None)
+    assert isinstance(program.send((Letter(("ledger", 2, 2, 0), 2, np.full(2, 9.0)),)), Receive)
+
+
+class _Delivery:
+    def __init__(self) -> None:
+        self.letters: list[tuple[Any, ...]] = []
+
+    def deliver_to(self, pids: Any, tag: Any, sender: int, value: Vector, post: bool) -> None:
+        self.letters.append((tuple(pids), tag, sender, post))
+
+
+async def test_a_centers_daemon_joins_a_ledger_that_comes_after_the_rebuild() -> None:
+    """Daemon 2 does not answer in time: the center is rebuilt without it, /status keeps
+    naming it, and its ledger — once checked — goes into the center's inbox when it comes."""
+    cfg = config("async_easgd", 2, 40, 1)
+    center = _Worker(pid=0, name="0.0", state=WorkerState.CREATED, done=threading.Event())
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1, 1]), [center])  # type: ignore[list-item]
+    transport = _Transport()
+    rejoin.attach(transport)  # type: ignore[arg-type]
+    delivery = _Delivery()
+    rejoin.deliver_with(delivery)  # type: ignore[arg-type]
+    rejoin.on_note(1, Missed(3))
+    rejoin.on_note(2, Missed(3))
+    rejoin.on_state(_frame(1, ("ledger", 1, 10, 11), np.full(4, 0.5)))
+    rejoin._gather_since = -1e9  # the gathering timed out
+    rejoin.consider()
+    assert rejoin.rejoins == 1 and rejoin.gathering() == [2]
+    rejoin.on_state(_frame(2, ("ledger", 2, 5, 9), np.full(4, 0.25)))  # no worker can hold it
+    assert delivery.letters == [] and rejoin.gathering() == [2]
+    rejoin.on_state(_frame(2, ("ledger", 2, 7, 8), np.full(4, 0.25)))
+    assert delivery.letters == [((0,), ("ledger", 2, 7, 8), 2, True)]
+    assert rejoin.gathering() == []

@@ -420,6 +420,41 @@ async def test_async_easgd_restarted_with_the_same_command_rejoins(killed: int) 
             assert len(lines) <= 50, lines[:10]
 
 
+@pytest.mark.slow
+async def test_a_worker_daemon_away_while_the_center_is_rebuilt_joins_it_late() -> None:
+    """Asynchronous EASGD on three daemons: daemon 2 (a worker) is SIGSTOPped, then the center's
+    daemon 0 is SIGKILLed and started again. It rebuilds the center without daemon 2's ledger
+    after 10 s and keeps naming it in /status; once daemon 2 is SIGCONTed it is asked again, its
+    ledger joins the running center (which answers the request lost with the last center) and
+    every daemon finishes. Before late ledgers, the center never finished: it counted daemon
+    2's requests from before the restart as never served."""
+    timeout = 3.0
+    with daemons(
+        3,
+        *("--workers", "1", "--algorithm", "async_easgd", "--steps", "3000", "--lr", "0.01"),
+        *("--set", f"peer_timeout={timeout}"),
+    ) as (procs, urls):
+        for url in urls[1:]:
+            await poll_status(url, lambda s: steps(s) > 300)
+        os.kill(procs[2].pid, signal.SIGSTOP)
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(30)
+        again = subprocess.Popen(procs[0].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            rebuilt = await poll_status(urls[0], lambda s: s["catchup"]["rejoins"] == 1, timeout=40)
+            assert rebuilt["catchup"]["gathering"] == [2], rebuilt["catchup"]
+            os.kill(procs[2].pid, signal.SIGCONT)
+            for url in urls:
+                await poll_status(url, lambda s: s["state"] == "finished", timeout=90)
+            async with httpx.AsyncClient() as client:
+                status = (await client.get(f"{urls[0]}/status")).json()
+            assert status["catchup"]["gathering"] == [], status["catchup"]
+        finally:
+            os.kill(procs[2].pid, signal.SIGCONT)
+            again.kill()
+            again.wait(30)
+
+
 async def test_async_gossip_restarted_with_the_same_command_rejoins() -> None:
     """AD-PSGD on a ring of three: SIGKILL one daemon and start it again with the same command.
     Its neighbours wait for answers its last incarnation took with it; the new one resumes from

@@ -35,7 +35,18 @@ from enum import StrEnum
 from itertools import count
 from typing import Any
 
-from peerlearn.effects import Await, Count, Effect, Grad, Post, Receive, Report, Send, Vector
+from peerlearn.effects import (
+    Await,
+    Count,
+    Effect,
+    Grad,
+    Letter,
+    Post,
+    Receive,
+    Report,
+    Send,
+    Vector,
+)
 
 __all__ = [
     "Variant",
@@ -212,6 +223,7 @@ def elastic_center(
     answered: Mapping[int, int] | None = None,
     given: Mapping[int, Vector] | None = None,
     pending: Mapping[int, int] | None = None,
+    tau: int = 1,
 ) -> Generator[Effect, Any, Vector]:
     """Serve ``requests`` requests in all (None: forever), one at a time, in arrival order.
 
@@ -225,12 +237,21 @@ def elastic_center(
     applied once. The resumed center (see the records' resume entry point) starts at x0 with
     ``served`` requests counted, and first answers the ``pending`` ones — iteration per worker,
     requests lost with its last incarnation — neutrally: the worker goes on as if the exchange
-    had not pulled it, and the center's model stays x̃_1 + Σ_i D_i (the conservation law)."""
+    had not pulled it, and the center's model stays x̃_1 + Σ_i D_i (the conservation law).
+
+    A resumed center may lack some workers' ledgers (their daemons did not answer in time): it
+    holds their requests until a *late ledger* arrives in its inbox, a letter
+    ``("ledger", w, answered, waiting)`` from w whose value is D_w. It then adds D_w to its
+    model, counts w's answered requests (one every ``tau`` iterations), serves the held
+    requests, and answers the one w waits on neutrally if that one was lost."""
     xc = x0
     v = 0 * x0
     last: dict[int, int] = dict(answered or {})
     sums: dict[int, Vector] = dict(given or {})
     elastic = variant in (Variant.ASYNC, Variant.EAMSGD)
+    #: workers whose ledgers a resumed center lacks, and their requests held meanwhile
+    missing = set(workers) - set(last) if answered is not None and elastic else set()
+    held: dict[int, list[Letter]] = {}
 
     def key() -> tuple[int, ...]:
         return tuple(last.get(w, 0) for w in workers)
@@ -245,8 +266,32 @@ def elastic_center(
         yield Send((w,), ("rep", t), 0 * xc if elastic else xc)
         last[w] = t
     while requests is None or served < requests:
-        for letter in (yield Receive(block=True)):
+        todo = list((yield Receive(block=True)))
+        while todo:
+            letter = todo.pop(0)
             value, t, sender = letter.value, letter.tag[1], letter.sender
+            if letter.tag[0] == "ledger":
+                if sender != t or sender not in missing:
+                    continue  # not one this center waits for (a duplicate): nothing to add
+                missing.discard(sender)
+                done, waiting = int(letter.tag[2]), int(letter.tag[3])
+                xc = xc + value
+                sums[sender] = value
+                last[sender] = done
+                served += answered_requests(done, tau)
+                queued = held.pop(sender, [])
+                if waiting and all(q.tag[1] != waiting for q in queued):
+                    # lost with the last center: neutral, as for the pending ones
+                    yield Send((sender,), ("rep", waiting), 0 * xc)
+                    last[sender] = waiting
+                    served += 1
+                yield Report("ledger", dict(sums), step=served + 1)
+                yield Report("model", xc, step=served + 1, key=key())
+                todo[:0] = queued
+                continue
+            if sender in missing:  # its ledger first: what it applied is not counted yet
+                held.setdefault(sender, []).append(letter)
+                continue
             if sender in last and t <= last[sender]:  # answered already: neutral, once
                 yield Send((sender,), ("rep", t), 0 * xc if elastic else xc)
                 continue

@@ -64,6 +64,7 @@ from peerlearn.algorithms.spec import (
     Resumer,
 )
 from peerlearn.config import RunConfig
+from peerlearn.effects import Vector
 from peerlearn.membership import Membership
 from peerlearn.problems import Problem
 from peerlearn.runtime.delivery import Delivery
@@ -145,6 +146,10 @@ class Rejoin:
         self._gather_asked: set[int] = set()
         self._gather_since: float | None = None
         self._gathered = False
+        #: after a rebuild without them: the peers whose workers' ledgers are still due (asked
+        #: again every REQUEST_TIMEOUT while connected; joined into the running center)
+        self._late: dict[int, set[int]] = {}
+        self._late_asked = 0.0
         self._expected: set[int] = set()  # the peers whose first note a starting daemon awaits
         self._expect_until = 0.0
         #: this daemon's incarnation (its boot time in ns): resumed programs that tell their
@@ -303,6 +308,8 @@ class Rejoin:
         hosting the center, it asks every daemon hosting workers for their ledgers and
         rebuilds the center from them; hosting workers only, it asks the center's daemon for
         the center's model and its record of their ledgers."""
+        if self._late:
+            self._ask_late(now)
         if not self._missed or self._gathered:
             return
         local = any(w.pid == self._center for w in self.workers)
@@ -336,17 +343,32 @@ class Rejoin:
                 self._gathering[peer] = pids
                 self._transport.request_state(peer, restart=True)
         if now - self._gather_since >= REQUEST_TIMEOUT:
-            missing = sorted(self._gathering) + sorted(self._owing() - self._gather_asked)
+            late = {peer: set(pids) for peer, pids in self._gathering.items()}
+            for peer in self._owing() - self._gather_asked:
+                late[peer] = {p for p in self._membership.members[peer] if p != self._center}
             log.warning(
                 "the center is rebuilt without the ledgers of daemon(s) %s, which did not "
-                "answer in %.0fs: its model lacks their workers' pulls, and requests of theirs "
-                "lost with it are not answered",
-                ", ".join(map(str, missing)),
+                "answer in %.0fs: it holds their workers' requests until their ledgers come "
+                "(asked again every %.0fs)",
+                ", ".join(map(str, sorted(late))),
+                REQUEST_TIMEOUT,
                 REQUEST_TIMEOUT,
             )
             self._resume_center()
+            if not self._cannot:
+                self._late = late
+                self._late_asked = now
         elif not self._gathering and self._gather_asked >= self._owing():
             self._resume_center()
+
+    def _ask_late(self, now: float) -> None:
+        """Ask the peers whose ledgers the rebuilt center lacks again, while they are
+        connected (a daemon away during the rebuild answers once it is back)."""
+        if self._transport is None or now - self._late_asked < REQUEST_TIMEOUT:
+            return
+        self._late_asked = now
+        for peer in sorted(set(self._late) & self._transport.connected_clusters()):
+            self._transport.request_state(peer, restart=True)
 
     def _center_can_resume(self) -> bool:
         """Whether this algorithm's center can be rebuilt from ledgers at all (DOWNPOUR's and
@@ -369,7 +391,7 @@ class Rejoin:
     def gathering(self) -> list[int]:
         """The daemons whose workers' ledgers a restarted center still waits for."""
         if self._gather_since is None:
-            return []
+            return sorted(self._late)  # after a rebuild: the ones still late
         return sorted(set(self._gathering) | (self._owing() - self._gather_asked))
 
     def _owing(self) -> set[int]:
@@ -430,6 +452,14 @@ class Rejoin:
                 log.warning("ignoring a malformed ledger frame from daemon %d", peer)
             return
         assert isinstance(pid, int)
+        answered, waiting = int(tag[2]), int(tag[3])
+        late = self._late.get(peer)
+        if late is not None and pid in late:
+            if self._join_late(pid, answered, waiting, data.value):
+                late.discard(pid)
+                if not late:
+                    del self._late[peer]
+            return
         asked_center = self.asking is not None and self.asking[0] == peer
         owed = self._gathering.get(peer)
         if owed is not None and pid in owed:
@@ -441,10 +471,37 @@ class Rejoin:
             if self._ignored == 1:
                 log.warning("ignoring a ledger frame from daemon %d that was not asked for", peer)
             return
-        answered, waiting = int(tag[2]), int(tag[3])
         self._ledgers[pid] = Ledger(answered, waiting or None, data.value)
         if owed is not None:
             self.consider()
+
+    def _join_late(self, pid: int, answered: int, waiting: int, total: Vector) -> bool:
+        """A ledger the rebuilt center lacked: into the center's inbox, which adds it (the
+        center program's *late ledger*); False if it is one no worker of the run can hold."""
+        assert self._center is not None and self._spec.resume is not None
+        if self._delivery is None or self._problem is None:
+            return False
+        ledger = Ledger(answered, waiting or None, total)
+        try:  # the record's check of a ledger (building a program runs none of it)
+            self._spec.resume(
+                self._run, self._problem, [pid], RejoinState(1, total, (), {pid: ledger})
+            )
+        except ValueError as exc:
+            self._ignored += 1
+            if self._ignored == 1:  # then counted only: a peer cannot flood the log
+                log.warning("ignoring a late ledger of worker %d: %s", pid, exc)
+            return False
+        self._delivery.deliver_to(
+            [self._center], (LEDGER_KIND, pid, answered, waiting), pid, total, True
+        )
+        log.info(
+            "the ledger of worker %s came late (answered %d, waiting on %s): joined into the "
+            "center",
+            self._membership.name(pid),
+            answered,
+            waiting or "none",
+        )
+        return True
 
     def _answer_center(self, peer: int) -> None:
         """The center's daemon answers a restarted worker daemon with the center's model and

@@ -200,6 +200,7 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
                         answered=answered,
                         given={w: lg.total for w, lg in ledgers.items()},
                         pending=pending,
+                        tau=tau,
                     )
                 )
             elif rebuilt is not None:  # restarted with the center: starts over from it
