@@ -163,8 +163,10 @@ PROGRAMS: dict[str, Callable[[int, int], Program]] = {
 def test_model_reports_number_the_iterations(name: str, steps: int, tau: int) -> None:
     effects, out = drive(PROGRAMS[name](steps, tau), generic)
     reports = [e for e in effects if isinstance(e, Report) and e.name == "model"]
-    iterations = -(-steps // tau) if name == "sync_center" else steps
-    assert [(r.name, r.step) for r in reports] == [("model", t) for t in range(1, iterations + 2)]
+    # the center reports at the exchange iterations 1, τ + 1, … (the workers' clock) and T + 1
+    stride = tau if name == "sync_center" else 1
+    expected = [*range(1, steps + 1, stride), steps + 1]
+    assert [(r.name, r.step) for r in reports] == [("model", t) for t in expected]
     assert norm(reports[-1].value) == norm(out)
 
 
@@ -193,10 +195,10 @@ def test_sync_center_without_steps_serves_exchange_after_exchange() -> None:
             model(X0, 1),
             Send((1,), ("center", 1), X0),
             Await(("x", 1), Count(1)),
-            model(0.75 * X0, 2),
+            model(0.75 * X0, 3),
             Send((1,), ("center", 3), 0.75 * X0),
-            Await(("x", 2), Count(1)),
-            model(0.5625 * X0, 3),
+            Await(("x", 3), Count(1)),
+            model(0.5625 * X0, 5),
             Send((1,), ("center", 5), 0.5625 * X0),
         ]
     )
@@ -233,7 +235,7 @@ def test_gossip_without_steps_starts_at_iteration_one() -> None:
 
 
 def test_sync_worker_transcript() -> None:
-    # η = 0.5, α = 0.25, τ = 2: exchanges at t = 1 (tag x 1) and t = 3 (tag x 2)
+    # η = 0.5, α = 0.25, τ = 2: exchanges at t = 1 and t = 3 (tagged with the iteration)
     script = Script({("center", 1): [(CENTER, vec(4, 4))], ("center", 3): [(CENTER, vec(8, 0))]})
     expected = [
         model(X0, 1),
@@ -243,7 +245,7 @@ def test_sync_worker_transcript() -> None:
         model(vec(1, 1.5), 2),
         Grad(vec(1, 1.5)),
         model(vec(0.5, 0.75), 3),
-        Send((CENTER,), ("x", 2), vec(0.5, 0.75)),
+        Send((CENTER,), ("x", 3), vec(0.5, 0.75)),
         Await(("center", 3), Count(1)),
         Grad(vec(0.5, 0.75)),  # (0.25, 0.375) − 0.25·(−7.5, 0.75)
         model(vec(2.125, 0.1875), 4),
@@ -255,17 +257,17 @@ def test_sync_center_transcript() -> None:
     script = Script(
         {
             ("x", 1): [(1, vec(4, 2)), (2, vec(0, 0))],  # Σ(x^i − x̃) = (4, −2)
-            ("x", 2): [(2, vec(1, 1.5)), (1, vec(5, 1.5))],  # Σ(x^i − x̃) = (4, 0)
+            ("x", 3): [(2, vec(1, 1.5)), (1, vec(5, 1.5))],  # Σ(x^i − x̃) = (4, 0)
         }
     )
     expected = [
         model(X0, 1),
         Send((1, 2), ("center", 1), X0),
         Await(("x", 1), Count(2)),
-        model(vec(1, 1.5), 2),
+        model(vec(1, 1.5), 3),
         Send((1, 2), ("center", 3), vec(1, 1.5)),
-        Await(("x", 2), Count(2)),
-        model(vec(2, 1.5), 3),
+        Await(("x", 3), Count(2)),
+        model(vec(2, 1.5), 4),
     ]
     check(sync_center(X0, 3, 0.25, 2, (1, 2)), script, expected, vec(2, 1.5))
 

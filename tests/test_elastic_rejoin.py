@@ -281,7 +281,29 @@ def test_a_center_without_ledgers_cannot_be_rebuilt(algorithm: str) -> None:
 
 def test_answered_requests_counts_one_per_tau_from_iteration_one() -> None:
     assert [answered_requests(t, 3) for t in range(0, 9)] == [0, 1, 1, 1, 2, 2, 2, 3, 3]
-    assert lookup("async_easgd").resume is not None and lookup("easgd").resume is None
+    assert lookup("async_easgd").resume is not None and lookup("maa").resume is None
+
+
+def test_synchronous_easgd_resumes_at_the_exchange_its_peers_wait_in() -> None:
+    """Lockstep: a worker resumed at iteration 5 (τ = 2) sends its value of that exchange and
+    waits for the center's; a center resumed at 5 serves exchanges 5, 7, … — tagged with the
+    workers' iteration, so both sides name the same exchange — and a center resumed between
+    exchanges starts at the next one."""
+    cfg = config("easgd", 2, 8, 2)
+    resume = cfg.spec.resume
+    assert resume is not None and cfg.spec.lockstep
+    model = np.full(4, 2.0)
+    worker, center = resume(cfg, build_problem(cfg), [1, 0], RejoinState(5, model))
+    report, send, wait = next(worker), worker.send(None), worker.send(None)
+    assert (report.name, report.step) == ("model", 5)
+    assert isinstance(send, Send) and send.tag == ("x", 5) and send.to == (CENTER,)
+    np.testing.assert_array_equal(send.value, model)
+    assert isinstance(wait, Await) and wait.tag == ("center", 5)
+    report, send, wait = next(center), center.send(None), center.send(None)
+    assert report.step == 5 and send.tag == ("center", 5) and send.to == (1, 2)
+    assert isinstance(wait, Await) and wait.tag == ("x", 5)
+    (between,) = resume(cfg, build_problem(cfg), [0], RejoinState(6, model))
+    assert next(between).step == 7
 
 
 # --- the daemon's side: the ledgers a restarted center is rebuilt from --------------------------

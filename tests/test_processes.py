@@ -259,12 +259,15 @@ async def test_a_stopped_daemon_does_not_stall_the_others() -> None:
 
 async def _longest_pause(url: str, seconds: float) -> float:
     """The longest time, within ``seconds``, that the slowest worker behind ``url`` made no step
-    (sampled every 50 ms)."""
+    (sampled every 50 ms), until its daemon finished (a finished daemon does not pause)."""
     async with httpx.AsyncClient(base_url=url, timeout=5.0) as client:
         last_step, last_change, longest = -1, time.monotonic(), 0.0
         end = last_change + seconds
         while (now := time.monotonic()) < end:
-            step = steps((await client.get("/status")).json())
+            status = (await client.get("/status")).json()
+            if status["state"] == "finished":
+                break
+            step = steps(status)
             if step != last_step:
                 last_step, last_change = step, now
             longest = max(longest, now - last_change)
@@ -527,6 +530,48 @@ async def test_a_lockstep_protocol_restarted_with_the_same_command_rejoins(
             p.kill()
             p.wait(30)
         for p in (*procs[:2], again):
+            lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
+            assert len(lines) <= 50, lines[:10]
+
+
+@pytest.mark.parametrize("killed", [0, 2])
+async def test_sync_easgd_restarted_with_the_same_command_rejoins(killed: int) -> None:
+    """Synchronous EASGD (τ = 2) moves in lockstep: the center waits for every worker's value
+    of each exchange, and each worker for the center's. SIGKILL a worker's daemon (2) or the
+    center's (0) and start it again: the new one resumes at the exchange the slowest peer waits
+    in — a worker from the center's model, the center from the slowest worker's — and its
+    peers send it their frames of the last exchanges again. The others pause no longer than
+    the restart takes and the run finishes."""
+    timeout = 5.0
+    with daemons(
+        3,
+        *("--workers", "1", "--algorithm", "easgd", "--steps", "2000", "--lr", "0.01"),
+        *("--set", "elastic.tau=2", "--set", f"peer_timeout={timeout}"),
+    ) as (procs, urls):
+        for url in urls:
+            await poll_status(url, lambda s: steps(s) > 200)
+        survivors = [i for i in range(3) if i != killed]
+        pauses = asyncio.gather(*(_longest_pause(urls[i], 8.0) for i in survivors))
+        os.kill(procs[killed].pid, signal.SIGKILL)
+        procs[killed].wait(30)
+        again = subprocess.Popen(
+            procs[killed].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            for url in urls:
+                await poll_status(url, lambda s: s["state"] == "finished", timeout=60)
+            assert max(await pauses) <= timeout + 1.0
+            async with httpx.AsyncClient() as client:
+                status = (await client.get(f"{urls[killed]}/status")).json()
+            assert status["catchup"]["rejoins"] == 1, status["catchup"]
+            assert status["catchup"]["last"]["resumed_at"] > 200, status["catchup"]
+        finally:
+            again.kill()
+            again.wait(30)
+        for i in survivors:
+            procs[i].kill()
+            procs[i].wait(30)
+        for p in (*(procs[i] for i in survivors), again):
             lines = (p.stdout.read() if p.stdout else b"").decode().splitlines()
             assert len(lines) <= 50, lines[:10]
 

@@ -24,8 +24,8 @@ divides ``c``.
 
 Messages: workers ``Post`` requests to the center's inbox (``("req", t)``) and the center
 answers with ``Send(("rep", t), …)``, which the worker awaits; the synchronous variant
-uses ``Send``/``Await`` both ways (``("x", k)`` for exchange k, ``("center", t)`` for the
-workers' iteration t of that exchange).
+uses ``Send``/``Await`` both ways (``("x", t)`` and ``("center", t)``, t the workers' iteration
+of the exchange).
 """
 
 from __future__ import annotations
@@ -98,15 +98,23 @@ def center_requests(variant: Variant, steps: int, tau: int) -> int:
 
 
 def sync_worker(
-    x0: Vector, steps: int | None, eta: float, alpha: float, tau: int, center: int
+    x0: Vector,
+    steps: int | None,
+    eta: float,
+    alpha: float,
+    tau: int,
+    center: int,
+    *,
+    start: int = 1,
 ) -> Generator[Effect, Any, Vector]:
+    """``start``: a worker resumed at iteration ``start`` from ``x0`` (a live peer's model)."""
     x = x0
-    t = 0
-    for t in _clock(steps):
+    t = start - 1
+    for t in _clock(steps, start):
         yield Report("model", x, step=t)
         c = t - 1
         if c % tau == 0:
-            yield Send((center,), ("x", c // tau + 1), x)
+            yield Send((center,), ("x", t), x)
             (got,) = yield Await(("center", t), Count(1))
             g = yield Grad(x)
             x = x - eta * g - alpha * (x - got.value)
@@ -118,18 +126,29 @@ def sync_worker(
 
 
 def sync_center(
-    x0: Vector, steps: int | None, alpha: float, tau: int, workers: tuple[int, ...]
+    x0: Vector,
+    steps: int | None,
+    alpha: float,
+    tau: int,
+    workers: tuple[int, ...],
+    *,
+    start: int = 1,
 ) -> Generator[Effect, Any, Vector]:
-    """x̃_{k+1} = x̃_k + α Σ_i (x^i − x̃_k), from the workers' values at exchange k."""
+    """x̃_{k+1} = x̃_k + α Σ_i (x^i − x̃_k), from the workers' values at exchange k.
+
+    The center counts the workers' iterations: exchange k is iteration t = (k − 1)τ + 1, its
+    model reports and tags say t, and its last report is iteration T + 1 — so a restarted
+    process and its peers agree on which exchange is which. ``start``: a center resumed at
+    iteration ``start`` (from ``x0``, a live peer's model) serves the exchanges from there."""
     xc = x0
-    rounds = None if steps is None else _exchanges(steps, tau)
-    k = 0
-    for k in _clock(rounds):
-        yield Report("model", xc, step=k)
-        yield Send(workers, ("center", (k - 1) * tau + 1), xc)  # the workers' iteration
-        xs = yield Await(("x", k), Count(len(workers)))
+    first = start + (1 - start) % tau  # the first exchange iteration at or after start
+    t = first - tau
+    for t in count(first, tau) if steps is None else range(first, steps + 1, tau):
+        yield Report("model", xc, step=t)
+        yield Send(workers, ("center", t), xc)  # the workers' iteration
+        xs = yield Await(("x", t), Count(len(workers)))
         xc = xc + alpha * sum((m.value - xc for m in xs), start=0 * xc)
-    yield Report("model", xc, step=k + 1)
+    yield Report("model", xc, step=t + 1 if steps is None else steps + 1)
     return xc
 
 

@@ -140,7 +140,9 @@ class Rejoin:
         self.changed = asyncio.Event()
         # Centered algorithms (the elastic family): the center's process, the ledgers received
         # by worker pid, and — on the center's daemon — the peers whose ledgers are still due.
-        self._center = run.center if self._spec.center and self._spec.resume is not None else None
+        # (Synchronous EASGD moves in lockstep: it rejoins as the other lockstep protocols do.)
+        centered = self._spec.center and not self._spec.lockstep
+        self._center = run.center if centered and self._spec.resume is not None else None
         self._ledgers: dict[int, Ledger] = {}
         self._gathering: dict[int, set[int]] = {}
         self._gather_asked: set[int] = set()

@@ -75,6 +75,25 @@ def _sync_programs(cfg: RunConfig, problem: Problem | None, pids: Sequence[int])
     ]
 
 
+def _sync_resume(
+    cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
+) -> list[Program]:
+    """Processes that restarted, resumed at iteration ``state.step`` from a live peer's model
+    (lockstep: the iteration of the exchange the slowest peer waits in). A worker takes the
+    center's model x̃; a center takes a worker's model, which the elastic force pulls together
+    with the others from the next exchange on (the center's own x̃ is gone with it)."""
+    steps, tau = cfg.steps, cfg.elastic.tau
+    eta, alpha, center = cfg.schedule()(1), cfg.elastic_alpha, cfg.center
+    model = state.model.copy()
+    model.flags.writeable = False
+    return [
+        sync_center(model, steps, alpha, tau, _workers(cfg), start=state.step)
+        if p == center
+        else sync_worker(model, steps, eta, alpha, tau, center, start=state.step)
+        for p in pids
+    ]
+
+
 def _sync_warnings(cfg: RunConfig, constants: Constants) -> list[str]:
     eta = first_eta(cfg)
     if eta is None or constants.L is None:
@@ -279,15 +298,16 @@ RECORDS = (
         tolerates="no crashes",
         parameters="`[elastic]` α or β = pα, τ",
         programs=_sync_programs,
+        resume=_sync_resume,
+        lockstep=True,
         settings=_CENTER | _PERIOD,
         center=True,
         conditions=CONDITIONS,
         check=_check,
         warnings=_sync_warnings,
         describe=_describe(False),
-        planned_iterations=lambda cfg: (
-            (cfg.processes - 1) * (cfg.steps or 0) + -(-(cfg.steps or 0) // cfg.elastic.tau)
-        ),
+        # the center counts the workers' iterations too (its reports step by τ)
+        planned_iterations=lambda cfg: cfg.processes * (cfg.steps or 0),
     ),
     _asynchronous(
         "async_easgd",
