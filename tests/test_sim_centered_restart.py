@@ -33,25 +33,45 @@ Point = tuple[int, str, float]
 
 
 def _config(
-    algorithm: str, workers: int, steps: int, tau: int, points: list[Point], seed: int = 0
+    algorithm: str,
+    workers: int,
+    steps: int,
+    tau: int,
+    points: list[Point],
+    seed: int = 0,
+    *,
+    center: str = "0.0",
+    crashes: tuple[str, ...] = (),
+    partitions: tuple[dict[str, Any], ...] = (),
 ) -> Any:
     n = workers + 1
     members = Membership(n, n)
-    crashes = []
+    specs = list(crashes)
     for pid, when, at in points:
         at_text = str(int(at)) if when == "t" else f"{at:.3f}"
-        crashes.append(f"process:{members.name(pid)}@{when}={at_text}:restart")
+        specs.append(f"process:{members.name(pid)}@{when}={at_text}:restart")
     return cfg(
         algorithm=algorithm,
         processes=n,
         clusters=n,
         steps=steps,
         lr={"eta": 0.1},
-        elastic={"tau": tau},
+        elastic={"tau": tau, "center": center},
         problem=QUAD,
         seed=seed,
-        sim={"crashes": crashes},
+        sim={"crashes": specs, "partitions": list(partitions)},
     )
+
+
+def _assert_center_is_the_sum_of_the_ledgers(res: SimResult) -> None:
+    center = res.config.center
+    x1 = res.problem.x0()  # type: ignore[union-attr]
+    ledgers = _last(res, "ledger")
+    workers = [p for p in range(res.config.processes) if p != center]
+    sums = sum((ledgers[w].value for w in workers), np.zeros_like(x1))
+    x = res.processes[center].x
+    assert x is not None
+    np.testing.assert_allclose(x, x1 + sums, rtol=0, atol=1e-9)
 
 
 def _run(algorithm: str, workers: int, steps: int, tau: int, points: list[Point]) -> SimResult:
@@ -157,3 +177,58 @@ def test_a_worker_whose_center_crashed_stays_down() -> None:
     res = run_simulation(conf)
     (restart,) = res.outcome.restarts
     assert restart.resumed_at is None and res.processes[1].crashed
+
+
+def test_an_answer_in_a_workers_mailbox_counts_in_its_ledger() -> None:
+    """The center restarts while an answer of the last one sits in a worker's mailbox (the
+    worker computes its gradient before it takes it): the rebuilt center counts it. Found by
+    the property test about half the time; pinned here."""
+    res = run_simulation(
+        _config("async_easgd", 4, 10, 1, [(0, "time", 14.923)], seed=5195),
+        record_reports=("ledger", "model"),
+    )
+    assert res.status is Status.FINISHED, res.outcome.blocked
+    _assert_center_is_the_sum_of_the_ledgers(res)
+
+
+def test_the_center_need_not_be_process_zero() -> None:
+    """The center's model report lists the last answered request per worker in pid order,
+    the center left out: a worker resumes after its own, whichever process is the center."""
+    conf = _config("async_easgd", 3, 8, 2, [(0, "t", 6.0)], center="2.0")
+    res = run_simulation(conf, record_reports=("ledger", "model"))
+    assert res.status is Status.FINISHED, res.outcome.blocked
+    (restart,) = res.outcome.restarts
+    assert (restart.name, restart.source, restart.resumed_at) == ("0.0", "2.0", 6)
+    _assert_center_is_the_sum_of_the_ledgers(res)
+
+
+def test_a_restart_loses_what_a_partition_held_from_it() -> None:
+    """Messages a partition held from a worker that then restarts are lost with it, as those
+    on their way: delivered after the heal, they would count an exchange its new incarnation
+    knows nothing of."""
+    part = {"groups": [[1], [0, 2]], "start": 1.0, "end": 5.0}
+    conf = _config("async_easgd", 2, 8, 1, [(1, "time", 2.0)], seed=1, partitions=(part,))
+    res = run_simulation(conf, record_reports=("ledger", "model"))
+    assert res.status is Status.FINISHED, res.outcome.blocked
+    _assert_center_is_the_sum_of_the_ledgers(res)
+
+
+def test_a_crashed_workers_ledger_counts_when_the_center_is_rebuilt() -> None:
+    """Worker 1.0 crashes after its last request was answered; the center restarts later. The
+    rebuilt center counts that worker's requests as served and its pulls in its model, so the
+    run finishes as it does without the restart."""
+    conf = _config("async_easgd", 2, 6, 2, [(0, "time", 6.0)], seed=2, crashes=("process:1.0@t=6",))
+    res = run_simulation(conf, record_reports=("ledger", "model"))
+    assert res.status is Status.FINISHED, res.outcome.blocked
+    _assert_center_is_the_sum_of_the_ledgers(res)
+
+
+def test_the_parameter_servers_center_refuses_a_restart() -> None:
+    with pytest.raises(ConfigError, match="the center of async_ps cannot restart"):
+        _config("async_ps", 2, 6, 1, [(0, "t", 3.0)])
+
+
+def test_a_downpour_worker_restarted_after_its_flush_has_done_its_iterations() -> None:
+    res = _run("downpour", 2, 6, 2, [(1, "t", 7.0)])
+    assert res.status is Status.FINISHED, res.outcome.blocked
+    assert res.processes[1].steps_done == 6

@@ -180,7 +180,8 @@ def elastic_worker(
     given = 0 * x0 if ledger is None else ledger
     if elastic:
         yield Report("ledger", given, step=start - 1)
-    t = start - 1
+    # (a DOWNPOUR worker resumed after its flush, at T + 2, has done its T iterations)
+    t = start - 1 if steps is None else min(start - 1, steps)
     answered = start - 1
     for t in _clock(steps, start):
         yield Report("model", x, step=t)

@@ -54,8 +54,8 @@ as daemons do: a restart also loses the messages still on their way *from* the r
 (a killed daemon's unsent frames), a restarted worker resumes from the center's model after the
 last request the center answered for it, with the center's record of its ledger, and a restarted
 center is rebuilt from the live workers' ledgers — each worker's last ledger report, plus the
-last center's answer if that sits in its mailbox already (the worker will apply it). A restarted
-worker whose center has crashed stays down.
+last center's answer if that sits in its mailbox already (the worker will apply it); a crashed
+worker's last ledger counts too. A restarted worker whose center has crashed stays down.
 
 Divergence is checked where a value leaves the process that computed it: a gradient as ``Grad``
 returns it, a model as it is reported, and every value a process sends or writes. A non-finite
@@ -819,10 +819,12 @@ class Simulator:
         center = self.procs[self._center]
         name = self.membership.name(proc.pid)
         if proc is center:
+            # A crashed worker's last ledger counts too: what it applied and the requests it
+            # had served stay in the center's model and count (its daemon, alive, would answer).
             ledgers = {
                 p.pid: self._ledger_of(p, center.pid)
                 for p in self.procs
-                if p is not center and not p.crashed and p.ledger is not None
+                if p is not center and p.ledger is not None
             }
             assert proc.x is not None
             proc.program = self._resume(proc.pid, 1, proc.x, (), ledgers)
