@@ -23,7 +23,15 @@ effect                        result sent back into the program
 ``Collect(key)``              a tuple of :class:`Msg`: the non-⊥ registers at ``key`` of the
                               caller's cluster, read one by one (no snapshot)
 ``Report(name, value, …)``    ``None``; a sample for metrics and traces
+``Done(value)``               ``None``; the program has finished with output ``value``, and
+                              goes on only to answer what still reaches its inbox
 ============================  =================================================================
+
+A program that returns is gone: whatever reaches it later is dropped. One whose peers may need an
+answer after it finished — a restarted neighbour of asynchronous gossip asks for an exchange and
+waits for its bye — yields ``Done(value)`` instead: the runtime counts it finished (its output
+``value``, the run may end) and goes on driving it, and from there on it only receives and posts
+until the run stops.
 
 Tags name an instance: ``("params", t)`` for an SGD iteration, ``("maa", t, r)`` for a round of
 cluster agreement, ``("sm", t, r, k)`` for a shared-memory round. A runtime buffers messages for
@@ -71,6 +79,7 @@ __all__ = [
     "Collect",
     "Count",
     "Divergence",
+    "Done",
     "Effect",
     "Exchange",
     "Grad",
@@ -311,7 +320,15 @@ class Report:
     kind: Literal["report"] = "report"
 
 
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The program has finished with output ``value``; it goes on only to answer its inbox."""
+
+    value: Any
+    kind: Literal["done"] = "done"
+
+
 Effect: TypeAlias = (
-    Grad | Broadcast | Await | Exchange | Send | Post | Receive | Write | Collect | Report
+    Grad | Broadcast | Await | Exchange | Send | Post | Receive | Write | Collect | Report | Done
 )
 Program: TypeAlias = Generator[Effect, Any, Any]

@@ -38,6 +38,7 @@ from peerlearn.algorithms.mixml import async_gossip, averaging, sync_gossip
 from peerlearn.effects import (
     Await,
     Count,
+    Done,
     Exchange,
     Grad,
     Letter,
@@ -99,11 +100,15 @@ def drive(
     program: Program, answer: Callable[[Any], Any], limit: int = 1000
 ) -> tuple[list[Any], Any]:
     """The effects ``program`` yields when ``answer`` answers them (at most ``limit``), and its
-    result (None if it was cut off). Every tag must pass the wire's check."""
+    result (None if it was cut off): what it returns or, as a runtime counts it, what it says
+    it is ``Done`` with. Every tag must pass the wire's check."""
     effects: list[Any] = []
     try:
         effect = next(program)
         while len(effects) < limit:
+            if isinstance(effect, Done):
+                program.close()
+                return effects, effect.value
             effects.append(effect)
             tag = getattr(effect, "tag", None)
             if tag is not None:
@@ -493,3 +498,38 @@ def test_a_requester_gives_up_when_it_hears_of_a_newer_incarnation_and_ignores_a
     receives = [e for e in effects if isinstance(e, Receive)]
     assert len(receives) == 4  # it waited for the new incarnation's bye
     assert [e.tag for e in effects if isinstance(e, Post)] == [("pair", 1), ("bye", 1)]
+
+
+def test_a_finished_gossip_process_answers_a_restarted_neighbour() -> None:
+    """Finished (its bye said, its neighbour's heard), it stays to answer: a neighbour that
+    restarts afterwards has forgotten the bye and may ask for an exchange. A request gets the
+    asker's own value back (neither moves), a newer incarnation's note gets the bye again, a
+    note of an incarnation already known gets nothing."""
+    program = _gossip(incarnation=0)
+    inbox = iter(
+        [
+            (Letter(("paired", 1), 1, vec(2, 2)),),  # its own exchange
+            (Letter(("bye", 1), 1, X0),),  # the neighbour's bye: it has finished
+            (Letter(("pair", 4, 2), 1, vec(7, 7)),),  # the neighbour restarted (2) and asks
+            (Letter(("rejoined", 2), 1, X0),),  # its note: the bye again
+            (Letter(("rejoined", 2), 1, X0),),  # known already: nothing
+        ]
+    )
+    effects: list[Any] = []
+    effect = next(program)
+    while True:
+        effects.append(effect)
+        if isinstance(effect, Receive):
+            letters = next(inbox, None)
+            if letters is None:
+                break
+            effect = program.send(letters)
+        else:
+            effect = program.send(Script()(effect))
+    done_at = next(i for i, e in enumerate(effects) if isinstance(e, Done))
+    assert norm(effects[done_at].value) == norm(vec(1, 2))
+    posts = [(e.to, e.tag, norm(e.value)) for e in effects[done_at:] if isinstance(e, Post)]
+    assert posts == [
+        ((1,), ("paired", 4), norm(vec(7, 7))),
+        ((1,), ("bye", 1), norm(vec(1, 2))),
+    ]

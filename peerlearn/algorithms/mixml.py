@@ -32,6 +32,7 @@ import numpy as np
 from peerlearn.effects import (
     Await,
     Count,
+    Done,
     Effect,
     Exchange,
     Grad,
@@ -206,4 +207,19 @@ def async_gossip(
         for letter in (yield Receive(block=True)):
             yield from serve(letter)
     yield Report("model", x, step=t + 1)
-    return x
+    if not neighbours:
+        return x
+    # Finished — but a neighbour that restarts after this has forgotten this process's bye and
+    # may ask it for an exchange: it goes on answering, neutrally (the asker's own value back,
+    # so neither moves), and says its bye again to every newer incarnation it hears of.
+    yield Done(x)
+    while True:
+        for letter in (yield Receive(block=True)):
+            match letter.tag[0]:
+                case "pair":
+                    yield Post((letter.sender,), ("paired", letter.tag[1]), letter.value)
+                case "rejoined":
+                    yield from news_of(letter.sender, int(letter.tag[1]))
+                case "bye":
+                    since = int(letter.tag[2]) if len(letter.tag) > 2 else 0
+                    yield from news_of(letter.sender, since)

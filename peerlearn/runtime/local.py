@@ -10,6 +10,7 @@ also sends frames to remote daemons. Both routers deliver locally through the on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from peerlearn.config import RunConfig
@@ -88,8 +89,19 @@ class ThreadRun:
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every worker is done; False if ``timeout`` passed first."""
-        return all(w.join(timeout) for w in self.workers)
+        """Wait until every worker is done; False if ``timeout`` passed first. Workers that
+        finished but go on answering their inbox (``Done``) are stopped then: nobody is left
+        to ask them anything."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        if not all(w.done.wait(left()) for w in self.workers):
+            return False
+        for w in self.workers:
+            w.stop()
+        return all(w.join(left()) for w in self.workers)
 
     def stop(self, pids: Iterable[int] | None = None) -> None:
         for w in self.workers if pids is None else (self.workers[p] for p in pids):

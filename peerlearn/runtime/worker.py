@@ -42,6 +42,7 @@ from peerlearn.effects import (
     Broadcast,
     Collect,
     Divergence,
+    Done,
     Exchange,
     Grad,
     Msg,
@@ -244,6 +245,12 @@ class Worker:
                         program.close()
                 eff = interrupted if interrupted is not None else send(value)
                 interrupted = None
+                if isinstance(eff, Done):  # finished; it goes on answering its inbox
+                    self.output = eff.value
+                    self.state = WorkerState.FINISHED
+                    self._exited()
+                    value = None
+                    continue
                 try:
                     value = self._effect(eff)
                 except MailboxRedirected:
@@ -254,7 +261,8 @@ class Worker:
             self.output = stop.value
             self.state = WorkerState.FINISHED
         except (_Stop, MailboxClosed):
-            self.state = WorkerState.STOPPED
+            if self.state is not WorkerState.FINISHED:  # (a finished one answered till now)
+                self.state = WorkerState.STOPPED
             self._program.close()
         except _Diverged as exc:
             self.diverged = exc.divergence
@@ -281,9 +289,15 @@ class Worker:
         finally:
             self._store.retire(self.pid)
             self.mailbox.retire()
-            self.done.set()
-            if self.on_exit is not None:
-                self.on_exit(self)
+            self._exited()
+
+    def _exited(self) -> None:
+        """Done: said once, when the program finished (``Done``) or its thread ends."""
+        if self.done.is_set():
+            return
+        self.done.set()
+        if self.on_exit is not None:
+            self.on_exit(self)
 
     def _effect(self, eff: Any) -> Any:
         """Carry out one effect; its result for the program."""

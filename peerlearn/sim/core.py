@@ -84,6 +84,7 @@ from peerlearn.effects import (
     Collect,
     Count,
     Divergence,
+    Done,
     Exchange,
     Grad,
     Letter,
@@ -469,8 +470,9 @@ class Simulator:
             try:
                 eff = send(value)
             except StopIteration as stop:
+                if not proc.finished:  # (after Done, its output is Done's)
+                    proc.output = stop.value
                 proc.finished = True
-                proc.output = stop.value
                 return
             value = None
             match eff:
@@ -531,6 +533,9 @@ class Simulator:
                     value = self._await(proc, tag, quorum)
                     if value is None:
                         return
+                case Done(value=v):  # finished; it goes on answering its inbox
+                    proc.finished = True
+                    proc.output = v
                 case _:
                     raise ProgramError(f"process {proc.pid} yielded {eff!r}, which is no effect")
 
