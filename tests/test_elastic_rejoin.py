@@ -523,8 +523,29 @@ def test_a_rebuilt_center_holds_a_late_workers_request_until_its_ledger_comes() 
     assert isinstance(served, Send) and served.tag == ("rep", 3)
     np.testing.assert_array_equal(served.value, [1.0, 1.0])  # α(x − x̃) = 0.5·(5 − 3)
     # a second ledger of worker 2 (a duplicate) adds nothing
-    program.send(None), program.send(None)
+    assert isinstance(program.send(None), Report)  # the ledger after serving 3
+    assert isinstance(program.send(None), Report)  # the model
+    assert isinstance(program.send(None), Receive)
     assert isinstance(program.send((Letter(("ledger", 2, 2, 0), 2, np.full(2, 9.0)),)), Receive)
+    served = program.send((Letter(("req", 5), 1, np.full(2, 4.0)),))
+    assert isinstance(served, Send)  # x̃ is still 4 after serving 3: nothing of the 9s was added
+    np.testing.assert_array_equal(served.value, [0.0, 0.0])
+
+
+def test_a_worker_restarted_with_the_center_is_no_ledger_it_waits_for() -> None:
+    """On the center's own daemon a worker restarts with the center and starts over: the
+    rebuilt center must serve its requests at once, not hold them for a ledger nobody sends."""
+    cfg = config("async_easgd", 2, 8, 1)  # center 0, workers 1 (another daemon) and 2 (local)
+    problem = build_problem(cfg)
+    resume = cfg.spec.resume
+    assert resume is not None and problem is not None
+    state = RejoinState(1, problem.x0(), (), {1: Ledger(3, None, np.full(4, 0.5))})
+    center, _ = resume(cfg, problem, [0, 2], state)
+    next(center), center.send(None)  # ledger, model
+    assert isinstance(center.send(None), Receive)
+    served = center.send((Letter(("req", 1), 2, problem.x0() + 1.0),))
+    assert isinstance(served, Send) and served.to == (2,) and served.tag == ("rep", 1)
+    assert served.value.any()  # a real pull, not held, not neutral
 
 
 class _Delivery:
@@ -556,3 +577,28 @@ async def test_a_centers_daemon_joins_a_ledger_that_comes_after_the_rebuild() ->
     rejoin.on_state(_frame(2, ("ledger", 2, 7, 8), np.full(4, 0.25)))
     assert delivery.letters == [((0,), ("ledger", 2, 7, 8), 2, True)]
     assert rejoin.gathering() == []
+    # an answer to a request made again: counted once, quietly
+    rejoin.on_state(_frame(2, ("ledger", 2, 7, 8), np.full(4, 0.25)))
+    rejoin.on_state(_frame(1, ("ledger", 1, 10, 11), np.full(4, 0.5)))
+    assert len(delivery.letters) == 1 and rejoin._ignored == 1  # the refused one only
+
+
+async def test_a_centers_daemon_asks_a_late_daemon_again_while_it_is_connected() -> None:
+    cfg = config("async_easgd", 3, 40, 1)  # center 0; workers 1, 2, 3 on daemons 1, 2, 3
+    center = _Worker(pid=0, name="0.0", state=WorkerState.CREATED, done=threading.Event())
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1, 1, 1]), [center])  # type: ignore[list-item]
+    transport = _Transport()  # connected: daemons 1 and 2
+    rejoin.attach(transport)  # type: ignore[arg-type]
+    rejoin.deliver_with(_Delivery())  # type: ignore[arg-type]
+    for peer in (1, 2, 3):
+        rejoin.on_note(peer, Missed(3))
+    rejoin.on_state(_frame(1, ("ledger", 1, 10, 11), np.full(4, 0.5)))
+    rejoin._gather_since = -1e9  # the gathering timed out: 2 and 3 are late
+    rejoin.consider()
+    assert rejoin.rejoins == 1 and rejoin.gathering() == [2, 3]
+    transport.asked.clear()
+    rejoin.consider()
+    assert transport.asked == []  # not again before REQUEST_TIMEOUT
+    rejoin._late_asked = -1e9
+    rejoin.consider()
+    assert transport.asked == [2]  # the connected one of the late: 3 is not connected

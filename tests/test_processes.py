@@ -424,6 +424,30 @@ async def test_async_easgd_restarted_with_the_same_command_rejoins(killed: int) 
 
 
 @pytest.mark.slow
+async def test_a_center_restarted_with_a_worker_of_its_daemon_rejoins() -> None:
+    """Two daemons of two workers each: daemon 0 hosts the center 0.0 and the worker 0.1.
+    SIGKILL it and start it again: the center is rebuilt from daemon 1's ledgers and 0.1
+    starts over from it — the rebuilt center serves 0.1 at once (it is no worker whose
+    ledger it waits for) and every daemon finishes."""
+    with daemons(
+        2,
+        *("--workers", "2", "--algorithm", "async_easgd", "--steps", "3000", "--lr", "0.01"),
+        *("--set", "peer_timeout=3.0"),
+    ) as (procs, urls):
+        for url in urls:
+            await poll_status(url, lambda s: steps(s) > 300)
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(30)
+        again = subprocess.Popen(procs[0].args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            for url in urls:
+                await poll_status(url, lambda s: s["state"] == "finished", timeout=60)
+        finally:
+            again.kill()
+            again.wait(30)
+
+
+@pytest.mark.slow
 async def test_a_worker_daemon_away_while_the_center_is_rebuilt_joins_it_late() -> None:
     """Asynchronous EASGD on three daemons: daemon 2 (a worker) is SIGSTOPped, then the center's
     daemon 0 is SIGKILLed and started again. It rebuilds the center without daemon 2's ledger

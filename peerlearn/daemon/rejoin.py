@@ -152,6 +152,7 @@ class Rejoin:
         #: again every REQUEST_TIMEOUT while connected; joined into the running center)
         self._late: dict[int, set[int]] = {}
         self._late_asked = 0.0
+        self._refused_late: set[int] = set()  # workers whose late ledger was refused (logged)
         self._expected: set[int] = set()  # the peers whose first note a starting daemon awaits
         self._expect_until = 0.0
         #: this daemon's incarnation (its boot time in ns): resumed programs that tell their
@@ -461,7 +462,10 @@ class Rejoin:
                 late.discard(pid)
                 if not late:
                     del self._late[peer]
+                self._ledgers[pid] = Ledger(answered, waiting or None, data.value)
             return
+        if self._gathered and pid in self._ledgers:
+            return  # an answer to a request made again after the first answer: counted once
         asked_center = self.asking is not None and self.asking[0] == peer
         owed = self._gathering.get(peer)
         if owed is not None and pid in owed:
@@ -490,8 +494,14 @@ class Rejoin:
             )
         except ValueError as exc:
             self._ignored += 1
-            if self._ignored == 1:  # then counted only: a peer cannot flood the log
-                log.warning("ignoring a late ledger of worker %d: %s", pid, exc)
+            if pid not in self._refused_late:  # once per worker: it is asked again and again
+                self._refused_late.add(pid)
+                log.warning(
+                    "refusing the late ledger of worker %s: %s; the center keeps holding its "
+                    "requests",
+                    self._membership.name(pid),
+                    exc,
+                )
             return False
         self._delivery.deliver_to(
             [self._center], (LEDGER_KIND, pid, answered, waiting), pid, total, True

@@ -186,14 +186,20 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
         workers = _workers(cfg)
         for pid, lg in state.ledgers.items():
             _check_ledger(variant, steps, tau, pid, lg)
+        ledgers = dict(state.ledgers)
         rebuilt: Vector | None = None
         if center in pids:
+            # Workers restarted with it start over (below): nothing of theirs is in the
+            # rebuilt center, nothing of theirs was served — not a ledger it waits for.
+            for p in pids:
+                if p != center and p not in ledgers:
+                    ledgers[p] = Ledger(0, None, 0 * x1)
             if not elastic:
                 raise ValueError(
                     f"the center of {variant.value} cannot be rebuilt from its workers: its "
                     "model is not a sum of what each worker holds"
                 )
-            rebuilt = x1 + sum((state.ledgers[w].total for w in sorted(state.ledgers)), 0 * x1)
+            rebuilt = x1 + sum((ledgers[w].total for w in sorted(ledgers)), 0 * x1)
             rebuilt.flags.writeable = False
         out: list[Program] = []
         for p in pids:
@@ -202,7 +208,6 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
                 requests = (
                     None if steps is None else len(workers) * center_requests(variant, steps, tau)
                 )
-                ledgers = state.ledgers
                 pending = {w: lg.waiting for w, lg in ledgers.items() if lg.waiting is not None}
                 answered = {w: max(lg.answered, pending.get(w, 0)) for w, lg in ledgers.items()}
                 served = sum(answered_requests(t, tau) for t in answered.values())
