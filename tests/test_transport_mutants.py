@@ -29,7 +29,7 @@ from peerlearn.membership import Membership
 from peerlearn.transport import catchup
 from peerlearn.transport.catchup import Catchup, CatchupError, Missed, StateRequest
 from peerlearn.transport.links import LinkSettings, LinkState, OutLink, Throttle, _tiny_only
-from peerlearn.transport.peers import FaultAction, PeerAddress, Transport
+from peerlearn.transport.peers import FaultAction, PeerAddress, Transport, _Inbound
 from peerlearn.transport.pool import _ONLY_THE_POOL, BufferPool, _only_the_pool
 from peerlearn.transport.protocol import FrameProtocol, keep_alive
 from peerlearn.transport.stats import TransportStats
@@ -592,7 +592,7 @@ class _Acceptor:
 
 @asynccontextmanager
 async def _acceptor(
-    peers: list[PeerAddress] | None = None, **settings: Any
+    peers: list[PeerAddress] | None = None, cluster: int = 0, **settings: Any
 ) -> AsyncIterator[_Acceptor]:
     delivered: list[Data] = []
     notes: list[tuple[int, Catchup]] = []
@@ -602,10 +602,10 @@ async def _acceptor(
         delivered.append(data)
         arrived.set()
 
-    hello = _hello(0, incarnation=7, name="d0")
+    hello = _hello(cluster, incarnation=7, name=f"d{cluster}")
     transport = Transport(
         hello,
-        JOIN,
+        JOIN if cluster == 0 else _join(cluster),
         MEMBERS,
         ("127.0.0.1", 0),
         peers or [],
@@ -2025,3 +2025,261 @@ def test_a_second_refusal_when_due_says_it_is_the_second(
         "refusing d9 at 10.9.0.1:5000: no",
         "refusing d9 at 10.9.0.1:5000: no (refused 2 times so far)",
     ]
+
+
+# --- the acceptor: where it listens, what it logs, and the rest of its handshake ----------------
+
+
+async def test_cluster_0_is_a_peer_of_another_daemon() -> None:
+    async with _acceptor(cluster=2) as acc:
+        d = await acc.dial()
+        assert await d.joined(cluster=0) == Ack(seq=0)
+        assert acc.transport.connected_clusters() == {0}
+        itself = await acc.dial()
+        assert await itself.ask(_hello(2)) == Refuse(reason="membership_mismatch")
+
+
+@pytest.mark.parametrize(
+    ("before", "first", "msg", "text"),
+    [
+        (
+            None,
+            None,
+            _hello(1, min_version=PROTOCOL_VERSION + 1, max_version=PROTOCOL_VERSION + 2),
+            f"peer speaks protocol versions {PROTOCOL_VERSION + 1}..{PROTOCOL_VERSION + 2}, "
+            f"this side {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION} (peer 'd1', cluster 1)",
+        ),
+        (5, None, _hello(1, incarnation=4), "incarnation 4 is older than 5, already seen"),
+        (None, _hello(1), Ping(nonce=1), "expected join, got ping"),
+        (None, _hello(1), _join(dim=DIM + 1), f"dim {DIM + 1} != {DIM}"),
+        (
+            None,
+            _hello(1),
+            _join(workers=(1,)),
+            "cluster 1 hosts processes [1, 4] here, but says [1]",
+        ),
+    ],
+    ids=["version", "stale", "not-join", "dim", "workers"],
+)
+async def test_a_refusal_is_logged_with_who_the_dialer_says_it_is_and_why(
+    before: int | None,
+    first: Message | None,
+    msg: Message,
+    text: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _acceptor() as acc:
+        if before is not None:
+            await (await acc.dial()).joined(incarnation=before)
+        d = await acc.dial()
+        with caplog.at_level(logging.ERROR, logger="peerlearn.transport.peers"):
+            if first is not None:
+                assert isinstance(await d.ask(first), Welcome)
+            assert isinstance(await d.ask(msg), Refuse)
+            await d.closed()
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "peerlearn.transport.peers"]
+        assert line.startswith("refusing daemon 'd1' (cluster 1) at 127.0.0.1:")
+        assert line.endswith(f": {text}")
+
+
+def test_a_join_overtaken_by_a_newer_incarnation_since_its_hello_is_refused(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def build() -> Transport:
+        return _transport(())
+
+    t = loop.run_until_complete(build())
+    t._incarnations[1] = 3
+    state = _Inbound(cluster=1, incarnation=2, name="d1")
+    proto = _FakeProto("10.0.0.1")
+    with caplog.at_level(logging.ERROR, logger="peerlearn.transport.peers"):
+        t._join(proto, state, _join())  # type: ignore[arg-type]
+    assert proto.sent == [Refuse(reason="stale_incarnation")] and proto.closed
+    assert not state.joined
+    assert t._incarnations == {1: 3}
+    assert t.stats.protocol_errors == {"stale_incarnation": 1}
+    assert [r.getMessage() for r in caplog.records] == [
+        "refusing daemon 'd1' (cluster 1) at 10.0.0.1:5000: incarnation 2 is older than 3, "
+        "already seen"
+    ]
+
+
+async def test_a_join_is_logged_and_a_restart_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    def established(d: _Dialer) -> str:
+        assert d.proto.transport is not None
+        port = d.proto.transport.get_extra_info("sockname")[1]
+        return f"daemon 0: inbound link from daemon 'd1' (cluster 1) (127.0.0.1:{port}) established"
+
+    async with _acceptor() as acc:
+        with caplog.at_level(logging.INFO, logger="peerlearn.transport.peers"):
+            first = await acc.dial()
+            await first.joined(incarnation=1)
+            same = await acc.dial()
+            await same.joined(incarnation=1)  # a reconnect: no restart
+            newer = await acc.dial()
+            await newer.joined(incarnation=2)
+        lines = [r.getMessage() for r in caplog.records if r.name == "peerlearn.transport.peers"]
+        assert lines == [
+            established(first),
+            established(same),
+            "daemon 0: daemon d1 restarted (new incarnation): its frames are numbered anew",
+            established(newer),
+        ]
+
+
+async def test_frames_read_together_are_acked_once_after_them() -> None:
+    async with _acceptor() as acc:
+        d = await acc.dial()
+        await d.joined()
+        for seq in (1, 2, 3):  # written at once: the acceptor reads them in one batch
+            d.proto.send(_data(seq))
+        d.proto.send(Ping(nonce=1))
+        await acc.delivered_n(3)
+        assert await d.answer() == Pong(nonce=1)  # answered while the batch is read
+        assert await d.answer() == Ack(seq=3)  # the ack comes after the batch
+        assert await d.ask(Ping(nonce=2)) == Pong(nonce=2)  # and only one
+
+
+async def test_a_first_frame_numbered_0_is_a_duplicate_and_acks_nothing() -> None:
+    async with _acceptor() as acc:
+        d = await acc.dial()
+        await d.joined()
+        d.proto.send(_data(0))  # the wire allows seq 0; a link numbers its frames from 1
+        assert await d.answer() == Ack(seq=0)  # not 1: frame 1 has not come
+        assert acc.transport.stats.dropped == {"duplicate": 1}
+        assert acc.delivered == []
+
+
+async def test_bad_controls_are_logged_per_peer(caplog: pytest.LogCaptureFixture) -> None:
+    async with _acceptor() as acc:
+        one = await acc.dial()
+        await one.joined(cluster=1)
+        two = await acc.dial()
+        await two.joined(cluster=2)
+        with caplog.at_level(logging.WARNING, logger="peerlearn.transport.peers"):
+            for d in (one, two):
+                d.proto.send(Control(name="hurry", body={}))
+                assert await d.ask(Ping(nonce=1)) == Pong(nonce=1)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"daemon 0: ignoring a control message from {peer}: unknown control message "
+            "'hurry' (1 so far)"
+            for peer in (1, 2)
+        ]
+        assert acc.transport.stats.protocol_errors == {"bad_control": 2}
+
+
+async def test_bytes_that_are_no_frame_are_counted_by_their_reason() -> None:
+    async with _acceptor() as acc:
+        d = await acc.dial()
+        assert d.proto.transport is not None
+        d.proto.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
+        await d.closed()
+        assert acc.transport.stats.protocol_errors == {"bad_magic": 1}
+
+
+async def test_a_bye_is_taken_from_the_current_incarnation_of_a_linked_peer_only() -> None:
+    t = _transport((2,))
+    (link,) = t.links
+    unlinked, old = _FakeProto("10.0.0.1"), _FakeProto("10.0.0.2")
+    t._inbound[unlinked] = _Inbound(cluster=1, incarnation=1, name="d1", joined=True)  # type: ignore[index]
+    t._inbound[old] = _Inbound(cluster=2, incarnation=1, name="d2", joined=True)  # type: ignore[index]
+    t._incarnations.update({1: 1, 2: 2})
+    for proto in (unlinked, old):
+        t._on_message(proto, Bye(reason="shutdown"))  # type: ignore[arg-type]
+        assert proto.closed
+    assert not link._peer_left  # the old incarnation's bye says nothing of the new one
+
+
+async def test_close_drains_a_peer_that_never_connected_unless_told_not_to() -> None:
+    for drain, dropped in ((None, {}), (False, {"never_connected": 1})):
+        t = Transport(
+            _hello(0, incarnation=7, name="d0"),
+            JOIN,
+            MEMBERS,
+            ("127.0.0.1", 0),
+            [PeerAddress(1, "127.0.0.1", 9)],
+            lambda data: None,
+            LinkSettings(drain_timeout=0.05),
+        )
+        assert repr(t) == "Transport(cluster=0, port=None, peers=1)"  # not started
+        t.send(1, ("params", 1), 0, 1, np.zeros(DIM), (), False)
+        await _settle()
+        assert t.links[0].outstanding == 1
+        # never started: there is no server to close
+        await (t.close() if drain is None else t.close(drain_unconnected=drain))
+        assert t.stats.dropped == dropped
+
+
+async def test_a_transport_on_a_bound_socket_accepts_there_and_dials_its_peers() -> None:
+    async with _acceptor() as acc:
+        assert acc.transport.port is not None
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        b = Transport(
+            _hello(1, incarnation=2, name="d1"),
+            _join(1),
+            MEMBERS,
+            ("127.0.0.1", 1),  # not used: the socket is
+            [PeerAddress(0, "127.0.0.1", acc.transport.port)],
+            lambda data: None,
+            LinkSettings(backoff_initial=0.01, backoff_max=0.05, drain_timeout=2.0),
+        )
+        async with asyncio.TaskGroup() as tasks:
+            await b.start(tasks, sock)
+            try:
+                assert b.port == sock.getsockname()[1]
+                names = {task.get_name() for task in asyncio.all_tasks()}
+                assert {f"link-{b.links[0].name}", "inbound-liveness"} <= names
+                await _until(lambda: b.connected() == 1)
+                assert acc.transport.connected_clusters() == {1}
+                b.broadcast(("params", 1), 1, 1, np.ones(DIM))
+                await acc.delivered_n(1)
+                assert acc.delivered[0].sender == 1
+                d = await _Acceptor(b, [], [], asyncio.Event()).dial()
+                assert await d.joined(cluster=2) == Ack(seq=0)
+            finally:
+                await b.close()
+
+
+async def test_a_transport_listens_on_the_configured_host_and_port() -> None:
+    async with _acceptor() as acc:  # ("127.0.0.1", 0)
+        assert acc.transport._server is not None
+        assert [s.getsockname()[0] for s in acc.transport._server.sockets] == ["127.0.0.1"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t = Transport(
+            _hello(0, incarnation=7, name="d0"),
+            JOIN,
+            MEMBERS,
+            ("127.0.0.1", port),
+            [],
+            lambda data: None,
+            LinkSettings(),
+        )
+        err: int | None = None
+        async with asyncio.TaskGroup() as tasks:
+            try:
+                await t.start(tasks)
+            except OSError as exc:
+                err = exc.errno
+            else:  # listening elsewhere: stop it
+                await t.close()
+        assert err == errno.EADDRINUSE
+
+
+async def test_the_liveness_pass_runs_four_times_per_peer_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[float] = []
+    real = asyncio.wait_for
+
+    async def wait_for(aw: Any, timeout: float) -> Any:
+        waits.append(timeout)
+        return await real(aw, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", wait_for)
+    async with _acceptor(peer_timeout=2.0):
+        await _until(lambda: bool(waits))
+    assert waits[0] == 0.5
