@@ -152,7 +152,7 @@ def run_replicas(cfg: RunConfig, keep: CenterSamples) -> CenterSamples:
     def on_report(proc: Proc, rep: Report) -> None:
         if rep.name != "model" or proc.pid != center:
             return
-        t = rep.step - 1  # the center's report k holds x̃_{k−1}
+        t = rep.step - 1  # with τ = 1 the center's report at iteration k holds x̃_{k−1}
         e = rep.value - x_star
         if t in keep.sums_at:
             keep.sums[t] = np.zeros_like(e) if keep._sum is None else keep._sum.copy()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -29,7 +30,7 @@ from peerlearn.daemon.rejoin import Rejoin
 from peerlearn.effects import Await, Grad, Letter, Msg, Post, Receive, Report, Send, Vector
 from peerlearn.membership import Membership
 from peerlearn.runs import build_problem
-from peerlearn.runtime.mailbox import Mailbox
+from peerlearn.runtime.mailbox import Mailbox, Waiting
 from peerlearn.runtime.worker import WorkerState
 from peerlearn.transport.catchup import Missed
 from peerlearn.wire import Data
@@ -301,6 +302,7 @@ def test_synchronous_easgd_resumes_at_the_exchange_its_peers_wait_in() -> None:
     assert isinstance(wait, Await) and wait.tag == ("center", 5)
     report, send, wait = next(center), center.send(None), center.send(None)
     assert report.step == 5 and send.tag == ("center", 5) and send.to == (1, 2)
+    np.testing.assert_array_equal(send.value, model)  # the peer's model, not x̃_1
     assert isinstance(wait, Await) and wait.tag == ("x", 5)
     (between,) = resume(cfg, build_problem(cfg), [0], RejoinState(6, model))
     assert next(between).step == 7
@@ -320,6 +322,10 @@ class _Transport:
     def __init__(self) -> None:
         self.asked: list[int] = []
         self.sent: list[tuple[Any, ...]] = []
+        self.lost: list[tuple[int, int]] = []
+
+    def lose_to(self, cluster: int, step: int) -> None:
+        self.lost.append((cluster, step))
 
     def request_state(self, cluster: int, restart: bool) -> None:
         self.asked.append(cluster)
@@ -602,3 +608,54 @@ async def test_a_centers_daemon_asks_a_late_daemon_again_while_it_is_connected()
     rejoin._late_asked = -1e9
     rejoin.consider()
     assert transport.asked == [2]  # the connected one of the late: 3 is not connected
+
+
+# --- synchronous EASGD: lockstep rejoin with a peer away ------------------------------------------
+
+
+class _Waits:
+    """A mailbox whose worker has waited on ``tag`` since ``since``."""
+
+    def __init__(self, tag: Any, since: float) -> None:
+        self._wait = Waiting(tag, 0, 1, "processes", since)
+
+    def waiting(self) -> Waiting:
+        return self._wait
+
+
+async def test_a_lockstep_daemon_takes_the_state_of_a_peer_that_noted_after_its_start() -> None:
+    """Daemon 2 (worker 2.0) restarted while the center's daemon was away: its worker started
+    over at iteration 1 and waits on the center's frame of it, which will never come. When the
+    center's daemon is back and says it dropped frames up to 477 for it, daemon 2 asks it for
+    its state (it used to wait for good, silently)."""
+    cfg = config("easgd", 2, 4000, 3)
+    worker = _Worker(
+        pid=2,
+        name="2.0",
+        state=WorkerState.RUNNING,
+        done=threading.Event(),
+        step=1,
+        mailbox=_Waits(("center", 1), time.monotonic() - 5.0),
+    )
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1, 1]), [worker])  # type: ignore[list-item]
+    transport = _Transport()
+    rejoin.attach(transport)  # type: ignore[arg-type]
+    rejoin.on_note(0, Missed(477))
+    assert transport.asked == [0]
+
+
+async def test_a_restarted_lockstep_center_tells_a_late_worker_daemon_what_never_comes() -> None:
+    """The center's daemon restarted while daemon 2 was cut off: it resumes at 415 from daemon
+    1's state. Daemon 2's worker may wait for a frame of an earlier exchange the last
+    incarnation owed it: it is told that frames up to 414 will never come (and asks for a
+    state when it is back); daemon 1, which noted in time, is told nothing."""
+    cfg = config("easgd", 2, 4000, 3)
+    center = _Worker(pid=0, name="0.0", state=WorkerState.CREATED, done=threading.Event(), step=0)
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1, 1]), [center])  # type: ignore[list-item]
+    transport = _Transport()
+    rejoin.attach(transport)  # type: ignore[arg-type]
+    rejoin.on_note(1, Missed(415))
+    assert transport.asked == [1]
+    rejoin.on_state(_frame(1, ("state", 415), np.full(4, 0.5)))
+    assert rejoin.rejoins == 1 and center.taken[0] == 415
+    assert transport.lost == [(2, 414)]

@@ -33,17 +33,16 @@ resumed programs at their next effect (:meth:`~peerlearn.runtime.worker.Worker.r
 For the papers' guarantees: a resumed process holds a model another process held at that
 iteration, so every model stays in the convex hull of the live models, which the contraction
 arguments of Alg 1 and 2 need; the resumed process skips the iterations in between, like a
-process that was slow. Algorithms without a resume entry point (``resume=None``: synchronous
-EASGD, agreement) keep their frames for a peer that is away and resend them (agreement drops
-them), and are told when they cannot rejoin.
+process that was slow. Agreement has no resume entry point (``resume=None``: each process's
+inputs are its own); it drops frames for a peer that is away and says when it cannot rejoin.
 
-The elastic family rejoins between the center and its workers instead (the records' resume
-entry point says how): a restarted daemon hosting the center asks every daemon hosting workers
-for their workers' *ledgers* — ``("ledger", pid, answered, waiting)`` frames whose value is the
-sum of the center's differences that worker applied — and resumes the center from all of them
-(after ``REQUEST_TIMEOUT`` with those it has, naming the others); a restarted daemon hosting
-workers asks the center's daemon, which answers with its record of their ledgers and then a
-state frame with the center's model.
+The asynchronous elastic family rejoins between the center and its workers instead (the
+records' resume entry point says how): a restarted daemon hosting the center asks every daemon
+hosting workers for their workers' *ledgers* — ``("ledger", pid, answered, waiting)`` frames
+whose value is the sum of the center's differences that worker applied — and resumes the center
+from all of them (after ``REQUEST_TIMEOUT`` with those it has, holding the other workers'
+requests until their ledgers come); a restarted daemon hosting workers asks the center's daemon,
+which answers with its record of their ledgers and then a state frame with the center's model.
 """
 
 from __future__ import annotations
@@ -195,9 +194,17 @@ class Rejoin:
         behind = self._behind()
         if behind is None:
             return
-        if self._keeps and self._spec.resume is not None and not self._starting():
+        if (
+            self._keeps
+            and self._spec.resume is not None
+            and not self._starting()
+            and not self._spec.lockstep
+        ):
             # Frames are kept: what a peer dropped is what a restart lost, which the state
             # taken before the workers started covers (the algorithm repairs the rest itself).
+            # Not so in lockstep: a peer away while this daemon restarted says what it dropped
+            # only once it is back, after the workers started over — and they wait, for good,
+            # for what it dropped, unless they take its state then.
             self._consider_stall(now)
             return
         if self._starting() and not self.noted >= self._expected and now < self._expect_until:
@@ -584,6 +591,20 @@ class Rejoin:
             return None
         return Ledger(answered, waiting, total)
 
+    def _partners(self) -> set[int]:
+        """The peer daemons this daemon's workers exchange frames with: the center's and its
+        workers' (centered algorithms), the neighbours' (a topology), or every peer."""
+        cluster_of = self._membership.cluster_of
+        me = {w.pid for w in self.workers}
+        if self._spec.center:
+            center = self._run.center
+            pids = set(range(len(cluster_of))) if center in me else {center}
+        elif self._spec.topology is not None:
+            pids = {j for p in me for j in self._run.graph.neighbours[p]}
+        else:
+            pids = set(range(len(cluster_of)))
+        return {cluster_of[p] for p in pids - me} - {cluster_of[p] for p in me}
+
     def _behind(self) -> int | None:
         """The iteration of the slowest unfinished live local worker (at least the last
         resume point); None if none is left."""
@@ -717,6 +738,13 @@ class Rejoin:
             # They skip iterations < resume_at: a peer that waits for their frames of those
             # must be told, as if they had been dropped, or it would wait for good.
             self._transport.lose_all(resume_at - 1)
+        elif self._spec.lockstep and self._transport is not None:
+            # Lockstep: the peers that said what they dropped for the last incarnation are at
+            # resume_at or past it. One that did not (away meanwhile) may wait for a frame of
+            # an earlier iteration the last incarnation owed it: it is told it will never
+            # come, and takes a state when it is back.
+            for peer in sorted(self._partners() - self.noted):
+                self._transport.lose_to(peer, resume_at - 1)
         self.consider()  # another peer may have dropped later iterations still
 
     def _resume_from_center(

@@ -400,6 +400,13 @@ class Transport:
         for link in self.links:
             link.lose(step)
 
+    def lose_to(self, cluster: int, step: int) -> None:
+        """Tell daemon ``cluster`` that frames of iterations up to ``step`` will never come
+        from this daemon (no link to it: nothing to tell)."""
+        link = self._by_cluster.get(cluster)
+        if link is not None:
+            link.lose(step)
+
     def lost_upto(self, cluster: int) -> int | None:
         """The highest iteration of a frame dropped for daemon ``cluster`` (None: none)."""
         link = self._by_cluster.get(cluster)

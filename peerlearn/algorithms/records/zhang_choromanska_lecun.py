@@ -80,8 +80,9 @@ def _sync_resume(
 ) -> list[Program]:
     """Processes that restarted, resumed at iteration ``state.step`` from a live peer's model
     (lockstep: the iteration of the exchange the slowest peer waits in). A worker takes the
-    center's model x̃; a center takes a worker's model, which the elastic force pulls together
-    with the others from the next exchange on (the center's own x̃ is gone with it)."""
+    model the center's daemon sends (x̃, or a worker's hosted with the center); a center takes
+    a worker's model, which the elastic force pulls together with the others from the next
+    exchange on (the center's own x̃ is gone with it)."""
     steps, tau = cfg.steps, cfg.elastic.tau
     eta, alpha, center = cfg.schedule()(1), cfg.elastic_alpha, cfg.center
     model = state.model.copy()
