@@ -134,11 +134,13 @@ async def local_cluster(
     workers: int = 2,
     worker_factory: Callable[[int], type[Worker]] | None = None,
     start: bool = True,
+    each: Callable[[int], dict[str, Any]] | None = None,
     **fields: Any,
 ) -> AsyncIterator[LocalCluster]:
     """Start ``daemons`` daemons with ``workers`` workers each; ``fields`` are NodeConfig
-    fields common to all (algorithm, steps, problem, …). ``worker_factory(i)`` picks the worker
-    class of daemon i (fault injection)."""
+    fields common to all (algorithm, steps, problem, …), ``each(i)`` those of daemon i alone
+    (its ``out`` directory, say). ``worker_factory(i)`` picks the worker class of daemon i
+    (fault injection)."""
     # Sorted like the configs sort addresses, so that daemon i is cluster i.
     socks = sorted((_bound_socket() for _ in range(daemons)), key=lambda s: s.getsockname()[1])
     addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
@@ -153,6 +155,7 @@ async def local_cluster(
                 "workers": workers,
                 "eval_every": 1,
                 **fields,
+                **(each(i) if each is not None else {}),
             },
         )
         factory = worker_factory(i) if worker_factory is not None else Worker

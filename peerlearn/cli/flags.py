@@ -379,6 +379,18 @@ FLAGS: tuple[Flag, ...] = (
         {_DAEMON: Use("Exit 0 once every worker is done.")},
     ),
     Flag(
+        "out",
+        Path | None,
+        ("out",),
+        {
+            _DAEMON: Use(
+                "Write model.npz (local models and their mean), summary.json and metrics.csv "
+                "here, on finish and on stop.",
+                "none",
+            )
+        },
+    ),
+    Flag(
         "log_level",
         str | None,
         ("log_level",),

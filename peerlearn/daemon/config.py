@@ -119,6 +119,11 @@ class NodeConfig(BaseSettings, RunSettings):
     advertise: str | None = Field(None, description="address peers use for us (default listen)")
     api: str = "127.0.0.1:8001"
     exit_on_finish: bool = False
+    out: Path | None = Field(
+        None,
+        description="directory for model.npz (the local models and their mean), summary.json "
+        "and metrics.csv, written on finish and on stop",
+    )
     stall_timeout: float = Field(10.0, gt=0, description="waiting longer: reported blocked")
     peer_timeout: float = Field(
         5.0,

@@ -39,6 +39,7 @@ from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.config import NodeConfig, parse_address
 from peerlearn.daemon.monitor import Monitor, SendWait, Staleness, WaitsOn
+from peerlearn.daemon.output import RunOutput, summary_of
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
 from peerlearn.daemon.routing import DaemonRouter, Heard
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
@@ -163,6 +164,9 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.stop_reason: str | None = None
         self.started_at = time.monotonic()
+        #: ``--out``: the final model, summary and metrics (peerlearn/daemon/output.py)
+        self.output = RunOutput(cfg.out) if cfg.out is not None else None
+        self._output_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
@@ -181,6 +185,13 @@ class Daemon:
         """
         api_sockets: list[socket.socket] = []
         try:
+            if self.output is not None:
+                try:
+                    self.output.prepare()
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot write to --out {self.output.dir}: {_why(exc)}"
+                    ) from None
             # Bound here, before anything runs, so that a busy port is one clear error —
             # uvicorn binding it itself logs its own error and exits its task with SystemExit.
             api_sockets = _listen("control API", self.cfg.api)
@@ -285,6 +296,8 @@ class Daemon:
             self.monitor.evaluate_every_tick(), name="monitor"
         )
         self._catchup_task = self._tasks.create_task(self._catch_up(), name="catch-up")
+        if self.output is not None:
+            self._output_task = self._tasks.create_task(self._record(), name="output")
         self._peers_task = self._tasks.create_task(self.monitor.watch_peers(), name="peers")
         if self.monitor.sends_snapshots:
             self._snapshot_task = self._tasks.create_task(
@@ -403,12 +416,14 @@ class Daemon:
             self._snapshot_task,
             self._catchup_task,
             self._peers_task,
+            self._output_task,
         ):
             if task is not None:
                 task.cancel()
         if self._tasks is not None:  # links end once closed, the API once told to exit
             await self._tasks.__aexit__(None, None, None)
         await self.monitor.evaluate(final=True)
+        await self._write_output()
         self.state = DaemonState.STOPPED
         self._stopped.set()
         log.info("daemon stopped: %s", self.summary())
@@ -485,8 +500,39 @@ class Daemon:
     async def _finished(self) -> None:
         await self.monitor.evaluate(final=True)  # the final models' losses: summary, /status
         log.info("every local worker is done: %s", self.summary())
+        await self._write_output()
         if self.cfg.exit_on_finish:
             self.request_stop("finished (exit_on_finish)")
+
+    async def _record(self) -> None:
+        """``--out``'s metrics.csv: every local worker's figures once a second."""
+        assert self.output is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self.output.sample, time.time(), self.monitor.snapshot())
+            except OSError as exc:  # a full disk must not stop the run: said, tried again
+                log.warning("cannot append to %s: %s", self.output.metrics, _why(exc))
+
+    async def _write_output(self) -> None:
+        """``--out``'s model.npz and summary.json, as they are now (on finish, on stop)."""
+        if self.output is None:
+            return
+        summary = summary_of(self, time.monotonic() - self.started_at)
+        models = [(w.name, w.x, w.live) for w in self.workers]
+        snapshot = self.monitor.snapshot()
+        output = self.output
+
+        def write() -> None:
+            output.sample(time.time(), snapshot)  # the last figures, even of a short run
+            output.write(summary, models)
+
+        try:
+            await asyncio.to_thread(write)
+        except (OSError, ValueError) as exc:
+            log.error("cannot write the final model to %s: %s", self.output.dir, exc)
+            return
+        log.info("wrote %s and %s", self.output.model, self.output.summary)
 
     def _on_report(self, worker: Worker, rep: Report) -> None:  # on the worker's thread
         self.monitor.on_report(worker, rep)

@@ -1,0 +1,128 @@
+"""``peerlearn collect``: the one model a user takes home from a decentralized run.
+
+Fetches every worker's model from each daemon's control API (``GET /status`` names the
+workers, ``GET /model?worker=ID`` gives each model as ``.npy`` bytes), and writes their mean
+— with each model beside it — to one ``.npz``, saying how far apart the models were: the
+consensus distance (1/n) Σ ‖x_i − x̄‖², the same figure as the daemons' metric. Crashed and
+diverged workers are left out of the mean, as the daemons' own mean leaves them out.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import IO, Annotated
+
+import httpx
+import numpy as np
+import typer
+
+from peerlearn.console import escape, fail, out, warn
+from peerlearn.effects import Vector, quiet_float_errors
+from peerlearn.errors import ConfigError
+
+__all__ = ["collect"]
+
+#: worker states whose model does not count (the daemons' mean leaves them out too)
+_FAILED = frozenset({"crashed", "diverged"})
+
+
+def _models(client: httpx.Client, api: str) -> list[tuple[str, str, Vector]]:
+    """(worker id, state, model) of every worker of the daemon at ``api`` that has a model."""
+    status = client.get(f"http://{api}/status")
+    status.raise_for_status()
+    got: list[tuple[str, str, Vector]] = []
+    for worker in status.json()["workers"]:
+        wid, state = str(worker["id"]), str(worker["state"])
+        answer = client.get(f"http://{api}/model", params={"worker": wid})
+        if answer.status_code == 404:  # no model yet
+            continue
+        answer.raise_for_status()
+        x = np.load(io.BytesIO(answer.content), allow_pickle=False)
+        got.append((wid, state, np.asarray(x, dtype=np.float64).ravel()))
+    return got
+
+
+def collect(
+    api: Annotated[
+        str,
+        typer.Option(
+            "--api",
+            help="The daemons' control APIs, HOST:PORT[,HOST:PORT…] (their --api addresses).",
+            show_default=False,
+        ),
+    ],
+    out_file: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="The .npz to write: mean (of the live workers' models) and worker_<id> for "
+            "each worker.",
+        ),
+    ] = Path("model.npz"),
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for each daemon's answer.", min=0.1)
+    ] = 10.0,
+) -> None:
+    """Fetch every daemon's models and write their mean: the model to take home."""
+    from peerlearn.daemon.config import parse_address
+    from peerlearn.daemon.output import write_atomic
+    from peerlearn.sim.runner import consensus_distance
+
+    apis = [a.strip() for a in api.split(",") if a.strip()]
+    try:
+        for a in apis:
+            parse_address(a)
+    except ConfigError as exc:
+        raise fail(f"--api: {exc}") from None
+    if not apis:
+        raise fail("--api: no address given")
+    models: dict[str, tuple[str, Vector]] = {}
+    with httpx.Client(timeout=timeout) as client:
+        for a in apis:
+            try:
+                got = _models(client, a)
+            except httpx.HTTPError as exc:
+                raise fail(f"daemon {a}: {type(exc).__name__}: {exc}") from None
+            except (KeyError, TypeError, ValueError) as exc:
+                raise fail(f"daemon {a}: not a peerlearn control API ({exc})") from None
+            if not got:
+                warn(f"daemon {a}: no worker has a model yet")
+            for wid, state, x in got:
+                if wid in models:
+                    warn(
+                        f"worker {wid} came from two daemons (an address listed twice?): kept once"
+                    )
+                    continue
+                models[wid] = (state, x)
+    live = {wid: x for wid, (state, x) in models.items() if state not in _FAILED}
+    dims = {x.shape for x in live.values()}
+    if not live:
+        raise fail("no live worker has a model: nothing to average")
+    if len(dims) > 1:
+        raise fail(f"the models differ in shape {sorted(dims)}: daemons of different runs?")
+    xs = list(live.values())
+    with quiet_float_errors():
+        mean = np.mean(np.stack(xs), axis=0)
+        spread = consensus_distance(xs)
+    arrays = {"mean": mean, **{f"worker_{wid}": x for wid, (_, x) in models.items()}}
+
+    def npz(fh: IO[bytes]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **arrays)
+        fh.write(buf.getbuffer())
+
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_file, npz)
+    except OSError as exc:
+        raise fail(f"cannot write {out_file}: {exc.strerror or exc}") from None
+    left_out = sorted(set(models) - set(live))
+    note = f"; left out (crashed or diverged): {', '.join(left_out)}" if left_out else ""
+    out.print(
+        escape(
+            f"wrote {out_file}: the mean of {len(live)} models from {len(apis)} daemon(s) "
+            f"(dim {mean.size}); consensus distance (1/n)Σ‖x_i − x̄‖² = {spread:.6g}{note}"
+        ),
+        highlight=False,
+    )
