@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -497,3 +498,29 @@ def _free_ports(k: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+async def test_a_finished_gossip_worker_that_still_answers_is_finished_not_waiting() -> None:
+    """Asynchronous gossip's finished workers go on answering their inbox (``Done``) for a
+    neighbour that may restart: /status and /metrics still show them finished — no inbox wait,
+    never blocked, also once a peer daemon has left."""
+    async with local_cluster(
+        3, workers=1, algorithm="async_gossip", steps=30, peer_give_up=0.5, peer_timeout=0.5
+    ) as cluster:
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(asyncio.to_thread(w.done.wait) for d in cluster.daemons for w in d.workers)
+            ),
+            60,
+        )
+        await cluster.daemons[2].stop()  # a peer leaves: the others give it up
+        transports = [cluster.daemons[i].transport for i in (0, 1)]
+        deadline = time.monotonic() + 20  # (nothing to wait on: nobody makes progress)
+        while not all(t is not None and any(link.given_up for link in t.links) for t in transports):
+            assert time.monotonic() < deadline, "daemon 2 was never given up on"
+            await asyncio.sleep(0.05)
+        for i in (0, 1):
+            status = (await cluster.client(i).get("/status")).json()
+            (worker,) = status["workers"]
+            assert worker["state"] == "finished" and "waiting" not in worker, worker
+            assert cluster.daemons[i].monitor.snapshot().states["blocked"] == 0

@@ -647,8 +647,10 @@ async def test_a_lockstep_daemon_takes_the_state_of_a_peer_that_noted_after_its_
 async def test_a_restarted_lockstep_center_tells_a_late_worker_daemon_what_never_comes() -> None:
     """The center's daemon restarted while daemon 2 was cut off: it resumes at 415 from daemon
     1's state. Daemon 2's worker may wait for a frame of an earlier exchange the last
-    incarnation owed it: it is told that frames up to 414 will never come (and asks for a
-    state when it is back); daemon 1, which noted in time, is told nothing."""
+    incarnation owed it: it is told that frames up to 415 are lost (it asks for a state when it
+    is back, and the answer resumes it at 415, the first iteration this incarnation sends it —
+    not 414, which with τ = 1 it would wait for in vain); daemon 1, which noted in time, is
+    told nothing."""
     cfg = config("easgd", 2, 4000, 3)
     center = _Worker(pid=0, name="0.0", state=WorkerState.CREATED, done=threading.Event(), step=0)
     rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1, 1]), [center])  # type: ignore[list-item]
@@ -658,4 +660,4 @@ async def test_a_restarted_lockstep_center_tells_a_late_worker_daemon_what_never
     assert transport.asked == [1]
     rejoin.on_state(_frame(1, ("state", 415), np.full(4, 0.5)))
     assert rejoin.rejoins == 1 and center.taken[0] == 415
-    assert transport.lost == [(2, 414)]
+    assert transport.lost == [(2, 415)]

@@ -159,6 +159,9 @@ ASYNC_GOSSIP: dict[str, Any] = {
 @given(seed=st.integers(0, 10_000), points=_points(4, 12))
 # restarted twice, the second time after a neighbour finished: blocked for good without Done
 @example(seed=1547, points=[(2, "t", 9.0), (2, "t", 9.0)])
+# restarts after the others finished: the source's answers after Done are of no iteration, so
+# the restarted process resumes at T + 1, not T + 2 (it did one iteration too many)
+@example(seed=7177, points=[(2, "time", 29.14), (1, "time", 28.31)])
 def test_async_gossip_finishes_after_restarts(seed: int, points: list[Point]) -> None:
     """AD-PSGD: a restarted process tells its neighbours; one waiting for its answer to a
     request the last incarnation took with it gives that exchange up, and a bye it had from it

@@ -240,7 +240,9 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
     workers = []
     for w in daemon.workers:
         loss = daemon.loss_of(w)
-        waiting = w.mailbox.waiting()
+        # A finished worker may still answer its inbox (Done): that is no wait of the run's.
+        done = w.done.is_set()
+        waiting = None if done else w.mailbox.waiting()
         entry: dict[str, Any] = {
             "id": w.name,
             "state": str(w.state),
@@ -263,7 +265,7 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
             }
             if daemon.blocked(waiting):
                 entry["state"] = "blocked"
-        send = daemon.sending(w)
+        send = None if done else daemon.sending(w)
         if send is not None:
             entry["sending"] = {
                 "peer": send.peer,

@@ -282,7 +282,10 @@ class Monitor:
         return states
 
     def worker_blocked(self, worker: Worker) -> bool:
-        """Blocked on a quorum (:meth:`blocked`) or on a peer's full link (:meth:`sending`)."""
+        """Blocked on a quorum (:meth:`blocked`) or on a peer's full link (:meth:`sending`);
+        a finished worker never is (one that still answers its inbox, ``Done``, waits on it)."""
+        if worker.done.is_set():
+            return False
         send = self.sending(worker)
         return self.blocked(worker.mailbox.waiting()) or (send is not None and send.blocked)
 

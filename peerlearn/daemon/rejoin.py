@@ -741,10 +741,12 @@ class Rejoin:
         elif self._spec.lockstep and self._transport is not None:
             # Lockstep: the peers that said what they dropped for the last incarnation are at
             # resume_at or past it. One that did not (away meanwhile) may wait for a frame of
-            # an earlier iteration the last incarnation owed it: it is told it will never
-            # come, and takes a state when it is back.
+            # an earlier iteration the last incarnation owed it: it is told frames up to
+            # resume_at are lost, and asks for a state when it is back — whose answer resumes
+            # it at resume_at (``_answer``: the lost iteration), the first this incarnation
+            # sends it. (At resume_at − 1 it would wait for a frame nobody sends.)
             for peer in sorted(self._partners() - self.noted):
-                self._transport.lose_to(peer, resume_at - 1)
+                self._transport.lose_to(peer, resume_at)
         self.consider()  # another peer may have dropped later iterations still
 
     def _resume_from_center(

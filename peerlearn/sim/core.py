@@ -571,7 +571,8 @@ class Simulator:
         if not finite(value):  # nobody receives it: the sender stops here
             self._diverge(proc, proc.step, "model")
             return
-        proc.sent_step = proc.step
+        if not proc.finished:  # (answers after Done are of no iteration)
+            proc.sent_step = proc.step
         n = self.membership.processes
         sender = proc.pid
         same = self._same_cluster[sender]
