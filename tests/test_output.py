@@ -115,7 +115,7 @@ def test_an_out_directory_that_cannot_be_written_is_one_line_and_exit_2(tmp_path
         timeout=60,
     )
     assert res.returncode == 2, res.stderr
-    assert f"cannot write to --out {blocker / 'out'}" in res.stderr
+    assert f"cannot use --out {blocker / 'out'}" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -148,9 +148,11 @@ async def test_collect_writes_the_mean_of_every_daemons_models(tmp_path: Path) -
         models = {w.name: w.x for d in cluster.daemons for w in d.workers}
     assert res.exit_code == 0, res.output
     arrays = _npz(out)
-    assert set(arrays) == {"mean", "worker_0.0", "worker_1.0", "worker_2.0"}
+    assert set(arrays) == {"mean", "consensus_distance", "worker_0.0", "worker_1.0", "worker_2.0"}
     xs = [models[k] for k in ("0.0", "1.0", "2.0")]
     np.testing.assert_allclose(arrays["mean"], np.mean(xs, axis=0), rtol=0, atol=1e-12)
+    spread = np.mean([np.sum((x - np.mean(xs, axis=0)) ** 2) for x in xs])
+    np.testing.assert_allclose(arrays["consensus_distance"], spread, rtol=1e-9, atol=1e-15)
     assert "the mean of 3 models from 3 daemon(s)" in res.output
     assert "consensus distance" in res.output
 
@@ -170,3 +172,77 @@ def test_collect_names_a_daemon_it_cannot_reach_and_exits_2(tmp_path: Path) -> N
 def test_collect_help_says_what_it_writes() -> None:
     res = CliRunner().invoke(app, ["collect", "--help"], env={"COLUMNS": "120"})
     assert res.exit_code == 0 and "--api" in res.output and "mean" in res.output
+
+
+def _run_daemon(out: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    """A daemon whose only peer never comes (Alg 1: its workers wait for it)."""
+    listen, api, peer = free_ports(3)
+    proc = subprocess.Popen(
+        [
+            PEERLEARN,
+            "run",
+            *("--listen", f"127.0.0.1:{listen}", "--api", f"127.0.0.1:{api}"),
+            *("--peers", f"127.0.0.1:{peer}", "--workers", "2", "--algorithm", "alg1"),
+            *("--out", str(out), "--log-level", "warning", *extra),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, api
+
+
+def test_a_second_daemon_on_the_same_out_is_refused_and_a_failed_final_write_exits_1(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    proc, api = _run_daemon(out, "--steps", "100000")
+    try:
+        asyncio.run(
+            poll_status(
+                f"http://127.0.0.1:{api}",
+                lambda s: all(w["state"] in ("running", "blocked") for w in s["workers"]),
+            )
+        )
+        second, _ = _run_daemon(out, "--steps", "10")
+        assert second.wait(60) == 2
+        assert second.stderr is not None
+        assert "in use by another daemon" in second.stderr.read()
+        # the directory goes away under the running daemon: its final write fails at stop
+        for f in out.iterdir():
+            f.unlink()
+        out.rmdir()
+        out.write_text("now a file")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 1
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "cannot write model.npz and summary.json" in err
+        assert "exit code 1: the final model was not written to --out" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_a_diverged_run_writes_its_summary_with_a_non_finite_setting(tmp_path: Path) -> None:
+    """--lr 1e300: the models turn non-finite at once, the workers diverge (exit 1); the summary
+    still comes, status diverged (a non-finite number in it would not be JSON)."""
+    listen, api = free_ports(2)
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [
+            PEERLEARN,
+            "run",
+            *("--listen", f"127.0.0.1:{listen}", "--api", f"127.0.0.1:{api}"),
+            *("--workers", "2", "--steps", "50", "--lr", "1e300", "--exit-on-finish"),
+            *("--out", str(out), "--log-level", "error"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["source"] == "peerlearn run"
+    assert all(p["diverged"] and not p["crashed"] for p in summary["processes"])
+    assert {d["process"] for d in summary["diverged"]} == {"0.0", "0.1"}

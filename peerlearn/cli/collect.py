@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import IO, Annotated
+from typing import Annotated
 
 import httpx
 import numpy as np
@@ -27,20 +27,23 @@ __all__ = ["collect"]
 _FAILED = frozenset({"crashed", "diverged"})
 
 
-def _models(client: httpx.Client, api: str) -> list[tuple[str, str, Vector]]:
-    """(worker id, state, model) of every worker of the daemon at ``api`` that has a model."""
+def _models(client: httpx.Client, api: str) -> tuple[str, list[tuple[str, str, Vector]]]:
+    """The daemon's state, and (worker id, state, model) of each of its workers that has a
+    model (one without is said)."""
     status = client.get(f"http://{api}/status")
     status.raise_for_status()
+    view = status.json()
     got: list[tuple[str, str, Vector]] = []
-    for worker in status.json()["workers"]:
+    for worker in view["workers"]:
         wid, state = str(worker["id"]), str(worker["state"])
         answer = client.get(f"http://{api}/model", params={"worker": wid})
-        if answer.status_code == 404:  # no model yet
+        if answer.status_code == 404:
+            warn(f"daemon {api}: worker {wid} has no model yet: left out")
             continue
         answer.raise_for_status()
         x = np.load(io.BytesIO(answer.content), allow_pickle=False)
         got.append((wid, state, np.asarray(x, dtype=np.float64).ravel()))
-    return got
+    return str(view["state"]), got
 
 
 def collect(
@@ -56,20 +59,22 @@ def collect(
         Path,
         typer.Option(
             "--out",
-            help="The .npz to write: mean (of the live workers' models) and worker_<id> for "
-            "each worker.",
+            help="The .npz file to write: mean (of the live workers' models), "
+            "consensus_distance, and worker_<id> for each worker.",
         ),
     ] = Path("model.npz"),
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for each daemon's answer.", min=0.1)
     ] = 10.0,
 ) -> None:
-    """Fetch every daemon's models and write their mean: the model to take home."""
+    """Fetch every daemon's models and write their mean: the model to take home.
+
+    Crashed and diverged workers are left out of the mean. A daemon not reached: exit 2."""
     from peerlearn.daemon.config import parse_address
-    from peerlearn.daemon.output import write_atomic
+    from peerlearn.daemon.output import write_npz
     from peerlearn.sim.runner import consensus_distance
 
-    apis = [a.strip() for a in api.split(",") if a.strip()]
+    apis = list(dict.fromkeys(a.strip() for a in api.split(",") if a.strip()))
     try:
         for a in apis:
             parse_address(a)
@@ -78,14 +83,17 @@ def collect(
     if not apis:
         raise fail("--api: no address given")
     models: dict[str, tuple[str, Vector]] = {}
+    running: list[str] = []
     with httpx.Client(timeout=timeout) as client:
         for a in apis:
             try:
-                got = _models(client, a)
+                state, got = _models(client, a)
             except httpx.HTTPError as exc:
                 raise fail(f"daemon {a}: {type(exc).__name__}: {exc}") from None
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, EOFError, OSError) as exc:
                 raise fail(f"daemon {a}: not a peerlearn control API ({exc})") from None
+            if state != "finished":
+                running.append(a)
             if not got:
                 warn(f"daemon {a}: no worker has a model yet")
             for wid, state, x in got:
@@ -105,16 +113,19 @@ def collect(
     with quiet_float_errors():
         mean = np.mean(np.stack(xs), axis=0)
         spread = consensus_distance(xs)
-    arrays = {"mean": mean, **{f"worker_{wid}": x for wid, (_, x) in models.items()}}
-
-    def npz(fh: IO[bytes]) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, allow_pickle=False, **arrays)
-        fh.write(buf.getbuffer())
-
+    arrays = {
+        "mean": mean,
+        "consensus_distance": np.float64(spread),
+        **{f"worker_{wid}": x for wid, (_, x) in models.items()},
+    }
+    if running:
+        warn(
+            f"daemon(s) {', '.join(running)} had not finished: their models were fetched one "
+            "after another, each as it was then"
+        )
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_file, npz)
+        write_npz(out_file, arrays)
     except OSError as exc:
         raise fail(f"cannot write {out_file}: {exc.strerror or exc}") from None
     left_out = sorted(set(models) - set(live))

@@ -384,8 +384,8 @@ FLAGS: tuple[Flag, ...] = (
         ("out",),
         {
             _DAEMON: Use(
-                "Write model.npz (local models and their mean), summary.json and metrics.csv "
-                "here, on finish and on stop.",
+                "Directory (one per daemon) for model.npz (local models and their mean), "
+                "summary.json and metrics.csv, written on finish and on stop.",
                 "none",
             )
         },

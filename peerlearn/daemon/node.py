@@ -39,7 +39,7 @@ from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.config import NodeConfig, parse_address
 from peerlearn.daemon.monitor import Monitor, SendWait, Staleness, WaitsOn
-from peerlearn.daemon.output import RunOutput, summary_of
+from peerlearn.daemon.output import Row, RunOutput, summary_of
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
 from peerlearn.daemon.routing import DaemonRouter, Heard
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
@@ -166,6 +166,7 @@ class Daemon:
         self.started_at = time.monotonic()
         #: ``--out``: the final model, summary and metrics (peerlearn/daemon/output.py)
         self.output = RunOutput(cfg.out) if cfg.out is not None else None
+        self.output_failed = False  # the last write of model.npz and summary.json failed
         self._output_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -190,7 +191,7 @@ class Daemon:
                     self.output.prepare()
                 except OSError as exc:
                     raise StartupError(
-                        f"cannot write to --out {self.output.dir}: {_why(exc)}"
+                        f"cannot use --out {self.output.dir}: {_why(exc)}"
                     ) from None
             # Bound here, before anything runs, so that a busy port is one clear error —
             # uvicorn binding it itself logs its own error and exits its task with SystemExit.
@@ -204,6 +205,8 @@ class Daemon:
     async def _abandon(self, exc: BaseException, api_sockets: list[socket.socket]) -> None:
         """Undo a start() that failed at any point (``exc``: why): a caller that goes on (a
         test, a program embedding daemons) keeps no port bound, no task, no thread."""
+        if self.output is not None:
+            self.output.close()
         for w in self.workers:
             w.stop()
         started = [w for w in self.workers if w.state is not WorkerState.CREATED]
@@ -424,6 +427,8 @@ class Daemon:
             await self._tasks.__aexit__(None, None, None)
         await self.monitor.evaluate(final=True)
         await self._write_output()
+        if self.output is not None:
+            self.output.close()
         self.state = DaemonState.STOPPED
         self._stopped.set()
         log.info("daemon stopped: %s", self.summary())
@@ -505,34 +510,51 @@ class Daemon:
             self.request_stop("finished (exit_on_finish)")
 
     async def _record(self) -> None:
-        """``--out``'s metrics.csv: every local worker's figures once a second."""
+        """``--out``'s metrics.csv: every local worker's figures once a second, until the
+        workers are done (the final row comes with the final model)."""
         assert self.output is not None
-        while True:
+        while self.state is DaemonState.RUNNING:
             await asyncio.sleep(1.0)
             try:
-                await asyncio.to_thread(self.output.sample, time.time(), self.monitor.snapshot())
+                await asyncio.to_thread(self.output.sample, time.time(), *self._sample())
             except OSError as exc:  # a full disk must not stop the run: said, tried again
                 log.warning("cannot append to %s: %s", self.output.metrics, _why(exc))
 
+    def _sample(self) -> tuple[list[Row], list[Vector], list[Vector]]:
+        """What a metrics.csv row needs, read on the loop (the distances are computed on a
+        thread: they cost O(models × dim))."""
+        rows = [(w.name, w.completed, self.loss_of(w)) for w in self.workers]
+        local = [w.x for w in self.workers if w.live and w.x is not None]
+        heard = [x for _, x in self.heard.models.values()]
+        return rows, local, heard
+
     async def _write_output(self) -> None:
-        """``--out``'s model.npz and summary.json, as they are now (on finish, on stop)."""
-        if self.output is None:
-            return
-        summary = summary_of(self, time.monotonic() - self.started_at)
-        models = [(w.name, w.x, w.live) for w in self.workers]
-        snapshot = self.monitor.snapshot()
+        """``--out``'s model.npz and summary.json, as they are now (on finish, on stop), and a
+        last metrics row. A failure is logged and makes the exit code 1 (the model to take
+        home is missing), never stops the shutdown."""
         output = self.output
-
-        def write() -> None:
-            output.sample(time.time(), snapshot)  # the last figures, even of a short run
-            output.write(summary, models)
-
-        try:
-            await asyncio.to_thread(write)
-        except (OSError, ValueError) as exc:
-            log.error("cannot write the final model to %s: %s", self.output.dir, exc)
+        if output is None:
             return
-        log.info("wrote %s and %s", self.output.model, self.output.summary)
+        try:
+            summary = summary_of(self, time.monotonic() - self.started_at)
+            models = [(w.name, w.x, w.live) for w in self.workers]
+            sample = self._sample()
+            await asyncio.to_thread(output.write, summary, models)
+        except Exception as exc:
+            self.output_failed = True
+            log.error(
+                "cannot write model.npz and summary.json to %s: %s: %s",
+                output.dir,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self.output_failed = False
+        log.info("wrote %s and %s", output.model, output.summary)
+        try:
+            await asyncio.to_thread(output.sample, time.time(), *sample)
+        except OSError as exc:
+            log.warning("cannot append to %s: %s", output.metrics, _why(exc))
 
     def _on_report(self, worker: Worker, rep: Report) -> None:  # on the worker's thread
         self.monitor.on_report(worker, rep)

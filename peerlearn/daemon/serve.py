@@ -95,7 +95,10 @@ async def _main(cfg: NodeConfig) -> int:
     failed = [w.name for w in daemon.workers if w.error is not None]
     if failed:
         log.error("exit code 1: worker(s) %s crashed (tracebacks above)", ", ".join(failed))
-    return 1 if failed or diverged else 0
+    # The model to take home is missing: a supervisor or script must see that too.
+    if daemon.output_failed:
+        log.error("exit code 1: the final model was not written to --out (see above)")
+    return 1 if failed or diverged or daemon.output_failed else 0
 
 
 def serve(cfg: NodeConfig) -> int:
