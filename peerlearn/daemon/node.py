@@ -190,9 +190,7 @@ class Daemon:
                 try:
                     self.output.prepare()
                 except OSError as exc:
-                    raise StartupError(
-                        f"cannot use --out {self.output.dir}: {_why(exc)}"
-                    ) from None
+                    raise StartupError(f"cannot use --out {self.output.dir}: {_why(exc)}") from None
             # Bound here, before anything runs, so that a busy port is one clear error —
             # uvicorn binding it itself logs its own error and exits its task with SystemExit.
             api_sockets = _listen("control API", self.cfg.api)
