@@ -28,7 +28,10 @@ RUN pip install --no-cache-dir . \
     && rm -rf /src \
     && groupadd --system --gid 10001 peerlearn \
     && useradd --system --uid 10001 --gid peerlearn --home-dir /home/peerlearn --create-home \
-       --shell /usr/sbin/nologin peerlearn
+       --shell /usr/sbin/nologin peerlearn \
+    && install -d -o 10001 -g 10001 /var/lib/peerlearn
+# /var/lib/peerlearn: the daemon's data (--out), a volume in compose and in Kubernetes; owned
+# by the user here, so that a named volume mounted on it starts writable.
 
 WORKDIR /home/peerlearn
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.

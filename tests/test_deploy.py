@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 if __name__ != "__main__":  # this file is also the observer script run in a namespace, where
@@ -114,6 +115,15 @@ def mounts(service: Mapping[str, Any]) -> list[Mount]:
         else:
             out.append(Mount(v["source"], v["target"], bool(v.get("read_only", False))))
     return out
+
+
+def _on_volume(service: Mapping[str, Any], path: str, host: Path) -> Path:
+    """Where ``path`` (inside the container, on one of the service's named volumes) lives when
+    that volume is the directory ``host``: each daemon has its own, as in compose."""
+    for m in mounts(service):
+        if Path(path).is_relative_to(m.target) and not m.source.startswith((".", "/")):
+            return host / Path(path).relative_to(m.target)
+    raise AssertionError(f"{path} is on no named volume of the service")
 
 
 def depends_on(service: Mapping[str, Any]) -> dict[str, str]:
@@ -268,6 +278,10 @@ def test_compose_daemons_form_one_run_and_monitoring_waits_for_them(
         assert cfg.me.cluster == n, f"{where}: cluster {cfg.me.cluster}"
         assert [d.address for d in cfg.all_daemons] == [f"{d}:{PEER_PORT}" for d in DAEMONS]
         assert cfg.steps is None, f"{where}: unlimited steps"
+        # its --out on a named volume of its own (the model outlives the container)
+        (data,) = [m for m in mounts(svc) if cfg.out and cfg.out.is_relative_to(m.target)]
+        assert data.source == f"{name}-data" and data.source in compose["volumes"], where
+        assert not data.read_only, where
         assert (cfg.algorithm, cfg.problem.name) == ("alg1", "softmax"), where
         configs.append(cfg)
     assert len({c.fingerprint for c in configs}) == 1, "the daemons would refuse each other"
@@ -436,6 +450,7 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
         # Exactly what the container gets: the image's ENV, the service's environment, and a
         # PATH. No step limit is added: the daemons train until stopped, as in compose.
         env = {**base, **svc["environment"], "PATH": os.environ["PATH"]}
+        env["PEERLEARN_OUT"] = str(_on_volume(svc, env["PEERLEARN_OUT"], net.tmp / f"{name}-data"))
         daemons[name] = net.start(name, [PEERLEARN, *svc["command"]], env)
     for name in DAEMONS:  # prometheus' depends_on: condition: service_healthy
         _wait_healthy(net, name, services[name], daemons[name])
@@ -507,6 +522,14 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
         except subprocess.TimeoutExpired:
             pytest.fail(f"{name} did not stop within stop_grace_period {grace} s\n{net.log_text()}")
         assert code == 0, f"{name} exited {code}\n{net.log_text()}"
+        # and its volume keeps the model and the summary of the run it stopped
+        out = _on_volume(
+            services[name], services[name]["environment"]["PEERLEARN_OUT"], net.tmp / f"{name}-data"
+        )
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "stopped" and len(summary["processes"]) == 2, summary
+        with np.load(out / "model.npz") as z:
+            assert {"mean", *(f"worker_{p['id']}" for p in summary["processes"])} == set(z.files)
 
 
 # --- the observer (this file as a script, inside the Prometheus namespace) --------------------
@@ -696,8 +719,13 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
     (mount,) = [
         m
         for m in container["volumeMounts"]
-        if volumes[m["name"]].get("configMap", {}).get("name") == cm["metadata"]["name"]
+        if volumes.get(m["name"], {}).get("configMap", {}).get("name") == cm["metadata"]["name"]
     ]
+    # each pod's data (--out) on a claim of its own, which outlives the pod
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (data,) = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert not data.get("readOnly") and pod["spec"]["securityContext"]["fsGroup"] == 10001
     assert config_path.parent == Path(mount["mountPath"])
     toml = tmp_path / config_path.name
     toml.write_text(cm["data"][config_path.name])
@@ -712,6 +740,7 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
         assert cfg.me.cluster == i, f"pod {name}-{i} took cluster {cfg.me.cluster}"
         assert [d.address for d in cfg.all_daemons] == expected, "one [[daemons]] per replica"
         assert cfg.api == f"0.0.0.0:{API_PORT}" and cfg.listen == f"0.0.0.0:{PEER_PORT}"
+        assert cfg.out is not None and cfg.out.is_relative_to(data["mountPath"]), cfg.out
         fingerprints.add(cfg.fingerprint)
     assert len(fingerprints) == 1, "every pod must describe the same run"
 
