@@ -384,8 +384,8 @@ FLAGS: tuple[Flag, ...] = (
         ("out",),
         {
             _DAEMON: Use(
-                "Directory (one per daemon) for model.npz (local models and their mean), "
-                "summary.json and metrics.csv, written on finish and on stop.",
+                "Directory (one per daemon) for model.npz (local models and their mean) and "
+                "summary.json, written on finish and on stop, and metrics.csv, every second.",
                 "none",
             )
         },

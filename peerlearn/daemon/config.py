@@ -121,8 +121,8 @@ class NodeConfig(BaseSettings, RunSettings):
     exit_on_finish: bool = False
     out: Path | None = Field(
         None,
-        description="directory for model.npz (the local models and their mean), summary.json "
-        "and metrics.csv, written on finish and on stop",
+        description="directory (one per daemon) for model.npz (the local models and their "
+        "mean) and summary.json, written on finish and on stop, and metrics.csv, every second",
     )
     stall_timeout: float = Field(10.0, gt=0, description="waiting longer: reported blocked")
     peer_timeout: float = Field(
