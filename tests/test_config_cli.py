@@ -499,3 +499,19 @@ def test_a_period_is_read_by_the_algorithms_with_one_only() -> None:
         "mix.period is ignored by allreduce (it applies to local_steps, reduced_frequency)"
     ]
     assert load_config(None, {"algorithm": "reduced_frequency"}).mix_period == 10
+
+
+def test_the_fingerprint_covers_cluster_ids_and_workers_not_addresses() -> None:
+    """A replaced host keeps its cluster id under a new address: the run is the same; a
+    daemon with another number of workers is another run."""
+
+    def node(address2: str, workers2: int = 2) -> NodeConfig:
+        daemons = [
+            {"cluster": 0, "address": "127.0.0.1:7001", "workers": 2},
+            {"cluster": 1, "address": "127.0.0.1:7002", "workers": 2},
+            {"cluster": 2, "address": address2, "workers": workers2},
+        ]
+        return load_node_config(None, {"listen": "127.0.0.1:7001", "daemons": daemons})
+
+    assert node("127.0.0.1:7003").fingerprint == node("10.0.0.9:7100").fingerprint
+    assert node("127.0.0.1:7003").fingerprint != node("127.0.0.1:7003", 3).fingerprint

@@ -307,7 +307,9 @@ class NodeConfig(BaseSettings, RunSettings):
         fields = run.model_copy(update={"quorum": quorum}).model_dump(
             mode="json", exclude={"sim", "trace", "topology", "max_failures"}
         )
-        daemons = [d.model_dump() for d in self.all_daemons]
+        # Cluster ids and worker counts, not addresses: a replaced host keeps its cluster id
+        # (and the others' peer lists may name its old address until they are updated).
+        daemons = [{"cluster": d.cluster, "workers": d.workers} for d in self.all_daemons]
         extra: dict[str, Any] = {}
         # The graph itself, not the topology's spelling: hosts may keep one edge file at
         # different paths, and two files at one path may differ.
