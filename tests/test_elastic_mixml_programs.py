@@ -526,6 +526,7 @@ def test_a_finished_gossip_process_answers_a_restarted_neighbour() -> None:
             effect = program.send(letters)
         else:
             effect = program.send(Script()(effect))
+    program.close()  # it would answer forever: closed here, not by the garbage collector
     done_at = next(i for i, e in enumerate(effects) if isinstance(e, Done))
     assert norm(effects[done_at].value) == norm(vec(1, 2))
     posts = [(e.to, e.tag, norm(e.value)) for e in effects[done_at:] if isinstance(e, Post)]

@@ -361,7 +361,15 @@ class Simulator:
         # Programs, oracles and samples compute in here: a diverging value is reported by the
         # checks (status ``diverged``), not by a RuntimeWarning per operation.
         with quiet_float_errors():
-            return self._run(progress, every)
+            try:
+                return self._run(progress, every)
+            finally:
+                # Programs left suspended (blocked, or answering after Done) are closed here,
+                # not by the garbage collector at some later point: closing runs their code,
+                # and from inside an unrelated allocation (CPython 3.11's ast.parse checks its
+                # recursion depth around one) that code fails the caller.
+                for proc in self.procs:
+                    proc.program.close()
 
     def _run(self, progress: Callable[[Simulator], None] | None, every: int) -> Outcome:
         for part in self._partitions:
