@@ -178,6 +178,12 @@ class AlgorithmSpec:
     #: its resume-from-state entry point; None: a process that fell behind or restarted cannot
     #: take a peer's state and goes on from where it is
     resume: Resumer | None = None
+    #: after a whole-cluster restart (every daemon resumed from its checkpoint at once), every
+    #: process takes one process's checkpointed state, because a model and its ``extra`` agree
+    #: only with each other (DASGD: x and its version vector); this maps that ``extra`` to what
+    #: still holds once every process restarted from it. None: each process resumes from its
+    #: own checkpointed model (peerlearn/daemon/restore.py)
+    cluster_restart: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
     #: a resumed process whose workers then wait on their inboxes for the request timeout takes
     #: a peer's state again (DASGD: the peers that could answer may have ended meanwhile, and a
     #: final state says so); elsewhere a wait is only a wait

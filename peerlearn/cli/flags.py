@@ -391,6 +391,24 @@ FLAGS: tuple[Flag, ...] = (
         },
     ),
     Flag(
+        "state_dir",
+        Path | None,
+        ("state_dir",),
+        {
+            _DAEMON: Use(
+                "Directory (one per daemon) for checkpoints; a daemon started on it resumes "
+                "from its last one.",
+                "none",
+            )
+        },
+    ),
+    Flag(
+        "checkpoint_every",
+        float | None,
+        ("checkpoint_every",),
+        {_DAEMON: Use("Seconds between checkpoints into --state-dir.", _NODE["checkpoint_every"])},
+    ),
+    Flag(
         "log_level",
         str | None,
         ("log_level",),

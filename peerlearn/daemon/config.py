@@ -124,6 +124,14 @@ class NodeConfig(BaseSettings, RunSettings):
         description="directory (one per daemon) for model.npz (the local models and their "
         "mean) and summary.json, written on finish and on stop, and metrics.csv, every second",
     )
+    state_dir: Path | None = Field(
+        None,
+        description="directory (one per daemon) for checkpoints, written every "
+        "checkpoint_every seconds and at shutdown; a daemon started on it resumes from it",
+    )
+    checkpoint_every: float = Field(
+        60.0, gt=0, description="seconds between checkpoints into state_dir"
+    )
     stall_timeout: float = Field(10.0, gt=0, description="waiting longer: reported blocked")
     peer_timeout: float = Field(
         5.0,

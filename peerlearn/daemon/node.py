@@ -37,10 +37,12 @@ import uvicorn
 from peerlearn.algorithms.spec import DeliveryPolicy
 from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.metrics import DaemonMetrics
+from peerlearn.daemon.checkpoint import Saver, StateDir
 from peerlearn.daemon.config import NodeConfig, parse_address
 from peerlearn.daemon.monitor import Monitor, SendWait, Staleness, WaitsOn
 from peerlearn.daemon.output import Row, RunOutput, summary_of
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
+from peerlearn.daemon.restore import Restore, resumable, start_from_checkpoint
 from peerlearn.daemon.routing import DaemonRouter, Heard
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
@@ -168,6 +170,12 @@ class Daemon:
         self.output = RunOutput(cfg.out) if cfg.out is not None else None
         self.output_failed = False  # the last write of model.npz and summary.json failed
         self._output_task: asyncio.Task[None] | None = None
+        #: ``--state-dir``: checkpoints, and the one this start resumes from
+        self.state_dir = StateDir(cfg.state_dir) if cfg.state_dir is not None else None
+        self.saver: Saver | None = None
+        self.restore: Restore | None = None
+        self.checkpoint_failed = False  # the final checkpoint was not written
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
@@ -191,6 +199,8 @@ class Daemon:
                     self.output.prepare()
                 except OSError as exc:
                     raise StartupError(f"cannot use --out {self.output.dir}: {_why(exc)}") from None
+            if self.state_dir is not None:
+                await self._open_state_dir(self.state_dir)
             # Bound here, before anything runs, so that a busy port is one clear error —
             # uvicorn binding it itself logs its own error and exits its task with SystemExit.
             api_sockets = _listen("control API", self.cfg.api)
@@ -200,11 +210,44 @@ class Daemon:
             raise
         return self
 
+    async def _open_state_dir(self, state_dir: StateDir) -> None:
+        """Take the state directory, read its checkpoint (CheckpointError: one that cannot be
+        resumed, left as it is) and draw this start's incarnation from it."""
+        try:
+            state_dir.open()
+        except OSError as exc:
+            raise StartupError(f"cannot use --state-dir {state_dir.dir}: {_why(exc)}") from None
+        fingerprint, cluster = self.cfg.fingerprint, self.me.cluster
+        saved = await asyncio.to_thread(state_dir.load, fingerprint, cluster, self.pids, self.dim)
+        self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, saved)
+        self.rejoin.incarnation = self.incarnation
+        self.saver = Saver(state_dir, fingerprint, cluster)
+        if saved is None:
+            return
+        why = resumable(self.run_cfg.spec)
+        if why is not None:
+            aside = state_dir.set_aside()
+            log.warning("not resuming from the checkpoint: %s; it is kept as %s", why, aside)
+            return
+        self.restore = Restore(self.run_cfg, self.problem, self.workers, saved, self.incarnation)
+        if self.restore.takes_live_state:
+            self.restore.hold()  # a live peer's state is taken, if one answers
+        else:
+            self.restore.own()  # the starting point; a live peer's newer state may replace it
+        log.info(
+            "resuming from the checkpoint of %s (iteration %d, written %s ago)",
+            state_dir.checkpoint,
+            saved.step,
+            _ago(time.time() - saved.saved_at),
+        )
+
     async def _abandon(self, exc: BaseException, api_sockets: list[socket.socket]) -> None:
         """Undo a start() that failed at any point (``exc``: why): a caller that goes on (a
         test, a program embedding daemons) keeps no port bound, no task, no thread."""
         if self.output is not None:
             self.output.close()
+        if self.state_dir is not None:
+            self.state_dir.close()
         for w in self.workers:
             w.stop()
         started = [w for w in self.workers if w.state is not WorkerState.CREATED]
@@ -272,6 +315,8 @@ class Daemon:
             self.stats,
             catchup=self.rejoin.on_note,
         )
+        if self.restore is not None:  # said in the first note on every link
+            self.transport.announce_start(self.restore.step)
         self.router.attach(self.transport)
         self.rejoin.attach(self.transport)
         self.monitor.attach(self.transport)
@@ -284,7 +329,11 @@ class Daemon:
         self.peer_port = self.transport.port
         await self._start_api(api_sockets)
         spec = self.run_cfg.spec
-        if spec.resume is not None and spec.delivery is DeliveryPolicy.KEEP:
+        if self.restore is not None:
+            self._workers_task = self._tasks.create_task(
+                self._start_from_checkpoint(self.restore), name="start-workers"
+            )
+        elif spec.resume is not None and spec.delivery is DeliveryPolicy.KEEP:
             # Its messages are numbered per origin: a restarted process must take its state
             # before it sends anything (peerlearn/daemon/rejoin.py).
             self._workers_task = self._tasks.create_task(
@@ -299,6 +348,10 @@ class Daemon:
         self._catchup_task = self._tasks.create_task(self._catch_up(), name="catch-up")
         if self.output is not None:
             self._output_task = self._tasks.create_task(self._record(), name="output")
+        if self.saver is not None:
+            self._checkpoint_task = self._tasks.create_task(
+                self._checkpoint_every(), name="checkpoints"
+            )
         self._peers_task = self._tasks.create_task(self.monitor.watch_peers(), name="peers")
         if self.monitor.sends_snapshots:
             self._snapshot_task = self._tasks.create_task(
@@ -318,6 +371,11 @@ class Daemon:
         if self.problem is not None:
             for warning in self.run_cfg.theory_warnings(self.problem.constants):
                 log.warning("%s", warning)
+
+    async def _start_from_checkpoint(self, restore: Restore) -> None:
+        await start_from_checkpoint(self, restore)
+        if not self._stop_requested.is_set():
+            self._start_workers()
 
     def _start_workers(self) -> None:
         for w in self.workers:
@@ -408,6 +466,9 @@ class Daemon:
         if self.transport is not None:
             self.transport.release_producers()
         await asyncio.to_thread(lambda: [w.join(30.0) for w in self.workers])
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+        await self._save_checkpoint(final=True)
         if self.transport is not None:
             await self.transport.close(drain_unconnected=finished)
         if self._api is not None:
@@ -427,6 +488,8 @@ class Daemon:
         await self._write_output()
         if self.output is not None:
             self.output.close()
+        if self.state_dir is not None:
+            self.state_dir.close()
         self.state = DaemonState.STOPPED
         self._stopped.set()
         log.info("daemon stopped: %s", self.summary())
@@ -517,6 +580,41 @@ class Daemon:
                 await asyncio.to_thread(self.output.sample, time.time(), *self._sample())
             except OSError as exc:  # a full disk must not stop the run: said, tried again
                 log.warning("cannot append to %s: %s", self.output.metrics, _why(exc))
+
+    async def _checkpoint_every(self) -> None:
+        """``--state-dir``: a checkpoint every ``checkpoint_every`` seconds (none while nothing
+        changed: a finished daemon does not rewrite the same models)."""
+        while True:
+            await asyncio.sleep(self.cfg.checkpoint_every)
+            await self._save_checkpoint()
+
+    async def _save_checkpoint(self, final: bool = False) -> None:
+        """Write a checkpoint of the workers as they are now (on a thread). A failure is
+        logged and counted — the last checkpoint stays — and a failed final one makes the exit
+        code 1: the state to resume from is not the latest."""
+        saver = self.saver
+        if saver is None:
+            return
+        snap = saver.snapshot(self.workers, self.incarnation, force=final)
+        if snap is None:
+            return
+        try:
+            await asyncio.to_thread(saver.write, *snap)
+        except Exception as exc:  # (a full disk, a directory gone): the run goes on
+            saver.failures += 1
+            saver.last_error = f"{type(exc).__name__}: {exc}"
+            if final:
+                self.checkpoint_failed = True
+            log.error(
+                "cannot write a checkpoint to %s: %s", saver.state_dir.checkpoint, saver.last_error
+            )
+            return
+        if final:
+            log.info(
+                "wrote the last checkpoint to %s (iteration %d)",
+                saver.state_dir.checkpoint,
+                snap[1].step,
+            )
 
     def _sample(self) -> tuple[list[Row], list[Vector], list[Vector]]:
         """What a metrics.csv row needs, read on the loop (the distances are computed on a
@@ -617,6 +715,15 @@ def _join(workers: list[Worker]) -> None:
     for w in workers:
         with contextlib.suppress(RuntimeError):  # its thread never started
             w.join(30.0)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _why(exc: OSError) -> str:

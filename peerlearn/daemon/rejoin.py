@@ -135,6 +135,12 @@ class Rejoin:
         self._stall_asks = 0
         #: peers that sent their first note since this daemon started
         self.noted: set[int] = set()
+        #: peer → the iteration it waits to start at from its checkpoint, as its last note said
+        #: (None: it does not wait) — a whole-cluster restart (peerlearn/daemon/restore.py)
+        self.starts: dict[int, int | None] = {}
+        #: the state asked for is taken whatever it is, as every process takes it after a
+        #: whole-cluster restart (``AlgorithmSpec.cluster_restart``)
+        self._adopting = False
         #: set whenever a note or a state arrives (a daemon waiting to start re-checks)
         self.changed = asyncio.Event()
         # Centered algorithms (the elastic family): the center's process, the ledgers received
@@ -165,8 +171,9 @@ class Rejoin:
 
     def on_note(self, peer: int, note: Catchup) -> None:
         match note:
-            case Missed(upto=upto):
+            case Missed(upto=upto, start=start):
                 self.noted.add(peer)
+                self.starts[peer] = start
                 if upto is not None and upto > self._missed.get(peer, -1):
                     self._missed[peer] = upto
                     self._unanswered.discard(peer)
@@ -185,6 +192,7 @@ class Rejoin:
             log.info("daemon %d did not answer the state request in time", peer)
             self._unanswered.add(peer)
             self.asking = None
+            self._adopting = False
             self.changed.set()
         if self.asking is not None or self._transport is None or self._cannot:
             return
@@ -290,6 +298,15 @@ class Rejoin:
         self.asking = (peer, now)
         self._stalled_ask = stalled
         self._transport.request_state(peer, restart=self._starting())
+
+    def dropped_for_us(self) -> bool:
+        """A peer said it dropped frames for this daemon: it ran on while this one was away."""
+        return bool(self._missed)
+
+    def adopt(self, peer: int) -> None:
+        """Ask ``peer`` for its state and take it whatever it is (a whole-cluster restart)."""
+        self._adopting = True
+        self._ask(peer, time.monotonic(), stalled=False)
 
     def _starting(self) -> bool:
         """No local worker has started yet (a daemon that waits to rejoin before it sends)."""
@@ -683,7 +700,11 @@ class Rejoin:
             return
         if self._run.steps is not None and not self._keeps:
             resume_at = min(resume_at, self._run.steps + 1)
-        if resume_at < behind or (resume_at == behind and not stalled):
+        extra = tuple(v for v in data.tag[2:] if isinstance(v, int))
+        adopting, self._adopting = self._adopting, False
+        if adopting and self._spec.cluster_restart is not None:
+            extra = self._spec.cluster_restart(extra)
+        if not adopting and (resume_at < behind or (resume_at == behind and not stalled)):
             # It is not ahead: what it said it dropped is not what the workers here miss.
             log.info(
                 "state from daemon %d (iteration %d) is not ahead of the workers here (%d)",
@@ -695,7 +716,6 @@ class Rejoin:
             self.consider()
             return
         workers = [w for w in self.workers if _resumable(w)]
-        extra = tuple(v for v in data.tag[2:] if isinstance(v, int))
         if self._center is not None:  # the center's state: each worker resumes at its own step
             self._resume_from_center(
                 peer,

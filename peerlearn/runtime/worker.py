@@ -140,6 +140,12 @@ class Worker:
         #: state answer) that need them to match; the key is what else of the state the
         #: program reports with its model (DASGD: the version vector)
         self.position: tuple[int, Vector | None, Tag] = (0, None, ())
+        #: ``position`` with its gradient-noise generator's state then, as one reference: what
+        #: a checkpoint keeps of the worker (read on the event loop)
+        self.saved: tuple[tuple[int, Vector | None, Tag], dict[str, Any] | None] = (
+            self.position,
+            None,
+        )
         #: the program's last ``Report("ledger", …)`` as (step, value, key): what it holds of
         #: its exchanges with a center (a worker's sum of differences; the center's, per worker)
         self.ledger: tuple[int, Any, Tag] | None = None
@@ -198,6 +204,40 @@ class Worker:
         """Go on with ``program``, resumed at iteration ``step``, instead of the current one —
         unless the worker has reached ``step`` by itself when it takes it over."""
         self.mailbox.redirect(step, program)
+
+    def hold(self, step: int, model: Vector, key: Tag, rng: dict[str, Any] | None) -> None:
+        """Before it starts: the state it would resume from (a checkpoint's), shown to a peer
+        that asks for state and kept by the next checkpoint, while it waits to learn whether
+        it takes a live peer's state instead (its own step stays 0: any state is newer)."""
+        if self.state is not WorkerState.CREATED:
+            raise RuntimeError(f"worker {self.name} has started: it holds its own state")
+        self.x = model
+        self.position = (step, model, key)
+        self.saved = (self.position, rng)
+
+    def restore(
+        self,
+        step: int,
+        program: Program,
+        model: Vector,
+        key: Tag,
+        rng: dict[str, Any] | None,
+        ledger: tuple[int, Vector, Tag] | None = None,
+    ) -> None:
+        """Before it starts: begin with ``program`` at iteration ``step`` from a checkpoint
+        (its ``model``, the ``key`` it was reported with, its generator's state ``rng``, its
+        ``ledger`` with a center); replaces the program it was made with."""
+        if self.state is not WorkerState.CREATED:
+            raise RuntimeError(f"worker {self.name} has started: it cannot be restored")
+        self._program.close()
+        self._program = program
+        if rng is not None:
+            self._rng.bit_generator.state = rng
+        self.step, self.x = step, model
+        self.position = (step, model, key)
+        self.saved = (self.position, rng)
+        if ledger is not None:
+            self.ledger = ledger
 
     def abandon(self) -> None:
         """A worker never started (the daemon stopped while it waited to start): ends as
@@ -337,6 +377,7 @@ class Worker:
                     self._model(rep)
                 elif rep.name == "state":  # what else of the state changed, at this step
                     self.position = (self.step, self.x, rep.key)
+                    self.saved = (self.position, self.saved[1])  # (no draw since the model)
                 elif rep.name == "ledger":
                     self.ledger = (rep.step, rep.value, rep.key)
                 if self._on_report is not None:
@@ -352,6 +393,7 @@ class Worker:
             raise _Diverged(rep.step - 1, "model")
         self.step, self.x = rep.step, rep.value
         self.position = (rep.step, rep.value, rep.key)
+        self.saved = (self.position, dict(self._rng.bit_generator.state))
         self.mailbox.advance(rep.step)
         self._store.advance(self.pid, rep.step)
 

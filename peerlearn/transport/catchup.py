@@ -31,13 +31,19 @@ class CatchupError(PeerlearnError):
 class Missed:
     """I dropped frames for you of iterations up to ``upto`` (they will never come); None: I
     dropped none. Sent at every connection, so a daemon that waits to start knows when it has
-    heard from a peer."""
+    heard from a peer. ``start``: I wait to start my workers from a checkpoint at this
+    iteration (a whole-cluster restart agrees on the lowest: peerlearn/daemon/restore.py);
+    None: I do not (running, or no checkpoint). Sent again with None once my workers start."""
 
     upto: int | None
+    start: int | None = None
     kind: Literal["missed"] = "missed"
 
     def control(self) -> Control:
-        return Control(name=self.kind, body={"upto": self.upto})
+        body: dict[str, int | None] = {"upto": self.upto}
+        if self.start is not None:  # (a peer of an earlier version ignores it)
+            body["start"] = self.start
+        return Control(name=self.kind, body=body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +70,12 @@ def parse(msg: Control) -> Catchup:
                 raise CatchupError(
                     f"missed: upto must be an iteration ≥ 0 or null, got {upto!r:.40}"
                 )
-            return Missed(upto)
+            start = msg.body.get("start")
+            if start is not None and (type(start) is not int or not 1 <= start <= INT64_MAX):
+                raise CatchupError(
+                    f"missed: start must be an iteration ≥ 1 or null, got {start!r:.40}"
+                )
+            return Missed(upto, start)
         case "state_request":
             restart = msg.body.get("restart", False)
             if type(restart) is not bool:

@@ -225,6 +225,9 @@ class OutLink:
         self.lost_upto: int | None = None
         self._told: int | None = None  # lost_upto as last told on this connection
         self._noted = False  # whether this connection had its first note (even "none lost")
+        #: the iteration this daemon waits to start its workers at from a checkpoint, said in
+        #: every first note (None: it does not wait)
+        self.start_note: int | None = None
         self._controls: deque[Control] = deque()  # link-level notes to send when connected
         self._wakeup = asyncio.Event()  # frames were queued
         self._acked = asyncio.Event()  # an ack arrived
@@ -764,7 +767,7 @@ class OutLink:
         lost = self.lost_upto
         if not self._noted or (lost is not None and lost != self._told):
             self._told, self._noted = lost, True
-            proto.send(Missed(lost).control())
+            proto.send(Missed(lost, self.start_note).control())
         while self._controls:
             proto.send(self._controls.popleft())
 

@@ -52,6 +52,20 @@ def _resume(
     return [dasgd(p, state.model, eta, cfg.steps, graph, resume=state.extra) for p in pids]
 
 
+def _cluster_restart(extra: tuple[int, ...]) -> tuple[int, ...]:
+    """The state every node takes after a whole-cluster restart: the gradients outside its
+    version vector are gone with the nodes that held them (every inbox and kept gradient is),
+    so a DONE count beyond what it applied no longer holds (that origin computes the rest
+    again, numbered on from its count), and every node says again that it is complete."""
+    n = len(extra) // 3
+    applied, finals = extra[:n], extra[n : 2 * n]
+    return (
+        *applied,
+        *(f if f == a else -1 for a, f in zip(applied, finals, strict=True)),
+        *[0] * n,
+    )
+
+
 def _check(cfg: RunConfig) -> None:
     # A state for rejoin carries 3n integers in its tag (version vector, DONE counts, COMPLETE).
     most = (MAX_TAG_LEN - 2) // 3
@@ -90,6 +104,7 @@ RECORDS = (
         parameters="`topology`, fixed η",
         programs=_programs,
         resume=_resume,
+        cluster_restart=_cluster_restart,
         settings=frozenset({"topology"}),
         topology="complete",
         sends_models=False,

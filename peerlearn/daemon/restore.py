@@ -1,0 +1,229 @@
+"""Resuming from a checkpoint (``--state-dir``): at which iteration, from which model.
+
+A daemon started on a state directory that holds a checkpoint
+(:mod:`peerlearn.daemon.checkpoint`) does not start its workers at once. Its first note to
+every peer says that it waits, and at which iteration its checkpoint is
+(:class:`~peerlearn.transport.catchup.Missed` ``start``); it waits for every peer's first
+note (up to ``peer_timeout``), then:
+
+* **Restart with live peers** — a peer said it dropped frames for this daemon: it ran on while
+  this one was away. The workers resume from the checkpoint (each its own iteration, model and
+  generator state), and the peers' state wins where it is newer: the catch-up of
+  :mod:`peerlearn.daemon.rejoin` asks for it as for any restarted daemon. Where frames are kept
+  and numbered (DASGD), a live peer's state is always taken, before the workers start — its own
+  checkpoint may count gradients that never reached anyone — and the checkpoint is the starting
+  point only if no peer answers.
+
+* **Whole-cluster restart** — no peer ran on (every daemon heard is starting too, or none is
+  up). The daemons agree on **the highest iteration every one of them has checkpointed**: the
+  lowest of their checkpoints' iterations, T*. Every process resumes at iteration T*: from its
+  own checkpointed model (Alg 1 and 2, the MixML protocols, synchronous EASGD) — a daemon whose
+  checkpoint is further along keeps its newer model and counts its iterations from T* again —
+  or, where a model agrees with the rest of the state only as a pair (DASGD: x and its version
+  vector), from the checkpointed state of the daemon at T* (the lowest cluster id among ties),
+  which every daemon takes (``AlgorithmSpec.cluster_restart`` says what of it still holds).
+  Why: Alg 1 and 2 wait in each iteration for a quorum of that iteration's values, and every
+  message of the last incarnations is gone: daemons resuming at different iterations would wait
+  for values nobody sends again. Each daemon that resumed tells its peers that frames of the
+  iterations before its resume point will never come (:meth:`Transport.lose_all`), so a daemon
+  that comes up late (it meets running peers: the first case) and is behind takes a newer state.
+
+The elastic family (a center served asynchronously) does not resume from checkpoints: its
+center is rebuilt from the workers' ledgers by the catch-up when it restarts alone, and a
+whole-cluster restart starts the run over. Its daemon keeps an old checkpoint aside as
+``checkpoint.unused.npz`` (nothing is deleted) and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, RejoinState
+from peerlearn.config import RunConfig
+from peerlearn.daemon.checkpoint import Checkpoint, CheckpointError, SavedWorker
+from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
+from peerlearn.problems import Problem
+from peerlearn.runtime.worker import Worker
+
+if TYPE_CHECKING:
+    from peerlearn.daemon.node import Daemon
+
+__all__ = ["Restore", "resumable", "start_from_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def resumable(spec: AlgorithmSpec) -> str | None:
+    """Why a checkpoint of ``spec``'s runs cannot be resumed from; None if it can."""
+    if spec.resume is None:
+        return f"{spec.name} has no resume entry point (each process's inputs are its own)"
+    if spec.center and not spec.lockstep:
+        return (
+            f"{spec.name}'s center is rebuilt from its workers' ledgers, not from checkpoints "
+            "(a restart with live peers resumes through them; a whole-cluster restart starts over)"
+        )
+    return None
+
+
+class Restore:
+    """The checkpoint one daemon resumes from, and how its workers take it."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        problem: Problem | None,
+        workers: Sequence[Worker],
+        checkpoint: Checkpoint,
+        incarnation: int,
+    ) -> None:
+        self._run = run
+        self._spec = run.spec
+        self._problem = problem
+        self._workers = workers
+        self.checkpoint = checkpoint
+        self._incarnation = incarnation
+        self._saved = {s.pid: s for s in checkpoint.workers}
+        #: how it resumed: "live peers" or "whole-cluster restart" (None: not yet)
+        self.mode: str | None = None
+        self.agreed: int | None = None  # a whole-cluster restart's agreed iteration
+        #: frames are kept and numbered: a live peer's state is taken before the workers start
+        self.takes_live_state = (
+            self._spec.delivery is DeliveryPolicy.KEEP and not self._spec.lockstep
+        )
+
+    @property
+    def step(self) -> int:
+        return self.checkpoint.step
+
+    def own(self, at: int | None = None) -> None:
+        """Every worker from its own checkpointed state — at iteration ``at`` instead of its
+        own when given (a whole-cluster restart's agreed point)."""
+        for w in self._workers:
+            saved = self._saved[w.pid]
+            self._restore(w, saved, saved.step if at is None else at, saved.extra)
+
+    def hold(self) -> None:
+        """Every worker shows its checkpointed state without taking it yet (frames kept and
+        numbered: a live peer's state is taken instead, if one answers)."""
+        for w in self._workers:
+            saved = self._saved[w.pid]
+            w.hold(saved.step, saved.model, saved.extra, saved.rng)
+
+    def own_agreed(self) -> None:
+        """Every worker from the state this daemon gives after a whole-cluster restart, as
+        every peer takes it: its most advanced worker's, as a state answer is."""
+        best = max(self.checkpoint.workers, key=lambda s: s.step)
+        assert self._spec.cluster_restart is not None
+        extra = self._spec.cluster_restart(best.extra)
+        for w in self._workers:
+            own = self._saved[w.pid]
+            self._restore(
+                w, SavedWorker(w.pid, best.step, best.model, extra, own.rng), best.step, extra
+            )
+
+    def _restore(self, w: Worker, saved: SavedWorker, step: int, extra: tuple[int, ...]) -> None:
+        resume = self._spec.resume
+        assert resume is not None
+        state = RejoinState(step, saved.model, extra, incarnation=self._incarnation)
+        try:
+            [program] = resume(self._run, self._problem, [w.pid], state)
+        except ValueError as exc:  # the algorithm cannot resume this run (its topology, …)
+            raise CheckpointError(
+                f"cannot resume worker {w.name} from its checkpoint: {exc}"
+            ) from None
+        ledger = None
+        if saved.ledger is not None:
+            answered, waiting, total = saved.ledger
+            ledger = (answered, total, () if waiting is None else (waiting,))
+        w.restore(step, program, saved.model, extra, saved.rng, ledger)
+
+    def agreed_point(self, starts: dict[int, int]) -> int:
+        """T*: the lowest checkpoint iteration among this daemon's and those of the peers that
+        said they wait to start from one (``starts``)."""
+        return min([self.step, *starts.values()])
+
+    def source(self, me: int, starts: dict[int, int]) -> int:
+        """The daemon whose state every daemon takes (``cluster_restart`` algorithms): the one
+        whose checkpoint is at the agreed point, the lowest cluster id among ties."""
+        candidates = [(self.step, me), *((s, c) for c, s in starts.items())]
+        return min(candidates)[1]
+
+
+async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
+    """Wait for the peers' first notes, then set the workers up as the module docstring says;
+    returns when they may start."""
+    transport, rejoin, spec = daemon.transport, daemon.rejoin, daemon.run_cfg.spec
+    assert transport is not None
+    peers = {link.cluster for link in transport.links}
+    until = time.monotonic() + daemon.cfg.peer_timeout
+    rejoin.expect(peers, until)
+    while not rejoin.noted >= peers and (now := time.monotonic()) < until:
+        rejoin.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rejoin.changed.wait(), min(until - now, 1.0))
+    silent = sorted(peers - rejoin.noted)
+    me = daemon.me.cluster
+    if rejoin.dropped_for_us():
+        restore.mode = "live peers"
+        log.info(
+            "peers ran on while this daemon was away: resuming from the checkpoint at "
+            "iteration %d, and from a peer's state where it is newer",
+            restore.step,
+        )
+        if restore.takes_live_state:
+            if not await _state_taken(rejoin):
+                log.warning("no peer answered with its state: resuming from the checkpoint")
+                restore.own()
+        elif not spec.lockstep:
+            transport.lose_all(restore.step - 1)
+    else:
+        starts = {c: s for c, s in rejoin.starts.items() if s is not None}
+        agreed = restore.agreed_point(starts)
+        restore.mode = "whole-cluster restart"
+        restore.agreed = agreed
+        log.info(
+            "whole-cluster restart: daemons %s resume at iteration %d, the highest every one "
+            "has checkpointed (this one's checkpoint: %d)%s",
+            ", ".join(str(c) for c in sorted({me, *starts})),
+            agreed,
+            restore.step,
+            f"; not heard from: {', '.join(map(str, silent))}" if silent else "",
+        )
+        if spec.cluster_restart is not None:
+            source = restore.source(me, starts)
+            if source == me:
+                restore.own_agreed()
+            else:
+                log.info("taking daemon %d's checkpointed state, as every daemon does", source)
+                rejoin.adopt(source)
+                if not await _state_taken(rejoin):
+                    log.warning(
+                        "daemon %d did not send its state: resuming from this daemon's own "
+                        "checkpoint (the models may not agree at the end)",
+                        source,
+                    )
+                    restore.own_agreed()
+        else:
+            if agreed < restore.step:
+                restore.own(at=agreed)
+            if not spec.lockstep:
+                transport.lose_all(agreed - 1)
+    transport.announce_start(None)
+
+
+async def _state_taken(rejoin: Rejoin) -> bool:
+    """Wait for the state asked for (made again meanwhile), up to three request timeouts;
+    whether one was taken."""
+    until = time.monotonic() + 3 * REQUEST_TIMEOUT
+    before = rejoin.rejoins
+    while rejoin.waiting_for_state() and (now := time.monotonic()) < until:
+        rejoin.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rejoin.changed.wait(), min(until - now, 1.0))
+        rejoin.consider()
+    return rejoin.rejoins > before
