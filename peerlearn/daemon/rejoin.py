@@ -299,9 +299,12 @@ class Rejoin:
         self._stalled_ask = stalled
         self._transport.request_state(peer, restart=self._starting())
 
-    def dropped_for_us(self) -> bool:
-        """A peer said it dropped frames for this daemon: it ran on while this one was away."""
-        return bool(self._missed)
+    def dropped_for_us(self, at: int) -> bool:
+        """A peer said it dropped frames for this daemon of iteration ``at`` or later: it had
+        sent its last incarnation that far, so it ran on past ``at`` while this one was away.
+        (Drops of earlier iterations come from peers that resumed before ``at`` themselves:
+        they told every peer that those frames never come.)"""
+        return any(upto >= at for upto in self._missed.values())
 
     def adopt(self, peer: int) -> None:
         """Ask ``peer`` for its state and take it whatever it is (a whole-cluster restart)."""

@@ -6,16 +6,16 @@ every peer says that it waits, and at which iteration its checkpoint is
 (:class:`~peerlearn.transport.catchup.Missed` ``start``); it waits for every peer's first
 note (up to ``peer_timeout``), then:
 
-* **Restart with live peers** — a peer said it dropped frames for this daemon: it ran on while
-  this one was away. The workers resume from the checkpoint (each its own iteration, model and
+* **Restart with live peers** — a peer said it dropped frames for this daemon of the
+  checkpoint's iteration or later: it ran on while this one was away. The workers resume from the checkpoint (each its own iteration, model and
   generator state), and the peers' state wins where it is newer: the catch-up of
   :mod:`peerlearn.daemon.rejoin` asks for it as for any restarted daemon. Where frames are kept
   and numbered (DASGD), a live peer's state is always taken, before the workers start — its own
   checkpoint may count gradients that never reached anyone — and the checkpoint is the starting
   point only if no peer answers.
 
-* **Whole-cluster restart** — no peer ran on (every daemon heard is starting too, or none is
-  up). The daemons agree on **the highest iteration every one of them has checkpointed**: the
+* **Whole-cluster restart** — no peer ran on that far (every daemon heard is starting too, or
+  none is up, or the peers are behind this checkpoint and will take its state). The daemons agree on **the highest iteration every one of them has checkpointed**: the
   lowest of their checkpoints' iterations, T*. Every process resumes at iteration T*: from its
   own checkpointed model (Alg 1 and 2, the MixML protocols, synchronous EASGD) — a daemon whose
   checkpoint is further along keeps its newer model and counts its iterations from T* again —
@@ -168,7 +168,7 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
             await asyncio.wait_for(rejoin.changed.wait(), min(until - now, 1.0))
     silent = sorted(peers - rejoin.noted)
     me = daemon.me.cluster
-    if rejoin.dropped_for_us():
+    if rejoin.dropped_for_us(restore.step):
         restore.mode = "live peers"
         log.info(
             "peers ran on while this daemon was away: resuming from the checkpoint at "

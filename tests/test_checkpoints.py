@@ -1,0 +1,294 @@
+"""Checkpoints and resume (``--state-dir``): the file format and its refusals, a restart from
+the checkpointed models bit for bit, whole-cluster restarts of Alg 1, Alg 2 and DASGD (real
+daemons on 127.0.0.1), and SIGKILL in the middle of checkpoint writes (real processes)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from peerlearn.daemon.checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    SavedWorker,
+    StateDir,
+    decode,
+)
+from peerlearn.daemon.config import load_node_config
+from peerlearn.testing import local_cluster
+
+from .test_processes import PEERLEARN, free_ports
+
+QUAD: dict[str, Any] = {"name": "quadratic", "dim": 6, "sigma": 0.5}
+
+
+def _checkpoint(fingerprint: str = "f" * 64, version: int = FORMAT_VERSION) -> Checkpoint:
+    rng = np.random.default_rng(3)
+    workers = (
+        SavedWorker(0, 12, rng.standard_normal(4), (1, 2, 3), dict(rng.bit_generator.state)),
+        SavedWorker(2, 11, rng.standard_normal(4), (), None, (9, 13, rng.standard_normal(4))),
+    )
+    return Checkpoint(fingerprint, 0, 123, 1.5e9, workers, version)
+
+
+def test_a_checkpoint_reads_back_as_written(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    sd.open()
+    ck = _checkpoint()
+    sd.save(ck)
+    got = sd.load("f" * 64, 0, [0, 2], 4)
+    assert got is not None and got.step == 11 and got.incarnation == 123
+    for a, b in zip(ck.workers, got.workers, strict=True):
+        assert (a.pid, a.step, a.extra, a.rng) == (b.pid, b.step, b.extra, b.rng)
+        assert a.model.tobytes() == b.model.tobytes()
+    assert got.workers[1].ledger is not None and got.workers[1].ledger[:2] == (9, 13)
+    # a plain .npz without pickles: numpy reads it anywhere
+    with np.load(sd.checkpoint, allow_pickle=False) as z:
+        assert {"meta", "model_0", "model_2", "ledger_2"} <= set(z.files)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"fingerprint": "e" * 64}, "another run's"),
+        ({"version": FORMAT_VERSION + 1}, f"format {FORMAT_VERSION + 1}"),
+        ({"cluster": 1}, "it is cluster 0's, this daemon is 1"),
+        ({"pids": [0, 1]}, "its workers are not this daemon's"),
+        ({"dim": 5}, "float64[5]"),
+        ({"truncate": True}, "damaged"),
+        ({"garbage": True}, "damaged"),
+    ],
+)
+def test_a_checkpoint_this_run_cannot_resume_is_refused_and_left_as_it_is(
+    tmp_path: Path, change: dict[str, Any], says: str
+) -> None:
+    sd = StateDir(tmp_path)
+    sd.open()
+    sd.save(_checkpoint(version=change.get("version", FORMAT_VERSION)))
+    if change.get("truncate"):
+        sd.checkpoint.write_bytes(sd.checkpoint.read_bytes()[:300])
+    if change.get("garbage"):
+        sd.checkpoint.write_bytes(b"PK\x03\x04" + os.urandom(500))
+    before = sd.checkpoint.read_bytes()
+    with pytest.raises(CheckpointError) as info:
+        decode(
+            sd.checkpoint,
+            change.get("fingerprint", "f" * 64),
+            change.get("cluster", 0),
+            change.get("pids", [0, 2]),
+            change.get("dim", 4),
+        )
+    assert says in str(info.value) and "\n" not in str(info.value)
+    assert str(sd.checkpoint) in str(info.value)
+    assert sd.checkpoint.read_bytes() == before
+
+
+def test_leftovers_of_a_cut_write_go_and_the_incarnation_always_grows(tmp_path: Path) -> None:
+    (tmp_path / ".checkpoint.npz.abc.tmp").write_bytes(b"half a file")
+    ahead = time.time_ns() + 10**15  # written under a clock far ahead of this one
+    (tmp_path / "incarnation").write_text(f"{ahead}\n")
+    sd = StateDir(tmp_path)
+    sd.open()
+    assert not list(tmp_path.glob(".*.tmp"))
+    first = sd.next_incarnation(None)
+    assert first == ahead + 1 and int((tmp_path / "incarnation").read_text()) == first
+    assert sd.next_incarnation(_checkpoint()) == first + 1
+    with pytest.raises(OSError, match="in use by another daemon"):
+        StateDir(tmp_path).open()
+    sd.close()
+
+
+# --- real daemons, in process ----------------------------------------------------------------
+
+
+def _config(**fields: Any) -> dict[str, Any]:
+    return {"workers": 2, "problem": QUAD, "checkpoint_every": 0.05, **fields}
+
+
+async def _run_then_stop(dirs: list[Path], until: int, first: int | None = None, **kw: Any) -> None:
+    """Run a cluster until every worker completed ``until`` iterations and stop it — daemon
+    ``first`` alone earlier (after ``until // 2``), so the checkpoints' iterations differ."""
+    async with local_cluster(len(dirs), each=lambda i: {"state_dir": dirs[i]}, **kw) as c:
+        if first is not None:
+            await c.wait_for(lambda: c.min_step() >= until // 2, 60)
+            await c.daemons[first].stop()
+            rest = [w for i, d in enumerate(c.daemons) if i != first for w in d.workers]
+            await c.wait_for(lambda: min(w.completed for w in rest) >= until, 60)
+        else:
+            await c.wait_for(lambda: c.min_step() >= until, 60)
+
+
+def _saved(d: Path, cfg: dict[str, Any], i: int, n: int) -> Checkpoint:
+    node = _node(cfg, i, n)
+    dim = QUAD["dim"]
+    return decode(d / "checkpoint.npz", node.fingerprint, i, node.membership.members[i], dim)
+
+
+def _node(cfg: dict[str, Any], i: int, n: int) -> Any:
+    addrs = [f"127.0.0.1:{7000 + k}" for k in range(n)]  # the fingerprint ignores addresses
+    return load_node_config(None, {**cfg, "listen": addrs[i], "peers": addrs})
+
+
+async def test_a_restarted_daemon_starts_from_its_checkpointed_models_bit_for_bit(
+    tmp_path: Path,
+) -> None:
+    """Its workers hold the checkpoint's iteration, model and generator state before they
+    start (it waits for a peer that never comes)."""
+    dirs = [tmp_path / "d0", tmp_path / "d1"]
+    cfg = _config(algorithm="alg1", steps=100_000)
+    await _run_then_stop(dirs, 30, **cfg)
+    saved = _saved(dirs[0], cfg, 0, 2)
+    async with local_cluster(
+        2, start=False, each=lambda i: {"state_dir": dirs[i]}, peer_timeout=30.0, **cfg
+    ) as c:
+        d = c.daemons[0]
+        await d.start()
+        assert d.restore is not None and d.restore.mode is None  # still waiting for daemon 1
+        for w, s in zip(d.workers, saved.workers, strict=True):
+            (step, model, key), rng = w.saved
+            assert model is not None and (w.pid, step, key) == (s.pid, s.step, s.extra)
+            assert model.tobytes() == s.model.tobytes()
+            assert rng == s.rng == w._rng.bit_generator.state
+            assert w.state.value == "created"
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "extra"),
+    [
+        ("alg1", {"steps": 400, "max_failures": 2}),
+        ("alg2", {"steps": 150, "max_failures": 2, "maa": {"rounds": 3}}),
+        ("dasgd", {"steps": 600, "lr": {"eta": 0.01}}),
+    ],
+)
+async def test_a_whole_cluster_restart_resumes_at_the_lowest_checkpoint_and_finishes(
+    tmp_path: Path, algorithm: str, extra: dict[str, Any]
+) -> None:
+    """Three daemons, the last stopped first (its checkpoint is behind), then the others; all
+    started again: every daemon resumes at the lowest checkpointed iteration and the run
+    finishes — DASGD with equal models, having applied every node's gradients once."""
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    cfg = _config(algorithm=algorithm, **extra)
+    until = extra["steps"] // 3
+    await _run_then_stop(dirs, until, first=2, **cfg)
+    saved = [_saved(d, cfg, i, 3) for i, d in enumerate(dirs)]
+    lowest = min(s.step for s in saved)
+    assert saved[2].step == lowest < max(s.step for s in saved)  # the agreement has work to do
+    async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        await c.wait_until_finished(120)
+        for d, s in zip(c.daemons, saved, strict=True):
+            assert d.restore is not None and d.restore.mode == "whole-cluster restart"
+            assert d.restore.agreed == lowest and d.restore.step == s.step
+        models = [w.x for d in c.daemons for w in d.workers]
+        assert all(w.state.value == "finished" for d in c.daemons for w in d.workers)
+    if algorithm == "dasgd":
+        for x in models:
+            np.testing.assert_allclose(x, models[0], rtol=1e-9, atol=1e-12)
+        # every node computed its `steps` gradients once, and every node applied all of them
+        assert all(w.completed == 6 * extra["steps"] for d in c.daemons for w in d.workers)
+    else:
+        assert all(w.completed == extra["steps"] for d in c.daemons for w in d.workers)
+
+
+# --- real processes: SIGKILL while checkpoints are written -----------------------------------
+
+
+def _kill_during_writes(tmp_path: Path, kills: int) -> None:
+    """One daemon alone (2 workers, a 100,000-dim model: ~1.6 MB a checkpoint) writing a
+    checkpoint every 10 ms, SIGKILLed at a random moment ``kills`` times, each time started
+    again on the same directory: the checkpoint left always loads, and the next start resumes
+    from exactly that one."""
+    listen, api = free_ports(2)
+    state = tmp_path / "state"
+    args = [
+        PEERLEARN,
+        "run",
+        *("--listen", f"127.0.0.1:{listen}", "--api", f"127.0.0.1:{api}"),
+        *("--peers", f"127.0.0.1:{listen}", "--workers", "2", "--algorithm", "alg1"),
+        *("--steps", "1000000000", "--lr", "0.001", "--state-dir", str(state)),
+        *("--checkpoint-every", "0.01", "--log-level", "info"),
+        *("--set", "problem.name=quadratic", "--set", "problem.dim=100000"),
+    ]
+    node = load_node_config(
+        None,
+        {
+            "listen": f"127.0.0.1:{listen}",
+            "peers": [f"127.0.0.1:{listen}"],
+            "workers": 2,
+            "algorithm": "alg1",
+            "steps": 1_000_000_000,
+            "lr": {"eta": 0.001},
+            "problem": {"name": "quadratic", "dim": 100_000},
+        },
+    )
+    rng = random.Random(14)
+    last: Checkpoint | None = None
+    for k in range(kills):
+        log = tmp_path / f"log{k}.txt"
+        with log.open("w") as fh:
+            proc = subprocess.Popen(args, stderr=fh, stdout=subprocess.DEVNULL)
+        try:
+            # until this incarnation has written a checkpoint of its own (its incarnation)
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                try:
+                    now = decode(state / "checkpoint.npz", node.fingerprint, 0, [0, 1], 100_000)
+                except (CheckpointError, FileNotFoundError):
+                    now = None
+                if now is not None and (last is None or now.incarnation > last.incarnation):
+                    break
+                time.sleep(0.01)  # a poll of a file another process writes: no event exists
+            time.sleep(rng.uniform(0.0, 0.15))  # a random moment among the writes
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        text = log.read_text()
+        if last is not None:  # it resumed from the checkpoint the last kill left
+            said = re.search(r"resuming from the checkpoint of \S+ \(iteration (\d+)", text)
+            assert said is not None, text[-2000:]
+            assert int(said.group(1)) == last.step
+        last = decode(state / "checkpoint.npz", node.fingerprint, 0, [0, 1], 100_000)
+        assert last.step >= 1
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
+    _kill_during_writes(tmp_path, 4)
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_50_times(tmp_path: Path) -> None:
+    _kill_during_writes(tmp_path, 50)
+
+
+def test_a_foreign_or_future_checkpoint_is_refused_with_exit_2_and_kept(tmp_path: Path) -> None:
+    listen, api = free_ports(2)
+    args = [
+        PEERLEARN,
+        "run",
+        *("--listen", f"127.0.0.1:{listen}", "--api", f"127.0.0.1:{api}"),
+        *("--peers", f"127.0.0.1:{listen}", "--workers", "2", "--algorithm", "alg1"),
+        *("--state-dir", str(tmp_path)),
+    ]
+    sd = StateDir(tmp_path)
+    for ck, says in [
+        (_checkpoint(), "another run's"),
+        (_checkpoint(version=FORMAT_VERSION + 1), "written by a newer peerlearn"),
+    ]:
+        sd.save(ck)
+        before = sd.checkpoint.read_bytes()
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0] and "left as it is" in lines[0], lines
+        assert sd.checkpoint.read_bytes() == before
