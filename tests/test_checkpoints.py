@@ -4,6 +4,7 @@ daemons on 127.0.0.1), and SIGKILL in the middle of checkpoint writes (real proc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -166,6 +167,7 @@ async def test_a_restarted_daemon_starts_from_its_checkpointed_models_bit_for_bi
     ("algorithm", "extra"),
     [
         ("alg1", {"steps": 400, "max_failures": 2}),
+        ("allreduce", {"steps": 300}),
         ("alg2", {"steps": 150, "max_failures": 2, "maa": {"rounds": 3}}),
         ("dasgd", {"steps": 600, "lr": {"eta": 0.01}}),
     ],
@@ -179,16 +181,29 @@ async def test_a_whole_cluster_restart_resumes_at_the_lowest_checkpoint_and_fini
     dirs = [tmp_path / f"d{i}" for i in range(3)]
     cfg = _config(algorithm=algorithm, **extra)
     until = extra["steps"] // 3
-    await _run_then_stop(dirs, until, first=2, **cfg)
+    lockstep = algorithm == "allreduce"  # it cannot go on without a daemon: all stop at once
+    await _run_then_stop(dirs, until, first=None if lockstep else 2, **cfg)
     saved = [_saved(d, cfg, i, 3) for i, d in enumerate(dirs)]
     lowest = min(s.step for s in saved)
-    assert saved[2].step == lowest < max(s.step for s in saved)  # the agreement has work to do
+    if not lockstep:
+        assert saved[2].step == lowest < max(s.step for s in saved)  # work for the agreement
     async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
         await c.wait_until_finished(120)
         for d, s in zip(c.daemons, saved, strict=True):
-            assert d.restore is not None and d.restore.mode == "whole-cluster restart"
+            # (a daemon that hears the others resumed before it decides joins them there)
+            assert d.restore is not None and d.restore.mode in (
+                "whole-cluster restart",
+                "joined a whole-cluster restart",
+            )
             assert d.restore.agreed == lowest and d.restore.step == s.step
-        models = [w.x for d in c.daemons for w in d.workers]
+        status = (await c.client(0).get("/status")).json()["checkpoint"]
+        assert status["resumed"] == {
+            "mode": c.daemons[0].restore.mode,  # type: ignore[union-attr]
+            "checkpoint_iteration": saved[0].step,
+            "agreed_iteration": lowest,
+        }
+        assert status["dir"] == str(dirs[0]) and status["failures"] == 0
+        models = [w.x for d in c.daemons for w in d.workers if w.x is not None]
         assert all(w.state.value == "finished" for d in c.daemons for w in d.workers)
     if algorithm == "dasgd":
         for x in models:
@@ -197,6 +212,59 @@ async def test_a_whole_cluster_restart_resumes_at_the_lowest_checkpoint_and_fini
         assert all(w.completed == 6 * extra["steps"] for d in c.daemons for w in d.workers)
     else:
         assert all(w.completed == extra["steps"] for d in c.daemons for w in d.workers)
+
+
+async def test_a_lockstep_daemon_up_after_the_others_resumed_joins_them_there(
+    tmp_path: Path,
+) -> None:
+    """AllReduce (every process waits for everyone's value each iteration): two daemons
+    resume without the third (it comes after peer_timeout) and wait for it at their agreed
+    iteration; the third joins them there, whether its checkpoint is behind or ahead."""
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    cfg = _config(algorithm="allreduce", steps=240, peer_timeout=1.0)
+    await _run_then_stop(dirs, 60, **cfg)
+    saved = [_saved(d, cfg, i, 3) for i, d in enumerate(dirs)]
+    async with local_cluster(3, start=False, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        await c.daemons[0].start()
+        await c.daemons[1].start()
+        first = c.daemons[:2]
+        await c.wait_for(lambda: all(d.restore and d.restore.agreed for d in first), 30)
+        agreed = min(s.step for s in saved[:2])
+        assert all(d.restore and d.restore.agreed == agreed for d in first)
+        await c.daemons[2].start()
+        await c.wait_until_finished(120)
+        late = c.daemons[2].restore
+        assert late is not None and late.mode == "joined a whole-cluster restart"
+        assert late.agreed == agreed
+        assert all(w.completed == 240 for d in c.daemons for w in d.workers)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "change", "says"),
+    [
+        ("alg1", {"step": 10**6}, "past the 400 iterations of this run"),
+        ("dasgd", {"step": 10**6}, "iterations of this run"),
+        ("dasgd", {"extra": (1, 2)}, "a DASGD state is n = 4 applied counts"),
+        ("dasgd", {"extra": (-1,) * 18}, "a DASGD state is n = 4 applied counts"),
+    ],
+)
+async def test_a_checkpoint_state_the_algorithm_cannot_resume_stops_the_start(
+    tmp_path: Path, algorithm: str, change: dict[str, Any], says: str
+) -> None:
+    """Caught when the daemon starts (one line, the file as it was), not in a worker later."""
+    dirs = [tmp_path / "d0", tmp_path / "d1"]
+    cfg = _config(algorithm=algorithm, steps=400, lr={"eta": 0.01})
+    await _run_then_stop(dirs, 20, **cfg)
+    sd = StateDir(dirs[0])
+    node = _node(cfg, 0, 2)
+    ck = decode(sd.checkpoint, node.fingerprint, 0, node.membership.members[0], QUAD["dim"])
+    workers = tuple(dataclasses.replace(w, **change) for w in ck.workers)
+    sd.save(dataclasses.replace(ck, workers=workers))
+    before = sd.checkpoint.read_bytes()
+    async with local_cluster(2, start=False, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            await c.daemons[0].start()
+    assert sd.checkpoint.read_bytes() == before
 
 
 # --- real processes: SIGKILL while checkpoints are written -----------------------------------

@@ -175,6 +175,31 @@ class CatchupView(_View):
     last: RejoinedView | None = Field(description="the last catch-up (null: none yet)")
 
 
+class ResumedView(_View):
+    """How this daemon resumed from its checkpoint."""
+
+    mode: str | None = Field(
+        description="'live peers' (they ran on: their newer state wins), 'whole-cluster "
+        "restart' (every daemon resumed at the agreed iteration), null: still deciding"
+    )
+    checkpoint_iteration: int = Field(description="the iteration of the checkpoint read")
+    agreed_iteration: int | None = Field(
+        description="a whole-cluster restart: the iteration every daemon resumed at"
+    )
+
+
+class CheckpointView(_View):
+    """``--state-dir``: this daemon's checkpoints."""
+
+    dir: str
+    every_seconds: float
+    last_seconds_ago: float | None = Field(description="since the last checkpoint written")
+    last_iteration: int | None = Field(description="the iteration of the last checkpoint")
+    failures: int = Field(description="checkpoint writes that failed (the last one stays)")
+    last_error: str | None
+    resumed: ResumedView | None = Field(description="null: started without a checkpoint")
+
+
 class StatusView(_View):
     """This daemon, its run and its workers."""
 
@@ -193,6 +218,7 @@ class StatusView(_View):
     workers: list[WorkerView]
     peers: list[PeerView]
     catchup: CatchupView
+    checkpoint: CheckpointView | None = Field(description="null: no --state-dir")
 
 
 class StatusSource(Protocol):
@@ -233,6 +259,8 @@ class StatusSource(Protocol):
 
     @property
     def rejoin(self) -> Rejoin: ...
+
+    def checkpoint_status(self) -> dict[str, Any] | None: ...
 
 
 def status_view(daemon: StatusSource) -> dict[str, Any]:
@@ -289,6 +317,7 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
         "workers": workers,
         "peers": peers_view(daemon.links),
         "catchup": _catchup_view(daemon.rejoin),
+        "checkpoint": daemon.checkpoint_status(),
     }
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from peerlearn.daemon.output import write_atomic
 from peerlearn.effects import Vector
 from peerlearn.errors import StartupError
+from peerlearn.wire.messages import INT64_MAX
 
 if TYPE_CHECKING:
     from peerlearn.runtime.worker import Worker
@@ -148,8 +149,8 @@ def decode(path: Path, fingerprint: str, cluster: int, pids: Sequence[int], dim:
                 raise _fail(
                     path,
                     f"checkpoint format {version!r:.20}, this peerlearn reads format "
-                    f"{FORMAT_VERSION} (written by a {'newer' if _newer(version) else 'other'} "
-                    "peerlearn)",
+                    f"{FORMAT_VERSION} (written by "
+                    f"{'a newer' if _newer(version) else 'another'} peerlearn)",
                 )
             if meta.get("fingerprint") != fingerprint:
                 raise _fail(
@@ -172,7 +173,10 @@ def decode(path: Path, fingerprint: str, cluster: int, pids: Sequence[int], dim:
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
-        raise _fail(path, f"it is damaged ({type(exc).__name__}: {exc})") from None
+        why = f"{type(exc).__name__}: {exc}"
+        if "pickle" in why:  # np.load took it for a pickle: no .npz of any kind
+            why = "not an .npz file"
+        raise _fail(path, f"it is damaged ({why[:200]})") from None
 
 
 def _newer(version: object) -> bool:
@@ -183,15 +187,18 @@ def _worker(path: Path, npz: Any, w: Any, dim: int) -> SavedWorker:
     if not isinstance(w, dict) or type(w.get("pid")) is not int or type(w.get("step")) is not int:
         raise _fail(path, "a worker record without pid or step")
     pid, step = w["pid"], w["step"]
-    if step < 1:
+    if not 1 <= step <= INT64_MAX:
         raise _fail(path, f"worker {pid} at iteration {step}")
     model = _vector(path, npz, f"model_{pid}", dim)
     extra = w.get("extra", [])
     if not isinstance(extra, list) or any(type(v) is not int for v in extra):
         raise _fail(path, f"worker {pid}'s state is not a list of integers")
     rng = w.get("rng")
-    if rng is not None and not isinstance(rng, dict):
-        raise _fail(path, f"worker {pid}'s generator state is not an object")
+    if rng is not None:
+        try:  # a worker's stream is a PCG64 generator (peerlearn.streams)
+            np.random.PCG64().state = rng
+        except (TypeError, ValueError, KeyError):
+            raise _fail(path, f"worker {pid}'s generator state is not a PCG64 state") from None
     ledger = None
     if (lg := w.get("ledger")) is not None:
         ok = isinstance(lg, list) and len(lg) == 2 and type(lg[0]) is int
@@ -209,6 +216,14 @@ def _vector(path: Path, npz: Any, name: str, dim: int) -> Vector:
         raise _fail(path, f"{name!r} is {x.dtype}{list(x.shape)}, this run's models float64[{dim}]")
     x.flags.writeable = False
     return x
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StateDir:
@@ -270,9 +285,15 @@ class StateDir:
         return incarnation
 
     def set_aside(self) -> Path:
-        """Move the checkpoint out of the way (it is not resumed from), keeping it."""
+        """Move the checkpoint out of the way (it is not resumed from), keeping it — and any
+        set aside before."""
         aside = self.dir / UNUSED
-        os.replace(self.checkpoint, aside)
+        k = 1
+        while aside.exists():
+            k += 1
+            aside = self.dir / UNUSED.replace(".npz", f".{k}.npz")
+        os.rename(self.checkpoint, aside)
+        _fsync_dir(self.dir)
         return aside
 
     def save(self, checkpoint: Checkpoint) -> None:
@@ -331,6 +352,10 @@ class Saver:
             self._fingerprint, self._cluster, incarnation, time.time(), tuple(states)
         )
         return self._taken, checkpoint
+
+    def forget(self) -> None:
+        """The last snapshot was not written: take the next one even if nothing changed."""
+        self._last = None
 
     def write(self, number: int, checkpoint: Checkpoint) -> bool:
         """Write snapshot ``number`` (on a thread) unless a newer one is written already;

@@ -30,6 +30,7 @@ import socket
 import time
 from collections.abc import Iterator
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import uvicorn
@@ -230,6 +231,7 @@ class Daemon:
             log.warning("not resuming from the checkpoint: %s; it is kept as %s", why, aside)
             return
         self.restore = Restore(self.run_cfg, self.problem, self.workers, saved, self.incarnation)
+        self.restore.check()  # CheckpointError now, not once it is resumed from
         if self.restore.takes_live_state:
             self.restore.hold()  # a live peer's state is taken, if one answers
         else:
@@ -601,6 +603,7 @@ class Daemon:
         try:
             await asyncio.to_thread(saver.write, *snap)
         except Exception as exc:  # (a full disk, a directory gone): the run goes on
+            saver.forget()  # the next snapshot is written even if nothing changed
             saver.failures += 1
             saver.last_error = f"{type(exc).__name__}: {exc}"
             if final:
@@ -695,6 +698,28 @@ class Daemon:
         # Worker.live is a whitelist: a worker in any failed state, today's or a future one,
         # keeps its model out of the daemon's mean.
         return [WorkerModel(w.name, w.x, w.live) for w in self.workers]
+
+    def checkpoint_status(self) -> dict[str, Any] | None:
+        """``/status``'s ``checkpoint`` (None: no state directory)."""
+        saver = self.saver
+        if self.state_dir is None or saver is None:
+            return None
+        last, restore = saver.last, self.restore
+        return {
+            "dir": str(self.state_dir.dir),
+            "every_seconds": self.cfg.checkpoint_every,
+            "last_seconds_ago": None if last is None else round(time.time() - last[0], 3),
+            "last_iteration": None if last is None else last[1],
+            "failures": saver.failures,
+            "last_error": saver.last_error,
+            "resumed": None
+            if restore is None
+            else {
+                "mode": restore.mode,
+                "checkpoint_iteration": restore.step,
+                "agreed_iteration": restore.agreed,
+            },
+        }
 
     def summary(self) -> str:
         # In words for the log: "0.0 finished after 200 steps, 0.1 crashed after 7 steps".

@@ -135,9 +135,11 @@ class Rejoin:
         self._stall_asks = 0
         #: peers that sent their first note since this daemon started
         self.noted: set[int] = set()
-        #: peer → the iteration it waits to start at from its checkpoint, as its last note said
-        #: (None: it does not wait) — a whole-cluster restart (peerlearn/daemon/restore.py)
-        self.starts: dict[int, int | None] = {}
+        #: peer → the iteration it said it waits to start at from its checkpoint (kept once said:
+        #: the agreement counts it even after the peer has started), and the one it said its
+        #: workers resumed at in a whole-cluster restart (peerlearn/daemon/restore.py)
+        self.starts: dict[int, int] = {}
+        self.resumed: dict[int, int] = {}
         #: the state asked for is taken whatever it is, as every process takes it after a
         #: whole-cluster restart (``AlgorithmSpec.cluster_restart``)
         self._adopting = False
@@ -171,9 +173,12 @@ class Rejoin:
 
     def on_note(self, peer: int, note: Catchup) -> None:
         match note:
-            case Missed(upto=upto, start=start):
+            case Missed(upto=upto, start=start, resumed=resumed):
                 self.noted.add(peer)
-                self.starts[peer] = start
+                if start is not None:
+                    self.starts.setdefault(peer, start)
+                if resumed is not None:
+                    self.resumed[peer] = resumed
                 if upto is not None and upto > self._missed.get(peer, -1):
                     self._missed[peer] = upto
                     self._unanswered.discard(peer)
@@ -301,10 +306,13 @@ class Rejoin:
 
     def dropped_for_us(self, at: int) -> bool:
         """A peer said it dropped frames for this daemon of iteration ``at`` or later: it had
-        sent its last incarnation that far, so it ran on past ``at`` while this one was away.
-        (Drops of earlier iterations come from peers that resumed before ``at`` themselves:
-        they told every peer that those frames never come.)"""
+        sent its last incarnation that far, so it ran on while this one was away."""
         return any(upto >= at for upto in self._missed.values())
+
+    def ask_state(self, peer: int) -> None:
+        """Ask ``peer`` for its state now (a daemon that comes up after a whole-cluster restart
+        and is behind where the others resumed)."""
+        self._ask(peer, time.monotonic(), stalled=False)
 
     def adopt(self, peer: int) -> None:
         """Ask ``peer`` for its state and take it whatever it is (a whole-cluster restart)."""

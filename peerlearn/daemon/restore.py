@@ -7,26 +7,28 @@ every peer says that it waits, and at which iteration its checkpoint is
 note (up to ``peer_timeout``), then:
 
 * **Restart with live peers** — a peer said it dropped frames for this daemon of the
-  checkpoint's iteration or later: it ran on while this one was away. The workers resume from the checkpoint (each its own iteration, model and
-  generator state), and the peers' state wins where it is newer: the catch-up of
-  :mod:`peerlearn.daemon.rejoin` asks for it as for any restarted daemon. Where frames are kept
-  and numbered (DASGD), a live peer's state is always taken, before the workers start — its own
-  checkpoint may count gradients that never reached anyone — and the checkpoint is the starting
-  point only if no peer answers.
+  checkpoint's iteration or later: it ran on while this one was away. The workers resume from
+  the checkpoint (each its own iteration, model and generator state), and the peers' state
+  wins where it is newer: the catch-up of :mod:`peerlearn.daemon.rejoin` asks for it as for any
+  restarted daemon. Where frames are kept and numbered (DASGD), a live peer's state is always
+  taken, before the workers start — its own checkpoint may count gradients that never reached
+  anyone — and the checkpoint is the starting point only if no peer answers.
 
 * **Whole-cluster restart** — no peer ran on that far (every daemon heard is starting too, or
-  none is up, or the peers are behind this checkpoint and will take its state). The daemons agree on **the highest iteration every one of them has checkpointed**: the
-  lowest of their checkpoints' iterations, T*. Every process resumes at iteration T*: from its
-  own checkpointed model (Alg 1 and 2, the MixML protocols, synchronous EASGD) — a daemon whose
-  checkpoint is further along keeps its newer model and counts its iterations from T* again —
-  or, where a model agrees with the rest of the state only as a pair (DASGD: x and its version
-  vector), from the checkpointed state of the daemon at T* (the lowest cluster id among ties),
-  which every daemon takes (``AlgorithmSpec.cluster_restart`` says what of it still holds).
-  Why: Alg 1 and 2 wait in each iteration for a quorum of that iteration's values, and every
-  message of the last incarnations is gone: daemons resuming at different iterations would wait
-  for values nobody sends again. Each daemon that resumed tells its peers that frames of the
-  iterations before its resume point will never come (:meth:`Transport.lose_all`), so a daemon
-  that comes up late (it meets running peers: the first case) and is behind takes a newer state.
+  none is up, or the peers are behind this checkpoint and will take its state). The daemons
+  agree on **the highest iteration every one of them has checkpointed**: the lowest of their
+  checkpoints' iterations, T*. Every process resumes at iteration T*: from its own checkpointed
+  model (Alg 1 and 2, the MixML protocols, synchronous EASGD) — a daemon whose checkpoint is
+  further along keeps its newer model and counts its iterations from T* again — or, where a
+  model agrees with the rest of the state only as a pair (DASGD: x and its version vector),
+  from the checkpointed state of the daemon at T* (the lowest cluster id among ties), which
+  every daemon takes (``AlgorithmSpec.cluster_restart`` says what of it still holds). Why: Alg 1
+  and 2 wait in each iteration for a quorum of that iteration's values, and every message of
+  the last incarnations is gone: daemons resuming at different iterations would wait for values
+  nobody sends again. Each daemon that resumed tells its peers that frames of the iterations
+  before its resume point will never come (:meth:`Transport.lose_all`), so a daemon that comes
+  up late (it meets running peers) and is behind takes a newer state, and one that is ahead
+  gives its own.
 
 The elastic family (a center served asynchronously) does not resume from checkpoints: its
 center is rebuilt from the workers' ledgers by the catch-up when it restarts alone, and a
@@ -47,8 +49,10 @@ from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, RejoinState
 from peerlearn.config import RunConfig
 from peerlearn.daemon.checkpoint import Checkpoint, CheckpointError, SavedWorker
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
+from peerlearn.effects import Program
 from peerlearn.problems import Problem
 from peerlearn.runtime.worker import Worker
+from peerlearn.transport.peers import Transport
 
 if TYPE_CHECKING:
     from peerlearn.daemon.node import Daemon
@@ -82,23 +86,40 @@ class Restore:
         incarnation: int,
     ) -> None:
         self._run = run
-        self._spec = run.spec
+        self.spec = run.spec
         self._problem = problem
         self._workers = workers
         self.checkpoint = checkpoint
         self._incarnation = incarnation
         self._saved = {s.pid: s for s in checkpoint.workers}
-        #: how it resumed: "live peers" or "whole-cluster restart" (None: not yet)
+        #: how it resumed: "live peers", "whole-cluster restart" or "joined a whole-cluster
+        #: restart" (None: not yet)
         self.mode: str | None = None
-        self.agreed: int | None = None  # a whole-cluster restart's agreed iteration
+        self.agreed: int | None = None  # the whole-cluster restart's iteration
         #: frames are kept and numbered: a live peer's state is taken before the workers start
-        self.takes_live_state = (
-            self._spec.delivery is DeliveryPolicy.KEEP and not self._spec.lockstep
-        )
+        self.takes_live_state = self.spec.delivery is DeliveryPolicy.KEEP and not self.spec.lockstep
 
     @property
     def step(self) -> int:
         return self.checkpoint.step
+
+    def check(self) -> None:
+        """CheckpointError unless every worker can resume from its checkpointed state: its
+        iteration within the run, a program the algorithm builds from it."""
+        limit = None
+        if self._run.steps is not None:
+            # one process's iterations; where frames are kept (DASGD) a step applies anyone's
+            # gradient, so a process makes at most what all of them do
+            keeps = self.spec.delivery is DeliveryPolicy.KEEP
+            limit = (self.spec.planned_iterations(self._run) if keeps else self._run.steps) + 1
+        for w in self._workers:
+            saved = self._saved[w.pid]
+            if limit is not None and saved.step > limit:
+                raise CheckpointError(
+                    f"cannot resume {w.name}: its checkpoint is at iteration {saved.step}, past "
+                    f"the {limit - 1} iterations of this run"
+                )
+            self._program(w, saved, saved.step, saved.extra).close()
 
     def own(self, at: int | None = None) -> None:
         """Every worker from its own checkpointed state — at iteration ``at`` instead of its
@@ -118,24 +139,26 @@ class Restore:
         """Every worker from the state this daemon gives after a whole-cluster restart, as
         every peer takes it: its most advanced worker's, as a state answer is."""
         best = max(self.checkpoint.workers, key=lambda s: s.step)
-        assert self._spec.cluster_restart is not None
-        extra = self._spec.cluster_restart(best.extra)
+        assert self.spec.cluster_restart is not None
+        extra = self.spec.cluster_restart(best.extra)
         for w in self._workers:
             own = self._saved[w.pid]
             self._restore(
                 w, SavedWorker(w.pid, best.step, best.model, extra, own.rng), best.step, extra
             )
 
-    def _restore(self, w: Worker, saved: SavedWorker, step: int, extra: tuple[int, ...]) -> None:
-        resume = self._spec.resume
+    def _program(self, w: Worker, saved: SavedWorker, step: int, extra: tuple[int, ...]) -> Program:
+        resume = self.spec.resume
         assert resume is not None
         state = RejoinState(step, saved.model, extra, incarnation=self._incarnation)
         try:
             [program] = resume(self._run, self._problem, [w.pid], state)
-        except ValueError as exc:  # the algorithm cannot resume this run (its topology, …)
-            raise CheckpointError(
-                f"cannot resume worker {w.name} from its checkpoint: {exc}"
-            ) from None
+        except ValueError as exc:  # not a state of this run (its topology, its size, …)
+            raise CheckpointError(f"cannot resume {w.name} from its checkpoint: {exc}") from None
+        return program
+
+    def _restore(self, w: Worker, saved: SavedWorker, step: int, extra: tuple[int, ...]) -> None:
+        program = self._program(w, saved, step, extra)
         ledger = None
         if saved.ledger is not None:
             answered, waiting, total = saved.ledger
@@ -157,18 +180,26 @@ class Restore:
 async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     """Wait for the peers' first notes, then set the workers up as the module docstring says;
     returns when they may start."""
-    transport, rejoin, spec = daemon.transport, daemon.rejoin, daemon.run_cfg.spec
+    transport, rejoin, spec = daemon.transport, daemon.rejoin, restore.spec
     assert transport is not None
     peers = {link.cluster for link in transport.links}
     until = time.monotonic() + daemon.cfg.peer_timeout
     rejoin.expect(peers, until)
-    while not rejoin.noted >= peers and (now := time.monotonic()) < until:
+    # Also until this daemon's own first notes are out: a peer that decides once it has them
+    # must have heard this checkpoint's iteration, not the None said after deciding.
+    while (
+        not (rejoin.noted >= peers and all(link.noted for link in transport.links))
+        and (now := time.monotonic()) < until
+    ):
         rejoin.changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(rejoin.changed.wait(), min(until - now, 1.0))
     silent = sorted(peers - rejoin.noted)
     me = daemon.me.cluster
-    if rejoin.dropped_for_us(restore.step):
+    # Where frames are kept, a peer drops nothing for a daemon that was away unless it sent
+    # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
+    # in this restart drops frames before its resume point (Transport.lose_all).
+    if rejoin.dropped_for_us(1 if restore.takes_live_state else restore.step):
         restore.mode = "live peers"
         log.info(
             "peers ran on while this daemon was away: resuming from the checkpoint at "
@@ -181,39 +212,76 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
                 restore.own()
         elif not spec.lockstep:
             transport.lose_all(restore.step - 1)
+        transport.announce_start(None)
+        return
+    if rejoin.resumed:
+        await _join_resumed(transport, rejoin, restore, dict(rejoin.resumed))
     else:
-        starts = {c: s for c, s in rejoin.starts.items() if s is not None}
-        agreed = restore.agreed_point(starts)
-        restore.mode = "whole-cluster restart"
-        restore.agreed = agreed
-        log.info(
-            "whole-cluster restart: daemons %s resume at iteration %d, the highest every one "
-            "has checkpointed (this one's checkpoint: %d)%s",
-            ", ".join(str(c) for c in sorted({me, *starts})),
-            agreed,
-            restore.step,
-            f"; not heard from: {', '.join(map(str, silent))}" if silent else "",
+        await _agree(transport, rejoin, restore, me, silent)
+    transport.announce_start(None, restore.agreed)
+
+
+async def _agree(
+    transport: Transport, rejoin: Rejoin, restore: Restore, me: int, silent: list[int]
+) -> None:
+    """A whole-cluster restart: resume at the lowest checkpointed iteration heard."""
+    spec = restore.spec
+    starts = dict(rejoin.starts)
+    agreed = restore.agreed_point(starts)
+    restore.mode, restore.agreed = "whole-cluster restart", agreed
+    log.info(
+        "whole-cluster restart: resuming at iteration %d, the highest every daemon waiting "
+        "to start has checkpointed (daemons %s; this one's checkpoint: %d)%s",
+        agreed,
+        ", ".join(str(c) for c in sorted({me, *starts})),
+        restore.step,
+        f"; not heard from: {', '.join(map(str, silent))}" if silent else "",
+    )
+    if spec.cluster_restart is None:
+        restore.own(at=agreed)  # every local worker, those further along too
+        if not spec.lockstep:
+            transport.lose_all(agreed - 1)
+        return
+    source = restore.source(me, starts)
+    if source == me:
+        restore.own_agreed()
+        return
+    log.info("taking daemon %d's checkpointed state, as every daemon does", source)
+    rejoin.adopt(source)
+    if not await _state_taken(rejoin):
+        log.warning(
+            "daemon %d did not send its state: resuming from this daemon's own checkpoint "
+            "(the models may not agree at the end)",
+            source,
         )
-        if spec.cluster_restart is not None:
-            source = restore.source(me, starts)
-            if source == me:
-                restore.own_agreed()
-            else:
-                log.info("taking daemon %d's checkpointed state, as every daemon does", source)
-                rejoin.adopt(source)
-                if not await _state_taken(rejoin):
-                    log.warning(
-                        "daemon %d did not send its state: resuming from this daemon's own "
-                        "checkpoint (the models may not agree at the end)",
-                        source,
-                    )
-                    restore.own_agreed()
-        else:
-            if agreed < restore.step:
-                restore.own(at=agreed)
-            if not spec.lockstep:
-                transport.lose_all(agreed - 1)
-    transport.announce_start(None)
+        restore.own_agreed()
+
+
+async def _join_resumed(
+    transport: Transport, rejoin: Rejoin, restore: Restore, resumed: dict[int, int]
+) -> None:
+    """This daemon came up after the others resumed in a whole-cluster restart: it joins them
+    where they resumed — from a peer's state where it is behind that point or where frames are
+    kept and numbered (the peers' live state is the consistent one), from its own checkpoint
+    otherwise."""
+    spec = restore.spec
+    at = min(resumed.values())
+    restore.mode, restore.agreed = "joined a whole-cluster restart", at
+    peer = min(c for c, r in resumed.items() if r == at)
+    log.info(
+        "the other daemons resumed at iteration %d in a whole-cluster restart (this one's "
+        "checkpoint: %d): joining them",
+        at,
+        restore.step,
+    )
+    if restore.takes_live_state or restore.step < at:
+        rejoin.ask_state(peer)
+        if await _state_taken(rejoin):
+            return
+        log.warning("daemon %d did not send its state: resuming from the checkpoint", peer)
+    restore.own(at=at)
+    if not spec.lockstep:
+        transport.lose_all(at - 1)
 
 
 async def _state_taken(rejoin: Rejoin) -> bool:

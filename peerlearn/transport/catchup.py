@@ -33,16 +33,20 @@ class Missed:
     dropped none. Sent at every connection, so a daemon that waits to start knows when it has
     heard from a peer. ``start``: I wait to start my workers from a checkpoint at this
     iteration (a whole-cluster restart agrees on the lowest: peerlearn/daemon/restore.py);
-    None: I do not (running, or no checkpoint). Sent again with None once my workers start."""
+    None: I do not. ``resumed``: my workers resumed at this iteration in a whole-cluster restart
+    (a daemon that comes up later joins there). Sent again when either changes."""
 
     upto: int | None
     start: int | None = None
+    resumed: int | None = None
     kind: Literal["missed"] = "missed"
 
     def control(self) -> Control:
         body: dict[str, int | None] = {"upto": self.upto}
-        if self.start is not None:  # (a peer of an earlier version ignores it)
+        if self.start is not None:  # (a peer of an earlier version ignores these)
             body["start"] = self.start
+        if self.resumed is not None:
+            body["resumed"] = self.resumed
         return Control(name=self.kind, body=body)
 
 
@@ -70,12 +74,13 @@ def parse(msg: Control) -> Catchup:
                 raise CatchupError(
                     f"missed: upto must be an iteration ≥ 0 or null, got {upto!r:.40}"
                 )
-            start = msg.body.get("start")
-            if start is not None and (type(start) is not int or not 1 <= start <= INT64_MAX):
-                raise CatchupError(
-                    f"missed: start must be an iteration ≥ 1 or null, got {start!r:.40}"
-                )
-            return Missed(upto, start)
+            start, resumed = msg.body.get("start"), msg.body.get("resumed")
+            for name, v in (("start", start), ("resumed", resumed)):
+                if v is not None and (type(v) is not int or not 1 <= v <= INT64_MAX):
+                    raise CatchupError(
+                        f"missed: {name} must be an iteration ≥ 1 or null, got {v!r:.40}"
+                    )
+            return Missed(upto, start, resumed)
         case "state_request":
             restart = msg.body.get("restart", False)
             if type(restart) is not bool:

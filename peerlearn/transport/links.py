@@ -225,9 +225,10 @@ class OutLink:
         self.lost_upto: int | None = None
         self._told: int | None = None  # lost_upto as last told on this connection
         self._noted = False  # whether this connection had its first note (even "none lost")
-        #: the iteration this daemon waits to start its workers at from a checkpoint, said in
-        #: every first note (None: it does not wait)
+        #: the iteration this daemon waits to start its workers at from a checkpoint, and the
+        #: one they resumed at in a whole-cluster restart, said in every first note
         self.start_note: int | None = None
+        self.resumed_note: int | None = None
         self._controls: deque[Control] = deque()  # link-level notes to send when connected
         self._wakeup = asyncio.Event()  # frames were queued
         self._acked = asyncio.Event()  # an ack arrived
@@ -326,6 +327,11 @@ class OutLink:
             self._overdraft -= 1
         else:
             self._room.release()
+
+    @property
+    def noted(self) -> bool:
+        """This connection has sent its first note (and with it ``start_note``)."""
+        return self._noted
 
     def control(self, msg: Control) -> None:
         """Send a link-level note (on the event loop): now if connected, else at the next
@@ -767,7 +773,7 @@ class OutLink:
         lost = self.lost_upto
         if not self._noted or (lost is not None and lost != self._told):
             self._told, self._noted = lost, True
-            proto.send(Missed(lost, self.start_note).control())
+            proto.send(Missed(lost, self.start_note, self.resumed_note).control())
         while self._controls:
             proto.send(self._controls.popleft())
 

@@ -394,15 +394,16 @@ class Transport:
         link = self._by_cluster.get(cluster)
         return link is not None and link.offer_nowait(tag, sender, step, value)
 
-    def announce_start(self, step: int | None) -> None:
+    def announce_start(self, step: int | None, resumed: int | None = None) -> None:
         """Say in every first note that this daemon waits to start its workers from a
-        checkpoint at iteration ``step``; None: it no longer does (said at once to every peer
-        told otherwise)."""
+        checkpoint at iteration ``step`` (None: it does not), and at which iteration they
+        resumed in a whole-cluster restart (``resumed``); a change is said at once to every
+        peer told before."""
         for link in self.links:
-            told = link.start_note
-            link.start_note = step
-            if step is None and told is not None:
-                link.control(catchup.Missed(link.lost_upto).control())
+            told = (link.start_note, link.resumed_note)
+            link.start_note, link.resumed_note = step, resumed
+            if told != (step, resumed) and link.noted:
+                link.control(catchup.Missed(link.lost_upto, step, resumed).control())
 
     def lose_all(self, step: int) -> None:
         """Tell every peer that frames of iterations up to ``step`` will never come from this

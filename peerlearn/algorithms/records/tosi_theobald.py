@@ -48,8 +48,20 @@ def _resume(
             f"DASGD resumes from a peer's state on the complete graph only, not on "
             f"{cfg.graph.name}: a restarted relay's undelivered gradients are not repaired"
         )
+    n, extra = len(graph), state.extra
+    applied, finals, complete = extra[:n], extra[n : 2 * n], extra[2 * n :]
+    if (
+        len(extra) != 3 * n
+        or min(applied, default=0) < 0
+        or min(finals, default=0) < -1
+        or any(bit not in (0, 1) for bit in complete)
+    ):
+        raise ValueError(
+            f"a DASGD state is n = {n} applied counts ≥ 0, n DONE counts ≥ −1 and n "
+            f"complete bits, got {len(extra)} integers"
+        )
     eta = cfg.schedule()(1)
-    return [dasgd(p, state.model, eta, cfg.steps, graph, resume=state.extra) for p in pids]
+    return [dasgd(p, state.model, eta, cfg.steps, graph, resume=extra) for p in pids]
 
 
 def _cluster_restart(extra: tuple[int, ...]) -> tuple[int, ...]:
