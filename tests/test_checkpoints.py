@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from peerlearn.daemon.checkpoint import (
     decode,
 )
 from peerlearn.daemon.config import load_node_config
+from peerlearn.daemon.node import Daemon
 from peerlearn.testing import local_cluster
 
 from .test_processes import PEERLEARN, free_ports
@@ -168,6 +170,7 @@ async def test_a_restarted_daemon_starts_from_its_checkpointed_models_bit_for_bi
     [
         ("alg1", {"steps": 400, "max_failures": 2}),
         ("allreduce", {"steps": 300}),
+        ("async_gossip", {"steps": 300}),
         ("alg2", {"steps": 150, "max_failures": 2, "maa": {"rounds": 3}}),
         ("dasgd", {"steps": 600, "lr": {"eta": 0.01}}),
     ],
@@ -181,11 +184,12 @@ async def test_a_whole_cluster_restart_resumes_at_the_lowest_checkpoint_and_fini
     dirs = [tmp_path / f"d{i}" for i in range(3)]
     cfg = _config(algorithm=algorithm, **extra)
     until = extra["steps"] // 3
-    lockstep = algorithm == "allreduce"  # it cannot go on without a daemon: all stop at once
-    await _run_then_stop(dirs, until, first=None if lockstep else 2, **cfg)
+    # these wait for every peer (lockstep) or for the one they gossip with: all stop at once
+    together = algorithm in ("allreduce", "async_gossip")
+    await _run_then_stop(dirs, until, first=None if together else 2, **cfg)
     saved = [_saved(d, cfg, i, 3) for i, d in enumerate(dirs)]
     lowest = min(s.step for s in saved)
-    if not lockstep:
+    if not together:
         assert saved[2].step == lowest < max(s.step for s in saved)  # work for the agreement
     async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
         await c.wait_until_finished(120)
@@ -212,6 +216,49 @@ async def test_a_whole_cluster_restart_resumes_at_the_lowest_checkpoint_and_fini
         assert all(w.completed == 6 * extra["steps"] for d in c.daemons for w in d.workers)
     else:
         assert all(w.completed == extra["steps"] for d in c.daemons for w in d.workers)
+
+
+def _listening_on(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "extra"),
+    [("alg1", {"max_failures": 2}), ("dasgd", {"lr": {"eta": 0.01}})],
+)
+async def test_a_daemon_restarted_while_its_peers_run_on_takes_their_newer_state(
+    tmp_path: Path, algorithm: str, extra: dict[str, Any]
+) -> None:
+    """One daemon stopped and started again on its state dir while the others run on: it
+    starts from its checkpoint and takes a peer's newer state (its mode: live peers); the run
+    finishes — DASGD with equal models."""
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    cfg = _config(algorithm=algorithm, steps=600, **extra)
+    async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        await c.wait_for(lambda: c.min_step() >= 60, 60)
+        old = c.daemons[2]
+        await old.stop()
+        stopped_at = _saved(dirs[2], cfg, 2, 3).step
+        rest = [w for d in c.daemons[:2] for w in d.workers]
+        await c.wait_for(lambda: min(w.completed for w in rest) >= stopped_at + 30, 60)
+        port = int(old.cfg.listen.rsplit(":", 1)[1])
+        new = Daemon(old.cfg, listen_socket=_listening_on(port))
+        c.daemons[2] = new
+        await new.start()
+        await c.wait_until_finished(120)
+        assert new.restore is not None and new.restore.mode == "live peers"
+        assert new.restore.step == stopped_at and new.rejoin.rejoins >= 1
+        assert new.rejoin.last is not None and new.rejoin.last.resumed_at > stopped_at
+        models = [w.x for d in c.daemons for w in d.workers if w.x is not None]
+    if algorithm == "dasgd":
+        for x in models:
+            np.testing.assert_allclose(x, models[0], rtol=1e-9, atol=1e-12)
+        assert all(w.completed == 6 * 600 for d in c.daemons for w in d.workers)
 
 
 async def test_a_lockstep_daemon_up_after_the_others_resumed_joins_them_there(

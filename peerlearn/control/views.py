@@ -180,7 +180,8 @@ class ResumedView(_View):
 
     mode: str | None = Field(
         description="'live peers' (they ran on: their newer state wins), 'whole-cluster "
-        "restart' (every daemon resumed at the agreed iteration), null: still deciding"
+        "restart' (every daemon resumed at the agreed iteration), 'joined a whole-cluster "
+        "restart' (up after the others resumed: it joined them there), null: still deciding"
     )
     checkpoint_iteration: int = Field(description="the iteration of the checkpoint read")
     agreed_iteration: int | None = Field(

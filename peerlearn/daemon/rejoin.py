@@ -118,6 +118,8 @@ class Rejoin:
         self._transport: Transport | None = None
         #: peer cluster → the latest iteration it said it dropped frames of for this daemon
         self._missed: dict[int, int] = {}
+        #: the same, never cleared by a catch-up: what a restarted daemon decides on
+        self._dropped: dict[int, int] = {}
         #: the peer asked, when (time.monotonic()), and whether because the workers stalled
         self.asking: tuple[int, float] | None = None
         self._stalled_ask = False
@@ -179,6 +181,8 @@ class Rejoin:
                     self.starts.setdefault(peer, start)
                 if resumed is not None:
                     self.resumed[peer] = resumed
+                if upto is not None:
+                    self._dropped[peer] = max(upto, self._dropped.get(peer, -1))
                 if upto is not None and upto > self._missed.get(peer, -1):
                     self._missed[peer] = upto
                     self._unanswered.discard(peer)
@@ -307,7 +311,11 @@ class Rejoin:
     def dropped_for_us(self, at: int) -> bool:
         """A peer said it dropped frames for this daemon of iteration ``at`` or later: it had
         sent its last incarnation that far, so it ran on while this one was away."""
-        return any(upto >= at for upto in self._missed.values())
+        return any(upto >= at for upto in self._dropped.values())
+
+    def furthest(self) -> int | None:
+        """The peer that dropped the latest iterations for this daemon (None: none did)."""
+        return max(self._dropped, key=lambda p: (self._dropped[p], -p), default=None)
 
     def ask_state(self, peer: int) -> None:
         """Ask ``peer`` for its state now (a daemon that comes up after a whole-cluster restart

@@ -25,8 +25,9 @@ note (up to ``peer_timeout``), then:
   every daemon takes (``AlgorithmSpec.cluster_restart`` says what of it still holds). Why: Alg 1
   and 2 wait in each iteration for a quorum of that iteration's values, and every message of
   the last incarnations is gone: daemons resuming at different iterations would wait for values
-  nobody sends again. Each daemon that resumed tells its peers that frames of the iterations
-  before its resume point will never come (:meth:`Transport.lose_all`), so a daemon that comes
+  nobody sends again. Where frames are dropped (Alg 1 and 2), each daemon that resumed tells
+  its peers that frames of the iterations before its resume point will never come
+  (:meth:`Transport.lose_all`), so a daemon that comes
   up late (it meets running peers) and is behind takes a newer state, and one that is ahead
   gives its own.
 
@@ -98,6 +99,10 @@ class Restore:
         self.agreed: int | None = None  # the whole-cluster restart's iteration
         #: frames are kept and numbered: a live peer's state is taken before the workers start
         self.takes_live_state = self.spec.delivery is DeliveryPolicy.KEEP and not self.spec.lockstep
+        #: frames for an away peer are dropped: resumed workers tell their peers that frames of
+        #: the iterations they skipped never come (where frames are kept, nothing is skipped
+        #: that a peer waits for: it has them, or gets them resent)
+        self.drops = self.spec.delivery is DeliveryPolicy.DROP_WHEN_AWAY
 
     @property
     def step(self) -> int:
@@ -180,7 +185,7 @@ class Restore:
 async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     """Wait for the peers' first notes, then set the workers up as the module docstring says;
     returns when they may start."""
-    transport, rejoin, spec = daemon.transport, daemon.rejoin, restore.spec
+    transport, rejoin = daemon.transport, daemon.rejoin
     assert transport is not None
     peers = {link.cluster for link in transport.links}
     until = time.monotonic() + daemon.cfg.peer_timeout
@@ -199,18 +204,21 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     # Where frames are kept, a peer drops nothing for a daemon that was away unless it sent
     # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
     # in this restart drops frames before its resume point (Transport.lose_all).
-    if rejoin.dropped_for_us(1 if restore.takes_live_state else restore.step):
+    if rejoin.dropped_for_us(0 if restore.takes_live_state else restore.step):
         restore.mode = "live peers"
         log.info(
             "peers ran on while this daemon was away: resuming from the checkpoint at "
             "iteration %d, and from a peer's state where it is newer",
             restore.step,
         )
-        if restore.takes_live_state:
-            if not await _state_taken(rejoin):
+        # (the catch-up may have taken a peer's state already, even before this task ran)
+        if restore.takes_live_state and rejoin.rejoins == 0:
+            if not rejoin.waiting_for_state() and (peer := rejoin.furthest()) is not None:
+                rejoin.ask_state(peer)
+            if not await _state_taken(rejoin, 0):
                 log.warning("no peer answered with its state: resuming from the checkpoint")
                 restore.own()
-        elif not spec.lockstep:
+        elif restore.drops:
             transport.lose_all(restore.step - 1)
         transport.announce_start(None)
         return
@@ -239,7 +247,7 @@ async def _agree(
     )
     if spec.cluster_restart is None:
         restore.own(at=agreed)  # every local worker, those further along too
-        if not spec.lockstep:
+        if restore.drops:
             transport.lose_all(agreed - 1)
         return
     source = restore.source(me, starts)
@@ -247,8 +255,9 @@ async def _agree(
         restore.own_agreed()
         return
     log.info("taking daemon %d's checkpointed state, as every daemon does", source)
+    before = rejoin.rejoins
     rejoin.adopt(source)
-    if not await _state_taken(rejoin):
+    if not await _state_taken(rejoin, before):
         log.warning(
             "daemon %d did not send its state: resuming from this daemon's own checkpoint "
             "(the models may not agree at the end)",
@@ -264,7 +273,6 @@ async def _join_resumed(
     where they resumed — from a peer's state where it is behind that point or where frames are
     kept and numbered (the peers' live state is the consistent one), from its own checkpoint
     otherwise."""
-    spec = restore.spec
     at = min(resumed.values())
     restore.mode, restore.agreed = "joined a whole-cluster restart", at
     peer = min(c for c, r in resumed.items() if r == at)
@@ -275,20 +283,20 @@ async def _join_resumed(
         restore.step,
     )
     if restore.takes_live_state or restore.step < at:
+        before = rejoin.rejoins
         rejoin.ask_state(peer)
-        if await _state_taken(rejoin):
+        if await _state_taken(rejoin, before):
             return
         log.warning("daemon %d did not send its state: resuming from the checkpoint", peer)
     restore.own(at=at)
-    if not spec.lockstep:
+    if restore.drops:
         transport.lose_all(at - 1)
 
 
-async def _state_taken(rejoin: Rejoin) -> bool:
+async def _state_taken(rejoin: Rejoin, before: int) -> bool:
     """Wait for the state asked for (made again meanwhile), up to three request timeouts;
-    whether one was taken."""
+    whether one was taken since the catch-up counted ``before`` rejoins."""
     until = time.monotonic() + 3 * REQUEST_TIMEOUT
-    before = rejoin.rejoins
     while rejoin.waiting_for_state() and (now := time.monotonic()) < until:
         rejoin.changed.clear()
         with contextlib.suppress(TimeoutError):

@@ -225,8 +225,8 @@ class OutLink:
         self.lost_upto: int | None = None
         self._told: int | None = None  # lost_upto as last told on this connection
         self._noted = False  # whether this connection had its first note (even "none lost")
-        #: the iteration this daemon waits to start its workers at from a checkpoint, and the
-        #: one they resumed at in a whole-cluster restart, said in every first note
+        #: the iteration this daemon waits to start its workers at from a checkpoint, said in
+        #: every first note, and the one they resumed at in a whole-cluster restart, said once
         self.start_note: int | None = None
         self.resumed_note: int | None = None
         self._controls: deque[Control] = deque()  # link-level notes to send when connected
@@ -774,6 +774,7 @@ class OutLink:
         if not self._noted or (lost is not None and lost != self._told):
             self._told, self._noted = lost, True
             proto.send(Missed(lost, self.start_note, self.resumed_note).control())
+            self.resumed_note = None  # said once (Transport.announce_start)
         while self._controls:
             proto.send(self._controls.popleft())
 

@@ -396,14 +396,16 @@ class Transport:
 
     def announce_start(self, step: int | None, resumed: int | None = None) -> None:
         """Say in every first note that this daemon waits to start its workers from a
-        checkpoint at iteration ``step`` (None: it does not), and at which iteration they
-        resumed in a whole-cluster restart (``resumed``); a change is said at once to every
-        peer told before."""
+        checkpoint at iteration ``step`` (None: it does not); a change is said at once to
+        every peer told before. ``resumed``: the iteration they resumed at in a whole-cluster
+        restart, said once to each peer — now if connected, else in the first note when it
+        comes (a daemon up late joins there; a restart of it later is no part of this one)."""
         for link in self.links:
-            told = (link.start_note, link.resumed_note)
+            told = link.start_note
             link.start_note, link.resumed_note = step, resumed
-            if told != (step, resumed) and link.noted:
+            if link.noted and (told != step or resumed is not None):
                 link.control(catchup.Missed(link.lost_upto, step, resumed).control())
+                link.resumed_note = None
 
     def lose_all(self, step: int) -> None:
         """Tell every peer that frames of iterations up to ``step`` will never come from this
