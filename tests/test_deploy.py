@@ -451,6 +451,8 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
         # PATH. No step limit is added: the daemons train until stopped, as in compose.
         env = {**base, **svc["environment"], "PATH": os.environ["PATH"]}
         env["PEERLEARN_OUT"] = str(_on_volume(svc, env["PEERLEARN_OUT"], net.tmp / f"{name}-data"))
+        state = _on_volume(svc, env["PEERLEARN_STATE_DIR"], net.tmp / f"{name}-data")
+        env["PEERLEARN_STATE_DIR"] = str(state)
         daemons[name] = net.start(name, [PEERLEARN, *svc["command"]], env)
     for name in DAEMONS:  # prometheus' depends_on: condition: service_healthy
         _wait_healthy(net, name, services[name], daemons[name])
@@ -530,6 +532,14 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
         assert summary["status"] == "stopped" and len(summary["processes"]) == 2, summary
         with np.load(out / "model.npz") as z:
             assert {"mean", *(f"worker_{p['id']}" for p in summary["processes"])} == set(z.files)
+        # and the checkpoint to resume from, on the same volume
+        state = _on_volume(
+            services[name],
+            services[name]["environment"]["PEERLEARN_STATE_DIR"],
+            net.tmp / f"{name}-data",
+        )
+        with np.load(state / "checkpoint.npz") as z:
+            assert "meta" in z.files and len([f for f in z.files if f.startswith("model_")]) == 2
 
 
 # --- the observer (this file as a script, inside the Prometheus namespace) --------------------

@@ -223,6 +223,8 @@ class Daemon:
         self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, saved)
         self.rejoin.incarnation = self.incarnation
         self.saver = Saver(state_dir, fingerprint, cluster)
+        for w in self.workers:
+            w.keeps_rng = True
         if saved is None:
             return
         why = resumable(self.run_cfg.spec)
