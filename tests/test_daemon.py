@@ -468,7 +468,7 @@ async def test_a_failed_start_closes_every_socket_and_task(
     busy = socket.create_server(("127.0.0.1", api_port)) if failure == "api_port_busy" else None
     if failure == "api_app_fails":
 
-        def broken_app(daemon: Daemon) -> Any:
+        def broken_app(daemon: Daemon, guard: Any) -> Any:
             raise RuntimeError("the API cannot be built")
 
         monkeypatch.setattr(node, "build_app", broken_app)

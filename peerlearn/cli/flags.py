@@ -391,6 +391,24 @@ FLAGS: tuple[Flag, ...] = (
         },
     ),
     Flag(
+        "api_token_file",
+        Path | None,
+        ("api_token_file",),
+        {
+            _DAEMON: Use(
+                "File holding the control API's bearer token (chmod 600): POST /stop needs it; "
+                "required for an API off loopback.",
+                "none",
+            )
+        },
+    ),
+    Flag(
+        "insecure",
+        bool,
+        ("insecure",),
+        {_DAEMON: Use("Serve the control API off loopback without a token (logged loudly).")},
+    ),
+    Flag(
         "state_dir",
         Path | None,
         ("state_dir",),

@@ -1,9 +1,10 @@
 """The control API of one daemon: thin FastAPI handlers that read runtime state.
 
 ``GET /status``, ``GET /peers``, ``GET /metrics`` (Prometheus text), ``GET /model`` (.npy),
-``POST /stop``; ``GET /``, the live status page (docs/status-page.md), with its script and style
-sheet at ``GET /static/status.js`` and ``/static/status.css``. The daemon owns the process and
-its signals; this app only asks it to stop. The OpenAPI document is at ``/openapi.json``, read
+``POST /stop`` (guarded: :mod:`peerlearn.control.guard`); ``GET /``, the live status page
+(docs/status-page.md), with its script and style sheet at ``GET /static/status.js`` and
+``/static/status.css``. The daemon owns the process and its signals; this app only asks it to
+stop. The OpenAPI document is at ``/openapi.json``, read
 by Swagger UI at ``/docs``, whose script and style sheet are served from the ``fastapi-offline``
 package: the page works on a machine with no way out.
 """
@@ -15,13 +16,14 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from peerlearn import __version__
+from peerlearn.control.guard import ApiGuard
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.control.views import PeerView, StatusSource, StatusView, peers_view, status_view
 from peerlearn.effects import Vector, quiet_float_errors
@@ -57,7 +59,10 @@ class ControlTarget(StatusSource, Protocol):
     def request_stop(self, reason: str) -> None: ...
 
 
-def build_app(target: ControlTarget) -> FastAPI:
+def build_app(target: ControlTarget, guard: ApiGuard | None = None) -> FastAPI:
+    """The API of ``target``; ``guard`` checks every request that changes it (default: no
+    token, loopback names only)."""
+    guard = guard if guard is not None else ApiGuard(None, ())
     # Handlers are ``async def``: they only read in-memory state, so they run on the daemon's
     # loop at once instead of hopping to a thread pool and back — under a flood of frames each
     # extra loop iteration costs (seen: /metrics in seconds with DASGD on a tiny problem).
@@ -132,7 +137,7 @@ def build_app(target: ControlTarget) -> FastAPI:
             headers={"Content-Disposition": f'attachment; filename="model-{name}.npy"'},
         )
 
-    @app.post("/stop")
+    @app.post("/stop", dependencies=[Depends(guard.mutating)])
     async def stop() -> dict[str, str]:
         """Graceful shutdown: workers finish their current step, links drain."""
         target.request_stop("POST /stop")

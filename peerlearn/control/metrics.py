@@ -18,7 +18,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -98,6 +104,16 @@ class DaemonMetrics:
             buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.875, 23 / 24, 1.0, 1.5, 2.0),
             registry=self.registry,
         )
+        self.api_refused = Counter(
+            "peerlearn_api_refused",
+            "Control API requests to change the daemon refused, by reason: token (missing or "
+            "wrong bearer token), origin (a cross-site request), host (a Host header that does "
+            "not name this daemon).",
+            labelnames=["reason"],
+            registry=self.registry,
+        )
+        for reason in ("token", "origin", "host"):  # 0 from the start, for rate() and alerts
+            self.api_refused.labels(reason)
         #: per delivered message (the daemon updates it under its counters' lock)
         self.staleness = Buckets(STALENESS_BOUNDS)
         #: per applied DASGD gradient, one per worker (each written by its worker thread only)

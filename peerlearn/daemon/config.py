@@ -119,6 +119,23 @@ class NodeConfig(BaseSettings, RunSettings):
     advertise: str | None = Field(None, description="address peers use for us (default listen)")
     api: str = "127.0.0.1:8001"
     exit_on_finish: bool = False
+    api_token_file: Path | None = Field(
+        None,
+        description="file holding the control API's bearer token (its owner's alone): "
+        "POST /stop needs 'Authorization: Bearer <token>'; required to serve the API on an "
+        "address other than loopback",
+    )
+    api_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="more names the Host header of a request that changes the daemon may "
+        "carry (besides loopback, the API and advertised addresses); comma-separated in the "
+        "environment",
+    )
+    insecure: bool = Field(
+        False,
+        description="serve the control API on a non-loopback address without a token "
+        "(anyone who reaches it can stop the daemon): said in the log at start",
+    )
     out: Path | None = Field(
         None,
         description="directory (one per daemon) for model.npz (the local models and their "
@@ -247,7 +264,7 @@ class NodeConfig(BaseSettings, RunSettings):
             )
         return self
 
-    @field_validator("peers", mode="before")
+    @field_validator("peers", "api_hosts", mode="before")
     @classmethod
     def _peer_list(cls, value: Any) -> Any:
         """``"a:1,b:2"`` or ``'["a:1", "b:2"]'`` from the environment, a list elsewhere."""

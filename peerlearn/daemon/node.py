@@ -37,6 +37,7 @@ import uvicorn
 
 from peerlearn.algorithms.spec import DeliveryPolicy
 from peerlearn.control.app import WorkerModel, build_app
+from peerlearn.control.guard import ApiGuard, is_loopback, read_token
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.checkpoint import Saver, StateDir
 from peerlearn.daemon.config import NodeConfig, parse_address
@@ -177,6 +178,7 @@ class Daemon:
         self.restore: Restore | None = None
         self.checkpoint_failed = False  # the final checkpoint was not written
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._guard: ApiGuard | None = None
 
     def __repr__(self) -> str:
         return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
@@ -202,6 +204,7 @@ class Daemon:
                     raise StartupError(f"cannot use --out {self.output.dir}: {_why(exc)}") from None
             if self.state_dir is not None:
                 await self._open_state_dir(self.state_dir)
+            self._guard = self._api_guard()
             # Bound here, before anything runs, so that a busy port is one clear error —
             # uvicorn binding it itself logs its own error and exits its task with SystemExit.
             api_sockets = _listen("control API", self.cfg.api)
@@ -210,6 +213,31 @@ class Daemon:
             await self._abandon(exc, api_sockets)
             raise
         return self
+
+    def _api_guard(self) -> ApiGuard:
+        """The checks of API requests that change the daemon (peerlearn/control/guard.py);
+        StartupError for a token file that cannot be used, or an API on a non-loopback address
+        without a token and without ``insecure``."""
+        cfg = self.cfg
+        token = read_token(cfg.api_token_file) if cfg.api_token_file is not None else None
+        api_host = parse_address(cfg.api)[0]
+        if token is None and not is_loopback(api_host):
+            if not cfg.insecure:
+                raise StartupError(
+                    f"the control API on {cfg.api} needs a token (--api-token-file): anyone who "
+                    "reaches it could stop this daemon; --insecure serves it without one"
+                )
+            log.warning(
+                "INSECURE: the control API on %s has no token: anyone who reaches it can stop "
+                "this daemon (--insecure)",
+                cfg.api,
+            )
+        hosts = {api_host, parse_address(cfg.listen)[0], *cfg.api_hosts}
+        if cfg.advertise is not None:
+            hosts.add(parse_address(cfg.advertise)[0])
+        hosts.add(socket.gethostname())
+        counter = self.metrics.api_refused
+        return ApiGuard(token, hosts, lambda reason: counter.labels(reason).inc())
 
     async def _open_state_dir(self, state_dir: StateDir) -> None:
         """Take the state directory, read its checkpoint (CheckpointError: one that cannot be
@@ -420,7 +448,7 @@ class Daemon:
 
     async def _start_api(self, sockets: list[socket.socket]) -> None:
         config = uvicorn.Config(
-            build_app(self),
+            build_app(self, self._guard),
             log_config=None,  # its records reach the process's handler: one format (--log-format)
             log_level="warning",
             lifespan="off",

@@ -1,0 +1,125 @@
+"""Who may change a daemon through its control API.
+
+Reading (``/status``, ``/peers``, ``/metrics``, ``/model``, the status page) stays open: it is
+what Prometheus, Grafana and ``peerlearn collect`` use. A request that changes something
+(``POST /stop``) must pass three checks, each refusal counted in
+``peerlearn_api_refused_total{reason}``:
+
+* ``token`` — with an API token (``--api-token-file``), ``Authorization: Bearer <token>``,
+  compared in constant time (401 otherwise).
+* ``origin`` — no ``Origin`` header other than the API's own: a web page the operator visits
+  cannot stop the daemon with a cross-site request, "simple" requests included (403). Scripts
+  and ``curl`` send no ``Origin``.
+* ``host`` — the ``Host`` header names this daemon (a loopback name, its API or advertised
+  address, or one of ``api_hosts``), whatever the port: a page that rebinds its own DNS name to
+  127.0.0.1 reaches the port but not with this daemon's name (421).
+
+A token is required to serve the API on an address other than loopback, unless ``--insecure``
+(which the log says loudly at start): without one, anyone who reaches the port could stop the
+daemon.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+
+from peerlearn.errors import StartupError
+
+__all__ = ["ApiGuard", "is_loopback", "read_token"]
+
+#: names that are this machine whatever its addresses
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+#: a token file longer than this is no token
+_TOKEN_CAP = 4096
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address, IPv6 with or without brackets) is this machine's
+    loopback only; a wildcard (0.0.0.0, ::) is not."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: Path, what: str = "--api-token-file") -> str:
+    """The secret in ``path``: its first line, stripped; StartupError (one line) if the file
+    cannot be read, is shorter than 16 characters, or others (neither its owner nor its group)
+    may read it."""
+    try:
+        st = path.stat()
+        # Group access is allowed: a Kubernetes Secret reaches a pod's user through fsGroup.
+        if st.st_mode & stat.S_IRWXO:
+            raise StartupError(
+                f"{what} {path}: the file can be read by others (mode "
+                f"{stat.filemode(st.st_mode)}); chmod o-rwx {path} (600: the owner's alone)"
+            )
+        with path.open("rb") as fh:
+            raw = fh.read(_TOKEN_CAP + 1)
+    except OSError as exc:
+        raise StartupError(f"{what} {path}: {exc.strerror or exc}") from None
+    if len(raw) > _TOKEN_CAP:
+        raise StartupError(f"{what} {path}: more than {_TOKEN_CAP} bytes, not a token")
+    token = raw.decode("utf-8", "replace").splitlines()[0].strip() if raw.strip() else ""
+    if len(token) < 16:
+        raise StartupError(f"{what} {path}: the token must be at least 16 characters")
+    return token
+
+
+class ApiGuard:
+    """The checks of a request that changes the daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        token: str | None,
+        hosts: Iterable[str],
+        refused: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self._token = token.encode() if token is not None else None
+        self._hosts = frozenset(h.strip("[]").lower() for h in hosts) | {
+            h.strip("[]") for h in _LOOPBACK_NAMES
+        }
+        self._refused = refused
+
+    def _refuse(self, code: int, reason: str, detail: str) -> HTTPException:
+        self._refused(reason)
+        headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+        return HTTPException(code, detail, headers=headers)
+
+    async def mutating(self, request: Request) -> None:
+        """A FastAPI dependency of every endpoint that changes the daemon."""
+        host = _host_of(request.headers.get("host", ""))
+        if host not in self._hosts:
+            raise self._refuse(
+                421, "host", f"Host {host!r:.80} does not name this daemon (see api_hosts)"
+            )
+        origin = request.headers.get("origin")
+        if origin is not None and _host_of(origin.split("://", 1)[-1]) not in self._hosts:
+            raise self._refuse(403, "origin", "cross-origin requests may not change the daemon")
+        if self._token is not None:
+            given = request.headers.get("authorization", "")
+            scheme, _, value = given.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                value.strip().encode(), self._token
+            )
+            if not ok:
+                raise self._refuse(
+                    401, "token", "this endpoint needs Authorization: Bearer <the API token>"
+                )
+
+
+def _host_of(hostport: str) -> str:
+    """The host of a ``host[:port]`` (IPv6 in brackets), lower case, without brackets."""
+    hostport = hostport.strip().lower()
+    if hostport.startswith("["):
+        return hostport[1 : hostport.find("]")] if "]" in hostport else hostport
+    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport

@@ -1,0 +1,121 @@
+"""Only operators change a daemon through its control API (peerlearn/control/guard.py): a
+bearer token, no cross-site requests, a Host that names the daemon; a token to serve it off
+loopback. Real daemons on 127.0.0.1, real HTTP requests."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from peerlearn.daemon.node import DaemonState
+from peerlearn.errors import StartupError
+from peerlearn.testing import local_cluster
+
+from .test_processes import PEERLEARN, free_ports
+
+QUAD: dict[str, Any] = {"name": "quadratic", "dim": 4}
+TOKEN = "s3cret-token-0123456789"
+
+
+def _token_file(tmp_path: Path, mode: int = 0o600, text: str = TOKEN) -> Path:
+    path = tmp_path / f"api-token-{mode:o}-{len(text)}"
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return path
+
+
+def _refused(text: str, reason: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'peerlearn_api_refused_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no refusal count for {reason}")
+
+
+async def test_stop_needs_the_token_and_refusals_are_counted(tmp_path: Path) -> None:
+    token = _token_file(tmp_path)
+    async with local_cluster(
+        1, workers=1, algorithm="alg1", problem=QUAD, api_token_file=token
+    ) as c:
+        url = c.urls[0]
+        async with httpx.AsyncClient(base_url=url) as http:
+            missing = await http.post("/stop")
+            wrong = await http.post("/stop", headers={"Authorization": "Bearer nope"})
+            assert missing.status_code == wrong.status_code == 401
+            assert missing.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer" in missing.json()["detail"]
+            assert c.daemons[0].state is DaemonState.RUNNING
+            assert _refused((await http.get("/metrics")).text, "token") == 2
+            # reading stays open
+            assert (await http.get("/status")).status_code == 200
+            ok = await http.post("/stop", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert ok.json() == {"state": "stopping"}
+        await c.daemons[0].wait()
+        assert c.daemons[0].state is DaemonState.STOPPED
+
+
+async def test_no_web_page_can_stop_a_daemon() -> None:
+    """A cross-site "simple" request (text/plain, a foreign Origin) and a DNS-rebound name
+    reach the port but are refused; the daemon keeps running. Without a token, loopback
+    clients that send no Origin may stop it."""
+    async with local_cluster(1, workers=1, algorithm="alg1", problem=QUAD) as c:
+        port = c.daemons[0].api_port
+        async with httpx.AsyncClient(base_url=c.urls[0]) as http:
+            cross = await http.post(
+                "/stop",
+                content=b"x",
+                headers={"Content-Type": "text/plain", "Origin": "http://evil.example"},
+            )
+            assert cross.status_code == 403
+            opaque = await http.post("/stop", headers={"Origin": "null"})
+            assert opaque.status_code == 403
+            rebound = await http.post("/stop", headers={"Host": f"evil.example:{port}"})
+            assert rebound.status_code == 421
+            assert c.daemons[0].state is DaemonState.RUNNING
+            metrics = (await http.get("/metrics")).text
+            assert _refused(metrics, "origin") == 2 and _refused(metrics, "host") == 1
+            # its own status page (same origin) and a script may
+            same = await http.post("/stop", headers={"Origin": f"http://localhost:{port}"})
+            assert same.json() == {"state": "stopping"}
+        await c.daemons[0].wait()
+
+
+async def test_a_token_file_others_can_read_or_too_short_is_refused(tmp_path: Path) -> None:
+    for path, says in [
+        (_token_file(tmp_path, 0o644), "can be read by others"),
+        (_token_file(tmp_path, 0o600, "short"), "at least 16 characters"),
+        (tmp_path / "missing", "No such file"),
+    ]:
+        async with local_cluster(
+            1, start=False, workers=1, algorithm="alg1", problem=QUAD, api_token_file=path
+        ) as c:
+            with pytest.raises(StartupError, match=says):
+                await c.daemons[0].start()
+
+
+def test_an_api_off_loopback_needs_a_token_or_insecure(tmp_path: Path) -> None:
+    listen, api = free_ports(2)
+    base = [
+        PEERLEARN,
+        "run",
+        *("--listen", f"127.0.0.1:{listen}", "--api", f"0.0.0.0:{api}"),
+        *("--peers", f"127.0.0.1:{listen}", "--workers", "1", "--algorithm", "alg1"),
+    ]
+    done = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a token (--api-token-file)" in lines[0], lines
+    # --insecure starts it, and says so
+    proc = subprocess.Popen([*base, "--insecure"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "INSECURE" in line:
+                break
+            assert "daemon started" not in line, "started without saying it is insecure"
+    finally:
+        proc.terminate()
+        proc.wait(30)
