@@ -83,6 +83,30 @@ def test_read_buffer_must_hold_a_prefix_and_the_largest_header() -> None:
     assert len(Codec(read_buffer_size=SMALLEST).get_buffer(-1)) == SMALLEST
 
 
+def test_a_codec_not_trusted_yet_takes_small_frames_into_a_small_buffer_then_widens() -> None:
+    """An inbound connection before its handshake: headers up to max_header, no payload, a
+    buffer of a prefix and one such header; widen() lifts both caps, and the buffer grows at
+    the next read keeping the bytes not parsed yet."""
+    small = Codec(max_payload=0, max_header=1000, read_buffer_size=PREFIX.size + 1000)
+    assert len(small.get_buffer(-1)) == PREFIX.size + 1000
+    err = remote_error(control_frame(1001), Codec(max_header=1000, read_buffer_size=SMALLEST))
+    assert err.reason is Reason.HEADER_TOO_LARGE and "> 1000" in str(err)
+    with pytest.raises(ValueError, match="max_header"):
+        Codec(max_header=MAX_HEADER + 1)
+    with pytest.raises(ValueError, match="read_buffer_size"):
+        Codec(max_header=1000, read_buffer_size=PREFIX.size + 999)
+    big = control_frame(5000)
+    small.receive_data(big[:10])  # a prefix in part: not parsed yet
+    small.widen(max_payload=64)
+    small.receive_data(big[10:])
+    (msg,) = drain(small)
+    assert isinstance(msg, Control) and encode(msg) == big
+    assert len(small.get_buffer(-1)) >= 256 * 1024 - len(big)
+    value = Data(0, ("params", 1), 0, 1, np.ones(8))
+    small.receive_data(encode(value))
+    assert drain(small) == [value]
+
+
 # --- caps are inclusive -------------------------------------------------------------------------
 
 

@@ -163,6 +163,12 @@ class NodeConfig(BaseSettings, RunSettings):
         "workers waiting on it are reported blocked (naming it) and it is logged; its frames "
         "are still kept and the run resumes if it comes back",
     )
+    handshake_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="an accepted connection whose handshake has not ended by then "
+        "is closed (a stranger trickling bytes holds nothing for long)",
+    )
     queue_size: int = Field(
         256,
         ge=1,

@@ -332,6 +332,7 @@ class Daemon:
             keep=self.run_cfg.spec.delivery is DeliveryPolicy.KEEP,
             replay=self.run_cfg.spec.lockstep and self.run_cfg.spec.resume is not None,
             peer_timeout=self.cfg.peer_timeout,
+            handshake_timeout=self.cfg.handshake_timeout,
             peer_give_up=self.cfg.peer_give_up,
             drain_timeout=self.cfg.drain_timeout,
             max_payload=max(self.dim * 8, 1024),

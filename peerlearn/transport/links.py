@@ -140,6 +140,8 @@ class LinkSettings:
     replay: bool = False
     resolve_timeout: float = 5.0  # the peer's name lookup, before the connect
     connect_timeout: float = 5.0  # TCP connect + handshake
+    #: an accepted connection whose handshake has not ended by then is closed
+    handshake_timeout: float = 5.0
     backoff_initial: float = 0.05
     backoff_max: float = 2.0
     #: silent longer than this: the connection is dropped (the heartbeat asks at least twice

@@ -41,6 +41,7 @@ from peerlearn.transport.pool import BufferPool
 from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
 from peerlearn.wire import (
+    PREFIX,
     Ack,
     Bye,
     Codec,
@@ -64,6 +65,13 @@ __all__ = ["FaultAction", "FrameFault", "PeerAddress", "Transport"]
 
 log = logging.getLogger(__name__)
 
+
+#: the largest header a dialer may send before its Join is accepted (a Hello, a Join of a
+#: daemon with some thousand workers); its read buffer is this small until then
+PRE_TRUST_HEADER = 4096
+#: handshakes under way at once, in all and per source address; more are closed at once
+MAX_PENDING = 256
+MAX_PENDING_PER_SOURCE = 64
 
 #: remote hosts whose refusals are logged at a backed-off rate (beyond: the least recently
 #: refused is forgotten, and logged anew if it comes back)
@@ -100,6 +108,8 @@ class _Inbound:
     name: str = ""  # the dialer's display name, from its Hello
     joined: bool = False  # its Join is accepted: Data may come
     ack_pending: bool = False
+    since: float = 0.0  # accepted (time.monotonic()): the handshake must end in time
+    host: str = ""  # the dialer's address, for the per-source cap on pending handshakes
 
 
 #: how long a producer waits on one full window before it tries the other full ones again
@@ -151,6 +161,7 @@ class Transport:
         self._incarnations: dict[int, int] = {}  # peer cluster -> its latest incarnation
         self._non_finite_from: set[int] = set()  # peer clusters already logged for it
         self._control_log = Throttle()  # bad control messages: once, then at doubling intervals
+        self._pending_log = Throttle()  # connections closed before their handshake ended
         self._server: asyncio.Server | None = None
         self._closed = asyncio.Event()
         self.port: int | None = None
@@ -268,6 +279,20 @@ class Transport:
                 await asyncio.wait_for(self._closed.wait(), timeout / 4)
             now = time.monotonic()
             for proto, state in list(self._inbound.items()):
+                if not state.joined and now - state.since > self.settings.handshake_timeout:
+                    # Bytes trickled in keep a connection from being silent, not from being
+                    # late: a handshake has a deadline of its own.
+                    self.stats.error("handshake_timeout")
+                    if (count := self._pending_log.due(f"late {state.host}")) is not None:
+                        log.warning(
+                            "%s: closing a connection from %s: no handshake within %gs (%d so far)",
+                            self,
+                            proto.remote,
+                            self.settings.handshake_timeout,
+                            count,
+                        )
+                    proto.abort()
+                    continue
                 if state.joined and now - proto.heard_at <= timeout:
                     # This side's sign of life: the dialer cannot read its Ping's answer while
                     # it is still writing a frame that takes longer than peer_timeout to send.
@@ -285,16 +310,50 @@ class Transport:
                     proto.abort()
 
     def _accept(self) -> FrameProtocol:
-        codec = Codec(max_payload=self.settings.max_payload, allocator=self.pool)
+        # Until its Join is accepted a dialer gets a small buffer and small frames only: a
+        # connection costs a few KiB, not a read buffer and a model-sized payload.
+        codec = Codec(
+            max_payload=0,
+            allocator=self.pool,
+            max_header=PRE_TRUST_HEADER,
+            read_buffer_size=PREFIX.size + PRE_TRUST_HEADER,
+        )
         proto = FrameProtocol(
             codec,
             self._on_message,
             self._on_error,
             self._on_lost,
             timeout=self.settings.peer_timeout,
+            on_made=self._on_made,
         )
-        self._inbound[proto] = _Inbound()
+        self._inbound[proto] = _Inbound(since=time.monotonic())
         return proto
+
+    def _on_made(self, proto: FrameProtocol) -> None:
+        """Cap the handshakes under way, in all and per source address: a flood of idle
+        connections is closed at once, counted, instead of holding memory and descriptors."""
+        state = self._inbound.get(proto)
+        if state is None:
+            return
+        peer = proto.peername
+        state.host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        pending = [s for s in self._inbound.values() if not s.joined]
+        same = sum(1 for s in pending if s.host == state.host)
+        if len(pending) > MAX_PENDING or same > MAX_PENDING_PER_SOURCE:
+            self.stats.error("too_many_pending")
+            if (count := self._pending_log.due(state.host)) is not None:
+                log.warning(
+                    "%s: closing a connection from %s: %d handshakes under way (%d from it); "
+                    "at most %d, %d per source (%d so far)",
+                    self,
+                    proto.remote,
+                    len(pending),
+                    same,
+                    MAX_PENDING,
+                    MAX_PENDING_PER_SOURCE,
+                    count,
+                )
+            proto.abort()
 
     def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
         state = self._inbound[proto]
@@ -537,6 +596,7 @@ class Transport:
         if known is None or state.incarnation > known:
             self._new_incarnation(proto, state)
         state.joined = True
+        proto.codec.widen(max_payload=self.settings.max_payload)
         proto.send(Ack(seq=self._delivered.get(state.cluster, 0)))
         log.info("%s: inbound link from %s (%s) established", self, who, proto.remote)
 

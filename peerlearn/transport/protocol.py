@@ -29,6 +29,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     :param on_message: called on the event loop for every decoded message.
     :param on_error: called once with the protocol error that closed the connection.
     :param on_lost: called once when the connection is gone (cleanly or not).
+    :param on_made: called once the connection is made (its peer's address known).
     """
 
     def __init__(
@@ -38,8 +39,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         on_error: Callable[[FrameProtocol, RemoteProtocolError], None],
         on_lost: Callable[[FrameProtocol, Exception | None], None],
         timeout: float | None = None,
+        on_made: Callable[[FrameProtocol], None] | None = None,
     ) -> None:
         self.codec = codec
+        self._on_made = on_made
         self._timeout = timeout
         self._on_message = on_message
         self._on_error = on_error
@@ -76,6 +79,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.peername = transport.get_extra_info("peername")
         if self._timeout is not None:
             keep_alive(transport, self._timeout)
+        if self._on_made is not None:
+            self._on_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.codec.get_buffer(sizehint)

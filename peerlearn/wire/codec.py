@@ -148,7 +148,9 @@ class Codec:
             per Data frame, only after the frame's header validated. The received message's
             ``value`` is that very array, marked read-only.
         read_buffer_size: the scratch buffer for prefixes and headers (and the small payloads
-            that come in the same read); at least ``PREFIX.size + MAX_HEADER``.
+            that come in the same read); at least ``PREFIX.size + max_header``.
+        max_header: the largest header accepted (at most ``MAX_HEADER``): a connection not
+            trusted yet takes small headers only, into a small buffer (:meth:`widen` later).
     """
 
     def __init__(
@@ -157,12 +159,17 @@ class Codec:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         allocator: Allocator = default_allocator,
         read_buffer_size: int = DEFAULT_READ_BUFFER,
+        max_header: int = MAX_HEADER,
     ) -> None:
         if not 0 <= max_payload < 2**64:
             raise ValueError(f"max_payload {max_payload} not in [0, 2**64)")
-        if read_buffer_size < PREFIX.size + MAX_HEADER:
-            raise ValueError(f"read_buffer_size {read_buffer_size} < {PREFIX.size + MAX_HEADER}")
+        if not 0 < max_header <= MAX_HEADER:
+            raise ValueError(f"max_header {max_header} not in (0, {MAX_HEADER}]")
+        if read_buffer_size < PREFIX.size + max_header:
+            raise ValueError(f"read_buffer_size {read_buffer_size} < {PREFIX.size + max_header}")
         self.max_payload = max_payload
+        self.max_header = max_header
+        self._grow_to = 0  # a larger scratch buffer asked for (widen), made at the next read
         self._allocator = allocator
         self._scratch = bytearray(read_buffer_size)
         self._view = memoryview(self._scratch)
@@ -339,10 +346,25 @@ class Codec:
         if self._eof:
             raise RuntimeError("the codec received end of stream; no more data can follow")
 
+    def widen(self, *, max_payload: int, max_header: int = MAX_HEADER) -> None:
+        """Take frames up to these caps from now on (a connection that became trusted), with
+        a scratch buffer of ``DEFAULT_READ_BUFFER`` — made at the next read, never while a
+        region of the old one is lent out."""
+        if not 0 <= max_payload < 2**64 or not 0 < max_header <= MAX_HEADER:
+            raise ValueError(f"caps out of range: max_payload {max_payload}, {max_header}")
+        self.max_payload, self.max_header = max_payload, max_header
+        self._grow_to = max(DEFAULT_READ_BUFFER, PREFIX.size + max_header)
+
     def _make_room(self) -> None:
         # Unparsed bytes are always less than the unit being waited for (a prefix or a header,
-        # ≤ PREFIX.size + MAX_HEADER ≤ the buffer), so after compaction the unit fits and the
+        # ≤ PREFIX.size + max_header ≤ the buffer), so after compaction the unit fits and the
         # free region is never empty. Compaction moves less than one header.
+        if self._grow_to > len(self._scratch):
+            kept = self._end - self._start
+            scratch = bytearray(self._grow_to)
+            scratch[:kept] = self._view[self._start : self._end]
+            self._scratch, self._view = scratch, memoryview(scratch)
+            self._start, self._end, self._grow_to = 0, kept, 0
         if self._start == self._end:
             self._start = self._end = 0
             return
@@ -392,9 +414,9 @@ class Codec:
             )
         if flags:
             raise LocalProtocolError(Reason.BAD_FLAGS, f"reserved flags set: {flags:#04x}")
-        if header_len > MAX_HEADER:
+        if header_len > self.max_header:
             raise LocalProtocolError(
-                Reason.HEADER_TOO_LARGE, f"header of {header_len} bytes > {MAX_HEADER}"
+                Reason.HEADER_TOO_LARGE, f"header of {header_len} bytes > {self.max_header}"
             )
         if payload_len > self.max_payload:
             raise LocalProtocolError(
