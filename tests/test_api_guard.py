@@ -4,7 +4,10 @@ loopback. Real daemons on 127.0.0.1, real HTTP requests."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +122,36 @@ def test_an_api_off_loopback_needs_a_token_or_insecure(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+async def test_slowloris_connections_are_closed_at_the_header_deadline() -> None:
+    """1,000 connections that trickle a request head a byte at a time: each is closed once
+    api_header_timeout has passed, counted; then /status answers, and training went on."""
+    async with local_cluster(
+        1, workers=1, algorithm="alg1", problem=QUAD, api_header_timeout=1.0
+    ) as c:
+        port = c.daemons[0].api_port
+        before = c.min_step()
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(1000)]
+        started = time.monotonic()
+
+        async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+            head = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
+            try:
+                for byte in head:
+                    writer.write(bytes([byte]))
+                    with contextlib.suppress(TimeoutError):
+                        if await asyncio.wait_for(reader.read(1), 0.3) == b"":
+                            break  # closed by the daemon
+            except OSError:  # reset by the daemon, which closed it while bytes came in
+                pass
+            writer.close()
+            return time.monotonic() - started
+
+        closed = await asyncio.gather(*(trickle(r, w) for r, w in conns))
+        assert max(closed) < 5.0, max(closed)  # 1 s deadline; 100 bytes would take 30 s
+        async with httpx.AsyncClient(base_url=c.urls[0]) as http:
+            status = await http.get("/status")
+            assert status.status_code == 200
+            assert _refused((await http.get("/metrics")).text, "header_timeout") >= 1000
+        await c.wait_for(lambda: c.min_step() > before + 10, 30)

@@ -17,21 +17,30 @@ what Prometheus, Grafana and ``peerlearn collect`` use. A request that changes s
 A token is required to serve the API on an address other than loopback, unless ``--insecure``
 (which the log says loudly at start): without one, anyone who reaches the port could stop the
 daemon.
+
+Every connection must send a whole request head (request line and headers) within
+``api_header_timeout`` of connecting or of its last response, or it is closed (counted as
+``header_timeout``): a client trickling a header byte by byte holds nothing for long.
+uvicorn's own limits apply too: idle keep-alive connections close after 5 s, and beyond
+``api_max_connections`` connections and tasks requests are answered 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import h11
 from fastapi import HTTPException, Request
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from peerlearn.errors import StartupError
 
-__all__ = ["ApiGuard", "is_loopback", "read_token"]
+__all__ = ["ApiGuard", "guarded_http", "is_loopback", "read_token"]
 
 #: names that are this machine whatever its addresses
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
@@ -123,3 +132,55 @@ def _host_of(hostport: str) -> str:
     if hostport.startswith("["):
         return hostport[1 : hostport.find("]")] if "]" in hostport else hostport
     return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: a connection that
+    has not sent a whole request line and headers within ``header_timeout`` of connecting (or
+    of its last response) is closed — uvicorn's own keep-alive timer restarts with every byte,
+    so a client trickling a header would hold the connection for good."""
+
+    header_timeout = 10.0
+    on_slow: Callable[[], None] = staticmethod(lambda: None)
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._deadline is not None and self.conn.their_state is not h11.IDLE:
+            self._deadline.cancel()  # a request's head is in: the handler answers it
+            self._deadline = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connection_lost(exc)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.on_slow()
+            self.transport.close()
+
+
+def guarded_http(header_timeout: float, on_slow: Callable[[], None]) -> type[H11Protocol]:
+    """The HTTP protocol class for one daemon's API (uvicorn's ``http`` setting)."""
+    return type(
+        "GuardedH11",
+        (_GuardedH11,),
+        {"header_timeout": header_timeout, "on_slow": staticmethod(on_slow)},
+    )

@@ -106,13 +106,15 @@ class DaemonMetrics:
         )
         self.api_refused = Counter(
             "peerlearn_api_refused",
-            "Control API requests to change the daemon refused, by reason: token (missing or "
-            "wrong bearer token), origin (a cross-site request), host (a Host header that does "
-            "not name this daemon).",
+            "Control API requests refused, by reason: token (missing or wrong bearer token), "
+            "origin (a cross-site request), host (a Host header that does not name this "
+            "daemon) — for requests that change the daemon — and header_timeout (a "
+            "connection that sent no whole request head in time, closed).",
             labelnames=["reason"],
             registry=self.registry,
         )
-        for reason in ("token", "origin", "host"):  # 0 from the start, for rate() and alerts
+        # every reason at 0 from the start, for rate() and alerts
+        for reason in ("token", "origin", "host", "header_timeout"):
             self.api_refused.labels(reason)
         #: per delivered message (the daemon updates it under its counters' lock)
         self.staleness = Buckets(STALENESS_BOUNDS)

@@ -131,6 +131,15 @@ class NodeConfig(BaseSettings, RunSettings):
         "carry (besides loopback, the API and advertised addresses); comma-separated in the "
         "environment",
     )
+    api_header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="a control API connection must send a whole request head "
+        "within this of connecting or of its last response, or it is closed",
+    )
+    api_max_connections: int = Field(
+        256, ge=1, description="control API connections and requests at once; beyond, 503"
+    )
     insecure: bool = Field(
         False,
         description="serve the control API on a non-loopback address without a token "

@@ -37,7 +37,7 @@ import uvicorn
 
 from peerlearn.algorithms.spec import DeliveryPolicy
 from peerlearn.control.app import WorkerModel, build_app
-from peerlearn.control.guard import ApiGuard, is_loopback, read_token
+from peerlearn.control.guard import ApiGuard, guarded_http, is_loopback, read_token
 from peerlearn.control.metrics import DaemonMetrics
 from peerlearn.daemon.checkpoint import Saver, StateDir
 from peerlearn.daemon.config import NodeConfig, parse_address
@@ -448,8 +448,12 @@ class Daemon:
             self._start_workers()
 
     async def _start_api(self, sockets: list[socket.socket]) -> None:
+        slow = self.metrics.api_refused.labels("header_timeout")
         config = uvicorn.Config(
             build_app(self, self._guard),
+            http=guarded_http(self.cfg.api_header_timeout, slow.inc),
+            timeout_keep_alive=5,
+            limit_concurrency=self.cfg.api_max_connections,
             log_config=None,  # its records reach the process's handler: one format (--log-format)
             log_level="warning",
             lifespan="off",
