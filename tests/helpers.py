@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,3 +137,17 @@ def raises(message: str) -> Callable[[Vector], Vector]:
         raise RuntimeError(message)
 
     return fault
+
+
+def member_files(directory: Path) -> list[str]:
+    """``--secret-file`` and ``--api-token-file`` arguments with fresh files in ``directory``
+    (owner-only, as a daemon requires): what daemons serving off loopback need."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for flag, name in (("--secret-file", "cluster.secret"), ("--api-token-file", "api.token")):
+        path = directory / name
+        if not path.exists():
+            path.write_text(secrets.token_hex(24) + "\n")
+            path.chmod(0o600)
+        out += [flag, str(path)]
+    return out

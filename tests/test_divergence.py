@@ -250,12 +250,16 @@ async def test_a_non_finite_frame_is_dropped_acked_and_counted() -> None:
             workers=(2,), dim=target.dim, dtype="float64", fingerprint=target.cfg.fingerprint
         )
         nan = np.full(target.dim, np.nan)
-        for msg in (hello, join, Data(seq=1, tag=("params", t0), sender=2, step=t0, value=nan)):
+        for msg in (hello, join):
             for chunk in codec.send(msg):
                 writer.write(bytes(chunk))
         await writer.drain()
         assert isinstance(await _next(reader, codec), Welcome)
         assert await _next(reader, codec) == Ack(seq=0)  # the Join's answer: nothing yet
+        # (only after it: until the Join is accepted, frames with a payload are refused)
+        for chunk in codec.send(Data(seq=1, tag=("params", t0), sender=2, step=t0, value=nan)):
+            writer.write(bytes(chunk))
+        await writer.drain()
         assert await _next(reader, codec) == Ack(seq=1)
         for chunk in codec.send(Ping(nonce=7)):  # the link is still up
             writer.write(bytes(chunk))

@@ -15,7 +15,18 @@ import pytest
 from peerlearn.daemon.node import DaemonState
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import LocalCluster, local_cluster
-from peerlearn.wire import PROTOCOL_VERSION, Codec, Data, Hello, Join, Refuse, Welcome
+from peerlearn.wire import (
+    CLOSED,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Ack,
+    Codec,
+    Data,
+    Hello,
+    Join,
+    Refuse,
+    Welcome,
+)
 from tests.helpers import noise_sum, oracle_fault, raises
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 10, "sigma": 1.0}
@@ -30,6 +41,30 @@ async def _exchange(port: int, payload: bytes) -> bytes:
     data = await asyncio.wait_for(reader.read(), 10)  # EOF: the daemon closed it
     writer.close()
     return data
+
+
+async def _after_handshake(port: int, handshake: bytes, then: bytes) -> None:
+    """Send a handshake, wait for its Ack (a dialer sends nothing else before: until then only
+    small frames are taken), then send ``then`` and read until the daemon closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(handshake)
+    codec = Codec()
+    while not any(isinstance(m, Ack) for m in _events(codec)):
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        assert data, "closed before the Ack"
+        codec.receive_data(data)
+    writer.write(then)
+    writer.write_eof()
+    await writer.drain()
+    await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+
+
+def _events(codec: Codec) -> list[Any]:
+    out = []
+    while (event := codec.next_event()) is not NEED_DATA and event is not CLOSED:
+        out.append(event)
+    return out
 
 
 def _hello(cluster: LocalCluster, **over: Any) -> Hello:
@@ -309,7 +344,7 @@ async def test_bad_data_after_the_handshake_closes_the_link() -> None:
             # addressed to a process daemon 0 does not host (process 1 lives on daemon 1)
             Data(10**9, ("params", 5), 1, 5, good, to=(1,), post=True),
         ):
-            await _exchange(target.peer_port, _frames(hello, join, bad))
+            await _after_handshake(target.peer_port, _frames(hello, join), _frames(bad))
         assert target.stats.protocol_errors["bad_data"] == 3
         before = cluster.min_step()
         await cluster.wait_for(lambda: cluster.min_step() > before + 5)

@@ -44,6 +44,7 @@ from typing import IO, Any
 import pytest
 
 if __name__ != "__main__":  # this file is also the observer script run in a namespace, where
+    from tests.helpers import member_files
     from tests.netns import bridge, stop  # the repository is not on sys.path (nor needed)
 
 SUBNET = "10.213.0"
@@ -176,6 +177,7 @@ def test_three_daemons_in_three_namespaces_train_over_veth(netns: Netns) -> None
                 str(STEPS),
                 "--log-level",
                 "warning",
+                *member_files(netns.logs[0].parent / "members"),
                 log=log,
             )
     daemons = list(netns.procs)

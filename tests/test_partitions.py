@@ -36,6 +36,7 @@ from typing import IO, Any
 import pytest
 
 if __name__ != "__main__":  # this file is also the sampler run in a namespace
+    from tests.helpers import member_files
     from tests.netns import bridge, stop
 
 SUBNET = "10.214.0"
@@ -124,6 +125,7 @@ def run(tmp_path: Path, algorithm: str) -> Iterator[Run]:
                         *("--set", f"peer_timeout={PEER_TIMEOUT}"),
                         *("--set", f"stall_timeout={STALL_TIMEOUT}"),
                         *("--log-level", "info"),
+                        *member_files(tmp_path / "members"),
                     ]
                     r.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
             for i, ns in enumerate(nodes):

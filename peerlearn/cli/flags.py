@@ -391,6 +391,18 @@ FLAGS: tuple[Flag, ...] = (
         },
     ),
     Flag(
+        "secret_file",
+        Path | None,
+        ("secret_file",),
+        {
+            _DAEMON: Use(
+                "File holding the cluster secret, the same on every daemon (chmod 600): peer "
+                "links are authenticated; required to listen off loopback.",
+                "none",
+            )
+        },
+    ),
+    Flag(
         "api_token_file",
         Path | None,
         ("api_token_file",),
@@ -406,7 +418,12 @@ FLAGS: tuple[Flag, ...] = (
         "insecure",
         bool,
         ("insecure",),
-        {_DAEMON: Use("Serve the control API off loopback without a token (logged loudly).")},
+        {
+            _DAEMON: Use(
+                "Listen for peers off loopback without a secret, serve the API off loopback "
+                "without a token (logged loudly, shown in /status)."
+            )
+        },
     ),
     Flag(
         "state_dir",

@@ -201,6 +201,17 @@ class CheckpointView(_View):
     resumed: ResumedView | None = Field(description="null: started without a checkpoint")
 
 
+class SecurityView(_View):
+    """What guards this daemon (README, "Security")."""
+
+    peer_links: str = Field(description="authenticated (cluster secret) or not authenticated")
+    api: str = Field(description="'token for changes' (POST /stop needs it) or 'no token'")
+    insecure: bool = Field(
+        description="true: peers or the API are served off loopback without a secret or token "
+        "(--insecure): anyone who reaches them can join the run or stop the daemon"
+    )
+
+
 class StatusView(_View):
     """This daemon, its run and its workers."""
 
@@ -220,6 +231,7 @@ class StatusView(_View):
     peers: list[PeerView]
     catchup: CatchupView
     checkpoint: CheckpointView | None = Field(description="null: no --state-dir")
+    security: SecurityView
 
 
 class StatusSource(Protocol):
@@ -262,6 +274,8 @@ class StatusSource(Protocol):
     def rejoin(self) -> Rejoin: ...
 
     def checkpoint_status(self) -> dict[str, Any] | None: ...
+
+    def security_status(self) -> dict[str, Any]: ...
 
 
 def status_view(daemon: StatusSource) -> dict[str, Any]:
@@ -319,6 +333,7 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
         "peers": peers_view(daemon.links),
         "catchup": _catchup_view(daemon.rejoin),
         "checkpoint": daemon.checkpoint_status(),
+        "security": daemon.security_status(),
     }
 
 

@@ -119,6 +119,12 @@ class NodeConfig(BaseSettings, RunSettings):
     advertise: str | None = Field(None, description="address peers use for us (default listen)")
     api: str = "127.0.0.1:8001"
     exit_on_finish: bool = False
+    secret_file: Path | None = Field(
+        None,
+        description="file holding the cluster secret (the same on every daemon; its owner's "
+        "and group's alone): peer links are authenticated with it; required to listen for "
+        "peers on an address other than loopback",
+    )
     api_token_file: Path | None = Field(
         None,
         description="file holding the control API's bearer token (its owner's alone): "
@@ -142,8 +148,8 @@ class NodeConfig(BaseSettings, RunSettings):
     )
     insecure: bool = Field(
         False,
-        description="serve the control API on a non-loopback address without a token "
-        "(anyone who reaches it can stop the daemon): said in the log at start",
+        description="listen for peers off loopback without a cluster secret, and serve the "
+        "control API off loopback without a token: said in the log at start and in /status",
     )
     out: Path | None = Field(
         None,

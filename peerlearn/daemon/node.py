@@ -179,6 +179,7 @@ class Daemon:
         self.checkpoint_failed = False  # the final checkpoint was not written
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._guard: ApiGuard | None = None
+        self._secret: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
@@ -204,6 +205,7 @@ class Daemon:
                     raise StartupError(f"cannot use --out {self.output.dir}: {_why(exc)}") from None
             if self.state_dir is not None:
                 await self._open_state_dir(self.state_dir)
+            self._secret = self._read_secret()
             self._guard = self._api_guard()
             # Bound here, before anything runs, so that a busy port is one clear error —
             # uvicorn binding it itself logs its own error and exits its task with SystemExit.
@@ -213,6 +215,43 @@ class Daemon:
             await self._abandon(exc, api_sockets)
             raise
         return self
+
+    def _read_secret(self) -> bytes | None:
+        """The cluster secret (peerlearn/transport/auth.py); StartupError for a file that
+        cannot be used, or peers listened for off loopback without one and without
+        ``insecure``."""
+        cfg = self.cfg
+        if cfg.secret_file is not None:
+            return read_token(cfg.secret_file, "--secret-file").encode()
+        host = parse_address(cfg.listen)[0]
+        if not is_loopback(host):
+            if not cfg.insecure:
+                raise StartupError(
+                    f"listening for peers on {cfg.listen} needs a cluster secret "
+                    "(--secret-file): anyone who reaches it could join the run; --insecure "
+                    "listens without one"
+                )
+            log.warning(
+                "INSECURE: peer links on %s are not authenticated: anyone who reaches the port "
+                "can join the run (--insecure)",
+                cfg.listen,
+            )
+        return None
+
+    def security_status(self) -> dict[str, Any]:
+        """``/status``'s ``security``: what guards the peer links and the control API."""
+        cfg = self.cfg
+        return {
+            "peer_links": "authenticated (cluster secret)"
+            if cfg.secret_file is not None
+            else "not authenticated",
+            "api": "token for changes" if cfg.api_token_file is not None else "no token",
+            "insecure": cfg.insecure
+            and (
+                (cfg.secret_file is None and not is_loopback(parse_address(cfg.listen)[0]))
+                or (cfg.api_token_file is None and not is_loopback(parse_address(cfg.api)[0]))
+            ),
+        }
 
     def _api_guard(self) -> ApiGuard:
         """The checks of API requests that change the daemon (peerlearn/control/guard.py);
@@ -336,6 +375,7 @@ class Daemon:
             peer_give_up=self.cfg.peer_give_up,
             drain_timeout=self.cfg.drain_timeout,
             max_payload=max(self.dim * 8, 1024),
+            secret=self._secret,
         )
         self.transport = Transport(
             hello,

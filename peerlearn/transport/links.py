@@ -39,13 +39,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
 import numpy as np
 
 from peerlearn.effects import Tag, Vector, tag_text
+from peerlearn.transport import auth
 from peerlearn.transport.catchup import Missed
 from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
@@ -153,6 +154,8 @@ class LinkSettings:
     peer_give_up: float = 300.0
     drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
     max_payload: int = 256 * 1024 * 1024
+    #: the cluster secret (peerlearn/transport/auth.py); None: links are not authenticated
+    secret: bytes | None = field(default=None, repr=False)
 
     @property
     def window(self) -> int:
@@ -491,7 +494,8 @@ class OutLink:
                 self._failed(self._connect_error(exc), logging.INFO)
             return False
         self._refused = False
-        welcome = await self._ask(proto, replace(self._hello, nonce=secrets.randbits(63)), Welcome)
+        hello = replace(self._hello, nonce=secrets.randbits(63))
+        welcome = await self._ask(proto, hello, Welcome)
         if welcome is None:
             return False
         assert isinstance(welcome, Welcome)
@@ -500,7 +504,14 @@ class OutLink:
             self._stats.error("bad_welcome")
             self._failed(problem, logging.ERROR, repeat=True)
             return False
-        if await self._ask(proto, self._join, Ack) is None:
+        secret = self._settings.secret
+        if (problem := self._proof_problem(secret, hello, welcome)) is not None:
+            proto.close()  # before anything about the run is said to it
+            self._stats.error("bad_secret")
+            self._failed(problem, logging.ERROR, repeat=True)
+            return False
+        mac = auth.proof(secret, "dialer", hello, welcome) if secret is not None else b""
+        if await self._ask(proto, replace(self._join, mac=mac), Ack) is None:
             return False
         # Taken only now that the peer accepted this daemon's run: an answer from anything
         # else at that address must not make this link drop its frames.
@@ -564,6 +575,25 @@ class OutLink:
             self._failed(f"answered the handshake with {answer.kind}", logging.ERROR)
             return None
         return answer
+
+    def _proof_problem(self, secret: bytes | None, hello: Hello, welcome: Welcome) -> str | None:
+        """Why the acceptor is not a member of this run, or None: with a cluster secret its
+        Welcome must prove it; without one, it must not expect a proof."""
+        if secret is None:
+            if welcome.mac:
+                return (
+                    "it runs with a cluster secret and this daemon has none: give every daemon "
+                    "the same --secret-file"
+                )
+            return None
+        if not welcome.mac:
+            return (
+                "it has no cluster secret (or an older peerlearn): give every daemon the same "
+                "--secret-file"
+            )
+        if not auth.verify(secret, "acceptor", hello, welcome, welcome.mac):
+            return "it does not know this run's cluster secret: the secret files differ"
+        return None
 
     def _welcome_problem(self, welcome: Welcome) -> str | None:
         """Why the peer's Welcome cannot be taken, or None."""
@@ -945,6 +975,11 @@ class OutLink:
                 )
             case "bad_handshake":
                 return "it did not understand this daemon's handshake"
+            case "bad_secret":
+                return (
+                    "it does not take this daemon's proof of the cluster secret: the secret "
+                    "files differ, or one of the two daemons has none"
+                )
         return f"{code[:200]!r}"  # a peer's free text: quoted, never trusted as a log line
 
     # --- protocol callbacks -------------------------------------------------------------------

@@ -29,12 +29,12 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from peerlearn.effects import Tag, Vector, finite, tag_text
 from peerlearn.membership import Membership
-from peerlearn.transport import catchup
+from peerlearn.transport import auth, catchup
 from peerlearn.transport.catchup import Catchup
 from peerlearn.transport.links import LinkSettings, LinkState, OutLink, Throttle
 from peerlearn.transport.pool import BufferPool
@@ -109,6 +109,8 @@ class _Inbound:
     joined: bool = False  # its Join is accepted: Data may come
     ack_pending: bool = False
     since: float = 0.0  # accepted (time.monotonic()): the handshake must end in time
+    hello: Hello | None = None  # the dialer's Hello and this side's Welcome: what the
+    welcome: Welcome | None = None  # dialer's proof of the cluster secret covers
     host: str = ""  # the dialer's address, for the per-source cap on pending handshakes
 
 
@@ -531,14 +533,17 @@ class Transport:
         # The incarnation is taken only once the Join shows a daemon of this run: a Hello alone
         # must not reset what this daemon keeps for the cluster, nor close its connections.
         state.cluster, state.incarnation, state.name = msg.cluster, msg.incarnation, msg.name
-        proto.send(
-            Welcome(
-                version=version,
-                cluster=self.hello.cluster,
-                incarnation=self.hello.incarnation,
-                nonce=secrets.randbits(63),
-            )
+        welcome = Welcome(
+            version=version,
+            cluster=self.hello.cluster,
+            incarnation=self.hello.incarnation,
+            nonce=secrets.randbits(63),
         )
+        secret = self.settings.secret
+        if secret is not None:
+            welcome = replace(welcome, mac=auth.proof(secret, "acceptor", msg, welcome))
+        state.hello, state.welcome = msg, welcome
+        proto.send(welcome)
 
     def _new_incarnation(self, proto: FrameProtocol, state: _Inbound) -> None:
         """The daemon that joined on ``proto`` is a new incarnation of its cluster (a first
@@ -568,6 +573,20 @@ class Transport:
         who = f"daemon {state.name!r} (cluster {state.cluster})"
         if not isinstance(msg, Join):
             self._refuse(proto, who, "bad_handshake", f"expected join, got {msg.kind}")
+            return
+        # Nothing the Join says is looked at before it proves the cluster secret.
+        secret = self.settings.secret
+        if secret is not None and (
+            state.hello is None
+            or state.welcome is None
+            or not auth.verify(secret, "dialer", state.hello, state.welcome, msg.mac)
+        ):
+            why = "no proof" if not msg.mac else "a wrong proof"
+            self._refuse(proto, who, "bad_secret", f"{why} of the cluster secret")
+            return
+        if secret is None and msg.mac:
+            text = "it proves a cluster secret and this daemon has none (--secret-file)"
+            self._refuse(proto, who, "bad_secret", text)
             return
         try:
             check_join(

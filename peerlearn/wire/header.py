@@ -54,7 +54,7 @@ HEADER_KEYS: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
         ("o", "nonce"),
         ("m", "mac"),
     ),
-    "join": (("w", "workers"), ("d", "dim"), ("y", "dtype"), ("f", "fingerprint")),
+    "join": (("w", "workers"), ("d", "dim"), ("y", "dtype"), ("f", "fingerprint"), ("m", "mac")),
     "refuse": (("r", "reason"),),
     # plus "y" (dtype code) and "h" (shape), which describe the payload: _PAYLOAD_KEYS
     "data": (

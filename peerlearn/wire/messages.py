@@ -298,6 +298,7 @@ class Join:
     dim: int
     dtype: str  # model dtype name ("float32", "float64"); compared, not interpreted
     fingerprint: str  # the run fingerprint (algorithm, problem, seed, hyper-parameters, …)
+    mac: bytes = b""  # the dialer's proof of the cluster secret (peerlearn/transport/auth.py)
     kind: Literal["join"] = field(default="join", init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -305,6 +306,7 @@ class Join:
         _freeze(self, "dim", check_int("dim", self.dim), self.dim)
         check_str("dtype", self.dtype)
         check_str("fingerprint", self.fingerprint)
+        check_bytes("mac", self.mac)
 
 
 @dataclass(frozen=True, slots=True)
