@@ -155,3 +155,35 @@ async def test_slowloris_connections_are_closed_at_the_header_deadline() -> None
             assert status.status_code == 200
             assert _refused((await http.get("/metrics")).text, "header_timeout") >= 1000
         await c.wait_for(lambda: c.min_step() > before + 10, 30)
+
+
+async def test_a_body_trickled_after_the_response_is_closed_and_other_ports_are_other_origins() -> (
+    None
+):
+    """A request that announces a body it never finishes sending is closed at the deadline
+    too (uvicorn would keep it open forever); a page on another local port is another origin."""
+    async with local_cluster(
+        1, workers=1, algorithm="alg1", problem=QUAD, api_header_timeout=1.0
+    ) as c:
+        port = c.daemons[0].api_port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\n"
+        )
+        assert (await reader.readuntil(b"\r\n"))[:12] == b"HTTP/1.1 200"
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 10:
+                writer.write(b"x")
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(65536), 0.3) == b"":
+                        break
+        except OSError:
+            pass
+        closed_after = time.monotonic() - started
+        writer.close()
+        assert closed_after < 4.0, closed_after
+        async with httpx.AsyncClient(base_url=c.urls[0]) as http:
+            other = await http.post("/stop", headers={"Origin": "http://localhost:3000"})
+            assert other.status_code == 403
+            assert c.daemons[0].state is DaemonState.RUNNING

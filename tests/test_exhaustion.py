@@ -4,6 +4,7 @@ meanwhile. Real daemon processes on 127.0.0.1; the attacker connects from 127.0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -101,3 +102,37 @@ async def test_a_handshake_trickled_a_byte_at_a_time_is_closed_at_the_deadline()
         await poll_status(urls[1], lambda s: steps(s) > at + 10, timeout=30)
         for p in procs:
             os.kill(p.pid, signal.SIGTERM)
+
+
+async def test_a_flood_of_handshakes_from_one_source_does_not_lock_out_an_honest_one() -> None:
+    """Over the per-source cap the oldest handshake under way is closed, not the newcomer: a
+    dialer behind the same address as a flood (a NAT) still gets its Welcome."""
+    from peerlearn.wire import PROTOCOL_VERSION, Codec, Hello, Welcome
+
+    with daemons(2, "--workers", "1", "--algorithm", "alg1") as (procs, urls):
+        await poll_status(urls[0], lambda s: steps(s) > 5)
+        port = _peer_port(procs[0])
+        flood = []
+        try:
+            for _ in range(200):
+                s = socket.socket()
+                s.bind(("127.0.0.2", 0))
+                s.settimeout(0.05)
+                with contextlib.suppress(OSError):
+                    s.connect(("127.0.0.1", port))
+                flood.append(s)
+            honest = socket.socket()
+            honest.bind(("127.0.0.2", 0))
+            honest.settimeout(5)
+            honest.connect(("127.0.0.1", port))
+            codec = Codec()
+            hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, 1, time.time_ns(), 1, "x")
+            for chunk in codec.send(hello):
+                honest.sendall(chunk)
+            codec.receive_data(honest.recv(65536))
+            assert isinstance(codec.next_event(), Welcome)
+            honest.close()
+        finally:
+            for s in flood:
+                s.close()
+        assert _errors(urls[0], "too_many_pending") > 0

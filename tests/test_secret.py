@@ -116,8 +116,19 @@ async def test_members_with_the_secret_train_and_a_stranger_learns_nothing(
             assert await asyncio.to_thread(again.receive) == Refuse(reason="bad_secret")
         finally:
             again.close()
+        # Claims a stranger makes are not judged before a proof: a cluster that does not exist
+        # and a stale incarnation get the same answer as any other stranger.
+        for claim in (_hello(99, 3), Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, 1, 1, 4, "x")):
+            s = _Stranger(port)
+            try:
+                s.send(claim)
+                assert isinstance(await asyncio.to_thread(s.receive), Welcome)
+                s.send(Join((1,), 4, "float64", "guess"))
+                assert await asyncio.to_thread(s.receive) == Refuse(reason="bad_secret")
+            finally:
+                s.close()
         metrics = (await c.client(0).get("/metrics")).text
-        assert 'peerlearn_protocol_errors_total{reason="bad_secret"} 2.0' in metrics
+        assert 'peerlearn_protocol_errors_total{reason="bad_secret"} 4.0' in metrics
         at = c.min_step()
         await c.wait_for(lambda: c.min_step() > at + 20, 30)  # honest training went on
 

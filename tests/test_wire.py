@@ -271,7 +271,7 @@ def test_long_streams_through_the_smallest_read_buffer(seed: int) -> None:
 
 def test_exact_events_from_known_bytes() -> None:
     stream = encode(Ping(7), Ack(3), Data(1, ("params", 2), 4, 2, np.array([1.5, -2.0])))
-    ping = b"PL\x03\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
+    ping = b"PL\x04\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
     assert stream.startswith(ping)  # the layout, spelled out once
     codec = Codec()
     codec.receive_data(stream)
@@ -412,7 +412,7 @@ PAY = bytes(16)
     [
         (b"GET / HTTP/1.1\r\n", Reason.BAD_MAGIC),
         (b"GE", Reason.BAD_MAGIC),  # refused after two bytes
-        (frame(GOOD, PAY, version=4), Reason.UNSUPPORTED_VERSION),
+        (frame(GOOD, PAY, version=PROTOCOL_VERSION + 1), Reason.UNSUPPORTED_VERSION),
         (frame(GOOD, PAY, version=0), Reason.UNSUPPORTED_VERSION),
         (frame(GOOD, PAY, flags=1), Reason.BAD_FLAGS),
         (frame(b"\xc1", PAY), Reason.BAD_HEADER),  # 0xc1: never used in msgpack
@@ -466,8 +466,11 @@ def test_malformed_input_reason(stream: bytes, reason: Reason) -> None:
 
 
 def test_unsupported_version_message() -> None:
-    err = remote_error(frame({"t": "ping", "o": 1}, version=4))
-    assert str(err) == "unsupported protocol version 4 (this side speaks 3)"
+    err = remote_error(frame({"t": "ping", "o": 1}, version=PROTOCOL_VERSION + 1))
+    assert str(err) == (
+        f"unsupported protocol version {PROTOCOL_VERSION + 1} (this side speaks "
+        f"{PROTOCOL_VERSION})"
+    )
 
 
 def test_errors_come_after_the_good_frames_and_stick() -> None:

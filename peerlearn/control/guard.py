@@ -7,9 +7,10 @@ what Prometheus, Grafana and ``peerlearn collect`` use. A request that changes s
 
 * ``token`` — with an API token (``--api-token-file``), ``Authorization: Bearer <token>``,
   compared in constant time (401 otherwise).
-* ``origin`` — no ``Origin`` header other than the API's own: a web page the operator visits
-  cannot stop the daemon with a cross-site request, "simple" requests included (403). Scripts
-  and ``curl`` send no ``Origin``.
+* ``origin`` — no ``Origin`` header other than the API's own (http, a name of this daemon, the
+  API's port): a web page the operator visits — another local web app included — cannot stop
+  the daemon with a cross-site request, "simple" requests included (403). Scripts and ``curl``
+  send no ``Origin``.
 * ``host`` — the ``Host`` header names this daemon (a loopback name, its API or advertised
   address, or one of ``api_hosts``), whatever the port: a page that rebinds its own DNS name to
   127.0.0.1 reaches the port but not with this daemon's name (421).
@@ -98,6 +99,17 @@ class ApiGuard:
             h.strip("[]") for h in _LOOPBACK_NAMES
         }
         self._refused = refused
+        #: the API's port, once bound (an Origin must carry it)
+        self.port: int | None = None
+
+    def _own_origin(self, origin: str) -> bool:
+        """Whether ``origin`` is this API's own (its status page): http, a name of this daemon
+        and the API's port — another web app on the same machine is another origin."""
+        scheme, _, hostport = origin.strip().lower().partition("://")
+        if scheme != "http" or not hostport or "/" in hostport:
+            return False
+        host, port = _split(hostport)
+        return host in self._hosts and (self.port is None or (port or 80) == self.port)
 
     def _refuse(self, code: int, reason: str, detail: str) -> HTTPException:
         self._refused(reason)
@@ -112,7 +124,7 @@ class ApiGuard:
                 421, "host", f"Host {host!r:.80} does not name this daemon (see api_hosts)"
             )
         origin = request.headers.get("origin")
-        if origin is not None and _host_of(origin.split("://", 1)[-1]) not in self._hosts:
+        if origin is not None and not self._own_origin(origin):
             raise self._refuse(403, "origin", "cross-origin requests may not change the daemon")
         if self._token is not None:
             given = request.headers.get("authorization", "")
@@ -126,19 +138,36 @@ class ApiGuard:
                 )
 
 
-def _host_of(hostport: str) -> str:
-    """The host of a ``host[:port]`` (IPv6 in brackets), lower case, without brackets."""
+def _split(hostport: str) -> tuple[str, int | None]:
+    """``host[:port]`` (IPv6 in brackets) as (host in lower case without brackets, port or
+    None); a port that is no number gives -1, which matches nothing."""
     hostport = hostport.strip().lower()
     if hostport.startswith("["):
-        return hostport[1 : hostport.find("]")] if "]" in hostport else hostport
-    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+        end = hostport.find("]")
+        if end < 0:
+            return hostport, None
+        host, rest = hostport[1:end], hostport[end + 1 :]
+    elif hostport.count(":") == 1:
+        host, rest = hostport.split(":")
+        rest = ":" + rest
+    else:
+        host, rest = hostport, ""
+    if not rest:
+        return host, None
+    digits = rest[1:]
+    return host, int(digits) if rest.startswith(":") and digits.isdigit() else -1
+
+
+def _host_of(hostport: str) -> str:
+    """The host of a ``host[:port]`` (IPv6 in brackets), lower case, without brackets."""
+    return _split(hostport)[0]
 
 
 class _GuardedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: a connection that
-    has not sent a whole request line and headers within ``header_timeout`` of connecting (or
-    of its last response) is closed — uvicorn's own keep-alive timer restarts with every byte,
-    so a client trickling a header would hold the connection for good."""
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request: a connection that has not
+    sent a whole request (line, headers and any body) within ``header_timeout`` of connecting
+    or of its last response is closed — uvicorn's own keep-alive timer restarts with every
+    byte, so a client trickling a header, or a body it announced, would hold it for good."""
 
     header_timeout = 10.0
     on_slow: Callable[[], None] = staticmethod(lambda: None)
@@ -155,14 +184,14 @@ class _GuardedH11(H11Protocol):
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self._deadline is not None and self.conn.their_state is not h11.IDLE:
-            self._deadline.cancel()  # a request's head is in: the handler answers it
+        if self._deadline is not None and self.conn.their_state is h11.DONE:
+            self._deadline.cancel()  # the whole request is in: the handler answers it
             self._deadline = None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
+        if not self.transport.is_closing():  # the next request, or the rest of this one's
+            self._arm()  # body (which no endpoint reads), has the same deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
@@ -172,7 +201,7 @@ class _GuardedH11(H11Protocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
             self.on_slow()
             self.transport.close()
 

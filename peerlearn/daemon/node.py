@@ -500,6 +500,8 @@ class Daemon:
             access_log=False,
         )
         # Known at once: stop(), or a start() that fails, tells it to exit.
+        if self._guard is not None and sockets:
+            self._guard.port = sockets[0].getsockname()[1]
         server = self._api = _EmbeddedServer(config)
         assert self._tasks is not None
         self._tasks.create_task(server.serve(sockets=sockets), name="api")

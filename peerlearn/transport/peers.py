@@ -332,30 +332,35 @@ class Transport:
         return proto
 
     def _on_made(self, proto: FrameProtocol) -> None:
-        """Cap the handshakes under way, in all and per source address: a flood of idle
-        connections is closed at once, counted, instead of holding memory and descriptors."""
+        """Cap the handshakes under way, in all and per source address. Over a cap the
+        *oldest* handshake (from that source, or of all) is closed, counted — not the newcomer:
+        a flood of idle connections churns through the slots while an honest dialer, whose
+        handshake takes milliseconds, still gets through."""
         state = self._inbound.get(proto)
         if state is None:
             return
         peer = proto.peername
         state.host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-        pending = [s for s in self._inbound.values() if not s.joined]
-        same = sum(1 for s in pending if s.host == state.host)
-        if len(pending) > MAX_PENDING or same > MAX_PENDING_PER_SOURCE:
-            self.stats.error("too_many_pending")
-            if (count := self._pending_log.due(state.host)) is not None:
-                log.warning(
-                    "%s: closing a connection from %s: %d handshakes under way (%d from it); "
-                    "at most %d, %d per source (%d so far)",
-                    self,
-                    proto.remote,
-                    len(pending),
-                    same,
-                    MAX_PENDING,
-                    MAX_PENDING_PER_SOURCE,
-                    count,
-                )
-            proto.abort()
+        pending = [(p, s) for p, s in self._inbound.items() if not s.joined]
+        same = [(p, s) for p, s in pending if s.host == state.host]
+        for group, cap in ((same, MAX_PENDING_PER_SOURCE), (pending, MAX_PENDING)):
+            if len(group) > cap:
+                oldest, old = min(group, key=lambda item: item[1].since)
+                self.stats.error("too_many_pending")
+                if (count := self._pending_log.due(old.host)) is not None:
+                    log.warning(
+                        "%s: closing the oldest handshake under way (from %s): %d under way, "
+                        "%d from its source; at most %d, %d per source (%d so far)",
+                        self,
+                        oldest.remote,
+                        len(pending),
+                        len(same),
+                        MAX_PENDING,
+                        MAX_PENDING_PER_SOURCE,
+                        count,
+                    )
+                oldest.abort()
+                return
 
     def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
         state = self._inbound[proto]
@@ -520,15 +525,10 @@ class Transport:
         except HandshakeError as exc:
             self._refuse(proto, who, str(exc.reason), str(exc))
             return
-        m = self.membership
-        if not 0 <= msg.cluster < m.clusters or msg.cluster == self.hello.cluster:
-            text = f"cluster {msg.cluster} is not a peer of cluster {self.hello.cluster}"
-            self._refuse(proto, who, "membership_mismatch", text)
-            return
-        known = self._incarnations.get(msg.cluster)
-        if known is not None and msg.incarnation < known:
-            text = f"incarnation {msg.incarnation} is older than {known}, already seen"
-            self._refuse(proto, who, Reason.STALE_INCARNATION, text)
+        # With a secret, what the Hello claims is checked only once the Join has proved it
+        # (_join): a refusal before the proof would tell a stranger which claims are right.
+        if self.settings.secret is None and (problem := self._claim_problem(msg)) is not None:
+            self._refuse(proto, who, *problem)
             return
         # The incarnation is taken only once the Join shows a daemon of this run: a Hello alone
         # must not reset what this daemon keeps for the cluster, nor close its connections.
@@ -544,6 +544,17 @@ class Transport:
             welcome = replace(welcome, mac=auth.proof(secret, "acceptor", msg, welcome))
         state.hello, state.welcome = msg, welcome
         proto.send(welcome)
+
+    def _claim_problem(self, hello: Hello) -> tuple[str, str] | None:
+        """Why the cluster and incarnation a Hello claims cannot be taken: (reason, text)."""
+        if not 0 <= hello.cluster < self.membership.clusters or hello.cluster == self.hello.cluster:
+            text = f"cluster {hello.cluster} is not a peer of cluster {self.hello.cluster}"
+            return "membership_mismatch", text
+        known = self._incarnations.get(hello.cluster)
+        if known is not None and hello.incarnation < known:
+            text = f"incarnation {hello.incarnation} is older than {known}, already seen"
+            return Reason.STALE_INCARNATION, text
+        return None
 
     def _new_incarnation(self, proto: FrameProtocol, state: _Inbound) -> None:
         """The daemon that joined on ``proto`` is a new incarnation of its cluster (a first
@@ -587,6 +598,13 @@ class Transport:
         if secret is None and msg.mac:
             text = "it proves a cluster secret and this daemon has none (--secret-file)"
             self._refuse(proto, who, "bad_secret", text)
+            return
+        if (
+            secret is not None
+            and state.hello is not None
+            and (problem := self._claim_problem(state.hello)) is not None
+        ):
+            self._refuse(proto, who, *problem)
             return
         try:
             check_join(

@@ -76,10 +76,11 @@ __all__ = [
 ]
 
 #: 2: Data carries recipients (to) and post; 3: the handshake says Hello/Welcome (versions,
-#: incarnation, nonce, room for a MAC), then Join (the run), answered by an Ack
-PROTOCOL_VERSION: Final = 3
+#: incarnation, nonce, room for a MAC), then Join (the run), answered by an Ack; 4: the Join
+#: carries the dialer's proof of the cluster secret (peerlearn/transport/auth.py)
+PROTOCOL_VERSION: Final = 4
 #: the oldest version this side still speaks (a Hello announces the range)
-MIN_PROTOCOL_VERSION: Final = 3
+MIN_PROTOCOL_VERSION: Final = 4
 MAGIC: Final = b"PL"
 PREFIX: Final = struct.Struct("!2sBBIQ")  # magic, version, flags, header length, payload length
 
