@@ -468,8 +468,7 @@ def test_malformed_input_reason(stream: bytes, reason: Reason) -> None:
 def test_unsupported_version_message() -> None:
     err = remote_error(frame({"t": "ping", "o": 1}, version=PROTOCOL_VERSION + 1))
     assert str(err) == (
-        f"unsupported protocol version {PROTOCOL_VERSION + 1} (this side speaks "
-        f"{PROTOCOL_VERSION})"
+        f"unsupported protocol version {PROTOCOL_VERSION + 1} (this side speaks {PROTOCOL_VERSION})"
     )
 
 
