@@ -314,6 +314,28 @@ async def test_a_checkpoint_state_the_algorithm_cannot_resume_stops_the_start(
     assert sd.checkpoint.read_bytes() == before
 
 
+async def test_an_algorithm_that_cannot_resume_sets_a_checkpoint_aside_and_writes_none(
+    tmp_path: Path,
+) -> None:
+    """Asynchronous EASGD's center is rebuilt from its workers' ledgers, never from a
+    checkpoint: an existing one is moved aside (kept, each time under a new name), none is
+    written, and the run starts."""
+    dirs = [tmp_path / "d0", tmp_path / "d1"]
+    cfg = _config(algorithm="async_easgd", steps=50)
+    for d in dirs:
+        d.mkdir()
+        (d / "checkpoint.npz").write_bytes(b"an old checkpoint")
+    for _ in range(2):
+        async with local_cluster(2, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+            await c.wait_until_finished(60)
+            assert all(d.saver is None and d.restore is None for d in c.daemons)
+        for d in dirs:
+            assert not (d / "checkpoint.npz").exists()
+            kept = sorted(p.name for p in d.glob("checkpoint.unused*.npz"))
+            assert kept == ["checkpoint.unused.npz"]  # (round 2: nothing new to set aside)
+            assert (d / kept[0]).read_bytes() == b"an old checkpoint"
+
+
 # --- real processes: SIGKILL while checkpoints are written -----------------------------------
 
 

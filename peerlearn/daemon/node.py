@@ -286,6 +286,15 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot use --state-dir {state_dir.dir}: {_why(exc)}") from None
         fingerprint, cluster = self.cfg.fingerprint, self.me.cluster
+        why = resumable(self.run_cfg.spec)
+        if why is not None:  # nothing to resume from: no checkpoints are written either
+            if state_dir.checkpoint.exists():
+                aside = state_dir.set_aside()
+                log.warning("not resuming from the checkpoint: %s; it is kept as %s", why, aside)
+            log.warning("no checkpoints are written: %s", why)
+            self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, None)
+            self.rejoin.incarnation = self.incarnation
+            return
         saved = await asyncio.to_thread(state_dir.load, fingerprint, cluster, self.pids, self.dim)
         self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, saved)
         self.rejoin.incarnation = self.incarnation
@@ -293,11 +302,6 @@ class Daemon:
         for w in self.workers:
             w.keeps_rng = True
         if saved is None:
-            return
-        why = resumable(self.run_cfg.spec)
-        if why is not None:
-            aside = state_dir.set_aside()
-            log.warning("not resuming from the checkpoint: %s; it is kept as %s", why, aside)
             return
         self.restore = Restore(self.run_cfg, self.problem, self.workers, saved, self.incarnation)
         self.restore.check()  # CheckpointError now, not once it is resumed from

@@ -33,8 +33,8 @@ note (up to ``peer_timeout``), then:
 
 The elastic family (a center served asynchronously) does not resume from checkpoints: its
 center is rebuilt from the workers' ledgers by the catch-up when it restarts alone, and a
-whole-cluster restart starts the run over. Its daemon keeps an old checkpoint aside as
-``checkpoint.unused.npz`` (nothing is deleted) and says so.
+whole-cluster restart starts the run over. Its daemon writes no checkpoints, keeps an old one
+aside as ``checkpoint.unused.npz`` (nothing is deleted) and says so.
 """
 
 from __future__ import annotations
