@@ -98,7 +98,7 @@ def build_app(target: ControlTarget, guard: ApiGuard | None = None) -> FastAPI:
     @app.get("/peers", response_model=list[PeerView])
     async def peers() -> JSONResponse:
         """Every remote daemon of the membership and its link state."""
-        return JSONResponse(jsonable_encoder(peers_view(target.links)))
+        return JSONResponse(jsonable_encoder(peers_view(target.links, target.held_from())))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -65,6 +65,8 @@ class Snapshot:
     agreement_rounds: int
     #: local workers by state (every state, 0 included, so that an alert can test for > 0)
     states: dict[str, int] = field(default_factory=dict)
+    #: peers' frames held back now, beyond the tag window (unacknowledged)
+    frames_held: int = 0
 
 
 class DaemonMetrics:
@@ -289,6 +291,12 @@ class _Collector(Collector):
         )
         yield GaugeMetricFamily(
             "peerlearn_peers", "Remote daemons in the static membership.", value=s.peers_total
+        )
+        yield GaugeMetricFamily(
+            "peerlearn_frames_held",
+            "Frames from peers held back unacknowledged: more than tag_window iterations ahead "
+            "of the workers they are for.",
+            value=s.frames_held,
         )
         yield CounterMetricFamily(
             "peerlearn_agreement_rounds",

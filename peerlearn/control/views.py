@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -137,6 +137,11 @@ class PeerView(_View):
         "on it are reported blocked"
     )
     outstanding: int = Field(description="frames queued or sent but not acknowledged yet")
+    held: int = Field(
+        0,
+        description="frames it sent that this daemon holds back, unacknowledged, because they "
+        "are more than tag_window iterations ahead of the workers they are for",
+    )
     refused: str | None = Field(
         description="why the peer refused the last handshake, in this daemon's words (null: it "
         "did not)"
@@ -262,6 +267,8 @@ class StatusSource(Protocol):
     @property
     def links(self) -> Sequence[OutLink]: ...
 
+    def held_from(self) -> Mapping[int, int]: ...
+
     def loss_of(self, worker: Worker) -> float | None: ...
 
     def blocked(self, waiting: Waiting | None) -> bool: ...
@@ -330,7 +337,7 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
         "steps": run.steps,
         "uptime_seconds": round(time.monotonic() - daemon.started_at, 3),
         "workers": workers,
-        "peers": peers_view(daemon.links),
+        "peers": peers_view(daemon.links, daemon.held_from()),
         "catchup": _catchup_view(daemon.rejoin),
         "checkpoint": daemon.checkpoint_status(),
         "security": daemon.security_status(),
@@ -369,8 +376,11 @@ def _catchup_view(rejoin: Rejoin) -> dict[str, Any]:
     }
 
 
-def peers_view(links: Iterable[OutLink]) -> list[dict[str, Any]]:
-    """The answer of ``GET /peers`` (schema: a list of :class:`PeerView`)."""
+def peers_view(
+    links: Iterable[OutLink], held: Mapping[int, int] | None = None
+) -> list[dict[str, Any]]:
+    """The answer of ``GET /peers`` (schema: a list of :class:`PeerView`); ``held``: frames
+    held back per peer cluster."""
     return [
         {
             "cluster": link.cluster,
@@ -379,6 +389,7 @@ def peers_view(links: Iterable[OutLink]) -> list[dict[str, Any]]:
             "away": link.away,
             "away_seconds": None if (gone := link.away_seconds) is None else round(gone, 3),
             "outstanding": link.outstanding,
+            "held": (held or {}).get(link.cluster, 0),
             "refused": link.last_refusal,
             "last_error": link.last_error,
         }

@@ -190,6 +190,13 @@ class NodeConfig(BaseSettings, RunSettings):
         description="outstanding frames per peer link; the receiving loop works through up to "
         "this many per link before it answers an API request (4096 made /metrics take seconds)",
     )
+    tag_window: int = Field(
+        32,
+        ge=1,
+        description="iterations a peer's message may be ahead of the slowest worker it is for "
+        "and still go into its mailbox; one further ahead waits unacknowledged with its sender, "
+        "whose window then bounds what a far-ahead (or hostile) peer costs this daemon",
+    )
     queue_timeout: float = Field(
         30.0, gt=0, description="producer's bounded wait for room (algorithms that drop frames)"
     )

@@ -271,6 +271,7 @@ class Monitor:
             peers_total=self._peers_total,
             agreement_rounds=self._agreement_rounds,
             states=self._states(),
+            frames_held=transport.holding if transport else 0,
         )
 
     def _states(self) -> dict[str, int]:

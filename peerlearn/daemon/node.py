@@ -127,7 +127,9 @@ class Daemon:
         self.rejoin = Rejoin(self.run_cfg, self.problem, self.membership, [])
         self.rejoin.incarnation = self.incarnation
         self.rejoin.deliver_with(self.delivery)
-        self.router = DaemonRouter(self.delivery, self.membership, self.heard, self.rejoin.on_state)
+        self.router = DaemonRouter(
+            self.delivery, self.membership, self.heard, self.rejoin.on_state, cfg.tag_window
+        )
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         grad = self.problem.grad if self.problem is not None else _no_grad
         self.workers = [
@@ -183,6 +185,16 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
+
+    def _release_held(self) -> None:
+        """A worker advanced (its thread): frames held for the tag window may be due now."""
+        transport = self.transport
+        if transport is None or (due := transport.due_at) is None:
+            return
+        reach = self.router.reach()
+        if reach >= due:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to release
+                self._loop.call_soon_threadsafe(transport.release, reach)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -391,7 +403,10 @@ class Daemon:
             settings,
             self.stats,
             catchup=self.rejoin.on_note,
+            hold=self.router.holds,
         )
+        for box in self.mailboxes.values():
+            box.on_advance = self._release_held
         if self.restore is not None:  # said in the first note on every link
             self.transport.announce_start(self.restore.step)
         self.router.attach(self.transport)
@@ -758,6 +773,10 @@ class Daemon:
     def links(self) -> tuple[OutLink, ...]:
         """The out-links to the other daemons (none before start)."""
         return tuple(self.transport.links) if self.transport is not None else ()
+
+    def held_from(self) -> dict[int, int]:
+        """Frames held back for the tag window, per peer cluster."""
+        return self.transport.held_from() if self.transport is not None else {}
 
     def loss_of(self, worker: Worker) -> float | None:
         """The latest loss evaluation of a local worker's model; None: none yet."""

@@ -26,6 +26,9 @@ from peerlearn.wire import Data
 
 __all__ = ["DaemonRouter", "Heard"]
 
+#: tag kinds that are no iteration's message: never held back for the tag window
+_UNWINDOWED = ("snapshot", "state", "ledger")
+
 #: tag kinds whose values are models (used for the global consensus distance)
 _MODEL_KINDS = ("params", "maa", "avg", "gossip", "x", "center", "pair", "paired", "snapshot")
 
@@ -62,6 +65,7 @@ class DaemonRouter:
         membership: Membership,
         heard: Heard,
         state: Callable[[Data], None] | None = None,
+        window: int = 32,
     ) -> None:
         self._delivery = delivery
         self._mailboxes = delivery.mailboxes
@@ -70,6 +74,7 @@ class DaemonRouter:
         self._heard = heard
         self._state = state  # where a peer's state frame goes (catching up)
         self._transport: Transport | None = None
+        self._window = window
 
     def attach(self, transport: Transport) -> None:
         """From now on, messages for remote processes go out through ``transport``."""
@@ -95,6 +100,28 @@ class DaemonRouter:
                 remote.setdefault(self._cluster_of[p], []).append(p)
         for cluster, pids in remote.items():
             self._transport.send(cluster, tag, sender, step, value, tuple(pids), post)
+
+    def holds(self, data: Data) -> bool:
+        """Whether a peer's frame must wait (on the event loop): a message for an iteration
+        more than the tag window ahead of the slowest live worker it is for, which would only
+        sit in the mailboxes — the transport keeps it unacknowledged, so that the sender's
+        window bounds it, until the workers come near (:meth:`Transport.release`). Posts are
+        never held: a worker drains its inbox whole, whatever its iteration."""
+        t = data.tag[1]  # an int, as the transport checked (kind, iteration, …)
+        if data.post or data.tag[0] in _UNWINDOWED or not isinstance(t, int):
+            return False
+        mailboxes = self._mailboxes
+        slowest = min(
+            (box.step for pid in data.to or self._local if not (box := mailboxes[pid]).retired),
+            default=None,
+        )
+        return slowest is not None and t > slowest + self._window
+
+    def reach(self) -> int:
+        """No held frame of a later iteration can be due: the fastest live worker's step plus
+        the tag window (a frame may be for that worker alone)."""
+        steps = [box.step for box in self._mailboxes.values() if not box.retired]
+        return max(steps, default=0) + self._window if steps else 2**62
 
     def deliver(self, data: Data) -> None:
         """A Data frame from a peer daemon (on the event loop)."""

@@ -10,7 +10,10 @@ those are *late* and dropped (counted). Tags of the current iteration whose ``ta
 are finished too. Anything else is buffered — also future tags of a faster sender, whose
 messages a slower process will need: dropping them could deadlock it — up to ``max_buffered``
 messages; beyond that a message is dropped and counted,
-never silently.
+never silently. (A daemon keeps a peer's frames of tags far ahead of its workers out of the
+mailboxes, unacknowledged, until they come within its window: see
+:mod:`peerlearn.transport.peers`.) Finishing an iteration costs what that iteration held, not
+what is buffered for later ones: tags are kept by iteration.
 
 Besides the tag boxes, a mailbox holds an *inbox*: a FIFO of :class:`~peerlearn.effects.Letter`
 filled by ``Post`` and drained whole by ``Receive`` (:meth:`post`, :meth:`receive`). Inbox
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -79,9 +83,15 @@ class Mailbox:
         self._max = max_buffered
         self._cond = threading.Condition()
         self._boxes: dict[Tag, dict[int, Msg]] = {}
+        #: the tags of ``_boxes`` and ``_done`` by iteration (tags without one: under None),
+        #: so that advancing drops what ended without looking at what is buffered for later
+        self._by_iteration: dict[int | None, set[Tag]] = {}
         self._buffered = 0
         self._step = 0
         self._done: set[Tag] = set()
+        #: called (on the worker's thread, outside the lock) after each advance: a daemon
+        #: that keeps frames back until its workers come near them looks again
+        self.on_advance: Callable[[], None] | None = None
         self._closed = False
         self._retired = False
         self._waiting: tuple[Tag, Quorum, float] | None = None
@@ -109,6 +119,7 @@ class Mailbox:
             box = self._boxes.get(tag)
             if box is None:
                 box = self._boxes[tag] = {}
+                self._by_iteration.setdefault(t, set()).add(tag)
             elif msg.sender in box:
                 return Put.DUPLICATE
             if self._buffered >= self._max:
@@ -171,6 +182,7 @@ class Mailbox:
                         del self._boxes[tag]
                         self._buffered -= len(box or ())
                         self._done.add(tag)
+                        self._by_iteration.setdefault(_iteration(tag), set()).add(tag)
                         return got
                     self._cond.wait()
             finally:
@@ -180,14 +192,30 @@ class Mailbox:
         """The worker reached iteration ``step``: finish every tag of earlier iterations.
         Returns how many buffered messages became late (and were dropped)."""
         with self._cond:
-            self._step = step
-            self._done = {tag for tag in self._done if (_iteration(tag) or 0) >= step}
-            stale = [tag for tag in self._boxes if (t := _iteration(tag)) is not None and t < step]
+            before, self._step = self._step, step
+            index = self._by_iteration
+            # The iterations that ended: from the last step on, or — after a long jump (a
+            # resumed program) — whichever of them are held, if fewer.
+            if step - before <= len(index):
+                ended = [t for t in range(before, step) if t in index]
+            else:
+                ended = [t for t in index if t is not None and t < step]
             dropped = 0
-            for tag in stale:
-                dropped += len(self._boxes.pop(tag))
+            for t in ended:
+                for tag in index.pop(t):
+                    self._done.discard(tag)
+                    box = self._boxes.pop(tag, None)
+                    if box is not None:
+                        dropped += len(box)
+            untimed = index.get(None)
+            if untimed and self._done:  # a tag without an iteration is done once, as it was
+                finished = untimed & self._done
+                untimed -= finished
+                self._done -= finished
             self._buffered -= dropped
-            return dropped
+        if self.on_advance is not None:
+            self.on_advance()
+        return dropped
 
     def waiting(self) -> Waiting | None:
         """What the worker waits for now, with how much it has and needs; None if it runs."""
@@ -236,10 +264,23 @@ class Mailbox:
         with self._cond:
             self._retired = self._closed = True
             self._boxes.clear()
+            self._by_iteration.clear()
             self._inbox.clear()
             self._buffered = 0
             self._cond.notify_all()
+        if self.on_advance is not None:  # what was held for it is for nobody now
+            self.on_advance()
 
     @property
     def buffered(self) -> int:
         return self._buffered
+
+    @property
+    def step(self) -> int:
+        """The iteration the worker reached (:meth:`advance`); read without the lock."""
+        return self._step
+
+    @property
+    def retired(self) -> bool:
+        """The worker is gone for good: it reads nothing any more."""
+        return self._retired

@@ -14,6 +14,17 @@ batch. A Data
 frame whose values are not all finite is acked too but dropped (counted ``non_finite``): no
 model may take it in, and a link closed over it would have the sender resend it forever.
 
+A frame for a tag far ahead of the workers it is for (``hold``: more than the daemon's tag
+window of iterations ahead of the slowest of them) is *held*: not delivered, not acked, so that
+the sender's window — its per-peer budget of frames and bytes — is what bounds it, never this
+daemon's memory, and nothing honest is dropped. Frames behind a held one are delivered as
+they come (a state answer must get through to the workers that would release it); the
+cumulative ack stays at the last frame before the first one held, and frames delivered beyond
+it are remembered so that a resend after a reconnect is dropped as a duplicate. Held frames go
+to the workers, in order, as soon as they come within the window (:meth:`Transport.release`).
+A sender that holds more than twice the window this daemon would keep for it (a member that
+ignores its window) is not read from until the workers catch up.
+
 Loopback loses nothing in flight, so tests lose frames on purpose through a test-only seam,
 :attr:`Transport.fault` (None in production): it may lose a chosen Data frame (not delivered,
 not acked, its connection aborted) or take it twice (tests/test_reliability.py).
@@ -23,13 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from peerlearn.effects import Tag, Vector, finite, tag_text
@@ -112,6 +124,10 @@ class _Inbound:
     hello: Hello | None = None  # the dialer's Hello and this side's Welcome: what the
     welcome: Welcome | None = None  # dialer's proof of the cluster secret covers
     host: str = ""  # the dialer's address, for the per-source cap on pending handshakes
+    received: int = 0  # the sequence number of the last Data frame read on this connection
+    #: frames kept back, a heap by (iteration, seq): the earliest to come due on top
+    held: list[tuple[int, int, Data]] = field(default_factory=list)
+    paused: bool = False  # not read from: it holds too much (a sender ignoring its window)
 
 
 #: how long a producer waits on one full window before it tries the other full ones again
@@ -133,6 +149,7 @@ class Transport:
         stats: TransportStats | None = None,
         pool: BufferPool | None = None,
         catchup: Callable[[int, Catchup], None] | None = None,
+        hold: Callable[[Data], bool] | None = None,
     ) -> None:
         self.hello = hello
         self.join = join
@@ -145,6 +162,13 @@ class Transport:
         self._deliver = deliver
         #: called on the event loop with each catch-up note a joined peer sends (its cluster)
         self._catchup = catchup
+        #: whether a Data frame must be held back for now (too far ahead of its workers)
+        self._hold = hold
+        #: frames held on all connections (read from worker threads: whether to wake the loop)
+        self.holding = 0
+        #: the earliest iteration of a frame held (None: none): a worker's advance wakes the
+        #: loop only when it brings a held frame within reach
+        self.due_at: int | None = None
         #: test-only: consulted for every Data frame of a joined connection, before anything
         #: else is done with it, to lose or duplicate chosen frames (tests/test_reliability.py:
         #: loopback itself loses nothing in flight). None in production: one attribute check.
@@ -159,7 +183,9 @@ class Transport:
         # (remote host, reason) -> when to log its refusal again, least recently refused
         # first (a dict keeps insertion order), at most _MAX_REFUSALS_TRACKED
         self._refusals: dict[tuple[str, str], Throttle] = {}
-        self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered
+        self._delivered: dict[int, int] = {}  # peer cluster -> last seq delivered (and acked)
+        #: peer cluster -> sequence numbers delivered past ``_delivered`` (behind a held frame)
+        self._early: dict[int, set[int]] = {}
         self._incarnations: dict[int, int] = {}  # peer cluster -> its latest incarnation
         self._non_finite_from: set[int] = set()  # peer clusters already logged for it
         self._control_log = Throttle()  # bad control messages: once, then at doubling intervals
@@ -280,7 +306,10 @@ class Transport:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), timeout / 4)
             now = time.monotonic()
+            self.release()
             for proto, state in list(self._inbound.items()):
+                if state.paused:  # not read from on purpose: its silence says nothing
+                    proto.heard_at = now
                 if not state.joined and now - state.since > self.settings.handshake_timeout:
                     # Bytes trickled in keep a connection from being silent, not from being
                     # late: a handshake has a deadline of its own.
@@ -387,29 +416,22 @@ class Transport:
                 if data.seq <= last:
                     self.stats.drop("duplicate")
                     return
-                if data.seq != last + 1:
+                expected = max(last, state.received) + 1
+                if data.seq != expected:
                     self.stats.error("sequence_gap")
-                    log.error("%s: frame %d after %d from %s", self, data.seq, last, peer)
+                    log.error("%s: frame %d after %d from %s", self, data.seq, expected - 1, peer)
                     proto.close()
                     return
-                self._delivered[peer] = data.seq
-                self.stats.count("in", str(data.tag[0]), self._label(peer), proto.codec.last_size)
-                # Checked here, on the payload just received into its buffer: the last point
-                # before a mailbox, where a quorum could take the value — and the algorithm's
-                # averaging, which reads the values anyway, comes after the quorum is chosen.
-                if not finite(data.value):
-                    self.stats.drop("non_finite")  # acked above like any frame, never resent
-                    if peer not in self._non_finite_from:
-                        self._non_finite_from.add(peer)
-                        log.warning(
-                            "dropping a message with non-finite values from daemon %s "
-                            "(process %s, tag %s); further ones are only counted",
-                            self._label(peer),
-                            self.membership.name(data.sender),
-                            tag_text(data.tag),
-                        )
+                state.received = data.seq
+                early = self._early.get(peer)
+                if early is not None and data.seq in early:  # resent: delivered past a held one
+                    self.stats.drop("duplicate")
                     return
-                self._deliver(data)
+                self.stats.count("in", str(data.tag[0]), self._label(peer), proto.codec.last_size)
+                if self._hold is not None and self._hold(data):
+                    self._hold_back(proto, state, data)
+                    return
+                self._take(peer, data)
             case Ping(nonce=nonce):
                 proto.send(Pong(nonce=nonce))
             case Control() as control:
@@ -425,6 +447,111 @@ class Transport:
                 self.stats.error("unexpected_message")
                 log.warning("%s: unexpected %s from %s", self, msg.kind, proto.remote)
                 proto.close()
+
+    def _take(self, peer: int, data: Data) -> None:
+        """Deliver one frame of daemon ``peer`` (or drop it, counted, if not all finite) and
+        count it as taken: the cumulative ack moves past it once every frame before it is."""
+        self._taken(peer, data.seq)
+        # Checked here, on the payload just received into its buffer: the last point before a
+        # mailbox, where a quorum could take the value — and the algorithm's averaging, which
+        # reads the values anyway, comes after the quorum is chosen.
+        if not finite(data.value):
+            self.stats.drop("non_finite")  # acked like any frame, never resent
+            if peer not in self._non_finite_from:
+                self._non_finite_from.add(peer)
+                log.warning(
+                    "dropping a message with non-finite values from daemon %s "
+                    "(process %s, tag %s); further ones are only counted",
+                    self._label(peer),
+                    self.membership.name(data.sender),
+                    tag_text(data.tag),
+                )
+            return
+        self._deliver(data)
+
+    def _taken(self, peer: int, seq: int) -> None:
+        last = self._delivered.get(peer, 0)
+        if seq != last + 1:
+            self._early.setdefault(peer, set()).add(seq)
+            return
+        early = self._early.get(peer)
+        while early and seq + 1 in early:  # frames delivered past a held one: in order now
+            seq += 1
+            early.discard(seq)
+        self._delivered[peer] = seq
+
+    def _hold_back(self, proto: FrameProtocol, state: _Inbound, data: Data) -> None:
+        iteration = data.tag[1]
+        assert isinstance(iteration, int) and state.cluster is not None  # (checked on entry)
+        heapq.heappush(state.held, (iteration, data.seq, data))
+        self.holding += 1
+        if self.due_at is None or iteration < self.due_at:
+            self.due_at = iteration
+        ahead = len(state.held) + len(self._early.get(state.cluster, ()))
+        if not state.paused and ahead >= 2 * self.settings.window:
+            state.paused = True
+            self.stats.error("window_exceeded")
+            log.warning(
+                "%s: %s sent %d frames beyond what its workers can take: not reading from it "
+                "until they catch up",
+                self,
+                self._label(state.cluster),
+                ahead,
+            )
+            proto.pause_reading()
+
+    def held_from(self) -> dict[int, int]:
+        """Frames held back now, per peer cluster."""
+        out: dict[int, int] = {}
+        for state in self._inbound.values():
+            if state.held and state.cluster is not None:
+                out[state.cluster] = out.get(state.cluster, 0) + len(state.held)
+        return out
+
+    def release(self, reach: int | None = None) -> None:
+        """Deliver the held frames that are within the window now (on the loop; called when
+        a worker advances, and from the liveness loop every little while). ``reach``: no
+        frame of a later iteration can be due (the fastest worker's step plus the window):
+        only the frames up to it are looked at, so that what a flood holds far ahead costs
+        nothing per step."""
+        if not self.holding or self._hold is None:
+            return
+        hold = self._hold
+        for proto, state in list(self._inbound.items()):
+            peer = state.cluster
+            if not state.held or peer is None or state.incarnation != self._incarnations.get(peer):
+                continue
+            still: list[tuple[int, int, Data]] = []
+            taken = 0
+            heap = state.held
+            while heap and (reach is None or heap[0][0] <= reach):
+                entry = heapq.heappop(heap)
+                data = entry[2]
+                if hold(data):  # not yet for the workers it is for
+                    still.append(entry)
+                    continue
+                taken += 1
+                if data.seq > self._delivered.get(peer, 0) and data.seq not in self._early.get(
+                    peer, ()
+                ):  # (not taken meanwhile from a resend on a newer connection)
+                    self._take(peer, data)
+            for entry in still:
+                heapq.heappush(heap, entry)
+            if not taken:
+                continue
+            self.holding -= taken
+            if not state.ack_pending:
+                state.ack_pending = True
+                self._loop.call_soon(self._ack, proto, state)
+            ahead = len(heap) + len(self._early.get(peer, ()))
+            if state.paused and ahead < self.settings.window:
+                state.paused = False
+                proto.resume_reading()
+        self._due()
+
+    def _due(self) -> None:
+        """The earliest iteration of a frame held on any connection (None: none held)."""
+        self.due_at = min((st.held[0][0] for st in self._inbound.values() if st.held), default=None)
 
     def _on_control(self, proto: FrameProtocol, state: _Inbound, control: Control) -> None:
         peer = state.cluster
@@ -564,6 +691,7 @@ class Transport:
         restarted = state.cluster in self._incarnations
         self._incarnations[state.cluster] = state.incarnation
         self._delivered.pop(state.cluster, None)
+        self._early.pop(state.cluster, None)
         for other, st in list(self._inbound.items()):
             if other is not proto and st.cluster == state.cluster:
                 other.close()
@@ -685,7 +813,11 @@ class Transport:
         self.stats.error(str(exc.reason))
 
     def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
-        self._inbound.pop(proto, None)
+        state = self._inbound.pop(proto, None)
+        if state is not None and state.held:  # unacked: the sender resends them
+            self.holding -= len(state.held)
+            state.held = []
+            self._due()
 
     def _label(self, cluster: int) -> str:
         for link in self.links:

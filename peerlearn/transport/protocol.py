@@ -51,6 +51,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.closed = asyncio.Event()
+        self._paused = False  # pause_reading(): no message is taken, buffered or not
         self.peername: Any = None
         self.sent_bytes = 0
         self.received_bytes = 0
@@ -133,6 +134,30 @@ class FrameProtocol(asyncio.BufferedProtocol):
         """Wait while the kernel and the transport's buffer are full (flow control)."""
         await self._writable.wait()
 
+    def pause_reading(self) -> None:
+        """Take nothing more from this connection — not the messages already in the codec's
+        buffer either — until :meth:`resume_reading`: the kernel's buffers, then the sender's
+        window fill (back-pressure)."""
+        self._paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Take messages again, starting with those left in the codec's buffer (on the loop's
+        next turn: not from inside the caller)."""
+        if not self._paused:
+            return
+        self._paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        try:
+            self._drain_events()
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -146,7 +171,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     # --- internals ----------------------------------------------------------------------------
 
     def _drain_events(self) -> None:
-        while True:
+        while not self._paused:
             event = self.codec.next_event()
             if isinstance(event, Sentinel):  # NEED_DATA, or CLOSED at a frame boundary
                 return
