@@ -703,7 +703,7 @@ async def test_refusals_are_logged_once_then_throttled_per_host_and_reason(
         assert acc.transport.stats.protocol_errors == {"membership_mismatch": 3, "bad_handshake": 1}
 
 
-async def test_an_older_incarnation_is_refused_and_an_equal_one_resumes() -> None:
+async def test_an_older_incarnation_is_refused_and_an_equal_one_resumes_alone() -> None:
     async with _acceptor() as acc:
         d = await acc.dial()
         assert await d.joined(incarnation=5) == Ack(seq=0)
@@ -713,14 +713,27 @@ async def test_an_older_incarnation_is_refused_and_an_equal_one_resumes() -> Non
         old = await acc.dial()
         assert await old.ask(_hello(1, incarnation=4)) == Refuse(reason="stale_incarnation")
         await old.closed()
-        same = await acc.dial()
-        assert await same.joined(incarnation=5) == Ack(seq=2)  # what was delivered stays
+        # One connection per member: the same start again, while the first is alive, is
+        # refused — nobody but the sender of that link moves its sequence numbers.
+        busy = await acc.dial()
+        assert await busy.joined(incarnation=5) == Refuse(reason="already_connected")
+        await busy.closed()
         assert not d.end.gone.is_set()
+        # Once the first is gone (a reconnect), the same start resumes: what was delivered
+        # stays. Asked again until the acceptor has seen it close, as a dialer's link does.
+        d.proto.close()
+        await d.closed()
+        for _ in range(100):
+            same = await acc.dial()
+            answer = await same.joined(incarnation=5)
+            if answer != Refuse(reason="already_connected"):
+                break
+        assert answer == Ack(seq=2)
         newer = await acc.dial()
         assert await newer.joined(incarnation=6) == Ack(seq=0)  # numbered anew
-        await d.closed()  # the old incarnation's connections are closed
-        await same.closed()
-        assert acc.transport.stats.protocol_errors == {"stale_incarnation": 1}
+        await same.closed()  # the old incarnation's connections are closed
+        errors = acc.transport.stats.protocol_errors
+        assert errors["stale_incarnation"] == 1 and errors["already_connected"] >= 1
 
 
 async def test_a_newer_incarnation_closes_one_that_only_said_hello() -> None:
@@ -2115,11 +2128,19 @@ async def test_a_join_is_logged_and_a_restart_says_so(caplog: pytest.LogCaptureF
         with caplog.at_level(logging.INFO, logger="peerlearn.transport.peers"):
             first = await acc.dial()
             await first.joined(incarnation=1)
-            same = await acc.dial()
-            await same.joined(incarnation=1)  # a reconnect: no restart
+            first.proto.close()
+            await first.closed()
+            for _ in range(100):  # until the acceptor has seen it close, as a link retries
+                same = await acc.dial()
+                if await same.joined(incarnation=1) == Ack(seq=0):  # a reconnect: no restart
+                    break
             newer = await acc.dial()
             await newer.joined(incarnation=2)
-        lines = [r.getMessage() for r in caplog.records if r.name == "peerlearn.transport.peers"]
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "peerlearn.transport.peers" and r.levelno == logging.INFO
+        ]
         assert lines == [
             established(first),
             established(same),

@@ -452,7 +452,7 @@ PAY = bytes(16)
         (frame(data_header(h=2), PAY), Reason.BAD_SHAPE),
         (frame(data_header(h=(2**63,)), PAY), Reason.BAD_SHAPE),
         (
-            frame({"t": "join", "w": (1, 1), "d": 3, "y": "", "f": "", "m": b""}),
+            frame({"t": "join", "w": (1, 1), "d": 3, "y": "", "f": "", "m": b"", "s": ()}),
             Reason.BAD_FIELD,  # duplicate worker ids
         ),
     ],

@@ -351,8 +351,8 @@ class NodeConfig(BaseSettings, RunSettings):
             raise ConfigError(explain(exc)) from None
 
     @cached_property
-    def fingerprint(self) -> str:
-        """Hash of everything that must agree across daemons (run + membership)."""
+    def _fingerprinted(self) -> dict[str, Any]:
+        """Everything that must agree across daemons (run + membership), as JSON values."""
         # N as the run uses it, however it was given (quorum, max_failures or neither), and
         # nothing for algorithms that have none
         run = self.run
@@ -368,8 +368,32 @@ class NodeConfig(BaseSettings, RunSettings):
         # different paths, and two files at one path may differ.
         if self.run.spec.topology is not None:
             extra["graph"] = self.run.graph.edges()
-        blob = json.dumps({"run": fields, "daemons": daemons, **extra}, sort_keys=True)
+        return {"run": fields, "daemons": daemons, **extra}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of everything that must agree across daemons (run + membership)."""
+        blob = json.dumps(self._fingerprinted, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    @cached_property
+    def fingerprint_settings(self) -> dict[str, str]:
+        """What the fingerprint covers, one entry per setting (``lr``, ``problem.dim``,
+        ``daemons``, …) as JSON text: what members are told differs when fingerprints do."""
+        out: dict[str, str] = {}
+
+        def flatten(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for key, item in value.items():
+                    flatten(f"{prefix}.{key}" if prefix else str(key), item)
+            else:
+                out[prefix] = json.dumps(value, sort_keys=True)
+
+        fingerprinted = self._fingerprinted
+        flatten("", fingerprinted["run"])
+        for key in fingerprinted.keys() - {"run"}:
+            out[key] = json.dumps(fingerprinted[key], sort_keys=True)
+        return out
 
     def validate_all(self) -> NodeConfig:
         """Resolve every derived view now, so that errors surface at start-up."""

@@ -392,6 +392,7 @@ class Daemon:
             drain_timeout=self.cfg.drain_timeout,
             max_payload=max(self.dim * 8, 1024),
             secret=self._secret,
+            run_settings=self.cfg.fingerprint_settings,
         )
         self.transport = Transport(
             hello,

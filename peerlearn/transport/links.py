@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -156,6 +156,9 @@ class LinkSettings:
     max_payload: int = 256 * 1024 * 1024
     #: the cluster secret (peerlearn/transport/auth.py); None: links are not authenticated
     secret: bytes | None = field(default=None, repr=False)
+    #: what the run fingerprint covers, setting by setting (name -> JSON text): members are
+    #: told which differ (auth.setting_digests)
+    run_settings: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def window(self) -> int:
@@ -510,8 +513,14 @@ class OutLink:
             self._stats.error("bad_secret")
             self._failed(problem, logging.ERROR, repeat=True)
             return False
-        mac = auth.proof(secret, "dialer", hello, welcome) if secret is not None else b""
-        if await self._ask(proto, replace(self._join, mac=mac), Ack) is None:
+        join = self._join
+        if secret is not None:  # the acceptor proved it is a member: it may see the digests
+            join = replace(
+                join,
+                mac=auth.proof(secret, "dialer", hello, welcome),
+                settings=auth.setting_digests(secret, self._settings.run_settings),
+            )
+        if await self._ask(proto, join, Ack) is None:
             return False
         # Taken only now that the peer accepted this daemon's run: an answer from anything
         # else at that address must not make this link drop its frames.
@@ -564,8 +573,12 @@ class OutLink:
             self._failed("connection closed during the handshake", logging.INFO)
             return None
         if isinstance(answer, Refuse):
-            self.last_refusal = f"refused this daemon: {self._refusal(answer.reason)}"
-            self._failed(self.last_refusal, logging.ERROR, repeat=True)
+            why = self._refusal(answer.reason, answer.detail)
+            self.last_refusal = f"refused this daemon: {why}"
+            # Connected already: this daemon's last connection, not yet seen closed there —
+            # a moment's overlap after a reconnect, not an error.
+            level = logging.INFO if answer.reason == "already_connected" else logging.ERROR
+            self._failed(self.last_refusal, level, repeat=True)
             self._stats.error("handshake_refused")
             proto.close()
             return None
@@ -942,11 +955,19 @@ class OutLink:
         reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
         return f"cannot connect: {reason[:1].lower()}{reason[1:]}"
 
-    def _refusal(self, code: str) -> str:
+    def _refusal(self, code: str, detail: str = "") -> str:
         """A refusal's reason code, worded from this daemon's side. The refusing side sends
-        the code only — no setting, no digest of them, to a peer it has not authenticated."""
+        the code only — no setting, no digest of them, to a peer it has not authenticated;
+        to a member (both proved the cluster secret) it names the settings that differ, with
+        its values, in ``detail``."""
         hello = self._hello
         match code:
+            case Reason.FINGERPRINT_MISMATCH if (
+                detail
+                and self._settings.secret is not None
+                and (said := auth.explain_detail(detail, self._settings.run_settings))
+            ):
+                return f"its run settings differ from this daemon's: {said}"
             case Reason.FINGERPRINT_MISMATCH:
                 return (
                     "its run settings differ from this daemon's (algorithm, problem, seed, "
@@ -967,6 +988,11 @@ class OutLink:
                 return (
                     f"it has seen a later start of cluster {hello.cluster} than this one: is "
                     "another daemon running as this cluster, or did this host's clock go back?"
+                )
+            case "already_connected":
+                return (
+                    "its connection from this daemon is still open there (it closes it once "
+                    "that connection is silent; this daemon retries)"
                 )
             case "membership_mismatch":
                 return (

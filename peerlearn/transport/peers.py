@@ -742,6 +742,17 @@ class Transport:
                 expect_fingerprint=self.join.fingerprint,
             )
         except HandshakeError as exc:
+            if exc.reason == Reason.FINGERPRINT_MISMATCH and secret is not None and msg.settings:
+                # Both proved the secret: a member is told which settings differ (and this
+                # daemon's values), and this log names them too.
+                mine = self.settings.run_settings
+                names = auth.differing(secret, mine, msg.settings)
+                if names:
+                    here = ", ".join(f"{n} (here {mine.get(n, '(none)')[:60]})" for n in names)
+                    text = f"its run settings differ from this daemon's: {here}"
+                    detail = auth.refusal_detail(names, mine)
+                    self._refuse(proto, who, str(exc.reason), text, detail)
+                    return
             self._refuse(proto, who, str(exc.reason), str(exc))
             return
         assert state.cluster is not None
@@ -760,12 +771,39 @@ class Transport:
             return
         if known is None or state.incarnation > known:
             self._new_incarnation(proto, state)
+        elif (current := self._joined(state.cluster)) is not None:
+            # One connection per member: a second one of the same start is refused while the
+            # first shows signs of life (the dialer pings at least twice per peer_timeout), so
+            # that no one but the sender of that link moves its sequence numbers. A silent one
+            # is half-open — its dialer gave it up, the route was cut — and makes way.
+            quiet = time.monotonic() - current.heard_at
+            if quiet < self.settings.peer_timeout / 2:
+                text = f"cluster {state.cluster} is connected already (from {current.remote})"
+                self._refuse(proto, who, "already_connected", text)
+                return
+            log.info(
+                "%s: %s connects again; its last connection (%s) was silent for %.1fs: closed",
+                self,
+                who,
+                current.remote,
+                quiet,
+            )
+            current.abort()
         state.joined = True
         proto.codec.widen(max_payload=self.settings.max_payload)
         proto.send(Ack(seq=self._delivered.get(state.cluster, 0)))
         log.info("%s: inbound link from %s (%s) established", self, who, proto.remote)
 
-    def _refuse(self, proto: FrameProtocol, who: str | None, reason: str, text: str) -> None:
+    def _joined(self, cluster: int) -> FrameProtocol | None:
+        """The joined connection of daemon ``cluster``, if there is one."""
+        for proto, state in self._inbound.items():
+            if state.joined and state.cluster == cluster:
+                return proto
+        return None
+
+    def _refuse(
+        self, proto: FrameProtocol, who: str | None, reason: str, text: str, detail: str = ""
+    ) -> None:
         """Refuse a dialer: the reason code goes back (the dialer words it from its side; the
         details would be this run's settings, sent to a peer not authenticated), the details
         into this daemon's log — once, then at doubling intervals per remote host and reason,
@@ -781,8 +819,11 @@ class Transport:
             del self._refusals[next(iter(self._refusals))]
         if (count := throttle.due(reason)) is not None:
             again = f" (refused {count} times so far)" if count > 1 else ""
-            log.error("refusing %s at %s: %s%s", who, proto.remote, text, again)
-        proto.send(Refuse(reason=reason))
+            # Connected already: most often a dialer's reconnect overlapping its last
+            # connection for a moment — or someone claiming a member's place.
+            level = logging.WARNING if reason == "already_connected" else logging.ERROR
+            log.log(level, "refusing %s at %s: %s%s", who, proto.remote, text, again)
+        proto.send(Refuse(reason=reason, detail=detail))
         proto.close()
 
     def _data_problem(self, peer: int, data: Data) -> str | None:

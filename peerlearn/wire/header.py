@@ -54,8 +54,15 @@ HEADER_KEYS: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
         ("o", "nonce"),
         ("m", "mac"),
     ),
-    "join": (("w", "workers"), ("d", "dim"), ("y", "dtype"), ("f", "fingerprint"), ("m", "mac")),
-    "refuse": (("r", "reason"),),
+    "join": (
+        ("w", "workers"),
+        ("d", "dim"),
+        ("y", "dtype"),
+        ("f", "fingerprint"),
+        ("m", "mac"),
+        ("s", "settings"),
+    ),
+    "refuse": (("r", "reason"), ("d", "detail")),
     # plus "y" (dtype code) and "h" (shape), which describe the payload: _PAYLOAD_KEYS
     "data": (
         ("q", "seq"),

@@ -92,6 +92,7 @@ MAX_REASON: Final = 1024  # Refuse / Bye reasons: room for two fingerprints and 
 # Tags are (kind, t), (kind, t, r), (kind, t, r, k) — and DASGD's (kind, origin, seq, step,
 # version vector…), one int per process: the header cap bounds the rest.
 MAX_TAG_LEN: Final = 4096
+MAX_SETTINGS: Final = 128  # a Join's (name, digest) pairs: one per setting the fingerprint covers
 MAX_RECIPIENTS: Final = 4096  # with MAX_TAG_LEN, far below MAX_HEADER for realistic ids
 MAX_DIMS: Final = 4
 MAX_BODY_DEPTH: Final = 8  # nesting of a Control body
@@ -151,6 +152,17 @@ def _check_tuple(field: str, value: object, max_len: int) -> tuple[Any, ...]:
     if len(value) > max_len:
         _bad(field, f"{len(value)} elements, at most {max_len}")
     return tuple(value)
+
+
+def check_settings(value: object) -> tuple[tuple[str, str], ...]:
+    """A Join's settings: at most ``MAX_SETTINGS`` (name, digest) pairs of short strs."""
+    out = []
+    for pair in _check_tuple("settings", value, MAX_SETTINGS):
+        item = _check_tuple("settings element", pair, 2)
+        if len(item) != 2:
+            _bad("settings element", f"expected (name, digest), got {excerpt(item)}")
+        out.append((check_str("setting name", item[0], 64), check_str("setting", item[1], 64)))
+    return tuple(out)
 
 
 def check_tag(value: object) -> tuple[str | int, ...]:
@@ -299,6 +311,9 @@ class Join:
     dtype: str  # model dtype name ("float32", "float64"); compared, not interpreted
     fingerprint: str  # the run fingerprint (algorithm, problem, seed, hyper-parameters, …)
     mac: bytes = b""  # the dialer's proof of the cluster secret (peerlearn/transport/auth.py)
+    #: (name, digest) of each setting the fingerprint covers — only to an acceptor that proved
+    #: the cluster secret, which can then name the ones that differ; () otherwise
+    settings: tuple[tuple[str, str], ...] = ()
     kind: Literal["join"] = field(default="join", init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -307,6 +322,7 @@ class Join:
         check_str("dtype", self.dtype)
         check_str("fingerprint", self.fingerprint)
         check_bytes("mac", self.mac)
+        _freeze(self, "settings", check_settings(self.settings), self.settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,10 +330,14 @@ class Refuse:
     """The peer's Hello is refused; the refusing side closes after sending this."""
 
     reason: str
+    #: what a member may be told about why (the settings that differ, with the refusing side's
+    #: values, as JSON) — only to a dialer that proved the cluster secret; "" otherwise
+    detail: str = ""
     kind: Literal["refuse"] = field(default="refuse", init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_str("reason", self.reason, MAX_REASON)
+        check_str("detail", self.detail, MAX_REASON)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
