@@ -15,6 +15,9 @@ There is no container engine in CI, so each file is checked by what can run here
 * The Kubernetes manifests are validated against the schemas kubernetes-validate ships
   (strict), and the ConfigMap's node TOML is loaded with ``load_node_config`` under the
   environment the StatefulSet gives each pod, ``$(POD_NAME)`` expanded per ordinal.
+* The secrets: ``scripts/make-secrets.sh`` is run into temporary directories; the compose
+  recipe's daemons read its files where the services' ``secrets:`` put them, and
+  ``kubectl kustomize`` builds the Secret of ``configs/k8s`` from them.
 
 Namespace topology of the multi-host test (names carry the pid and a random token)::
 
@@ -38,6 +41,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -56,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 K8S = ROOT / "configs" / "k8s"
+MAKE_SECRETS = ROOT / "scripts" / "make-secrets.sh"
 PROMETHEUS_YML = ROOT / "configs" / "prometheus.yml"
 PEERLEARN = str(Path(sys.executable).with_name("peerlearn"))
 
@@ -136,14 +141,42 @@ def depends_on(service: Mapping[str, Any]) -> dict[str, str]:
 
 def published(service: Mapping[str, Any]) -> dict[int, int]:
     """container port → host port."""
+    return {container: port for container, (_, port) in bindings(service).items()}
+
+
+def bindings(service: Mapping[str, Any]) -> dict[int, tuple[str, int]]:
+    """container port → (host address, host port); "" for every interface of the host."""
     out = {}
     for p in service.get("ports", []):
         if isinstance(p, str):
             host, _, container = p.rpartition(":")
-            out[int(container.split("/")[0])] = int(host.rpartition(":")[2])
+            address, _, port = host.rpartition(":")
+            out[int(container.split("/")[0])] = (address, int(port))
         else:
-            out[int(p["target"])] = int(p["published"])
+            out[int(p["target"])] = (p.get("host_ip", ""), int(p["published"]))
     return out
+
+
+def secret_mounts(compose: Mapping[str, Any], service: Mapping[str, Any]) -> dict[str, Path]:
+    """Where a service's secrets are in its container → the host file compose mounts there
+    (the short form or a source without target: /run/secrets/<name>)."""
+    out = {}
+    for ref in service.get("secrets", []):
+        source, target = (ref, None) if isinstance(ref, str) else (ref["source"], ref.get("target"))
+        spec = compose["secrets"][source]
+        assert set(spec) == {"file"}, f"secret {source}: a file of its own, not {spec}"
+        out[str(Path("/run/secrets") / (target or source))] = Path(spec["file"])
+    return out
+
+
+def limits(service: Mapping[str, Any]) -> dict[str, Any]:
+    """A service's CPU and memory limits, as compose applies them without a swarm."""
+    got = dict(service.get("deploy", {}).get("resources", {}).get("limits", {}))
+    if "mem_limit" in service:
+        got.setdefault("memory", service["mem_limit"])
+    if "cpus" in service:
+        got.setdefault("cpus", service["cpus"])
+    return got
 
 
 def seconds(duration: str | int | float) -> float:
@@ -175,6 +208,13 @@ def dockerfile() -> list[tuple[str, str]]:
         pending = ""
     assert not pending, "Dockerfile ends in a continuation line"
     return out
+
+
+def image_user() -> tuple[int, int]:
+    """The uid and gid the image runs as (``USER uid:gid``, numeric)."""
+    user = [a for i, a in dockerfile() if i == "USER"][-1]
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid)
 
 
 def image_env() -> dict[str, str]:
@@ -222,6 +262,8 @@ def test_dockerfile_builds_a_slim_non_root_image_of_the_runtime_package() -> Non
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     for entry in (".venv", "runs", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"):
         assert entry in ignored, f".dockerignore lacks {entry}"
+    for entry in ("secrets", "configs/k8s/secrets"):  # scripts/make-secrets.sh's directories
+        assert entry in ignored, f".dockerignore lacks {entry}: the secrets would be sent"
 
 
 # --- a. the compose file is valid Compose Specification ---------------------------------------
@@ -273,8 +315,19 @@ def test_compose_daemons_form_one_run_and_monitoring_waits_for_them(
         env = svc["environment"]
         assert env["PEERLEARN_API"] == f"0.0.0.0:{API_PORT}", where
         assert env["PEERLEARN_ADVERTISE"] == f"{name}:{PEER_PORT}", where
+        # the cluster secret and the API token: files compose mounts, so no --insecure
+        assert "PEERLEARN_INSECURE" not in env, f"{where}: with a secret and a token, not insecure"
+        mounted = secret_mounts(compose, svc)
+        for var, secret in [
+            ("PEERLEARN_SECRET_FILE", "cluster_secret"),
+            ("PEERLEARN_API_TOKEN_FILE", "api_token"),
+        ]:
+            assert env.get(var) in mounted, f"{where}: {var} {env.get(var)} is no mounted secret"
+            assert mounted[env[var]] == Path(compose["secrets"][secret]["file"]), f"{where}: {var}"
         # what the daemon in the container sees: the image's ENV, then the service's
         cfg = _node_config(monkeypatch, {**image_env(), **env}, None)
+        assert cfg.secret_file is not None and cfg.api_token_file is not None, where
+        assert not cfg.insecure, where
         assert cfg.me.cluster == n, f"{where}: cluster {cfg.me.cluster}"
         assert [d.address for d in cfg.all_daemons] == [f"{d}:{PEER_PORT}" for d in DAEMONS]
         assert cfg.steps is None, f"{where}: unlimited steps"
@@ -285,6 +338,15 @@ def test_compose_daemons_form_one_run_and_monitoring_waits_for_them(
         assert (cfg.algorithm, cfg.problem.name) == ("alg1", "softmax"), where
         configs.append(cfg)
     assert len({c.fingerprint for c in configs}) == 1, "the daemons would refuse each other"
+    # one cluster secret for all (the handshake proves it), one API token
+    assert len({str(secret_mounts(compose, services[d])) for d in DAEMONS}) == 1
+
+    # Nothing on the host's other interfaces: the APIs (whose reads are open), Prometheus and
+    # Grafana are on its loopback only. Every service has CPU and memory limits.
+    for name, svc in services.items():
+        for port, (address, _) in bindings(svc).items():
+            assert address == "127.0.0.1", f"{name}: port {port} published on {address or '*'}"
+        assert {"cpus", "memory"} <= limits(svc).keys(), f"{name}: limits {limits(svc)}"
 
     prometheus = services["prometheus"]
     assert prometheus["image"].split(":")[0] in ("prom/prometheus", "docker.io/prom/prometheus")
@@ -309,9 +371,93 @@ def test_compose_daemons_form_one_run_and_monitoring_waits_for_them(
     assert Path(provisioning.source) == ROOT / "configs/grafana/provisioning"
     assert Path(dashboards.source) == ROOT / "configs/grafana/dashboards"
     assert provisioning.read_only and dashboards.read_only
+    # a login for everyone, the admin's password from a secret (not in the environment)
     genv = grafana["environment"]
-    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
-    assert genv["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in genv and "GF_SECURITY_ADMIN_PASSWORD" not in genv
+    assert genv["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    password = genv["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert secret_mounts(compose, grafana) == {
+        password: Path(compose["secrets"]["grafana_admin_password"]["file"])
+    }
+
+
+# --- the secrets: scripts/make-secrets.sh ------------------------------------------------------
+
+
+def make_secrets(directory: Path, *args: str) -> dict[str, Path]:
+    """Run scripts/make-secrets.sh into ``directory``: name → file. Not root, it gives the
+    files to this user's group instead of the containers' (that would need sudo)."""
+    env = dict(os.environ)
+    if os.geteuid() != 0:
+        env.update(PEERLEARN_GID=str(os.getegid()), GRAFANA_GID=str(os.getegid()))
+    res = subprocess.run(
+        [str(MAKE_SECRETS), *args, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, f"make-secrets.sh {' '.join(args)}: {res.stdout}{res.stderr}"
+    return {f.name: f for f in sorted(directory.iterdir())}
+
+
+def _check_random(files: Mapping[str, Path]) -> None:
+    values = [f.read_text() for f in files.values()]
+    for name, value in zip(files, values, strict=True):
+        assert re.fullmatch(r"[0-9a-f]{32,}\n", value), f"{name}: not ≥ 128 random bits in hex"
+    assert len(set(values)) == len(values), "the same value twice"
+
+
+def test_make_secrets_makes_the_compose_files_the_daemons_accept(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    from peerlearn.control.guard import read_token
+
+    files = make_secrets(tmp_path / "s")
+    # exactly the files docker-compose.yml mounts, where it looks for them by default
+    wanted = {name: Path(spec["file"]) for name, spec in compose["secrets"].items()}
+    assert sorted(files) == sorted(wanted)
+    assert all(path == ROOT / "secrets" / name for name, path in wanted.items()), wanted
+    _check_random(files)
+    daemon_gid = image_user()[1] if os.geteuid() == 0 else os.getegid()
+    grafana_gid = 0 if os.geteuid() == 0 else os.getegid()  # grafana/grafana: uid 472, gid 0
+    for name, f in files.items():
+        st = f.stat()
+        # compose mounts the file as it is: its group is the container user's, nobody else's
+        assert stat.S_IMODE(st.st_mode) == 0o640, f"{name}: mode {oct(st.st_mode)}"
+        gid = grafana_gid if name == "grafana_admin_password" else daemon_gid
+        assert st.st_gid == gid, f"{name}: group {st.st_gid}, not {gid}"
+    for name in ("cluster_secret", "api_token"):
+        assert read_token(files[name]) == files[name].read_text().strip()
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
+
+    # never written over: a second run keeps every file, and makes only a missing one
+    kept = files["api_token"].read_text()
+    files["cluster_secret"].unlink()
+    again = make_secrets(tmp_path / "s")
+    assert again["api_token"].read_text() == kept
+    _check_random(again)
+
+
+def test_make_secrets_makes_the_files_kustomize_reads(tmp_path: Path) -> None:
+    files = make_secrets(tmp_path / "k", "--k8s")
+    assert sorted(files) == ["api_token", "cluster_secret"]
+    _check_random(files)
+    for name, f in files.items():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f"{name}: {oct(f.stat().st_mode)}"
+
+
+def test_git_never_sees_the_secrets() -> None:
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["secrets/cluster_secret", "configs/k8s/secrets/api_token"]
+    res = subprocess.run(
+        [git, "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True
+    )
+    assert res.stdout.split() == paths, f"not ignored: {res.stdout} {res.stderr}"
 
 
 # --- c. the multi-host recipe, run in network namespaces --------------------------------------
@@ -444,12 +590,19 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
     net = hosts
     services = compose["services"]
     base = image_env()
+    # `make secrets`, here into a directory of the test's: the files compose mounts
+    made = make_secrets(net.tmp / "secrets")
     daemons = {}
     for name in DAEMONS:
         svc = services[name]
         # Exactly what the container gets: the image's ENV, the service's environment, and a
         # PATH. No step limit is added: the daemons train until stopped, as in compose.
         env = {**base, **svc["environment"], "PATH": os.environ["PATH"]}
+        # its secrets where compose mounts them (/run/secrets/…): here, the files made above
+        for target, file in secret_mounts(compose, svc).items():
+            for key, value in env.items():
+                if value == target:
+                    env[key] = str(made[file.name])
         env["PEERLEARN_OUT"] = str(_on_volume(svc, env["PEERLEARN_OUT"], net.tmp / f"{name}-data"))
         state = _on_volume(svc, env["PEERLEARN_STATE_DIR"], net.tmp / f"{name}-data")
         env["PEERLEARN_STATE_DIR"] = str(state)
@@ -499,6 +652,13 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
         others = [f"{d}:{PEER_PORT}" for d in DAEMONS if d != name]
         assert sorted(p["address"] for p in status["peers"]) == others, where
         assert all(p["state"] == "connected" for p in status["peers"]), where
+        # connected with the cluster secret; POST /stop needs the token, reads do not
+        assert status["security"] == {
+            "peer_links": "authenticated (cluster secret)",
+            "api": "token for changes",
+            "insecure": False,
+        }, where
+        assert report["stop_without_token"][name] == 401, report["stop_without_token"]
 
     if missing:
         pytest.skip(f"daemon part passed; Prometheus part not run: {'; '.join(missing)}")
@@ -551,7 +711,7 @@ def observe(prometheus: str | None, daemons: list[str], timeout: float) -> dict[
     import httpx
 
     deadline = time.monotonic() + timeout
-    out: dict[str, Any] = {"error": None, "status": {}}
+    out: dict[str, Any] = {"error": None, "status": {}, "stop_without_token": {}}
     instances = [f"{d}:{API_PORT}" for d in daemons]
 
     def query(client: httpx.Client, expr: str) -> dict[str, float]:
@@ -636,6 +796,9 @@ def observe(prometheus: str | None, daemons: list[str], timeout: float) -> dict[
                     f"{name}'s /status: running, every peer connected",
                     lambda name=name: connected(name),
                 )
+            for name in daemons:  # as from another container of the compose network
+                stop = client.post(f"http://{name}:{API_PORT}/stop")
+                out["stop_without_token"][name] = stop.status_code
         except TimeoutError as exc:
             out["error"] = str(exc)
     return out
