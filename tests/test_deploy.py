@@ -33,6 +33,7 @@ namespace, where ``daemon0`` … resolve through the same hosts file Prometheus 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -875,7 +876,10 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
     assert notes["prometheus.io/scrape"] == "true"
     assert notes["prometheus.io/port"] == str(API_PORT)
     assert notes["prometheus.io/path"] == "/metrics"
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    uid, gid = image_user()
+    assert (security["runAsUser"], security["runAsGroup"], security["fsGroup"]) == (uid, gid, gid)
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe"):
@@ -899,6 +903,27 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     (data,) = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
     assert not data.get("readOnly") and pod["spec"]["securityContext"]["fsGroup"] == 10001
+    # the cluster secret and the API token: files of the generated Secret's volume
+    env_vars = {v["name"]: v.get("value") for v in container["env"]}
+    assert "PEERLEARN_INSECURE" not in env_vars, "with a secret and a token, not insecure"
+    (kustomization,) = _manifests()["kustomization.yaml"]
+    (generated,) = kustomization["secretGenerator"]
+    keys = {f.partition("=")[0] for f in generated["files"]}
+    for var, key in [
+        ("PEERLEARN_SECRET_FILE", "cluster_secret"),
+        ("PEERLEARN_API_TOKEN_FILE", "api_token"),
+    ]:
+        path = Path(env_vars[var])
+        assert path.name == key and key in keys, f"{var}: {path}"
+        (secret_mount,) = [
+            m for m in container["volumeMounts"] if path.parent == Path(m["mountPath"])
+        ]
+        assert secret_mount.get("readOnly") is True, secret_mount
+        secret = volumes[secret_mount["name"]]["secret"]
+        assert secret["secretName"] == generated["name"] and "items" not in secret, secret
+        # root's, given to the fsGroup by the kubelet: the pod's user reads them through its
+        # group, and nobody else may (the daemon refuses a file others can read)
+        assert secret["defaultMode"] == 0o440, oct(secret["defaultMode"])
     assert config_path.parent == Path(mount["mountPath"])
     toml = tmp_path / config_path.name
     toml.write_text(cm["data"][config_path.name])
@@ -914,8 +939,48 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
         assert [d.address for d in cfg.all_daemons] == expected, "one [[daemons]] per replica"
         assert cfg.api == f"0.0.0.0:{API_PORT}" and cfg.listen == f"0.0.0.0:{PEER_PORT}"
         assert cfg.out is not None and cfg.out.is_relative_to(data["mountPath"]), cfg.out
+        assert cfg.secret_file is not None and cfg.api_token_file is not None
+        assert not cfg.insecure
         fingerprints.add(cfg.fingerprint)
     assert len(fingerprints) == 1, "every pod must describe the same run"
+
+
+def _kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (its kustomize builds configs/k8s)")
+    return subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_k8s_secret_is_generated_from_the_files_and_mounted(tmp_path: Path) -> None:
+    yaml = _yaml()
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("secrets"))
+    # without `make k8s-secrets` there is nothing to apply: no Secret, no pods without one
+    res = _kustomize(k8s)
+    assert res.returncode != 0 and "secrets/cluster_secret" in res.stderr, res.stderr
+
+    files = make_secrets(k8s / "secrets", "--k8s")
+    res = _kustomize(k8s)
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data == {name: f.read_text() for name, f in files.items()}
+    # the pods mount the generated Secret by its hashed name (a new value: new pods)
+    assert secret["metadata"]["name"].startswith("peerlearn-secrets-")
+    named = [
+        v["secret"]["secretName"]
+        for v in sts["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    ]
+    assert named == [secret["metadata"]["name"]], named
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    for doc in docs:
+        kv.validate(doc, kv.latest_version(), strict=True)
 
 
 if __name__ == "__main__":  # the observer: python test_deploy.py '{"prometheus": …}'
