@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench bench-metrics clean system-deps mutate
+.PHONY: demo test test-slow lint bench bench-metrics clean system-deps mutate secrets k8s-secrets
 
 # Real servers the tests start (Debian packages): command:package. Installed when missing and
 # possible (root with apt); otherwise the tests that need them skip and say why.
@@ -21,6 +21,14 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/peerlearn demo
+
+# The secrets of docker-compose.yml (secrets/) and of configs/k8s (configs/k8s/secrets/):
+# random, never overwritten, never committed (docs/deploy.md, "Secrets").
+secrets:
+	scripts/make-secrets.sh
+
+k8s-secrets:
+	scripts/make-secrets.sh --k8s
 
 lint: $(STAMP)
 	$(BIN)/ruff check peerlearn tests benchmarks

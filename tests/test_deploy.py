@@ -15,6 +15,9 @@ There is no container engine in CI, so each file is checked by what can run here
 * The Kubernetes manifests are validated against the schemas kubernetes-validate ships
   (strict), and the ConfigMap's node TOML is loaded with ``load_node_config`` under the
   environment the StatefulSet gives each pod, ``$(POD_NAME)`` expanded per ordinal.
+* The secrets: ``scripts/make-secrets.sh`` is run into temporary directories; the compose
+  recipe's daemons read its files where the services' ``secrets:`` put them, and
+  ``kubectl kustomize`` builds the Secret of ``configs/k8s`` from them.
 
 Namespace topology of the multi-host test (names carry the pid and a random token)::
 
@@ -30,6 +33,7 @@ namespace, where ``daemon0`` … resolve through the same hosts file Prometheus 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -38,6 +42,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -56,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 K8S = ROOT / "configs" / "k8s"
+MAKE_SECRETS = ROOT / "scripts" / "make-secrets.sh"
 PROMETHEUS_YML = ROOT / "configs" / "prometheus.yml"
 PEERLEARN = str(Path(sys.executable).with_name("peerlearn"))
 
@@ -136,14 +142,42 @@ def depends_on(service: Mapping[str, Any]) -> dict[str, str]:
 
 def published(service: Mapping[str, Any]) -> dict[int, int]:
     """container port → host port."""
+    return {container: port for container, (_, port) in bindings(service).items()}
+
+
+def bindings(service: Mapping[str, Any]) -> dict[int, tuple[str, int]]:
+    """container port → (host address, host port); "" for every interface of the host."""
     out = {}
     for p in service.get("ports", []):
         if isinstance(p, str):
             host, _, container = p.rpartition(":")
-            out[int(container.split("/")[0])] = int(host.rpartition(":")[2])
+            address, _, port = host.rpartition(":")
+            out[int(container.split("/")[0])] = (address, int(port))
         else:
-            out[int(p["target"])] = int(p["published"])
+            out[int(p["target"])] = (p.get("host_ip", ""), int(p["published"]))
     return out
+
+
+def secret_mounts(compose: Mapping[str, Any], service: Mapping[str, Any]) -> dict[str, Path]:
+    """Where a service's secrets are in its container → the host file compose mounts there
+    (the short form or a source without target: /run/secrets/<name>)."""
+    out = {}
+    for ref in service.get("secrets", []):
+        source, target = (ref, None) if isinstance(ref, str) else (ref["source"], ref.get("target"))
+        spec = compose["secrets"][source]
+        assert set(spec) == {"file"}, f"secret {source}: a file of its own, not {spec}"
+        out[str(Path("/run/secrets") / (target or source))] = Path(spec["file"])
+    return out
+
+
+def limits(service: Mapping[str, Any]) -> dict[str, Any]:
+    """A service's CPU and memory limits, as compose applies them without a swarm."""
+    got = dict(service.get("deploy", {}).get("resources", {}).get("limits", {}))
+    if "mem_limit" in service:
+        got.setdefault("memory", service["mem_limit"])
+    if "cpus" in service:
+        got.setdefault("cpus", service["cpus"])
+    return got
 
 
 def seconds(duration: str | int | float) -> float:
@@ -175,6 +209,13 @@ def dockerfile() -> list[tuple[str, str]]:
         pending = ""
     assert not pending, "Dockerfile ends in a continuation line"
     return out
+
+
+def image_user() -> tuple[int, int]:
+    """The uid and gid the image runs as (``USER uid:gid``, numeric)."""
+    user = [a for i, a in dockerfile() if i == "USER"][-1]
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid)
 
 
 def image_env() -> dict[str, str]:
@@ -222,6 +263,8 @@ def test_dockerfile_builds_a_slim_non_root_image_of_the_runtime_package() -> Non
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     for entry in (".venv", "runs", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"):
         assert entry in ignored, f".dockerignore lacks {entry}"
+    for entry in ("secrets", "configs/k8s/secrets"):  # scripts/make-secrets.sh's directories
+        assert entry in ignored, f".dockerignore lacks {entry}: the secrets would be sent"
 
 
 # --- a. the compose file is valid Compose Specification ---------------------------------------
@@ -273,8 +316,19 @@ def test_compose_daemons_form_one_run_and_monitoring_waits_for_them(
         env = svc["environment"]
         assert env["PEERLEARN_API"] == f"0.0.0.0:{API_PORT}", where
         assert env["PEERLEARN_ADVERTISE"] == f"{name}:{PEER_PORT}", where
+        # the cluster secret and the API token: files compose mounts, so no --insecure
+        assert "PEERLEARN_INSECURE" not in env, f"{where}: with a secret and a token, not insecure"
+        mounted = secret_mounts(compose, svc)
+        for var, secret in [
+            ("PEERLEARN_SECRET_FILE", "cluster_secret"),
+            ("PEERLEARN_API_TOKEN_FILE", "api_token"),
+        ]:
+            assert env.get(var) in mounted, f"{where}: {var} {env.get(var)} is no mounted secret"
+            assert mounted[env[var]] == Path(compose["secrets"][secret]["file"]), f"{where}: {var}"
         # what the daemon in the container sees: the image's ENV, then the service's
         cfg = _node_config(monkeypatch, {**image_env(), **env}, None)
+        assert cfg.secret_file is not None and cfg.api_token_file is not None, where
+        assert not cfg.insecure, where
         assert cfg.me.cluster == n, f"{where}: cluster {cfg.me.cluster}"
         assert [d.address for d in cfg.all_daemons] == [f"{d}:{PEER_PORT}" for d in DAEMONS]
         assert cfg.steps is None, f"{where}: unlimited steps"
@@ -285,6 +339,15 @@ def test_compose_daemons_form_one_run_and_monitoring_waits_for_them(
         assert (cfg.algorithm, cfg.problem.name) == ("alg1", "softmax"), where
         configs.append(cfg)
     assert len({c.fingerprint for c in configs}) == 1, "the daemons would refuse each other"
+    # one cluster secret for all (the handshake proves it), one API token
+    assert len({str(secret_mounts(compose, services[d])) for d in DAEMONS}) == 1
+
+    # Nothing on the host's other interfaces: the APIs (whose reads are open), Prometheus and
+    # Grafana are on its loopback only. Every service has CPU and memory limits.
+    for name, svc in services.items():
+        for port, (address, _) in bindings(svc).items():
+            assert address == "127.0.0.1", f"{name}: port {port} published on {address or '*'}"
+        assert {"cpus", "memory"} <= limits(svc).keys(), f"{name}: limits {limits(svc)}"
 
     prometheus = services["prometheus"]
     assert prometheus["image"].split(":")[0] in ("prom/prometheus", "docker.io/prom/prometheus")
@@ -309,9 +372,93 @@ def test_compose_daemons_form_one_run_and_monitoring_waits_for_them(
     assert Path(provisioning.source) == ROOT / "configs/grafana/provisioning"
     assert Path(dashboards.source) == ROOT / "configs/grafana/dashboards"
     assert provisioning.read_only and dashboards.read_only
+    # a login for everyone, the admin's password from a secret (not in the environment)
     genv = grafana["environment"]
-    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
-    assert genv["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in genv and "GF_SECURITY_ADMIN_PASSWORD" not in genv
+    assert genv["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    password = genv["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert secret_mounts(compose, grafana) == {
+        password: Path(compose["secrets"]["grafana_admin_password"]["file"])
+    }
+
+
+# --- the secrets: scripts/make-secrets.sh ------------------------------------------------------
+
+
+def make_secrets(directory: Path, *args: str) -> dict[str, Path]:
+    """Run scripts/make-secrets.sh into ``directory``: name → file. Not root, it gives the
+    files to this user's group instead of the containers' (that would need sudo)."""
+    env = dict(os.environ)
+    if os.geteuid() != 0:
+        env.update(PEERLEARN_GID=str(os.getegid()), GRAFANA_GID=str(os.getegid()))
+    res = subprocess.run(
+        [str(MAKE_SECRETS), *args, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, f"make-secrets.sh {' '.join(args)}: {res.stdout}{res.stderr}"
+    return {f.name: f for f in sorted(directory.iterdir())}
+
+
+def _check_random(files: Mapping[str, Path]) -> None:
+    values = [f.read_text() for f in files.values()]
+    for name, value in zip(files, values, strict=True):
+        assert re.fullmatch(r"[0-9a-f]{32,}\n", value), f"{name}: not ≥ 128 random bits in hex"
+    assert len(set(values)) == len(values), "the same value twice"
+
+
+def test_make_secrets_makes_the_compose_files_the_daemons_accept(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    from peerlearn.control.guard import read_token
+
+    files = make_secrets(tmp_path / "s")
+    # exactly the files docker-compose.yml mounts, where it looks for them by default
+    wanted = {name: Path(spec["file"]) for name, spec in compose["secrets"].items()}
+    assert sorted(files) == sorted(wanted)
+    assert all(path == ROOT / "secrets" / name for name, path in wanted.items()), wanted
+    _check_random(files)
+    daemon_gid = image_user()[1] if os.geteuid() == 0 else os.getegid()
+    grafana_gid = 0 if os.geteuid() == 0 else os.getegid()  # grafana/grafana: uid 472, gid 0
+    for name, f in files.items():
+        st = f.stat()
+        # compose mounts the file as it is: its group is the container user's, nobody else's
+        assert stat.S_IMODE(st.st_mode) == 0o640, f"{name}: mode {oct(st.st_mode)}"
+        gid = grafana_gid if name == "grafana_admin_password" else daemon_gid
+        assert st.st_gid == gid, f"{name}: group {st.st_gid}, not {gid}"
+    for name in ("cluster_secret", "api_token"):
+        assert read_token(files[name]) == files[name].read_text().strip()
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
+
+    # never written over: a second run keeps every file, and makes only a missing one
+    kept = files["api_token"].read_text()
+    files["cluster_secret"].unlink()
+    again = make_secrets(tmp_path / "s")
+    assert again["api_token"].read_text() == kept
+    _check_random(again)
+
+
+def test_make_secrets_makes_the_files_kustomize_reads(tmp_path: Path) -> None:
+    files = make_secrets(tmp_path / "k", "--k8s")
+    assert sorted(files) == ["api_token", "cluster_secret"]
+    _check_random(files)
+    for name, f in files.items():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f"{name}: {oct(f.stat().st_mode)}"
+
+
+def test_git_never_sees_the_secrets() -> None:
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["secrets/cluster_secret", "configs/k8s/secrets/api_token"]
+    res = subprocess.run(
+        [git, "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True
+    )
+    assert res.stdout.split() == paths, f"not ignored: {res.stdout} {res.stderr}"
 
 
 # --- c. the multi-host recipe, run in network namespaces --------------------------------------
@@ -444,12 +591,19 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
     net = hosts
     services = compose["services"]
     base = image_env()
+    # `make secrets`, here into a directory of the test's: the files compose mounts
+    made = make_secrets(net.tmp / "secrets")
     daemons = {}
     for name in DAEMONS:
         svc = services[name]
         # Exactly what the container gets: the image's ENV, the service's environment, and a
         # PATH. No step limit is added: the daemons train until stopped, as in compose.
         env = {**base, **svc["environment"], "PATH": os.environ["PATH"]}
+        # its secrets where compose mounts them (/run/secrets/…): here, the files made above
+        for target, file in secret_mounts(compose, svc).items():
+            for key, value in env.items():
+                if value == target:
+                    env[key] = str(made[file.name])
         env["PEERLEARN_OUT"] = str(_on_volume(svc, env["PEERLEARN_OUT"], net.tmp / f"{name}-data"))
         state = _on_volume(svc, env["PEERLEARN_STATE_DIR"], net.tmp / f"{name}-data")
         env["PEERLEARN_STATE_DIR"] = str(state)
@@ -499,6 +653,13 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
         others = [f"{d}:{PEER_PORT}" for d in DAEMONS if d != name]
         assert sorted(p["address"] for p in status["peers"]) == others, where
         assert all(p["state"] == "connected" for p in status["peers"]), where
+        # connected with the cluster secret; POST /stop needs the token, reads do not
+        assert status["security"] == {
+            "peer_links": "authenticated (cluster secret)",
+            "api": "token for changes",
+            "insecure": False,
+        }, where
+        assert report["stop_without_token"][name] == 401, report["stop_without_token"]
 
     if missing:
         pytest.skip(f"daemon part passed; Prometheus part not run: {'; '.join(missing)}")
@@ -551,7 +712,7 @@ def observe(prometheus: str | None, daemons: list[str], timeout: float) -> dict[
     import httpx
 
     deadline = time.monotonic() + timeout
-    out: dict[str, Any] = {"error": None, "status": {}}
+    out: dict[str, Any] = {"error": None, "status": {}, "stop_without_token": {}}
     instances = [f"{d}:{API_PORT}" for d in daemons]
 
     def query(client: httpx.Client, expr: str) -> dict[str, float]:
@@ -636,6 +797,9 @@ def observe(prometheus: str | None, daemons: list[str], timeout: float) -> dict[
                     f"{name}'s /status: running, every peer connected",
                     lambda name=name: connected(name),
                 )
+            for name in daemons:  # as from another container of the compose network
+                stop = client.post(f"http://{name}:{API_PORT}/stop")
+                out["stop_without_token"][name] = stop.status_code
         except TimeoutError as exc:
             out["error"] = str(exc)
     return out
@@ -712,7 +876,10 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
     assert notes["prometheus.io/scrape"] == "true"
     assert notes["prometheus.io/port"] == str(API_PORT)
     assert notes["prometheus.io/path"] == "/metrics"
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    uid, gid = image_user()
+    assert (security["runAsUser"], security["runAsGroup"], security["fsGroup"]) == (uid, gid, gid)
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe"):
@@ -736,6 +903,27 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     (data,) = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
     assert not data.get("readOnly") and pod["spec"]["securityContext"]["fsGroup"] == 10001
+    # the cluster secret and the API token: files of the generated Secret's volume
+    env_vars = {v["name"]: v.get("value") for v in container["env"]}
+    assert "PEERLEARN_INSECURE" not in env_vars, "with a secret and a token, not insecure"
+    (kustomization,) = _manifests()["kustomization.yaml"]
+    (generated,) = kustomization["secretGenerator"]
+    keys = {f.partition("=")[0] for f in generated["files"]}
+    for var, key in [
+        ("PEERLEARN_SECRET_FILE", "cluster_secret"),
+        ("PEERLEARN_API_TOKEN_FILE", "api_token"),
+    ]:
+        path = Path(env_vars[var])
+        assert path.name == key and key in keys, f"{var}: {path}"
+        (secret_mount,) = [
+            m for m in container["volumeMounts"] if path.parent == Path(m["mountPath"])
+        ]
+        assert secret_mount.get("readOnly") is True, secret_mount
+        secret = volumes[secret_mount["name"]]["secret"]
+        assert secret["secretName"] == generated["name"] and "items" not in secret, secret
+        # root's, given to the fsGroup by the kubelet: the pod's user reads them through its
+        # group, and nobody else may (the daemon refuses a file others can read)
+        assert secret["defaultMode"] == 0o440, oct(secret["defaultMode"])
     assert config_path.parent == Path(mount["mountPath"])
     toml = tmp_path / config_path.name
     toml.write_text(cm["data"][config_path.name])
@@ -751,8 +939,48 @@ def test_k8s_pods_find_their_cluster_in_the_configmap(
         assert [d.address for d in cfg.all_daemons] == expected, "one [[daemons]] per replica"
         assert cfg.api == f"0.0.0.0:{API_PORT}" and cfg.listen == f"0.0.0.0:{PEER_PORT}"
         assert cfg.out is not None and cfg.out.is_relative_to(data["mountPath"]), cfg.out
+        assert cfg.secret_file is not None and cfg.api_token_file is not None
+        assert not cfg.insecure
         fingerprints.add(cfg.fingerprint)
     assert len(fingerprints) == 1, "every pod must describe the same run"
+
+
+def _kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (its kustomize builds configs/k8s)")
+    return subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_k8s_secret_is_generated_from_the_files_and_mounted(tmp_path: Path) -> None:
+    yaml = _yaml()
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("secrets"))
+    # without `make k8s-secrets` there is nothing to apply: no Secret, no pods without one
+    res = _kustomize(k8s)
+    assert res.returncode != 0 and "secrets/cluster_secret" in res.stderr, res.stderr
+
+    files = make_secrets(k8s / "secrets", "--k8s")
+    res = _kustomize(k8s)
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data == {name: f.read_text() for name, f in files.items()}
+    # the pods mount the generated Secret by its hashed name (a new value: new pods)
+    assert secret["metadata"]["name"].startswith("peerlearn-secrets-")
+    named = [
+        v["secret"]["secretName"]
+        for v in sts["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    ]
+    assert named == [secret["metadata"]["name"]], named
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    for doc in docs:
+        kv.validate(doc, kv.latest_version(), strict=True)
 
 
 if __name__ == "__main__":  # the observer: python test_deploy.py '{"prometheus": …}'
