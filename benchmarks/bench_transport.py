@@ -159,15 +159,49 @@ def _hello(cluster: int, nbytes: int) -> Any:
     return membership, hello, join
 
 
-def _settings(nbytes: int) -> Any:
+#: the cluster secret of ``--security secret`` (both processes; a benchmark's, not a run's)
+BENCH_SECRET = b"bench-transport-cluster-secret"
+
+
+def _settings(nbytes: int, security: str, tls_dir: str | None, name: str) -> Any:
+    from pathlib import Path
+
+    from peerlearn.transport import tls
     from peerlearn.transport.links import LinkSettings
 
+    extra: dict[str, Any] = {}
+    if security == "secret":
+        extra["secret"] = BENCH_SECRET
+    elif security == "tls":
+        assert tls_dir is not None
+        d = Path(tls_dir)
+        extra["tls"] = tls.load(d / f"{name}.pem", d / f"{name}.key", d / "ca.pem")
     # The daemon passes max_payload = dim × 8, as here; max_queue ≥ K (at most 4000) so
     # that a rep is never throttled by the link's limit on outstanding frames.
-    return LinkSettings(max_payload=nbytes, max_queue=4096)
+    return LinkSettings(max_payload=nbytes, max_queue=4096, **extra)
 
 
-def pl_receiver(out: Any, nbytes: int, k: int, reps: int) -> None:
+def make_certs(directory: str) -> None:
+    """A CA and two certificates it signed (rx, tx) in ``directory``, by the openssl CLI."""
+    import subprocess
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=ca")
+    for name in ("rx", "tx"):
+        openssl("req", *curve, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=x")
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
+        )  # fmt: skip
+        os.chmod(os.path.join(directory, f"{name}.key"), 0o600)
+
+
+def pl_receiver(
+    out: Any, nbytes: int, k: int, reps: int, security: str = "plain", tls_dir: str | None = None
+) -> None:
     import uvloop
 
     from peerlearn.transport.peers import Transport
@@ -198,8 +232,9 @@ def pl_receiver(out: Any, nbytes: int, k: int, reps: int) -> None:
 
         membership, hello, join = _hello(1, nbytes)
         pool = BufferPool()
+        settings = _settings(nbytes, security, tls_dir, "rx")
         transport = Transport(
-            hello, join, membership, ("127.0.0.1", 0), [], deliver, _settings(nbytes), pool=pool
+            hello, join, membership, ("127.0.0.1", 0), [], deliver, settings, pool=pool
         )
         async with asyncio.TaskGroup() as tasks:
             await transport.start(tasks)
@@ -222,7 +257,15 @@ def pl_receiver(out: Any, nbytes: int, k: int, reps: int) -> None:
     out.put(report)
 
 
-def pl_sender(out: Any, port: int, nbytes: int, k: int, reps: int) -> None:
+def pl_sender(
+    out: Any,
+    port: int,
+    nbytes: int,
+    k: int,
+    reps: int,
+    security: str = "plain",
+    tls_dir: str | None = None,
+) -> None:
     import uvloop
 
     from peerlearn.transport.links import LinkState
@@ -239,7 +282,7 @@ def pl_sender(out: Any, port: int, nbytes: int, k: int, reps: int) -> None:
             ("127.0.0.1", 0),
             [PeerAddress(1, "127.0.0.1", port)],
             lambda data: None,
-            _settings(nbytes),
+            _settings(nbytes, security, tls_dir, "tx"),
         )
         link = transport.links[0]
         # A worker thread is the producer, as in the daemon; it offers K frames per command.
@@ -341,21 +384,26 @@ def _get(out: Any, procs: list[BaseProcess]) -> Any:
     raise TimeoutError(f"no answer from {[p.name for p in procs]} in {TIMEOUT} s")
 
 
-def run_pair(mode: str, nbytes: int, reps: int) -> Run:
+def run_pair(
+    mode: str, nbytes: int, reps: int, security: str = "plain", tls_dir: str | None = None
+) -> Run:
     """One run: start a receiver, then a sender process; collect both reports."""
     ctx = mp.get_context("spawn")
     k = messages_per_rep(nbytes)
     receiver, sender = (raw_receiver, raw_sender) if mode == "raw" else (pl_receiver, pl_sender)
+    extra = () if mode == "raw" else (security, tls_dir)
     rx_out, tx_out = ctx.Queue(), ctx.Queue()
     procs: list[BaseProcess] = [
-        ctx.Process(target=receiver, args=(rx_out, nbytes, k, reps + 1), name=f"{mode}-rx")
+        ctx.Process(target=receiver, args=(rx_out, nbytes, k, reps + 1, *extra), name=f"{mode}-rx")
     ]
     busy, own, wall = _busy_seconds(), _own_cpu_seconds(), time.perf_counter()
     procs[0].start()
     try:
         port = _get(rx_out, procs)
         procs.append(
-            ctx.Process(target=sender, args=(tx_out, port, nbytes, k, reps + 1), name=f"{mode}-tx")
+            ctx.Process(
+                target=sender, args=(tx_out, port, nbytes, k, reps + 1, *extra), name=f"{mode}-tx"
+            )
         )
         procs[1].start()
         sent = _get(tx_out, procs)
@@ -420,6 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs (process pairs) per cell")
     parser.add_argument("--reps", type=int, default=7, help="timed reps within one run")
     parser.add_argument("--quick", action="store_true", help="--repeat 1 --reps 3")
+    parser.add_argument(
+        "--security",
+        choices=("plain", "secret", "tls"),
+        default="plain",
+        help="peer links as measured: no secret, the cluster secret's authenticated handshake "
+        "(the default mode of a deployed run: the frames are the same as plain), or mutual TLS "
+        "(certificates made with the openssl CLI); the targets apply to plain and secret",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.reps = 1, 3
@@ -436,12 +492,19 @@ def main(argv: list[str] | None = None) -> int:
     print("raw loopback on this machine type (peers/RESULTS.md): 5.8 GB/s at 4 MB, 3.4 at 40 MB")
     print(flush=True)
 
+    print(f"peer links: {args.security}")
+    tls_dir = None
+    if args.security == "tls":
+        import tempfile
+
+        tls_dir = tempfile.mkdtemp(prefix="bench-tls-")
+        make_certs(tls_dir)
     rows = [Row(n) for n in args.sizes]
     problems: list[str] = []
     for run in range(args.repeat):
         for row in rows:
             raw = run_pair("raw", row.nbytes, args.reps)
-            pl = run_pair("peerlearn", row.nbytes, args.reps)
+            pl = run_pair("peerlearn", row.nbytes, args.reps, args.security, tls_dir)
             row.raw.append(raw)
             row.peerlearn.append(pl)
             where = f"run {run + 1}, {row.nbytes / 1e6:g} MB"
@@ -460,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     missed = bool(problems)
     for row in rows:
-        target = TARGETS.get(row.nbytes)
+        target = TARGETS.get(row.nbytes) if args.security != "tls" else None
         ratio = statistics.median(row.ratios)
         if target is None:
             verdict = "info"

@@ -34,6 +34,10 @@ from peerlearn.runtime.worker import Worker
 __all__ = ["LocalCluster", "local_cluster", "peerlearn_cluster", "poll_status"]
 
 
+#: :meth:`LocalCluster.wait_for` re-checks its condition at least this often (seconds)
+RECHECK = 0.2
+
+
 @dataclass
 class LocalCluster:
     """Running daemons, their URLs and HTTP clients."""
@@ -69,8 +73,9 @@ class LocalCluster:
         return min(steps)
 
     async def wait_for(self, condition: Callable[[], bool], timeout: float = 60.0) -> None:
-        """Wait until ``condition()`` holds, re-checking whenever a worker makes progress;
-        TimeoutError after ``timeout`` seconds."""
+        """Wait until ``condition()`` holds, re-checking whenever a worker makes progress —
+        and every ``RECHECK`` seconds besides, for conditions no worker's progress signals (a
+        link's error, a held frame); TimeoutError after ``timeout`` seconds."""
         events = [d.watch() for d in self.daemons]
 
         async def loop() -> None:
@@ -81,7 +86,9 @@ class LocalCluster:
                     return
                 waiters = [asyncio.ensure_future(e.wait()) for e in events]
                 try:
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        waiters, timeout=RECHECK, return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     for w in waiters:
                         w.cancel()

@@ -656,6 +656,7 @@ def test_compose_recipe_runs_across_namespaces_with_prometheus(
         # connected with the cluster secret; POST /stop needs the token, reads do not
         assert status["security"] == {
             "peer_links": "authenticated (cluster secret)",
+            "encrypted": False,
             "api": "token for changes",
             "insecure": False,
         }, where

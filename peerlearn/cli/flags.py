@@ -403,6 +403,30 @@ FLAGS: tuple[Flag, ...] = (
         },
     ),
     Flag(
+        "tls_cert",
+        Path | None,
+        ("tls_cert",),
+        {
+            _DAEMON: Use(
+                "Mutual TLS on peer links (with --tls-key and --tls-ca): this daemon's "
+                "certificate (PEM), signed by the run's CA.",
+                "none",
+            )
+        },
+    ),
+    Flag(
+        "tls_key",
+        Path | None,
+        ("tls_key",),
+        {_DAEMON: Use("Mutual TLS: the certificate's private key (PEM, chmod 600).", "none")},
+    ),
+    Flag(
+        "tls_ca",
+        Path | None,
+        ("tls_ca",),
+        {_DAEMON: Use("Mutual TLS: the run's CA certificate (PEM).", "none")},
+    ),
+    Flag(
         "api_token_file",
         Path | None,
         ("api_token_file",),

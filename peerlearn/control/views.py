@@ -209,7 +209,14 @@ class CheckpointView(_View):
 class SecurityView(_View):
     """What guards this daemon (README, "Security")."""
 
-    peer_links: str = Field(description="authenticated (cluster secret) or not authenticated")
+    peer_links: str = Field(
+        description="'authenticated (…)' with what authenticates them — mutual TLS, the "
+        "cluster secret or both — or 'not authenticated'"
+    )
+    encrypted: bool = Field(
+        description="the frames on peer links are encrypted and integrity-protected (mutual "
+        "TLS); false: plain TCP after an authenticated handshake"
+    )
     api: str = Field(description="'token for changes' (POST /stop needs it) or 'no token'")
     insecure: bool = Field(
         description="true: peers or the API are served off loopback without a secret or token "

@@ -125,6 +125,19 @@ class NodeConfig(BaseSettings, RunSettings):
         "and group's alone): peer links are authenticated with it; required to listen for "
         "peers on an address other than loopback",
     )
+    tls_cert: Path | None = Field(
+        None,
+        description="mutual TLS on peer links (with tls_key and tls_ca): this daemon's "
+        "certificate (PEM), signed by the run's CA",
+    )
+    tls_key: Path | None = Field(
+        None, description="mutual TLS: the certificate's private key (PEM; its owner's alone)"
+    )
+    tls_ca: Path | None = Field(
+        None,
+        description="mutual TLS: the run's CA certificate (PEM): a peer's certificate must be "
+        "signed by it",
+    )
     api_token_file: Path | None = Field(
         None,
         description="file holding the control API's bearer token (its owner's alone): "
@@ -281,6 +294,17 @@ class NodeConfig(BaseSettings, RunSettings):
     @cached_property
     def membership(self) -> Membership:
         return Membership.of_sizes([d.workers for d in self.all_daemons])
+
+    @model_validator(mode="after")
+    def _tls_all_or_none(self) -> NodeConfig:
+        given = [n for n in ("tls_cert", "tls_key", "tls_ca") if getattr(self, n) is not None]
+        if given and len(given) != 3:
+            missing = sorted({"tls_cert", "tls_key", "tls_ca"} - set(given))
+            raise ValueError(
+                f"mutual TLS needs tls_cert, tls_key and tls_ca together; {', '.join(missing)} "
+                "missing"
+            )
+        return self
 
     @model_validator(mode="after")
     def _give_up_after_away(self) -> NodeConfig:

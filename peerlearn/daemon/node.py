@@ -53,6 +53,7 @@ from peerlearn.runtime.delivery import Delivery
 from peerlearn.runtime.mailbox import Mailbox, Waiting
 from peerlearn.runtime.store import RegisterStore
 from peerlearn.runtime.worker import Worker, WorkerState
+from peerlearn.transport import tls
 from peerlearn.transport.links import LinkSettings, OutLink
 from peerlearn.transport.peers import PeerAddress, Transport
 from peerlearn.transport.stats import TransportStats
@@ -182,6 +183,7 @@ class Daemon:
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._guard: ApiGuard | None = None
         self._secret: bytes | None = None
+        self._tls: tls.TlsContexts | None = None
 
     def __repr__(self) -> str:
         return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
@@ -233,15 +235,17 @@ class Daemon:
         cannot be used, or peers listened for off loopback without one and without
         ``insecure``."""
         cfg = self.cfg
+        if cfg.tls_cert is not None and cfg.tls_key is not None and cfg.tls_ca is not None:
+            self._tls = tls.load(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
         if cfg.secret_file is not None:
             return read_token(cfg.secret_file, "--secret-file").encode()
         host = parse_address(cfg.listen)[0]
-        if not is_loopback(host):
+        if not is_loopback(host) and self._tls is None:
             if not cfg.insecure:
                 raise StartupError(
                     f"listening for peers on {cfg.listen} needs a cluster secret "
-                    "(--secret-file): anyone who reaches it could join the run; --insecure "
-                    "listens without one"
+                    "(--secret-file) or mutual TLS (--tls-cert, --tls-key, --tls-ca): anyone "
+                    "who reaches it could join the run; --insecure listens without either"
                 )
             log.warning(
                 "INSECURE: peer links on %s are not authenticated: anyone who reaches the port "
@@ -253,14 +257,21 @@ class Daemon:
     def security_status(self) -> dict[str, Any]:
         """``/status``'s ``security``: what guards the peer links and the control API."""
         cfg = self.cfg
+        guards = [
+            *(["mutual TLS"] if cfg.tls_cert is not None else []),
+            *(["cluster secret"] if cfg.secret_file is not None else []),
+        ]
         return {
-            "peer_links": "authenticated (cluster secret)"
-            if cfg.secret_file is not None
-            else "not authenticated",
+            "peer_links": f"authenticated ({', '.join(guards)})" if guards else "not authenticated",
+            "encrypted": cfg.tls_cert is not None,
             "api": "token for changes" if cfg.api_token_file is not None else "no token",
             "insecure": cfg.insecure
             and (
-                (cfg.secret_file is None and not is_loopback(parse_address(cfg.listen)[0]))
+                (
+                    cfg.secret_file is None
+                    and cfg.tls_cert is None
+                    and not is_loopback(parse_address(cfg.listen)[0])
+                )
                 or (cfg.api_token_file is None and not is_loopback(parse_address(cfg.api)[0]))
             ),
         }
@@ -393,6 +404,7 @@ class Daemon:
             max_payload=max(self.dim * 8, 1024),
             secret=self._secret,
             run_settings=self.cfg.fingerprint_settings,
+            tls=self._tls,
         )
         self.transport = Transport(
             hello,

@@ -35,6 +35,7 @@ import os
 import random
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -50,6 +51,7 @@ from peerlearn.transport import auth
 from peerlearn.transport.catchup import Missed
 from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
+from peerlearn.transport.tls import TlsContexts
 from peerlearn.wire import (
     Ack,
     Bye,
@@ -159,6 +161,8 @@ class LinkSettings:
     #: what the run fingerprint covers, setting by setting (name -> JSON text): members are
     #: told which differ (auth.setting_digests)
     run_settings: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: mutual TLS on every link (peerlearn/transport/tls.py); None: plain TCP
+    tls: TlsContexts | None = field(default=None, repr=False)
 
     @property
     def window(self) -> int:
@@ -746,12 +750,23 @@ class OutLink:
                     ),
                     address,
                     self.port,
+                    **self._tls_options(),
                 )
-            except OSError as exc:
+            except OSError as exc:  # ssl.SSLError included: a peer of another CA
                 error = exc
                 continue
             return proto
         raise error
+
+    def _tls_options(self) -> dict[str, Any]:
+        tls = self._settings.tls
+        if tls is None:
+            return {}
+        return {
+            "ssl": tls.client,
+            "server_hostname": self.host,  # SNI only: host names are not checked (tls.py)
+            "ssl_handshake_timeout": self._settings.connect_timeout,
+        }
 
     async def _unless_stopped(self, aw: Awaitable[T], timeout: float | None = None) -> T:
         """``aw``'s result; TimeoutError after ``timeout`` (default ``connect_timeout``), or as
@@ -952,6 +967,9 @@ class OutLink:
     def _connect_error(self, exc: OSError | TimeoutError) -> str:
         if isinstance(exc, TimeoutError):
             return f"no connection within {self._settings.connect_timeout:g}s"
+        if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the system's
+            why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            return f"TLS handshake failed: {why} (are both certificates signed by the run's CA?)"
         reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
         return f"cannot connect: {reason[:1].lower()}{reason[1:]}"
 

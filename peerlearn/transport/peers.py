@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from peerlearn.effects import Tag, Vector, finite, tag_text
 from peerlearn.membership import Membership
@@ -206,11 +207,17 @@ class Transport:
         """Listen (on ``sock`` if given: a socket bound beforehand, e.g. to port 0 so that its
         address can go into every daemon's config), and start one task per outbound link in
         ``tasks`` (the daemon's group)."""
+        tls: dict[str, Any] = {}
+        if self.settings.tls is not None:
+            tls = {
+                "ssl": self.settings.tls.server,
+                "ssl_handshake_timeout": self.settings.handshake_timeout,
+            }
         if sock is not None:
-            self._server = await self._loop.create_server(self._accept, sock=sock)
+            self._server = await self._loop.create_server(self._accept, sock=sock, **tls)
         else:
             host, port = self.listen
-            self._server = await self._loop.create_server(self._accept, host, port)
+            self._server = await self._loop.create_server(self._accept, host, port, **tls)
         self.port = self._server.sockets[0].getsockname()[1]
         for link in self.links:
             tasks.create_task(link.run(), name=f"link-{link.name}")
@@ -357,7 +364,6 @@ class Transport:
             timeout=self.settings.peer_timeout,
             on_made=self._on_made,
         )
-        self._inbound[proto] = _Inbound(since=time.monotonic())
         return proto
 
     def _on_made(self, proto: FrameProtocol) -> None:
@@ -365,9 +371,9 @@ class Transport:
         *oldest* handshake (from that source, or of all) is closed, counted — not the newcomer:
         a flood of idle connections churns through the slots while an honest dialer, whose
         handshake takes milliseconds, still gets through."""
-        state = self._inbound.get(proto)
-        if state is None:
-            return
+        # Known from here, not from the accept: with TLS the connection is made only once
+        # its TLS handshake succeeded (one that fails never reaches this protocol at all).
+        state = self._inbound[proto] = _Inbound(since=time.monotonic())
         peer = proto.peername
         state.host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
         pending = [(p, s) for p, s in self._inbound.items() if not s.joined]
