@@ -29,7 +29,7 @@ from peerlearn.membership import Membership
 from peerlearn.transport import catchup
 from peerlearn.transport.catchup import Catchup, CatchupError, Missed, StateRequest
 from peerlearn.transport.links import LinkSettings, LinkState, OutLink, Throttle, _tiny_only
-from peerlearn.transport.peers import FaultAction, PeerAddress, Transport, _Inbound
+from peerlearn.transport.peers import Beyond, FaultAction, PeerAddress, Transport, _Inbound
 from peerlearn.transport.pool import _ONLY_THE_POOL, BufferPool, _only_the_pool
 from peerlearn.transport.protocol import FrameProtocol, keep_alive
 from peerlearn.transport.stats import TransportStats
@@ -593,7 +593,11 @@ class _Acceptor:
 
 @asynccontextmanager
 async def _acceptor(
-    peers: list[PeerAddress] | None = None, cluster: int = 0, **settings: Any
+    peers: list[PeerAddress] | None = None,
+    cluster: int = 0,
+    beyond: Callable[[Data], Beyond] | None = None,
+    ahead: Callable[[int, int], None] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[_Acceptor]:
     delivered: list[Data] = []
     notes: list[tuple[int, Catchup]] = []
@@ -613,6 +617,8 @@ async def _acceptor(
         deliver,
         LinkSettings(**settings),
         catchup=lambda cluster, note: notes.append((cluster, note)),
+        beyond=beyond,
+        ahead=ahead,
     )
     async with asyncio.TaskGroup() as tasks:
         await transport.start(tasks)
@@ -2305,3 +2311,108 @@ async def test_the_liveness_pass_runs_four_times_per_peer_timeout(
     async with _acceptor(peer_timeout=2.0):
         await _until(lambda: bool(waits))
     assert waits[0] == 0.5
+
+
+# --- the tag window (Transport: beyond / held / early / ahead) ---------------------------------
+
+
+def _window(limit: list[int], verdict: Beyond = Beyond.HOLD) -> Callable[[Data], Beyond]:
+    """Frames of iterations ``>= limit[0]`` are beyond the window (``verdict``)."""
+    return lambda data: verdict if int(data.tag[1]) >= limit[0] else Beyond.DELIVER
+
+
+async def test_a_held_frame_waits_unacked_frames_behind_it_go_in_and_it_follows() -> None:
+    limit = [100]
+    async with _acceptor(beyond=_window(limit)) as acc:
+        d = await acc.dial()
+        await d.joined()
+        d.proto.send(_data(1))
+        await acc.delivered_n(1)
+        assert await d.answer() == Ack(seq=1)
+        d.proto.send(_data(2, tag=("params", 200)))  # far ahead: held
+        d.proto.send(_data(3))  # behind it: delivered at once (a state answer may be one)
+        await acc.delivered_n(2)
+        assert [x.seq for x in acc.delivered] == [1, 3]
+        assert await d.answer() == Ack(seq=1)  # the ack stays before the held frame
+        assert acc.transport.holding == 1 and acc.transport.held_from() == {1: 1}
+        assert acc.transport.due_at == 200
+        acc.transport.release()  # nothing due yet
+        assert acc.transport.holding == 1
+        limit[0] = 1000  # the workers came near
+        acc.transport.release()
+        await acc.delivered_n(3)
+        assert [x.seq for x in acc.delivered] == [1, 3, 2]
+        assert await d.answer() == Ack(seq=3)  # past both: in order now
+        assert acc.transport.holding == 0 and acc.transport.due_at is None
+
+
+async def test_held_frames_are_resent_after_a_reconnect_and_early_ones_are_not_taken_twice() -> (
+    None
+):
+    limit = [100]
+    async with _acceptor(beyond=_window(limit)) as acc:
+        d = await acc.dial()
+        await d.joined()
+        d.proto.send(_data(1))
+        d.proto.send(_data(2, tag=("params", 200)))  # held
+        d.proto.send(_data(3))  # early
+        await acc.delivered_n(2)
+        d.proto.close()
+        await d.closed()
+        for _ in range(100):  # until the acceptor saw it close (the dialer's link retries)
+            again = await acc.dial()
+            answer = await again.joined()
+            if answer != Refuse(reason="already_connected"):
+                break
+        assert answer == Ack(seq=1)  # the held frame was never acked: it comes again
+        assert acc.transport.holding == 0  # what was held went with its connection
+        limit[0] = 1000
+        for seq, tag in ((2, ("params", 200)), (3, ("params", 3)), (4, ("params", 4))):
+            again.proto.send(_data(seq, tag=tag))
+        await acc.delivered_n(4)
+        assert [x.seq for x in acc.delivered] == [1, 3, 2, 4]  # 3 once
+        assert acc.transport.stats.dropped["duplicate"] == 1
+        await acc.delivered_n(4)
+        while (msg := await again.answer()) != Ack(seq=4):
+            assert isinstance(msg, Ack)
+
+
+async def test_a_frame_beyond_the_window_where_frames_may_drop_is_acked_and_told() -> None:
+    told: list[tuple[int, int]] = []
+    async with _acceptor(
+        beyond=_window([100], Beyond.DROP), ahead=lambda peer, t: told.append((peer, t))
+    ) as acc:
+        d = await acc.dial()
+        await d.joined()
+        d.proto.send(_data(1, tag=("params", 500)))
+        d.proto.send(_data(2))
+        await acc.delivered_n(1)
+        assert [x.seq for x in acc.delivered] == [2]
+        while (msg := await d.answer()) != Ack(seq=2):
+            assert isinstance(msg, Ack)
+        assert told == [(1, 500)]
+        assert acc.transport.stats.dropped["ahead"] == 1 and acc.transport.holding == 0
+
+
+async def test_a_sender_ignoring_its_window_is_not_read_from_until_the_workers_catch_up() -> None:
+    limit = [100]
+    async with _acceptor(beyond=_window(limit), max_queue=2) as acc:  # window 2: pause at 8
+        d = await acc.dial()
+        await d.joined()
+        for seq in range(1, 41):
+            d.proto.send(_data(seq, tag=("params", 100 + seq)))
+        d.proto.send(_data(41, tag=("params", 1)))  # in the window, but behind the flood
+        deadline = asyncio.get_running_loop().time() + 5
+        while acc.transport.holding < 8:  # (nothing signals a frame held: looked at each turn)
+            assert asyncio.get_running_loop().time() < deadline, acc.transport.holding
+            await asyncio.sleep(0.001)
+        for _ in range(50):  # more turns of the loop: still nothing more is taken
+            await asyncio.sleep(0.001)
+        assert acc.transport.holding == 8  # not one more: nothing is read while paused
+        assert acc.transport.stats.protocol_errors["window_exceeded"] == 1
+        assert acc.delivered == []
+        limit[0] = 10_000
+        acc.transport.release()  # resumes reading: the rest comes in, in order
+        await acc.delivered_n(41)
+        assert [x.seq for x in acc.delivered][-1] == 41
+        assert acc.transport.holding == 0

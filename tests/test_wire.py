@@ -271,7 +271,7 @@ def test_long_streams_through_the_smallest_read_buffer(seed: int) -> None:
 
 def test_exact_events_from_known_bytes() -> None:
     stream = encode(Ping(7), Ack(3), Data(1, ("params", 2), 4, 2, np.array([1.5, -2.0])))
-    ping = b"PL\x04\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
+    ping = b"PL\x05\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
     assert stream.startswith(ping)  # the layout, spelled out once
     codec = Codec()
     codec.receive_data(stream)

@@ -129,7 +129,16 @@ class Daemon:
         self.rejoin.incarnation = self.incarnation
         self.rejoin.deliver_with(self.delivery)
         self.router = DaemonRouter(
-            self.delivery, self.membership, self.heard, self.rejoin.on_state, cfg.tag_window
+            self.delivery,
+            self.membership,
+            self.heard,
+            self.rejoin.on_state,
+            cfg.tag_window,
+            # Where frames may drop, a frame far ahead of running workers is dropped, not
+            # held: held, it would pace its sender to the slowest receiver.
+            drop_ahead=lambda: (
+                self.run_cfg.spec.delivery is not DeliveryPolicy.KEEP and self.workers_started
+            ),
         )
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         grad = self.problem.grad if self.problem is not None else _no_grad
@@ -182,6 +191,8 @@ class Daemon:
         self.checkpoint_failed = False  # the final checkpoint was not written
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._guard: ApiGuard | None = None
+        #: the workers run (before, a checkpoint or a peer's state may still set where from)
+        self.workers_started = False
         self._secret: bytes | None = None
         self._tls: tls.TlsContexts | None = None
 
@@ -416,7 +427,8 @@ class Daemon:
             settings,
             self.stats,
             catchup=self.rejoin.on_note,
-            hold=self.router.holds,
+            beyond=self.router.beyond,
+            ahead=self.rejoin.dropped_here,
         )
         for box in self.mailboxes.values():
             box.on_advance = self._release_held
@@ -483,6 +495,7 @@ class Daemon:
             self._start_workers()
 
     def _start_workers(self) -> None:
+        self.workers_started = True
         for w in self.workers:
             if w.state is WorkerState.CREATED and not w.done.is_set():
                 w.start()

@@ -191,6 +191,18 @@ class Rejoin:
             case StateRequest(restart=restart):
                 self._answer(peer, restart)
 
+    def dropped_here(self, peer: int, upto: int) -> None:
+        """This daemon dropped a frame of iteration ``upto`` from daemon ``peer`` on arrival
+        (too far ahead of its workers, where frames may drop): as if the peer had said it
+        dropped it — a worker that reaches that iteration would wait for good, so it catches
+        up from a peer's state instead."""
+        self._dropped[peer] = max(upto, self._dropped.get(peer, -1))
+        if upto > self._missed.get(peer, -1):
+            self._missed[peer] = upto
+            self._unanswered.discard(peer)
+        self.consider()
+        self.changed.set()
+
     def consider(self) -> None:
         """Ask for state if a local worker waits, or will, for frames a peer dropped (also
         called every second: a request unanswered in time is made again, to another peer if

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from peerlearn.effects import Msg, Tag, Vector
 from peerlearn.membership import Membership
 from peerlearn.runtime.delivery import Delivery, share
-from peerlearn.transport.peers import Transport
+from peerlearn.transport.peers import Beyond, Transport
 from peerlearn.wire import Data
 
 __all__ = ["DaemonRouter", "Heard"]
@@ -66,6 +66,7 @@ class DaemonRouter:
         heard: Heard,
         state: Callable[[Data], None] | None = None,
         window: int = 32,
+        drop_ahead: Callable[[], bool] = lambda: False,
     ) -> None:
         self._delivery = delivery
         self._mailboxes = delivery.mailboxes
@@ -75,6 +76,7 @@ class DaemonRouter:
         self._state = state  # where a peer's state frame goes (catching up)
         self._transport: Transport | None = None
         self._window = window
+        self._drop_ahead = drop_ahead
 
     def attach(self, transport: Transport) -> None:
         """From now on, messages for remote processes go out through ``transport``."""
@@ -100,6 +102,15 @@ class DaemonRouter:
                 remote.setdefault(self._cluster_of[p], []).append(p)
         for cluster, pids in remote.items():
             self._transport.send(cluster, tag, sender, step, value, tuple(pids), post)
+
+    def beyond(self, data: Data) -> Beyond:
+        """What to do with a peer's frame now (on the event loop): within the tag window, or
+        never windowed (posts, state, snapshots): deliver; further ahead: where frames may
+        drop and the workers run, drop it — the workers catch up from a peer's state if they
+        get there (a straggler must not pace its senders) — else hold it (see :meth:`holds`)."""
+        if not self.holds(data):
+            return Beyond.DELIVER
+        return Beyond.DROP if self._drop_ahead() else Beyond.HOLD
 
     def holds(self, data: Data) -> bool:
         """Whether a peer's frame must wait (on the event loop): a message for an iteration

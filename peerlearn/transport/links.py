@@ -577,7 +577,9 @@ class OutLink:
             self._failed("connection closed during the handshake", logging.INFO)
             return None
         if isinstance(answer, Refuse):
-            why = self._refusal(answer.reason, answer.detail)
+            # A detail is read only in the answer to the Join: the acceptor proved the
+            # secret in its Welcome first (a refused Hello comes from anyone at that address).
+            why = self._refusal(answer.reason, answer.detail if expect is Ack else "")
             self.last_refusal = f"refused this daemon: {why}"
             # Connected already: this daemon's last connection, not yet seen closed there —
             # a moment's overlap after a reconnect, not an error.

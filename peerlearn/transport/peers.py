@@ -14,16 +14,19 @@ batch. A Data
 frame whose values are not all finite is acked too but dropped (counted ``non_finite``): no
 model may take it in, and a link closed over it would have the sender resend it forever.
 
-A frame for a tag far ahead of the workers it is for (``hold``: more than the daemon's tag
-window of iterations ahead of the slowest of them) is *held*: not delivered, not acked, so that
+A frame for a tag far ahead of the workers it is for (more than the daemon's tag window of
+iterations ahead of the slowest of them) never reaches a mailbox; the daemon's router says
+what happens instead (``beyond``, :class:`Beyond`). Where frames may drop and the workers run,
+it is acked and dropped (counted ``ahead``) and ``ahead`` is told, so that a worker that gets
+there catches up from a peer's state. Elsewhere it is *held*: not delivered, not acked, so that
 the sender's window — its per-peer budget of frames and bytes — is what bounds it, never this
-daemon's memory, and nothing honest is dropped. Frames behind a held one are delivered as
-they come (a state answer must get through to the workers that would release it); the
-cumulative ack stays at the last frame before the first one held, and frames delivered beyond
-it are remembered so that a resend after a reconnect is dropped as a duplicate. Held frames go
-to the workers, in order, as soon as they come within the window (:meth:`Transport.release`).
-A sender that holds more than twice the window this daemon would keep for it (a member that
-ignores its window) is not read from until the workers catch up.
+daemon's memory. Frames behind a held one are delivered as they come (a state answer must get
+through to the workers that would release it); the cumulative ack stays at the last frame
+before the first one held, and frames delivered beyond it are remembered so that a resend after
+a reconnect is dropped as a duplicate. Held frames go to the workers as soon as they come
+within the window (:meth:`Transport.release`). A sender that holds more than four times the
+window this daemon would keep for it (a member that ignores its window) is not read from until
+the workers catch up.
 
 Loopback loses nothing in flight, so tests lose frames on purpose through a test-only seam,
 :attr:`Transport.fault` (None in production): it may lose a chosen Data frame (not delivered,
@@ -74,7 +77,7 @@ from peerlearn.wire import (
     negotiate,
 )
 
-__all__ = ["FaultAction", "FrameFault", "PeerAddress", "Transport"]
+__all__ = ["Beyond", "FaultAction", "FrameFault", "PeerAddress", "Transport"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,16 @@ class FaultAction(StrEnum):
     DUPLICATE = "duplicate"
 
 
+class Beyond(StrEnum):
+    """What the tag window says of a peer's Data frame (the daemon's router decides)."""
+
+    DELIVER = "deliver"  # within the window, or not windowed
+    HOLD = "hold"  # far ahead: held, unacknowledged, until the workers come near
+    #: far ahead where frames may drop and the workers run: acknowledged and dropped (counted
+    #: ``ahead``); ``ahead`` is told, so that a worker that gets there catches up
+    DROP = "drop"
+
+
 #: the fault hook: (the sending daemon's cluster, the frame) -> what to do with it
 FrameFault = Callable[[int, Data], FaultAction]
 
@@ -131,6 +144,11 @@ class _Inbound:
     paused: bool = False  # not read from: it holds too much (a sender ignoring its window)
 
 
+#: a sender holding this many times this daemon's own window of frames beyond the tag window
+#: is not read from until the workers catch up (a member ignoring its window; windows are
+#: per daemon, so an honest peer's may be larger than this one's)
+_PAUSE_WINDOWS = 4
+
 #: how long a producer waits on one full window before it tries the other full ones again
 BROADCAST_SLICE = 0.01
 
@@ -150,7 +168,8 @@ class Transport:
         stats: TransportStats | None = None,
         pool: BufferPool | None = None,
         catchup: Callable[[int, Catchup], None] | None = None,
-        hold: Callable[[Data], bool] | None = None,
+        beyond: Callable[[Data], Beyond] | None = None,
+        ahead: Callable[[int, int], None] | None = None,
     ) -> None:
         self.hello = hello
         self.join = join
@@ -163,8 +182,10 @@ class Transport:
         self._deliver = deliver
         #: called on the event loop with each catch-up note a joined peer sends (its cluster)
         self._catchup = catchup
-        #: whether a Data frame must be held back for now (too far ahead of its workers)
-        self._hold = hold
+        #: what the tag window says of a Data frame (None: every frame is delivered)
+        self._beyond = beyond
+        #: told (peer cluster, iteration) of every frame dropped as too far ahead
+        self._ahead = ahead
         #: frames held on all connections (read from worker threads: whether to wake the loop)
         self.holding = 0
         #: the earliest iteration of a frame held (None: none): a worker's advance wakes the
@@ -419,7 +440,7 @@ class Transport:
                 if not state.ack_pending:  # acked once per read batch, duplicates included:
                     state.ack_pending = True  # a resent frame must be acked or it stays queued
                     self._loop.call_soon(self._ack, proto, state)
-                if data.seq <= last:
+                if data.seq <= last or data.seq <= state.received:
                     self.stats.drop("duplicate")
                     return
                 expected = max(last, state.received) + 1
@@ -434,10 +455,16 @@ class Transport:
                     self.stats.drop("duplicate")
                     return
                 self.stats.count("in", str(data.tag[0]), self._label(peer), proto.codec.last_size)
-                if self._hold is not None and self._hold(data):
-                    self._hold_back(proto, state, data)
-                    return
-                self._take(peer, data)
+                match self._beyond(data) if self._beyond is not None else Beyond.DELIVER:
+                    case Beyond.HOLD:
+                        self._hold_back(proto, state, data)
+                    case Beyond.DROP:
+                        self._taken(peer, data.seq)  # acked like any frame, never resent
+                        self.stats.drop("ahead")
+                        if self._ahead is not None:
+                            self._ahead(peer, int(data.tag[1]))
+                    case _:
+                        self._take(peer, data)
             case Ping(nonce=nonce):
                 proto.send(Pong(nonce=nonce))
             case Control() as control:
@@ -493,8 +520,11 @@ class Transport:
         self.holding += 1
         if self.due_at is None or iteration < self.due_at:
             self.due_at = iteration
+            # A worker may have advanced since the frame was judged, and found nothing held
+            # then: look again now that due_at says so, or it would wait for the next sweep.
+            self._loop.call_soon(self.release)
         ahead = len(state.held) + len(self._early.get(state.cluster, ()))
-        if not state.paused and ahead >= 2 * self.settings.window:
+        if not state.paused and ahead >= _PAUSE_WINDOWS * self.settings.window:
             state.paused = True
             self.stats.error("window_exceeded")
             log.warning(
@@ -520,9 +550,9 @@ class Transport:
         frame of a later iteration can be due (the fastest worker's step plus the window):
         only the frames up to it are looked at, so that what a flood holds far ahead costs
         nothing per step."""
-        if not self.holding or self._hold is None:
+        if not self.holding or self._beyond is None:
             return
-        hold = self._hold
+        beyond = self._beyond
         for proto, state in list(self._inbound.items()):
             peer = state.cluster
             if not state.held or peer is None or state.incarnation != self._incarnations.get(peer):
@@ -533,13 +563,21 @@ class Transport:
             while heap and (reach is None or heap[0][0] <= reach):
                 entry = heapq.heappop(heap)
                 data = entry[2]
-                if hold(data):  # not yet for the workers it is for
+                verdict = beyond(data)
+                if verdict is Beyond.HOLD:  # not yet for the workers it is for
                     still.append(entry)
                     continue
                 taken += 1
-                if data.seq > self._delivered.get(peer, 0) and data.seq not in self._early.get(
+                if data.seq <= self._delivered.get(peer, 0) or data.seq in self._early.get(
                     peer, ()
-                ):  # (not taken meanwhile from a resend on a newer connection)
+                ):  # taken meanwhile from a resend on a newer connection
+                    continue
+                if verdict is Beyond.DROP:  # held before the workers ran, far behind it still
+                    self._taken(peer, data.seq)
+                    self.stats.drop("ahead")
+                    if self._ahead is not None:
+                        self._ahead(peer, int(data.tag[1]))
+                else:
                     self._take(peer, data)
             for entry in still:
                 heapq.heappush(heap, entry)
@@ -802,8 +840,9 @@ class Transport:
 
     def _joined(self, cluster: int) -> FrameProtocol | None:
         """The joined connection of daemon ``cluster``, if there is one."""
+        incarnation = self._incarnations.get(cluster)
         for proto, state in self._inbound.items():
-            if state.joined and state.cluster == cluster:
+            if state.joined and state.cluster == cluster and state.incarnation == incarnation:
                 return proto
         return None
 

@@ -77,10 +77,12 @@ __all__ = [
 
 #: 2: Data carries recipients (to) and post; 3: the handshake says Hello/Welcome (versions,
 #: incarnation, nonce, room for a MAC), then Join (the run), answered by an Ack; 4: the Join
-#: carries the dialer's proof of the cluster secret (peerlearn/transport/auth.py)
-PROTOCOL_VERSION: Final = 4
+#: carries the dialer's proof of the cluster secret (peerlearn/transport/auth.py); 5: the Join
+#: carries keyed digests of the run settings and a Refuse a detail (members are told what
+#: differs)
+PROTOCOL_VERSION: Final = 5
 #: the oldest version this side still speaks (a Hello announces the range)
-MIN_PROTOCOL_VERSION: Final = 4
+MIN_PROTOCOL_VERSION: Final = 5
 MAGIC: Final = b"PL"
 PREFIX: Final = struct.Struct("!2sBBIQ")  # magic, version, flags, header length, payload length
 
