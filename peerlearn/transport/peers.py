@@ -230,6 +230,10 @@ class Transport:
         ``tasks`` (the daemon's group)."""
         tls: dict[str, Any] = {}
         if self.settings.tls is not None:
+            # A connection is made (and counted against the caps on pending handshakes) once
+            # its TLS handshake succeeded; until then only ssl_handshake_timeout bounds it.
+            # (Wrapping an accepted connection later, with start_tls, is what would let the
+            # caps count it — but uvloop reads before a protocol can pause it.)
             tls = {
                 "ssl": self.settings.tls.server,
                 "ssl_handshake_timeout": self.settings.handshake_timeout,
@@ -392,8 +396,6 @@ class Transport:
         *oldest* handshake (from that source, or of all) is closed, counted — not the newcomer:
         a flood of idle connections churns through the slots while an honest dialer, whose
         handshake takes milliseconds, still gets through."""
-        # Known from here, not from the accept: with TLS the connection is made only once
-        # its TLS handshake succeeded (one that fails never reaches this protocol at all).
         state = self._inbound[proto] = _Inbound(since=time.monotonic())
         peer = proto.peername
         state.host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
@@ -416,10 +418,15 @@ class Transport:
                         count,
                     )
                 oldest.abort()
+                # Out of the count now, not when its loss is reported: connections accepted in
+                # one batch would otherwise all pick this one again.
+                self._inbound.pop(oldest, None)
                 return
 
     def _on_message(self, proto: FrameProtocol, msg: Message) -> None:
-        state = self._inbound[proto]
+        state = self._inbound.get(proto)
+        if state is None:  # closed over the caps, its last bytes still being read
+            return
         if not state.joined or state.cluster is None:
             self._handshake(proto, state, msg)
             return
