@@ -35,7 +35,8 @@ log it as a fatal error of the protocol):
   Join whose proof verifies; without one, a Welcome carries no proof and a Join with a proof
   is refused;
 * an accepted Join matched the run (its cluster's members, dim, dtype, fingerprint);
-* until the Join is accepted the connection's codec keeps its pre-trust caps.
+* until the Join is accepted the connection's codec keeps its pre-trust caps, then takes the
+  run's frame size (``max(DIM * 8, 1024)``, as the daemon sets it) and no more.
 """
 
 from __future__ import annotations
@@ -84,7 +85,18 @@ RUN = Join(workers=MEMBERS.members[0], dim=DIM, dtype="float64", fingerprint=FIN
 CODES = frozenset({"bad_handshake", "bad_secret", "membership_mismatch"} | {str(r) for r in Reason})
 #: the codes a peer that has not proved the secret may get
 BEFORE_PROOF = frozenset({"bad_handshake", "bad_secret", str(Reason.UNSUPPORTED_VERSION)})
-_SETTINGS = {False: LinkSettings(), True: LinkSettings(secret=SECRET)}
+#: the payload cap after the Join, as peerlearn/daemon/node.py sets it for a run of dimension DIM
+_WIDE = max(DIM * 8, 1024)
+_SETTINGS = {
+    False: LinkSettings(max_payload=_WIDE),
+    True: LinkSettings(max_payload=_WIDE, secret=SECRET),
+}
+
+
+def _is_proof(role: str, hello: Hello, welcome: Welcome, mac: bytes) -> bool:
+    """Whether ``mac`` is ``role``'s proof: compared here, not by ``auth.verify`` — the
+    acceptor's own decision is what is being judged."""
+    return mac == auth.proof(SECRET, role, hello, welcome)  # type: ignore[arg-type]
 
 
 class FakeTransport:
@@ -239,6 +251,8 @@ class Run:
             codec = self.proto.codec
             if not self.joined:
                 assert (codec.max_payload, codec.max_header) == (0, PRE_TRUST_HEADER), codec
+            else:
+                assert codec.max_payload == _WIDE, codec
 
     def send(self, msg: Message, fdp: atheris.FuzzedDataProvider) -> None:
         self.feed(b"".join(bytes(c) for c in self.client.send(msg)), fdp)
@@ -247,7 +261,7 @@ class Run:
         return (
             self.hello is not None
             and self.welcome is not None
-            and auth.verify(SECRET, "dialer", self.hello, self.welcome, join.mac)
+            and _is_proof("dialer", self.hello, self.welcome, join.mac)
         )
 
     def judge(self, msg: Message, to: Message | None) -> None:
@@ -256,7 +270,7 @@ class Run:
             case Welcome():
                 assert not self.out and isinstance(to, Hello), f"a Welcome to {to} after {self.out}"
                 if self.secret:
-                    assert auth.verify(SECRET, "acceptor", to, msg, msg.mac), "a wrong proof"
+                    assert _is_proof("acceptor", to, msg, msg.mac), "a wrong proof"
                 else:
                     assert msg.mac == b"", "a proof with no secret set"
                 self.hello, self.welcome = to, msg
