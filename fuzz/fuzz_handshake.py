@@ -11,7 +11,9 @@ asyncio transport that records what is written and whether it was closed, and fe
 through ``get_buffer``/``buffer_updated`` — the acceptor's real code path, codec included.
 
 Input layout (``atheris.FuzzedDataProvider``): a bool, whether the acceptor has a cluster
-secret, then actions until the input runs out, each fed in chunks of a size the input picks:
+secret, then actions until the input runs out, each followed by a bool: send what is queued
+now, in reads of 1..4096 bytes the input picks, or queue the next action's bytes behind it
+(several messages in one read: a frame pipelined behind the Join, say):
 
 0. raw bytes;
 1. a Hello (versions around the current one, a claimed cluster, incarnation, nonce, name, mac);
@@ -20,7 +22,7 @@ secret, then actions until the input runs out, each fed in chunks of a size the 
    Welcome received), the right one with a byte flipped, the other role's, or random bytes;
 3. a Data with a small payload (the pre-trust codec takes none);
 4. any other message (Ping, Pong, Ack, Bye, Welcome, Refuse, Control);
-5. end of stream.
+5. end of stream (after what is queued).
 
 Checked for every input (any exception out of the acceptor is a finding too: asyncio would
 log it as a fatal error of the protocol):
@@ -223,6 +225,7 @@ class Run:
         self.hello: Hello | None = None  # the Hello the acceptor took, for a Join's proof
         self.welcome: Welcome | None = None  # and its answer
         self.joined = False
+        self.pending = bytearray()
 
     def _received(self, proto: Any, msg: Message) -> None:
         self.judge_written(None)  # (nothing may be pending)
@@ -240,10 +243,12 @@ class Run:
             self.out.append(event)
 
     def feed(self, data: bytes, fdp: atheris.FuzzedDataProvider) -> None:
+        """``data`` in reads of sizes the input picks (what is left in one read at its end)."""
         pos = 0
         while pos < len(data) and not self.wire.closing:
             region = self.proto.get_buffer(-1)
-            n = min(fdp.ConsumeIntInRange(1, 64), len(region), len(data) - pos)
+            size = fdp.ConsumeIntInRange(1, 4096) if fdp.remaining_bytes() else len(data)
+            n = min(size, len(region), len(data) - pos)
             region[:n] = data[pos : pos + n]
             self.proto.buffer_updated(n)
             pos += n
@@ -254,8 +259,16 @@ class Run:
             else:
                 assert codec.max_payload == _WIDE, codec
 
-    def send(self, msg: Message, fdp: atheris.FuzzedDataProvider) -> None:
-        self.feed(b"".join(bytes(c) for c in self.client.send(msg)), fdp)
+    def queue(self, data: bytes) -> None:
+        """Bytes to send at the next flush: messages queued together may share a read."""
+        self.pending += data
+
+    def flush(self, fdp: atheris.FuzzedDataProvider) -> None:
+        data, self.pending = bytes(self.pending), bytearray()
+        self.feed(data, fdp)
+
+    def send(self, msg: Message) -> None:
+        self.queue(b"".join(bytes(c) for c in self.client.send(msg)))
 
     def proved(self, join: Join) -> bool:
         return (
@@ -317,18 +330,23 @@ async def _one(data: bytes) -> None:
     while fdp.remaining_bytes() and not run.wire.closing:
         match fdp.ConsumeIntInRange(0, 5):
             case 0:
-                run.feed(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 300)), fdp)
+                run.queue(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 300)))
             case 1:
-                run.send(_hello(fdp), fdp)
+                run.send(_hello(fdp))
             case 2:
-                run.send(_join(fdp, run.hello, run.welcome), fdp)
+                run.send(_join(fdp, run.hello, run.welcome))
             case 3:
-                run.send(_data(fdp), fdp)
+                run.send(_data(fdp))
             case 4:
-                run.send(_other(fdp), fdp)
+                run.send(_other(fdp))
             case _:
-                run.proto.eof_received()
-                run.wire.close()
+                run.flush(fdp)
+                if not run.wire.closing:
+                    run.proto.eof_received()
+                    run.wire.close()
+        if fdp.ConsumeBool():  # else the next message goes out in the same reads
+            run.flush(fdp)
+    run.flush(fdp)
     await asyncio.sleep(0)  # the acks an accepted Data scheduled (call_soon)
     run.finish()
 
