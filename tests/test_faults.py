@@ -67,20 +67,20 @@ def _events(codec: Codec) -> list[Any]:
     return out
 
 
-def _hello(cluster: LocalCluster, **over: Any) -> Hello:
+def _hello(cluster: LocalCluster, member: int = 1, **over: Any) -> Hello:
     fields: dict[str, Any] = {
         "min_version": PROTOCOL_VERSION,
         "max_version": PROTOCOL_VERSION,
-        "cluster": 1,
-        "incarnation": cluster.daemons[1].incarnation,
+        "cluster": member,
+        "incarnation": cluster.daemons[member].incarnation,
         "nonce": 1,
         "name": "intruder",
     }
     return Hello(**{**fields, **over})
 
 
-def _join(cluster: LocalCluster, **over: Any) -> Join:
-    d = cluster.daemons[1]
+def _join(cluster: LocalCluster, member: int = 1, **over: Any) -> Join:
+    d = cluster.daemons[member]
     fields: dict[str, Any] = {
         "workers": d.pids,
         "dim": d.dim,
@@ -331,23 +331,29 @@ async def test_a_dead_peer_does_not_stall_the_survivors() -> None:
 
 async def test_bad_data_after_the_handshake_closes_the_link() -> None:
     """A peer that passed the handshake but sends a frame no process of its cluster could send
-    (foreign sender id, wrong shape) gets its connection closed; the error is counted."""
-    async with local_cluster(3, workers=1, algorithm="alg1", steps=None, problem=QUAD) as cluster:
+    (foreign sender id, wrong shape) gets its connection closed; the error is counted. (It
+    plays daemon 2, which never starts: a member that is connected cannot be claimed.)"""
+    async with local_cluster(
+        3, workers=1, algorithm="alg1", steps=None, problem=QUAD, start=False
+    ) as cluster:
         target = cluster.daemons[0]
+        for d in cluster.daemons[:2]:
+            await d.start()
         assert target.peer_port is not None
-        await cluster.wait_for(lambda: cluster.min_step() > 3)
-        hello, join = _hello(cluster), _join(cluster)
+        live = [w for d in cluster.daemons[:2] for w in d.workers]
+        await cluster.wait_for(lambda: min(w.completed for w in live) > 3)
+        hello, join = _hello(cluster, 2), _join(cluster, 2)
         good = np.zeros(target.dim)
         for bad in (
-            Data(seq=10**9, tag=("params", 5), sender=0, step=5, value=good),  # not cluster 1's
-            Data(seq=10**9, tag=("params", 5), sender=1, step=5, value=np.zeros(3)),  # shape
+            Data(seq=1, tag=("params", 5), sender=0, step=5, value=good),  # not cluster 2's
+            Data(seq=1, tag=("params", 5), sender=2, step=5, value=np.zeros(3)),  # shape
             # addressed to a process daemon 0 does not host (process 1 lives on daemon 1)
-            Data(10**9, ("params", 5), 1, 5, good, to=(1,), post=True),
+            Data(1, ("params", 5), 2, 5, good, to=(1,), post=True),
         ):
             await _after_handshake(target.peer_port, _frames(hello, join), _frames(bad))
         assert target.stats.protocol_errors["bad_data"] == 3
-        before = cluster.min_step()
-        await cluster.wait_for(lambda: cluster.min_step() > before + 5)
+        before = min(w.completed for w in live)
+        await cluster.wait_for(lambda: min(w.completed for w in live) > before + 5)
 
 
 async def test_graceful_stop_finishes_the_current_iteration() -> None:

@@ -462,6 +462,9 @@ class Transport:
                     self.stats.drop("duplicate")
                     return
                 self.stats.count("in", str(data.tag[0]), self._label(peer), proto.codec.last_size)
+                if not finite(data.value):  # judged first: it is no news of any iteration
+                    self._take(peer, data)  # (dropped there, counted)
+                    return
                 match self._beyond(data) if self._beyond is not None else Beyond.DELIVER:
                     case Beyond.HOLD:
                         self._hold_back(proto, state, data)
@@ -471,7 +474,7 @@ class Transport:
                         if self._ahead is not None:
                             self._ahead(peer, int(data.tag[1]))
                     case _:
-                        self._take(peer, data)
+                        self._take(peer, data, checked=True)
             case Ping(nonce=nonce):
                 proto.send(Pong(nonce=nonce))
             case Control() as control:
@@ -488,14 +491,15 @@ class Transport:
                 log.warning("%s: unexpected %s from %s", self, msg.kind, proto.remote)
                 proto.close()
 
-    def _take(self, peer: int, data: Data) -> None:
+    def _take(self, peer: int, data: Data, checked: bool = False) -> None:
         """Deliver one frame of daemon ``peer`` (or drop it, counted, if not all finite) and
-        count it as taken: the cumulative ack moves past it once every frame before it is."""
+        count it as taken: the cumulative ack moves past it once every frame before it is.
+        ``checked``: its values were just found finite (one pass over a model is enough)."""
         self._taken(peer, data.seq)
-        # Checked here, on the payload just received into its buffer: the last point before a
+        # Checked on the payload just received into its buffer: the last point before a
         # mailbox, where a quorum could take the value — and the algorithm's averaging, which
         # reads the values anyway, comes after the quorum is chosen.
-        if not finite(data.value):
+        if not checked and not finite(data.value):
             self.stats.drop("non_finite")  # acked like any frame, never resent
             if peer not in self._non_finite_from:
                 self._non_finite_from.add(peer)
