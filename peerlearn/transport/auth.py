@@ -12,8 +12,9 @@ HMAC-SHA256, compared in constant time:
 
 A handshake captured from a real member cannot be replayed: the other side's nonce is new on
 every connection. A stranger learns the acceptor's cluster id, incarnation and nonce, nothing
-about the run (no setting, digest, dimension or process list), and every refusal it gets is the
-one code ``bad_secret``.
+about the run (no setting, digest, dimension or process list), and every refusal it gets is a
+bare code: ``bad_secret`` for anything a Join claims — or, before that, ``bad_handshake`` (not
+a Hello) or ``unsupported_version``, which say nothing of the run either.
 
 Members — and only they — are told which settings differ when their run fingerprints do: the
 dialer's Join carries a keyed digest of each setting (:func:`setting_digests`, sent only once
