@@ -125,6 +125,9 @@ class Rejoin:
         self._stalled_ask = False
         #: peers that did not answer a request in time: asked again only when no other can be
         self._unanswered: set[int] = set()
+        #: the highest iteration of a peer's frame this daemon dropped on arrival (too far
+        #: ahead of its workers: Transport's tag window); -1: none
+        self._dropped_here = -1
         #: no local worker is behind this iteration any more once the resumed programs run
         self._floor = 0
         self.rejoins = 0
@@ -197,6 +200,7 @@ class Rejoin:
         dropped it — a worker that reaches that iteration would wait for good, so it catches
         up from a peer's state instead."""
         self._dropped[peer] = max(upto, self._dropped.get(peer, -1))
+        self._dropped_here = max(upto, self._dropped_here)
         if upto > self._missed.get(peer, -1):
             self._missed[peer] = upto
             self._unanswered.discard(peer)
@@ -729,6 +733,9 @@ class Rejoin:
         resume = self._spec.resume
         if resume is None or behind is None:
             return
+        # The peer cannot know which of its frames this daemon dropped on arrival: resumed at
+        # an iteration whose frames were dropped here, the workers would wait for them.
+        resume_at = max(resume_at, self._dropped_here + 1)
         if self._run.steps is not None and not self._keeps:
             resume_at = min(resume_at, self._run.steps + 1)
         extra = tuple(v for v in data.tag[2:] if isinstance(v, int))
