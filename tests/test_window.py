@@ -203,3 +203,57 @@ async def test_a_flood_of_far_future_frames_costs_nothing_and_training_goes_on()
             member.close()
             if reader is not None:
                 reader.join(timeout=5)
+
+
+async def test_where_no_catch_up_is_possible_far_frames_are_held_and_a_flood_is_not_read() -> None:
+    # Standalone MAA cannot take a peer's state: a frame dropped ahead would stall its worker
+    # for good, so far-ahead frames are held — unacknowledged, the sender's window bounds them
+    # — and a member that sends far more is not read from. Training goes on meanwhile.
+    async with local_cluster(
+        3, workers=1, algorithm="maa", problem=QUAD, steps=10_000_000, start=False
+    ) as c:
+        honest, played = c.daemons[:2], c.daemons[2]
+        for d in honest:
+            await d.start()
+
+        def slowest() -> int:
+            return min(w.completed for d in honest for w in d.workers)
+
+        await c.wait_for(lambda: slowest() >= 5, 30)
+        target = honest[0]
+        transport = target.transport
+        assert target.peer_port is not None and transport is not None
+        member = _Member(played, target.peer_port)
+        reader: threading.Thread | None = None
+        try:
+            await asyncio.to_thread(member.join)
+            reader = threading.Thread(target=member.read_acks, daemon=True)
+            reader.start()
+            threading.Thread(target=member.ping, daemon=True).start()
+            sent = 0
+
+            def flood() -> None:
+                nonlocal sent
+                member.sock.settimeout(2)
+                try:
+                    for i in range(100_000):
+                        member.frame(10**9 + i)
+                        sent += 1
+                except TimeoutError:  # back-pressure: the daemon reads no more
+                    pass
+
+            await asyncio.to_thread(flood)
+            assert sent < 100_000, "the daemon read a flood of 100,000 far-future frames"
+            assert 0 < transport.holding <= 4 * transport.settings.window
+            assert member.acked == 0  # nothing held is acknowledged
+            assert target.stats.dropped.get("ahead", 0) == 0
+            metrics = (await c.client(0).get("/metrics")).text
+            assert 'peerlearn_protocol_errors_total{reason="window_exceeded"} 1.0' in metrics
+            assert f"peerlearn_frames_held {float(transport.holding)}" in metrics
+            at = slowest()
+            await c.wait_for(lambda: slowest() > at + 5, 30)  # honest training goes on
+        finally:
+            member.close()
+            if reader is not None:
+                reader.join(timeout=5)
+        await c.wait_for(lambda: transport.holding == 0, 10)  # given up with its connection

@@ -136,8 +136,13 @@ class Daemon:
             cfg.tag_window,
             # Where frames may drop, a frame far ahead of running workers is dropped, not
             # held: held, it would pace its sender to the slowest receiver.
+            # Only where the workers can catch up from a peer's state (not standalone MAA, nor
+            # once a state could not be resumed from): else a dropped frame stalls them.
             drop_ahead=lambda: (
-                self.run_cfg.spec.delivery is not DeliveryPolicy.KEEP and self.workers_started
+                self.run_cfg.spec.delivery is not DeliveryPolicy.KEEP
+                and self.run_cfg.spec.resume is not None
+                and not self.rejoin.cannot_resume
+                and self.workers_started
             ),
         )
         programs = make_programs(self.run_cfg, self.problem, self.pids)
@@ -496,6 +501,8 @@ class Daemon:
 
     def _start_workers(self) -> None:
         self.workers_started = True
+        if self.transport is not None:  # what was held before the start, judged anew
+            self._loop.call_soon(self.transport.release)
         for w in self.workers:
             if w.state is WorkerState.CREATED and not w.done.is_set():
                 w.start()

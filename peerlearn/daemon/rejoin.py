@@ -194,6 +194,11 @@ class Rejoin:
             case StateRequest(restart=restart):
                 self._answer(peer, restart)
 
+    @property
+    def cannot_resume(self) -> bool:
+        """A peer's state could not be resumed from: no catch-up in this run."""
+        return self._cannot
+
     def dropped_here(self, peer: int, upto: int) -> None:
         """This daemon dropped a frame of iteration ``upto`` from daemon ``peer`` on arrival
         (too far ahead of its workers, where frames may drop): as if the peer had said it
@@ -734,8 +739,22 @@ class Rejoin:
         if resume is None or behind is None:
             return
         # The peer cannot know which of its frames this daemon dropped on arrival: resumed at
-        # an iteration whose frames were dropped here, the workers would wait for them.
-        resume_at = max(resume_at, self._dropped_here + 1)
+        # an iteration whose frames were dropped here, the workers would wait for them. Past
+        # them by one iteration of its model at most (as a peer that dropped frames answers);
+        # a model older than that is not taken — a peer further ahead is asked.
+        if self._dropped_here >= resume_at:
+            if self._dropped_here > data.step:
+                log.info(
+                    "state from daemon %d (iteration %d) is older than frames dropped here "
+                    "(iteration %d): asking another peer",
+                    peer,
+                    data.step,
+                    self._dropped_here,
+                )
+                self._missed.pop(peer, None)
+                self.consider()
+                return
+            resume_at = self._dropped_here + 1
         if self._run.steps is not None and not self._keeps:
             resume_at = min(resume_at, self._run.steps + 1)
         extra = tuple(v for v in data.tag[2:] if isinstance(v, int))

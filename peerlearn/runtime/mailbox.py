@@ -99,6 +99,8 @@ class Mailbox:
         self._receiving: float | None = None  # since when the worker waits in receive()
         #: a resumed program for the worker, with the iteration it starts at (rejoin)
         self._redirect: tuple[int, Any] | None = None
+        #: the iteration a hand-over resumes at, until the worker reports it (see ``step``)
+        self._resuming: int | None = None
 
     def held(self, tag: Tag, sender: int) -> tuple[Msg | None, bool]:
         """What the mailbox holds of ``tag`` from ``sender`` and whether the worker has taken
@@ -193,6 +195,7 @@ class Mailbox:
         Returns how many buffered messages became late (and were dropped)."""
         with self._cond:
             before, self._step = self._step, step
+            self._resuming = None
             index = self._by_iteration
             # The iterations that ended: from the last step on, or — after a long jump (a
             # resumed program) — whichever of them are held, if fewer.
@@ -242,6 +245,7 @@ class Mailbox:
         one not yet taken."""
         with self._cond:
             self._redirect = (step, program)
+            self._resuming = step
             self._cond.notify_all()
 
     def take_redirect(self) -> tuple[int, Any] | None:
@@ -277,8 +281,11 @@ class Mailbox:
 
     @property
     def step(self) -> int:
-        """The iteration the worker reached (:meth:`advance`); read without the lock."""
-        return self._step
+        """The iteration the worker reached (:meth:`advance`) — or the one a program handed
+        over resumes at, from the hand-over until the worker reports it: frames of that
+        iteration are for it already. Read without the lock."""
+        resuming = self._resuming
+        return self._step if resuming is None or resuming < self._step else resuming
 
     @property
     def retired(self) -> bool:

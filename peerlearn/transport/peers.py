@@ -589,7 +589,7 @@ class Transport:
                     if self._ahead is not None:
                         self._ahead(peer, int(data.tag[1]))
                 else:
-                    self._take(peer, data)
+                    self._take(peer, data, checked=True)  # (judged finite on arrival)
             for entry in still:
                 heapq.heappush(heap, entry)
             if not taken:
