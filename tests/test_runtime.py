@@ -104,6 +104,30 @@ def test_mailbox_duplicates_future_and_late() -> None:
     assert box.take(("p", 5), Count(1))[0].value[0] == 1.0  # the first value counts
 
 
+def test_mailbox_cleanup_by_iteration_and_the_step_a_hand_over_resumes_at() -> None:
+    box = Mailbox(CLUSTER_OF, 3)
+    calls: list[int] = []
+    box.on_advance = lambda: calls.append(box.step)
+    for t in (1, 2, 40, 1000):
+        assert box.put(("p", t), Msg(1, v(float(t)))) is Put.STORED
+    assert box.put(("untimed",), Msg(1, v(0.0))) is Put.STORED  # no iteration: kept
+    assert box.advance(3) == 2 and box.buffered == 3  # iterations 1 and 2 ended
+    assert box.advance(500) == 1 and box.buffered == 2  # a long jump: 40 ended, 1000 not
+    assert calls == [3, 500]
+    # A resumed program handed over at 900: frames of 900 are for it already, also after a
+    # report of the old program the worker made before it took the hand-over.
+    box.redirect(900, object())
+    assert box.step == 900
+    box.advance(501)
+    assert box.step == 900
+    box.advance(900)  # the resumed program's first report
+    assert box.step == 900
+    box.advance(901)
+    assert box.step == 901
+    box.retire()
+    assert box.retired and calls[-1] == 901
+
+
 def test_mailbox_overflow_is_counted_not_silent() -> None:
     box = Mailbox(CLUSTER_OF, 3, max_buffered=2)
     assert [box.put(("p", t), Msg(0, v(0.0))) for t in (1, 2, 3)] == [

@@ -195,7 +195,10 @@ class Mailbox:
         Returns how many buffered messages became late (and were dropped)."""
         with self._cond:
             before, self._step = self._step, step
-            self._resuming = None
+            if self._resuming is not None and step >= self._resuming:
+                # (a report of the old program, made before the worker took the hand-over,
+                # leaves the mark: frames of the resume iteration are for it already)
+                self._resuming = None
             index = self._by_iteration
             # The iterations that ended: from the last step on, or — after a long jump (a
             # resumed program) — whichever of them are held, if fewer.
