@@ -132,7 +132,7 @@ async def test_a_straggler_does_not_pace_its_senders_and_catches_up() -> None:
         workers=1,
         algorithm="alg1",
         problem=QUAD,
-        steps=None,
+        steps=10_000_000,
         max_failures=1,
         worker_factory=lambda i: _Slow if i == 2 else Worker,
     ) as c:
@@ -160,7 +160,7 @@ async def test_a_flood_of_far_future_frames_costs_nothing_and_training_goes_on()
         workers=1,
         algorithm="alg1",
         problem=QUAD,
-        steps=None,
+        steps=10_000_000,
         max_failures=1,
         start=False,
     ) as c:
