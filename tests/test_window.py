@@ -134,6 +134,7 @@ async def test_a_straggler_does_not_pace_its_senders_and_catches_up() -> None:
         problem=QUAD,
         steps=10_000_000,
         max_failures=1,
+        tag_window=32,
         worker_factory=lambda i: _Slow if i == 2 else Worker,
     ) as c:
         fast, slow = c.daemons[:2], c.daemons[2]
@@ -162,6 +163,7 @@ async def test_a_flood_of_far_future_frames_costs_nothing_and_training_goes_on()
         problem=QUAD,
         steps=10_000_000,
         max_failures=1,
+        tag_window=32,
         start=False,
     ) as c:
         honest, played = c.daemons[:2], c.daemons[2]
@@ -210,7 +212,7 @@ async def test_where_no_catch_up_is_possible_far_frames_are_held_and_a_flood_is_
     # for good, so far-ahead frames are held — unacknowledged, the sender's window bounds them
     # — and a member that sends far more is not read from. Training goes on meanwhile.
     async with local_cluster(
-        3, workers=1, algorithm="maa", problem=QUAD, steps=10_000_000, start=False
+        3, workers=1, algorithm="maa", problem=QUAD, steps=10_000_000, start=False, tag_window=32
     ) as c:
         honest, played = c.daemons[:2], c.daemons[2]
         for d in honest:

@@ -204,7 +204,7 @@ class NodeConfig(BaseSettings, RunSettings):
         "this many per link before it answers an API request (4096 made /metrics take seconds)",
     )
     tag_window: int = Field(
-        32,
+        1024,
         ge=1,
         description="iterations a peer's message may be ahead of the slowest worker it is for "
         "and still go into its mailbox; one further ahead waits unacknowledged with its sender, "

@@ -65,7 +65,7 @@ class DaemonRouter:
         membership: Membership,
         heard: Heard,
         state: Callable[[Data], None] | None = None,
-        window: int = 32,
+        window: int = 1024,
         drop_ahead: Callable[[], bool] = lambda: False,
     ) -> None:
         self._delivery = delivery
