@@ -437,6 +437,8 @@ class Daemon:
         )
         for box in self.mailboxes.values():
             box.on_advance = self._release_held
+        # Before the links come up: the first catch-up waits for every peer's first note.
+        self.rejoin.expect({p.cluster for p in peers}, time.monotonic() + self.cfg.peer_timeout)
         if self.restore is not None:  # said in the first note on every link
             self.transport.announce_start(self.restore.step)
         self.router.attach(self.transport)

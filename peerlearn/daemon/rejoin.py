@@ -245,8 +245,11 @@ class Rejoin:
             # for what it dropped, unless they take its state then.
             self._consider_stall(now)
             return
-        if self._starting() and not self.noted >= self._expected and now < self._expect_until:
-            return  # a restart: ask once every peer has said what it dropped (or in time)
+        if self.rejoins == 0 and not self.noted >= self._expected and now < self._expect_until:
+            # A restart: ask once every peer has said what it dropped (or in time). Asked at
+            # the first note, the state may be older than what the next peer dropped: a
+            # second catch-up, and a second pause for the peers waiting on this daemon.
+            return
         ahead = [(upto, peer) for peer, upto in self._missed.items() if upto >= behind]
         if self._spec.lockstep:  # a peer that sent it nothing (not a neighbour) has no round
             ahead = [(upto, peer) for upto, peer in ahead if upto > 0]
@@ -353,9 +356,10 @@ class Rejoin:
         return any(w.state is WorkerState.CREATED for w in self.workers)
 
     def expect(self, peers: set[int], until: float) -> None:
-        """The daemon waits to start its workers until ``peers`` have all sent their first
+        """A starting daemon's first catch-up waits until ``peers`` have all sent their first
         note, or until ``until`` (time.monotonic()): the state is asked of the peer furthest
-        ahead among them then, once, rather than of the first to say it dropped something."""
+        ahead among them then, once, rather than of the first to say it dropped something
+        (where frames are kept, the workers start only after that)."""
         self._expected = set(peers)
         self._expect_until = until
 
@@ -804,6 +808,8 @@ class Rejoin:
             # frames again: those ahead of resume_at too, and resuming further would skip the
             # round the slowest waits in. Nothing more to ask anyone.
             self._missed.clear()
+        else:  # its frames from resume_at on reach this daemon: what it dropped is covered
+            self._missed.pop(peer, None)
         log.info(
             "caught up: workers %s resume at iteration %d from daemon %d's model (were at %d)",
             ", ".join(w.name for w in workers),
