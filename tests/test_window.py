@@ -2,7 +2,8 @@
 frames may drop (Alg 1), a frame more than the window ahead of running workers is acknowledged
 and dropped on arrival — a flood of far-future frames from a member costs nothing and
 training goes on, and an honest straggler does not pace its senders but catches up from a
-peer's state. (Where frames are kept, such frames are held unacknowledged instead:
+peer's state; in a finite run, whose peers finish and leave, they are held and a peer's bye
+hands them over. (Where frames are kept, such frames are held unacknowledged instead:
 tests/test_transport_mutants.py drives that on a bare Transport.) Real sockets on 127.0.0.1;
 the member is played by hand over the wire protocol."""
 
@@ -16,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from peerlearn.daemon.node import Daemon
+from peerlearn.daemon.node import Daemon, DaemonState
 from peerlearn.effects import Grad
-from peerlearn.runtime.worker import Worker
+from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import local_cluster
 from peerlearn.wire import (
     CLOSED,
@@ -132,7 +133,7 @@ async def test_a_straggler_does_not_pace_its_senders_and_catches_up() -> None:
         workers=1,
         algorithm="alg1",
         problem=QUAD,
-        steps=10_000_000,
+        steps=None,
         max_failures=1,
         tag_window=32,
         worker_factory=lambda i: _Slow if i == 2 else Worker,
@@ -155,13 +156,53 @@ async def test_a_straggler_does_not_pace_its_senders_and_catches_up() -> None:
         await c.wait_for(lambda: slow.workers[0].completed >= at + 20, 30)
 
 
+class _Slower(Worker):
+    """A worker that takes 100 ms per gradient."""
+
+    def _effect(self, eff: Any) -> Any:
+        if isinstance(eff, Grad):
+            time.sleep(0.1)
+        return super()._effect(eff)
+
+
+async def test_in_a_finite_run_a_straggler_holds_far_frames_and_finishes_after_its_peers_left() -> (
+    None
+):
+    # In a finite run the peers finish and leave (--exit-on-finish): nobody may be left to catch
+    # up from, so far frames are held rather than dropped, and a peer's bye hands what was held
+    # of it to the workers — the straggler finishes from what the others sent.
+    async with local_cluster(
+        3,
+        workers=1,
+        algorithm="alg1",
+        problem=QUAD,
+        steps=40,
+        max_failures=1,
+        tag_window=8,
+        drain_timeout=0.5,  # they leave before the straggler has taken what they sent
+        worker_factory=lambda i: _Slower if i == 2 else Worker,
+    ) as c:
+        fast, slow = c.daemons[:2], c.daemons[2]
+        transport = slow.transport
+        assert transport is not None
+        await c.wait_for(lambda: all(d.state is DaemonState.FINISHED for d in fast), 30)
+        await c.wait_for(lambda: transport.holding > 0, 10)
+        assert not slow.workers[0].done.is_set()
+        await asyncio.gather(*(d.stop() for d in fast))  # they leave: bye
+        await c.wait_for(lambda: slow.state is DaemonState.FINISHED, 30)
+        assert slow.workers[0].state is WorkerState.FINISHED
+        assert transport.holding == 0
+        assert slow.stats.dropped.get("ahead", 0) == 0
+        assert slow.rejoin.rejoins == 0
+
+
 async def test_a_flood_of_far_future_frames_costs_nothing_and_training_goes_on() -> None:
     async with local_cluster(
         3,
         workers=1,
         algorithm="alg1",
         problem=QUAD,
-        steps=10_000_000,
+        steps=None,
         max_failures=1,
         tag_window=32,
         start=False,

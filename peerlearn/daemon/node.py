@@ -141,6 +141,9 @@ class Daemon:
             drop_ahead=lambda: (
                 self.run_cfg.spec.delivery is not DeliveryPolicy.KEEP
                 and self.run_cfg.spec.resume is not None
+                # an open-ended run: in a finite one, peers finish and leave, and a late
+                # daemon must finish from what they sent — nobody is left to catch up from
+                and self.run_cfg.steps is None
                 and not self.rejoin.cannot_resume
                 and self.workers_started
             ),

@@ -483,8 +483,18 @@ class Transport:
                 # The dialer stops (its workers are gone): this daemon's link to it need not
                 # wait for acks any more, even while it is down and would never hear the bye.
                 link = self._by_cluster.get(state.cluster)
-                if link is not None and state.incarnation == self._incarnations.get(state.cluster):
+                current = state.incarnation == self._incarnations.get(state.cluster)
+                if link is not None and current:
                     link.peer_stopped()
+                if state.held and current:
+                    # It leaves for good: what it sent and this daemon held is all there will
+                    # be of it — the workers take it when they get there (a late daemon
+                    # finishes from the frames of peers that finished and left).
+                    for _, _, data in sorted(state.held):
+                        self._take(state.cluster, data, checked=True)
+                    self.holding -= len(state.held)
+                    state.held = []
+                    self._due()
                 proto.close()
             case _:
                 self.stats.error("unexpected_message")
