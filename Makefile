@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# peerlearn.torch's tests and examples: the CPU build this machine kind has on disk (an unpinned
+# torch pulls a multi-GB CUDA build). Users take the range of the [torch] extra.
+TORCH  ?= torch==2.13.0
 
 .PHONY: demo test test-slow lint bench bench-metrics clean system-deps mutate secrets k8s-secrets
 
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml
 	  { echo "peerlearn needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -31,8 +35,8 @@ k8s-secrets:
 	scripts/make-secrets.sh --k8s
 
 lint: $(STAMP)
-	$(BIN)/ruff check peerlearn tests benchmarks
-	$(BIN)/ruff format --check peerlearn tests benchmarks
+	$(BIN)/ruff check peerlearn tests benchmarks examples
+	$(BIN)/ruff format --check peerlearn tests benchmarks examples
 	$(BIN)/mypy
 
 system-deps:

@@ -149,13 +149,13 @@ class Daemon:
             ),
         )
         programs = make_programs(self.run_cfg, self.problem, self.pids)
-        grad = self.problem.grad if self.problem is not None else _no_grad
+        problem, n = self.problem, self.run_cfg.processes
         self.workers = [
             worker_factory(
                 pid,
                 self.membership.name(pid),
                 program,
-                grad,
+                problem.oracle(pid, n, len(self.pids)) if problem is not None else _no_grad,
                 grad_stream(self.run_cfg, pid),
                 self.mailboxes[pid],
                 self.store,

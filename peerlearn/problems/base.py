@@ -10,6 +10,7 @@ across processes, and a shared seed would lose the 1/N variance gain.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,15 @@ class Problem(ABC):
     @abstractmethod
     def full_grad(self, x: Vector) -> Vector:
         """The exact gradient ∇Q(x)."""
+
+    def oracle(
+        self, pid: int, processes: int, local: int
+    ) -> Callable[[Vector, np.random.Generator], Vector]:
+        """Process ``pid``'s gradient oracle (of ``processes`` in the run, ``local`` of them
+        in this OS process): :meth:`grad`, unless the problem gives each process state of its
+        own — a data shard, a model of its own where a framework's modules are not safe to
+        share between worker threads (:mod:`peerlearn.torch`)."""
+        return self.grad
 
     @property
     def constants(self) -> Constants:

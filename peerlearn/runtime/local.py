@@ -64,9 +64,13 @@ class ThreadRun:
         members = self.membership
         self.stores = [RegisterStore(ms) for ms in members.members]
         programs = make_programs(cfg, self.problem, range(cfg.processes))
-        grad = self.problem.grad if self.problem is not None else _no_grad
         self.workers: list[Worker] = []
         for pid, program in enumerate(programs):
+            grad = (
+                self.problem.oracle(pid, cfg.processes, cfg.processes)
+                if self.problem is not None
+                else _no_grad
+            )
             box = Mailbox(members.cluster_of, members.clusters)
             self.router.mailboxes[pid] = box
             self.workers.append(

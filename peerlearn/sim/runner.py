@@ -187,10 +187,10 @@ def run_simulation(
 
     grad_fn: Callable[[int, Vector], Vector]
     if problem is not None:
-        pgrad = problem.grad
+        oracles = [problem.oracle(pid, n, n) for pid in range(n)]
 
         def grad_fn(pid: int, x: Vector) -> Vector:
-            return pgrad(x, grad_rngs[pid])
+            return oracles[pid](x, grad_rngs[pid])
     else:
 
         def grad_fn(pid: int, x: Vector) -> Vector:

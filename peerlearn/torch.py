@@ -1,0 +1,316 @@
+"""Train a PyTorch model with peerlearn: a :class:`~peerlearn.problems.Problem` built from a model
+factory, a data factory and a loss.
+
+Only this module imports torch (``pip install 'peerlearn[torch]'``); the core never does. The
+algorithms carry one flat vector of parameters: every process builds its own model from
+``model_fn`` (torch modules are not safe to share between worker threads) whose parameters are
+views into one contiguous tensor, so loading a model is one copy in, and a gradient is one copy
+out — into the float64 vector the wire and the register store carry today.
+
+- **Start point.** ``model_fn`` is called under ``torch.manual_seed(seed)``: every process, in
+  every daemon, starts from the same x₁, as the algorithms assume.
+- **Data.** ``data_fn()`` returns ``(train, test)``, each a pair of tensors ``(inputs,
+  targets)``. With ``data="shard"`` (the default) process p of N reads examples p, p+N, p+2N, …
+  of the training set, each epoch in an order drawn from its own gradient stream; with
+  ``data="sample"`` every batch is drawn from the whole set. Either way the stream is the
+  process's own (:func:`peerlearn.runs.grad_stream`): independent across processes, as
+  Attiya–Schiller's Lemma 1 needs.
+- **Buffers** (BatchNorm's running statistics): local. They are not parameters — no gradient
+  moves them and the algorithms' averages would mean nothing for them — so each process keeps
+  its own, updated by its own forward passes, and never sends them. Evaluating a model x (the
+  loss the daemon exports, the final report) uses the buffers of this daemon's first process.
+- **Threads.** ``torch.set_num_threads`` is set so that workers × threads ≤ cores.
+- **Evaluation.** :meth:`TorchProblem.loss` is the mean loss over the training set,
+  :meth:`~TorchProblem.eval_loss` over a fixed prefix of it, :meth:`~TorchProblem.evaluate` the
+  test loss and, where targets are class labels, the test accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Literal, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from peerlearn.effects import Vector
+from peerlearn.errors import ProblemError
+from peerlearn.problems.base import Problem
+
+__all__ = ["Batches", "Loss", "ModelFn", "TorchProblem", "data_split"]
+
+#: a model factory: a fresh module each call (the same architecture every time)
+ModelFn = Callable[[], nn.Module]
+#: inputs and targets, first dimension the examples
+Tensors = tuple[torch.Tensor, torch.Tensor]
+#: the data factory: ``(train, test)``
+DataFn = Callable[[], tuple[Tensors, Tensors]]
+#: ``loss(outputs, targets)`` → a scalar tensor (the mean over the batch)
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Flat:
+    """One model whose parameters are views into one contiguous float32 tensor, and whose
+    gradients are too: loading x is one copy, reading a gradient one copy."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ProblemError("the model has no trainable parameters")
+        self.dim = sum(p.numel() for p in params)
+        dtype = params[0].dtype
+        if any(p.dtype != dtype for p in params):
+            raise ProblemError("the model's parameters must share one dtype")
+        self.flat = torch.empty(self.dim, dtype=dtype)
+        self.grad = torch.zeros(self.dim, dtype=dtype)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                self.flat[offset : offset + n].copy_(p.reshape(-1))
+                p.data = self.flat[offset : offset + n].view_as(p)
+                p.grad = self.grad[offset : offset + n].view_as(p)
+                offset += n
+        self.params = params
+        self._slots = [p.grad.data_ptr() for p in params if p.grad is not None]
+
+    def load(self, x: Vector) -> None:
+        # numpy does the copy (and the cast): the store's arrays are read-only, which
+        # torch.from_numpy warns about even for a read
+        self.flat.numpy()[:] = x
+
+    def read(self) -> Vector:
+        return self.flat.detach().numpy().astype(np.float64)
+
+    def gradient(self, loss: torch.Tensor) -> Vector:
+        self.grad.zero_()
+        # backward() accumulates into the existing .grad views: the flat buffer fills in place
+        loss.backward()  # type: ignore[no-untyped-call]
+        slots = [p.grad.data_ptr() if p.grad is not None else 0 for p in self.params]
+        if slots != self._slots:  # the flat buffer would miss that gradient
+            raise ProblemError("autograd replaced a parameter's gradient buffer: unsupported")
+        out = np.empty(self.dim, dtype=np.float64)
+        torch.from_numpy(out).copy_(self.grad)  # the one copy out (and to float64)
+        return out
+
+
+class Batches:
+    """One process's stream of minibatch indices: its shard in epochs (shuffled each epoch by
+    its own generator) or draws from the whole set."""
+
+    def __init__(self, n: int, batch_size: int, pid: int, processes: int, mode: str) -> None:
+        self.mode = mode
+        self.batch_size = batch_size
+        self.indices = np.arange(pid, n, processes) if mode == "shard" else np.arange(n)
+        if len(self.indices) == 0:
+            raise ProblemError(f"process {pid} gets no training examples ({n} for {processes})")
+        self._order: np.ndarray = np.empty(0, dtype=np.int64)
+        self._at = 0
+        #: examples taken, over the shard's (or the set's) size: epochs, fractional
+        self.seen = 0
+
+    @property
+    def epochs(self) -> float:
+        return self.seen / len(self.indices)
+
+    def next(self, rng: np.random.Generator) -> np.ndarray:
+        m = min(self.batch_size, len(self.indices))
+        self.seen += m
+        if self.mode == "sample":
+            return rng.choice(self.indices, size=m, replace=False)
+        if self._at + m > len(self._order):  # a new epoch (a partial tail is left out)
+            self._order = rng.permutation(self.indices)
+            self._at = 0
+        batch = self._order[self._at : self._at + m]
+        self._at += m
+        return batch
+
+
+class _Process:
+    """Process ``pid``'s oracle: its own model, its own batches."""
+
+    def __init__(self, problem: TorchProblem, pid: int, processes: int) -> None:
+        self._problem = problem
+        self.model = problem._build()
+        n = len(problem.train[0])
+        self.batches = Batches(n, problem.batch_size, pid, processes, problem.data)
+
+    def __call__(self, x: Vector, rng: np.random.Generator) -> Vector:
+        p = self._problem
+        idx = torch.from_numpy(self.batches.next(rng))
+        inputs, targets = p.train[0][idx], p.train[1][idx]
+        self.model.load(x)
+        self.model.module.train()
+        return self.model.gradient(p.loss_fn(self.model.module(inputs), targets))
+
+
+class TorchProblem(Problem):
+    """A torch model, its data and its loss as a peerlearn problem.
+
+    :param model_fn: a fresh ``nn.Module`` each call, the same architecture every time.
+    :param data_fn: ``(train, test)``, each ``(inputs, targets)`` tensors.
+    :param loss_fn: ``loss(outputs, targets)``, the mean over the batch (e.g.
+        ``nn.functional.cross_entropy``).
+    :param batch_size: examples per stochastic gradient.
+    :param data: ``"shard"`` (process p reads every N-th example from p) or ``"sample"``.
+    :param seed: the seed ``model_fn`` is called under: the common start point.
+    :param eval_examples: the training prefix :meth:`eval_loss` measures at most.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        data_fn: DataFn,
+        loss_fn: Loss,
+        *,
+        batch_size: int = 32,
+        data: Literal["shard", "sample"] = "shard",
+        seed: int = 0,
+        eval_examples: int = 1024,
+    ) -> None:
+        if data not in ("shard", "sample"):
+            raise ProblemError(f"data must be 'shard' or 'sample', not {data!r}")
+        if batch_size < 1:
+            raise ProblemError(f"batch_size must be at least 1, not {batch_size}")
+        self.model_fn, self.loss_fn = model_fn, loss_fn
+        self.batch_size, self.data, self.seed = batch_size, data, seed
+        self.eval_examples = eval_examples
+        self.train, self.test = _checked(data_fn())
+        self._eval = self._build()  # evaluation's own model (the monitor's thread)
+        self._eval_lock = threading.Lock()
+        self._x0 = self._eval.read()
+        self._first: _Process | None = None  # whose buffers evaluation uses
+        self._whole: _Process | None = None  # grad() without a process: the whole set
+
+    def _build(self) -> _Flat:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return _Flat(self.model_fn())
+
+    @property
+    def dim(self) -> int:
+        return self._eval.dim
+
+    def x0(self) -> Vector:
+        return self._x0.copy()
+
+    def oracle(
+        self, pid: int, processes: int, local: int
+    ) -> Callable[[Vector, np.random.Generator], Vector]:
+        proc = _Process(self, pid, processes)
+        if self._first is None:
+            self._first = proc
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+        return proc
+
+    def grad(self, x: Vector, rng: np.random.Generator) -> Vector:
+        """A gradient on a batch drawn from the whole training set (one caller at a time;
+        processes use their own :meth:`oracle`)."""
+        if self._whole is None:
+            self._whole = _Process(self, 0, 1)
+        return self._whole(x, rng)
+
+    def _mean_loss(self, data: Tensors, limit: int | None = None) -> tuple[float, float | None]:
+        inputs, targets = data
+        if limit is not None:
+            inputs, targets = inputs[:limit], targets[:limit]
+        with self._eval_lock, torch.no_grad():
+            module = self._eval.module
+            if self._first is not None:  # the buffers of this daemon's first process
+                for mine, theirs in zip(
+                    module.buffers(), self._first.model.module.buffers(), strict=True
+                ):
+                    mine.copy_(theirs)
+            module.eval()
+            out = module(inputs)
+            loss = float(self.loss_fn(out, targets))
+            accuracy = None
+            if out.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point():
+                accuracy = float((out.argmax(dim=1) == targets).double().mean())
+        return loss, accuracy
+
+    def _at(self, x: Vector) -> None:
+        with self._eval_lock:
+            self._eval.load(x)
+
+    def loss(self, x: Vector) -> float:
+        self._at(x)
+        return self._mean_loss(self.train)[0]
+
+    def eval_loss(self, x: Vector, batch: int) -> float:
+        self._at(x)
+        return self._mean_loss(self.train, min(batch, self.eval_examples))[0]
+
+    def full_grad(self, x: Vector) -> Vector:
+        with self._eval_lock:
+            self._eval.load(x)
+            module = self._eval.module
+            module.train()
+            return self._eval.gradient(self.loss_fn(module(self.train[0]), self.train[1]))
+
+    def evaluate(self, x: Vector) -> dict[str, float]:
+        self._at(x)
+        loss, accuracy = self._mean_loss(self.test)
+        figures = {"test_loss": loss}
+        if accuracy is not None:
+            figures["test_accuracy"] = accuracy
+        return figures
+
+    def model(self, x: Vector) -> nn.Module:
+        """A fresh module holding the parameters ``x`` (and this daemon's first process's
+        buffers): the trained model to take home."""
+        flat = self._build()
+        flat.load(x)
+        if self._first is not None:
+            with torch.no_grad():
+                for mine, theirs in zip(
+                    flat.module.buffers(), self._first.model.module.buffers(), strict=True
+                ):
+                    mine.copy_(theirs)
+        return flat.module
+
+
+def _checked(data: object) -> tuple[Tensors, Tensors]:
+    """``data_fn()``'s answer, or a ProblemError that says what was expected."""
+    expected = "data_fn() must return ((train_inputs, train_targets), (test_inputs, test_targets))"
+    try:
+        train, test = cast(tuple[object, object], data)
+        xtr, ytr = cast(tuple[object, object], train)
+        xte, yte = cast(tuple[object, object], test)
+    except (TypeError, ValueError):
+        raise ProblemError(expected) from None
+    parts: dict[str, object] = {
+        "train inputs": xtr,
+        "train targets": ytr,
+        "test inputs": xte,
+        "test targets": yte,
+    }
+    tensors: list[torch.Tensor] = []
+    for name, t in parts.items():
+        if not isinstance(t, torch.Tensor):
+            raise ProblemError(f"{expected}: the {name} are a {type(t).__name__}, not a tensor")
+        tensors.append(t)
+    a, b, c, d = tensors
+    if len(a) != len(b) or len(c) != len(d):
+        raise ProblemError(f"{expected}: inputs and targets differ in length")
+    if len(a) == 0:
+        raise ProblemError("the training set is empty")
+    return (a, b), (c, d)
+
+
+def data_split(
+    inputs: torch.Tensor, targets: torch.Tensor, test_fraction: float = 0.25, seed: int = 0
+) -> tuple[Tensors, Tensors]:
+    """Split ``(inputs, targets)`` into train and test sets by a permutation from ``seed`` (the
+    same split in every process)."""
+    n = len(inputs)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    cut = n - round(n * test_fraction)
+    train, test = order[:cut], order[cut:]
+    return (inputs[train], targets[train]), (inputs[test], targets[test])

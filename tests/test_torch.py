@@ -1,0 +1,187 @@
+"""peerlearn.torch: a torch model, its data and its loss as a peerlearn problem — gradients equal
+torch's, a step through peerlearn equals torch.optim.SGD's, data shards, threads, and the core
+importing without torch. The digits CNN of examples/digits_cnn.py is the model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from examples.digits_cnn import digits, loss, model, problem  # noqa: E402
+from peerlearn.errors import ProblemError  # noqa: E402
+from peerlearn.runs import grad_stream  # noqa: E402
+from peerlearn.runtime.worker import WorkerState  # noqa: E402
+from peerlearn.sim import Status, run_simulation  # noqa: E402
+from peerlearn.testing import local_cluster  # noqa: E402
+from peerlearn.torch import Batches, TorchProblem  # noqa: E402
+
+from .helpers import cfg  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CNN = "examples.digits_cnn:problem"
+
+
+def _reference(x: np.ndarray, idx: np.ndarray) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A fresh torch model at x, with its per-parameter gradients on the examples ``idx``."""
+    (inputs, targets), _ = digits()
+    torch.manual_seed(0)
+    net = model()
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(x).float(), net.parameters())
+    net.zero_grad()
+    out = loss(net(inputs[torch.from_numpy(idx)]), targets[torch.from_numpy(idx)])
+    out.backward()
+    return net, out
+
+
+def test_the_flat_gradient_is_torchs_per_parameter_gradients_exactly() -> None:
+    p = problem(batch_size=16)
+    oracle = p.oracle(1, 3, 1)
+    x = p.x0() + np.random.default_rng(5).normal(0, 0.05, p.dim)
+    x = x.astype(np.float32).astype(np.float64)  # a float32 model, as torch holds it
+    # A twin of the oracle's batch stream, on a twin generator: the batches it took.
+    twin, twin_rng, rng = (
+        Batches(len(digits()[0][0]), 16, 1, 3, "shard"),
+        np.random.default_rng(7),
+        np.random.default_rng(7),
+    )
+    for _ in range(40):  # past an epoch of the shard: its buffers reused, never accumulated into
+        got = oracle(x, rng)
+        net, _ = _reference(x, twin.next(twin_rng))
+        want = torch.cat([q.grad.reshape(-1) for q in net.parameters()]).double().numpy()
+        assert got.dtype == np.float64 and got.shape == (p.dim,)
+        assert np.array_equal(got, want)
+
+
+def test_a_step_through_peerlearn_is_torch_sgds_step_within_one_ulp() -> None:
+    # One process, one iteration of Alg 1 in the simulator: x₂ = x₁ − η G(x₁). torch.optim.SGD
+    # on the same batch (the process's own gradient stream draws it) does the same in float32,
+    # peerlearn in float64 rounded to the float32 model: within 1 ulp. (η a power of two: a
+    # decimal η rounds differently in float32 and float64 — 3 ulp apart where x − ηg cancels.)
+    lr = 0.125
+    run = cfg(
+        algorithm="alg1", processes=1, clusters=1, steps=1, lr={"eta": lr}, problem={"name": CNN}
+    )
+    result = run_simulation(run)
+    assert result.status is Status.FINISHED
+    (proc,) = result.processes
+    assert proc.x is not None
+    p = problem()
+    chosen = Batches(len(digits()[0][0]), 32, 0, 1, "shard").next(grad_stream(run, 0))
+    net, _ = _reference(p.x0(), chosen)
+    torch.optim.SGD(net.parameters(), lr=lr).step()
+    want = torch.nn.utils.parameters_to_vector(net.parameters()).detach().numpy()
+    np.testing.assert_array_max_ulp(proc.x.astype(np.float32), want, maxulp=1)
+    assert not np.array_equal(proc.x, p.x0())
+
+
+def test_shards_partition_the_training_set_and_epochs_are_counted() -> None:
+    n, processes = 1000, 3
+    seen: list[np.ndarray] = []
+    for pid in range(processes):
+        b = Batches(n, 10, pid, processes, "shard")
+        rng = np.random.default_rng(pid)
+        batches = [b.next(rng) for _ in range(len(b.indices) // 10)]
+        epoch = np.concatenate(batches)
+        assert len(np.unique(epoch)) == len(epoch)  # an epoch takes each example once at most
+        assert set(epoch) <= set(range(pid, n, processes))
+        seen.append(b.indices)
+        assert b.epochs == pytest.approx(len(epoch) / len(b.indices))
+    assert sorted(np.concatenate(seen)) == list(range(n))
+    whole = Batches(n, 10, 2, processes, "sample")
+    assert len(whole.indices) == n
+
+
+def test_each_process_starts_from_the_same_model_and_threads_fit_the_cores() -> None:
+    a, b = problem(), problem()
+    assert np.array_equal(a.x0(), b.x0())
+    assert not np.array_equal(a.x0(), problem(seed=1).x0())
+    before = torch.get_num_threads()
+    try:
+        a.oracle(0, 4, 2)
+        assert torch.get_num_threads() * 2 <= max(os.cpu_count() or 1, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_evaluation_reports_test_loss_and_accuracy_and_the_model_goes_home() -> None:
+    p = problem()
+    start = p.evaluate(p.x0())
+    assert set(start) == {"test_loss", "test_accuracy"}
+    assert 0.0 <= start["test_accuracy"] <= 1.0
+    oracle, rng, x = p.oracle(0, 1, 1), np.random.default_rng(0), p.x0()
+    for _ in range(200):
+        x = x - 0.1 * oracle(x, rng)
+    assert p.loss(x) < p.loss(p.x0())
+    assert p.evaluate(x)["test_accuracy"] > start["test_accuracy"]
+    net = p.model(x)
+    got = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double().numpy()
+    assert np.array_equal(got, x.astype(np.float32).astype(np.float64))
+
+
+def test_bad_data_and_settings_are_refused_with_what_was_expected() -> None:
+    with pytest.raises(ProblemError, match="must return"):
+        TorchProblem(model, lambda: (1, 2), loss)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ProblemError, match="shard' or 'sample"):
+        TorchProblem(model, digits, loss, data="all")  # type: ignore[arg-type]
+    with pytest.raises(ProblemError, match="no trainable parameters"):
+        TorchProblem(lambda: torch.nn.ReLU(), digits, loss)
+
+
+def test_three_simulated_processes_train_the_cnn() -> None:
+    run = cfg(
+        algorithm="alg1",
+        processes=3,
+        clusters=3,
+        max_failures=1,
+        steps=300,
+        lr={"eta": 0.1},
+        problem={"name": CNN},
+    )
+    result = run_simulation(run)
+    assert result.status is Status.FINISHED
+    assert result.problem is not None
+    live = np.mean([p.x for p in result.live() if p.x is not None], axis=0)
+    assert result.problem.evaluate(live)["test_accuracy"] > 0.8
+
+
+def test_the_core_imports_without_torch() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # `import torch` now fails
+        "import peerlearn, peerlearn.cli, peerlearn.daemon.node, peerlearn.sim\n"
+        "from peerlearn.cli import main\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, peerlearn.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert loaded.stdout.strip() == "False", loaded.stderr
+
+
+async def test_three_daemons_train_the_cnn_each_process_on_its_shard() -> None:
+    async with local_cluster(
+        3, workers=1, algorithm="alg1", steps=150, lr={"eta": 0.1}, problem={"name": CNN}
+    ) as c:
+        await c.wait_until_finished(120)
+        p = c.daemons[0].problem
+        assert isinstance(p, TorchProblem)
+        for d in c.daemons:
+            (w,) = d.workers
+            assert w.state is WorkerState.FINISHED
+            assert w.grads == 150
+            x = w.position[1]
+            assert x is not None and p.loss(x) < 0.8 * p.loss(p.x0())
