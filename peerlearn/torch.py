@@ -27,20 +27,27 @@ out — into the float64 vector the wire and the register store carry today.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from collections.abc import Callable
-from typing import Literal, cast
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from peerlearn.daemon.config import load_node_config
+from peerlearn.daemon.node import Daemon
+from peerlearn.daemon.output import write_atomic
+from peerlearn.daemon.serve import run_daemon
 from peerlearn.effects import Vector
 from peerlearn.errors import ProblemError
 from peerlearn.problems.base import Problem
 
-__all__ = ["Batches", "Loss", "ModelFn", "TorchProblem", "data_split"]
+__all__ = ["Batches", "Loss", "ModelFn", "TorchProblem", "data_split", "train"]
 
 #: a model factory: a fresh module each call (the same architecture every time)
 ModelFn = Callable[[], nn.Module]
@@ -138,6 +145,11 @@ class _Process:
         self.model = problem._build()
         n = len(problem.train[0])
         self.batches = Batches(n, problem.batch_size, pid, processes, problem.data)
+
+    @property
+    def epochs(self) -> float:
+        """Passes over its data so far (Worker.epochs reads it: /status, peerlearn_epochs)."""
+        return self.batches.epochs
 
     def __call__(self, x: Vector, rng: np.random.Generator) -> Vector:
         p = self._problem
@@ -262,6 +274,14 @@ class TorchProblem(Problem):
             figures["test_accuracy"] = accuracy
         return figures
 
+    def export(self, x: Vector, directory: Path) -> list[Path]:
+        """``model.pt``: ``torch.save`` of the state dict of :meth:`model` (x) — replaced
+        atomically, as ``--out``'s other files are."""
+        path = directory / "model.pt"
+        state = self.model(x).state_dict()
+        write_atomic(path, lambda fh: torch.save(state, fh))
+        return [path]
+
     def model(self, x: Vector) -> nn.Module:
         """A fresh module holding the parameters ``x`` (and this daemon's first process's
         buffers): the trained model to take home."""
@@ -314,3 +334,66 @@ def data_split(
     cut = n - round(n * test_fraction)
     train, test = order[:cut], order[cut:]
     return (inputs[train], targets[train]), (inputs[test], targets[test])
+
+
+def train(
+    model_fn: ModelFn,
+    data_fn: DataFn,
+    loss_fn: Loss,
+    *,
+    listen: str,
+    peers: Sequence[str] | str,
+    algorithm: str = "alg1",
+    steps: int,
+    lr: float,
+    workers: int = 1,
+    out: str | Path | None = None,
+    batch_size: int = 32,
+    data: Literal["shard", "sample"] = "shard",
+    seed: int = 0,
+    api: str = "127.0.0.1:0",
+    **config: Any,
+) -> nn.Module:
+    """Run this machine's daemon of a peerlearn run in this process until the run ends, and
+    return the trained model: the mean of this daemon's live workers' models (and its first
+    process's buffers). Every machine runs the same script with its own ``listen`` and the
+    others as ``peers``; ``config`` takes any other setting of ``peerlearn run`` (``secret_file``,
+    ``max_failures``, ``state_dir``, …). With ``out``, ``--out``'s files, ``model.pt`` among them.
+
+    The run's fingerprint names ``model_fn`` by module and name: every daemon must run the same
+    one. Raises :class:`~peerlearn.errors.PeerlearnError` subclasses for bad settings, and
+    RuntimeError when the run ended without a live model (every local worker crashed or
+    diverged: the log says why)."""
+    problem = TorchProblem(model_fn, data_fn, loss_fn, batch_size=batch_size, data=data, seed=seed)
+    name = f"{getattr(model_fn, '__module__', '?')}:{getattr(model_fn, '__qualname__', '?')}"
+    cfg = load_node_config(
+        None,
+        {
+            "listen": listen,
+            "peers": peers.split(",") if isinstance(peers, str) else list(peers),
+            "api": api,
+            "algorithm": algorithm,
+            "steps": steps,
+            "lr": {"eta": lr},
+            "workers": workers,
+            "exit_on_finish": True,
+            "problem": {"name": name, "batch_size": batch_size, "data": data, "seed": seed},
+            **({"out": Path(out)} if out is not None else {}),
+            **config,
+        },
+    )
+
+    def run() -> tuple[int, Daemon]:
+        return run_daemon(cfg, problem)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a script: the daemon's loop is this thread's
+        _, daemon = run()
+    else:  # a notebook's loop runs here: the daemon gets a thread of its own
+        with ThreadPoolExecutor(1, thread_name_prefix="peerlearn") as pool:
+            _, daemon = pool.submit(run).result()
+    live = [w.x for w in daemon.workers if w.live and w.x is not None]
+    if not live:
+        raise RuntimeError("the run ended without a live model here (see the log)")
+    return problem.model(np.mean(np.stack(live), axis=0))

@@ -172,9 +172,15 @@ def test_the_core_imports_without_torch() -> None:
     assert loaded.stdout.strip() == "False", loaded.stderr
 
 
-async def test_three_daemons_train_the_cnn_each_process_on_its_shard() -> None:
+async def test_three_daemons_train_the_cnn_count_epochs_and_write_model_pt(tmp_path: Path) -> None:
     async with local_cluster(
-        3, workers=1, algorithm="alg1", steps=150, lr={"eta": 0.1}, problem={"name": CNN}
+        3,
+        workers=1,
+        algorithm="alg1",
+        steps=150,
+        lr={"eta": 0.1},
+        problem={"name": CNN},
+        each=lambda i: {"out": tmp_path / f"d{i}"},
     ) as c:
         await c.wait_until_finished(120)
         p = c.daemons[0].problem
@@ -185,3 +191,63 @@ async def test_three_daemons_train_the_cnn_each_process_on_its_shard() -> None:
             assert w.grads == 150
             x = w.position[1]
             assert x is not None and p.loss(x) < 0.8 * p.loss(p.x0())
+        # process 0 reads training examples 0, 3, 6, …: 449 of 1,347
+        shard = len(range(0, len(digits()[0][0]), 3))
+        status = (await c.client(0).get("/status")).json()
+        assert status["workers"][0]["epochs"] == pytest.approx(150 * 32 / shard, abs=1e-3)
+        metrics = (await c.client(0).get("/metrics")).text
+        assert f'peerlearn_epochs{{worker="0.0"}} {150 * 32 / shard}' in metrics
+    # --out: the mean of model.npz, as a torch state dict in model.pt
+    mean = np.load(tmp_path / "d0" / "model.npz")["mean"]
+    net = model()
+    net.load_state_dict(torch.load(tmp_path / "d0" / "model.pt"))
+    got = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double().numpy()
+    assert np.array_equal(got, mean.astype(np.float32).astype(np.float64))
+
+
+_SCRIPT = """
+import sys
+import torch
+from examples.digits_cnn import digits, loss, model
+from peerlearn.torch import train
+
+listen, peers, out = sys.argv[1:4]
+net = train(model, digits, loss, listen=listen, peers=peers, steps=120, lr=0.1, out=out,
+            api="127.0.0.1:0")
+print(type(net).__name__, sum(p.numel() for p in net.parameters()))
+torch.save(net.state_dict(), out + "/returned.pt")
+"""
+
+
+def test_train_runs_a_daemon_per_script_and_returns_the_trained_model(tmp_path: Path) -> None:
+    # The same script on two "machines" (two processes here), each with its own address: each
+    # call blocks until the run ends and returns its daemon's mean model, written to out= too.
+    from .test_processes import free_ports
+
+    script = tmp_path / "train.py"
+    script.write_text(_SCRIPT)
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), addrs[i], addrs[1 - i], str(tmp_path / f"m{i}")],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=100) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, stderr[-2000:]
+        assert stdout.split() == ["Sequential", "1898"]
+    for i in range(2):
+        mean = np.load(tmp_path / f"m{i}" / "model.npz")["mean"]
+        for name in ("returned.pt", "model.pt"):
+            net = model()
+            net.load_state_dict(torch.load(tmp_path / f"m{i}" / name))
+            got = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double()
+            assert np.array_equal(got.numpy(), mean.astype(np.float32).astype(np.float64))
+        p = problem()
+        assert p.loss(mean) < 0.8 * p.loss(p.x0())

@@ -45,6 +45,7 @@ class WorkerSample:
     step: int  # iterations completed (Worker.completed), as /status reports it
     loss: float | None
     lag: int
+    epochs: float | None = None  # passes over its data, where the problem counts them
 
 
 @dataclass(frozen=True)
@@ -201,13 +202,21 @@ class _Collector(Collector):
             "Steps behind the fastest worker this daemon has heard from.",
             labels=["worker"],
         )
+        epochs = GaugeMetricFamily(
+            "peerlearn_epochs",
+            "Passes the worker has made over its training data (its shard, or the whole set "
+            "when it samples): only for problems that count them (a torch model's).",
+            labels=["worker"],
+        )
         for w in s.workers:
+            if w.epochs is not None:
+                epochs.add_metric([w.worker], w.epochs)
             step.add_metric([w.worker], w.step)
             steps.add_metric([w.worker], w.step)
             lag.add_metric([w.worker], w.lag)
             if w.loss is not None:
                 loss.add_metric([w.worker], w.loss)
-        yield from (loss, step, steps, lag)
+        yield from (loss, step, steps, lag, epochs)
         workers = GaugeMetricFamily(
             "peerlearn_workers",
             "Local workers by state: created, running, blocked (running, but waiting longer than "

@@ -109,6 +109,11 @@ class WorkerView(_View):
     )
     step: int = Field(description="iterations the worker has completed")
     gradients: int = Field(description="stochastic gradients computed")
+    epochs: float | None = Field(
+        None,
+        description="passes over its training data so far (its shard, or the whole set when "
+        "it samples), where the problem counts them (a torch model's); absent otherwise",
+    )
     loss: float | None = Field(
         description="the latest loss evaluation (null: none yet, or not finite)"
     )
@@ -305,6 +310,7 @@ def status_view(daemon: StatusSource) -> dict[str, Any]:
             "state": str(w.state),
             "step": w.completed,
             "gradients": w.grads,
+            **({"epochs": round(e, 4)} if (e := w.epochs) is not None else {}),
             # JSON has no inf: a model near divergence may evaluate to it (metrics say +Inf)
             "loss": loss if loss is None or math.isfinite(loss) else None,
             "error": w.error,

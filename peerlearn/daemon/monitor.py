@@ -256,7 +256,7 @@ class Monitor:
         transport = self._transport
         return Snapshot(
             workers=[
-                WorkerSample(w.name, w.completed, loss, fastest - w.step)
+                WorkerSample(w.name, w.completed, loss, fastest - w.step, w.epochs)
                 for w, loss in self._worker_samples()
             ],
             consensus_host=consensus_distance(local) if local else None,

@@ -48,6 +48,7 @@ from peerlearn.daemon.restore import Restore, resumable, start_from_checkpoint
 from peerlearn.daemon.routing import DaemonRouter, Heard
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
+from peerlearn.problems import Problem
 from peerlearn.runs import build_problem, grad_stream, make_programs
 from peerlearn.runtime.delivery import Delivery
 from peerlearn.runtime.mailbox import Mailbox, Waiting
@@ -84,7 +85,11 @@ class Daemon:
         cfg: NodeConfig,
         worker_factory: type[Worker] = Worker,
         listen_socket: socket.socket | None = None,
+        problem: Problem | None = None,
     ) -> None:
+        """``problem``: this object instead of the one the config names (a model defined in a
+        script: :func:`peerlearn.torch.train`); the config's name still goes into the run
+        fingerprint."""
         self._loop = asyncio.get_running_loop()  # built inside the loop that will run it
         self.cfg = cfg
         self.run_cfg = cfg.run
@@ -95,7 +100,7 @@ class Daemon:
         self.incarnation = time.time_ns()
         self.state = DaemonState.STARTING
         self.pids = self.membership.members[self.me.cluster]
-        self.problem = build_problem(self.run_cfg)
+        self.problem = problem if problem is not None else build_problem(self.run_cfg)
         self.dim = self.problem.dim if self.problem is not None else cfg.dim
         self.store = RegisterStore(self.pids)
         self.mailboxes = {
@@ -772,7 +777,8 @@ class Daemon:
             summary = summary_of(self, time.monotonic() - self.started_at)
             models = [(w.name, w.x, w.live) for w in self.workers]
             sample = self._sample()
-            await asyncio.to_thread(output.write, summary, models)
+            export = self.problem.export if self.problem is not None else None
+            written = await asyncio.to_thread(output.write, summary, models, export)
         except Exception as exc:
             self.output_failed = True
             log.error(
@@ -783,7 +789,7 @@ class Daemon:
             )
             return
         self.output_failed = False
-        log.info("wrote %s and %s", output.model, output.summary)
+        log.info("wrote %s", ", ".join(map(str, written)))
         try:
             await asyncio.to_thread(output.sample, time.time(), *sample)
         except OSError as exc:

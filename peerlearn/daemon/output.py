@@ -2,7 +2,9 @@
 
 * ``model.npz``    — ``mean``: the mean of the live local workers' models (neither crashed nor
                      diverged), and ``worker_<id>`` for each local worker that has a model
-                     (``worker_0.1``); written on finish and on stop.
+                     (``worker_0.1``); written on finish and on stop. A problem with a
+                     format of its own writes the mean in it too (``Problem.export``: a
+                     torch model's ``model.pt``).
 * ``summary.json`` — in the shape ``peerlearn simulate`` writes: ``schema_version``, the resolved
                      run ``config``, ``status`` (``finished``, ``stopped``, ``diverged`` or
                      ``failed``), ``crashed``, ``diverged``, ``final_loss`` (mean over the live
@@ -154,22 +156,30 @@ class RunOutput:
                 out.writerow([f"{now:.3f}", name, step, _cell(loss), _cell(host), _cell(world)])
 
     def write(
-        self, summary: dict[str, Any], models: Sequence[tuple[str, Vector | None, bool]]
-    ) -> None:
+        self,
+        summary: dict[str, Any],
+        models: Sequence[tuple[str, Vector | None, bool]],
+        export: Callable[[Vector, Path], list[Path]] | None = None,
+    ) -> list[Path]:
         """``model.npz`` and ``summary.json`` (``models``: id, model or None, live). ``mean``
-        is left out when no live worker has a model."""
+        is left out when no live worker has a model; ``export(mean, dir)`` writes it in the
+        problem's own format too (``Problem.export``). The files written."""
         arrays: dict[str, Any] = {f"worker_{name}": x for name, x, _ in models if x is not None}
         live = [x for _, x, ok in models if ok and x is not None]
         if live:
             with quiet_float_errors():
                 arrays["mean"] = np.mean(np.stack(live), axis=0)
         write_npz(self.model, arrays)
+        written = [self.model, self.summary]
+        if export is not None and "mean" in arrays:
+            written += export(arrays["mean"], self.dir)
         text = json.dumps(finite_json(summary), indent=2, allow_nan=False) + "\n"
 
         def json_file(fh: IO[bytes]) -> None:
             fh.write(text.encode())
 
         write_atomic(self.summary, json_file)
+        return written
 
 
 def summary_of(daemon: Daemon, seconds: float) -> dict[str, Any]:

@@ -11,14 +11,16 @@ import json
 import logging
 import os
 import signal
+import threading
 from datetime import UTC, datetime
 
 import uvloop
 
 from peerlearn.daemon.config import NodeConfig
 from peerlearn.daemon.node import Daemon
+from peerlearn.problems import Problem
 
-__all__ = ["JsonFormatter", "serve", "setup_logging"]
+__all__ = ["JsonFormatter", "run_daemon", "serve", "setup_logging"]
 
 log = logging.getLogger("peerlearn")
 
@@ -59,9 +61,15 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.captureWarnings(True)
 
 
-async def _main(cfg: NodeConfig) -> int:
-    daemon = Daemon(cfg)
+async def _main(
+    cfg: NodeConfig, problem: Problem | None = None, ran: list[Daemon] | None = None
+) -> int:
+    daemon = Daemon(cfg, problem=problem)
+    if ran is not None:
+        ran.append(daemon)
     loop = asyncio.get_running_loop()
+    # Only the main thread takes signals (a notebook's daemon runs on a thread of its own).
+    handles = threading.current_thread() is threading.main_thread()
     signals = 0
 
     def on_signal(sig: signal.Signals) -> None:
@@ -74,13 +82,14 @@ async def _main(cfg: NodeConfig) -> int:
             os._exit(130)
 
     # Before start(): a signal while starting (binding, connecting) also stops gracefully.
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals_handled = (signal.SIGTERM, signal.SIGINT) if handles else ()
+    for sig in signals_handled:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await daemon.start()
         await daemon.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals_handled:
             loop.remove_signal_handler(sig)
     # A worker whose model or gradient turned non-finite failed as well: the run diverged.
     diverged = [
@@ -106,3 +115,13 @@ def serve(cfg: NodeConfig) -> int:
     local worker crashed."""
     setup_logging(cfg.log_level, cfg.log_format)
     return uvloop.run(_main(cfg))
+
+
+def run_daemon(cfg: NodeConfig, problem: Problem | None = None) -> tuple[int, Daemon]:
+    """:func:`serve` for a script (:func:`peerlearn.torch.train`): ``problem`` instead of the
+    config's, logging left as the script set it up (stderr at ``log_level`` if it did not);
+    the exit code and the daemon, stopped, to read its models from."""
+    setup_logging(cfg.log_level, cfg.log_format)  # (no-op where logging is set up)
+    ran: list[Daemon] = []
+    code = uvloop.run(_main(cfg, problem, ran))
+    return code, ran[0]

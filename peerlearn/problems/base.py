@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -79,6 +80,11 @@ class Problem(ABC):
         exports as ``peerlearn_loss``: cheap, and comparable across workers and time because
         the batch never changes. Problems without data evaluate the exact loss."""
         return self.loss(x)
+
+    def export(self, x: Vector, directory: Path) -> list[Path]:
+        """Write the model ``x`` in the problem's own format into ``directory`` beside
+        ``--out``'s model.npz (a torch model's ``model.pt``); the files written. None here."""
+        return []
 
     def evaluate(self, x: Vector) -> dict[str, float]:
         """Extra quality figures for reports (e.g. test accuracy); empty by default."""

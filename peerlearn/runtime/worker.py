@@ -178,6 +178,13 @@ class Worker:
         return self.state in LIVE_STATES
 
     @property
+    def epochs(self) -> float | None:
+        """Passes over its data its gradient oracle has made, where the oracle counts them (a
+        problem whose processes read data of their own: :mod:`peerlearn.torch`); else None."""
+        epochs = getattr(self._grad, "epochs", None)
+        return float(epochs) if isinstance(epochs, int | float) else None
+
+    @property
     def thread_id(self) -> int | None:
         """Its thread's ident (None before it starts): who is waiting, to a link's producer."""
         return self._thread.ident
