@@ -123,11 +123,14 @@ async def test_sigkill_one_daemon_of_four(algorithm: str) -> None:
                 lambda s: all(w["state"] == "blocked" and "waiting" in w for w in s["workers"]),
             )
             for w in status["workers"]:
-                # Blocked in agreement (2 of 3 clusters) or already in the gradient exchange
-                # (N = n − f = 5 processes, only 4 alive): both are what the model predicts.
+                # Blocked in agreement (a majority of 4 clusters: 3, and only 2 alive) or
+                # already in the gradient exchange (N = n − f = 5 processes, only 4 alive): both
+                # are what the model predicts. In agreement it may have heard only its own
+                # cluster: the other survivor can be stuck a round behind, on a value the killed
+                # daemon never sent it, and never reach this round (CI saw (1, 3)).
                 waiting = w["waiting"]
                 if waiting["unit"] == "clusters":
-                    assert (waiting["have"], waiting["need"]) == (2, 3)
+                    assert waiting["need"] == 3 and 1 <= waiting["have"] <= 2, waiting
                 else:
                     assert waiting["need"] == 5 and waiting["have"] <= 4
             async with httpx.AsyncClient() as client:  # the metric counts them as /status does
