@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# peerlearn.torch's tests and examples: the CPU build this machine kind has on disk (an unpinned
-# torch pulls a multi-GB CUDA build). Users take the range of the [torch] extra.
+# peerlearn.torch's tests and examples. This machine kind's pip finds the CPU build of 2.13.0 on
+# disk; elsewhere PyPI's is a multi-GB CUDA build: make TORCH='torch==2.13.0 --index-url
+# https://download.pytorch.org/whl/cpu'. Users take the range of the [torch] extra.
 TORCH  ?= torch==2.13.0
 
 .PHONY: demo test test-slow lint bench bench-metrics clean system-deps mutate secrets k8s-secrets

@@ -4,10 +4,12 @@ model").
 Three daemons on one machine, Alg 1::
 
     peerlearn run --problem examples.digits_cnn:problem --listen 127.0.0.1:7001 \\
-        --peers 127.0.0.1:7002,127.0.0.1:7003 --steps 600 --lr 0.1 --exit-on-finish
+        --peers 127.0.0.1:7002,127.0.0.1:7003 --api 127.0.0.1:8101 --steps 600 --lr 0.1 \\
+        --exit-on-finish
 
-(and the same with the addresses rotated). ``problem`` is what ``--problem`` names; ``model``,
-``digits`` and ``loss`` are what :func:`peerlearn.torch.train` takes in a script.
+(and the same with the addresses rotated, each with an API port of its own). ``problem`` is
+what ``--problem`` names; ``model``, ``digits`` and ``loss`` are what
+:func:`peerlearn.torch.train` takes in a script.
 """
 
 from __future__ import annotations

@@ -18,11 +18,17 @@ out — into the float64 vector the wire and the register store carry today.
 - **Buffers** (BatchNorm's running statistics): local. They are not parameters — no gradient
   moves them and the algorithms' averages would mean nothing for them — so each process keeps
   its own, updated by its own forward passes, and never sends them. Evaluating a model x (the
-  loss the daemon exports, the final report) uses the buffers of this daemon's first process.
-- **Threads.** ``torch.set_num_threads`` is set so that workers × threads ≤ cores.
+  loss the daemon exports, the final report) uses the buffers of this daemon's first process,
+  and so does ``model.pt``; ``model.npz`` and checkpoints hold parameters only (a resumed
+  daemon's statistics start afresh).
+- **Randomness inside the model** (dropout) draws from torch's global generator, which the
+  worker threads share: not reproducible per process, unlike the batches.
+- **Threads.** ``torch.set_num_threads`` is set so that workers × threads ≤ the CPUs this
+  process may use, unless ``OMP_NUM_THREADS`` says otherwise.
 - **Evaluation.** :meth:`TorchProblem.loss` is the mean loss over the training set,
   :meth:`~TorchProblem.eval_loss` over a fixed prefix of it, :meth:`~TorchProblem.evaluate` the
-  test loss and, where targets are class labels, the test accuracy.
+  test loss and, where targets are class labels, the test accuracy — in chunks of EVAL_CHUNK
+  examples.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ from peerlearn.problems.base import Problem
 
 __all__ = ["Batches", "Loss", "ModelFn", "TorchProblem", "data_split", "train"]
 
+#: examples per forward pass when evaluating (and for full_grad)
+EVAL_CHUNK = 1024
+#: parameter dtypes the flat vector can carry (numpy has no bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16)
+
 #: a model factory: a fresh module each call (the same architecture every time)
 ModelFn = Callable[[], nn.Module]
 #: inputs and targets, first dimension the examples
@@ -68,6 +79,16 @@ class _Flat:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ProblemError("the model has no trainable parameters")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
+            raise ProblemError(
+                "the model has lazy parameters (nn.LazyLinear, …): give model_fn a forward pass "
+                "on an example batch, or their sizes"
+            )
+        if params[0].dtype not in SUPPORTED_DTYPES:
+            raise ProblemError(
+                f"parameters of dtype {params[0].dtype} are not supported: float32 (or float64, "
+                "float16) — convert the model with .float()"
+            )
         self.dim = sum(p.numel() for p in params)
         dtype = params[0].dtype
         if any(p.dtype != dtype for p in params):
@@ -97,6 +118,9 @@ class _Flat:
         self.grad.zero_()
         # backward() accumulates into the existing .grad views: the flat buffer fills in place
         loss.backward()  # type: ignore[no-untyped-call]
+        return self.copy_grad()
+
+    def copy_grad(self) -> Vector:
         slots = [p.grad.data_ptr() if p.grad is not None else 0 for p in self.params]
         if slots != self._slots:  # the flat buffer would miss that gradient
             raise ProblemError("autograd replaced a parameter's gradient buffer: unsupported")
@@ -190,6 +214,8 @@ class TorchProblem(Problem):
             raise ProblemError(f"data must be 'shard' or 'sample', not {data!r}")
         if batch_size < 1:
             raise ProblemError(f"batch_size must be at least 1, not {batch_size}")
+        if eval_examples < 1:
+            raise ProblemError(f"eval_examples must be at least 1, not {eval_examples}")
         self.model_fn, self.loss_fn = model_fn, loss_fn
         self.batch_size, self.data, self.seed = batch_size, data, seed
         self.eval_examples = eval_examples
@@ -218,7 +244,9 @@ class TorchProblem(Problem):
         proc = _Process(self, pid, processes)
         if self._first is None:
             self._first = proc
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+        if "OMP_NUM_THREADS" not in os.environ:  # the user's choice stands
+            cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on
+            torch.set_num_threads(max(1, cores // max(local, 1)))
         return proc
 
     def grad(self, x: Vector, rng: np.random.Generator) -> Vector:
@@ -228,47 +256,64 @@ class TorchProblem(Problem):
             self._whole = _Process(self, 0, 1)
         return self._whole(x, rng)
 
-    def _mean_loss(self, data: Tensors, limit: int | None = None) -> tuple[float, float | None]:
+    def _mean_loss(
+        self, x: Vector, data: Tensors, limit: int | None = None
+    ) -> tuple[float, float | None]:
+        """The mean loss (and accuracy, for class labels) of the model ``x`` on ``data``, in
+        chunks of EVAL_CHUNK examples: one forward pass over a whole data set would hold every
+        activation of it at once."""
         inputs, targets = data
         if limit is not None:
             inputs, targets = inputs[:limit], targets[:limit]
+        n = len(inputs)
+        total, correct, labelled = 0.0, 0, True
+        # One critical section from loading x to the last chunk: another thread's x loaded in
+        # between would be evaluated instead.
         with self._eval_lock, torch.no_grad():
-            module = self._eval.module
-            if self._first is not None:  # the buffers of this daemon's first process
-                for mine, theirs in zip(
-                    module.buffers(), self._first.model.module.buffers(), strict=True
-                ):
-                    mine.copy_(theirs)
-            module.eval()
-            out = module(inputs)
-            loss = float(self.loss_fn(out, targets))
-            accuracy = None
-            if out.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point():
-                accuracy = float((out.argmax(dim=1) == targets).double().mean())
-        return loss, accuracy
-
-    def _at(self, x: Vector) -> None:
-        with self._eval_lock:
             self._eval.load(x)
+            module = self._eval.module
+            self._take_buffers(module)
+            module.eval()
+            for at in range(0, n, EVAL_CHUNK):
+                out = module(inputs[at : at + EVAL_CHUNK])
+                chunk = targets[at : at + EVAL_CHUNK]
+                total += float(self.loss_fn(out, chunk)) * len(chunk)
+                labelled = labelled and out.ndim == 2 and chunk.ndim == 1
+                labelled = labelled and not chunk.is_floating_point()
+                if labelled:
+                    correct += int((out.argmax(dim=1) == chunk).sum())
+        return total / n, (correct / n if labelled else None)
+
+    def _take_buffers(self, module: nn.Module) -> None:
+        """This daemon's first process's buffers into ``module`` (its running statistics)."""
+        if self._first is not None:
+            for mine, theirs in zip(
+                module.buffers(), self._first.model.module.buffers(), strict=True
+            ):
+                mine.copy_(theirs)
 
     def loss(self, x: Vector) -> float:
-        self._at(x)
-        return self._mean_loss(self.train)[0]
+        return self._mean_loss(x, self.train)[0]
 
     def eval_loss(self, x: Vector, batch: int) -> float:
-        self._at(x)
-        return self._mean_loss(self.train, min(batch, self.eval_examples))[0]
+        return self._mean_loss(x, self.train, min(batch, self.eval_examples))[0]
 
     def full_grad(self, x: Vector) -> Vector:
+        inputs, targets = self.train
+        n = len(inputs)
         with self._eval_lock:
             self._eval.load(x)
             module = self._eval.module
             module.train()
-            return self._eval.gradient(self.loss_fn(module(self.train[0]), self.train[1]))
+            self._eval.grad.zero_()
+            for at in range(0, n, EVAL_CHUNK):  # Σ_chunks (n_c / n)·∇(chunk mean): the mean
+                chunk = targets[at : at + EVAL_CHUNK]
+                part = self.loss_fn(module(inputs[at : at + EVAL_CHUNK]), chunk) * (len(chunk) / n)
+                part.backward()  # type: ignore[no-untyped-call]
+            return self._eval.copy_grad()
 
     def evaluate(self, x: Vector) -> dict[str, float]:
-        self._at(x)
-        loss, accuracy = self._mean_loss(self.test)
+        loss, accuracy = self._mean_loss(x, self.test)
         figures = {"test_loss": loss}
         if accuracy is not None:
             figures["test_accuracy"] = accuracy
@@ -287,12 +332,8 @@ class TorchProblem(Problem):
         buffers): the trained model to take home."""
         flat = self._build()
         flat.load(x)
-        if self._first is not None:
-            with torch.no_grad():
-                for mine, theirs in zip(
-                    flat.module.buffers(), self._first.model.module.buffers(), strict=True
-                ):
-                    mine.copy_(theirs)
+        with torch.no_grad():
+            self._take_buffers(flat.module)
         return flat.module
 
 
@@ -319,8 +360,8 @@ def _checked(data: object) -> tuple[Tensors, Tensors]:
     a, b, c, d = tensors
     if len(a) != len(b) or len(c) != len(d):
         raise ProblemError(f"{expected}: inputs and targets differ in length")
-    if len(a) == 0:
-        raise ProblemError("the training set is empty")
+    if len(a) == 0 or len(c) == 0:
+        raise ProblemError(f"the {'training' if len(a) == 0 else 'test'} set is empty")
     return (a, b), (c, d)
 
 

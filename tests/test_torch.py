@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,78 @@ def test_train_runs_a_daemon_per_script_and_returns_the_trained_model(tmp_path: 
             assert np.array_equal(got.numpy(), mean.astype(np.float32).astype(np.float64))
         p = problem()
         assert p.loss(mean) < 0.8 * p.loss(p.x0())
+
+
+def _bn_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 10),
+    )
+
+
+def test_buffers_stay_local_and_model_pt_carries_the_first_processs(tmp_path: Path) -> None:
+    p = TorchProblem(_bn_model, digits, loss)
+    first, other = p.oracle(0, 2, 2), p.oracle(1, 2, 2)
+    rng, x = np.random.default_rng(0), p.x0()
+    for _ in range(30):
+        x = x - 0.1 * first(x, rng)
+        other(x, rng)
+    mine = dict(first.model.module.named_buffers())  # type: ignore[attr-defined]
+    theirs = dict(other.model.module.named_buffers())  # type: ignore[attr-defined]
+    assert not torch.equal(mine["2.running_mean"], torch.zeros(32))  # trained statistics
+    assert not torch.equal(mine["2.running_mean"], theirs["2.running_mean"])  # each its own
+    assert p.x0().shape == (p.dim,)  # buffers are no parameters: not in x
+    (path,) = p.export(x, tmp_path)
+    net = _bn_model()
+    net.load_state_dict(torch.load(path))
+    for name, buf in net.named_buffers():
+        assert torch.equal(buf, mine[name]), name
+    got = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double().numpy()
+    assert np.array_equal(got, x.astype(np.float32).astype(np.float64))
+
+
+def test_evaluation_from_two_threads_evaluates_each_ones_model() -> None:
+    # The monitor's thread and a final evaluation may overlap: each must get its own x's loss.
+    p = problem()
+    x, y = p.x0(), p.x0() + 0.5
+    want = {0: p.eval_loss(x, 512), 1: p.eval_loss(y, 512)}
+    got: dict[int, list[float]] = {0: [], 1: []}
+
+    def evaluate(i: int, model: np.ndarray) -> None:
+        for _ in range(60):
+            got[i].append(p.eval_loss(model, 512))
+
+    threads = [threading.Thread(target=evaluate, args=(i, m)) for i, m in ((0, x), (1, y))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert want[0] != pytest.approx(want[1], rel=1e-3)
+    for i in (0, 1):
+        assert got[i] == pytest.approx([want[i]] * 60, rel=1e-6)
+
+
+def test_full_gradient_and_loss_in_chunks_equal_one_pass() -> None:
+    p = problem()
+    x = p.x0() + np.random.default_rng(1).normal(0, 0.05, p.dim)
+    (inputs, targets), _ = digits()
+    torch.manual_seed(0)
+    net = model()
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(x).float(), net.parameters())
+    whole = loss(net(inputs), targets)
+    whole.backward()
+    want = torch.cat([q.grad.reshape(-1) for q in net.parameters()]).double().numpy()
+    np.testing.assert_allclose(p.full_grad(x), want, rtol=1e-4, atol=1e-7)
+    assert p.loss(x) == pytest.approx(float(whole.detach()), rel=1e-5)  # 1,347 examples: two chunks
+
+
+def test_sampled_batches_draw_from_the_whole_set() -> None:
+    b = Batches(100, 10, 2, 3, "sample")
+    rng = np.random.default_rng(0)
+    drawn = [b.next(rng) for _ in range(50)]
+    assert all(len(set(batch)) == 10 for batch in drawn)  # without replacement in a batch
+    assert len(set(np.concatenate(drawn))) > 90  # not a shard: nearly every example
+    assert b.epochs == pytest.approx(5.0)

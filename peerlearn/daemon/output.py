@@ -203,6 +203,11 @@ def summary_of(daemon: Daemon, seconds: float) -> dict[str, Any]:
         mean_loss = float(np.mean(final)) if final else None  # inf or nan: null, as simulate's
         spread = consensus_distance(models) if models else None
     cluster_of = daemon.membership.cluster_of
+    evaluation: dict[str, Any] = {}
+    if daemon.problem is not None and models:
+        with quiet_float_errors():  # huge models near divergence: inf → null, no warning
+            figures = daemon.problem.evaluate(np.mean(np.stack(models), axis=0))
+        evaluation = {"evaluation_of_mean_model": {k: _num(v) for k, v in figures.items()}}
     return {
         "schema_version": SCHEMA_VERSION,
         "source": "peerlearn run",
@@ -231,4 +236,5 @@ def summary_of(daemon: Daemon, seconds: float) -> dict[str, Any]:
             }
             for w in workers
         ],
+        **evaluation,
     }

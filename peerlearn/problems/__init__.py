@@ -91,10 +91,14 @@ def _import_factory(spec: str) -> Callable[..., object]:
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise ProblemError(f"problem {spec!r}: expected 'package.module:callable'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was deleted under us: nothing to look in there
+        cwd = None
+    if cwd is not None and cwd not in sys.path and "" not in sys.path:
         # As `python -m` would: the user's own modules beside them (the console script's
         # sys.path[0] is its own bin/ directory). uvicorn's --app-dir does the same.
-        sys.path.insert(0, os.getcwd())
+        sys.path.insert(0, cwd)
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as exc:

@@ -64,10 +64,11 @@ class Problem(ABC):
     def oracle(
         self, pid: int, processes: int, local: int
     ) -> Callable[[Vector, np.random.Generator], Vector]:
-        """Process ``pid``'s gradient oracle (of ``processes`` in the run, ``local`` of them
-        in this OS process): :meth:`grad`, unless the problem gives each process state of its
-        own — a data shard, a model of its own where a framework's modules are not safe to
-        share between worker threads (:mod:`peerlearn.torch`)."""
+        """Process ``pid``'s gradient oracle (of ``processes`` in the run; ``local`` of them
+        compute at once in this daemon — 1 in the simulator): :meth:`grad`, unless the
+        problem gives each process state of its own — a data shard, a model of its own where
+        a framework's modules are not safe to share between worker threads
+        (:mod:`peerlearn.torch`)."""
         return self.grad
 
     @property

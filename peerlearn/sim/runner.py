@@ -187,7 +187,7 @@ def run_simulation(
 
     grad_fn: Callable[[int, Vector], Vector]
     if problem is not None:
-        oracles = [problem.oracle(pid, n, n) for pid in range(n)]
+        oracles = [problem.oracle(pid, n, 1) for pid in range(n)]  # one computes at a time
 
         def grad_fn(pid: int, x: Vector) -> Vector:
             return oracles[pid](x, grad_rngs[pid])
