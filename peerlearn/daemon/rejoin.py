@@ -808,7 +808,10 @@ class Rejoin:
             # frames again: those ahead of resume_at too, and resuming further would skip the
             # round the slowest waits in. Nothing more to ask anyone.
             self._missed.clear()
-        else:  # its frames from resume_at on reach this daemon: what it dropped is covered
+        elif self._missed.get(peer, -1) <= (resume_at if self._keeps else resume_at - 1):
+            # Its frames from resume_at on reach this daemon: what it dropped is covered. Not
+            # a note that overtook the answer on the link (notes go before queued frames) for
+            # a later iteration: that drop still stands.
             self._missed.pop(peer, None)
         log.info(
             "caught up: workers %s resume at iteration %d from daemon %d's model (were at %d)",
