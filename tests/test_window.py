@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from peerlearn.daemon.node import Daemon, DaemonState
+from peerlearn.daemon.routing import MIN_WINDOW, tag_window
 from peerlearn.effects import Grad
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.testing import local_cluster
@@ -300,3 +301,14 @@ async def test_where_no_catch_up_is_possible_far_frames_are_held_and_a_flood_is_
             if reader is not None:
                 reader.join(timeout=5)
         await c.wait_for(lambda: transport.holding == 0, 10)  # given up with its connection
+
+
+def test_the_window_shrinks_to_a_byte_budget_for_large_models() -> None:
+    # 1 MiB of frames ahead per worker: a 4-parameter model keeps the iteration window, a
+    # 1000-parameter one (8 KB frames from 6 remote processes) gets 21 iterations, a huge one
+    # the minimum.
+    assert tag_window(1024, 1 << 20, 4 * 8 + 256, 4) == 910
+    assert tag_window(1024, 1 << 20, 1000 * 8 + 256, 6) == 21
+    assert tag_window(1024, 1 << 20, 10**8 * 4, 2) == MIN_WINDOW
+    assert tag_window(4, 1 << 20, 10**8 * 4, 2) == 4  # never more than asked
+    assert tag_window(1024, 1 << 20, 100, 0) == 1024  # alone: nothing comes from peers

@@ -210,6 +210,13 @@ class NodeConfig(BaseSettings, RunSettings):
         "and still go into its mailbox; one further ahead waits unacknowledged with its sender, "
         "whose window then bounds what a far-ahead (or hostile) peer costs this daemon",
     )
+    tag_window_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="bytes of peers' frames the tag window may let into each worker's mailbox "
+        "ahead of it: for large models the window is that many iterations' frames instead of "
+        "tag_window (at least 8)",
+    )
     queue_timeout: float = Field(
         30.0, gt=0, description="producer's bounded wait for room (algorithms that drop frames)"
     )

@@ -45,7 +45,7 @@ from peerlearn.daemon.monitor import Monitor, SendWait, Staleness, WaitsOn
 from peerlearn.daemon.output import Row, RunOutput, summary_of
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
 from peerlearn.daemon.restore import Restore, resumable, start_from_checkpoint
-from peerlearn.daemon.routing import DaemonRouter, Heard
+from peerlearn.daemon.routing import DaemonRouter, Heard, tag_window
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
 from peerlearn.problems import Problem
@@ -133,12 +133,19 @@ class Daemon:
         self.rejoin = Rejoin(self.run_cfg, self.problem, self.membership, [])
         self.rejoin.incarnation = self.incarnation
         self.rejoin.deliver_with(self.delivery)
+        #: the tag window in iterations: tag_window, fewer for large models (tag_window_bytes)
+        self.tag_window = tag_window(
+            cfg.tag_window,
+            cfg.tag_window_bytes,
+            self.dim * 8 + _HEADER_ALLOWANCE,
+            self.membership.processes - len(self.pids),
+        )
         self.router = DaemonRouter(
             self.delivery,
             self.membership,
             self.heard,
             self.rejoin.on_state,
-            cfg.tag_window,
+            self.tag_window,
             # Where frames may drop, a frame far ahead of running workers is dropped, not
             # held: held, it would pace its sender to the slowest receiver.
             # Only where the workers can catch up from a peer's state (not standalone MAA, nor

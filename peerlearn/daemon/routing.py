@@ -26,6 +26,18 @@ from peerlearn.wire import Data
 
 __all__ = ["DaemonRouter", "Heard"]
 
+#: the tag window never shrinks below this many iterations for large frames
+MIN_WINDOW = 8
+
+
+def tag_window(iterations: int, budget: int, frame_bytes: int, senders: int) -> int:
+    """The tag window in iterations: ``iterations``, or as many as fit ``budget`` bytes of
+    frames from ``senders`` remote processes (one frame each per iteration) — what a worker's
+    mailbox may hold ahead of it — but at least MIN_WINDOW (or ``iterations``, if fewer)."""
+    fit = budget // (max(frame_bytes, 1) * max(senders, 1))
+    return min(iterations, max(fit, MIN_WINDOW))
+
+
 #: tag kinds that are no iteration's message: never held back for the tag window
 _UNWINDOWED = ("snapshot", "state", "ledger")
 
