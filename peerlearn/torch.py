@@ -52,6 +52,7 @@ from peerlearn.daemon.serve import run_daemon
 from peerlearn.effects import Vector
 from peerlearn.errors import ProblemError
 from peerlearn.problems.base import Problem
+from peerlearn.runtime.worker import WorkerState
 
 __all__ = ["Batches", "Loss", "ModelFn", "TorchProblem", "data_split", "train"]
 
@@ -402,16 +403,17 @@ def train(
     ``max_failures``, ``state_dir``, …). With ``out``, ``--out``'s files, ``model.pt`` among them.
 
     The run's fingerprint names ``model_fn`` by module and name: every daemon must run the same
-    one. Raises :class:`~peerlearn.errors.PeerlearnError` subclasses for bad settings, and
-    RuntimeError when the run ended without a live model (every local worker crashed or
-    diverged: the log says why)."""
+    one. Raises :class:`~peerlearn.errors.PeerlearnError` subclasses for bad settings,
+    KeyboardInterrupt when interrupted (the daemon stops gracefully first), and RuntimeError
+    when the run did not end here with every local worker finished — stopped, crashed or
+    diverged — or its ``out`` files could not be written (the log says why)."""
     problem = TorchProblem(model_fn, data_fn, loss_fn, batch_size=batch_size, data=data, seed=seed)
     name = f"{getattr(model_fn, '__module__', '?')}:{getattr(model_fn, '__qualname__', '?')}"
     cfg = load_node_config(
         None,
         {
             "listen": listen,
-            "peers": peers.split(",") if isinstance(peers, str) else list(peers),
+            "peers": peers if isinstance(peers, str) else list(peers),  # the config splits
             "api": api,
             "algorithm": algorithm,
             "steps": steps,
@@ -424,17 +426,32 @@ def train(
         },
     )
 
-    def run() -> tuple[int, Daemon]:
-        return run_daemon(cfg, problem)
-
+    ran: list[Daemon] = []
     try:
         asyncio.get_running_loop()
-    except RuntimeError:  # a script: the daemon's loop is this thread's
-        _, daemon = run()
+    except RuntimeError:  # a script: the daemon's loop is this thread's (it takes SIGINT)
+        code, daemon = run_daemon(cfg, problem, ran)
     else:  # a notebook's loop runs here: the daemon gets a thread of its own
-        with ThreadPoolExecutor(1, thread_name_prefix="peerlearn") as pool:
-            _, daemon = pool.submit(run).result()
-    live = [w.x for w in daemon.workers if w.live and w.x is not None]
-    if not live:
-        raise RuntimeError("the run ended without a live model here (see the log)")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="peerlearn")
+        future = pool.submit(run_daemon, cfg, problem, ran)
+        try:
+            code, daemon = future.result()
+        except BaseException:  # interrupted (KeyboardInterrupt): stop the daemon, then say so
+            if ran:
+                ran[-1].request_stop_threadsafe("interrupted")
+            future.exception()  # its graceful stop
+            raise
+        finally:
+            pool.shutdown(wait=True)
+    unfinished = [w.name for w in daemon.workers if w.state is not WorkerState.FINISHED]
+    if unfinished:  # stopped (Ctrl-C, SIGTERM, /stop), crashed or diverged: no trained model
+        reason = daemon.stop_reason or "see the log"
+        if reason.startswith("SIGINT"):
+            raise KeyboardInterrupt(f"train() interrupted: workers {', '.join(unfinished)}")
+        raise RuntimeError(
+            f"the run did not end here: workers {', '.join(unfinished)} did not finish ({reason})"
+        )
+    if code != 0:  # finished, but the model to take home was not written (the log says why)
+        raise RuntimeError(f"the run finished, but its --out files were not written (exit {code})")
+    live = [w.x for w in daemon.workers if w.x is not None]
     return problem.model(np.mean(np.stack(live), axis=0))

@@ -5,6 +5,7 @@ importing without torch. The digits CNN of examples/digits_cnn.py is the model."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -327,3 +328,49 @@ def test_sampled_batches_draw_from_the_whole_set() -> None:
     assert all(len(set(batch)) == 10 for batch in drawn)  # without replacement in a batch
     assert len(set(np.concatenate(drawn))) > 90  # not a shard: nearly every example
     assert b.epochs == pytest.approx(5.0)
+
+
+_INTERRUPTED = """
+import sys
+from examples.digits_cnn import digits, loss, model
+from peerlearn.torch import train
+
+train(model, digits, loss, listen=sys.argv[1], peers=sys.argv[2], steps=10**9, lr=0.1,
+      log_level="info")
+"""
+
+
+def test_train_interrupted_stops_its_daemon_and_raises(tmp_path: Path) -> None:
+    # Ctrl-C in a script: the daemon stops gracefully and train() raises KeyboardInterrupt
+    # instead of returning a half-trained model as if the run had ended. The peers string is
+    # the config's ("a, b" with a space, this machine's own address in it).
+    from .test_processes import free_ports
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED)
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    both = f"{addrs[0]}, {addrs[1]}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), addrs[i], both],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        assert procs[0].stderr is not None
+        for line in procs[0].stderr:  # until it trains
+            if "daemon started" in line:
+                break
+        procs[0].send_signal(signal.SIGINT)
+        err = procs[0].communicate(timeout=60)[1]
+        assert procs[0].returncode != 0
+        assert "KeyboardInterrupt: train() interrupted" in err, err[-2000:]
+        assert "daemon stopped" in err
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate(timeout=30)

@@ -303,7 +303,8 @@ class _Collector(Collector):
         )
         yield GaugeMetricFamily(
             "peerlearn_frames_held",
-            "Frames from peers held back unacknowledged: more than tag_window iterations ahead "
+            "Frames from peers held back unacknowledged: beyond the tag window (tag_window "
+            "iterations, fewer for large models: tag_window_bytes) ahead "
             "of the workers they are for.",
             value=s.frames_held,
         )

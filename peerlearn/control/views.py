@@ -145,7 +145,8 @@ class PeerView(_View):
     held: int = Field(
         0,
         description="frames it sent that this daemon holds back, unacknowledged, because they "
-        "are more than tag_window iterations ahead of the workers they are for",
+        "are beyond the tag window (tag_window iterations, fewer for large models) ahead of the "
+        "workers they are for",
     )
     refused: str | None = Field(
         description="why the peer refused the last handshake, in this daemon's words (null: it "

@@ -133,13 +133,23 @@ class Daemon:
         self.rejoin = Rejoin(self.run_cfg, self.problem, self.membership, [])
         self.rejoin.incarnation = self.incarnation
         self.rejoin.deliver_with(self.delivery)
+        # Frames one remote process sends a worker per iteration: one, or with agreement one
+        # per cluster round besides (Alg 2's gradient and R rounds; MAA's R rounds)
+        spec = self.run_cfg.spec
+        per_iteration = 1 + self.run_cfg.agreement_rounds()[0] if spec.agreement else 1
         #: the tag window in iterations: tag_window, fewer for large models (tag_window_bytes)
         self.tag_window = tag_window(
             cfg.tag_window,
             cfg.tag_window_bytes,
             self.dim * 8 + _HEADER_ALLOWANCE,
-            self.membership.processes - len(self.pids),
+            (self.membership.processes - len(self.pids)) * per_iteration,
         )
+        if self.tag_window < cfg.tag_window:
+            log.info(
+                "tag window: %d iterations (tag_window_bytes: %d bytes of peers' frames)",
+                self.tag_window,
+                cfg.tag_window_bytes,
+            )
         self.router = DaemonRouter(
             self.delivery,
             self.membership,
@@ -579,6 +589,11 @@ class Daemon:
                 raise OSError(f"control API could not bind {self.cfg.api}")
             await asyncio.sleep(0.01)  # uvicorn exposes no started event
         self.api_port = server.servers[0].sockets[0].getsockname()[1]
+
+    def request_stop_threadsafe(self, reason: str) -> None:
+        """:meth:`request_stop` from another thread (a script's, while the daemon's loop runs
+        on one of its own)."""
+        self._loop.call_soon_threadsafe(self.request_stop, reason)
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:

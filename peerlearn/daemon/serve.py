@@ -117,11 +117,14 @@ def serve(cfg: NodeConfig) -> int:
     return uvloop.run(_main(cfg))
 
 
-def run_daemon(cfg: NodeConfig, problem: Problem | None = None) -> tuple[int, Daemon]:
+def run_daemon(
+    cfg: NodeConfig, problem: Problem | None = None, ran: list[Daemon] | None = None
+) -> tuple[int, Daemon]:
     """:func:`serve` for a script (:func:`peerlearn.torch.train`): ``problem`` instead of the
     config's, logging left as the script set it up (stderr at ``log_level`` if it did not);
-    the exit code and the daemon, stopped, to read its models from."""
+    the exit code and the daemon, stopped, to read its models from. ``ran`` gets the daemon
+    as soon as it exists (another thread may stop it)."""
     setup_logging(cfg.log_level, cfg.log_format)  # (no-op where logging is set up)
-    ran: list[Daemon] = []
+    ran = [] if ran is None else ran
     code = uvloop.run(_main(cfg, problem, ran))
-    return code, ran[0]
+    return code, ran[-1]
