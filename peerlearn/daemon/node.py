@@ -133,16 +133,16 @@ class Daemon:
         self.rejoin = Rejoin(self.run_cfg, self.problem, self.membership, [])
         self.rejoin.incarnation = self.incarnation
         self.rejoin.deliver_with(self.delivery)
-        # Frames one remote process sends a worker per iteration: one, or with agreement one
-        # per cluster round besides (Alg 2's gradient and R rounds; MAA's R rounds)
-        spec = self.run_cfg.spec
-        per_iteration = 1 + self.run_cfg.agreement_rounds()[0] if spec.agreement else 1
+        # One frame per remote process and iteration. (Alg 2 and agreement send one per
+        # cluster round besides, R of them: counted, the window would shrink to its minimum
+        # at any model size and pace their runs far more often — not yet; their window lets
+        # in up to R + 1 times the budget, README "Security" says so.)
         #: the tag window in iterations: tag_window, fewer for large models (tag_window_bytes)
         self.tag_window = tag_window(
             cfg.tag_window,
             cfg.tag_window_bytes,
             self.dim * 8 + _HEADER_ALLOWANCE,
-            (self.membership.processes - len(self.pids)) * per_iteration,
+            self.membership.processes - len(self.pids),
         )
         if self.tag_window < cfg.tag_window:
             log.info(
