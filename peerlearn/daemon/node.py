@@ -56,7 +56,7 @@ from peerlearn.runtime.store import RegisterStore
 from peerlearn.runtime.worker import Worker, WorkerState
 from peerlearn.transport import tls
 from peerlearn.transport.links import LinkSettings, OutLink
-from peerlearn.transport.peers import Beyond, PeerAddress, Transport
+from peerlearn.transport.peers import PeerAddress, Transport
 from peerlearn.transport.stats import TransportStats
 from peerlearn.wire import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Hello, Join
 
@@ -156,7 +156,19 @@ class Daemon:
             self.heard,
             self.rejoin.on_state,
             self.tag_window,
-            self._far,
+            # Where frames may drop, a frame far ahead of running workers is dropped, not
+            # held: held, it would pace its sender to the slowest receiver.
+            # Only where the workers can catch up from a peer's state (not standalone MAA, nor
+            # once a state could not be resumed from): else a dropped frame stalls them.
+            drop_ahead=lambda: (
+                self.run_cfg.spec.delivery is not DeliveryPolicy.KEEP
+                and self.run_cfg.spec.resume is not None
+                # an open-ended run: in a finite one, peers finish and leave, and a late
+                # daemon must finish from what they sent — nobody is left to catch up from
+                and self.run_cfg.steps is None
+                and not self.rejoin.cannot_resume
+                and self.workers_started
+            ),
         )
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         problem, n = self.problem, self.run_cfg.processes
@@ -216,28 +228,6 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"Daemon(cluster={self.me.cluster}, {self.state}, port={self.peer_port})"
-
-    def _far(self) -> Beyond:
-        """What becomes of a peer's frame beyond the tag window now (on the event loop)."""
-        if (
-            self.run_cfg.spec.delivery is DeliveryPolicy.KEEP
-            or self.run_cfg.spec.resume is None
-            or self.rejoin.cannot_resume
-            or not self.workers_started
-        ):
-            # The workers cannot catch up from a peer's state (frames are kept, standalone
-            # MAA, a state that could not be resumed from), or have not started: a dropped
-            # frame would stall them. Held: the sender's window bounds what it costs.
-            return Beyond.HOLD
-        if self.run_cfg.steps is None:
-            # Open-ended: dropped, and a worker that gets there catches up — held, it would
-            # pace its sender to the slowest receiver.
-            return Beyond.DROP
-        # Finite: peers finish and leave, and a late daemon then finishes from what they
-        # sent, nobody being left to catch up from — held, up to tag_window_bytes in all (a
-        # daemon back from a partition would otherwise take in its peers' whole windows at
-        # once, and a long run's memory would keep that peak); beyond, dropped.
-        return Beyond.HOLD_IF_ROOM
 
     def _release_held(self) -> None:
         """A worker advanced (its thread): frames held for the tag window may be due now."""
@@ -469,7 +459,6 @@ class Daemon:
             catchup=self.rejoin.on_note,
             beyond=self.router.beyond,
             ahead=self.rejoin.dropped_here,
-            hold_bytes=self.cfg.tag_window_bytes,
         )
         for box in self.mailboxes.values():
             box.on_advance = self._release_held

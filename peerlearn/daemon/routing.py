@@ -78,7 +78,7 @@ class DaemonRouter:
         heard: Heard,
         state: Callable[[Data], None] | None = None,
         window: int = 1024,
-        far: Callable[[], Beyond] = lambda: Beyond.HOLD,
+        drop_ahead: Callable[[], bool] = lambda: False,
     ) -> None:
         self._delivery = delivery
         self._mailboxes = delivery.mailboxes
@@ -88,7 +88,7 @@ class DaemonRouter:
         self._state = state  # where a peer's state frame goes (catching up)
         self._transport: Transport | None = None
         self._window = window
-        self._far = far  # what to do with a frame beyond the window (the daemon decides)
+        self._drop_ahead = drop_ahead
 
     def attach(self, transport: Transport) -> None:
         """From now on, messages for remote processes go out through ``transport``."""
@@ -117,11 +117,12 @@ class DaemonRouter:
 
     def beyond(self, data: Data) -> Beyond:
         """What to do with a peer's frame now (on the event loop): within the tag window, or
-        never windowed (posts, state, snapshots): deliver; further ahead: what the daemon says
-        of far frames now (hold, drop, or hold while there is room: see :meth:`holds`)."""
+        never windowed (posts, state, snapshots): deliver; further ahead: where frames may
+        drop and the workers run, drop it — the workers catch up from a peer's state if they
+        get there (a straggler must not pace its senders) — else hold it (see :meth:`holds`)."""
         if not self.holds(data):
             return Beyond.DELIVER
-        return self._far()
+        return Beyond.DROP if self._drop_ahead() else Beyond.HOLD
 
     def holds(self, data: Data) -> bool:
         """Whether a peer's frame must wait (on the event loop): a message for an iteration

@@ -121,9 +121,6 @@ class Beyond(StrEnum):
     #: far ahead where frames may drop and the workers run: acknowledged and dropped (counted
     #: ``ahead``); ``ahead`` is told, so that a worker that gets there catches up
     DROP = "drop"
-    #: far ahead where the workers could catch up but a peer may leave before they get there
-    #: (a finite run): held while what is held fits ``hold_bytes``, else dropped like DROP
-    HOLD_IF_ROOM = "hold_if_room"
 
 
 #: the fault hook: (the sending daemon's cluster, the frame) -> what to do with it
@@ -173,7 +170,6 @@ class Transport:
         catchup: Callable[[int, Catchup], None] | None = None,
         beyond: Callable[[Data], Beyond] | None = None,
         ahead: Callable[[int, int], None] | None = None,
-        hold_bytes: int = 1 << 20,
     ) -> None:
         self.hello = hello
         self.join = join
@@ -192,10 +188,6 @@ class Transport:
         self._ahead = ahead
         #: frames held on all connections (read from worker threads: whether to wake the loop)
         self.holding = 0
-        #: the payload bytes of those frames, and what they may come to for HOLD_IF_ROOM
-        #: frames (HOLD frames are held regardless: their senders' windows bound them)
-        self.held_bytes = 0
-        self.hold_bytes = hold_bytes
         #: the earliest iteration of a frame held (None: none): a worker's advance wakes the
         #: loop only when it brings a held frame within reach
         self.due_at: int | None = None
@@ -473,14 +465,8 @@ class Transport:
                 if not finite(data.value):  # judged first: it is no news of any iteration
                     self._take(peer, data)  # (dropped there, counted)
                     return
-                verdict = self._beyond(data) if self._beyond is not None else Beyond.DELIVER
-                if (
-                    verdict is Beyond.HOLD_IF_ROOM
-                    and self.held_bytes + data.value.nbytes > self.hold_bytes
-                ):
-                    verdict = Beyond.DROP
-                match verdict:
-                    case Beyond.HOLD | Beyond.HOLD_IF_ROOM:
+                match self._beyond(data) if self._beyond is not None else Beyond.DELIVER:
+                    case Beyond.HOLD:
                         self._hold_back(proto, state, data)
                     case Beyond.DROP:
                         self._taken(peer, data.seq)  # acked like any frame, never resent
@@ -506,7 +492,9 @@ class Transport:
                     # finishes from the frames of peers that finished and left).
                     for _, _, data in sorted(state.held):
                         self._take(state.cluster, data, checked=True)
-                    self._unhold(state)
+                    self.holding -= len(state.held)
+                    state.held = []
+                    self._due()
                 proto.close()
             case _:
                 self.stats.error("unexpected_message")
@@ -551,7 +539,6 @@ class Transport:
         assert isinstance(iteration, int) and state.cluster is not None  # (checked on entry)
         heapq.heappush(state.held, (iteration, data.seq, data))
         self.holding += 1
-        self.held_bytes += data.value.nbytes
         if self.due_at is None or iteration < self.due_at:
             self.due_at = iteration
             # A worker may have advanced since the frame was judged, and found nothing held
@@ -598,11 +585,10 @@ class Transport:
                 entry = heapq.heappop(heap)
                 data = entry[2]
                 verdict = beyond(data)
-                if verdict is Beyond.HOLD or verdict is Beyond.HOLD_IF_ROOM:  # not yet due
+                if verdict is Beyond.HOLD:  # not yet for the workers it is for
                     still.append(entry)
                     continue
                 taken += 1
-                self.held_bytes -= data.value.nbytes
                 if data.seq <= self._delivered.get(peer, 0) or data.seq in self._early.get(
                     peer, ()
                 ):  # taken meanwhile from a resend on a newer connection
@@ -626,13 +612,6 @@ class Transport:
             if state.paused and ahead < self.settings.window:
                 state.paused = False
                 proto.resume_reading()
-        self._due()
-
-    def _unhold(self, state: _Inbound) -> None:
-        """Forget what ``state`` holds (taken at a bye, or to be resent after a lost link)."""
-        self.holding -= len(state.held)
-        self.held_bytes -= sum(data.value.nbytes for _, _, data in state.held)
-        state.held = []
         self._due()
 
     def _due(self) -> None:
@@ -943,7 +922,9 @@ class Transport:
     def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
         state = self._inbound.pop(proto, None)
         if state is not None and state.held:  # unacked: the sender resends them
-            self._unhold(state)
+            self.holding -= len(state.held)
+            state.held = []
+            self._due()
 
     def _label(self, cluster: int) -> str:
         for link in self.links:
