@@ -215,6 +215,11 @@ class RunSettings(_Frozen):
         "gossip: ring)",
     )
     problem: ProblemConfig = ProblemConfig()
+    dtype: Literal["float32", "float64"] | None = Field(
+        None,
+        description="the dtype of models, gradients, the register store and the wire; "
+        "default: the problem's own (float64; a torch model's float32)",
+    )
     lr: LRConfig = LRConfig()
     maa: MAAConfig = MAAConfig()
     elastic: ElasticConfig = ElasticConfig()
@@ -427,6 +432,11 @@ class RunConfig(RunSettings):
             if self._changed(setting) and not self.spec.reads(setting):
                 applies = ", ".join(readers(setting))
                 out.append(f"{setting} is ignored by {self.algorithm} (it applies to {applies})")
+        if self.dtype is not None and not self.spec.needs_problem:
+            out.append(
+                f"dtype is ignored by {self.algorithm}: its inputs are drawn in float64 "
+                "(it applies to algorithms with a problem)"
+            )
         return out
 
     def _changed(self, setting: str) -> bool:

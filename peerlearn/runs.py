@@ -13,7 +13,7 @@ import numpy as np
 
 from peerlearn.config import RunConfig
 from peerlearn.effects import Program
-from peerlearn.problems import Problem, make_problem
+from peerlearn.problems import Problem, in_dtype, make_problem
 from peerlearn.streams import Purpose, stream
 
 __all__ = [
@@ -36,7 +36,7 @@ def build_problem(cfg: RunConfig) -> Problem | None:
     """The run's problem (None for standalone agreement, which computes no gradient)."""
     if not cfg.spec.needs_problem:
         return None
-    return make_problem(cfg.problem.name, **cfg.problem.params)
+    return in_dtype(make_problem(cfg.problem.name, **cfg.problem.params), cfg.dtype)
 
 
 def make_programs(cfg: RunConfig, problem: Problem | None, pids: Iterable[int]) -> list[Program]:

@@ -5,7 +5,10 @@ Only this module imports torch (``pip install 'peerlearn[torch]'``); the core ne
 algorithms carry one flat vector of parameters: every process builds its own model from
 ``model_fn`` (torch modules are not safe to share between worker threads) whose parameters are
 views into one contiguous tensor, so loading a model is one copy in, and a gradient is one copy
-out — into the float64 vector the wire and the register store carry today.
+out — into a vector of the model's dtype (float32 for most models: the run's dtype then is
+float32, and the wire and the register store carry half the bytes of float64; a float16 model
+travels as float32, numpy and the wire having no float16 arithmetic of their own). A run
+that sets ``dtype = "float64"`` gets its gradients cast once more.
 
 - **Start point.** ``model_fn`` is called under ``torch.manual_seed(seed)``: every process, in
   every daemon, starts from the same x₁, as the algorithms assume.
@@ -72,8 +75,9 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Flat:
-    """One model whose parameters are views into one contiguous float32 tensor, and whose
-    gradients are too: loading x is one copy, reading a gradient one copy."""
+    """One model whose parameters are views into one contiguous tensor, and whose gradients
+    are too: loading x is one copy, reading a gradient one copy (into ``dtype``: the
+    parameters', float32 for float16 ones)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -94,6 +98,9 @@ class _Flat:
         dtype = params[0].dtype
         if any(p.dtype != dtype for p in params):
             raise ProblemError("the model's parameters must share one dtype")
+        self.dtype: np.dtype[np.floating] = np.dtype(
+            np.float64 if dtype == torch.float64 else np.float32
+        )
         self.flat = torch.empty(self.dim, dtype=dtype)
         self.grad = torch.zeros(self.dim, dtype=dtype)
         offset = 0
@@ -113,7 +120,7 @@ class _Flat:
         self.flat.numpy()[:] = x
 
     def read(self) -> Vector:
-        return self.flat.detach().numpy().astype(np.float64)
+        return self.flat.detach().numpy().astype(self.dtype)  # a copy: flat is live
 
     def gradient(self, loss: torch.Tensor) -> Vector:
         self.grad.zero_()
@@ -125,8 +132,8 @@ class _Flat:
         slots = [p.grad.data_ptr() if p.grad is not None else 0 for p in self.params]
         if slots != self._slots:  # the flat buffer would miss that gradient
             raise ProblemError("autograd replaced a parameter's gradient buffer: unsupported")
-        out = np.empty(self.dim, dtype=np.float64)
-        torch.from_numpy(out).copy_(self.grad)  # the one copy out (and to float64)
+        out = np.empty(self.dim, dtype=self.dtype)
+        torch.from_numpy(out).copy_(self.grad)  # the one copy out
         return out
 
 
@@ -235,6 +242,10 @@ class TorchProblem(Problem):
     @property
     def dim(self) -> int:
         return self._eval.dim
+
+    @property
+    def dtype(self) -> np.dtype[np.floating]:
+        return self._eval.dtype
 
     def x0(self) -> Vector:
         return self._x0.copy()

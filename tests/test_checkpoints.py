@@ -133,8 +133,8 @@ async def _run_then_stop(dirs: list[Path], until: int, first: int | None = None,
 
 def _saved(d: Path, cfg: dict[str, Any], i: int, n: int) -> Checkpoint:
     node = _node(cfg, i, n)
-    dim = QUAD["dim"]
-    return decode(d / "checkpoint.npz", node.fingerprint, i, node.membership.members[i], dim)
+    dim, dtype = QUAD["dim"], np.dtype(cfg.get("dtype", "float64"))
+    return decode(d / "checkpoint.npz", node.fingerprint, i, node.membership.members[i], dim, dtype)
 
 
 def _node(cfg: dict[str, Any], i: int, n: int) -> Any:
@@ -142,13 +142,14 @@ def _node(cfg: dict[str, Any], i: int, n: int) -> Any:
     return load_node_config(None, {**cfg, "listen": addrs[i], "peers": addrs})
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 async def test_a_restarted_daemon_starts_from_its_checkpointed_models_bit_for_bit(
-    tmp_path: Path,
+    tmp_path: Path, dtype: str
 ) -> None:
     """Its workers hold the checkpoint's iteration, model and generator state before they
-    start (it waits for a peer that never comes)."""
+    start (it waits for a peer that never comes) — in the run's dtype."""
     dirs = [tmp_path / "d0", tmp_path / "d1"]
-    cfg = _config(algorithm="alg1", steps=100_000)
+    cfg = _config(algorithm="alg1", steps=100_000, dtype=dtype)
     await _run_then_stop(dirs, 30, **cfg)
     saved = _saved(dirs[0], cfg, 0, 2)
     async with local_cluster(
@@ -160,6 +161,7 @@ async def test_a_restarted_daemon_starts_from_its_checkpointed_models_bit_for_bi
         for w, s in zip(d.workers, saved.workers, strict=True):
             (step, model, key), rng = w.saved
             assert model is not None and (w.pid, step, key) == (s.pid, s.step, s.extra)
+            assert model.dtype == s.model.dtype == np.dtype(dtype)
             assert model.tobytes() == s.model.tobytes()
             assert rng == s.rng == w._rng.bit_generator.state
             assert w.state.value == "created"

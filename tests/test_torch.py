@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from examples.digits_cnn import digits, loss, model, problem  # noqa: E402
 from peerlearn.errors import ProblemError  # noqa: E402
+from peerlearn.problems import in_dtype  # noqa: E402
 from peerlearn.runs import grad_stream  # noqa: E402
 from peerlearn.runtime.worker import WorkerState  # noqa: E402
 from peerlearn.sim import Status, run_simulation  # noqa: E402
@@ -45,8 +46,8 @@ def _reference(x: np.ndarray, idx: np.ndarray) -> tuple[torch.nn.Module, torch.T
 def test_the_flat_gradient_is_torchs_per_parameter_gradients_exactly() -> None:
     p = problem(batch_size=16)
     oracle = p.oracle(1, 3, 1)
-    x = p.x0() + np.random.default_rng(5).normal(0, 0.05, p.dim)
-    x = x.astype(np.float32).astype(np.float64)  # a float32 model, as torch holds it
+    assert p.x0().dtype == np.float32  # the model's own dtype: no float64 copy on the way
+    x = (p.x0() + np.random.default_rng(5).normal(0, 0.05, p.dim)).astype(np.float32)
     # A twin of the oracle's batch stream, on a twin generator: the batches it took.
     twin, twin_rng, rng = (
         Batches(len(digits()[0][0]), 16, 1, 3, "shard"),
@@ -56,16 +57,30 @@ def test_the_flat_gradient_is_torchs_per_parameter_gradients_exactly() -> None:
     for _ in range(40):  # past an epoch of the shard: its buffers reused, never accumulated into
         got = oracle(x, rng)
         net, _ = _reference(x, twin.next(twin_rng))
-        want = torch.cat([q.grad.reshape(-1) for q in net.parameters()]).double().numpy()
-        assert got.dtype == np.float64 and got.shape == (p.dim,)
+        want = torch.cat([q.grad.reshape(-1) for q in net.parameters()]).numpy()
+        assert got.dtype == np.float32 and got.shape == (p.dim,)
         assert np.array_equal(got, want)
+
+
+def test_a_run_in_float64_casts_the_float32_model_once_each_way() -> None:
+    # The run's dtype is the model's unless the config says otherwise: float64 then, each
+    # gradient one cast beyond torch's copy out; losses and the module take either dtype.
+    p = problem(batch_size=16)
+    wide = in_dtype(p, "float64")
+    assert p.dtype == np.float32 and wide.dtype == np.float64
+    assert np.array_equal(wide.x0(), p.x0().astype(np.float64))
+    x = wide.x0()
+    g32 = p.oracle(1, 3, 1)(p.x0(), np.random.default_rng(2))
+    g64 = wide.oracle(1, 3, 1)(x, np.random.default_rng(2))
+    assert g64.dtype == np.float64 and np.array_equal(g64, g32.astype(np.float64))
+    assert wide.loss(x) == p.loss(p.x0())
 
 
 def test_a_step_through_peerlearn_is_torch_sgds_step_within_one_ulp() -> None:
     # One process, one iteration of Alg 1 in the simulator: x₂ = x₁ − η G(x₁). torch.optim.SGD
     # on the same batch (the process's own gradient stream draws it) does the same in float32,
-    # peerlearn in float64 rounded to the float32 model: within 1 ulp. (η a power of two: a
-    # decimal η rounds differently in float32 and float64 — 3 ulp apart where x − ηg cancels.)
+    # and so does peerlearn (the run's dtype is the model's): within 1 ulp — torch may fuse the
+    # multiply-add, numpy rounds twice. (η a power of two: exact in float32.)
     lr = 0.125
     run = cfg(
         algorithm="alg1", processes=1, clusters=1, steps=1, lr={"eta": lr}, problem={"name": CNN}

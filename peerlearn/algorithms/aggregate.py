@@ -40,9 +40,12 @@ def _stack(values: Sequence[Vector]) -> Vector:
 
 def _pairwise2(stacked: Vector) -> Vector:
     # ‖a−b‖² = ‖a‖² + ‖b‖² − 2⟨a,b⟩ loses precision when values are nearly equal (exactly when
-    # agreement has converged), so take explicit differences: k ≤ a few dozen here.
+    # agreement has converged), so take explicit differences: k ≤ a few dozen here. Summed in
+    # float64 whatever the models' dtype: a float32 sum over d elements would lose ~√d·2⁻²⁴ of
+    # each distance, enough to pick another pair than the farthest and to blur the diameters
+    # the contraction is measured by; the midpoint itself stays in the models' dtype.
     diff = stacked[:, None, :] - stacked[None, :, :]
-    d2: Vector = np.einsum("ijk,ijk->ij", diff, diff)
+    d2: Vector = np.einsum("ijk,ijk->ij", diff, diff, dtype=np.float64)
     return d2
 
 
@@ -75,7 +78,7 @@ def approach_ext(values: Sequence[Vector], own: Vector) -> Vector:
     Appendix A.2)."""
     stacked = _stack(values)
     diff = stacked - own
-    far = int(np.argmax(np.einsum("ij,ij->i", diff, diff)))
+    far = int(np.argmax(np.einsum("ij,ij->i", diff, diff, dtype=np.float64)))  # (as above)
     out: Vector = (own + stacked[far]) / 2.0
     return out
 

@@ -19,7 +19,7 @@ this peerlearn does not know, or one that does not parse is refused with
 daemon does not start (``peerlearn run`` exits 2), rather than train afresh over it.
 
 The file is a plain .npz without pickles: ``meta`` (UTF-8 JSON as uint8), ``model_<pid>`` and
-``ledger_<pid>`` (float64) — ``numpy.load`` reads it anywhere.
+``ledger_<pid>`` (in the run's dtype, float64 by default) — ``numpy.load`` reads it anywhere.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.npz"
 INCARNATION = "incarnation"
 UNUSED = "checkpoint.unused.npz"
+#: the models' dtype unless the run says otherwise
+FLOAT64: np.dtype[Any] = np.dtype(np.float64)
 #: a meta record larger than this is no checkpoint of ours (read before anything is parsed)
 _META_CAP = 16 * 1024 * 1024
 
@@ -131,9 +133,16 @@ def _fail(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"cannot resume from {path}: {why} (the file is left as it is)")
 
 
-def decode(path: Path, fingerprint: str, cluster: int, pids: Sequence[int], dim: int) -> Checkpoint:
-    """The checkpoint in ``path``, checked against this daemon's run; CheckpointError if it is
-    not one this daemon can resume from."""
+def decode(
+    path: Path,
+    fingerprint: str,
+    cluster: int,
+    pids: Sequence[int],
+    dim: int,
+    dtype: np.dtype[Any] = FLOAT64,
+) -> Checkpoint:
+    """The checkpoint in ``path``, checked against this daemon's run (models of ``dim``
+    elements of ``dtype``); CheckpointError if it is not one this daemon can resume from."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "meta" not in npz.files:
@@ -163,7 +172,7 @@ def decode(path: Path, fingerprint: str, cluster: int, pids: Sequence[int], dim:
                 raise _fail(
                     path, f"it is cluster {meta.get('cluster')!r:.20}'s, this daemon is {cluster}"
                 )
-            workers = tuple(_worker(path, npz, w, dim) for w in meta.get("workers", []))
+            workers = tuple(_worker(path, npz, w, dim, dtype) for w in meta.get("workers", []))
             if sorted(w.pid for w in workers) != sorted(pids):
                 raise _fail(path, "its workers are not this daemon's")
             incarnation, saved_at = meta.get("incarnation"), meta.get("saved_at")
@@ -183,13 +192,13 @@ def _newer(version: object) -> bool:
     return type(version) is int and version > FORMAT_VERSION
 
 
-def _worker(path: Path, npz: Any, w: Any, dim: int) -> SavedWorker:
+def _worker(path: Path, npz: Any, w: Any, dim: int, dtype: np.dtype[Any]) -> SavedWorker:
     if not isinstance(w, dict) or type(w.get("pid")) is not int or type(w.get("step")) is not int:
         raise _fail(path, "a worker record without pid or step")
     pid, step = w["pid"], w["step"]
     if not 1 <= step <= INT64_MAX:
         raise _fail(path, f"worker {pid} at iteration {step}")
-    model = _vector(path, npz, f"model_{pid}", dim)
+    model = _vector(path, npz, f"model_{pid}", dim, dtype)
     extra = w.get("extra", [])
     if not isinstance(extra, list) or any(type(v) is not int for v in extra):
         raise _fail(path, f"worker {pid}'s state is not a list of integers")
@@ -204,16 +213,16 @@ def _worker(path: Path, npz: Any, w: Any, dim: int) -> SavedWorker:
         ok = isinstance(lg, list) and len(lg) == 2 and type(lg[0]) is int
         if not ok or not (lg[1] is None or type(lg[1]) is int):
             raise _fail(path, f"worker {pid}'s ledger is malformed")
-        ledger = (lg[0], lg[1], _vector(path, npz, f"ledger_{pid}", dim))
+        ledger = (lg[0], lg[1], _vector(path, npz, f"ledger_{pid}", dim, dtype))
     return SavedWorker(pid, step, model, tuple(extra), rng, ledger)
 
 
-def _vector(path: Path, npz: Any, name: str, dim: int) -> Vector:
+def _vector(path: Path, npz: Any, name: str, dim: int, dtype: np.dtype[Any]) -> Vector:
     if name not in npz.files:
         raise _fail(path, f"no {name!r} array")
     x: Vector = npz[name]
-    if x.dtype != np.float64 or x.shape != (dim,):
-        raise _fail(path, f"{name!r} is {x.dtype}{list(x.shape)}, this run's models float64[{dim}]")
+    if x.dtype != dtype or x.shape != (dim,):
+        raise _fail(path, f"{name!r} is {x.dtype}{list(x.shape)}, this run's models {dtype}[{dim}]")
     x.flags.writeable = False
     return x
 
@@ -258,12 +267,17 @@ class StateDir:
             self._lock = None
 
     def load(
-        self, fingerprint: str, cluster: int, pids: Sequence[int], dim: int
+        self,
+        fingerprint: str,
+        cluster: int,
+        pids: Sequence[int],
+        dim: int,
+        dtype: np.dtype[Any] = FLOAT64,
     ) -> Checkpoint | None:
         """The last checkpoint (None: there is none); CheckpointError if it cannot be resumed."""
         if not self.checkpoint.exists():
             return None
-        return decode(self.checkpoint, fingerprint, cluster, pids, dim)
+        return decode(self.checkpoint, fingerprint, cluster, pids, dim, dtype)
 
     def next_incarnation(self, saved: Checkpoint | None) -> int:
         """This start's incarnation — the clock's nanoseconds, but always greater than every

@@ -48,7 +48,7 @@ from peerlearn.daemon.restore import Restore, resumable, start_from_checkpoint
 from peerlearn.daemon.routing import DaemonRouter, Heard, tag_window
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
-from peerlearn.problems import Problem
+from peerlearn.problems import Problem, in_dtype
 from peerlearn.runs import build_problem, grad_stream, make_programs
 from peerlearn.runtime.delivery import Delivery
 from peerlearn.runtime.mailbox import Mailbox, Waiting
@@ -100,8 +100,14 @@ class Daemon:
         self.incarnation = time.time_ns()
         self.state = DaemonState.STARTING
         self.pids = self.membership.members[self.me.cluster]
-        self.problem = problem if problem is not None else build_problem(self.run_cfg)
+        self.problem = (
+            in_dtype(problem, self.run_cfg.dtype)
+            if problem is not None
+            else build_problem(self.run_cfg)
+        )
         self.dim = self.problem.dim if self.problem is not None else cfg.dim
+        #: the dtype of models, the store and the wire (standalone agreement: float64)
+        self.dtype = self.problem.dtype if self.problem is not None else np.dtype(np.float64)
         self.store = RegisterStore(self.pids)
         self.mailboxes = {
             pid: Mailbox(self.membership.cluster_of, self.membership.clusters) for pid in self.pids
@@ -141,7 +147,7 @@ class Daemon:
         self.tag_window = tag_window(
             cfg.tag_window,
             cfg.tag_window_bytes,
-            self.dim * 8 + _HEADER_ALLOWANCE,
+            self.dim * self.dtype.itemsize + _HEADER_ALLOWANCE,
             self.membership.processes - len(self.pids),
         )
         if self.tag_window < cfg.tag_window:
@@ -359,7 +365,9 @@ class Daemon:
             self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, None)
             self.rejoin.incarnation = self.incarnation
             return
-        saved = await asyncio.to_thread(state_dir.load, fingerprint, cluster, self.pids, self.dim)
+        saved = await asyncio.to_thread(
+            state_dir.load, fingerprint, cluster, self.pids, self.dim, self.dtype
+        )
         self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, saved)
         self.rejoin.incarnation = self.incarnation
         self.saver = Saver(state_dir, fingerprint, cluster)
@@ -424,7 +432,7 @@ class Daemon:
             name=f"{self.me.cluster}@{self.me.address}",
         )
         join = Join(
-            workers=self.pids, dim=self.dim, dtype="float64", fingerprint=self.cfg.fingerprint
+            workers=self.pids, dim=self.dim, dtype=self.dtype.name, fingerprint=self.cfg.fingerprint
         )
         peers = [
             PeerAddress(d.cluster, *parse_address(d.address))
@@ -435,14 +443,14 @@ class Daemon:
             max_queue=self.cfg.queue_size,
             queue_timeout=self.cfg.queue_timeout,
             queue_bytes=self.cfg.queue_bytes,
-            frame_bytes=self.dim * 8 + _HEADER_ALLOWANCE,
+            frame_bytes=self.dim * self.dtype.itemsize + _HEADER_ALLOWANCE,
             keep=self.run_cfg.spec.delivery is DeliveryPolicy.KEEP,
             replay=self.run_cfg.spec.lockstep and self.run_cfg.spec.resume is not None,
             peer_timeout=self.cfg.peer_timeout,
             handshake_timeout=self.cfg.handshake_timeout,
             peer_give_up=self.cfg.peer_give_up,
             drain_timeout=self.cfg.drain_timeout,
-            max_payload=max(self.dim * 8, 1024),
+            max_payload=max(self.dim * self.dtype.itemsize, 1024),
             secret=self._secret,
             run_settings=self.cfg.fingerprint_settings,
             tls=self._tls,

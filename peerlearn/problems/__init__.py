@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 
 from peerlearn.errors import ProblemError
-from peerlearn.problems.base import Constants, Problem
+from peerlearn.problems.base import Constants, Problem, in_dtype
 from peerlearn.problems.digits import MLP, SoftmaxRegression
 from peerlearn.problems.logistic import LogisticRegression
 from peerlearn.problems.nonconvex import DoubleWell, SmoothNonConvex
@@ -41,6 +41,7 @@ __all__ = [
     "Problem",
     "SmoothNonConvex",
     "SoftmaxRegression",
+    "in_dtype",
     "make_problem",
 ]
 

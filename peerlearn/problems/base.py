@@ -18,7 +18,7 @@ import numpy as np
 
 from peerlearn.effects import Vector
 
-__all__ = ["Constants", "Problem"]
+__all__ = ["Constants", "InDtype", "Problem", "in_dtype"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,12 @@ class Problem(ABC):
     @abstractmethod
     def dim(self) -> int:
         """Number of parameters."""
+
+    @property
+    def dtype(self) -> np.dtype[np.floating]:
+        """The dtype of its models and gradients: float64, or float32 (a torch model's); a
+        run's ``dtype`` setting casts them otherwise (:func:`in_dtype`)."""
+        return np.dtype(np.float64)
 
     @abstractmethod
     def x0(self) -> Vector:
@@ -90,3 +96,65 @@ class Problem(ABC):
     def evaluate(self, x: Vector) -> dict[str, float]:
         """Extra quality figures for reports (e.g. test accuracy); empty by default."""
         return {}
+
+
+class InDtype(Problem):
+    """``problem`` with models and gradients in ``dtype`` instead of its own: the start point
+    and every gradient are cast once (the one copy a gradient may cost); losses, evaluation
+    and export take models of either dtype and compute in the problem's own."""
+
+    def __init__(self, problem: Problem, dtype: np.dtype[np.floating]) -> None:
+        self.inner = problem
+        self.name = problem.name
+        self._dtype = dtype
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    @property
+    def dtype(self) -> np.dtype[np.floating]:
+        return self._dtype
+
+    def x0(self) -> Vector:
+        return self.inner.x0().astype(self._dtype)
+
+    def grad(self, x: Vector, rng: np.random.Generator) -> Vector:
+        return self.inner.grad(x, rng).astype(self._dtype, copy=False)
+
+    def loss(self, x: Vector) -> float:
+        return self.inner.loss(x)
+
+    def full_grad(self, x: Vector) -> Vector:
+        return self.inner.full_grad(x).astype(self._dtype, copy=False)
+
+    def oracle(
+        self, pid: int, processes: int, local: int
+    ) -> Callable[[Vector, np.random.Generator], Vector]:
+        inner = self.inner.oracle(pid, processes, local)
+        dtype = self._dtype
+
+        def grad(x: Vector, rng: np.random.Generator) -> Vector:
+            return inner(x, rng).astype(dtype, copy=False)
+
+        return grad
+
+    @property
+    def constants(self) -> Constants:
+        return self.inner.constants
+
+    def eval_loss(self, x: Vector, batch: int) -> float:
+        return self.inner.eval_loss(x, batch)
+
+    def export(self, x: Vector, directory: Path) -> list[Path]:
+        return self.inner.export(x, directory)
+
+    def evaluate(self, x: Vector) -> dict[str, float]:
+        return self.inner.evaluate(x)
+
+
+def in_dtype(problem: Problem, dtype: str | None) -> Problem:
+    """``problem`` with its models in ``dtype`` ("float32", "float64"; None: its own)."""
+    if dtype is None or np.dtype(dtype) == problem.dtype:
+        return problem
+    return InDtype(problem, np.dtype(dtype))
