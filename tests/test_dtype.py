@@ -13,6 +13,7 @@ import pytest
 
 from peerlearn.algorithms.registry import ALGORITHMS
 from peerlearn.config import RunConfig
+from peerlearn.daemon.config import load_node_config
 from peerlearn.daemon.node import DaemonState
 from peerlearn.problems import in_dtype, make_problem
 from peerlearn.problems.base import InDtype
@@ -95,3 +96,44 @@ async def test_daemons_in_float32_send_half_the_bytes(algorithm: str) -> None:
             assert frames > 0
             # 1000 float32 parameters and a header: 4 KB a frame, not float64's 8 KB
             assert 4000 <= size / frames < 5000
+
+
+def test_unset_and_the_problems_own_dtype_are_one_run() -> None:
+    # The fingerprint leaves dtype out (runs from before the setting keep theirs, and their
+    # checkpoints stay resumable); the handshake compares the dtype each daemon resolved.
+    def fingerprint(**fields: Any) -> str:
+        addrs = ["127.0.0.1:7000", "127.0.0.1:7001"]
+        cfg = load_node_config(None, {"listen": addrs[0], "peers": addrs, **fields})
+        return cfg.fingerprint
+
+    assert fingerprint() == fingerprint(dtype="float64") == fingerprint(dtype="float32")
+
+
+async def test_a_daemon_of_another_dtype_is_refused_and_says_why() -> None:
+    async with local_cluster(
+        2,
+        workers=1,
+        algorithm="alg1",
+        problem=QUAD,
+        each=lambda i: {"dtype": ("float32", "float64")[i]},
+    ) as c:
+        links = [link for d in c.daemons for link in d.links]
+        await c.wait_for(lambda: all(link.last_error for link in links), 30)
+        assert all("dtype differs" in (link.last_error or "") for link in links)
+
+
+def test_a_cast_oracle_tells_what_its_process_tells() -> None:
+    # A torch process's oracle counts epochs (/status, peerlearn_epochs): a cast keeps that.
+    class Counting:
+        epochs = 2.5
+
+        def __call__(self, x: Any, rng: np.random.Generator) -> Any:
+            return np.ones(3)
+
+    class Own(type(make_problem("quadratic", dim=3))):  # type: ignore[misc]
+        def oracle(self, pid: int, processes: int, local: int) -> Any:
+            return Counting()
+
+    oracle = in_dtype(Own(dim=3), "float32").oracle(0, 1, 1)
+    assert oracle(np.zeros(3, np.float32), np.random.default_rng()).dtype == np.float32
+    assert oracle.epochs == 2.5

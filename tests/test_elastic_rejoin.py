@@ -32,7 +32,7 @@ from peerlearn.membership import Membership
 from peerlearn.runs import build_problem
 from peerlearn.runtime.mailbox import Mailbox, Waiting
 from peerlearn.runtime.worker import WorkerState
-from peerlearn.transport.catchup import Missed
+from peerlearn.transport.catchup import Missed, StateRequest
 from peerlearn.wire import Data
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 4, "sigma": 0.0}
@@ -363,6 +363,22 @@ async def test_a_restarted_centers_daemon_gathers_every_ledger_then_rebuilds_it(
     assert model.key == (11, 7) and model.step == 11 + 7 + 1  # served: 11 and 7 requests
     pending = program.send(None)
     assert isinstance(pending, Send) and pending.tag == ("rep", 11) and not pending.value.any()
+
+
+def test_a_worker_daemon_with_no_ledger_yet_answers_a_zero_one_in_the_runs_dtype() -> None:
+    # Its worker has reported no ledger yet (it is starting too): the answer is the empty
+    # ledger — in the run's dtype, or the center's daemon refuses the frame (bad_data).
+    cfg = config("async_easgd", 1, 40, 1).model_copy(update={"dtype": "float32"})
+    worker = _Worker(
+        pid=1, name="1.0", state=WorkerState.CREATED, done=threading.Event(), live=True, ledger=None
+    )
+    rejoin = Rejoin(cfg, build_problem(cfg), Membership.of_sizes([1, 1]), [worker])  # type: ignore[list-item]
+    transport = _Transport()
+    rejoin.attach(transport)  # type: ignore[arg-type]
+    rejoin.on_note(0, StateRequest(restart=True))  # the center's daemon restarted and asks
+    ((cluster, tag, _, value),) = transport.sent
+    assert cluster == 0 and tag[:2] == ("ledger", 1)
+    assert value.dtype == np.float32 and not value.any()
 
 
 @pytest.mark.parametrize(

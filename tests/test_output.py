@@ -132,8 +132,11 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> 
     assert path.read_bytes() == b"old"
 
 
-async def test_collect_writes_the_mean_of_every_daemons_models(tmp_path: Path) -> None:
-    async with local_cluster(3, workers=1, algorithm="dasgd", steps=40, problem=QUAD) as cluster:
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+async def test_collect_writes_the_mean_of_every_daemons_models(tmp_path: Path, dtype: str) -> None:
+    async with local_cluster(
+        3, workers=1, algorithm="dasgd", steps=40, problem=QUAD, dtype=dtype
+    ) as cluster:
         await asyncio.wait_for(
             asyncio.gather(
                 *(asyncio.to_thread(w.done.wait) for d in cluster.daemons for w in d.workers)
@@ -150,7 +153,10 @@ async def test_collect_writes_the_mean_of_every_daemons_models(tmp_path: Path) -
     arrays = _npz(out)
     assert set(arrays) == {"mean", "consensus_distance", "worker_0.0", "worker_1.0", "worker_2.0"}
     xs = [models[k] for k in ("0.0", "1.0", "2.0")]
-    np.testing.assert_allclose(arrays["mean"], np.mean(xs, axis=0), rtol=0, atol=1e-12)
+    assert all(arrays[f"worker_{k}"].dtype == dtype for k in ("0.0", "1.0", "2.0"))
+    assert arrays["mean"].dtype == dtype  # in the models' dtype, averaged in float64
+    want = np.mean(np.array(xs, dtype=np.float64), axis=0)
+    np.testing.assert_allclose(arrays["mean"], want, rtol=np.finfo(dtype).eps, atol=1e-12)
     spread = np.mean([np.sum((x - np.mean(xs, axis=0)) ** 2) for x in xs])
     np.testing.assert_allclose(arrays["consensus_distance"], spread, rtol=1e-9, atol=1e-15)
     assert "the mean of 3 models from 3 daemon(s)" in res.output

@@ -88,7 +88,7 @@ def test_a_step_through_peerlearn_is_torch_sgds_step_within_one_ulp() -> None:
     result = run_simulation(run)
     assert result.status is Status.FINISHED
     (proc,) = result.processes
-    assert proc.x is not None
+    assert proc.x is not None and proc.x.dtype == np.float32  # the model's dtype throughout
     p = problem()
     chosen = Batches(len(digits()[0][0]), 32, 0, 1, "shard").next(grad_stream(run, 0))
     net, _ = _reference(p.x0(), chosen)

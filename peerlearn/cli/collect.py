@@ -42,7 +42,9 @@ def _models(client: httpx.Client, api: str) -> tuple[str, list[tuple[str, str, V
             continue
         answer.raise_for_status()
         x = np.load(io.BytesIO(answer.content), allow_pickle=False)
-        got.append((wid, state, np.asarray(x, dtype=np.float64).ravel()))
+        if x.dtype not in (np.float32, np.float64):
+            raise fail(f"daemon {api}: worker {wid}'s model is {x.dtype}, not a float vector")
+        got.append((wid, state, x.ravel()))
     return str(view["state"]), got
 
 
@@ -111,7 +113,8 @@ def collect(
         raise fail(f"the models differ in shape {sorted(dims)}: daemons of different runs?")
     xs = list(live.values())
     with quiet_float_errors():
-        mean = np.mean(np.stack(xs), axis=0)
+        # averaged in float64, written in the models' dtype
+        mean = np.mean(np.stack(xs), axis=0, dtype=np.float64).astype(np.result_type(*xs))
         spread = consensus_distance(xs)
     arrays = {
         "mean": mean,

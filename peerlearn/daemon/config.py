@@ -389,7 +389,10 @@ class NodeConfig(BaseSettings, RunSettings):
         run = self.run
         quorum = run.n_quorum if run.spec.reads("quorum") else None
         fields = run.model_copy(update={"quorum": quorum}).model_dump(
-            mode="json", exclude={"sim", "trace", "topology", "max_failures"}
+            # dtype: the Join carries the one the run resolved it to (unset and the
+            # problem's own are the same run), checked before the fingerprint
+            mode="json",
+            exclude={"sim", "trace", "topology", "max_failures", "dtype"},
         )
         # Cluster ids and worker counts, not addresses: a replaced host keeps its cluster id
         # (and the others' peer lists may name its old address until they are updated).

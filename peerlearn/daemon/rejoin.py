@@ -636,7 +636,7 @@ class Rejoin:
         assert self._problem is not None and self._center is not None
         snapshot = w.ledger
         if snapshot is None:
-            return Ledger(0, None, np.zeros(self._problem.dim))
+            return Ledger(0, None, np.zeros(self._problem.dim, self._problem.dtype))
         answered, total, key = snapshot
         waiting = key[0] if key and type(key[0]) is int else None
         if waiting is None:

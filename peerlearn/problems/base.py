@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,13 +132,7 @@ class InDtype(Problem):
     def oracle(
         self, pid: int, processes: int, local: int
     ) -> Callable[[Vector, np.random.Generator], Vector]:
-        inner = self.inner.oracle(pid, processes, local)
-        dtype = self._dtype
-
-        def grad(x: Vector, rng: np.random.Generator) -> Vector:
-            return inner(x, rng).astype(dtype, copy=False)
-
-        return grad
+        return _CastOracle(self.inner.oracle(pid, processes, local), self._dtype)
 
     @property
     def constants(self) -> Constants:
@@ -151,6 +146,23 @@ class InDtype(Problem):
 
     def evaluate(self, x: Vector) -> dict[str, float]:
         return self.inner.evaluate(x)
+
+
+class _CastOracle:
+    """A process's oracle with its gradients cast to ``dtype``; what else the oracle tells
+    (a torch process's ``epochs``) is the inner one's."""
+
+    def __init__(
+        self, inner: Callable[[Vector, np.random.Generator], Vector], dtype: np.dtype[np.floating]
+    ) -> None:
+        self.inner = inner
+        self.dtype = dtype
+
+    def __call__(self, x: Vector, rng: np.random.Generator) -> Vector:
+        return self.inner(x, rng).astype(self.dtype, copy=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def in_dtype(problem: Problem, dtype: str | None) -> Problem:
