@@ -53,7 +53,7 @@ from peerlearn.membership import Membership
 from peerlearn.transport import auth, catchup
 from peerlearn.transport.catchup import Catchup
 from peerlearn.transport.links import LinkSettings, LinkState, OutLink, Throttle
-from peerlearn.transport.pool import BufferPool
+from peerlearn.transport.pool import BufferPool, give_back_memory
 from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
 from peerlearn.wire import (
@@ -149,6 +149,11 @@ class _Inbound:
 #: per daemon, so an honest peer's may be larger than this one's)
 _PAUSE_WINDOWS = 4
 
+#: payload bytes let go of from the hold after which the C heap is trimmed, and how long after
+#: the hold is empty (the frames taken from it are in the workers' hands until then)
+TRIM_AFTER = 1 << 20
+TRIM_DELAY = 2.0
+
 #: how long a producer waits on one full window before it tries the other full ones again
 BROADCAST_SLICE = 0.01
 
@@ -188,6 +193,12 @@ class Transport:
         self._ahead = ahead
         #: frames held on all connections (read from worker threads: whether to wake the loop)
         self.holding = 0
+        #: the payload bytes of those frames
+        self.held_bytes = 0
+        #: payload bytes let go of from the hold since the C heap was last trimmed
+        self._let_go = 0
+        self._trim: asyncio.TimerHandle | None = None
+        self.trims = 0  # times the heap was given back after a backlog
         #: the earliest iteration of a frame held (None: none): a worker's advance wakes the
         #: loop only when it brings a held frame within reach
         self.due_at: int | None = None
@@ -257,6 +268,9 @@ class Transport:
         take this daemon's acks and Bye — with the server closed first, its drain (and this
         one's, waiting on it in turn) would wait out drain_timeout."""
         self._closed.set()
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         await asyncio.gather(*(link.close(drain_unconnected) for link in self.links))
         if self._server is not None:
             self._server.close()
@@ -492,9 +506,7 @@ class Transport:
                     # finishes from the frames of peers that finished and left).
                     for _, _, data in sorted(state.held):
                         self._take(state.cluster, data, checked=True)
-                    self.holding -= len(state.held)
-                    state.held = []
-                    self._due()
+                    self._unhold(state)
                 proto.close()
             case _:
                 self.stats.error("unexpected_message")
@@ -539,6 +551,7 @@ class Transport:
         assert isinstance(iteration, int) and state.cluster is not None  # (checked on entry)
         heapq.heappush(state.held, (iteration, data.seq, data))
         self.holding += 1
+        self.held_bytes += data.value.nbytes
         if self.due_at is None or iteration < self.due_at:
             self.due_at = iteration
             # A worker may have advanced since the frame was judged, and found nothing held
@@ -589,6 +602,7 @@ class Transport:
                     still.append(entry)
                     continue
                 taken += 1
+                self._let_go_of(data.value.nbytes)
                 if data.seq <= self._delivered.get(peer, 0) or data.seq in self._early.get(
                     peer, ()
                 ):  # taken meanwhile from a resend on a newer connection
@@ -605,6 +619,7 @@ class Transport:
             if not taken:
                 continue
             self.holding -= taken
+            self._trim_later()
             if not state.ack_pending:
                 state.ack_pending = True
                 self._loop.call_soon(self._ack, proto, state)
@@ -613,6 +628,37 @@ class Transport:
                 state.paused = False
                 proto.resume_reading()
         self._due()
+
+    def _unhold(self, state: _Inbound) -> None:
+        """Let go of all ``state`` holds (taken at a bye, or resent after a lost link)."""
+        self.holding -= len(state.held)
+        for _, _, data in state.held:
+            self._let_go_of(data.value.nbytes)
+        state.held = []
+        self._due()
+        self._trim_later()
+
+    def _let_go_of(self, nbytes: int) -> None:
+        self.held_bytes -= nbytes
+        self._let_go += nbytes
+
+    def _trim_later(self) -> None:
+        """Once the hold is empty again after a backlog (a daemon back from a stop or a
+        partition takes in up to its senders' windows at once — 6 MB for three peers of a
+        1,000-parameter model), give the freed heap back to the system a moment later, when
+        the workers have been through the frames: the C allocator keeps a peak of small
+        blocks otherwise, and a long run's memory would grow by each new peak."""
+        if self.holding or self._let_go < TRIM_AFTER or self._trim is not None:
+            return
+        self._trim = self._loop.call_later(TRIM_DELAY, self._give_back)
+
+    def _give_back(self) -> None:
+        self._trim = None
+        if self.holding:  # a new backlog: trimmed when it is gone
+            return
+        self._let_go = 0
+        if give_back_memory():
+            self.trims += 1
 
     def _due(self) -> None:
         """The earliest iteration of a frame held on any connection (None: none held)."""
@@ -922,9 +968,7 @@ class Transport:
     def _on_lost(self, proto: FrameProtocol, exc: Exception | None) -> None:
         state = self._inbound.pop(proto, None)
         if state is not None and state.held:  # unacked: the sender resends them
-            self.holding -= len(state.held)
-            state.held = []
-            self._due()
+            self._unhold(state)
 
     def _label(self, cluster: int) -> str:
         for link in self.links:

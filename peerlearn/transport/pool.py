@@ -10,15 +10,17 @@ the only holder. Views of an array keep the array itself alive (numpy makes it t
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from peerlearn.effects import Vector
 
-__all__ = ["BufferPool"]
+__all__ = ["BufferPool", "give_back_memory"]
 
 
 def _only_the_pool() -> int:
@@ -34,6 +36,31 @@ def _only_the_pool() -> int:
 
 
 _ONLY_THE_POOL = _only_the_pool()
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, which returns the free pages of every heap arena to the
+    system; None where the C library has none (musl, macOS: nothing to give back this way)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> bool:
+    """Return the C heap's free pages to the system (payloads too small for the pool — under
+    ``min_bytes`` — come from it, and the allocator keeps a peak of them otherwise); False
+    where the C library cannot. A few milliseconds at most for a heap of this daemon's size."""
+    if _TRIM is None:
+        return False
+    _TRIM()
+    return True
 
 
 class BufferPool:
