@@ -149,10 +149,13 @@ class _Inbound:
 #: per daemon, so an honest peer's may be larger than this one's)
 _PAUSE_WINDOWS = 4
 
-#: payload bytes let go of from the hold after which the C heap is trimmed, and how long after
-#: the hold is empty (the frames taken from it are in the workers' hands until then)
+#: a hold that reached this many payload bytes and is (nearly) empty again has the C heap
+#: trimmed, TRIM_DELAY seconds later (the frames taken from it are in the workers' hands until
+#: then), at most once per TRIM_INTERVAL (a trim walks the whole heap: tens of ms for a few
+#: hundred MB, off the event loop)
 TRIM_AFTER = 1 << 20
 TRIM_DELAY = 2.0
+TRIM_INTERVAL = 30.0
 
 #: how long a producer waits on one full window before it tries the other full ones again
 BROADCAST_SLICE = 0.01
@@ -195,9 +198,11 @@ class Transport:
         self.holding = 0
         #: the payload bytes of those frames
         self.held_bytes = 0
-        #: payload bytes let go of from the hold since the C heap was last trimmed
-        self._let_go = 0
-        self._trim: asyncio.TimerHandle | None = None
+        #: the most held_bytes has been since the C heap was last trimmed
+        self._peak = 0
+        self._trim: asyncio.TimerHandle | None = None  # a trim to come
+        self._trimming: asyncio.Future[bool] | None = None  # a trim under way (a thread)
+        self._last_trim = -math.inf
         self.trims = 0  # times the heap was given back after a backlog
         #: the earliest iteration of a frame held (None: none): a worker's advance wakes the
         #: loop only when it brings a held frame within reach
@@ -271,6 +276,8 @@ class Transport:
         if self._trim is not None:
             self._trim.cancel()
             self._trim = None
+        if self._trimming is not None:
+            await asyncio.shield(self._trimming)  # a thread: it ends by itself, soon
         await asyncio.gather(*(link.close(drain_unconnected) for link in self.links))
         if self._server is not None:
             self._server.close()
@@ -552,6 +559,7 @@ class Transport:
         heapq.heappush(state.held, (iteration, data.seq, data))
         self.holding += 1
         self.held_bytes += data.value.nbytes
+        self._peak = max(self._peak, self.held_bytes)
         if self.due_at is None or iteration < self.due_at:
             self.due_at = iteration
             # A worker may have advanced since the frame was judged, and found nothing held
@@ -602,7 +610,7 @@ class Transport:
                     still.append(entry)
                     continue
                 taken += 1
-                self._let_go_of(data.value.nbytes)
+                self.held_bytes -= data.value.nbytes
                 if data.seq <= self._delivered.get(peer, 0) or data.seq in self._early.get(
                     peer, ()
                 ):  # taken meanwhile from a resend on a newer connection
@@ -632,32 +640,41 @@ class Transport:
     def _unhold(self, state: _Inbound) -> None:
         """Let go of all ``state`` holds (taken at a bye, or resent after a lost link)."""
         self.holding -= len(state.held)
-        for _, _, data in state.held:
-            self._let_go_of(data.value.nbytes)
+        self.held_bytes -= sum(data.value.nbytes for _, _, data in state.held)
         state.held = []
         self._due()
         self._trim_later()
-
-    def _let_go_of(self, nbytes: int) -> None:
-        self.held_bytes -= nbytes
-        self._let_go += nbytes
 
     def _trim_later(self) -> None:
         """Once the hold is empty again after a backlog (a daemon back from a stop or a
         partition takes in up to its senders' windows at once — 6 MB for three peers of a
         1,000-parameter model), give the freed heap back to the system a moment later, when
         the workers have been through the frames: the C allocator keeps a peak of small
-        blocks otherwise, and a long run's memory would grow by each new peak."""
-        if self.holding or self._let_go < TRIM_AFTER or self._trim is not None:
+        blocks otherwise, and a long run's memory would grow by each new peak. "Empty": an
+        eighth of the peak at most, so that a frame held for long does not put it off."""
+        if (
+            self._closed.is_set()
+            or self._peak < TRIM_AFTER
+            or self.held_bytes > self._peak // 8
+            or self._trim is not None
+            or self._trimming is not None
+        ):
             return
-        self._trim = self._loop.call_later(TRIM_DELAY, self._give_back)
+        delay = max(TRIM_DELAY, self._last_trim + TRIM_INTERVAL - time.monotonic())
+        self._trim = self._loop.call_later(delay, self._give_back)
 
     def _give_back(self) -> None:
         self._trim = None
-        if self.holding:  # a new backlog: trimmed when it is gone
-            return
-        self._let_go = 0
-        if give_back_memory():
+        if self._closed.is_set() or self.held_bytes > self._peak // 8:
+            return  # a new backlog: trimmed once it is gone
+        self._peak = self.held_bytes
+        self._last_trim = time.monotonic()
+        self._trimming = self._loop.run_in_executor(None, give_back_memory)
+        self._trimming.add_done_callback(self._trimmed)
+
+    def _trimmed(self, done: asyncio.Future[bool]) -> None:
+        self._trimming = None
+        if not done.cancelled() and done.exception() is None and done.result():
             self.trims += 1
 
     def _due(self) -> None:
