@@ -26,7 +26,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from peerlearn.membership import Membership
-from peerlearn.transport import catchup
+from peerlearn.transport import catchup, peers, pool
 from peerlearn.transport.catchup import Catchup, CatchupError, Missed, StateRequest
 from peerlearn.transport.links import LinkSettings, LinkState, OutLink, Throttle, _tiny_only
 from peerlearn.transport.peers import Beyond, FaultAction, PeerAddress, Transport, _Inbound
@@ -2335,6 +2335,7 @@ async def test_a_held_frame_waits_unacked_frames_behind_it_go_in_and_it_follows(
         assert [x.seq for x in acc.delivered] == [1, 3]
         assert await d.answer() == Ack(seq=1)  # the ack stays before the held frame
         assert acc.transport.holding == 1 and acc.transport.held_from() == {1: 1}
+        assert acc.transport.held_bytes == _data(2).value.nbytes
         assert acc.transport.due_at == 200
         acc.transport.release()  # nothing due yet
         assert acc.transport.holding == 1
@@ -2344,6 +2345,7 @@ async def test_a_held_frame_waits_unacked_frames_behind_it_go_in_and_it_follows(
         assert [x.seq for x in acc.delivered] == [1, 3, 2]
         assert await d.answer() == Ack(seq=3)  # past both: in order now
         assert acc.transport.holding == 0 and acc.transport.due_at is None
+        assert acc.transport.held_bytes == 0
 
 
 async def test_held_frames_are_resent_after_a_reconnect_and_early_ones_are_not_taken_twice() -> (
@@ -2366,6 +2368,7 @@ async def test_held_frames_are_resent_after_a_reconnect_and_early_ones_are_not_t
                 break
         assert answer == Ack(seq=1)  # the held frame was never acked: it comes again
         assert acc.transport.holding == 0  # what was held went with its connection
+        assert acc.transport.held_bytes == 0
         limit[0] = 1000
         for seq, tag in ((2, ("params", 200)), (3, ("params", 3)), (4, ("params", 4))):
             again.proto.send(_data(seq, tag=tag))
@@ -2416,3 +2419,40 @@ async def test_a_sender_ignoring_its_window_is_not_read_from_until_the_workers_c
         await acc.delivered_n(41)
         assert [x.seq for x in acc.delivered][-1] == 41
         assert acc.transport.holding == 0
+
+
+async def test_the_heap_is_given_back_after_a_backlog_at_most_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A hold that peaked at TRIM_AFTER bytes and emptied has the C heap trimmed (on a
+    # thread, TRIM_DELAY later); a smaller one does not; a second backlog right after waits
+    # for TRIM_INTERVAL (a member filling and emptying the hold cannot make it trim often).
+    if pool._TRIM is None:
+        pytest.skip("the C library has no malloc_trim")
+    nbytes = _data(1).value.nbytes
+    monkeypatch.setattr(peers, "TRIM_AFTER", 3 * nbytes)
+    monkeypatch.setattr(peers, "TRIM_DELAY", 0.01)
+    limit = [100]
+    async with _acceptor(beyond=_window(limit)) as acc:
+        t = acc.transport
+        d = await acc.dial()
+        await d.joined()
+
+        async def backlog(seqs: range) -> None:
+            limit[0] = 100
+            for seq in seqs:
+                d.proto.send(_data(seq, tag=("params", 200 + seq)))
+            await _until(lambda: t.holding == len(seqs))
+            limit[0] = 10_000
+            t.release()
+            await acc.delivered_n(seqs[-1])
+            assert t.holding == 0 and t.held_bytes == 0
+
+        await backlog(range(1, 3))  # 2 frames: under TRIM_AFTER
+        assert t._trim is None and t._trimming is None
+        await backlog(range(3, 6))  # 3 frames: a trim, 10 ms later
+        await _until(lambda: t.trims == 1)
+        await backlog(range(6, 9))
+        assert t._trim is not None
+        assert t._trim.when() - asyncio.get_running_loop().time() > peers.TRIM_INTERVAL - 5
+        assert t.trims == 1
