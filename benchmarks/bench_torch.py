@@ -4,11 +4,12 @@ algorithms against torch's DistributedDataParallel on gloo (issue 16).
 Every run: 3 processes (peerlearn: 3 ``peerlearn run`` daemons of one worker; DDP: 3 ranks),
 each reading its own third of the training set (examples p, p+3, …; DDP the same shards), batch
 32, plain SGD at the same η, the same start model. Measured per run: the gradient evaluations
-(over all processes) and wall seconds until the mean of the processes' models first reaches
-``--threshold`` test accuracy. peerlearn's models are read through the control API (``GET
-/model``) every ``--every`` seconds; DDP's rank 0 evaluates every 10 iterations (its model is
-the mean: DDP keeps the ranks equal). Both sides evaluate off the clock: the figure is when the
-model was there, at the granularity of the sampling.
+(over all processes) and wall seconds — from the first gradient completed — until the mean of
+the processes' models first reaches ``--threshold`` test accuracy. peerlearn's models are read
+through the control API (``GET /model``) every ``--every`` seconds and evaluated by this script
+while the daemons run (a few ms a sample, on the same 2 cores: against peerlearn); DDP's rank 0
+evaluates every 10 iterations, off its clock (its model is the mean: DDP keeps the ranks
+equal). The figure is when the model was there, at the granularity of the sampling.
 
 The same machine, the same run: the reference (DDP) is measured beside peerlearn each time.
 Never in CI. Run from the repository root::
@@ -91,13 +92,18 @@ async def _peerlearn(algorithm: str, threshold: float, every: float) -> dict[str
     reached: dict[str, float | None] = {"grads": None, "seconds": None, "accuracy": None}
     try:
         async with httpx.AsyncClient(timeout=10) as client:
-            while True:  # all up
+            # The clock starts at the first gradient any process completes (DDP's at its
+            # barrier, right before its first): polled every 10 ms from the moment the APIs
+            # answer — two daemons of three make a quorum and may start before the third.
+            while True:
                 try:
-                    for api in apis:
-                        (await client.get(f"http://{api}/status")).raise_for_status()
-                    break
+                    statuses = [(await client.get(f"http://{api}/status")).json() for api in apis]
                 except httpx.TransportError:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.01)
+                    continue
+                if sum(w["gradients"] for s in statuses for w in s["workers"]) > 0:
+                    break
+                await asyncio.sleep(0.01)
             started = time.perf_counter()
             while True:
                 at = time.perf_counter() - started
