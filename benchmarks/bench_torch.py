@@ -3,7 +3,8 @@ algorithms against torch's DistributedDataParallel on gloo (issue 16).
 
 Every run: 3 processes (peerlearn: 3 ``peerlearn run`` daemons of one worker; DDP: 3 ranks),
 each reading its own third of the training set (examples p, p+3, …; DDP the same shards), batch
-32, plain SGD at the same η, the same start model. Measured per run: the gradient evaluations
+32, plain SGD at η 0.1 (DASGD 0.05: its setting in tests/test_torch_training.py), the same
+start model. Measured per run: the gradient evaluations
 (over all processes) and wall seconds — from the first gradient completed — until the mean of
 the processes' models first reaches ``--threshold`` test accuracy. peerlearn's models are read
 through the control API (``GET /model``) every ``--every`` seconds and evaluated by this script

@@ -7,7 +7,7 @@ algorithms carry one flat vector of parameters: every process builds its own mod
 views into one contiguous tensor, so loading a model is one copy in, and a gradient is one copy
 out — into a vector of the model's dtype (float32 for most models: the run's dtype then is
 float32, and the wire and the register store carry half the bytes of float64; a float16 model
-travels as float32, numpy and the wire having no float16 arithmetic of their own). A run
+travels as float32: the wire carries float32 and float64 only). A run
 that sets ``dtype = "float64"`` gets its gradients cast once more.
 
 - **Start point.** ``model_fn`` is called under ``torch.manual_seed(seed)``: every process, in

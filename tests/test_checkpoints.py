@@ -68,6 +68,10 @@ def test_a_checkpoint_reads_back_as_written(tmp_path: Path) -> None:
         ({"cluster": 1}, "it is cluster 0's, this daemon is 1"),
         ({"pids": [0, 1]}, "its workers are not this daemon's"),
         ({"dim": 5}, "float64[5]"),
+        (
+            {"dtype": "float32"},
+            'its models are float64, this run\'s float32 (set dtype = "float64"',
+        ),
         ({"truncate": True}, "damaged"),
         ({"garbage": True}, "damaged"),
     ],
@@ -90,6 +94,7 @@ def test_a_checkpoint_this_run_cannot_resume_is_refused_and_left_as_it_is(
             change.get("cluster", 0),
             change.get("pids", [0, 2]),
             change.get("dim", 4),
+            np.dtype(change.get("dtype", "float64")),
         )
     assert says in str(info.value) and "\n" not in str(info.value)
     assert str(sd.checkpoint) in str(info.value)

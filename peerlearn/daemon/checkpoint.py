@@ -19,7 +19,8 @@ this peerlearn does not know, or one that does not parse is refused with
 daemon does not start (``peerlearn run`` exits 2), rather than train afresh over it.
 
 The file is a plain .npz without pickles: ``meta`` (UTF-8 JSON as uint8), ``model_<pid>`` and
-``ledger_<pid>`` (in the run's dtype, float64 by default) — ``numpy.load`` reads it anywhere.
+``ledger_<pid>`` (in the run's dtype: float64 for the bundled problems, float32 for a torch
+model) — ``numpy.load`` reads it anywhere.
 """
 
 from __future__ import annotations
@@ -221,6 +222,12 @@ def _vector(path: Path, npz: Any, name: str, dim: int, dtype: np.dtype[Any]) -> 
     if name not in npz.files:
         raise _fail(path, f"no {name!r} array")
     x: Vector = npz[name]
+    if x.shape == (dim,) and x.dtype in (np.float32, np.float64) and x.dtype != dtype:
+        raise _fail(
+            path,
+            f'its models are {x.dtype}, this run\'s {dtype} (set dtype = "{x.dtype}" to resume '
+            "it: a torch run from before the dtype setting was float64)",
+        )
     if x.dtype != dtype or x.shape != (dim,):
         raise _fail(path, f"{name!r} is {x.dtype}{list(x.shape)}, this run's models {dtype}[{dim}]")
     x.flags.writeable = False

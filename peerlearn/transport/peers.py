@@ -151,8 +151,8 @@ _PAUSE_WINDOWS = 4
 
 #: a hold that reached this many payload bytes and is (nearly) empty again has the C heap
 #: trimmed, TRIM_DELAY seconds later (the frames taken from it are in the workers' hands until
-#: then), at most once per TRIM_INTERVAL (a trim walks the whole heap: tens of ms for a few
-#: hundred MB, off the event loop)
+#: then), at most once per TRIM_INTERVAL (a trim walks the whole heap: up to a few hundred ms
+#: for a fragmented 300 MB, so on a thread)
 TRIM_AFTER = 1 << 20
 TRIM_DELAY = 2.0
 TRIM_INTERVAL = 30.0
@@ -277,7 +277,7 @@ class Transport:
             self._trim.cancel()
             self._trim = None
         if self._trimming is not None:
-            await asyncio.shield(self._trimming)  # a thread: it ends by itself, soon
+            await asyncio.wait({self._trimming})  # a thread: it ends by itself, soon
         await asyncio.gather(*(link.close(drain_unconnected) for link in self.links))
         if self._server is not None:
             self._server.close()
@@ -676,6 +676,7 @@ class Transport:
         self._trimming = None
         if not done.cancelled() and done.exception() is None and done.result():
             self.trims += 1
+        self._trim_later()  # a backlog that came and went meanwhile
 
     def _due(self) -> None:
         """The earliest iteration of a frame held on any connection (None: none held)."""
