@@ -149,7 +149,10 @@ async def test_slowloris_connections_are_closed_at_the_header_deadline() -> None
             return time.monotonic() - started
 
         closed = await asyncio.gather(*(trickle(r, w) for r, w in conns))
-        assert max(closed) < 5.0, max(closed)  # 1 s deadline; 100 bytes would take 30 s
+        # 1 s deadline; 100 bytes would take 30 s. The bound is loose: a CI run once saw one
+        # connection closed at 6.3 s (the rest at 0.65 s), the loop starved for a moment; the
+        # counter below is what shows the daemon, not the client, closed each of them.
+        assert max(closed) < 20.0, sorted(closed)[-5:]
         async with httpx.AsyncClient(base_url=c.urls[0]) as http:
             status = await http.get("/status")
             assert status.status_code == 200
