@@ -164,7 +164,7 @@ async def test_a_restarted_daemon_starts_from_its_checkpointed_models_bit_for_bi
         await d.start()
         assert d.restore is not None and d.restore.mode is None  # still waiting for daemon 1
         for w, s in zip(d.workers, saved.workers, strict=True):
-            (step, model, key), rng = w.saved
+            (step, model, key), rng, _ = w.saved
             assert model is not None and (w.pid, step, key) == (s.pid, s.step, s.extra)
             assert model.dtype == s.model.dtype == np.dtype(dtype)
             assert model.tobytes() == s.model.tobytes()
@@ -293,6 +293,92 @@ async def test_a_lockstep_daemon_up_after_the_others_resumed_joins_them_there(
         assert all(w.completed == 240 for d in c.daemons for w in d.workers)
 
 
+def _elastic_books(c: Any, x1: np.ndarray) -> None:
+    """The center's record of each worker's ledger is the worker's own, and the center's model
+    is x̃_1 + Σ_i D_i: every difference counted once on each side, across the restart."""
+    center = next(w for d in c.daemons for w in d.workers if w.pid == 0)
+    assert center.ledger is not None and center.x is not None
+    record = center.ledger[1]
+    workers = [w for d in c.daemons for w in d.workers if w.pid != 0]
+    assert sorted(record) == sorted(w.pid for w in workers)
+    for w in workers:
+        assert w.ledger is not None
+        np.testing.assert_allclose(record[w.pid], w.ledger[1], rtol=1e-12, atol=1e-12)
+    total = sum((record[w.pid] for w in workers), 0 * x1)
+    np.testing.assert_allclose(center.x, x1 + total, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["async_easgd", "eamsgd"])
+async def test_a_whole_cluster_restart_of_the_elastic_family_resumes_every_worker(
+    tmp_path: Path, algorithm: str
+) -> None:
+    """Three daemons (the center and a worker on daemon 0), daemon 2 stopped first: all
+    started again, every worker resumes from its own checkpoint at its own iteration (it
+    computes only the gradients left), the center is rebuilt from every worker's checkpointed
+    ledger, and the run finishes with the center's books and the workers' agreeing."""
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    steps = 300
+    cfg = _config(algorithm=algorithm, steps=steps, elastic={"tau": 3})
+    await _run_then_stop(dirs, 90, first=2, **cfg)
+    checkpoints = [_saved(d, cfg, i, 3) for i, d in enumerate(dirs)]
+    saved = {w.pid: w for ck in checkpoints for w in ck.workers}
+    assert all(w.ledger is not None and w.ledger[0] > 0 for w in checkpoints[1].workers)
+    assert checkpoints[2].step < checkpoints[1].step  # daemon 2 stopped earlier
+    async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        await c.wait_until_finished(120)
+        assert all(d.restore and d.restore.mode == "whole-cluster restart" for d in c.daemons)
+        rebuilt = c.daemons[0].rejoin.last
+        assert rebuilt is not None and rebuilt.peer is None  # the center, from ledgers
+        for w in (w for d in c.daemons for w in d.workers if w.pid != 0):
+            assert w.state.value == "finished"
+            assert w.grads == steps + 1 - saved[w.pid].step, w.name
+        problem = c.daemons[0].problem
+        assert problem is not None
+        _elastic_books(c, problem.x0())
+
+
+@pytest.mark.parametrize("restarted", [0, 2])
+async def test_an_elastic_daemon_restarted_alone_resumes_through_the_live_ones(
+    tmp_path: Path, restarted: int
+) -> None:
+    """Asynchronous EASGD, one daemon stopped and started again on its state dir while the
+    others live. The center's daemon: its worker resumes from its checkpoint, the center is
+    rebuilt from that checkpointed ledger and the live workers' ledgers. A workers' daemon:
+    its workers take the center's model and record (the center served on meanwhile). Either
+    way the run finishes with the books agreeing."""
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    steps = 400
+    cfg = _config(algorithm="async_easgd", steps=steps, elastic={"tau": 2})
+    async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        await c.wait_for(lambda: c.min_step() >= 60, 60)
+        old = c.daemons[restarted]
+        await old.stop()
+        stopped = {w.pid: w for w in _saved(dirs[restarted], cfg, restarted, 3).workers}
+        if restarted == 2:  # the others serve on meanwhile
+            rest = [w for d in c.daemons[:2] for w in d.workers if w.pid != 0]
+            ahead = max(w.step for w in stopped.values()) + 30
+            await c.wait_for(lambda: min(w.completed for w in rest) >= ahead, 60)
+        port = int(old.cfg.listen.rsplit(":", 1)[1])
+        new = Daemon(old.cfg, listen_socket=_listening_on(port))
+        c.daemons[restarted] = new
+        await new.start()
+        await c.wait_until_finished(120)
+        assert new.restore is not None and new.restore.mode == "live peers"
+        assert new.rejoin.last is not None
+        if restarted == 0:
+            assert new.rejoin.last.peer is None  # the center, rebuilt
+            [w] = [w for w in new.workers if w.pid != 0]
+            assert w.grads == steps + 1 - stopped[w.pid].step  # its own checkpoint
+        else:
+            assert new.rejoin.last.peer == 0  # the center's state
+            for w in new.workers:  # from the center's record: past its own checkpoint
+                assert w.grads < steps + 1 - stopped[w.pid].step
+        assert all(w.state.value == "finished" for d in c.daemons for w in d.workers)
+        problem = new.problem
+        assert problem is not None
+        _elastic_books(c, problem.x0())
+
+
 @pytest.mark.parametrize(
     ("algorithm", "change", "says"),
     [
@@ -324,11 +410,11 @@ async def test_a_checkpoint_state_the_algorithm_cannot_resume_stops_the_start(
 async def test_an_algorithm_that_cannot_resume_sets_a_checkpoint_aside_and_writes_none(
     tmp_path: Path,
 ) -> None:
-    """Asynchronous EASGD's center is rebuilt from its workers' ledgers, never from a
-    checkpoint: an existing one is moved aside (kept, each time under a new name), none is
-    written, and the run starts."""
+    """DOWNPOUR's center cannot be rebuilt after a restart (its model is no sum of what the
+    workers hold): an existing checkpoint is moved aside (kept, each time under a new name),
+    none is written, and the run starts."""
     dirs = [tmp_path / "d0", tmp_path / "d1"]
-    cfg = _config(algorithm="async_easgd", steps=50)
+    cfg = _config(algorithm="downpour", steps=50)
     for d in dirs:
         d.mkdir()
         (d / "checkpoint.npz").write_bytes(b"an old checkpoint")

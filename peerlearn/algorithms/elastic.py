@@ -166,9 +166,12 @@ def elastic_worker(
     *,
     start: int = 1,
     ledger: Vector | None = None,
+    answered: int | None = None,
 ) -> Generator[Effect, Any, Vector]:
     """``start``, ``ledger``: a worker resumed at iteration ``start`` (from the center's model
-    ``x0``) whose elastic differences so far sum to ``ledger`` (the center's record of them).
+    ``x0``) whose elastic differences so far sum to ``ledger`` (the center's record of them);
+    ``answered``: its last answered request, when not ``start − 1`` (a worker resumed from its
+    own checkpointed model, taken in the middle of an exchange period).
 
     The elastic variants report their *ledger* — the sum D of the differences d the center
     answered, as ``Report("ledger", D, step=t)`` after the exchange of iteration t, and with
@@ -179,10 +182,10 @@ def elastic_worker(
     elastic = variant in (Variant.ASYNC, Variant.EAMSGD)
     given = 0 * x0 if ledger is None else ledger
     if elastic:
-        yield Report("ledger", given, step=start - 1)
+        yield Report("ledger", given, step=start - 1 if answered is None else answered)
     # (a DOWNPOUR worker resumed after its flush, at T + 2, has done its T iterations)
     t = start - 1 if steps is None else min(start - 1, steps)
-    answered = start - 1
+    answered = start - 1 if answered is None else answered
     for t in _clock(steps, start):
         yield Report("model", x, step=t)
         c = t - 1

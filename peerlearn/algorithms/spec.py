@@ -82,6 +82,9 @@ class RejoinState:
     #: grows with every restart of the resuming process (a daemon's boot time in ns; the
     #: simulator's count of the process's restarts): tells its incarnations apart
     incarnation: int = 1
+    #: the model, iteration and ledger are the process's own, a checkpoint's (the elastic
+    #: family: a worker resumes from them, not from the center's model and record)
+    own: bool = False
 
 
 #: the resume-from-state entry point: (config, problem or None, pids, state) → programs that

@@ -191,12 +191,14 @@ class ResumedView(_View):
 
     mode: str | None = Field(
         description="'live peers' (they ran on: their newer state wins), 'whole-cluster "
-        "restart' (every daemon resumed at the agreed iteration), 'joined a whole-cluster "
+        "restart' (every daemon resumed at the agreed iteration; the asynchronous elastic "
+        "family: each worker at its own, the center rebuilt), 'joined a whole-cluster "
         "restart' (up after the others resumed: it joined them there), null: still deciding"
     )
     checkpoint_iteration: int = Field(description="the iteration of the checkpoint read")
     agreed_iteration: int | None = Field(
-        description="a whole-cluster restart: the iteration every daemon resumed at"
+        description="a whole-cluster restart: the iteration every daemon resumed at (null "
+        "for the asynchronous elastic family: no agreed iteration)"
     )
 
 

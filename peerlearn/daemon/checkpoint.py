@@ -83,8 +83,9 @@ class SavedWorker:
     extra: tuple[int, ...] = ()
     #: its gradient-noise generator (``numpy.random.Generator.bit_generator.state``)
     rng: dict[str, Any] | None = None
-    #: its ledger with the center (the elastic family): last answered request, the one it
-    #: waits on, and the sum of the center's differences it applied
+    #: its ledger with the center (the elastic family), the one its model goes with: last
+    #: answered request, the one it waits on (None: checkpoints are taken between requests),
+    #: and the sum of the center's differences it applied
     ledger: tuple[int, int | None, Vector] | None = None
 
 
@@ -346,19 +347,17 @@ class Saver:
         """The workers' states now, numbered; None if one has no model yet (not started, or
         waiting to resume) or — unless ``force`` — nothing changed since the last snapshot."""
         saved = [w.saved for w in workers]
-        if any(position[1] is None or position[0] < 1 for position, _ in saved):
+        if any(position[1] is None or position[0] < 1 for position, _, _ in saved):
             return None
-        ledgers = [w.ledger for w in workers]
-        now = (*saved, *ledgers)
         if (
             not force
             and self._last is not None
-            and all(a is b for a, b in zip(now, self._last, strict=True))
+            and all(a is b for a, b in zip(saved, self._last, strict=True))
         ):
             return None
-        self._last = now
+        self._last = tuple(saved)
         states = []
-        for w, ((step, model, key), rng), lg in zip(workers, saved, ledgers, strict=True):
+        for w, ((step, model, key), rng, lg) in zip(workers, saved, strict=True):
             assert model is not None
             ledger = None
             if lg is not None:

@@ -377,6 +377,8 @@ class Daemon:
             return
         self.restore = Restore(self.run_cfg, self.problem, self.workers, saved, self.incarnation)
         self.restore.check()  # CheckpointError now, not once it is resumed from
+        if self.restore.elastic:  # a center rebuilt here counts the workers' ledgers
+            self.rejoin.checkpointed(self.restore.ledgers())
         if self.restore.takes_live_state:
             self.restore.hold()  # a live peer's state is taken, if one answers
         else:

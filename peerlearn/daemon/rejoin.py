@@ -165,6 +165,11 @@ class Rejoin:
         self._late: dict[int, set[int]] = {}
         self._late_asked = 0.0
         self._refused_late: set[int] = set()  # workers whose late ledger was refused (logged)
+        #: a daemon that resumed from its checkpoint: the center is rebuilt even if no peer
+        #: ran on (a whole-cluster restart), counting the checkpointed ledgers of the workers
+        #: here, which resume from their checkpoints instead of starting over
+        self._rebuild = False
+        self._checkpointed: dict[int, Ledger] = {}
         self._expected: set[int] = set()  # the peers whose first note a starting daemon awaits
         self._expect_until = 0.0
         #: this daemon's incarnation (its boot time in ns): resumed programs that tell their
@@ -374,6 +379,17 @@ class Rejoin:
 
     # --- centered algorithms: the elastic family ------------------------------------------
 
+    def checkpointed(self, ledgers: dict[int, Ledger]) -> None:
+        """The local workers resume from their checkpoints, with these ledgers: a center
+        rebuilt here counts them, and does not start those workers over."""
+        self._checkpointed = dict(ledgers)
+
+    def rebuild_center(self) -> None:
+        """Rebuild the center hosted here (from every worker's ledger) though no peer ran on:
+        this daemon resumes from its checkpoint, a whole-cluster restart maybe."""
+        self._rebuild = True
+        self.consider()
+
     def _consider_center(self, now: float) -> None:
         """A restarted daemon (its workers not started, a peer said it lost frames for it):
         hosting the center, it asks every daemon hosting workers for their ledgers and
@@ -381,7 +397,7 @@ class Rejoin:
         the center's model and its record of their ledgers."""
         if self._late:
             self._ask_late(now)
-        if not self._missed or self._gathered:
+        if not (self._missed or self._rebuild) or self._gathered:
             return
         local = any(w.pid == self._center for w in self.workers)
         if not self._starting():
@@ -479,16 +495,18 @@ class Rejoin:
         self._gather_since = None
         self._gathering.clear()
         self.changed.set()
-        workers = [w for w in self.workers if _resumable(w)]
+        # (workers here that resume from their checkpoints are counted by their ledgers)
+        workers = [w for w in self.workers if _resumable(w) and w.pid not in self._checkpointed]
         model = self._problem.x0() if self._problem is not None else None
         if model is None or self._spec.resume is None:
             return
+        ledgers = {**self._ledgers, **self._checkpointed}
         try:
             programs = self._spec.resume(
                 self._run,
                 self._problem,
                 [w.pid for w in workers],
-                RejoinState(1, model, (), dict(self._ledgers)),
+                RejoinState(1, model, (), ledgers),
             )
         except ValueError as exc:
             log.warning("the center cannot resume, no rejoin in this run: %s", exc)
@@ -499,10 +517,11 @@ class Rejoin:
         self.rejoins += 1
         self.last = Rejoined(None, 0, 1, time.monotonic())
         log.info(
-            "center rebuilt from the ledgers of %d worker(s); %d request(s) lost with it are "
-            "answered",
-            len(self._ledgers),
-            sum(1 for lg in self._ledgers.values() if lg.waiting is not None),
+            "center rebuilt from the ledgers of %d worker(s) (%d checkpointed here); %d "
+            "request(s) lost with it are answered",
+            len(ledgers),
+            len(self._checkpointed),
+            sum(1 for lg in ledgers.values() if lg.waiting is not None),
         )
 
     def on_ledger(self, data: Data) -> None:

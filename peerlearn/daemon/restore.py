@@ -31,10 +31,21 @@ note (up to ``peer_timeout``), then:
   up late (it meets running peers) and is behind takes a newer state, and one that is ahead
   gives its own.
 
-The elastic family (a center served asynchronously) does not resume from checkpoints: its
-center is rebuilt from the workers' ledgers by the catch-up when it restarts alone, and a
-whole-cluster restart starts the run over. Its daemon writes no checkpoints, keeps an old one
-aside as ``checkpoint.unused.npz`` (nothing is deleted) and says so.
+The asynchronous elastic family (asynchronous EASGD, EAMSGD) checkpoints its workers only: each
+worker's model with the *ledger* that goes with it (the sum D_i of the center's differences it
+applied, its last answered request — taken as the worker reports its model, between two
+requests). Its center is never resumed from a checkpoint; it is rebuilt, x̃ = x̃_1 + Σ_i D_i,
+from every worker's ledger: the checkpointed ones of the workers hosted with it, and those the
+daemons hosting the others send (:mod:`peerlearn.daemon.rejoin`) — live ones if they ran on,
+their checkpointed ones after a whole-cluster restart. There is no agreed iteration: each
+worker resumes from its own checkpoint at its own iteration (the center serves requests in any
+order), except on a daemon restarted while the center's ran on, whose workers take the
+center's model and its record of their ledgers (the center served requests their checkpoint
+does not count). The center's model and the workers' ledgers then sum as they did at the
+checkpoints, so x̃ + Σ_i x^i is what the gradients made of it (the conservation law). EAMSGD's
+momentum is not kept: it restarts at 0. DOWNPOUR's and MDOWNPOUR's centers cannot be rebuilt
+(their model is not a sum the workers hold): their daemons write no checkpoints, keep an old
+one aside as ``checkpoint.unused.npz`` (nothing is deleted) and say so.
 """
 
 from __future__ import annotations
@@ -46,11 +57,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, RejoinState
+from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, Ledger, RejoinState
 from peerlearn.config import RunConfig
 from peerlearn.daemon.checkpoint import Checkpoint, CheckpointError, SavedWorker
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
-from peerlearn.effects import Program
+from peerlearn.effects import Program, Tag, Vector
 from peerlearn.problems import Problem
 from peerlearn.runtime.worker import Worker
 from peerlearn.transport.peers import Transport
@@ -67,10 +78,10 @@ def resumable(spec: AlgorithmSpec) -> str | None:
     """Why a checkpoint of ``spec``'s runs cannot be resumed from; None if it can."""
     if spec.resume is None:
         return f"{spec.name} has no resume entry point (each process's inputs are its own)"
-    if spec.center and not spec.lockstep:
+    if spec.center and not spec.lockstep and not spec.center_rebuilt:
         return (
-            f"{spec.name}'s center is rebuilt from its workers' ledgers, not from checkpoints "
-            "(a restart with live peers resumes through them; a whole-cluster restart starts over)"
+            f"{spec.name}'s center cannot be rebuilt after a restart (its model is not a sum of "
+            "what its workers hold): a whole-cluster restart starts over"
         )
     return None
 
@@ -93,11 +104,16 @@ class Restore:
         self.checkpoint = checkpoint
         self._incarnation = incarnation
         self._saved = {s.pid: s for s in checkpoint.workers}
+        #: the asynchronous elastic family: the center is rebuilt from ledgers, never resumed
+        #: from its checkpoint; its workers resume from theirs with the ledgers that go with them
+        self.elastic = self.spec.center_rebuilt
+        self._center = run.center if self.elastic else None
         #: how it resumed: "live peers", "whole-cluster restart" or "joined a whole-cluster
         #: restart" (None: not yet)
         self.mode: str | None = None
         self.agreed: int | None = None  # the whole-cluster restart's iteration
         #: frames are kept and numbered: a live peer's state is taken before the workers start
+        #: (the elastic family: a live center's)
         self.takes_live_state = self.spec.delivery is DeliveryPolicy.KEEP and not self.spec.lockstep
         #: frames for an away peer are dropped: resumed workers tell their peers that frames of
         #: the iterations they skipped never come (where frames are kept, nothing is skipped
@@ -117,7 +133,7 @@ class Restore:
             # gradient, so a process makes at most what all of them do
             keeps = self.spec.delivery is DeliveryPolicy.KEEP
             limit = (self.spec.planned_iterations(self._run) if keeps else self._run.steps) + 1
-        for w in self._workers:
+        for w in self._resuming():
             saved = self._saved[w.pid]
             if limit is not None and saved.step > limit:
                 raise CheckpointError(
@@ -128,17 +144,30 @@ class Restore:
 
     def own(self, at: int | None = None) -> None:
         """Every worker from its own checkpointed state — at iteration ``at`` instead of its
-        own when given (a whole-cluster restart's agreed point)."""
-        for w in self._workers:
+        own when given (a whole-cluster restart's agreed point); a center is rebuilt instead."""
+        for w in self._resuming():
             saved = self._saved[w.pid]
             self._restore(w, saved, saved.step if at is None else at, saved.extra)
 
     def hold(self) -> None:
         """Every worker shows its checkpointed state without taking it yet (frames kept and
-        numbered: a live peer's state is taken instead, if one answers)."""
-        for w in self._workers:
+        numbered: a live peer's state is taken instead, if one answers) — and its ledger, which
+        a restarted center is rebuilt from."""
+        for w in self._resuming():
             saved = self._saved[w.pid]
-            w.hold(saved.step, saved.model, saved.extra, saved.rng)
+            w.hold(saved.step, saved.model, saved.extra, saved.rng, _ledger_report(saved))
+
+    def ledgers(self) -> dict[int, Ledger]:
+        """The checkpointed ledgers of the local workers of an elastic run."""
+        return {
+            w.pid: Ledger(lg[0], lg[1], lg[2])
+            for w in self._resuming()
+            if (lg := self._saved[w.pid].ledger) is not None
+        }
+
+    def _resuming(self) -> list[Worker]:
+        """The local workers that resume from their checkpointed state: all but a center."""
+        return [w for w in self._workers if w.pid != self._center]
 
     def own_agreed(self) -> None:
         """Every worker from the state this daemon gives after a whole-cluster restart, as
@@ -156,6 +185,12 @@ class Restore:
         resume = self.spec.resume
         assert resume is not None
         state = RejoinState(step, saved.model, extra, incarnation=self._incarnation)
+        if self.elastic:  # its own model, iteration and ledger
+            lg = saved.ledger
+            ledgers = {} if lg is None else {w.pid: Ledger(lg[0], lg[1], lg[2])}
+            state = RejoinState(
+                step, saved.model, extra, ledgers, incarnation=self._incarnation, own=True
+            )
         try:
             [program] = resume(self._run, self._problem, [w.pid], state)
         except ValueError as exc:  # not a state of this run (its topology, its size, …)
@@ -164,11 +199,7 @@ class Restore:
 
     def _restore(self, w: Worker, saved: SavedWorker, step: int, extra: tuple[int, ...]) -> None:
         program = self._program(w, saved, step, extra)
-        ledger = None
-        if saved.ledger is not None:
-            answered, waiting, total = saved.ledger
-            ledger = (answered, total, () if waiting is None else (waiting,))
-        w.restore(step, program, saved.model, extra, saved.rng, ledger)
+        w.restore(step, program, saved.model, extra, saved.rng, _ledger_report(saved))
 
     def agreed_point(self, starts: dict[int, int]) -> int:
         """T*: the lowest checkpoint iteration among this daemon's and those of the peers that
@@ -204,6 +235,10 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     # Where frames are kept, a peer drops nothing for a daemon that was away unless it sent
     # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
     # in this restart drops frames before its resume point (Transport.lose_all).
+    if restore.elastic:
+        await _resume_elastic(daemon, restore)
+        transport.announce_start(None)
+        return
     if rejoin.dropped_for_us(0 if restore.takes_live_state else restore.step):
         restore.mode = "live peers"
         log.info(
@@ -227,6 +262,52 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     else:
         await _agree(transport, rejoin, restore, me, silent)
     transport.announce_start(None, restore.agreed)
+
+
+def _ledger_report(saved: SavedWorker) -> tuple[int, Vector, Tag] | None:
+    """A checkpointed ledger as the worker's ``Report("ledger", …)`` holds it."""
+    if saved.ledger is None:
+        return None
+    answered, waiting, total = saved.ledger
+    return (answered, total, () if waiting is None else (waiting,))
+
+
+async def _resume_elastic(daemon: Daemon, restore: Restore) -> None:
+    """The asynchronous elastic family (the module docstring): the center's daemon rebuilds the
+    center from every worker's ledger; a daemon hosting workers only resumes them from their
+    checkpoints, or from the center's state if the center's daemon ran on."""
+    rejoin = daemon.rejoin
+    ran_on = rejoin.dropped_for_us(0)  # only the center's daemon sends workers anything
+    restore.mode = "live peers" if ran_on else "whole-cluster restart"
+    if daemon.run_cfg.center in daemon.pids:
+        log.info(
+            "%s: the workers here resume from the checkpoint (iteration %d); the center is "
+            "rebuilt from every worker's ledger",
+            restore.mode,
+            restore.step,
+        )
+        restore.own()
+        rejoin.rebuild_center()
+        # (the catch-up may have rebuilt it already, with peers that ran on: once per start)
+        if not await _state_taken(rejoin, 0):
+            log.warning("the center was not rebuilt: it starts over")
+        return
+    if ran_on:
+        log.info(
+            "the center's daemon ran on while this daemon was away: resuming from the center's "
+            "model and its record of the workers' ledgers"
+        )
+        rejoin.consider()  # (asked already, unless that note has only just come)
+        if rejoin.rejoins == 0 and not await _state_taken(rejoin, 0):
+            log.warning("the center's daemon did not send its state: resuming from the checkpoint")
+            restore.own()
+        return
+    log.info(
+        "whole-cluster restart: the workers resume from the checkpoint, each at its own "
+        "iteration (this checkpoint: %d), the center from their ledgers",
+        restore.step,
+    )
+    restore.own()
 
 
 async def _agree(

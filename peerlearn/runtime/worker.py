@@ -140,12 +140,13 @@ class Worker:
         #: state answer) that need them to match; the key is what else of the state the
         #: program reports with its model (DASGD: the version vector)
         self.position: tuple[int, Vector | None, Tag] = (0, None, ())
-        #: ``position`` with its gradient-noise generator's state then, as one reference: what
-        #: a checkpoint keeps of the worker (read on the event loop)
-        self.saved: tuple[tuple[int, Vector | None, Tag], dict[str, Any] | None] = (
-            self.position,
-            None,
-        )
+        #: ``position`` with its gradient-noise generator's state and its ``ledger`` then, as
+        #: one reference: what a checkpoint keeps of the worker (read on the event loop). The
+        #: ledger is the one reported before the model: every exchange it sums is applied to
+        #: that model, and no request is out (a worker asks after reporting its model).
+        self.saved: tuple[
+            tuple[int, Vector | None, Tag], dict[str, Any] | None, tuple[int, Any, Tag] | None
+        ] = (self.position, None, None)
         #: keep the generator's state in ``saved`` (a checkpointing daemon: about 1 µs a step)
         self.keeps_rng = False
         #: the program's last ``Report("ledger", …)`` as (step, value, key): what it holds of
@@ -214,15 +215,25 @@ class Worker:
         unless the worker has reached ``step`` by itself when it takes it over."""
         self.mailbox.redirect(step, program)
 
-    def hold(self, step: int, model: Vector, key: Tag, rng: dict[str, Any] | None) -> None:
-        """Before it starts: the state it would resume from (a checkpoint's), shown to a peer
-        that asks for state and kept by the next checkpoint, while it waits to learn whether
-        it takes a live peer's state instead (its own step stays 0: any state is newer)."""
+    def hold(
+        self,
+        step: int,
+        model: Vector,
+        key: Tag,
+        rng: dict[str, Any] | None,
+        ledger: tuple[int, Vector, Tag] | None = None,
+    ) -> None:
+        """Before it starts: the state it would resume from (a checkpoint's, with its ``ledger``
+        with a center), shown to a peer that asks for state and kept by the next checkpoint,
+        while it waits to learn whether it takes a live peer's state instead (its own step
+        stays 0: any state is newer)."""
         if self.state is not WorkerState.CREATED:
             raise RuntimeError(f"worker {self.name} has started: it holds its own state")
         self.x = model
         self.position = (step, model, key)
-        self.saved = (self.position, rng)
+        if ledger is not None:
+            self.ledger = ledger
+        self.saved = (self.position, rng, self.ledger)
 
     def restore(
         self,
@@ -244,9 +255,9 @@ class Worker:
             self._rng.bit_generator.state = rng
         self.step, self.x = step, model
         self.position = (step, model, key)
-        self.saved = (self.position, rng)
         if ledger is not None:
             self.ledger = ledger
+        self.saved = (self.position, rng, self.ledger)
 
     def abandon(self) -> None:
         """A worker never started (the daemon stopped while it waited to start): ends as
@@ -386,7 +397,8 @@ class Worker:
                     self._model(rep)
                 elif rep.name == "state":  # what else of the state changed, at this step
                     self.position = (self.step, self.x, rep.key)
-                    self.saved = (self.position, self.saved[1])  # (no draw since the model)
+                    # (the generator's state and the ledger as they were at the model)
+                    self.saved = (self.position, self.saved[1], self.saved[2])
                 elif rep.name == "ledger":
                     self.ledger = (rep.step, rep.value, rep.key)
                 if self._on_report is not None:
@@ -403,7 +415,7 @@ class Worker:
         self.step, self.x = rep.step, rep.value
         self.position = (rep.step, rep.value, rep.key)
         rng = dict(self._rng.bit_generator.state) if self.keeps_rng else None
-        self.saved = (self.position, rng)
+        self.saved = (self.position, rng, self.ledger)
         self.mailbox.advance(rep.step)
         self._store.advance(self.pid, rep.step)
 

@@ -173,9 +173,12 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
     the iteration after its last answered request (``state.ledgers[pid].answered``), with the
     center's record of its ledger. A center that restarted is rebuilt from its workers'
     ledgers, x̃ = x̃_1 + Σ_i D_i, and first answers the requests they wait on (lost with it);
-    a worker restarted together with it starts over from that rebuilt model. Only the elastic
-    variants (A.1b, A.1c) keep ledgers: DOWNPOUR's and MDOWNPOUR's center cannot be rebuilt
-    (their updates are not a sum the workers hold), which raises ValueError."""
+    a worker restarted together with it starts over from that rebuilt model, unless it resumes
+    from its own checkpoint (``state.own``: its model at iteration ``state.step`` and the
+    ledger that goes with it — a whole-cluster restart, where the center is rebuilt from the
+    checkpointed ledgers). Only the elastic variants (A.1b, A.1c) keep ledgers: DOWNPOUR's
+    and MDOWNPOUR's center cannot be rebuilt (their updates are not a sum the workers hold),
+    which raises ValueError."""
 
     def resume(
         cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
@@ -226,6 +229,31 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
                         given={w: lg.total for w, lg in ledgers.items()},
                         pending=pending,
                         tau=tau,
+                    )
+                )
+            elif state.own:  # from its own checkpoint: its model, its iteration, its ledger
+                own = state.ledgers.get(p)
+                if not elastic or own is None or own.waiting is not None:
+                    raise ValueError(f"process {p} has no ledger its own model goes with")
+                if own.answered >= state.step:
+                    raise ValueError(
+                        f"process {p}'s ledger: request {own.answered} is not answered before "
+                        f"iteration {state.step}"
+                    )
+                model = state.model.copy()
+                model.flags.writeable = False
+                out.append(
+                    elastic_worker(
+                        variant,
+                        model,
+                        steps,
+                        eta,
+                        tau,
+                        delta,
+                        center,
+                        start=state.step,
+                        ledger=own.total,
+                        answered=own.answered,
                     )
                 )
             elif rebuilt is not None:  # restarted with the center: starts over from it
