@@ -193,7 +193,9 @@ class ResumedView(_View):
         description="'live peers' (they ran on: their newer state wins), 'whole-cluster "
         "restart' (every daemon resumed at the agreed iteration; the asynchronous elastic "
         "family: each worker at its own, the center rebuilt), 'joined a whole-cluster "
-        "restart' (up after the others resumed: it joined them there), null: still deciding"
+        "restart' (up after the others resumed: it joined them there), 'center started "
+        "afresh' (elastic workers whose center's daemon had no checkpoint: they start over), "
+        "null: still deciding"
     )
     checkpoint_iteration: int = Field(description="the iteration of the checkpoint read")
     agreed_iteration: int | None = Field(

@@ -328,10 +328,13 @@ class Saver:
     ``saved`` is one reference, so its model, iteration and generator state match) and written
     on a thread, newest last — a slower write of an older snapshot never replaces a newer one."""
 
-    def __init__(self, state_dir: StateDir, fingerprint: str, cluster: int) -> None:
+    def __init__(
+        self, state_dir: StateDir, fingerprint: str, cluster: int, center: int | None = None
+    ) -> None:
         self.state_dir = state_dir
         self._fingerprint = fingerprint
         self._cluster = cluster
+        self._center = center  # an elastic center: it counts requests, not iterations
         self._lock = threading.Lock()
         self._taken = 0  # snapshots numbered
         self._written = 0  # the newest snapshot written
@@ -385,5 +388,6 @@ class Saver:
                 return False
             self.state_dir.save(checkpoint)
             self._written = number
-            self.last = (checkpoint.saved_at, checkpoint.step)
+            steps = [w.step for w in checkpoint.workers if w.pid != self._center]
+            self.last = (checkpoint.saved_at, min(steps) if steps else checkpoint.step)
             return True

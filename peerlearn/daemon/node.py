@@ -370,7 +370,8 @@ class Daemon:
         )
         self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, saved)
         self.rejoin.incarnation = self.incarnation
-        self.saver = Saver(state_dir, fingerprint, cluster)
+        center = self.run_cfg.center if self.run_cfg.spec.center_rebuilt else None
+        self.saver = Saver(state_dir, fingerprint, cluster, center)
         for w in self.workers:
             w.keeps_rng = True
         if saved is None:
@@ -386,7 +387,7 @@ class Daemon:
         log.info(
             "resuming from the checkpoint of %s (iteration %d, written %s ago)",
             state_dir.checkpoint,
-            saved.step,
+            self.restore.step,
             _ago(time.time() - saved.saved_at),
         )
 

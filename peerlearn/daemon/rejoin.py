@@ -342,6 +342,10 @@ class Rejoin:
         sent its last incarnation that far, so it ran on while this one was away."""
         return any(upto >= at for upto in self._dropped.values())
 
+    def dropped_by(self, peer: int) -> bool:
+        """``peer`` said it dropped frames for this daemon (it ran on while this one was away)."""
+        return peer in self._dropped
+
     def furthest(self) -> int | None:
         """The peer that dropped the latest iterations for this daemon (None: none did)."""
         return max(self._dropped, key=lambda p: (self._dropped[p], -p), default=None)

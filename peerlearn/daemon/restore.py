@@ -39,13 +39,18 @@ from every worker's ledger: the checkpointed ones of the workers hosted with it,
 daemons hosting the others send (:mod:`peerlearn.daemon.rejoin`) — live ones if they ran on,
 their checkpointed ones after a whole-cluster restart. There is no agreed iteration: each
 worker resumes from its own checkpoint at its own iteration (the center serves requests in any
-order), except on a daemon restarted while the center's ran on, whose workers take the
-center's model and its record of their ledgers (the center served requests their checkpoint
-does not count). The center's model and the workers' ledgers then sum as they did at the
-checkpoints, so x̃ + Σ_i x^i is what the gradients made of it (the conservation law). EAMSGD's
-momentum is not kept: it restarts at 0. DOWNPOUR's and MDOWNPOUR's centers cannot be rebuilt
-(their model is not a sum the workers hold): their daemons write no checkpoints, keep an old
-one aside as ``checkpoint.unused.npz`` (nothing is deleted) and say so.
+order). A daemon hosting workers only waits for the first note of the center's daemon, however
+long (its workers can do nothing without the center), and goes by it: that daemon ran on (it
+dropped frames for this one) — the workers take the center's model and its record of their
+ledgers, asked for until it comes (the center served requests their checkpoint does not
+count); it starts from a checkpoint too — they resume from theirs; it started without one —
+they start over with its new center. The center's model is then the sum of the ledgers the
+workers resume with, and each worker's model has had exactly its own ledger applied, so
+x̃ + Σ_i x^i is what the gradients made of it (the conservation law), though the checkpoints
+were taken at different moments. EAMSGD's momentum is not kept: it restarts at 0. DOWNPOUR's
+and MDOWNPOUR's centers cannot be rebuilt (their model is not a sum the workers hold): their
+daemons write no checkpoints, keep an old one aside as ``checkpoint.unused.npz`` (nothing is
+deleted) and say so.
 """
 
 from __future__ import annotations
@@ -122,7 +127,9 @@ class Restore:
 
     @property
     def step(self) -> int:
-        return self.checkpoint.step
+        """The checkpoint's iteration: its slowest worker's (a center counts requests, not
+        iterations)."""
+        return min((w.step for w in self._saved.values() if w.pid != self._center), default=1)
 
     def check(self) -> None:
         """CheckpointError unless every worker can resume from its checkpointed state: its
@@ -274,40 +281,75 @@ def _ledger_report(saved: SavedWorker) -> tuple[int, Vector, Tag] | None:
 
 async def _resume_elastic(daemon: Daemon, restore: Restore) -> None:
     """The asynchronous elastic family (the module docstring): the center's daemon rebuilds the
-    center from every worker's ledger; a daemon hosting workers only resumes them from their
-    checkpoints, or from the center's state if the center's daemon ran on."""
+    center from every worker's ledger; a daemon hosting workers only does what the center's
+    daemon's first note calls for."""
     rejoin = daemon.rejoin
-    ran_on = rejoin.dropped_for_us(0)  # only the center's daemon sends workers anything
-    restore.mode = "live peers" if ran_on else "whole-cluster restart"
-    if daemon.run_cfg.center in daemon.pids:
+    center = daemon.run_cfg.center
+    if center in daemon.pids:
+        restore.mode = "live peers" if rejoin.dropped_for_us(0) else "whole-cluster restart"
         log.info(
-            "%s: the workers here resume from the checkpoint (iteration %d); the center is "
-            "rebuilt from every worker's ledger",
+            "%s: the center is rebuilt from every worker's ledger; the workers here resume "
+            "from the checkpoint (iteration %d)",
             restore.mode,
             restore.step,
         )
-        restore.own()
         rejoin.rebuild_center()
         # (the catch-up may have rebuilt it already, with peers that ran on: once per start)
-        if not await _state_taken(rejoin, 0):
-            log.warning("the center was not rebuilt: it starts over")
+        if await _state_taken(rejoin, 0):
+            restore.own()  # (their ledgers are in the rebuilt center)
+        else:
+            log.error(
+                "the center could not be rebuilt from its workers' ledgers: it starts over, and "
+                "so do the workers here; workers resumed elsewhere will not agree with it"
+            )
         return
-    if ran_on:
+    keeper = daemon.membership.cluster_of[center]
+    await _first_note(daemon, keeper)
+    if rejoin.dropped_by(keeper):  # it ran on: its record counts requests this checkpoint does not
+        restore.mode = "live peers"
         log.info(
-            "the center's daemon ran on while this daemon was away: resuming from the center's "
-            "model and its record of the workers' ledgers"
+            "the center's daemon %d ran on while this daemon was away: resuming from the "
+            "center's model and its record of the workers' ledgers",
+            keeper,
         )
-        rejoin.consider()  # (asked already, unless that note has only just come)
-        if rejoin.rejoins == 0 and not await _state_taken(rejoin, 0):
-            log.warning("the center's daemon did not send its state: resuming from the checkpoint")
-            restore.own()
-        return
-    log.info(
-        "whole-cluster restart: the workers resume from the checkpoint, each at its own "
-        "iteration (this checkpoint: %d), the center from their ledgers",
-        restore.step,
-    )
-    restore.own()
+        while rejoin.rejoins == 0 and daemon.stop_reason is None and not rejoin.cannot_resume:
+            rejoin.consider()
+            if not await _state_taken(rejoin, 0):
+                log.warning("the center's daemon %d has not sent its state: asking again", keeper)
+    elif keeper in rejoin.starts:
+        restore.mode = "whole-cluster restart"
+        log.info(
+            "whole-cluster restart: the workers resume from the checkpoint, each at its own "
+            "iteration (this checkpoint: %d), the center from their ledgers",
+            restore.step,
+        )
+        restore.own()
+    else:
+        restore.mode = "center started afresh"
+        log.warning(
+            "the center's daemon %d started without a checkpoint: the workers here start over "
+            "with its new center (their checkpoint does not agree with it)",
+            keeper,
+        )
+
+
+async def _first_note(daemon: Daemon, peer: int) -> None:
+    """Wait for ``peer``'s first note, however long (the workers here can do nothing without
+    it); said once it is later than ``peer_timeout``."""
+    rejoin = daemon.rejoin
+    told = False
+    until = time.monotonic() + daemon.cfg.peer_timeout
+    while peer not in rejoin.noted and daemon.stop_reason is None:
+        if not told and time.monotonic() >= until:
+            told = True
+            log.warning(
+                "waiting for daemon %d, the center's, to say how it starts: the workers here "
+                "resume only once it has",
+                peer,
+            )
+        rejoin.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rejoin.changed.wait(), 1.0)
 
 
 async def _agree(
