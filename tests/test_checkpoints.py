@@ -360,6 +360,36 @@ async def test_workers_start_over_with_a_center_whose_daemon_lost_its_checkpoint
         _elastic_books(c, problem.x0())
 
 
+async def test_a_workers_daemon_up_after_the_center_was_rebuilt_resumes_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A whole-cluster restart in which daemon 2 (workers only) comes up after the center's
+    daemon has rebuilt the center without it (holding its workers' requests): its workers still
+    resume from their checkpoints — the center's daemon says it resumed — and their checkpointed
+    ledgers join the center; the books agree at the end. (Costs the rebuild's 10 s wait.)"""
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    steps = 200
+    cfg = _config(algorithm="async_easgd", steps=steps, peer_timeout=1.0)
+    await _run_then_stop(dirs, 60, **cfg)
+    saved = {w.pid: w for i, d in enumerate(dirs) for w in _saved(d, cfg, i, 3).workers}
+    async with local_cluster(3, start=False, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        first = c.daemons[0]
+        await first.start()
+        await c.daemons[1].start()
+        await c.wait_for(lambda: first.rejoin.rejoins > 0, 60)  # rebuilt, daemon 2 late
+        assert first.rejoin.gathering() == [2]
+        await c.daemons[2].start()
+        await c.wait_until_finished(120)
+        late = c.daemons[2]
+        assert late.restore is not None and late.restore.mode == "whole-cluster restart"
+        for w in late.workers:
+            assert w.grads == steps + 1 - saved[w.pid].step, w.name
+        assert first.rejoin.gathering() == []
+        problem = first.problem
+        assert problem is not None
+        _elastic_books(c, problem.x0())
+
+
 @pytest.mark.parametrize("restarted", [0, 2])
 async def test_an_elastic_daemon_restarted_alone_resumes_through_the_live_ones(
     tmp_path: Path, restarted: int

@@ -54,6 +54,7 @@ __all__ = [
     "SavedWorker",
     "Saver",
     "StateDir",
+    "iteration",
 ]
 
 #: the checkpoint format this peerlearn writes and reads
@@ -323,6 +324,13 @@ class StateDir:
         write_atomic(self.checkpoint, checkpoint.encode)
 
 
+def iteration(checkpoint: Checkpoint, center: int | None = None) -> int:
+    """The iteration ``checkpoint`` is at: its slowest worker's — leaving out an elastic
+    ``center``, which counts requests, not iterations (unless it is all there is)."""
+    steps = [w.step for w in checkpoint.workers if w.pid != center]
+    return min(steps) if steps else checkpoint.step
+
+
 class Saver:
     """Writes one daemon's checkpoints: snapshots are taken on the event loop (each worker's
     ``saved`` is one reference, so its model, iteration and generator state match) and written
@@ -334,7 +342,8 @@ class Saver:
         self.state_dir = state_dir
         self._fingerprint = fingerprint
         self._cluster = cluster
-        self._center = center  # an elastic center: it counts requests, not iterations
+        #: an elastic center: it counts requests, not iterations
+        self.center = center
         self._lock = threading.Lock()
         self._taken = 0  # snapshots numbered
         self._written = 0  # the newest snapshot written
@@ -388,6 +397,5 @@ class Saver:
                 return False
             self.state_dir.save(checkpoint)
             self._written = number
-            steps = [w.step for w in checkpoint.workers if w.pid != self._center]
-            self.last = (checkpoint.saved_at, min(steps) if steps else checkpoint.step)
+            self.last = (checkpoint.saved_at, iteration(checkpoint, self.center))
             return True

@@ -39,7 +39,7 @@ from peerlearn.algorithms.spec import DeliveryPolicy
 from peerlearn.control.app import WorkerModel, build_app
 from peerlearn.control.guard import ApiGuard, guarded_http, is_loopback, read_token
 from peerlearn.control.metrics import DaemonMetrics
-from peerlearn.daemon.checkpoint import Saver, StateDir
+from peerlearn.daemon.checkpoint import Saver, StateDir, iteration
 from peerlearn.daemon.config import NodeConfig, parse_address
 from peerlearn.daemon.monitor import Monitor, SendWait, Staleness, WaitsOn
 from peerlearn.daemon.output import Row, RunOutput, summary_of
@@ -788,7 +788,7 @@ class Daemon:
             log.info(
                 "wrote the last checkpoint to %s (iteration %d)",
                 saver.state_dir.checkpoint,
-                snap[1].step,
+                iteration(snap[1], saver.center),
             )
 
     def _sample(self) -> tuple[list[Row], list[Vector], list[Vector]]:

@@ -170,6 +170,9 @@ class Rejoin:
         #: here, which resume from their checkpoints instead of starting over
         self._rebuild = False
         self._checkpointed: dict[int, Ledger] = {}
+        #: the local workers' ledgers are not to be told yet: this daemon has not decided
+        #: whether they resume from their checkpoints or start over (restore.py)
+        self.deciding = False
         self._expected: set[int] = set()  # the peers whose first note a starting daemon awaits
         self._expect_until = 0.0
         #: this daemon's incarnation (its boot time in ns): resumed programs that tell their
@@ -634,7 +637,9 @@ class Rejoin:
             )
         elif self._center in asker:
             ledgers = [self._ledger_of(w) for w in self.workers if w.pid != self._center]
-            if any(lg is None for lg in ledgers):  # a worker is taking an answer: soon again
+            # (not decided yet: the held checkpoint's ledgers may not be the ones they go on
+            # with; or a worker is taking an answer) soon again
+            if self.deciding or any(lg is None for lg in ledgers):
                 asyncio.get_running_loop().call_later(LEDGER_RETRY, self._answer_center, peer)
                 return
             for pid, lg in zip(

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING
 
 from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, Ledger, RejoinState
 from peerlearn.config import RunConfig
-from peerlearn.daemon.checkpoint import Checkpoint, CheckpointError, SavedWorker
+from peerlearn.daemon.checkpoint import Checkpoint, CheckpointError, SavedWorker, iteration
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
 from peerlearn.effects import Program, Tag, Vector
 from peerlearn.problems import Problem
@@ -113,8 +113,8 @@ class Restore:
         #: from its checkpoint; its workers resume from theirs with the ledgers that go with them
         self.elastic = self.spec.center_rebuilt
         self._center = run.center if self.elastic else None
-        #: how it resumed: "live peers", "whole-cluster restart" or "joined a whole-cluster
-        #: restart" (None: not yet)
+        #: how it resumed: "live peers", "whole-cluster restart", "joined a whole-cluster
+        #: restart" or, for elastic workers, "center started afresh" (None: not yet)
         self.mode: str | None = None
         self.agreed: int | None = None  # the whole-cluster restart's iteration
         #: frames are kept and numbered: a live peer's state is taken before the workers start
@@ -129,7 +129,7 @@ class Restore:
     def step(self) -> int:
         """The checkpoint's iteration: its slowest worker's (a center counts requests, not
         iterations)."""
-        return min((w.step for w in self._saved.values() if w.pid != self._center), default=1)
+        return iteration(self.checkpoint, self._center)
 
     def check(self) -> None:
         """CheckpointError unless every worker can resume from its checkpointed state: its
@@ -243,8 +243,13 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
     # in this restart drops frames before its resume point (Transport.lose_all).
     if restore.elastic:
-        await _resume_elastic(daemon, restore)
-        transport.announce_start(None)
+        rejoin.deciding = True
+        try:
+            resumed = await _resume_elastic(daemon, restore)
+        finally:
+            rejoin.deciding = False
+        # (a daemon hosting workers only that comes up later goes by this)
+        transport.announce_start(None, restore.step if resumed else None)
         return
     if rejoin.dropped_for_us(0 if restore.takes_live_state else restore.step):
         restore.mode = "live peers"
@@ -279,10 +284,10 @@ def _ledger_report(saved: SavedWorker) -> tuple[int, Vector, Tag] | None:
     return (answered, total, () if waiting is None else (waiting,))
 
 
-async def _resume_elastic(daemon: Daemon, restore: Restore) -> None:
+async def _resume_elastic(daemon: Daemon, restore: Restore) -> bool:
     """The asynchronous elastic family (the module docstring): the center's daemon rebuilds the
     center from every worker's ledger; a daemon hosting workers only does what the center's
-    daemon's first note calls for."""
+    daemon's first note calls for. Whether the center was rebuilt here."""
     rejoin = daemon.rejoin
     center = daemon.run_cfg.center
     if center in daemon.pids:
@@ -297,14 +302,16 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> None:
         # (the catch-up may have rebuilt it already, with peers that ran on: once per start)
         if await _state_taken(rejoin, 0):
             restore.own()  # (their ledgers are in the rebuilt center)
-        else:
-            log.error(
-                "the center could not be rebuilt from its workers' ledgers: it starts over, and "
-                "so do the workers here; workers resumed elsewhere will not agree with it"
-            )
-        return
+            return True
+        log.error(
+            "the center could not be rebuilt from its workers' ledgers: it starts over, and so "
+            "do the workers here; workers resumed elsewhere will not agree with it"
+        )
+        return False
     keeper = daemon.membership.cluster_of[center]
     await _first_note(daemon, keeper)
+    if daemon.stop_reason is not None:
+        return False
     if rejoin.dropped_by(keeper):  # it ran on: its record counts requests this checkpoint does not
         restore.mode = "live peers"
         log.info(
@@ -313,10 +320,16 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> None:
             keeper,
         )
         while rejoin.rejoins == 0 and daemon.stop_reason is None and not rejoin.cannot_resume:
-            rejoin.consider()
+            if not rejoin.waiting_for_state():
+                rejoin.ask_state(keeper)
             if not await _state_taken(rejoin, 0):
                 log.warning("the center's daemon %d has not sent its state: asking again", keeper)
-    elif keeper in rejoin.starts:
+        if rejoin.cannot_resume:
+            log.error(
+                "the center's state could not be taken: the workers here start over, and the "
+                "center's record of their ledgers will not agree with them"
+            )
+    elif keeper in rejoin.starts or keeper in rejoin.resumed:
         restore.mode = "whole-cluster restart"
         log.info(
             "whole-cluster restart: the workers resume from the checkpoint, each at its own "
@@ -331,6 +344,7 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> None:
             "with its new center (their checkpoint does not agree with it)",
             keeper,
         )
+    return False
 
 
 async def _first_note(daemon: Daemon, peer: int) -> None:
