@@ -390,6 +390,35 @@ async def test_a_workers_daemon_up_after_the_center_was_rebuilt_resumes_its_chec
         _elastic_books(c, problem.x0())
 
 
+@pytest.mark.parametrize("algorithm", ["downpour", "mdownpour", "async_ps"])
+async def test_a_whole_cluster_restart_of_downpour_resumes_the_center_and_its_record(
+    tmp_path: Path, algorithm: str
+) -> None:
+    """DOWNPOUR's center cannot be rebuilt from its workers: it resumes from its own checkpoint
+    (model, requests served, the last answered per worker) and every worker from its model and
+    record — the run finishes, each request served once. A run restarted after it finished
+    ends at once, with the center's checkpointed model bit for bit."""
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    steps = 200
+    cfg = _config(algorithm=algorithm, steps=steps, elastic={"tau": 2}, lr={"eta": 0.02})
+    await _run_then_stop(dirs, 60, first=2, **cfg)
+    center = next(w for w in _saved(dirs[0], cfg, 0, 3).workers if w.pid == 0)
+    async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        await c.wait_until_finished(120)
+        assert all(d.restore and d.restore.mode == "whole-cluster restart" for d in c.daemons)
+        for d in c.daemons[1:]:
+            assert d.rejoin.last is not None and d.rejoin.last.peer == 0  # the center's state
+        assert all(w.state.value == "finished" for d in c.daemons for w in d.workers)
+        served = next(w for w in c.daemons[0].workers if w.pid == 0)
+        assert served.grads == 0 and served.step > center.step  # it went on from its record
+    finished = next(w for w in _saved(dirs[0], cfg, 0, 3).workers if w.pid == 0)
+    async with local_cluster(3, each=lambda i: {"state_dir": dirs[i]}, **cfg) as c:
+        await c.wait_until_finished(60)
+        again = next(w for w in c.daemons[0].workers if w.pid == 0)
+        assert again.x is not None and again.x.tobytes() == finished.model.tobytes()
+        assert all(w.grads == 0 for d in c.daemons for w in d.workers)
+
+
 @pytest.mark.parametrize("restarted", [0, 2])
 async def test_an_elastic_daemon_restarted_alone_resumes_through_the_live_ones(
     tmp_path: Path, restarted: int
@@ -461,11 +490,11 @@ async def test_a_checkpoint_state_the_algorithm_cannot_resume_stops_the_start(
 async def test_an_algorithm_that_cannot_resume_sets_a_checkpoint_aside_and_writes_none(
     tmp_path: Path,
 ) -> None:
-    """DOWNPOUR's center cannot be rebuilt after a restart (its model is no sum of what the
-    workers hold): an existing checkpoint is moved aside (kept, each time under a new name),
-    none is written, and the run starts."""
+    """Standalone agreement has no state to resume (each process's inputs are its own): an
+    existing checkpoint is moved aside (kept, each time under a new name), none is written,
+    and the run starts."""
     dirs = [tmp_path / "d0", tmp_path / "d1"]
-    cfg = _config(algorithm="downpour", steps=50)
+    cfg = _config(algorithm="maa", steps=5)
     for d in dirs:
         d.mkdir()
         (d / "checkpoint.npz").write_bytes(b"an old checkpoint")

@@ -378,8 +378,10 @@ class Daemon:
             return
         self.restore = Restore(self.run_cfg, self.problem, self.workers, saved, self.incarnation)
         self.restore.check()  # CheckpointError now, not once it is resumed from
-        if self.restore.elastic:  # a center rebuilt here counts the workers' ledgers
+        if self.restore.rebuilt:  # a center rebuilt here counts the workers' ledgers
             self.rejoin.checkpointed(self.restore.ledgers())
+        elif self.restore.centered and self.run_cfg.center in self.pids:
+            self.rejoin.center_restored = True  # from the checkpoint: nothing to rebuild
         if self.restore.takes_live_state:
             self.restore.hold()  # a live peer's state is taken, if one answers
         else:

@@ -173,6 +173,8 @@ class Rejoin:
         #: the local workers' ledgers are not to be told yet: this daemon has not decided
         #: whether they resume from their checkpoints or start over (restore.py)
         self.deciding = False
+        #: a DOWNPOUR center hosted here resumes from its checkpoint: not rebuilt (it cannot be)
+        self.center_restored = False
         self._expected: set[int] = set()  # the peers whose first note a starting daemon awaits
         self._expect_until = 0.0
         #: this daemon's incarnation (its boot time in ns): resumed programs that tell their
@@ -426,6 +428,8 @@ class Rejoin:
                 log.info("restarted: asking daemon %d, the center's, for its state", center_cluster)
             return
         assert self._transport is not None
+        if self.center_restored:
+            return
         if self._gather_since is None:
             if not self._center_can_resume():
                 return

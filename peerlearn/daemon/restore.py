@@ -47,11 +47,14 @@ count); it starts from a checkpoint too — they resume from theirs; it started 
 they start over with its new center. The center's model is then the sum of the ledgers the
 workers resume with, and each worker's model has had exactly its own ledger applied, so
 x̃ + Σ_i x^i is what the gradients made of it (the conservation law), though the checkpoints
-were taken at different moments. EAMSGD's momentum is not kept: it restarts at 0. DOWNPOUR's
-and MDOWNPOUR's centers cannot be rebuilt (their model is not a sum the workers hold): their
-daemons write no checkpoints, keep an old one aside as ``checkpoint.unused.npz`` (nothing is
-deleted) and say so.
-"""
+were taken at different moments. EAMSGD's momentum is not kept: it restarts at 0.
+
+DOWNPOUR's and MDOWNPOUR's center cannot be rebuilt (its model is not a sum the workers hold):
+it resumes from its own checkpoint (model, requests served, the last answered per worker), and
+every worker, hosted with it or not, from its model after the last request its record answered
+for that worker — so each request is served once. A center's daemon restarted alone resumes it
+the same way, but requests its last incarnation had not answered are lost: workers waiting on
+one stay blocked (no ledger says which they were)."""
 
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from peerlearn.algorithms.spec import AlgorithmSpec, DeliveryPolicy, Ledger, RejoinState
 from peerlearn.config import RunConfig
@@ -83,11 +88,6 @@ def resumable(spec: AlgorithmSpec) -> str | None:
     """Why a checkpoint of ``spec``'s runs cannot be resumed from; None if it can."""
     if spec.resume is None:
         return f"{spec.name} has no resume entry point (each process's inputs are its own)"
-    if spec.center and not spec.lockstep and not spec.center_rebuilt:
-        return (
-            f"{spec.name}'s center cannot be rebuilt after a restart (its model is not a sum of "
-            "what its workers hold): a whole-cluster restart starts over"
-        )
     return None
 
 
@@ -109,10 +109,14 @@ class Restore:
         self.checkpoint = checkpoint
         self._incarnation = incarnation
         self._saved = {s.pid: s for s in checkpoint.workers}
+        #: a center served asynchronously (the elastic family, DOWNPOUR): no agreed iteration
+        self.centered = self.spec.center and not self.spec.lockstep
         #: the asynchronous elastic family: the center is rebuilt from ledgers, never resumed
-        #: from its checkpoint; its workers resume from theirs with the ledgers that go with them
-        self.elastic = self.spec.center_rebuilt
-        self._center = run.center if self.elastic else None
+        #: from its checkpoint; its workers resume from theirs with the ledgers that go with them.
+        #: DOWNPOUR's and MDOWNPOUR's center resumes from its checkpoint, and their workers
+        #: from its model and record.
+        self.rebuilt = self.spec.center_rebuilt
+        self._center = run.center if self.centered else None
         #: how it resumed: "live peers", "whole-cluster restart", "joined a whole-cluster
         #: restart" or, for elastic workers, "center started afresh" (None: not yet)
         self.mode: str | None = None
@@ -151,10 +155,33 @@ class Restore:
 
     def own(self, at: int | None = None) -> None:
         """Every worker from its own checkpointed state — at iteration ``at`` instead of its
-        own when given (a whole-cluster restart's agreed point); a center is rebuilt instead."""
+        own when given (a whole-cluster restart's agreed point); an elastic center is rebuilt
+        instead, and workers hosted with a DOWNPOUR center resume from its model and record."""
         for w in self._resuming():
             saved = self._saved[w.pid]
             self._restore(w, saved, saved.step if at is None else at, saved.extra)
+        if self.centered and not self.rebuilt:
+            self._from_center()
+
+    def _from_center(self) -> None:
+        """Workers hosted with a DOWNPOUR center: each resumes after the last request the
+        center's checkpoint answered for it, from the center's checkpointed model (as a worker
+        daemon resumes from the center's state)."""
+        center = self._saved.get(self._center) if self._center is not None else None
+        if center is None:
+            return
+        answered = dict(zip(_workers_of(self._run), center.extra, strict=False))
+        for w in self._workers:
+            if w.pid == self._center:
+                continue
+            last = answered.get(w.pid, 0)
+            ledgers = {w.pid: Ledger(last, None, np.zeros_like(center.model))}
+            state = RejoinState(center.step, center.model, center.extra, ledgers)
+            resume = self.spec.resume
+            assert resume is not None
+            [program] = resume(self._run, self._problem, [w.pid], state)
+            rng = self._saved[w.pid].rng
+            w.restore(last + 1, program, center.model, (), rng)
 
     def hold(self) -> None:
         """Every worker shows its checkpointed state without taking it yet (frames kept and
@@ -163,6 +190,11 @@ class Restore:
         for w in self._resuming():
             saved = self._saved[w.pid]
             w.hold(saved.step, saved.model, saved.extra, saved.rng, _ledger_report(saved))
+
+    def checkpoint_of_center(self) -> SavedWorker:
+        """The checkpointed state of the center hosted here."""
+        assert self._center is not None
+        return self._saved[self._center]
 
     def ledgers(self) -> dict[int, Ledger]:
         """The checkpointed ledgers of the local workers of an elastic run."""
@@ -173,7 +205,10 @@ class Restore:
         }
 
     def _resuming(self) -> list[Worker]:
-        """The local workers that resume from their checkpointed state: all but a center."""
+        """The local workers that resume from their own checkpointed state: all but an elastic
+        center (rebuilt); of a DOWNPOUR run, its center only."""
+        if self.centered and not self.rebuilt:
+            return [w for w in self._workers if w.pid == self._center]
         return [w for w in self._workers if w.pid != self._center]
 
     def own_agreed(self) -> None:
@@ -192,7 +227,7 @@ class Restore:
         resume = self.spec.resume
         assert resume is not None
         state = RejoinState(step, saved.model, extra, incarnation=self._incarnation)
-        if self.elastic:  # its own model, iteration and ledger
+        if self.centered:  # its own model, iteration and ledger (a center: its record)
             lg = saved.ledger
             ledgers = {} if lg is None else {w.pid: Ledger(lg[0], lg[1], lg[2])}
             state = RejoinState(
@@ -242,7 +277,7 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     # Where frames are kept, a peer drops nothing for a daemon that was away unless it sent
     # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
     # in this restart drops frames before its resume point (Transport.lose_all).
-    if restore.elastic:
+    if restore.centered:
         rejoin.deciding = True
         try:
             resumed = await _resume_elastic(daemon, restore)
@@ -276,6 +311,11 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     transport.announce_start(None, restore.agreed)
 
 
+def _workers_of(run: RunConfig) -> list[int]:
+    """The workers of a centered run, in the order of the center's record (its model's key)."""
+    return [p for p in range(run.processes) if p != run.center]
+
+
 def _ledger_report(saved: SavedWorker) -> tuple[int, Vector, Tag] | None:
     """A checkpointed ledger as the worker's ``Report("ledger", …)`` holds it."""
     if saved.ledger is None:
@@ -290,6 +330,22 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> bool:
     daemon's first note calls for. Whether the center was rebuilt here."""
     rejoin = daemon.rejoin
     center = daemon.run_cfg.center
+    if center in daemon.pids and not restore.rebuilt:
+        restore.mode = "live peers" if rejoin.dropped_for_us(0) else "whole-cluster restart"
+        restore.own()  # the center from its checkpoint, the workers here from its record
+        log.info(
+            "%s: the center resumes from its checkpoint (%d requests served), the workers here "
+            "after the last request it answered them",
+            restore.mode,
+            restore.checkpoint_of_center().step - 1,
+        )
+        if restore.mode == "live peers":
+            log.warning(
+                "requests the center's last incarnation had not answered are lost (%s keeps no "
+                "ledgers to tell them): workers still waiting on one stay blocked",
+                restore.spec.name,
+            )
+        return True
     if center in daemon.pids:
         restore.mode = "live peers" if rejoin.dropped_for_us(0) else "whole-cluster restart"
         log.info(
@@ -312,11 +368,15 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> bool:
     await _first_note(daemon, keeper)
     if daemon.stop_reason is not None:
         return False
-    if rejoin.dropped_by(keeper):  # it ran on: its record counts requests this checkpoint does not
-        restore.mode = "live peers"
+    resumed = keeper in rejoin.starts or keeper in rejoin.resumed
+    # It ran on: its record counts requests this checkpoint does not. Or (DOWNPOUR) it resumed
+    # from its checkpoint: its model and record are what the workers go on from.
+    if rejoin.dropped_by(keeper) or (resumed and not restore.rebuilt):
+        restore.mode = "live peers" if rejoin.dropped_by(keeper) else "whole-cluster restart"
         log.info(
-            "the center's daemon %d ran on while this daemon was away: resuming from the "
-            "center's model and its record of the workers' ledgers",
+            "%s: resuming from the center's model and its record of the workers' requests "
+            "(daemon %d)",
+            restore.mode,
             keeper,
         )
         while rejoin.rejoins == 0 and daemon.stop_reason is None and not rejoin.cannot_resume:
@@ -329,7 +389,7 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> bool:
                 "the center's state could not be taken: the workers here start over, and the "
                 "center's record of their ledgers will not agree with them"
             )
-    elif keeper in rejoin.starts or keeper in rejoin.resumed:
+    elif resumed:
         restore.mode = "whole-cluster restart"
         log.info(
             "whole-cluster restart: the workers resume from the checkpoint, each at its own "

@@ -178,7 +178,9 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
     ledger that goes with it — a whole-cluster restart, where the center is rebuilt from the
     checkpointed ledgers). Only the elastic variants (A.1b, A.1c) keep ledgers: DOWNPOUR's
     and MDOWNPOUR's center cannot be rebuilt (their updates are not a sum the workers hold),
-    which raises ValueError."""
+    which raises ValueError — it resumes from its own checkpoint only (``state.own``: its
+    model, ``state.step − 1`` requests served, ``state.extra`` the last answered per worker),
+    and its workers from its model and record."""
 
     def resume(
         cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
@@ -192,7 +194,10 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
             _check_ledger(variant, steps, tau, pid, lg)
         ledgers = dict(state.ledgers)
         rebuilt: Vector | None = None
-        if center in pids:
+        # DOWNPOUR's, MDOWNPOUR's center from its own checkpoint: its model, the requests it had
+        # served, the last it answered per worker (its model's key) — not rebuildable otherwise
+        restored = state.own and center in pids and not elastic
+        if center in pids and not restored:
             # Workers restarted with it start over (below): nothing of theirs is in the
             # rebuilt center, nothing of theirs was served — not a ledger it waits for.
             for p in pids:
@@ -206,12 +211,32 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
             rebuilt = x1 + sum((ledgers[w].total for w in sorted(ledgers)), 0 * x1)
             rebuilt.flags.writeable = False
         out: list[Program] = []
+        requests = None if steps is None else len(workers) * center_requests(variant, steps, tau)
         for p in pids:
-            if p == center:
-                assert rebuilt is not None
-                requests = (
-                    None if steps is None else len(workers) * center_requests(variant, steps, tau)
+            if p == center and restored:
+                if len(state.extra) != len(workers) or state.step < 1:
+                    raise ValueError(
+                        f"a center's state is its served requests and the last it answered for "
+                        f"each of its {len(workers)} workers"
+                    )
+                model = state.model.copy()
+                model.flags.writeable = False
+                out.append(
+                    elastic_center(
+                        variant,
+                        model,
+                        requests,
+                        eta,
+                        alpha,
+                        delta,
+                        workers=workers,
+                        served=state.step - 1,
+                        answered=dict(zip(workers, state.extra, strict=True)),
+                        tau=tau,
+                    )
                 )
+            elif p == center:
+                assert rebuilt is not None
                 pending = {w: lg.waiting for w, lg in ledgers.items() if lg.waiting is not None}
                 answered = {w: max(lg.answered, pending.get(w, 0)) for w, lg in ledgers.items()}
                 served = sum(answered_requests(t, tau) for t in answered.values())
