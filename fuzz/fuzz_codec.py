@@ -20,8 +20,9 @@ Checked for every input (any other exception is a finding):
 * the codec raises nothing but ``RemoteProtocolError``; once it did, every receive call raises
   the same reason again (the error sticks);
 * nothing is allocated beyond the caps in force: each allocator request is at most
-  ``max_payload`` bytes, every frame that comes out is at most
-  ``PREFIX.size + max_header + max_payload`` on the wire, the read buffer stays within
+  ``max_payload`` bytes, every message that comes out is at most
+  ``PREFIX.size + max_header + max_payload`` on the wire (a Data in parts: one more prefix per
+  part), the read buffer stays within
   ``max(DEFAULT_READ_BUFFER, PREFIX.size + max_header)``;
 * every message that comes out is one of the message types, can be sent again, and sending
   is idempotent: encode(decode(encode(msg))) == encode(msg).
@@ -100,7 +101,8 @@ def _check_message(codec: Codec, msg: object) -> None:
     assert isinstance(msg, _MESSAGE_CLASSES), type(msg)
     payload = msg.value.nbytes if isinstance(msg, Data) else 0
     assert payload <= codec.max_payload, (payload, codec.max_payload)
-    assert codec.last_size <= PREFIX.size + codec.max_header + codec.max_payload
+    # (a Data in parts: one more prefix per part, each part at least one byte)
+    assert codec.last_size <= PREFIX.size * (1 + payload) + codec.max_header + codec.max_payload
     once = _reencode(msg)
     if once is None:
         return

@@ -49,6 +49,9 @@ def main(out: Path) -> None:
     codec = Codec()
     streams = {msg.kind + str(i): codec.send(msg) for i, msg in enumerate(MESSAGES)}
     streams["mixed"] = [c for msg in MESSAGES for c in codec.send(msg)]
+    # a Data in three parts with a Ping between the first two (protocol 6)
+    parts = codec.send_parts(Data(5, ("params", 2), 0, 2, np.arange(6.0)), 16)
+    streams["parts"] = [*parts[0], *codec.send(Ping(3)), *parts[1], *parts[2]]
     for name, chunks in streams.items():
         stream = b"".join(bytes(c) for c in chunks)
         for mode in (0, 1, 2, 4, 8, 9):

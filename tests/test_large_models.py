@@ -5,9 +5,15 @@ The daemon sizes everything by the model's bytes: the codec's payload cap is the
 here), the tag window is ``tag_window_bytes`` worth (its minimum, 8 iterations), and payloads
 over the buffer pool's threshold are read into recycled arrays. Alg 1 with two processes and no
 crash tolerance averages both models every iteration, in the same order on both daemons: the
-models end equal bit for bit only if every frame arrived intact."""
+models end equal bit for bit only if every frame arrived intact. Each frame goes in 4 MiB parts
+(protocol 6), so the bytes received count one more prefix per part.
+
+``PEERLEARN_LARGE_DIM=100000000`` runs it by hand at 10⁸ parameters (400 MB a frame; about 13 GB
+for both daemons in one process): benchmarks/RESULTS.md, "Large models"."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -15,8 +21,10 @@ import pytest
 from peerlearn.daemon.node import DaemonState
 from peerlearn.daemon.routing import MIN_WINDOW
 from peerlearn.testing import local_cluster
+from peerlearn.wire import PREFIX
+from peerlearn.wire.codec import DEFAULT_PART_BYTES
 
-DIM = 30_000_000
+DIM = int(os.environ.get("PEERLEARN_LARGE_DIM", 30_000_000))
 
 
 @pytest.mark.slow
@@ -43,4 +51,6 @@ async def test_a_model_of_3e7_float32_parameters_arrives_intact() -> None:
             assert d.stats.protocol_errors.get("bad_data", 0) == 0
             frames = sum(n for (way, kind, _), n in d.stats.messages.items() if way == "in")
             size = sum(n for (way, kind, _), n in d.stats.bytes.items() if way == "in")
-            assert frames >= 3 and size >= 3 * DIM * 4  # the peer's params, 120 MB each
+            parts = -(-DIM * 4 // DEFAULT_PART_BYTES)
+            # the peer's params, 120 MB each, in 4 MiB parts
+            assert frames >= 3 and size >= 3 * (DIM * 4 + parts * PREFIX.size)

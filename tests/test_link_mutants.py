@@ -38,6 +38,7 @@ from peerlearn.transport.protocol import FrameProtocol
 from peerlearn.transport.stats import TransportStats
 from peerlearn.wire import (
     MIN_PROTOCOL_VERSION,
+    PREFIX,
     PROTOCOL_VERSION,
     Ack,
     Codec,
@@ -332,6 +333,27 @@ async def test_unacked_frames_go_out_again_first_in_order_after_the_note() -> No
             assert link._stats.reconnects == 1
 
 
+async def test_frames_in_parts_arrive_whole_and_in_order_on_a_real_connection() -> None:
+    """Over TCP, frames of 3 float64 in 5-byte parts (5 parts each) come out of the peer's codec
+    as the arrays sent, acked one by one, each counted once with all of its frames' bytes."""
+    async with _peer() as peer:
+        link = _link(peer.port, part_bytes=5)
+        async with _running(link, peer):
+            await peer.until(peer.notes(1))
+            values = [np.array([step, -step, 0.5 * step]) for step in (1, 2, 3)]
+            for step, value in enumerate(values, 1):
+                assert link.offer(("params", step), 1, step, value)
+            await peer.until(lambda: len(peer.conns[0].of(Data)) == 3)
+            got = peer.conns[0].of(Data)
+            assert [d.seq for d in got] == [1, 2, 3]
+            for d, value in zip(got, values, strict=True):
+                assert d.value.tobytes() == value.tobytes()
+            await peer.until(lambda: link.outstanding == 0)
+            whole = sum(len(bytes(c)) for c in Codec().send(got[0]))
+            counted = link._stats.bytes[("out", "params", link.name)]
+            assert counted == 3 * (whole + 4 * PREFIX.size)  # 4 more prefixes a frame
+
+
 async def test_a_welcome_from_a_restarted_peer_drops_the_frames_once_it_accepts_the_run() -> None:
     async with _peer() as peer:
         peer.acks = False
@@ -467,6 +489,8 @@ class _Wire:
         self.changed = asyncio.Event()
         self.heard_at = self.sent_at = time.monotonic()
         self.unsendable: set[int] = set()  # the seqs of frames that fail to encode
+        self.parts: list[tuple[str, int, int]] = []  # parts after the first, in order written
+        self.on_drain: Callable[[], None] = lambda: None
         self.answer: Callable[[Message], None] = lambda msg: None
 
     def send(self, msg: Message) -> int:
@@ -479,8 +503,25 @@ class _Wire:
         self.answer(msg)
         return 10 * len(self.sent)
 
+    def encode(self, msg: Message, part_bytes: int) -> list[list[Any]]:
+        """The frames of ``msg`` as the link writes them: the message, then for a Data larger
+        than ``part_bytes`` one ``("part", seq, i)`` marker per further part."""
+        if isinstance(msg, Data) and msg.seq in self.unsendable:
+            raise LocalProtocolError(Reason.PAYLOAD_TOO_LARGE, "too big")
+        n = -(-msg.value.nbytes // part_bytes) if isinstance(msg, Data) else 1
+        return [[msg], *([("part", msg.seq, i)] for i in range(1, n))]
+
+    def write(self, chunks: list[Any]) -> int:
+        item = chunks[0]
+        if isinstance(item, tuple):  # a part after the first
+            self.parts.append(item)
+            self.changed.set()
+            return 1
+        return self.send(item)
+
     async def drain(self) -> None:
         self.drains += 1
+        self.on_drain()
 
     def close(self) -> None:
         self.closes += 1
@@ -658,6 +699,41 @@ async def test_frames_go_out_after_the_notes_counted_and_an_unsendable_one_is_dr
     await wire.until(lambda: len(wire.of(Data)) == 3)
     wire.closed.set()
     await asyncio.wait_for(task, 1.0)
+
+
+async def test_a_large_frame_goes_in_parts_with_notes_and_pings_between_them() -> None:
+    """Each part waits for the connection to drain — where the heartbeat's Ping goes out — and
+    the catch-up notes queued meanwhile go before the next part; it counts as one frame."""
+    link = _link(part_bytes=8)  # a 3-float64 frame: 3 parts
+    wire = _Wire()
+    told = Control(name="state_request", body={"restart": False})
+
+    def between() -> None:
+        if len(wire.parts) == 0 and wire.of(Data) and not wire.of(Ping):
+            wire.send(Ping(5))  # as the heartbeat does, while the link waits
+            link.control(told)
+
+    wire.on_drain = between
+    assert link.offer_nowait(("params", 1), 1, 1, _value(1))
+    task = asyncio.create_task(link._send_frames(wire.proto))
+    await wire.until(lambda: len(wire.parts) == 2)
+    assert [type(m) for m in wire.sent] == [Control, Data, Ping, Control]
+    assert wire.sent[3] == told and wire.parts == [("part", 1, 1), ("part", 1, 2)]
+    assert [d.seq for d in link._unacked] == [1]
+    assert link._stats.messages == {("out", "params", link.name): 1}
+    assert link._stats.bytes == {("out", "params", link.name): 20 + 1 + 1}
+    wire.closed.set()
+    await asyncio.wait_for(task, 1.0)
+
+
+async def test_a_connection_lost_between_parts_leaves_the_frame_to_send_again() -> None:
+    link = _link(part_bytes=8)
+    wire = _Wire()
+    wire.on_drain = wire.closed.set  # lost after the first part
+    assert link.offer_nowait(("params", 1), 1, 1, _value(1))
+    await asyncio.wait_for(link._send_frames(wire.proto), 1.0)
+    assert len(wire.of(Data)) == 1 and wire.parts == []
+    assert [d.seq for d in link._unacked] == [1]  # sent again, whole, on the next connection
 
 
 async def test_sending_stops_when_closing_with_nothing_queued_or_the_connection_closes() -> None:

@@ -271,7 +271,7 @@ def test_long_streams_through_the_smallest_read_buffer(seed: int) -> None:
 
 def test_exact_events_from_known_bytes() -> None:
     stream = encode(Ping(7), Ack(3), Data(1, ("params", 2), 4, 2, np.array([1.5, -2.0])))
-    ping = b"PL\x05\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
+    ping = b"PL\x06\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
     assert stream.startswith(ping)  # the layout, spelled out once
     codec = Codec()
     codec.receive_data(stream)
@@ -414,7 +414,7 @@ PAY = bytes(16)
         (b"GE", Reason.BAD_MAGIC),  # refused after two bytes
         (frame(GOOD, PAY, version=PROTOCOL_VERSION + 1), Reason.UNSUPPORTED_VERSION),
         (frame(GOOD, PAY, version=0), Reason.UNSUPPORTED_VERSION),
-        (frame(GOOD, PAY, flags=1), Reason.BAD_FLAGS),
+        (frame(GOOD, PAY, flags=4), Reason.BAD_FLAGS),
         (frame(b"\xc1", PAY), Reason.BAD_HEADER),  # 0xc1: never used in msgpack
         (frame(b"", PAY), Reason.BAD_HEADER),
         (frame(msgpack.packb(GOOD) + b"\x00", PAY), Reason.BAD_HEADER),  # trailing byte

@@ -69,7 +69,7 @@ from peerlearn.wire import (
     RemoteProtocolError,
     Welcome,
 )
-from peerlearn.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from peerlearn.wire.codec import DEFAULT_PART_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
 __all__ = ["LinkSettings", "LinkState", "OutLink", "Throttle"]
 
@@ -156,6 +156,9 @@ class LinkSettings:
     peer_give_up: float = 300.0
     drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
     max_payload: int = 256 * 1024 * 1024
+    #: a Data larger than this goes in parts of this size: heartbeats, acks and catch-up notes
+    #: wait behind one part at most, not behind a whole model (wire/codec.py, "Parts")
+    part_bytes: int = DEFAULT_PART_BYTES
     #: the cluster secret (peerlearn/transport/auth.py); None: links are not authenticated
     secret: bytes | None = field(default=None, repr=False)
     #: what the run fingerprint covers, setting by setting (name -> JSON text): members are
@@ -820,13 +823,21 @@ class OutLink:
                 continue
             frame = self._queue.popleft()
             try:
-                n = proto.send(frame)
+                parts = proto.encode(frame, self._settings.part_bytes)
             except LocalProtocolError as exc:  # a frame we cannot encode: our bug, not theirs
                 log.error("%s: cannot send %s: %s", self.name, tag_text(frame.tag), exc)
                 self._stats.drop("unsendable")
                 self._free_slot()
                 continue
+            # Unacked from its first byte: a connection lost mid-frame sends it again, whole.
             self._unacked.append(frame)
+            n = proto.write(parts[0])
+            for part in parts[1:]:
+                await proto.drain()  # the heartbeat's Ping may go between two parts
+                if proto.closed.is_set():
+                    break
+                self._send_notes(proto)
+                n += proto.write(part)
             self._stats.count("out", str(frame.tag[0]), self.name, n)
             await proto.drain()
 

@@ -119,10 +119,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def send(self, msg: Message) -> int:
         """Write one message (header, then a memoryview of the payload: no copy here)."""
+        return self.write(self.codec.send(msg))
+
+    def encode(self, msg: Message, part_bytes: int) -> list[list[bytes | memoryview]]:
+        """``msg``'s frames (its parts, for a large Data), to :meth:`write` one by one."""
+        return self.codec.send_parts(msg, part_bytes)
+
+    def write(self, chunks: list[bytes | memoryview]) -> int:
+        """Write one encoded frame (:meth:`Codec.send`, or a part of :meth:`Codec.send_parts`);
+        the bytes written (0: the connection is closing)."""
         if self.transport is None or self.transport.is_closing():
             return 0
         n = 0
-        for chunk in self.codec.send(msg):
+        for chunk in chunks:
             # One write per chunk: writelines would join them into one bytes (a copy).
             self.transport.write(chunk)
             n += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes

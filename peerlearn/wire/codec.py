@@ -5,11 +5,27 @@ Frame layout (integers in network byte order)::
     offset  size  field
     0       2     magic            MAGIC = b"PL"
     2       1     version          PROTOCOL_VERSION
-    3       1     flags            reserved, 0 in version 1
+    3       1     flags            MORE (0x01), PART (0x02); other bits reserved, 0
     4       4     header length H  u32, ≤ MAX_HEADER
     8       8     payload length P u64, ≤ the codec's max_payload
     16      H     header           one msgpack map (schema: header.py)
     16 + H  P     payload          a Data array's raw bytes, C order, little-endian; P = 0 otherwise
+
+Parts
+-----
+A Data whose array is larger than the sender's part size goes in several frames, so that the
+small frames of the same connection (heartbeats, acks, catch-up notes) never wait behind a
+whole model: the first carries the header and the array's first P bytes, flagged ``MORE``;
+each next one, flagged ``PART`` (and ``MORE`` unless it is the last), has no header (H = 0)
+and carries the next P bytes. Whole frames other than Data may come between the parts (one
+Data at a time per direction). The receiver
+checks the array's whole size against ``max_payload`` from the first part's header, allocates
+the array once, reads every part straight into it, and returns the Data once the last part is
+in. A part out of sequence (a ``PART`` with no Data in progress, another Data while one is, a
+part past the array's end, a last part that leaves it short, a first part as large as the
+array) is ``bad_part``. A
+connection that ends mid-Data loses it (``truncated``); the sender sends it again, whole, on
+the next connection, as any unacknowledged frame.
 
 Contract of the reader (the receive half of :class:`Codec`)
 -----------------------------------------------------------
@@ -59,6 +75,7 @@ from peerlearn.wire.messages import MESSAGE_TYPES, Array, Data, Hello, Join, Mes
 __all__ = [
     "CLOSED",
     "DEFAULT_MAX_PAYLOAD",
+    "DEFAULT_PART_BYTES",
     "DEFAULT_READ_BUFFER",
     "MAGIC",
     "MAX_HEADER",
@@ -79,10 +96,16 @@ __all__ = [
 #: incarnation, nonce, room for a MAC), then Join (the run), answered by an Ack; 4: the Join
 #: carries the dialer's proof of the cluster secret (peerlearn/transport/auth.py); 5: the Join
 #: carries keyed digests of the run settings and a Refuse a detail (members are told what
-#: differs)
-PROTOCOL_VERSION: Final = 5
+#: differs); 6: a large Data goes in parts (flags MORE and PART)
+PROTOCOL_VERSION: Final = 6
 #: the oldest version this side still speaks (a Hello announces the range)
-MIN_PROTOCOL_VERSION: Final = 5
+MIN_PROTOCOL_VERSION: Final = 6
+#: prefix flags: more parts of this Data follow; this frame is a part after the first
+MORE: Final = 0x01
+PART: Final = 0x02
+#: a Data larger than this goes in parts of this size (LinkSettings.part_bytes): a small
+#: frame waits behind one part at most (4 MiB: about 1 ms on loopback, 34 ms at 1 Gbit/s)
+DEFAULT_PART_BYTES: Final = 4 * 1024 * 1024
 MAGIC: Final = b"PL"
 PREFIX: Final = struct.Struct("!2sBBIQ")  # magic, version, flags, header length, payload length
 
@@ -180,10 +203,14 @@ class Codec:
         self._end = 0
         self._header_len = -1  # of the frame whose prefix was parsed; -1 between frames
         self._payload_len = 0
+        self._flags = 0  # of the frame whose prefix was parsed
         self._head: DataHead | None = None  # a Data whose payload is being read into ...
         self._array: Array | None = None  # ... this array,
-        self._sink: memoryview | None = None  # through this byte view of it
-        self._filled = 0
+        self._sink: memoryview | None = None  # through this byte view of it (all of it)
+        self._filled = 0  # bytes of the array in
+        self._part_end = 0  # where the payload of the frame being read ends in the array
+        self._reading = False  # the frame's payload goes into the array (get_buffer's region)
+        self._data_size = 0  # the frames of the Data in progress, on the wire
         self._lent = 0  # size of the region the last get_buffer handed out
         self._events: deque[tuple[Message, int]] = deque()  # with each frame's size on the wire
         self._frame_size = 0  # prefix + header + payload of the frame being parsed
@@ -194,7 +221,13 @@ class Codec:
 
     def __repr__(self) -> str:
         where = (
-            "payload" if self._sink is not None else "header" if self._header_len >= 0 else "idle"
+            "payload"
+            if self._reading
+            else "header"
+            if self._header_len >= 0
+            else "between parts"
+            if self._head is not None
+            else "idle"
         )
         return (
             f"Codec({where}, buffered={self._end - self._start}, events={len(self._events)}, "
@@ -247,6 +280,38 @@ class Codec:
             return [head]
         return [head, value.data.cast("B")]
 
+    def send_parts(
+        self, msg: Message, part_bytes: int = DEFAULT_PART_BYTES
+    ) -> list[list[bytes | memoryview]]:
+        """Encode ``msg`` as frames, each a list of chunks to write as :meth:`send`'s: one
+        frame, or — a Data of more than ``part_bytes`` bytes — its parts (see "Parts" above),
+        which the caller may write with other whole frames in between, but not another Data's
+        parts. The payload is not copied: each part is a view of the array.
+
+        Raises:
+            LocalProtocolError: as :meth:`send`; nothing was sent.
+            ValueError: ``part_bytes`` < 1.
+        """
+        if part_bytes < 1:
+            raise ValueError(f"part_bytes {part_bytes} < 1")
+        chunks = self.send(msg)
+        if len(chunks) == 1 or len(chunks[1]) <= part_bytes:
+            return [chunks]
+        head, payload = chunks
+        assert isinstance(payload, memoryview)
+        header = memoryview(head)[PREFIX.size :]
+        frames: list[list[bytes | memoryview]] = [
+            [
+                PREFIX.pack(MAGIC, PROTOCOL_VERSION, MORE, len(header), part_bytes) + header,
+                payload[:part_bytes],
+            ]
+        ]
+        for at in range(part_bytes, len(payload), part_bytes):
+            part = payload[at : at + part_bytes]
+            flags = PART | (MORE if at + part_bytes < len(payload) else 0)
+            frames.append([PREFIX.pack(MAGIC, PROTOCOL_VERSION, flags, 0, len(part)), part])
+        return frames
+
     # --- receive ---------------------------------------------------------------------------------
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -262,8 +327,9 @@ class Codec:
             RuntimeError: called after :meth:`receive_eof`.
         """
         self._check_usable()
-        if self._sink is not None:
-            region = self._sink[self._filled :]
+        if self._reading:
+            assert self._sink is not None
+            region = self._sink[self._filled : self._part_end]
         else:
             self._make_room()
             region = self._view[self._end :]
@@ -285,10 +351,10 @@ class Codec:
             raise ValueError(f"buffer_updated({nbytes}) but get_buffer lent {self._lent} bytes")
         self._lent = 0
         try:
-            if self._sink is not None:
+            if self._reading:
                 self._filled += nbytes
-                if self._filled == self._payload_len:
-                    self._finish_data()
+                if self._filled == self._part_end:
+                    self._end_part()
             else:
                 self._end += nbytes
                 self._parse()
@@ -317,8 +383,8 @@ class Codec:
         if self._eof or self._error is not None:
             return
         self._eof = True
-        if self._sink is not None:
-            got = f"{self._filled} of {self._payload_len} payload bytes"
+        if self._head is not None:
+            got = f"{self._filled} of {self._head.nbytes} payload bytes"
         elif self._header_len >= 0:
             got = f"{self._end - self._start} of {self._header_len} header bytes"
         elif self._end > self._start:
@@ -394,17 +460,27 @@ class Codec:
                 if avail < PREFIX.size:
                     return
                 self._parse_prefix()
+                if self._flags & PART:  # no header: the payload goes on into the array
+                    self._header_len = -1
+                    self._data_size += self._frame_size
+                    self._read_part(self._filled + self._payload_len)
+                    if self._reading:
+                        return
                 continue
             if avail < self._header_len:
                 return
             end = self._start + self._header_len
-            decoded = decode_header(view[self._start : end], self._payload_len)
+            decoded = decode_header(
+                view[self._start : end], self._payload_len, part=bool(self._flags & MORE)
+            )
             self._start = end
             self._header_len = -1
             if isinstance(decoded, DataHead):
                 self._start_data(decoded)
-                if self._sink is not None:
+                if self._reading:
                     return  # the rest of the payload goes straight into the array
+            elif self._flags & MORE:
+                raise LocalProtocolError(Reason.BAD_PART, f"a {decoded.kind} frame in parts")
             else:
                 self._events.append((decoded, self._frame_size))
 
@@ -415,8 +491,14 @@ class Codec:
                 Reason.UNSUPPORTED_VERSION,
                 f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})",
             )
-        if flags:
+        if flags & ~(MORE | PART):
             raise LocalProtocolError(Reason.BAD_FLAGS, f"reserved flags set: {flags:#04x}")
+        if flags & PART:
+            self._check_part(flags, header_len, payload_len)
+        elif flags & MORE and self._head is not None:
+            raise LocalProtocolError(
+                Reason.BAD_PART, "a Data in parts began before the last one's parts were all in"
+            )
         if header_len > self.max_header:
             raise LocalProtocolError(
                 Reason.HEADER_TOO_LARGE, f"header of {header_len} bytes > {self.max_header}"
@@ -429,10 +511,32 @@ class Codec:
         self._start += PREFIX.size
         self._header_len = header_len
         self._payload_len = payload_len
+        self._flags = flags
         self._frame_size = PREFIX.size + header_len + payload_len
+
+    def _check_part(self, flags: int, header_len: int, payload_len: int) -> None:
+        """A part after the first: of the Data in progress, headerless, within its array."""
+        if self._head is None:
+            raise LocalProtocolError(Reason.BAD_PART, "a part with no Data in parts in progress")
+        left = self._head.nbytes - self._filled
+        if header_len:
+            raise LocalProtocolError(Reason.BAD_PART, f"a part with a {header_len}-byte header")
+        if not 0 < payload_len <= left or (not flags & MORE and payload_len != left):
+            raise LocalProtocolError(
+                Reason.BAD_PART,
+                f"a {'middle' if flags & MORE else 'last'} part of {payload_len} bytes with "
+                f"{left} of the array's {self._head.nbytes} left",
+            )
 
     def _start_data(self, head: DataHead) -> None:
         """Allocate a validated Data's array; move in the payload bytes already buffered."""
+        if self._head is not None:
+            raise LocalProtocolError(Reason.BAD_PART, "a Data between the parts of another")
+        if head.nbytes > self.max_payload:  # (a first part: its prefix announced that part)
+            raise LocalProtocolError(
+                Reason.PAYLOAD_TOO_LARGE,
+                f"data in parts of {head.nbytes} bytes > max_payload {self.max_payload}",
+            )
         array = self._allocator(head.dtype, head.shape)
         # The allocator is ours (a pool): a wrong array is a bug here, not bad input.
         if not (
@@ -448,18 +552,34 @@ class Codec:
                 f"writable C-contiguous {head.dtype} array of shape {head.shape}"
             )
         self._head, self._array = head, array
+        self._filled, self._data_size = 0, self._frame_size
         if head.nbytes == 0:
             self._finish_data()
             return
-        sink = array.data.cast("B")
-        take = min(self._end - self._start, head.nbytes)
-        sink[:take] = self._view[self._start : self._start + take]
+        self._sink = array.data.cast("B")
+        self._read_part(self._payload_len)
+
+    def _read_part(self, end: int) -> None:
+        """The frame's payload fills the array up to ``end``: move in what is buffered, then
+        read the rest straight into the array."""
+        assert self._sink is not None
+        take = min(self._end - self._start, end - self._filled)
+        self._sink[self._filled : self._filled + take] = self._view[
+            self._start : self._start + take
+        ]
         self._start += take
-        self._filled = take
-        if take == head.nbytes:
+        self._filled += take
+        self._part_end = end
+        self._reading = True  # the scratch buffer is empty if the payload is not all in yet
+        if self._filled == end:
+            self._end_part()
+
+    def _end_part(self) -> None:
+        """The frame's payload is in: the Data is complete, or waits for its next part."""
+        self._reading = False
+        assert self._head is not None
+        if self._filled == self._head.nbytes:
             self._finish_data()
-        else:
-            self._sink = sink  # the scratch buffer is empty now
 
     def _finish_data(self) -> None:
         head, array = self._head, self._array
@@ -470,7 +590,7 @@ class Codec:
         self._events.append(
             (
                 Data(head.seq, head.tag, head.sender, head.step, array, head.to, head.post),
-                self._frame_size,
+                self._data_size,
             )
         )
 

@@ -52,7 +52,8 @@ class Reason(StrEnum):
     BAD_SHAPE = "bad_shape"  # too many dimensions, or a dimension not a non-negative int64
     SIZE_MISMATCH = "size_mismatch"  # payload length != dtype × shape (or a payload where none)
     # the stream
-    TRUNCATED = "truncated"  # end of stream in the middle of a frame
+    TRUNCATED = "truncated"  # end of stream in the middle of a frame (or of a Data in parts)
+    BAD_PART = "bad_part"  # a part of a Data out of sequence, or sized wrong
     # the handshake (HandshakeError)
     DIM_MISMATCH = "dim_mismatch"
     DTYPE_MISMATCH = "dtype_mismatch"

@@ -134,8 +134,11 @@ def encode_header(msg: Message, value: Array | None = None) -> bytes:
     return packed
 
 
-def decode_header(raw: bytes | memoryview, payload_len: int) -> Message | DataHead:
-    """Decode and validate one header; ``payload_len`` is the length the prefix announced.
+def decode_header(
+    raw: bytes | memoryview, payload_len: int, part: bool = False
+) -> Message | DataHead:
+    """Decode and validate one header; ``payload_len`` is the length the prefix announced —
+    with ``part``, that of a Data's first part, which must be shorter than its array.
 
     Returns the message itself, or a :class:`DataHead` for a data frame (its payload has not
     been read yet: the codec allocates the array once this returned).
@@ -184,7 +187,7 @@ def decode_header(raw: bytes | memoryview, payload_len: int) -> Message | DataHe
             f"{kind} header: missing keys {missing}, unexpected keys {excerpt(extra)}",
         )
     if kind == "data":
-        return _data_head(obj, payload_len)
+        return _data_head(obj, payload_len, part)
     if payload_len:
         raise LocalProtocolError(
             Reason.SIZE_MISMATCH,
@@ -193,7 +196,7 @@ def decode_header(raw: bytes | memoryview, payload_len: int) -> Message | DataHe
     return MESSAGE_TYPES[kind](**{name: obj[key] for key, name in HEADER_KEYS[kind]})
 
 
-def _data_head(obj: dict[str, Any], payload_len: int) -> DataHead:
+def _data_head(obj: dict[str, Any], payload_len: int, part: bool) -> DataHead:
     seq, tag, sender, step, to, post = check_data_fields(
         obj["q"], obj["g"], obj["s"], obj["p"], obj["r"], obj["b"]
     )
@@ -223,7 +226,13 @@ def _data_head(obj: dict[str, Any], payload_len: int) -> DataHead:
         raise LocalProtocolError(
             Reason.BAD_SHAPE, f"data shape {excerpt(shape)}: too large for an array"
         )
-    if nbytes != payload_len:
+    if part:
+        if not 0 < payload_len < nbytes:
+            raise LocalProtocolError(
+                Reason.BAD_PART,
+                f"data {code} {excerpt(shape)} is {nbytes} bytes, its first part {payload_len}",
+            )
+    elif nbytes != payload_len:
         raise LocalProtocolError(
             Reason.SIZE_MISMATCH,
             f"data {code} {excerpt(shape)} is {nbytes} bytes, the frame carries {payload_len}",
