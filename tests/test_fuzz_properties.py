@@ -105,7 +105,7 @@ hostile = st.one_of(
             PREFIX.pack(MAGIC, version, flags, hlen, plen) + tail
         ),
         st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION - 1, 255]),
-        st.sampled_from([0, 0, 1]),
+        st.sampled_from([0, 0, 1, 2, 3, 4]),  # MORE, PART, both, a reserved bit
         st.integers(0, 2 * PRE_TRUST_HEADER),
         st.sampled_from([0, 0, 1, 24, 2**63]),
         st.binary(max_size=300),

@@ -41,6 +41,7 @@ from peerlearn.wire import (
     PREFIX,
     PROTOCOL_VERSION,
     Ack,
+    Bye,
     Codec,
     Control,
     Data,
@@ -491,6 +492,7 @@ class _Wire:
         self.unsendable: set[int] = set()  # the seqs of frames that fail to encode
         self.parts: list[tuple[str, int, int]] = []  # parts after the first, in order written
         self.on_drain: Callable[[], None] = lambda: None
+        self.hold: asyncio.Event | None = None
         self.answer: Callable[[Message], None] = lambda msg: None
 
     def send(self, msg: Message) -> int:
@@ -522,6 +524,8 @@ class _Wire:
     async def drain(self) -> None:
         self.drains += 1
         self.on_drain()
+        if self.hold is not None:  # the kernel's buffers are full: wait till told
+            await self.hold.wait()
 
     def close(self) -> None:
         self.closes += 1
@@ -724,6 +728,26 @@ async def test_a_large_frame_goes_in_parts_with_notes_and_pings_between_them() -
     assert link._stats.bytes == {("out", "params", link.name): 20 + 1 + 1}
     wire.closed.set()
     await asyncio.wait_for(task, 1.0)
+
+
+async def test_a_close_between_parts_writes_the_rest_of_the_frame_before_its_bye() -> None:
+    """Shutting down while a frame waits between parts (its drain deadline passed): the rest of
+    it goes out before the Bye, once — a frame cut there would be lost to the peer."""
+    link = _link(part_bytes=8, drain_timeout=0.01)
+    wire = _Wire()
+    wire.hold = asyncio.Event()
+    link._proto = wire.proto
+    link.connected_since = time.monotonic()
+    assert link.offer_nowait(("params", 1), 1, 1, _value(1))
+    task = asyncio.create_task(link._send_frames(wire.proto))
+    await wire.until(lambda: wire.drains == 1)  # its first part written, waiting to drain
+    await link.close()
+    assert wire.parts == [("part", 1, 1), ("part", 1, 2)]
+    assert [type(m) for m in wire.sent] == [Control, Data, Bye] and wire.closes == 1
+    wire.hold.set()
+    wire.closed.set()
+    await asyncio.wait_for(task, 1.0)
+    assert len(wire.parts) == 2  # not twice
 
 
 async def test_a_connection_lost_between_parts_leaves_the_frame_to_send_again() -> None:

@@ -310,8 +310,8 @@ async def _cut_mid_frame(cluster: LocalCluster, deadline: float) -> int:
             assert d.transport is not None
             for proto in list(d.transport._inbound):
                 codec = proto.codec
-                if codec._sink is not None and proto.transport is not None:
-                    missing = codec._payload_len - codec._filled
+                if codec._reading and proto.transport is not None:
+                    missing = codec._part_end - codec._filled
                     proto.transport.abort()
                     return missing
         # Every turn of the loop: a 1.6 MB payload arrives in a few reads of a few hundred kB.

@@ -166,6 +166,10 @@ def _ping() -> bytes:
             frame(HEAD, ARRAY[:8], flags=MORE) + part(b"", PART | MORE),
             "a middle part of 0 bytes",
         ),
+        (
+            frame(HEAD, ARRAY[:8], flags=MORE) + part(ARRAY[8:], PART | MORE),
+            "a middle part of 72 bytes with 72 of the array's 80 left",  # fills it: the last
+        ),
     ],
 )
 def test_a_part_out_of_sequence_is_bad_part(stream: bytes, says: str) -> None:

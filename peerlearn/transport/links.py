@@ -156,8 +156,8 @@ class LinkSettings:
     peer_give_up: float = 300.0
     drain_timeout: float = 5.0  # at shutdown: time to get unacked frames acked
     max_payload: int = 256 * 1024 * 1024
-    #: a Data larger than this goes in parts of this size: heartbeats, acks and catch-up notes
-    #: wait behind one part at most, not behind a whole model (wire/codec.py, "Parts")
+    #: a Data larger than this goes in parts of this size: heartbeats and catch-up notes wait
+    #: behind one part at most, not behind a whole model (wire/codec.py, "Parts")
     part_bytes: int = DEFAULT_PART_BYTES
     #: the cluster secret (peerlearn/transport/auth.py); None: links are not authenticated
     secret: bytes | None = field(default=None, repr=False)
@@ -166,6 +166,10 @@ class LinkSettings:
     run_settings: Mapping[str, str] = field(default_factory=dict, repr=False)
     #: mutual TLS on every link (peerlearn/transport/tls.py); None: plain TCP
     tls: TlsContexts | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.part_bytes < 1:
+            raise ValueError(f"part_bytes {self.part_bytes} < 1")
 
     @property
     def window(self) -> int:
@@ -230,6 +234,9 @@ class OutLink:
         self._releasing = False
         self._queue: deque[Data] = deque()
         self._unacked: deque[Data] = deque()
+        #: the parts of the frame being written not written yet (close() writes them before
+        #: its Bye: a frame cut between parts would be lost to the peer)
+        self._parts: deque[list[bytes | memoryview]] = deque()
         #: acked frames of the last three iterations sent (``settings.replay`` only)
         self._recent: deque[Data] = deque()
         self._recent_steps = (0, 0, 0)  # the last three distinct iterations among them
@@ -832,12 +839,15 @@ class OutLink:
             # Unacked from its first byte: a connection lost mid-frame sends it again, whole.
             self._unacked.append(frame)
             n = proto.write(parts[0])
-            for part in parts[1:]:
+            self._parts.extend(parts[1:])
+            while self._parts:
                 await proto.drain()  # the heartbeat's Ping may go between two parts
                 if proto.closed.is_set():
                     break
                 self._send_notes(proto)
-                n += proto.write(part)
+                if self._parts:  # (unless close() wrote them meanwhile)
+                    n += proto.write(self._parts.popleft())
+            self._parts.clear()
             self._stats.count("out", str(frame.tag[0]), self.name, n)
             await proto.drain()
 
@@ -1118,5 +1128,7 @@ class OutLink:
         self._stop.set()
         self._wakeup.set()
         if self._proto is not None:
+            while self._parts:  # the frame being written, whole before the Bye
+                self._proto.write(self._parts.popleft())
             self._proto.send(Bye(reason="shutdown"))
             self._proto.close()

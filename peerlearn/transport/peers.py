@@ -378,8 +378,8 @@ class Transport:
                     proto.abort()
                     continue
                 if state.joined and now - proto.heard_at <= timeout:
-                    # This side's sign of life: the dialer cannot read its Ping's answer while
-                    # it is still writing a frame that takes longer than peer_timeout to send.
+                    # This side's sign of life: the dialer's Ping waits behind the part it is
+                    # writing, which on a slow link may take longer than peer_timeout to send.
                     proto.send(Pong(nonce=0))
                 if now - proto.heard_at > timeout:
                     who = self._label(state.cluster) if state.cluster is not None else "a dialer"

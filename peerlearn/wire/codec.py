@@ -14,18 +14,17 @@ Frame layout (integers in network byte order)::
 Parts
 -----
 A Data whose array is larger than the sender's part size goes in several frames, so that the
-small frames of the same connection (heartbeats, acks, catch-up notes) never wait behind a
-whole model: the first carries the header and the array's first P bytes, flagged ``MORE``;
-each next one, flagged ``PART`` (and ``MORE`` unless it is the last), has no header (H = 0)
-and carries the next P bytes. Whole frames other than Data may come between the parts (one
-Data at a time per direction). The receiver
-checks the array's whole size against ``max_payload`` from the first part's header, allocates
-the array once, reads every part straight into it, and returns the Data once the last part is
-in. A part out of sequence (a ``PART`` with no Data in progress, another Data while one is, a
-part past the array's end, a last part that leaves it short, a first part as large as the
-array) is ``bad_part``. A
-connection that ends mid-Data loses it (``truncated``); the sender sends it again, whole, on
-the next connection, as any unacknowledged frame.
+small frames of the same connection (heartbeats, catch-up notes) never wait behind a whole
+model: the first carries the header and the array's first P bytes, flagged ``MORE``; each next
+one, flagged ``PART`` (and ``MORE`` unless it is the last), has no header (H = 0) and carries
+the next P bytes. Whole frames other than Data may come between the parts (one Data at a time
+per direction). The receiver checks the array's whole size against ``max_payload`` from the
+first part's header, allocates the array once, reads every part straight into it, and returns
+the Data once the last part is in. A part out of sequence (a ``PART`` with no Data in progress,
+another Data while one is, a part past the array's end, a last part that leaves it short, a
+first part as large as the array) is ``bad_part``. A connection that ends mid-Data loses it
+(``truncated``); the sender sends it again, whole, on the next connection, as any
+unacknowledged frame.
 
 Contract of the reader (the receive half of :class:`Codec`)
 -----------------------------------------------------------
@@ -140,7 +139,7 @@ class Sentinel(Enum):
     """Non-message results of :meth:`Codec.next_event`."""
 
     NEED_DATA = "NEED_DATA"  # no complete message yet: feed more bytes
-    CLOSED = "CLOSED"  # end of stream at a frame boundary
+    CLOSED = "CLOSED"  # end of stream at a frame boundary (not between a Data's parts)
 
     def __repr__(self) -> str:
         return self.value
@@ -169,9 +168,9 @@ class Codec:
     Args:
         max_payload: the largest payload accepted or sent, in bytes; a prefix announcing
             more is refused before anything is allocated.
-        allocator: ``allocator(dtype, shape)`` returns a writable, C-contiguous array of
-            exactly that dtype and shape for a Data payload to be read into. It is called once
-            per Data frame, only after the frame's header validated. The received message's
+        allocator: ``allocator(dtype, shape)`` returns a writable, C-contiguous array of exactly
+            that dtype and shape for a Data payload to be read into. It is called once per Data
+            (at its first part), only after the frame's header validated. The received message's
             ``value`` is that very array, marked read-only.
         read_buffer_size: the scratch buffer for prefixes and headers (and the small payloads
             that come in the same read); at least ``PREFIX.size + max_header``.
@@ -285,8 +284,8 @@ class Codec:
     ) -> list[list[bytes | memoryview]]:
         """Encode ``msg`` as frames, each a list of chunks to write as :meth:`send`'s: one
         frame, or — a Data of more than ``part_bytes`` bytes — its parts (see "Parts" above),
-        which the caller may write with other whole frames in between, but not another Data's
-        parts. The payload is not copied: each part is a view of the array.
+        which the caller may write with whole frames other than Data in between. The payload is
+        not copied: each part is a view of the array.
 
         Raises:
             LocalProtocolError: as :meth:`send`; nothing was sent.
@@ -521,7 +520,8 @@ class Codec:
         left = self._head.nbytes - self._filled
         if header_len:
             raise LocalProtocolError(Reason.BAD_PART, f"a part with a {header_len}-byte header")
-        if not 0 < payload_len <= left or (not flags & MORE and payload_len != left):
+        # a middle part leaves some of the array for the next, the last fills it
+        if not (0 < payload_len < left if flags & MORE else payload_len == left):
             raise LocalProtocolError(
                 Reason.BAD_PART,
                 f"a {'middle' if flags & MORE else 'last'} part of {payload_len} bytes with "
