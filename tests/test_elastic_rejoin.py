@@ -280,6 +280,34 @@ def test_a_center_without_ledgers_cannot_be_rebuilt(algorithm: str) -> None:
         resume(cfg, build_problem(cfg), [CENTER], RejoinState(1, np.zeros(4)))
 
 
+@pytest.mark.parametrize(
+    ("algorithm", "tau", "last", "served"),
+    [
+        ("downpour", 2, (3, 7), 2 + 4),  # requests at 1, 3, 5, 7: up to 3 two, up to 7 four
+        ("downpour", 3, (11, 0), 4 + 1 + 0),  # T = 10: 1, 4, 7, 10 and the flush at 11
+        ("mdownpour", 3, (5, 10), 5 + 10),  # every iteration (τ does not apply)
+    ],
+)
+def test_a_center_resumed_from_its_checkpoint_counts_what_its_record_answered(
+    algorithm: str, tau: int, last: tuple[int, int], served: int
+) -> None:
+    """DOWNPOUR's and MDOWNPOUR's center from its own checkpoint: its model, and as served the
+    requests its record (the last answered per worker) covers — not the count it saved, which
+    falls short once it resumed while its workers ran on; a record no worker can hold (past
+    the flush) is refused."""
+    cfg = config(algorithm, 2, 10, tau)
+    resume = cfg.spec.resume
+    assert resume is not None
+    model = np.full(4, 3.0)
+    state = RejoinState(1, model, last, own=True)  # a count of 0 saved: not what is used
+    [center] = resume(cfg, build_problem(cfg), [CENTER], state)
+    report = next(center)
+    assert (report.name, report.step, report.key) == ("model", served + 1, last)
+    assert np.array_equal(report.value, model)
+    with pytest.raises(ValueError, match="ledger"):
+        resume(cfg, build_problem(cfg), [CENTER], RejoinState(1, model, (12, 0), own=True))
+
+
 def test_answered_requests_counts_one_per_tau_from_iteration_one() -> None:
     assert [answered_requests(t, 3) for t in range(0, 9)] == [0, 1, 1, 1, 2, 2, 2, 3, 3]
     assert lookup("async_easgd").resume is not None and lookup("maa").resume is None

@@ -370,7 +370,8 @@ class Daemon:
         )
         self.incarnation = await asyncio.to_thread(state_dir.next_incarnation, saved)
         self.rejoin.incarnation = self.incarnation
-        center = self.run_cfg.center if self.run_cfg.spec.center_rebuilt else None
+        spec = self.run_cfg.spec
+        center = self.run_cfg.center if spec.center and not spec.lockstep else None
         self.saver = Saver(state_dir, fingerprint, cluster, center)
         for w in self.workers:
             w.keeps_rng = True
@@ -382,6 +383,10 @@ class Daemon:
             self.rejoin.checkpointed(self.restore.ledgers())
         elif self.restore.centered and self.run_cfg.center in self.pids:
             self.rejoin.center_restored = True  # from the checkpoint: nothing to rebuild
+        if self.restore.centered and self.run_cfg.center not in self.pids:
+            # The held ledgers may not be the ones the workers go on with: not told to a
+            # restarted center until decided (before any link is up to be asked).
+            self.rejoin.deciding = True
         if self.restore.takes_live_state:
             self.restore.hold()  # a live peer's state is taken, if one answers
         else:

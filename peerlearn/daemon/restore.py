@@ -52,9 +52,11 @@ were taken at different moments. EAMSGD's momentum is not kept: it restarts at 0
 DOWNPOUR's and MDOWNPOUR's center cannot be rebuilt (its model is not a sum the workers hold):
 it resumes from its own checkpoint (model, requests served, the last answered per worker), and
 every worker, hosted with it or not, from its model after the last request its record answered
-for that worker — so each request is served once. A center's daemon restarted alone resumes it
-the same way, but requests its last incarnation had not answered are lost: workers waiting on
-one stay blocked (no ledger says which they were)."""
+for that worker — so each request is served once; it counts as served what its record answered
+(not the count it saved). A center's daemon restarted alone while its workers run on resumes it
+the same way, but requests its last incarnation had not answered are lost, and those answered
+after its checkpoint are not counted (no ledger says which they were): workers waiting on one
+stay blocked and the center never counts the run done — a whole-cluster restart recovers."""
 
 from __future__ import annotations
 
@@ -186,10 +188,18 @@ class Restore:
     def hold(self) -> None:
         """Every worker shows its checkpointed state without taking it yet (frames kept and
         numbered: a live peer's state is taken instead, if one answers) — and its ledger, which
-        a restarted center is rebuilt from."""
-        for w in self._resuming():
-            saved = self._saved[w.pid]
-            w.hold(saved.step, saved.model, saved.extra, saved.rng, _ledger_report(saved))
+        a restarted center is rebuilt from; its generator goes on from the checkpoint's either
+        way. An elastic center holds nothing: it is rebuilt."""
+        for w in self._workers:
+            if w.pid != self._center or not self.rebuilt:
+                saved = self._saved[w.pid]
+                w.hold(saved.step, saved.model, saved.extra, saved.rng, _ledger_report(saved))
+
+    def start_over(self) -> None:
+        """The held workers start over after all (a center that started afresh): they hold no
+        ledger a center could count."""
+        for w in self._workers:
+            w.forget_ledger()
 
     def checkpoint_of_center(self) -> SavedWorker:
         """The checkpointed state of the center hosted here."""
@@ -278,7 +288,7 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
     # in this restart drops frames before its resume point (Transport.lose_all).
     if restore.centered:
-        rejoin.deciding = True
+        rejoin.deciding = True  # (set at the start already: see Daemon._open_state_dir)
         try:
             resumed = await _resume_elastic(daemon, restore)
         finally:
@@ -399,6 +409,7 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> bool:
         restore.own()
     else:
         restore.mode = "center started afresh"
+        restore.start_over()
         log.warning(
             "the center's daemon %d started without a checkpoint: the workers here start over "
             "with its new center (their checkpoint does not agree with it)",

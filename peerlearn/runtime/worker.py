@@ -233,7 +233,15 @@ class Worker:
         self.position = (step, model, key)
         if ledger is not None:
             self.ledger = ledger
+        if rng is not None:  # kept whichever state it goes on from: its noise stream goes on
+            self._rng.bit_generator.state = rng
         self.saved = (self.position, rng, self.ledger)
+
+    def forget_ledger(self) -> None:
+        """Before it starts: it starts over after all, holding no ledger with a center."""
+        if self.state is not WorkerState.CREATED:
+            raise RuntimeError(f"worker {self.name} has started: its ledger is its own")
+        self.ledger = None
 
     def restore(
         self,

@@ -167,6 +167,14 @@ def _check_ledger(variant: Variant, steps: int | None, tau: int, pid: int, lg: L
         )
 
 
+def _requests_up_to(variant: Variant, steps: int | None, tau: int, t: int) -> int:
+    """How many requests of one worker the center has answered once it has answered the one of
+    iteration ``t`` (0: none) — DOWNPOUR's flush at T + 1 included."""
+    if variant is Variant.DOWNPOUR and steps is not None and t > steps:
+        return answered_requests(steps, tau) + 1
+    return answered_requests(t, tau)  # (τ = 1 for MDOWNPOUR: every iteration)
+
+
 def _async_resume(variant: Variant, momentum: bool) -> Resumer:
     """Programs of processes ``pids`` that restarted (docs/algorithms.md, "Restarts and
     rejoin"). A worker whose center lives resumes from the center's model ``state.model`` at
@@ -219,6 +227,9 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
                         f"a center's state is its served requests and the last it answered for "
                         f"each of its {len(workers)} workers"
                     )
+                last = dict(zip(workers, state.extra, strict=True))
+                for w, t in last.items():
+                    _check_ledger(variant, steps, tau, w, Ledger(t, None, 0 * x1))
                 model = state.model.copy()
                 model.flags.writeable = False
                 out.append(
@@ -230,8 +241,10 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
                         alpha,
                         delta,
                         workers=workers,
-                        served=state.step - 1,
-                        answered=dict(zip(workers, state.extra, strict=True)),
+                        # what its record answered, request by request (not state.step − 1: a
+                        # center resumed while its workers ran on served more than it knows)
+                        served=sum(_requests_up_to(variant, steps, tau, t) for t in last.values()),
+                        answered=last,
                         tau=tau,
                     )
                 )
