@@ -641,10 +641,15 @@ class Rejoin:
             )
         elif self._center in asker:
             ledgers = [self._ledger_of(w) for w in self.workers if w.pid != self._center]
-            # (not decided yet: the held checkpoint's ledgers may not be the ones they go on
-            # with; or a worker is taking an answer) soon again
-            if self.deciding or any(lg is None for lg in ledgers):
-                asyncio.get_running_loop().call_later(LEDGER_RETRY, self._answer_center, peer)
+            # Not decided yet (the held checkpoint's ledgers may not be the ones they go on
+            # with), unless the asker resumed from a checkpoint too and dropped nothing for
+            # this daemon: then they are (a whole-cluster restart); or a worker is taking an
+            # answer. Soon again, while the link lives.
+            wait = self.deciding and (peer not in self.starts or peer in self._dropped)
+            if wait or any(lg is None for lg in ledgers):
+                if peer in self._transport.connected_clusters():
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(LEDGER_RETRY, self._answer_center, peer)
                 return
             for pid, lg in zip(
                 [w.pid for w in self.workers if w.pid != self._center], ledgers, strict=True
@@ -881,6 +886,8 @@ class Rejoin:
             own = state.ledgers.get(w.pid)
             starts.append((own.answered if own is not None else 0) + 1)
             w.rejoin(starts[-1], program)
+            if own is not None and w.state is WorkerState.CREATED:
+                w.ledger = (own.answered, own.total, ())  # not a held checkpoint's any more
         self.rejoins += 1
         self._gathered = True
         self.last = Rejoined(peer, 0, min(starts, default=1), time.monotonic())

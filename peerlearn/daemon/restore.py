@@ -267,7 +267,14 @@ class Restore:
 
 async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     """Wait for the peers' first notes, then set the workers up as the module docstring says;
-    returns when they may start."""
+    returns when they may start (or is cancelled by a stop: decided either way)."""
+    try:
+        await _start_from_checkpoint(daemon, restore)
+    finally:
+        daemon.rejoin.deciding = False
+
+
+async def _start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     transport, rejoin = daemon.transport, daemon.rejoin
     assert transport is not None
     peers = {link.cluster for link in transport.links}
@@ -288,11 +295,7 @@ async def start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
     # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
     # in this restart drops frames before its resume point (Transport.lose_all).
     if restore.centered:
-        rejoin.deciding = True  # (set at the start already: see Daemon._open_state_dir)
-        try:
-            resumed = await _resume_elastic(daemon, restore)
-        finally:
-            rejoin.deciding = False
+        resumed = await _resume_elastic(daemon, restore)
         # (a daemon hosting workers only that comes up later goes by this)
         transport.announce_start(None, restore.step if resumed else None)
         return
@@ -344,10 +347,9 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> bool:
         restore.mode = "live peers" if rejoin.dropped_for_us(0) else "whole-cluster restart"
         restore.own()  # the center from its checkpoint, the workers here from its record
         log.info(
-            "%s: the center resumes from its checkpoint (%d requests served), the workers here "
-            "after the last request it answered them",
+            "%s: the center resumes from its checkpoint, counting the requests its record "
+            "answered; the workers here resume after the last one it answered them",
             restore.mode,
-            restore.checkpoint_of_center().step - 1,
         )
         if restore.mode == "live peers":
             log.warning(
@@ -395,6 +397,7 @@ async def _resume_elastic(daemon: Daemon, restore: Restore) -> bool:
             if not await _state_taken(rejoin, 0):
                 log.warning("the center's daemon %d has not sent its state: asking again", keeper)
         if rejoin.cannot_resume:
+            restore.start_over()
             log.error(
                 "the center's state could not be taken: the workers here start over, and the "
                 "center's record of their ledgers will not agree with them"

@@ -187,8 +187,8 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
     checkpointed ledgers). Only the elastic variants (A.1b, A.1c) keep ledgers: DOWNPOUR's
     and MDOWNPOUR's center cannot be rebuilt (their updates are not a sum the workers hold),
     which raises ValueError — it resumes from its own checkpoint only (``state.own``: its
-    model, ``state.step − 1`` requests served, ``state.extra`` the last answered per worker),
-    and its workers from its model and record."""
+    model and ``state.extra``, the last request it answered per worker, which says what it
+    served), and its workers from its model and record."""
 
     def resume(
         cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
