@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import peerlearn.algorithms.aggregate as aggregate
 from peerlearn import ties
 from peerlearn.algorithms import Aggregator, approach_ext, diam2, maa_rounds, mid_ext, rounds_for
 
@@ -117,3 +118,17 @@ def test_ceil_counts_a_few_ulps_from_an_integer_as_the_integer(k: int, ulps: int
         x = float(np.nextafter(x, np.inf if ulps > 0 else -np.inf))
     assert ties.ceil(x) == k
     assert ties.ceil(k + 1e-6) == k + 1 and ties.ceil(k - 1e-6) == k
+
+
+def test_diam2_over_many_values_goes_in_blocks_and_finds_the_same_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over thousands of values (the simulator's report) diam2 takes a block of rows at a time
+    rather than n²·d differences at once; each distance is computed as before, so the maximum
+    is the same number."""
+    values = list(np.random.default_rng(5).standard_normal((300, 7)))
+    whole = diam2(values)
+    monkeypatch.setattr(aggregate, "_BLOCK_ELEMENTS", 7 * 300 * 16)  # 16 rows a block
+    assert diam2(values) == whole
+    monkeypatch.setattr(aggregate, "_BLOCK_ELEMENTS", 1)  # one row a block
+    assert diam2(values) == whole

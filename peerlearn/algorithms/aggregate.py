@@ -49,11 +49,26 @@ def _pairwise2(stacked: Vector) -> Vector:
     return d2
 
 
+#: diam2 over more values than fit this many differences at once goes a block of rows at a time
+#: (the simulator's report over thousands of processes: n²·d differences would be gigabytes)
+_BLOCK_ELEMENTS = 1 << 22
+
+
 def diam2(values: Sequence[Vector]) -> float:
     """max over pairs of ‖a − b‖²; 0 for fewer than two values."""
     if len(values) < 2:
         return 0.0
-    return float(_pairwise2(_stack(values)).max())
+    stacked = _stack(values)
+    n, d = len(stacked), stacked[0].size
+    rows = max(1, _BLOCK_ELEMENTS // max(1, n * d))
+    if rows >= n:
+        return float(_pairwise2(stacked).max())
+    best = 0.0
+    for start in range(0, n, rows):  # each entry computed as _pairwise2 computes it
+        diff = stacked[start : start + rows, None, :] - stacked[None, :, :]
+        block = np.einsum("ijk,ijk->ij", diff, diff, dtype=np.float64)
+        best = max(best, float(block.max()))
+    return best
 
 
 def mid_ext(values: Sequence[Vector]) -> Vector:

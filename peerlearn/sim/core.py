@@ -253,6 +253,38 @@ class Partition:
     end: float | None
 
 
+class LinkFactors:
+    """The per-link mean delay factors, uniform in 1 ± spread: the n × n matrix the schedule
+    stream would draw next (link i → j is its draw i·n + j), derived a row or an entry at a
+    time, when needed, by jumping a copy of the stream there — O(n) memory, not O(n²), and the
+    very numbers the matrix held. The stream itself is moved past the matrix, so every later
+    draw of the run is the one it was."""
+
+    def __init__(self, sched: np.random.Generator, n: int, spread: float) -> None:
+        bits = sched.bit_generator
+        if not isinstance(bits, np.random.PCG64):  # advance() counts its 64-bit outputs
+            raise TypeError(f"link factors need a PCG64 stream, not {type(bits).__name__}")
+        self._state = bits.state
+        self._n = n
+        self._low, self._high = 1.0 - spread, 1.0 + spread
+        bits.advance(n * n)  # one 64-bit output per double
+        self._bits = np.random.PCG64(0)  # (reused: a fresh one would read OS entropy)
+        self._gen = np.random.Generator(self._bits)
+
+    def _at(self, draw: int) -> np.random.Generator:
+        self._bits.state = self._state
+        self._bits.advance(draw)
+        return self._gen
+
+    def row(self, sender: int) -> Vector:
+        """The factors of every link from ``sender``."""
+        return self._at(sender * self._n).uniform(self._low, self._high, self._n)
+
+    def __call__(self, sender: int, receiver: int) -> float:
+        """The factor of the link ``sender`` → ``receiver``."""
+        return float(self._at(sender * self._n + receiver).uniform(self._low, self._high))
+
+
 class Simulator:
     """Runs one program per process to completion, blocking or failure.
 
@@ -275,7 +307,7 @@ class Simulator:
         delay_local: Callable[[int], Vector],
         compute: Sampler,
         read: Sampler,
-        link_factor: Vector | None = None,
+        link_factor: LinkFactors | None = None,
         compute_scale: Sequence[float] | None = None,
         partitions: Sequence[Partition] = (),
         sample_every: float | None = None,
@@ -301,8 +333,7 @@ class Simulator:
         self._compute = compute
         self._read = read
         self._link = link_factor
-        cluster_of = np.asarray(membership.cluster_of)
-        self._same_cluster = cluster_of[:, None] == cluster_of[None, :]
+        self._cluster_of = np.asarray(membership.cluster_of)
         self._everyone = np.arange(n)
         self._partitions = list(partitions)
         self._held: list[tuple[int, Tag, Msg, bool]] = []
@@ -583,10 +614,8 @@ class Simulator:
             proc.sent_step = proc.step
         n = self.membership.processes
         sender = proc.pid
-        same = self._same_cluster[sender]
+        same = self._cluster_of == self._cluster_of[sender]
         delays = np.where(same, self._delay_local(n), self._delay_remote(n))
-        if self._link is not None:
-            delays *= self._link[sender]
         if to is None:
             receivers = self._everyone
         else:
@@ -608,7 +637,14 @@ class Simulator:
                 else:
                     reached.append(r)
             receivers = np.array(reached, dtype=np.intp)
-        self._send(tag, msg, self.now + delays[receivers], receivers, post)
+        delays = delays[receivers]
+        if self._link is not None and len(receivers):
+            # the whole row for a broadcast, the links taken for a few recipients
+            if to is None and not proc.armed and not parts:
+                delays *= self._link.row(sender)
+            else:
+                delays *= np.array([self._link(sender, r) for r in receivers.tolist()])
+        self._send(tag, msg, self.now + delays, receivers, post)
         if proc.armed:
             self._crash(proc)
 
@@ -915,10 +951,10 @@ class Simulator:
             if parts and self._cut(parts, src, self.membership.cluster_of[receiver]):
                 keep.append((receiver, tag, msg, post))
                 continue
-            same = self._same_cluster[msg.sender, receiver]
+            same = self._cluster_of[msg.sender] == self._cluster_of[receiver]
             delay = float((self._delay_local if same else self._delay_remote)(1)[0])
             if self._link is not None:
-                delay *= float(self._link[msg.sender, receiver])
+                delay *= self._link(msg.sender, receiver)
             self._send(tag, msg, np.array([self.now + delay]), np.array([receiver]), post)
         self._held = keep
 

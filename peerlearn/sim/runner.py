@@ -27,7 +27,16 @@ from peerlearn.runs import (
     planned_iterations,
     stream,
 )
-from peerlearn.sim.core import Outcome, Partition, Proc, Restart, Resumer, Simulator, Status
+from peerlearn.sim.core import (
+    LinkFactors,
+    Outcome,
+    Partition,
+    Proc,
+    Restart,
+    Resumer,
+    Simulator,
+    Status,
+)
 
 __all__ = [
     "ProcessResult",
@@ -158,7 +167,7 @@ def run_simulation(
     grad_rngs = [grad_stream(cfg, p) for p in range(n)]
     sim_cfg = cfg.sim
     spread = sim_cfg.link_spread
-    link = sched.uniform(1 - spread, 1 + spread, (n, n)) if spread > 0 else None
+    link = LinkFactors(sched, n, spread) if spread > 0 else None
     scale = [1.0] * n
     for p in sched.permutation(n)[: sim_cfg.stragglers]:
         scale[int(p)] = sim_cfg.slowdown
