@@ -132,3 +132,5 @@ def test_diam2_over_many_values_goes_in_blocks_and_finds_the_same_pair(
     assert diam2(values) == whole
     monkeypatch.setattr(aggregate, "_BLOCK_ELEMENTS", 1)  # one row a block
     assert diam2(values) == whole
+    values[150] = np.full(7, np.nan)  # a NaN is the answer, as unblocked
+    assert np.isnan(diam2(values))

@@ -239,5 +239,14 @@ def test_link_factors_are_the_matrix_the_schedule_stream_would_draw() -> None:
     for sender in range(n):
         assert link.row(sender).tolist() == matrix[sender].tolist()
         assert [link(sender, r) for r in range(n)] == matrix[sender].tolist()
+    # a stream with half a 32-bit draw buffered goes on with the other half, as after the matrix
+    matrix_stream, factors_stream = stream(4, Purpose.SCHEDULE), stream(4, Purpose.SCHEDULE)
+    for s in (matrix_stream, factors_stream):
+        s.integers(0, 2**32, dtype=np.uint32)
+    matrix_stream.uniform(1 - spread, 1 + spread, (n, n))
+    LinkFactors(factors_stream, n, spread)
+    assert factors_stream.integers(0, 2**32, dtype=np.uint32) == matrix_stream.integers(
+        0, 2**32, dtype=np.uint32
+    )
     with pytest.raises(TypeError, match="PCG64"):
         LinkFactors(np.random.Generator(np.random.MT19937(1)), n, spread)

@@ -63,12 +63,11 @@ def diam2(values: Sequence[Vector]) -> float:
     rows = max(1, _BLOCK_ELEMENTS // max(1, n * d))
     if rows >= n:
         return float(_pairwise2(stacked).max())
-    best = 0.0
+    maxima = []
     for start in range(0, n, rows):  # each entry computed as _pairwise2 computes it
         diff = stacked[start : start + rows, None, :] - stacked[None, :, :]
-        block = np.einsum("ijk,ijk->ij", diff, diff, dtype=np.float64)
-        best = max(best, float(block.max()))
-    return best
+        maxima.append(np.einsum("ijk,ijk->ij", diff, diff, dtype=np.float64).max())
+    return float(np.max(maxima))  # (a NaN anywhere is the answer, as unblocked)
 
 
 def mid_ext(values: Sequence[Vector]) -> Vector:

@@ -268,6 +268,10 @@ class LinkFactors:
         self._n = n
         self._low, self._high = 1.0 - spread, 1.0 + spread
         bits.advance(n * n)  # one 64-bit output per double
+        # advance() drops a buffered half of a 32-bit draw, which drawing the matrix kept
+        after = bits.state
+        after["has_uint32"], after["uinteger"] = self._state["has_uint32"], self._state["uinteger"]
+        bits.state = after
         self._bits = np.random.PCG64(0)  # (reused: a fresh one would read OS entropy)
         self._gen = np.random.Generator(self._bits)
 
@@ -639,9 +643,10 @@ class Simulator:
             receivers = np.array(reached, dtype=np.intp)
         delays = delays[receivers]
         if self._link is not None and len(receivers):
-            # the whole row for a broadcast, the links taken for a few recipients
-            if to is None and not proc.armed and not parts:
-                delays *= self._link.row(sender)
+            # the sender's row (about 6 ns a link) unless the recipients are few enough that
+            # taking their links one by one (about 4 µs each) costs less
+            if len(receivers) > 1 + self.membership.processes // 512:
+                delays *= self._link.row(sender)[receivers]
             else:
                 delays *= np.array([self._link(sender, r) for r in receivers.tolist()])
         self._send(tag, msg, self.now + delays, receivers, post)
