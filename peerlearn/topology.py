@@ -16,6 +16,7 @@ messages" (its Section 3.2) needs a path between every pair — otherwise :class
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +47,21 @@ class Topology:
         """The Metropolis–Hastings weights: symmetric, doubly stochastic, positive diagonal.
 
         ``W_ij = 1/(1 + max(d_i, d_j))`` on edges, the rest on the diagonal; on a ring this is
-        the 1/3 weighting of MixML's synchronous ring (its Section 3 case study II)."""
-        n = self.n
-        w = np.zeros((n, n))
-        deg = [len(ns) for ns in self.neighbours]
-        for i, j in self.edges():
-            w[i, j] = w[j, i] = 1.0 / (1 + max(deg[i], deg[j]))
-        w[np.diag_indices(n)] = 1.0 - w.sum(axis=1)
+        the 1/3 weighting of MixML's synchronous ring (its Section 3 case study II). Dense, for
+        the analyses that need the matrix; a process needs only its row (:meth:`metropolis_row`).
+        """
+        w = np.zeros((self.n, self.n))
+        for i in range(self.n):
+            for j, weight in self.metropolis_row(i).items():
+                w[i, j] = weight
         return w
+
+    def metropolis_row(self, i: int) -> dict[int, float]:
+        """Row ``i`` of :meth:`metropolis`, its nonzero entries: O(degree), not O(n)."""
+        deg = len(self.neighbours[i])
+        row = {j: 1.0 / (1 + max(deg, len(self.neighbours[j]))) for j in self.neighbours[i]}
+        # fsum: the diagonal does not depend on the order the neighbours are summed in
+        return {i: 1.0 - math.fsum(row.values()), **row}
 
 
 def _from_edges(name: str, n: int, edges: list[tuple[int, int]]) -> Topology:

@@ -450,3 +450,20 @@ def test_cli_plot_writes_png(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert path.read_bytes()[:4] == b"\x89PNG"
     json.loads(res.stdout)  # stdout still holds exactly the one JSON object
+
+
+@pytest.mark.parametrize("spec", ["ring", "complete", "random-regular:3", "random-regular:4"])
+def test_metropolis_rows_are_the_matrix_rows_and_doubly_stochastic(spec: str) -> None:
+    """A process takes its gossip weights from its own sparse row (O(degree), so that n = 10⁴
+    builds no 800 MB matrix); the rows are the dense matrix's, symmetric, summing to 1."""
+    topo = make_topology(spec, 12, seed=3)
+    w = topo.metropolis()
+    for i in range(topo.n):
+        row = topo.metropolis_row(i)
+        assert set(row) == {i, *topo.neighbours[i]}
+        dense = np.zeros(topo.n)
+        dense[list(row)] = list(row.values())
+        np.testing.assert_array_equal(w[i], dense)
+        assert math.fsum(row.values()) == pytest.approx(1.0, abs=1e-15)
+        assert row[i] > 0
+    np.testing.assert_array_equal(w, w.T)

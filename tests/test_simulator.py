@@ -239,6 +239,9 @@ def test_link_factors_are_the_matrix_the_schedule_stream_would_draw() -> None:
     for sender in range(n):
         assert link.row(sender).tolist() == matrix[sender].tolist()
         assert [link(sender, r) for r in range(n)] == matrix[sender].tolist()
+    # asked again (remembered, or derived again once the memory of 8·n links is full): the same
+    again = [link(s, r) for s in reversed(range(n)) for r in range(n)]
+    assert again == matrix[::-1].ravel().tolist()
     # a stream with half a 32-bit draw buffered goes on with the other half, as after the matrix
     matrix_stream, factors_stream = stream(4, Purpose.SCHEDULE), stream(4, Purpose.SCHEDULE)
     for s in (matrix_stream, factors_stream):

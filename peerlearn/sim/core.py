@@ -274,6 +274,10 @@ class LinkFactors:
         bits.state = after
         self._bits = np.random.PCG64(0)  # (reused: a fresh one would read OS entropy)
         self._gen = np.random.Generator(self._bits)
+        #: the links taken one by one so far (a sparse protocol sends on the same few again and
+        #: again; a jump costs about 3 µs): at most a few per process, then it starts over
+        self._known: dict[int, float] = {}
+        self._room = 8 * n
 
     def _at(self, draw: int) -> np.random.Generator:
         self._bits.state = self._state
@@ -286,7 +290,14 @@ class LinkFactors:
 
     def __call__(self, sender: int, receiver: int) -> float:
         """The factor of the link ``sender`` → ``receiver``."""
-        return float(self._at(sender * self._n + receiver).uniform(self._low, self._high))
+        draw = sender * self._n + receiver
+        factor = self._known.get(draw)
+        if factor is None:
+            if len(self._known) >= self._room:
+                self._known.clear()
+            factor = float(self._at(draw).uniform(self._low, self._high))
+            self._known[draw] = factor
+        return factor
 
 
 class Simulator:
@@ -618,30 +629,34 @@ class Simulator:
             proc.sent_step = proc.step
         n = self.membership.processes
         sender = proc.pid
-        same = self._cluster_of == self._cluster_of[sender]
-        delays = np.where(same, self._delay_local(n), self._delay_remote(n))
+        home = self._cluster_of[sender]
         if to is None:
             receivers = self._everyone
+            delays = np.where(self._cluster_of == home, self._delay_local(n), self._delay_remote(n))
         else:
             receivers = np.asarray(to, dtype=np.intp)
             if len(receivers) and not (receivers.min() >= 0 and receivers.max() < n):
                 raise ProgramError(f"process {sender} sent {tag} to {list(to)}: no such process")
             n = len(receivers)
+            # a delay for each addressee only, not for every process: a send to k costs O(k)
+            same = self._cluster_of[receivers] == home
+            delays = np.empty(n)
+            delays[same] = self._delay_local(int(same.sum()))
+            delays[~same] = self._delay_remote(n - int(same.sum()))
         if proc.armed:  # crash in the middle of this broadcast: only some recipients get it
-            order = receivers[self._rng.permutation(n)]
-            receivers = order[: int(self._rng.integers(1, n))] if n > 1 else order[:0]
+            order = self._rng.permutation(n)
+            order = order[: int(self._rng.integers(1, n))] if n > 1 else order[:0]
+            receivers, delays = receivers[order], delays[order]
         msg = Msg(sender, value)
         parts = self._active_partitions() if self._partitions else []
         if parts:
             cluster_of = self.membership.cluster_of
-            reached = []
-            for r in receivers.tolist():
+            reached = np.ones(len(receivers), dtype=bool)
+            for i, r in enumerate(receivers.tolist()):
                 if self._cut(parts, proc.cluster, cluster_of[r]):
                     self._held.append((r, tag, msg, post))
-                else:
-                    reached.append(r)
-            receivers = np.array(reached, dtype=np.intp)
-        delays = delays[receivers]
+                    reached[i] = False
+            receivers, delays = receivers[reached], delays[reached]
         if self._link is not None and len(receivers):
             # the sender's row (about 6 ns a link) unless the recipients are few enough that
             # taking their links one by one (about 4 µs each) costs less

@@ -59,21 +59,17 @@ def _model(state: RejoinState) -> Vector:
 def _sync_gossip_resume(
     cfg: RunConfig, problem: Problem | None, pids: Sequence[int], state: RejoinState
 ) -> list[Program]:
-    eta, w = cfg.schedule()(1), cfg.graph.metropolis()
+    eta, graph = cfg.schedule()(1), cfg.graph
     out: list[Program] = []
     for p in pids:
-        row = {int(j): float(w[p, j]) for j in (p, *cfg.graph.neighbours[p])}
+        row = graph.metropolis_row(p)
         out.append(sync_gossip(_model(state), cfg.steps, eta, p, row, start=state.step))
     return out
 
 
 def _sync_gossip(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:
-    x1, eta, w = start_point(problem), cfg.schedule()(1), cfg.graph.metropolis()
-    out: list[Program] = []
-    for p in pids:
-        row = {int(j): float(w[p, j]) for j in (p, *cfg.graph.neighbours[p])}
-        out.append(sync_gossip(x1, cfg.steps, eta, p, row))
-    return out
+    x1, eta, graph = start_point(problem), cfg.schedule()(1), cfg.graph
+    return [sync_gossip(x1, cfg.steps, eta, p, graph.metropolis_row(p)) for p in pids]
 
 
 def _async_gossip(cfg: RunConfig, problem: Problem | None, pids: Sequence[int]) -> list[Program]:

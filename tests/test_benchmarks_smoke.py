@@ -1,0 +1,56 @@
+"""Each benchmark script, run end to end at tiny sizes, so that none rots unnoticed: it must run
+to its table without a traceback. The figures mean nothing at these sizes (they are in
+benchmarks/RESULTS.md); a miss of a target is a verdict, not a failure here. The metrics
+benchmark has its own (tests/test_bench_metrics.py); the checkpoint soak runs for minutes by
+design and is run by hand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+#: script -> (tiny arguments, a line its table prints)
+SMOKE: dict[str, tuple[list[str], str]] = {
+    "bench_codec.py": (["--sizes", "1000", "--reps", "2"], "send+receive"),
+    "bench_sim.py": (
+        ["--quick", "--repeat", "1", "--steps", "2", "--alg2-steps", "1", "--bare-events", "2000"],
+        "deliveries/s",
+    ),
+    "bench_sim_scale.py": (
+        ["--sizes", "30", "60", "--steps", "2", "--dasgd-sizes", "8", "16"],
+        "µs/message",
+    ),
+    "bench_transport.py": (["--sizes", "64k", "--quick"], "raw"),
+    # three daemons and three gloo ranks to a low bar (about 30 s: the slowest here)
+    "bench_torch.py": (["--algorithms", "alg1", "--threshold", "0.2"], "DDP (gloo)"),
+}
+
+
+def test_every_benchmark_has_a_smoke_run() -> None:
+    scripts = {p.name for p in BENCHMARKS.glob("bench_*.py")}
+    # a benchmark without a smoke run, or a stale entry
+    assert scripts - {"bench_metrics.py"} == set(SMOKE)
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_runs_at_tiny_sizes(script: str) -> None:
+    args, marker = SMOKE[script]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode in (0, 1), done.stderr  # 1: a target missed, said in the table
+    assert marker in done.stdout, done.stdout + done.stderr
