@@ -19,6 +19,13 @@ BENCHMARKS = ROOT / "benchmarks"
 #: script -> (tiny arguments, a line its table prints)
 SMOKE: dict[str, tuple[list[str], str]] = {
     "bench_codec.py": (["--sizes", "1000", "--reps", "2"], "send+receive"),
+    "bench_round.py": (
+        [
+            *("--cells", "2:1e4:float64", "--extra", "dasgd:2:1e4:float64"),
+            *("--window", "1", "--reps", "3", "--skip", "hivemind"),
+        ],
+        "pl/raw",
+    ),
     "bench_sim.py": (
         ["--quick", "--repeat", "1", "--steps", "2", "--alg2-steps", "1", "--bare-events", "2000"],
         "deliveries/s",
