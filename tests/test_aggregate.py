@@ -134,3 +134,29 @@ def test_diam2_over_many_values_goes_in_blocks_and_finds_the_same_pair(
     assert diam2(values) == whole
     values[150] = np.full(7, np.nan)  # a NaN is the answer, as unblocked
     assert np.isnan(diam2(values))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(2, 7),
+    d=st.integers(1, 300),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_average_is_np_mean_bit_for_bit(k: int, d: int, dtype: type, seed: int) -> None:
+    """Alg 1's and the all-reduce family's average skips np.mean's stacked copy, yet computes
+    the same sums in the same order: the same bits, so runs are unchanged per seed."""
+    rng = np.random.default_rng(seed)
+    values = [(rng.standard_normal(d) * 10 ** rng.uniform(-4, 4)).astype(dtype) for _ in range(k)]
+    for v in values:
+        v.flags.writeable = False  # (received values are read-only: a new array comes back)
+    got = aggregate.average(values)
+    want = np.mean(values, axis=0)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+    assert not any(np.shares_memory(got, v) for v in values)
+
+
+def test_average_of_fewer_than_two_is_refused() -> None:
+    with pytest.raises(ValueError, match="two or more"):
+        aggregate.average([np.zeros(3)])

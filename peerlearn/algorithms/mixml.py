@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from peerlearn.algorithms.aggregate import average
 from peerlearn.effects import (
     Await,
     Count,
@@ -52,8 +53,7 @@ def _clock(steps: int | None, start: int = 1) -> Iterable[int]:
 
 
 def _mean(values: Sequence[Vector]) -> Vector:
-    out: Vector = np.mean(values, axis=0)
-    return out
+    return average(values) if len(values) > 1 else values[0].copy()
 
 
 def averaging(

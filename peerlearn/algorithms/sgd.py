@@ -13,9 +13,7 @@ from collections.abc import Generator, Iterable
 from itertools import count
 from typing import Any
 
-import numpy as np
-
-from peerlearn.algorithms.aggregate import Aggregator, maa_rounds
+from peerlearn.algorithms.aggregate import Aggregator, average, maa_rounds
 from peerlearn.algorithms.maa import cluster_maa
 from peerlearn.algorithms.schedules import Schedule
 from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Vector
@@ -29,8 +27,7 @@ def _iterations(steps: int | None, start: int = 1) -> Iterable[int]:
 
 
 def _mean(values: list[Vector]) -> Vector:
-    out: Vector = np.mean(values, axis=0) if len(values) > 1 else values[0]
-    return out
+    return average(values) if len(values) > 1 else values[0]
 
 
 def alg1(
