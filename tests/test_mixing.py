@@ -457,13 +457,19 @@ def test_metropolis_rows_are_the_matrix_rows_and_doubly_stochastic(spec: str) ->
     """A process takes its gossip weights from its own sparse row (O(degree), so that n = 10⁴
     builds no 800 MB matrix); the rows are the dense matrix's, symmetric, summing to 1."""
     topo = make_topology(spec, 12, seed=3)
+    # the definition, densely: 1/(1 + max degree) on each edge, the rest of the row on the diagonal
+    deg = [len(ns) for ns in topo.neighbours]
+    want = np.zeros((topo.n, topo.n))
+    for i, j in topo.edges():
+        want[i, j] = want[j, i] = 1.0 / (1 + max(deg[i], deg[j]))
     w = topo.metropolis()
     for i in range(topo.n):
         row = topo.metropolis_row(i)
         assert set(row) == {i, *topo.neighbours[i]}
-        dense = np.zeros(topo.n)
-        dense[list(row)] = list(row.values())
-        np.testing.assert_array_equal(w[i], dense)
+        off = [j for j in range(topo.n) if j != i]
+        np.testing.assert_array_equal(w[i, off], want[i, off])
+        assert w[i, i] == row[i] == pytest.approx(1.0 - want[i].sum(), abs=1e-15)
+        assert [w[i, j] for j in row] == list(row.values())
         assert math.fsum(row.values()) == pytest.approx(1.0, abs=1e-15)
         assert row[i] > 0
     np.testing.assert_array_equal(w, w.T)
