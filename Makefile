@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # https://download.pytorch.org/whl/cpu'. Users take the range of the [torch] extra.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint bench bench-metrics clean system-deps mutate secrets k8s-secrets
+.PHONY: demo test test-slow lint bench bench-metrics bench-round clean system-deps mutate secrets k8s-secrets
 
 # Real servers the tests start (Debian packages): command:package. Installed when missing and
 # possible (root with apt); otherwise the tests that need them skip and say why.
@@ -68,8 +68,15 @@ mutate: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
+	$(BIN)/python benchmarks/bench_sim_scale.py
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_transport.py
+
+# one averaging round against gloo, hivemind and a raw-socket exchange of the same bytes (about
+# 6 min; needs an idle machine): benchmarks/bench_round.py, with the [bench] extra
+bench-round: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/bench_round.py
 
 # what the metrics cost (about 30 min; needs an idle machine): benchmarks/bench_metrics.py
 bench-metrics: $(STAMP)

@@ -6,28 +6,34 @@ one run on this machine (issue 17):
 * **peerlearn** — K ``peerlearn run`` daemon processes of one worker each, Alg 1 with quorum K
   and no failures allowed, on the zero problem of this module (``grad`` returns a preallocated
   zero vector: the round is all communication), in the default deployed security mode (a
-  cluster secret). Time per round = the window over the rounds every worker completed in it,
-  read from ``/status`` (gradients computed) after the run has settled.
+  cluster secret). Time per round = the window over the rounds completed in it (the
+  gradients all workers computed, from ``/status``, over K), after the run has settled:
+  rounds back to back, as training runs them.
 * **gloo** — ``torch.distributed`` all_reduce then divide by K, one process per rank; per
   iteration the slowest rank's time (after a barrier), the median over iterations.
 * **raw** — K plain-socket processes doing Alg 1's all-to-all with the same bytes: each sends
   its vector to every other over TCP (``sendall`` from threads) and receives theirs
-  (``recv_into`` preallocated buffers), then averages — the transfer limit of this machine.
-  Timed like gloo (barrier, slowest process, median).
+  (``recv_into`` preallocated buffers), adding each block as it lands, then divides — the
+  transfer limit of this machine. Timed like the daemons: rounds back to back after one
+  barrier, the slowest process's time over the rounds.
 * **hivemind** — ``DecentralizedAverager.step()`` (float32 only, as shipped), when hivemind is
   importable; slowest peer per step, median.
 
 The table gives each time and the ratios the targets are stated in. A gloo or hivemind target
 may be set aside only where the raw exchange itself is slower than that target, and the cell's
-target is then ≤ 1.25× raw. Rows for Alg 2 and DASGD at d = 1e6 are measured against raw.
+target is then ≤ 1.25× raw. A target that could not be judged (a system missing or failed)
+says "not checked", and the exit status is 1 then as for a miss. Rows for Alg 2 (per
+exchange: its iterations have 1 + 4 agreement exchanges here) and DASGD at d = 1e6 are
+measured against raw, with no target.
 
 Never in CI (a smoke run at tiny sizes is). Run from the repository root, on an idle machine::
 
-    .venv/bin/python benchmarks/bench_round.py                 # every cell, about 10 minutes
+    make bench-round                                            # installs torch, hivemind; runs
+    .venv/bin/python benchmarks/bench_round.py                 # every cell, about 6 minutes
     .venv/bin/python benchmarks/bench_round.py --cells 2:1e6:float32 --window 5
 
-gloo needs torch, hivemind needs hivemind (see benchmarks/RESULTS.md for the install); a
-missing one leaves its column empty.
+gloo needs torch, hivemind needs hivemind (``pip install -e '.[bench]'``, which
+``make bench-round`` does); a missing one leaves its column empty, its targets not checked.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -75,6 +82,9 @@ DEFAULT_CELLS = [
     "4:1e6:float64",
 ]
 DEFAULT_EXTRA = ["alg2:2:1e6:float64", "dasgd:2:1e6:float64"]
+#: Alg 2's cluster agreement rounds here (its default at η = 0.05 is 103): an iteration is one
+#: gradient exchange and this many agreement exchanges of the vector, and its row is per exchange
+ALG2_ROUNDS = 4
 
 
 # --- the zero problem: a round is all communication --------------------------------------------
@@ -137,7 +147,8 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.algorithm} K={self.k} d={self.d:.0e} {self.dtype}".replace("e+0", "e")
+        text = f"{self.algorithm} K={self.k} d={self.d:.0e} {self.dtype}".replace("e+0", "e")
+        return text + (" (per exchange)" if self.algorithm == "alg2" else "")
 
 
 @dataclass
@@ -176,6 +187,8 @@ def _daemons(cell: Cell, secret: Path) -> Iterator[tuple[list[subprocess.Popen[b
     base += ["--set", f"dtype={cell.dtype}", "--secret-file", str(secret), "--log-level", "error"]
     if cell.algorithm in ("alg1", "alg2"):
         base += ["--quorum", str(cell.k), "--max-failures", "0"]
+    if cell.algorithm == "alg2":
+        base += ["--set", f"maa.rounds={ALG2_ROUNDS}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -183,7 +196,7 @@ def _daemons(cell: Cell, secret: Path) -> Iterator[tuple[list[subprocess.Popen[b
             others = ",".join(x for j, x in enumerate(addrs) if j != i)
             cmd = [*base, "--listen", f"127.0.0.1:{p}", "--api", f"127.0.0.1:{a}"]
             cmd += ["--peers", others]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, process_group=0))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
         yield procs, [f"http://127.0.0.1:{a}" for a in apis]
     finally:
         for proc in procs:
@@ -213,7 +226,8 @@ def peerlearn_round(cell: Cell, window: float, secret: Path, settle: float = 2.0
     rounds = (g1 - g0) / cell.k
     if rounds <= 0:
         raise RuntimeError(f"{cell.label}: no round completed in {window:g} s")
-    return (t1 - t0) / rounds
+    exchanges = 1 + ALG2_ROUNDS if cell.algorithm == "alg2" else 1
+    return (t1 - t0) / rounds / exchanges
 
 
 # --- gloo ---------------------------------------------------------------------------------------
@@ -258,6 +272,10 @@ def gloo_round(cell: Cell, reps: int) -> float | None:
 # --- the raw-socket exchange --------------------------------------------------------------------
 
 
+#: elements the raw exchange adds at a time while the rest of a vector is still arriving
+_BLOCK = 1 << 16
+
+
 def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
     got = 0
     while got < len(view):
@@ -265,6 +283,22 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError("peer closed")
         got += n
+
+
+def _recv_adding(sock: socket.socket, buf: Any, acc: Any, src: Any) -> None:
+    """Receive ``buf`` (a numpy vector) and, block by block as it lands, add ``src`` into
+    ``acc`` there — the sum overlaps the transfer, as a good all-reduce does."""
+    view, item = memoryview(buf).cast("B"), buf.itemsize
+    got = done = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        got += n
+        whole = got // item
+        if whole - done >= _BLOCK or got == len(view):
+            acc[done:whole] += src[done:whole]
+            done = whole
 
 
 def _raw_process(i: int, cell: Cell, ports: Sequence[int], reps: int, out: Any) -> None:
@@ -286,27 +320,35 @@ def _raw_process(i: int, cell: Cell, ports: Sequence[int], reps: int, out: Any) 
     for sock in peers.values():
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     x = np.ones(cell.d, cell.dtype)
-    bufs = {j: np.empty_like(x) for j in peers}
+    # one receive buffer per peer, plus a spare: the first peer's buffer becomes the sum (and
+    # the next x) while x is still being sent
+    bufs = [np.empty_like(x) for _ in range(k)]
     token = bytearray(1)
     times = []
     with ThreadPoolExecutor(k - 1) as pool:
         for r in range(reps + 3):
-            for sock in peers.values():  # barrier: a byte to and from everyone
-                sock.sendall(b"b")
-            for sock in peers.values():
-                _recv_exactly(sock, memoryview(token))
+            if r in (0, 3):  # barrier: a byte to and from everyone, before the timed rounds
+                for sock in peers.values():
+                    sock.sendall(b"b")
+                for sock in peers.values():
+                    _recv_exactly(sock, memoryview(token))
             start = time.perf_counter()
             sends = [pool.submit(sock.sendall, memoryview(x).cast("B")) for sock in peers.values()]
-            for j, sock in peers.items():
-                _recv_exactly(sock, memoryview(bufs[j]).cast("B"))
+            acc = bufs[0]
+            for n, sock in enumerate(peers.values()):
+                # the first peer's vector plus mine, then each other peer's added to it
+                _recv_adding(sock, bufs[n], acc, x if n == 0 else bufs[n])
             for f in sends:
                 f.result()
-            for buf in bufs.values():
-                x += buf
-            x /= k
+            acc /= k
+            bufs[0], x = x, acc  # the average is the next x; the old x the next buffer
             if r >= 3:
                 times.append(time.perf_counter() - start)
-    out.put((i, times))
+    if not (x == 1).all():  # every process started at ones: so is every average
+        raise RuntimeError(f"raw exchange, process {i}: the average went wrong")
+    # back to back, as the daemons' rounds are timed: the whole run's time per round, the
+    # same figure for each round (the slowest process's is taken)
+    out.put((i, [sum(times) / len(times)] * len(times)))
     for sock in peers.values():
         sock.close()
     listener.close()
@@ -319,34 +361,46 @@ def raw_round(cell: Cell, reps: int) -> float:
     procs = [
         ctx.Process(target=_raw_process, args=(i, cell, ports, reps, out)) for i in range(cell.k)
     ]
-    t = _collect(procs, out, "raw", parts=cell.k)
-    assert t is not None
-    return t
+    return _collect(procs, out, "raw", parts=cell.k)
 
 
-def _collect(procs: list[Any], out: Any, what: str, parts: int = 1) -> float | None:
+def _collect(procs: list[Any], out: Any, what: str, parts: int = 1) -> float:
     """Start ``procs``, take ``parts`` results (per-iteration times; several: the max per
-    iteration over them) and return the median."""
-    for p in procs:
-        p.start()
+    iteration over them) and return the median. RuntimeError if a process fails, or all exit
+    without their results, or 600 s pass."""
+    ok = False
     try:
+        for p in procs:
+            p.start()
         got: list[list[float]] = []
         deadline = time.monotonic() + 600
         while len(got) < parts:
-            if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                raise RuntimeError(f"{what}: a process failed: {[p.exitcode for p in procs]}")
             if out.empty():
+                failed = any(p.exitcode not in (None, 0) for p in procs)
+                if failed or all(p.exitcode is not None for p in procs):
+                    codes = [p.exitcode for p in procs]
+                    raise RuntimeError(f"{what}: a process ended without its result: {codes}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{what}: no result within 600 s")
                 time.sleep(0.05)
                 continue
             item = out.get()
+            if isinstance(item, str):  # a process's own account of its failure
+                raise RuntimeError(f"{what}: {item}")
             got.append(item[1] if isinstance(item, tuple) else item)
         worst = [max(ts) for ts in zip(*got, strict=True)]
+        ok = True
         return statistics.median(worst)
     finally:
         for p in procs:
-            p.join(60)
-            if p.is_alive():
+            if p.is_alive() and not ok:
                 p.kill()
+        for p in procs:
+            if p.pid is not None:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
 
 
 # --- hivemind -----------------------------------------------------------------------------------
@@ -382,9 +436,14 @@ def _hivemind_peer(i: int, cell: Cell, steps: int, addrs: Any, out: Any, barrier
     for s in range(steps + 1):
         barrier.wait(timeout=120)
         start = time.perf_counter()
-        ok = averager.step(timeout=60) is not None
+        try:
+            averager.step(timeout=60)
+        except Exception as exc:  # a failed step raises (1.1.12): that peer's run is void
+            out.put(f"peer {i}, step {s}: {type(exc).__name__}: {exc}")
+            barrier.abort()
+            return
         if s > 0:
-            times.append(time.perf_counter() - start if ok else float("inf"))
+            times.append(time.perf_counter() - start)
     out.put((i, times))
     barrier.wait(timeout=120)
     averager.shutdown()
@@ -413,14 +472,21 @@ def hivemind_round(cell: Cell, steps: int) -> float | None:
 def verdicts(res: Result) -> list[str]:
     """Each target of the cell: met, missed, or set aside by the raw-socket rule."""
     cell, t = res.cell, res.times
+    goals = TARGETS.get((cell.k, cell.d), {}) if cell.algorithm == "alg1" else {}
+    if cell.dtype != "float32":
+        goals = {k: v for k, v in goals.items() if k != "hivemind"}
     mine, raw = t.get("peerlearn"), t.get("raw")
-    if cell.algorithm != "alg1" or mine is None or raw is None:
+    if not goals:
         return []
-    goals = TARGETS.get((cell.k, cell.d), {})
+    if mine is None or raw is None:
+        return ["not checked (no peerlearn or no raw time)"]
     out = []
     for system in ("gloo", "hivemind"):
         goal, theirs = goals.get(system), t.get(system)
-        if goal is None or theirs is None:
+        if goal is None:
+            continue
+        if theirs is None:
+            out.append(f"{system}: not checked")
             continue
         # gloo: peerlearn ≤ goal × gloo; hivemind: peerlearn ≤ hivemind / goal
         limit = goal * theirs if system == "gloo" else theirs / goal
@@ -502,6 +568,24 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+def measure(system: str, cell: Cell, args: argparse.Namespace, secret: Path) -> float | None:
+    """Seconds per round of ``cell`` by ``system``; None: its library is not installed."""
+    match system:
+        case "peerlearn":
+            return peerlearn_round(cell, args.window, secret)
+        case "gloo":
+            return gloo_round(cell, args.reps)
+        case "hivemind":
+            return hivemind_round(cell, args.hivemind_steps)
+        case "raw":
+            return raw_round(cell, args.reps)
+    raise ValueError(system)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(f"terminated by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -532,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         help="systems left out",
     )
     args = parser.parse_args(argv)
+    # SIGTERM (a test's or CI's timeout) unwinds like Ctrl-C: the daemons and the processes
+    # started are killed on the way out, not left running
+    signal.signal(signal.SIGTERM, _terminated)
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -545,24 +632,27 @@ def main(argv: list[str] | None = None) -> int:
         secret.chmod(0o600)
         for cell in [*args.cells, *args.extra]:
             res = Result(cell)
-            say(f"{cell.label}: peerlearn …")
-            res.times["peerlearn"] = peerlearn_round(cell, args.window, secret)
-            if cell.algorithm == "alg1":
-                if "gloo" not in args.skip:
-                    say(f"{cell.label}: gloo …")
-                    res.times["gloo"] = gloo_round(cell, args.reps)
-                    if res.times["gloo"] is None:
-                        res.notes.append("gloo: torch not installed")
-                if "hivemind" not in args.skip and cell.dtype == "float32":
-                    say(f"{cell.label}: hivemind …")
-                    res.times["hivemind"] = hivemind_round(cell, args.hivemind_steps)
-            if "raw" not in args.skip:
-                say(f"{cell.label}: raw …")
-                res.times["raw"] = raw_round(cell, args.reps)
+            plan = ["peerlearn", "raw"]
+            if cell.algorithm == "alg1":  # hivemind averages float32 only
+                plan[1:1] = ["gloo", "hivemind"] if cell.dtype == "float32" else ["gloo"]
+            plan = [system for system in plan if system not in args.skip]
+            for system in plan:
+                say(f"{cell.label}: {system} …")
+                try:
+                    res.times[system] = got = measure(system, cell, args, secret)
+                except (RuntimeError, OSError) as exc:  # the other cells go on
+                    res.times[system] = None
+                    res.notes.append(f"{system} failed: {exc}")
+                    say(f"  {system} failed: {exc}")
+                    continue
+                if got is None:
+                    res.notes.append(f"{system}: not installed")
+                else:
+                    say(f"  {got * 1e3:.2f} ms")
             results.append(res)
     print(render(results))
-    missed = any("MISS" in v for res in results for v in verdicts(res))
-    return 1 if missed else 0
+    said = [v for res in results for v in verdicts(res)]
+    return 1 if any("MISS" in v or "not checked" in v for v in said) else 0
 
 
 if __name__ == "__main__":
