@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 import peerlearn.algorithms.aggregate as aggregate
 from peerlearn import ties
 from peerlearn.algorithms import Aggregator, approach_ext, diam2, maa_rounds, mid_ext, rounds_for
+from peerlearn.algorithms import vectors as vec
 
 from .helpers import barycentric
 
@@ -150,7 +151,7 @@ def test_average_is_np_mean_bit_for_bit(k: int, d: int, dtype: type, seed: int) 
     values = [(rng.standard_normal(d) * 10 ** rng.uniform(-4, 4)).astype(dtype) for _ in range(k)]
     for v in values:
         v.flags.writeable = False  # (received values are read-only: a new array comes back)
-    got = aggregate.average(values)
+    got = vec.average(values)
     want = np.mean(values, axis=0)
     assert got.dtype == want.dtype == dtype
     np.testing.assert_array_equal(got, want)
@@ -159,4 +160,33 @@ def test_average_is_np_mean_bit_for_bit(k: int, d: int, dtype: type, seed: int) 
 
 def test_average_of_fewer_than_two_is_refused() -> None:
     with pytest.raises(ValueError, match="two or more"):
-        aggregate.average([np.zeros(3)])
+        vec.average([np.zeros(3)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    d=st.integers(1, 300),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    eta=st.one_of(
+        st.floats(-1e3, 1e3, allow_nan=False),
+        st.sampled_from([0.0, -0.0, 1e-300, 1e300, 0.05]),
+    ),
+    numpy_eta=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_descend_is_x_minus_eta_g_bit_for_bit(
+    d: int, dtype: type, eta: float, numpy_eta: bool, seed: int
+) -> None:
+    """Every algorithm's step x − η·g with one temporary fewer gives the very same bits, for
+    either dtype, a Python or a numpy η (which may promote float32), huge and tiny ones
+    (overflow to ±inf, underflow to ±0 alike), and leaves x and g as they were."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(d) * 10 ** rng.uniform(-4, 4)).astype(dtype)
+    g = (rng.standard_normal(d) * 10 ** rng.uniform(-4, 4)).astype(dtype)
+    x.flags.writeable = g.flags.writeable = False
+    step = np.float64(eta) if numpy_eta else eta
+    with np.errstate(all="ignore"):
+        want = x - step * g
+        got = vec.descend(x, step, g)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # the bits, ±0 too

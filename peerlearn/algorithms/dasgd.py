@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from peerlearn.algorithms.vectors import descend
 from peerlearn.effects import Effect, Grad, Letter, Post, Receive, Report, Vector
 
 __all__ = ["RETAIN", "dasgd", "state_key"]
@@ -317,7 +318,7 @@ def dasgd(
             if not done():
                 yield from take((yield Receive(block=True)))
             continue
-        x = x - eta * g
+        x = descend(x, eta, g)  # x − η·g
         applied[origin] += 1
         t += 1
         yield Report("staleness", stale, step=t, key=(origin, seq))

@@ -35,6 +35,7 @@ from enum import StrEnum
 from itertools import count
 from typing import Any
 
+from peerlearn.algorithms.vectors import descend
 from peerlearn.effects import (
     Await,
     Count,
@@ -120,7 +121,7 @@ def sync_worker(
             x = x - eta * g - alpha * (x - got.value)
         else:
             g = yield Grad(x)
-            x = x - eta * g
+            x = descend(x, eta, g)
     yield Report("model", x, step=t + 1)
     return x
 
@@ -206,7 +207,7 @@ def elastic_worker(
                     answered = t
                     yield Report("ledger", given, step=t)
                 if variant is Variant.ASYNC:
-                    x = x - eta * g
+                    x = descend(x, eta, g)
                 else:
                     g = yield Grad(snapshot + delta * v)
                     v = delta * v - eta * g
@@ -217,8 +218,8 @@ def elastic_worker(
                     (xc,) = yield Await(("rep", t), Count(1))
                     x, v = xc.value, 0 * v
                 g = yield Grad(x)
-                x = x - eta * g
-                v = v - eta * g
+                x = descend(x, eta, g)
+                v = descend(v, eta, g)
             case Variant.MDOWNPOUR:
                 g = yield Grad(x)
                 yield Post((center,), ("req", t), g)

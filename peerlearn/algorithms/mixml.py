@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from peerlearn.algorithms.aggregate import average
+from peerlearn.algorithms.vectors import average, descend
 from peerlearn.effects import (
     Await,
     Count,
@@ -74,7 +74,7 @@ def averaging(
     for t in _clock(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
-        x = x - eta * g
+        x = descend(x, eta, g)  # x − η·g
         if t % period == 0:
             xs = yield Exchange(("avg", t), x, Count(n))
             mean = _mean([m.value for m in xs])
@@ -100,7 +100,7 @@ def sync_gossip(
     for t in _clock(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
-        y = x - eta * g
+        y = descend(x, eta, g)
         if others:
             yield Send(others, ("gossip", t), y)
             got = yield Await(("gossip", t), Count(len(others)))
@@ -182,7 +182,7 @@ def async_gossip(
     for t in _clock(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
-        x = x - eta * g
+        x = descend(x, eta, g)  # x − η·g
         if not neighbours:
             continue
         j = neighbours[int(rng.integers(len(neighbours)))]

@@ -13,9 +13,10 @@ from collections.abc import Generator, Iterable
 from itertools import count
 from typing import Any
 
-from peerlearn.algorithms.aggregate import Aggregator, average, maa_rounds
+from peerlearn.algorithms.aggregate import Aggregator, maa_rounds
 from peerlearn.algorithms.maa import cluster_maa
 from peerlearn.algorithms.schedules import Schedule
+from peerlearn.algorithms.vectors import average, descend
 from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Vector
 
 __all__ = ["alg1", "alg2", "maa_instances"]
@@ -39,7 +40,7 @@ def alg1(
     for t in _iterations(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
-        y = x - eta(t) * g
+        y = descend(x, eta(t), g)  # x − η_t·g
         ys = yield Exchange(("params", t), y, Count(quorum))
         x = _mean([m.value for m in ys])
     yield Report("model", x, step=t + 1)
@@ -74,7 +75,7 @@ def alg2(
         yield Report("model", x, step=t)
         g = yield Grad(x)
         gs = yield Exchange(("grad", t), g, AtLeast(quorum))
-        y = x - eta(t) * _mean([m.value for m in gs])
+        y = descend(x, eta(t), _mean([m.value for m in gs]))
         r_t = rounds if rounds is not None else maa_rounds(min(1.0, eta(t) / 4), aggregator)[0]
         x = yield from cluster_maa(y, t, r_t, inner_rounds, aggregator)
     yield Report("model", x, step=t + 1)
