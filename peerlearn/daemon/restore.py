@@ -291,14 +291,14 @@ async def _start_from_checkpoint(daemon: Daemon, restore: Restore) -> None:
             await asyncio.wait_for(rejoin.changed.wait(), min(until - now, 1.0))
     silent = sorted(peers - rejoin.noted)
     me = daemon.me.cluster
-    # Where frames are kept, a peer drops nothing for a daemon that was away unless it sent
-    # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
-    # in this restart drops frames before its resume point (Transport.lose_all).
     if restore.centered:
         resumed = await _resume_elastic(daemon, restore)
         # (a daemon hosting workers only that comes up later goes by this)
         transport.announce_start(None, restore.step if resumed else None)
         return
+    # Where frames are kept, a peer drops nothing for a daemon that was away unless it sent
+    # its last incarnation something: any drop means it ran on. Elsewhere a peer that resumed
+    # in this restart drops frames before its resume point (Transport.lose_all).
     if rejoin.dropped_for_us(0 if restore.takes_live_state else restore.step):
         restore.mode = "live peers"
         log.info(
