@@ -229,13 +229,8 @@ class Worker:
         stays 0: any state is newer)."""
         if self.state is not WorkerState.CREATED:
             raise RuntimeError(f"worker {self.name} has started: it holds its own state")
-        self.x = model
-        self.position = (step, model, key)
-        if ledger is not None:
-            self.ledger = ledger
-        if rng is not None:  # kept whichever state it goes on from: its noise stream goes on
-            self._rng.bit_generator.state = rng
-        self.saved = (self.position, rng, self.ledger)
+        # (the generator's state is kept whichever state it goes on from: its noise goes on)
+        self._take_state(step, model, key, rng, ledger)
 
     def forget_ledger(self) -> None:
         """Before it starts: it starts over after all, holding no ledger with a center."""
@@ -259,9 +254,21 @@ class Worker:
             raise RuntimeError(f"worker {self.name} has started: it cannot be restored")
         self._program.close()
         self._program = program
+        self.step = step
+        self._take_state(step, model, key, rng, ledger)
+
+    def _take_state(
+        self,
+        step: int,
+        model: Vector,
+        key: Tag,
+        rng: dict[str, Any] | None,
+        ledger: tuple[int, Vector, Tag] | None,
+    ) -> None:
+        """Model, position, generator and ledger from a checkpoint, saved as they are."""
         if rng is not None:
             self._rng.bit_generator.state = rng
-        self.step, self.x = step, model
+        self.x = model
         self.position = (step, model, key)
         if ledger is not None:
             self.ledger = ledger

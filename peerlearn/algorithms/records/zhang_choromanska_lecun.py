@@ -220,6 +220,24 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
             rebuilt.flags.writeable = False
         out: list[Program] = []
         requests = None if steps is None else len(workers) * center_requests(variant, steps, tau)
+
+        def worker_from(start: int, ledger: Vector | None, answered: int | None = None) -> Program:
+            """A worker resuming from ``state.model`` (read-only, its own copy)."""
+            model = state.model.copy()
+            model.flags.writeable = False
+            return elastic_worker(
+                variant,
+                model,
+                steps,
+                eta,
+                tau,
+                delta,
+                center,
+                start=start,
+                ledger=ledger,
+                answered=answered,
+            )
+
         for p in pids:
             if p == center and restored:
                 if len(state.extra) != len(workers) or state.step < 1:
@@ -278,43 +296,13 @@ def _async_resume(variant: Variant, momentum: bool) -> Resumer:
                         f"process {p}'s ledger: request {own.answered} is not answered before "
                         f"iteration {state.step}"
                     )
-                model = state.model.copy()
-                model.flags.writeable = False
-                out.append(
-                    elastic_worker(
-                        variant,
-                        model,
-                        steps,
-                        eta,
-                        tau,
-                        delta,
-                        center,
-                        start=state.step,
-                        ledger=own.total,
-                        answered=own.answered,
-                    )
-                )
+                out.append(worker_from(state.step, own.total, own.answered))
             elif rebuilt is not None:  # restarted with the center: starts over from it
                 out.append(elastic_worker(variant, rebuilt, steps, eta, tau, delta, center))
-            else:
+            else:  # from the center's model and its record of this worker
                 own = state.ledgers.get(p)
-                after = own.answered if own is not None else 0
-                model = state.model.copy()
-                model.flags.writeable = False
-                ledger = own.total if own is not None and elastic else None
-                out.append(
-                    elastic_worker(
-                        variant,
-                        model,
-                        steps,
-                        eta,
-                        tau,
-                        delta,
-                        center,
-                        start=after + 1,
-                        ledger=ledger,
-                    )
-                )
+                after, total = (own.answered, own.total) if own is not None else (0, None)
+                out.append(worker_from(after + 1, total if elastic else None))
         return out
 
     return resume
