@@ -36,6 +36,7 @@ from pydantic import (
 from peerlearn.algorithms import Aggregator, Constant, InverseTime, Schedule, maa_rounds
 from peerlearn.algorithms.registry import ALGORITHMS, REGISTRY, conditions, lookup, readers
 from peerlearn.algorithms.spec import OPTIONAL_SETTINGS, AlgorithmSpec
+from peerlearn.compression import DEFAULT_BLOCK, Compressor, Scheme
 from peerlearn.errors import ConfigError
 from peerlearn.faults import CrashSpec, parse_crash
 from peerlearn.membership import Membership
@@ -180,6 +181,18 @@ class MixConfig(_Frozen):
     gamma: float = Field(0.1, gt=0.0, le=1.0)
 
 
+class CompressionConfig(_Frozen):
+    """Payload compression (docs/compression.md): ``scheme`` rounds the values the algorithm
+    may compress (its record's ``compressible`` tag kinds: models, gradients, elastic
+    differences — never agreement values) to ``fp16``, ``bf16`` or ``int8`` (``block`` values
+    per power-of-two scale), with ``error_feedback`` (what rounding took off a value is added
+    to the stream's next one); the wire then carries them packed."""
+
+    scheme: Scheme = Scheme.NONE
+    block: int = Field(DEFAULT_BLOCK, ge=8, le=65536, description="int8: values per scale")
+    error_feedback: bool = True
+
+
 class ProblemConfig(BaseModel):
     """``name`` (a registered problem or ``module:callable``) plus its keyword parameters."""
 
@@ -224,6 +237,7 @@ class RunSettings(_Frozen):
     maa: MAAConfig = MAAConfig()
     elastic: ElasticConfig = ElasticConfig()
     mix: MixConfig = MixConfig()
+    compression: CompressionConfig = CompressionConfig()
 
 
 class RunConfig(RunSettings):
@@ -318,10 +332,22 @@ class RunConfig(RunSettings):
             if self.processes < 2:
                 raise ValueError(f"{self.algorithm} needs a center and at least one worker")
             _ = self.center
+        if self.compression.scheme is not Scheme.NONE and not spec.compressible:
+            raise ValueError(
+                f"{self.algorithm} sends only agreement values, which compression would break "
+                f"(their validity and contraction are stated for exact values): set "
+                f'compression.scheme = "none" (algorithms that compress: '
+                f"{', '.join(n for n, r in REGISTRY.items() if r.compressible)})"
+            )
         spec.check(self)
         if spec.topology is not None:
             _ = self.graph
         return self
+
+    def compressor(self) -> Compressor:
+        """A new process's rounding (``Quantize``), as ``[compression]`` says."""
+        c = self.compression
+        return Compressor(c.scheme, c.block, c.error_feedback)
 
     @property
     def spec(self) -> AlgorithmSpec:

@@ -23,9 +23,19 @@ effect                        result sent back into the program
 ``Collect(key)``              a tuple of :class:`Msg`: the non-⊥ registers at ``key`` of the
                               caller's cluster, read one by one (no snapshot)
 ``Report(name, value, …)``    ``None``; a sample for metrics and traces
+``Quantize(stream, value)``   ``value`` as it is to be sent: rounded to the run's payload
+                              compression (with ``stream``'s error feedback), or ``value``
+                              itself when the run compresses nothing
 ``Done(value)``               ``None``; the program has finished with output ``value``, and
                               goes on only to answer what still reaches its inbox
 ============================  =================================================================
+
+Compression. A program yields ``Quantize`` just before it sends a value the run may compress
+(a model, a gradient, an elastic difference — never an agreement value), names the *stream*
+the value belongs to (the tag kind of its messages, and the addressee where each has its own
+stream), sends the result and goes on with the result wherever it uses what it sent — so both
+ends of an exchange use the very same value and the conservation laws hold. The algorithm's
+record lists the tag kinds whose values it rounds (``AlgorithmSpec.compressible``).
 
 A program that returns is gone: whatever reaches it later is dropped. One whose peers may need an
 answer after it finished — a restarted neighbour of asynchronous gossip asks for an exchange and
@@ -89,6 +99,7 @@ __all__ = [
     "Post",
     "Program",
     "Quantity",
+    "Quantize",
     "Quorum",
     "Receive",
     "Report",
@@ -321,6 +332,17 @@ class Report:
 
 
 @dataclass(frozen=True, slots=True)
+class Quantize:
+    """``value`` as the run sends it on ``stream``: rounded to its payload compression, with the
+    stream's error feedback (:class:`peerlearn.compression.Compressor`); the value itself when
+    the run compresses nothing."""
+
+    stream: Tag
+    value: Vector
+    kind: Literal["quantize"] = "quantize"
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The program has finished with output ``value``; it goes on only to answer its inbox."""
 
@@ -329,6 +351,17 @@ class Done:
 
 
 Effect: TypeAlias = (
-    Grad | Broadcast | Await | Exchange | Send | Post | Receive | Write | Collect | Report | Done
+    Grad
+    | Broadcast
+    | Await
+    | Exchange
+    | Send
+    | Post
+    | Receive
+    | Write
+    | Collect
+    | Report
+    | Quantize
+    | Done
 )
 Program: TypeAlias = Generator[Effect, Any, Any]

@@ -12,7 +12,7 @@ import numpy as np
 
 from peerlearn.algorithms import diam2
 from peerlearn.config import RunConfig, load_config
-from peerlearn.effects import Vector
+from peerlearn.effects import Program, Quantize, Vector
 from peerlearn.problems import Problem
 from peerlearn.runs import grad_stream
 from peerlearn.runtime.worker import Worker
@@ -151,3 +151,18 @@ def member_files(directory: Path) -> list[str]:
             path.chmod(0o600)
         out += [flag, str(path)]
     return out
+
+
+def exact(program: Program) -> Program:
+    """``program`` as a runtime that compresses nothing runs it: each ``Quantize`` answered with
+    its own value, and not shown — for tests that drive a program by hand, effect by effect."""
+    value: Any = None
+    while True:
+        try:
+            effect = program.send(value)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(effect, Quantize):
+            value = effect.value
+            continue
+        value = yield effect

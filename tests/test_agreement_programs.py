@@ -23,6 +23,7 @@ from peerlearn.algorithms.sgd import alg1, alg2, maa_instances
 from peerlearn.analysis import easgd_theory as et
 from peerlearn.daemon.routing import _MODEL_KINDS
 from peerlearn.effects import Collect, Effect, Exchange, Grad, Msg, Report, Vector, Write
+from tests.helpers import exact
 
 MID, APPROACH = Aggregator.MIDEXT, Aggregator.APPROACHEXT
 
@@ -58,6 +59,7 @@ class Env:
         return None
 
     def run(self, gen: Generator[Effect, Any, Any]) -> Any:
+        gen = exact(gen)
         try:
             eff = next(gen)
             while True:
@@ -181,7 +183,7 @@ def test_zero_iterations_report_the_initial_model_as_step_1() -> None:
 
 def test_alg1_without_a_step_count_starts_at_iteration_1() -> None:
     env = Env()
-    gen = alg1(v(1.0), None, 1, Constant(0.5))
+    gen = exact(alg1(v(1.0), None, 1, Constant(0.5)))
     eff = next(gen)
     for _ in range(9):
         eff = gen.send(env.answer(eff))

@@ -31,6 +31,7 @@ from peerlearn.algorithms.staleness import (
     version_vectors,
 )
 from peerlearn.effects import Grad, Letter, Post, Receive, Report, Vector
+from tests.helpers import exact
 
 ETA = 0.5
 X0: Vector = np.array([1.0, -2.0])
@@ -67,7 +68,7 @@ def _drive(
     """Run one dasgd program per node to the end; fails on a deadlock or a livelock."""
     n = len(graph)
     nodes = [_Node(p) for p in range(n)]
-    programs = [dasgd(p, X0, ETA, samples[p], graph) for p in range(n)]
+    programs = [exact(dasgd(p, X0, ETA, samples[p], graph)) for p in range(n)]
     sendval: list[Any] = [None] * n
     flight: list[tuple[int, Letter]] = []  # (receiver, letter)
     for _ in range(200_000):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from peerlearn.algorithms.dasgd import dasgd
 from peerlearn.effects import Grad, Letter, Post, Receive, Report, Vector
+from tests.helpers import exact
 
 ETA = 0.5
 X0: Vector = np.array([1.0, -2.0])
@@ -37,7 +38,7 @@ class _Run:
     def __init__(self, graph: tuple[tuple[int, ...], ...], samples: list[int], seed: int):
         self.graph, self.samples, self.rng = graph, samples, random.Random(seed)
         n = len(graph)
-        self.programs = [dasgd(p, X0, ETA, samples[p], graph) for p in range(n)]
+        self.programs = [exact(dasgd(p, X0, ETA, samples[p], graph)) for p in range(n)]
         self.sendval: list[Any] = [None] * n
         self.inbox: list[list[Letter]] = [[] for _ in range(n)]
         self.waiting = [False] * n
@@ -126,7 +127,7 @@ class _Run:
         if not die:
             source = next(p for p in range(len(self.graph)) if self.result[p] is not None)
             x, version = self.model[source]
-            self.programs[r] = dasgd(r, x, ETA, self.samples[r], self.graph, resume=version)
+            self.programs[r] = exact(dasgd(r, x, ETA, self.samples[r], self.graph, resume=version))
             return
         self.inbox[r].clear()
         for (sender, to), q in self.links.items():
@@ -143,8 +144,8 @@ class _Run:
         x, version = self.model[source]
         # what the runtime of the node answering with its state does (peerlearn/daemon/rejoin)
         self.inbox[source].append(Letter(("rejoining", r, 0), r, np.zeros_like(X0)))
-        self.programs[r] = dasgd(
-            r, x, ETA, self.samples[r], self.graph, resume=tuple(int(v) for v in version)
+        self.programs[r] = exact(
+            dasgd(r, x, ETA, self.samples[r], self.graph, resume=tuple(int(v) for v in version))
         )
         # its own gradients that reached nobody died with it
         self.own = {ident: v for ident, v in self.own.items() if ident[0] != r}

@@ -52,6 +52,7 @@ from peerlearn.effects import (
     Vector,
 )
 from peerlearn.wire.messages import check_tag
+from tests.helpers import exact
 
 CENTER = 9
 
@@ -103,6 +104,7 @@ def drive(
     result (None if it was cut off): what it returns or, as a runtime counts it, what it says
     it is ``Done`` with. Every tag must pass the wire's check."""
     effects: list[Any] = []
+    program = exact(program)
     try:
         effect = next(program)
         while len(effects) < limit:
@@ -516,6 +518,7 @@ def test_a_finished_gossip_process_answers_a_restarted_neighbour() -> None:
         ]
     )
     effects: list[Any] = []
+    program = exact(program)
     effect = next(program)
     while True:
         effects.append(effect)

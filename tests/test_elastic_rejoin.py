@@ -34,6 +34,7 @@ from peerlearn.runtime.mailbox import Mailbox, Waiting
 from peerlearn.runtime.worker import WorkerState
 from peerlearn.transport.catchup import Missed, StateRequest
 from peerlearn.wire import Data
+from tests.helpers import exact
 
 QUAD: dict[str, Any] = {"name": "quadratic", "dim": 4, "sigma": 0.0}
 CENTER = 0
@@ -72,7 +73,7 @@ class Run:
     done: set[int] = field(default_factory=set)
 
     def start(self, pid: int, program: Any) -> None:
-        self.programs[pid] = program
+        program = self.programs[pid] = exact(program)
         self.done.discard(pid)
         self.effect[pid] = next(program)
         self.settle(pid)
@@ -248,6 +249,7 @@ def test_a_resumed_center_answers_lost_requests_neutrally_then_serves_once() -> 
         given={1: np.ones(2)},
         pending={2: 1},
     )
+    program = exact(program)
     ledger = next(program)  # the ledger first, then the model whose key it covers
     assert isinstance(ledger, Report) and ledger.name == "ledger" and set(ledger.value) == {1}
     first = program.send(None)
@@ -322,7 +324,7 @@ def test_synchronous_easgd_resumes_at_the_exchange_its_peers_wait_in() -> None:
     resume = cfg.spec.resume
     assert resume is not None and cfg.spec.lockstep
     model = np.full(4, 2.0)
-    worker, center = resume(cfg, build_problem(cfg), [1, 0], RejoinState(5, model))
+    worker, center = map(exact, resume(cfg, build_problem(cfg), [1, 0], RejoinState(5, model)))
     report, send, wait = next(worker), worker.send(None), worker.send(None)
     assert (report.name, report.step) == ("model", 5)
     assert isinstance(send, Send) and send.tag == ("x", 5) and send.to == (CENTER,)
@@ -383,7 +385,7 @@ async def test_a_restarted_centers_daemon_gathers_every_ledger_then_rebuilds_it(
     assert rejoin.gathering() == [2] and not hasattr(center, "taken")
     rejoin.on_state(_frame(2, ("ledger", 2, 7, 0), np.full(4, 0.25)))
     assert rejoin.gathering() == [] and rejoin.rejoins == 1
-    _, program = center.taken
+    program = exact(center.taken[1])
     ledger, model = next(program), program.send(None)
     assert set(ledger.value) == {1, 2}
     x1 = build_problem(cfg).x0()  # type: ignore[union-attr]
@@ -558,6 +560,7 @@ def test_a_rebuilt_center_holds_a_late_workers_request_until_its_ledger_comes() 
         given={1: np.ones(2)},
         tau=1,
     )
+    program = exact(program)
     next(program), program.send(None)  # its ledger and model reports
     assert isinstance(program.send(None), Receive)
     # worker 2 asks before its ledger came: held, nothing answered
@@ -590,7 +593,7 @@ def test_a_worker_restarted_with_the_center_is_no_ledger_it_waits_for() -> None:
     resume = cfg.spec.resume
     assert resume is not None and problem is not None
     state = RejoinState(1, problem.x0(), (), {1: Ledger(3, None, np.full(4, 0.5))})
-    center, _ = resume(cfg, problem, [0, 2], state)
+    center = exact(resume(cfg, problem, [0, 2], state)[0])
     next(center), center.send(None)  # ledger, model
     assert isinstance(center.send(None), Receive)
     served = center.send((Letter(("req", 1), 2, problem.x0() + 1.0),))

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from peerlearn.algorithms.vectors import descend
-from peerlearn.effects import Effect, Grad, Letter, Post, Receive, Report, Vector
+from peerlearn.effects import Effect, Grad, Letter, Post, Quantize, Receive, Report, Vector
 
 __all__ = ["RETAIN", "dasgd", "state_key"]
 
@@ -299,7 +299,8 @@ def dasgd(
             continue
         elif samples is None or computed < samples:
             vv = tuple(applied)
-            g = yield Grad(x)
+            # rounded once, here: it applies what its neighbours will (relays forward it as is)
+            g = yield Quantize(("dg",), (yield Grad(x)))
             origin, seq, stale = me, computed, 0
             computed += 1
             yield Report("compute", vv, step=t + 1, key=(me, seq))

@@ -43,6 +43,7 @@ from peerlearn.effects import (
     Grad,
     Letter,
     Post,
+    Quantize,
     Receive,
     Report,
     Send,
@@ -115,10 +116,12 @@ def sync_worker(
         yield Report("model", x, step=t)
         c = t - 1
         if c % tau == 0:
-            yield Send((center,), ("x", t), x)
+            sent = yield Quantize(("x",), x)
+            yield Send((center,), ("x", t), sent)
             (got,) = yield Await(("center", t), Count(1))
             g = yield Grad(x)
-            x = x - eta * g - alpha * (x - got.value)
+            # the elastic term from both values as sent: the center uses the same two
+            x = x - eta * g - alpha * (sent - got.value)
         else:
             g = yield Grad(x)
             x = descend(x, eta, g)
@@ -146,9 +149,10 @@ def sync_center(
     t = first - tau
     for t in count(first, tau) if steps is None else range(first, steps + 1, tau):
         yield Report("model", xc, step=t)
-        yield Send(workers, ("center", t), xc)  # the workers' iteration
+        sent = yield Quantize(("center",), xc)
+        yield Send(workers, ("center", t), sent)  # the workers' iteration
         xs = yield Await(("x", t), Count(len(workers)))
-        xc = xc + alpha * sum((m.value - xc for m in xs), start=0 * xc)
+        xc = xc + alpha * sum((m.value - sent for m in xs), start=0 * xc)
     yield Report("model", xc, step=t + 1 if steps is None else steps + 1)
     return xc
 
@@ -197,7 +201,7 @@ def elastic_worker(
                 if talk:
                     # its key: the request it is about to wait for (lost if the center restarts)
                     yield Report("ledger", given, step=answered, key=(t,))
-                    yield Post((center,), ("req", t), snapshot)
+                    yield Post((center,), ("req", t), (yield Quantize(("req",), snapshot)))
                 if variant is Variant.ASYNC:
                     g = yield Grad(snapshot)  # computed while the center answers
                 if talk:
@@ -214,7 +218,8 @@ def elastic_worker(
                     x = x + v
             case Variant.DOWNPOUR:
                 if talk:
-                    yield Post((center,), ("req", t), v)
+                    # what rounding left of v goes with the next push (error feedback)
+                    yield Post((center,), ("req", t), (yield Quantize(("req",), v)))
                     (xc,) = yield Await(("rep", t), Count(1))
                     x, v = xc.value, 0 * v
                 g = yield Grad(x)
@@ -222,12 +227,12 @@ def elastic_worker(
                 v = descend(v, eta, g)
             case Variant.MDOWNPOUR:
                 g = yield Grad(x)
-                yield Post((center,), ("req", t), g)
+                yield Post((center,), ("req", t), (yield Quantize(("req",), g)))
                 (xc,) = yield Await(("rep", t), Count(1))
                 x = xc.value
     if variant is Variant.DOWNPOUR and steps is not None and start <= steps + 1:
         # flush the last accumulated update (unless resumed after its flush was answered)
-        yield Post((center,), ("req", steps + 1), v)
+        yield Post((center,), ("req", steps + 1), (yield Quantize(("req",), v)))
         (xc,) = yield Await(("rep", steps + 1), Count(1))
         x = xc.value
     yield Report("model", x, step=t + 1)
@@ -321,17 +326,18 @@ def elastic_center(
                 continue
             match variant:
                 case Variant.ASYNC | Variant.EAMSGD:
-                    d = alpha * (value - xc)
+                    # as sent: the worker subtracts the very d the center adds
+                    d = yield Quantize(("rep", sender), alpha * (value - xc))
                     xc = xc + d
                     answer = d
                     sums[sender] = sums[sender] + d if sender in sums else d
                 case Variant.DOWNPOUR:
                     xc = xc + value
-                    answer = xc
+                    answer = yield Quantize(("rep", sender), xc)
                 case Variant.MDOWNPOUR:
                     v = delta * v - eta * value
                     xc = xc + delta * v - eta * value
-                    answer = xc
+                    answer = yield Quantize(("rep", sender), xc)
             yield Send((sender,), ("rep", t), answer)
             last[sender] = t
             served += 1

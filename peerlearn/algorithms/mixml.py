@@ -39,6 +39,7 @@ from peerlearn.effects import (
     Grad,
     Letter,
     Post,
+    Quantize,
     Receive,
     Report,
     Send,
@@ -76,6 +77,7 @@ def averaging(
         g = yield Grad(x)
         x = descend(x, eta, g)  # x − η·g
         if t % period == 0:
+            x = yield Quantize(("avg",), x)  # as sent: its own share of the mean too
             xs = yield Exchange(("avg", t), x, Count(n))
             mean = _mean([m.value for m in xs])
             x = mean if gamma == 1.0 else (1 - gamma) * x + gamma * mean
@@ -102,6 +104,7 @@ def sync_gossip(
         g = yield Grad(x)
         y = descend(x, eta, g)
         if others:
+            y = yield Quantize(("gossip",), y)  # as sent: its own term of the mix too
             yield Send(others, ("gossip", t), y)
             got = yield Await(("gossip", t), Count(len(others)))
             y = weights[me] * y + sum((weights[m.sender] * m.value for m in got), start=0 * y)
@@ -165,8 +168,9 @@ def async_gossip(
                 if addressed < incarnation:  # meant for an older incarnation: no exchange
                     yield Post((letter.sender,), ("paired", letter.tag[1]), letter.value)
                     return
-                yield Post((letter.sender,), ("paired", letter.tag[1]), x)
-                x = x + (letter.value - x) / 2
+                answer = yield Quantize(("paired",), x)
+                yield Post((letter.sender,), ("paired", letter.tag[1]), answer)
+                x = x + (letter.value - answer) / 2
             case "bye":
                 since = int(letter.tag[2]) if len(letter.tag) > 2 else 0
                 if since < heard.get(letter.sender, 0):
@@ -186,7 +190,7 @@ def async_gossip(
         if not neighbours:
             continue
         j = neighbours[int(rng.integers(len(neighbours)))]
-        sent = x
+        sent = yield Quantize(("pair",), x)
         addressed = heard.get(j, 0)
         yield Post((j,), ("pair", t, addressed) if addressed else ("pair", t), sent)
         answer: Vector | None = None

@@ -17,7 +17,7 @@ from peerlearn.algorithms.aggregate import Aggregator, maa_rounds
 from peerlearn.algorithms.maa import cluster_maa
 from peerlearn.algorithms.schedules import Schedule
 from peerlearn.algorithms.vectors import average, descend
-from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Report, Vector
+from peerlearn.effects import AtLeast, Count, Effect, Exchange, Grad, Quantize, Report, Vector
 
 __all__ = ["alg1", "alg2", "maa_instances"]
 
@@ -40,7 +40,7 @@ def alg1(
     for t in _iterations(steps, start):
         yield Report("model", x, step=t)
         g = yield Grad(x)
-        y = descend(x, eta(t), g)  # x − η_t·g
+        y = yield Quantize(("params",), descend(x, eta(t), g))  # x − η_t·g, as sent
         ys = yield Exchange(("params", t), y, Count(quorum))
         x = _mean([m.value for m in ys])
     yield Report("model", x, step=t + 1)
@@ -74,6 +74,7 @@ def alg2(
             x_tau = x
         yield Report("model", x, step=t)
         g = yield Grad(x)
+        g = yield Quantize(("grad",), g)
         gs = yield Exchange(("grad", t), g, AtLeast(quorum))
         y = descend(x, eta(t), _mean([m.value for m in gs]))
         r_t = rounds if rounds is not None else maa_rounds(min(1.0, eta(t) / 4), aggregator)[0]

@@ -10,8 +10,8 @@ module per paper; :mod:`peerlearn.algorithms.registry` collects them.
 
 Three fields say what an algorithm needs of the system around it: ``delivery`` (what happens to
 its messages for a peer that is away), ``resume`` (its resume-from-state entry point: the
-programs of a process that rejoins, or None if it cannot) and ``compressible`` (whether its
-payloads may be sent lossily).
+programs of a process that rejoins, or None if it cannot) and ``compressible`` (the tag kinds
+of its messages whose values it rounds when the run compresses payloads).
 """
 
 from __future__ import annotations
@@ -196,9 +196,11 @@ class AlgorithmSpec:
     #: peer is at, from that peer's model, and its peers send it their frames of the last two
     #: iterations again (the ones its last incarnation took with it)
     lockstep: bool = False
-    #: whether its payloads may be compressed lossily (none may: the papers' bounds assume
-    #: exact values)
-    compressible: bool = False
+    #: the tag kinds of its messages whose values its programs round (``Quantize``) when the run
+    #: compresses payloads, and which the wire then packs: models, gradients, elastic
+    #: differences; never agreement values (MAA's validity and contraction are stated for exact
+    #: values). Empty: it cannot run compressed.
+    compressible: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         unknown = self.settings - set(OPTIONAL_SETTINGS)

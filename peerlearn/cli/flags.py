@@ -219,6 +219,20 @@ FLAGS: tuple[Flag, ...] = (
         value=_constant_lr,
     ),
     Flag(
+        "compression",
+        str | None,
+        ("compression", "scheme"),
+        {
+            cmd: Use(
+                "Round the payloads the algorithm may compress (models, gradients; never "
+                "agreement values) to fp16, bf16 or int8, with error feedback "
+                "(--set compression.block=…, compression.error_feedback=false).",
+                "none",
+            )
+            for cmd in (_SIM, _DAEMON)
+        },
+    ),
+    Flag(
         "quorum",
         int | None,
         ("quorum",),

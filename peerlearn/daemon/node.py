@@ -194,6 +194,7 @@ class Daemon:
         ]
         for w in self.workers:
             w.on_exit = self._on_worker_exit
+            w.compressor = self.run_cfg.compressor()
         self.rejoin.workers = self.workers
         receivers.update((w.pid, w) for w in self.workers)
         self.monitor = Monitor(

@@ -86,6 +86,7 @@ class ThreadRun:
                     on_report,
                 )
             )
+            self.workers[-1].compressor = cfg.compressor()
 
     def start(self) -> ThreadRun:
         for w in self.workers:

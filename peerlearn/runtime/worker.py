@@ -12,6 +12,8 @@ effect             on a worker thread
 ``Collect``        :meth:`RegisterStore.read` register by register (:meth:`Worker.between_reads`
                    runs between two reads: the fault kit's hook)
 ``Report``         progress (``"model"``) and metric samples, through ``on_report``
+``Quantize``       the worker's :class:`~peerlearn.compression.Compressor` (its streams'
+                   residuals live as long as the worker)
 =================  ========================================================================
 
 A worker that raises counts as a crashed process (crash-stop): its thread ends, the daemon goes
@@ -37,6 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from peerlearn.compression import Compressor
 from peerlearn.effects import (
     Await,
     Broadcast,
@@ -49,6 +52,7 @@ from peerlearn.effects import (
     Post,
     Program,
     Quantity,
+    Quantize,
     Receive,
     Report,
     Send,
@@ -129,6 +133,7 @@ class Worker:
         store: RegisterStore,
         router: Router,
         on_report: Callable[[Worker, Report], None] | None = None,
+        compressor: Compressor | None = None,
     ) -> None:
         self.pid = pid
         self.name = name
@@ -164,6 +169,8 @@ class Worker:
         self._store = store
         self._router = router
         self._on_report = on_report
+        #: rounds what the program sends (``Quantize``): the run's payload compression
+        self.compressor = compressor if compressor is not None else Compressor()
         self._stop = threading.Event()
         self.done = threading.Event()
         #: called on the worker thread when it ends, however it ends
@@ -402,6 +409,8 @@ class Worker:
                 self._router.send(self.pid, to, tag, v, self.step, True)
             case Receive(block=block):
                 value = self.mailbox.receive(block)
+            case Quantize(stream=stream, value=v):
+                value = self.compressor(stream, v)
             case Write(key=key, value=v):
                 self._outgoing(v)  # the cluster's other workers read it
                 self._store.write(self.pid, key, v)

@@ -77,6 +77,7 @@ import numpy as np
 import numpy.typing as npt
 
 from peerlearn.algorithms.spec import Ledger
+from peerlearn.compression import Compressor
 from peerlearn.effects import (
     AtLeast,
     Await,
@@ -93,6 +94,7 @@ from peerlearn.effects import (
     Post,
     Program,
     Quantity,
+    Quantize,
     Quorum,
     Receive,
     Report,
@@ -213,6 +215,8 @@ class Proc:
     lost_before: int = 0
     #: the iteration it last resumed at: it never collects a register of an earlier one
     floor: int = 0
+    #: rounds what it sends (``Quantize``), with its streams' residuals; a restart forgets them
+    compressor: Compressor = field(default_factory=Compressor)
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,7 @@ class Simulator:
         on_receive: Callable[[Proc, str, Tag, tuple[Msg, ...]], None] | None = None,
         resume: Resumer | None = None,
         center: int | None = None,
+        compression: Callable[[], Compressor] = Compressor,
     ) -> None:
         self.membership = membership
         n = membership.processes
@@ -338,9 +343,10 @@ class Simulator:
             raise ProgramError(f"{len(programs)} programs for {n} processes")
         scale = compute_scale or [1.0] * n
         self.procs = [
-            Proc(pid, membership.cluster_of[pid], prog, scale[pid])
+            Proc(pid, membership.cluster_of[pid], prog, scale[pid], compressor=compression())
             for pid, prog in enumerate(programs)
         ]
+        self._compression = compression
         self._grad = grad
         self._rng = rng
         self._delay_remote = delay_remote
@@ -587,6 +593,8 @@ class Simulator:
                     value = self._await(proc, tag, quorum)
                     if value is None:
                         return
+                case Quantize(stream=stream, value=v):
+                    value = proc.compressor(stream, v)
                 case Done(value=v):  # finished; it goes on answering its inbox
                     proc.finished = True
                     proc.output = v
@@ -837,6 +845,7 @@ class Simulator:
         was = proc.step
         proc.lost_before = next(self._seq)  # what was on its way to it until now is lost
         proc.program.close()
+        proc.compressor = self._compression()  # what it owed its streams went down with it
         proc.waiting = None
         proc.need = 0
         proc.receiving = False

@@ -58,6 +58,8 @@ class ProcessResult:
     output: Any
     diverged: bool = False  # stopped by a non-finite gradient or model (not ``crashed``)
     restarts: tuple[Restart, ...] = ()  # its restarts, in order
+    #: what compression's error feedback still owes its streams, summed (None: nothing owed)
+    owed: Vector | None = None
 
     @property
     def resumed_at(self) -> tuple[int, ...]:
@@ -264,6 +266,7 @@ def run_simulation(
         on_receive=on_receive if record_receives else None,
         resume=resume,
         center=cfg.center if cfg.spec.center else None,
+        compression=cfg.compressor,
     )
     for spec in cfg.crash_specs:
         for pid in spec.pids:
@@ -297,6 +300,7 @@ def run_simulation(
                 output=p.output,
                 diverged=p.diverged is not None,
                 restarts=tuple(r for r in outcome.restarts if r.pid == p.pid),
+                owed=p.compressor.owed_total(),
             )
             for p in sim.procs
         ]

@@ -223,6 +223,7 @@ RECORDS = (
         resume=_alg1_resume,
         settings=frozenset({"quorum"}),
         fixed_eta=False,
+        compressible=frozenset({"params"}),
         conditions={k: CONDITIONS[k] for k in ("Thm 1", "Lemmas 3, 4 and 6")},
         warnings=_alg1_warnings,
     ),
@@ -239,6 +240,7 @@ RECORDS = (
         settings=frozenset({"quorum"}) | _AGREEMENT,
         fixed_eta=False,
         agreement=True,
+        compressible=frozenset({"grad"}),  # the gradients; the agreement values stay exact
         conditions={k: CONDITIONS[k] for k in ("Lemma 21", "Thm 3", "Thm 4", "Alg 3")},
         warnings=_alg2_warnings,
         # q_t = η/4, as Lemma 21 and the round counts take it; Thm 4's statement prints

@@ -121,6 +121,9 @@ def _topology(cfg: RunConfig) -> list[str]:
     return [*step_size(cfg), f"topology {cfg.graph.name}"]
 
 
+#: the averaging protocols round the models they exchange
+_AVERAGED = frozenset({"avg"})
+
 RECORDS = (
     AlgorithmSpec(
         name="allreduce",
@@ -132,6 +135,7 @@ RECORDS = (
         programs=_averaging(slack=False),
         resume=_averaging_resume(slack=False),
         lockstep=True,
+        compressible=_AVERAGED,
         describe=step_size,
     ),
     AlgorithmSpec(
@@ -144,6 +148,7 @@ RECORDS = (
         programs=_averaging(slack=False),
         resume=_averaging_resume(slack=False),
         lockstep=True,
+        compressible=_AVERAGED,
         settings=frozenset({"mix.period"}),
         period=2,
         describe=_period,
@@ -158,6 +163,7 @@ RECORDS = (
         programs=_averaging(slack=False),
         resume=_averaging_resume(slack=False),
         lockstep=True,
+        compressible=_AVERAGED,
         settings=frozenset({"mix.period"}),
         period=10,
         describe=_period,
@@ -172,6 +178,7 @@ RECORDS = (
         programs=_averaging(slack=True),
         resume=_averaging_resume(slack=True),
         lockstep=True,
+        compressible=_AVERAGED,
         settings=frozenset({"mix.gamma"}),
         describe=lambda cfg: [*step_size(cfg), f"γ={cfg.mix.gamma:g}"],
     ),
@@ -185,6 +192,7 @@ RECORDS = (
         programs=_sync_gossip,
         resume=_sync_gossip_resume,
         lockstep=True,
+        compressible=frozenset({"gossip"}),
         settings=frozenset({"topology"}),
         topology="ring",
         describe=_topology,
@@ -199,6 +207,8 @@ RECORDS = (
         programs=_async_gossip,
         resume=_async_gossip_resume,
         settings=frozenset({"topology"}),
+        # a request and its answer; a neutral answer returns the request's value as it came
+        compressible=frozenset({"pair", "paired"}),
         topology="ring",
         describe=_topology,
     ),

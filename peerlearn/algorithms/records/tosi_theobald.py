@@ -121,6 +121,8 @@ RECORDS = (
         topology="complete",
         sends_models=False,
         staleness=True,
+        # each gradient is rounded once, by its origin; relays forward it as it came
+        compressible=frozenset({"dg"}),
         rejoin_when_stalled=True,
         conditions=CONDITIONS,
         check=_check,

@@ -342,6 +342,9 @@ def _asynchronous(
         center=True,
         center_rebuilt=variant in (Variant.ASYNC, Variant.EAMSGD),
         sends_models=False,
+        # the workers' requests (snapshot, accumulated update, gradient) and the center's
+        # answers (elastic difference, model)
+        compressible=frozenset({"req", "rep"}),
         check=_check,
         describe=_describe(momentum),
         planned_iterations=_async_planned(variant),
@@ -362,6 +365,7 @@ RECORDS = (
         lockstep=True,
         settings=_CENTER | _PERIOD,
         center=True,
+        compressible=frozenset({"x", "center"}),
         conditions=CONDITIONS,
         check=_check,
         warnings=_sync_warnings,
