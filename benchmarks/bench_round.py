@@ -31,6 +31,7 @@ Never in CI (a smoke run at tiny sizes is). Run from the repository root, on an 
     make bench-round                                            # installs torch, hivemind; runs
     .venv/bin/python benchmarks/bench_round.py                 # every cell, about 6 minutes
     .venv/bin/python benchmarks/bench_round.py --cells 2:1e6:float32 --window 5
+    .venv/bin/python benchmarks/bench_round.py --cells 2:1e6:float64 --compression fp16 int8
 
 gloo needs torch, hivemind needs hivemind (``pip install -e '.[bench]'``, which
 ``make bench-round`` does); a missing one leaves its column empty, its targets not checked.
@@ -110,7 +111,8 @@ class Zero(Problem):
         return self._dtype  # type: ignore[return-value]
 
     def x0(self) -> Any:
-        return np.zeros(self._dim, self._dtype)
+        # a model of many magnitudes, not zeros: compressing it costs what a real one does
+        return np.random.default_rng(0).standard_normal(self._dim).astype(self._dtype)
 
     def grad(self, x: Any, rng: np.random.Generator) -> Any:
         return self._zero
@@ -177,7 +179,9 @@ def _gradients(api: str) -> int:
 
 
 @contextlib.contextmanager
-def _daemons(cell: Cell, secret: Path) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[str]]]:
+def _daemons(
+    cell: Cell, secret: Path, compression: str | None = None
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[str]]]:
     ports = _free_ports(2 * cell.k)
     peers, apis = ports[: cell.k], ports[cell.k :]
     addrs = [f"127.0.0.1:{p}" for p in peers]
@@ -189,6 +193,8 @@ def _daemons(cell: Cell, secret: Path) -> Iterator[tuple[list[subprocess.Popen[b
         base += ["--quorum", str(cell.k), "--max-failures", "0"]
     if cell.algorithm == "alg2":
         base += ["--set", f"maa.rounds={ALG2_ROUNDS}"]
+    if compression is not None:
+        base += ["--compression", compression]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -204,9 +210,12 @@ def _daemons(cell: Cell, secret: Path) -> Iterator[tuple[list[subprocess.Popen[b
             proc.wait()
 
 
-def peerlearn_round(cell: Cell, window: float, secret: Path, settle: float = 2.0) -> float:
-    """Seconds per round of ``cell`` run by real daemons (see the module docstring)."""
-    with _daemons(cell, secret) as (procs, urls):
+def peerlearn_round(
+    cell: Cell, window: float, secret: Path, settle: float = 2.0, compression: str | None = None
+) -> float:
+    """Seconds per round of ``cell`` run by real daemons (see the module docstring), with
+    payload ``compression`` if given."""
+    with _daemons(cell, secret, compression) as (procs, urls):
         deadline = time.monotonic() + 180
         for url in urls:
             while True:
@@ -509,16 +518,17 @@ def _ms(t: float | None) -> str:
 
 
 def render(results: list[Result]) -> str:
+    packed = sorted({s for res in results for s in res.times if s.startswith("peerlearn:")})
     head = ["cell", "peerlearn ms", "gloo ms", "raw ms", "hivemind ms", "pl/gloo", "pl/raw"]
-    head += ["hm/pl", "verdicts"]
+    head += ["hm/pl", *(f"{s.split(':')[1]} ms (×pl)" for s in packed), "verdicts"]
     rows = []
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "—" if a is None or b is None else f"{a / b:.2f}"
+
     for res in results:
         t = res.times
         mine = t.get("peerlearn")
-
-        def ratio(a: float | None, b: float | None) -> str:
-            return "—" if a is None or b is None else f"{a / b:.2f}"
-
         rows.append(
             [
                 res.cell.label,
@@ -529,6 +539,7 @@ def render(results: list[Result]) -> str:
                 ratio(mine, t.get("gloo")),
                 ratio(mine, t.get("raw")),
                 ratio(t.get("hivemind"), mine),
+                *(f"{_ms(t.get(s))} ({ratio(t.get(s), mine)})" for s in packed),
                 "; ".join(verdicts(res) + res.notes) or "—",
             ]
         )
@@ -570,14 +581,16 @@ def versions() -> str:
 
 def measure(system: str, cell: Cell, args: argparse.Namespace, secret: Path) -> float | None:
     """Seconds per round of ``cell`` by ``system``; None: its library is not installed."""
-    match system:
-        case "peerlearn":
+    match system.split(":"):
+        case ["peerlearn"]:
             return peerlearn_round(cell, args.window, secret)
-        case "gloo":
+        case ["peerlearn", scheme]:
+            return peerlearn_round(cell, args.window, secret, compression=scheme)
+        case ["gloo"]:
             return gloo_round(cell, args.reps)
-        case "hivemind":
+        case ["hivemind"]:
             return hivemind_round(cell, args.hivemind_steps)
-        case "raw":
+        case ["raw"]:
             return raw_round(cell, args.reps)
     raise ValueError(system)
 
@@ -615,6 +628,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=["gloo", "raw", "hivemind"],
         help="systems left out",
     )
+    parser.add_argument(
+        "--compression",
+        nargs="*",
+        default=[],
+        choices=["fp16", "bf16", "int8"],
+        help="also time peerlearn with these payload compressions (one column each, with its "
+        "ratio to the uncompressed round of the same run)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM (a test's or CI's timeout) unwinds like Ctrl-C: the daemons and the processes
     # started are killed on the way out, not left running
@@ -636,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             if cell.algorithm == "alg1":  # hivemind averages float32 only
                 plan[1:1] = ["gloo", "hivemind"] if cell.dtype == "float32" else ["gloo"]
             plan = [system for system in plan if system not in args.skip]
+            plan[1:1] = [f"peerlearn:{scheme}" for scheme in args.compression]
             for system in plan:
                 say(f"{cell.label}: {system} …")
                 try:

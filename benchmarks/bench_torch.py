@@ -17,6 +17,7 @@ Never in CI. Run from the repository root::
 
     .venv/bin/python benchmarks/bench_torch.py            # all algorithms and DDP, 1 repeat
     .venv/bin/python benchmarks/bench_torch.py --repeats 3 --algorithms alg1,dasgd
+    .venv/bin/python benchmarks/bench_torch.py --algorithms alg1 --compression fp16,int8
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _ports(k: int) -> list[int]:
     return ports
 
 
-async def _peerlearn(algorithm: str, threshold: float, every: float) -> dict[str, float | None]:
+async def _peerlearn(
+    algorithm: str, threshold: float, every: float, compression: str | None = None
+) -> dict[str, float | None]:
     iterations, eta = SETTINGS[algorithm]
     ports = _ports(6)
     addrs = [f"127.0.0.1:{p}" for p in ports[:3]]
@@ -81,6 +84,7 @@ async def _peerlearn(algorithm: str, threshold: float, every: float) -> dict[str
                 *("--algorithm", algorithm, "--problem", CNN, "--workers", "1"),
                 *("--steps", str(iterations), "--lr", str(eta), "--log-level", "warning"),
                 *EXTRA.get(algorithm, ()),
+                *(("--compression", compression) if compression else ()),
             ],
             cwd=ROOT,
             env=env,
@@ -191,7 +195,14 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--every", type=float, default=0.1, help="seconds between model reads")
+    ap.add_argument(
+        "--compression",
+        default="",
+        help="also run each algorithm with these payload compressions (comma-separated: "
+        "fp16,bf16,int8), one row each",
+    )
     a = ap.parse_args()
+    schemes = [s for s in a.compression.split(",") if s]
     rows: dict[str, list[dict[str, float | None]]] = {}
     for _ in range(a.repeats):
         rows.setdefault("DDP (gloo)", []).append(_ddp(a.threshold))
@@ -199,6 +210,10 @@ def main() -> None:
             rows.setdefault(algorithm, []).append(
                 asyncio.run(_peerlearn(algorithm, a.threshold, a.every))
             )
+            for scheme in schemes:
+                rows.setdefault(f"{algorithm} {scheme}", []).append(
+                    asyncio.run(_peerlearn(algorithm, a.threshold, a.every, scheme))
+                )
     print(
         f"\ntime to {a.threshold:.2f} test accuracy, 3 processes, batch 32 (median of "
         f"{a.repeats}; '—': not reached, last accuracy shown)"

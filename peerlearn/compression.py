@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_BLOCK",
     "Compressor",
     "Scheme",
+    "encode",
     "nearest",
     "pack",
     "packed_size",
@@ -56,6 +57,9 @@ __all__ = [
 DEFAULT_BLOCK: Final = 256
 #: the widest codes int8 uses: ±127 (−128 is never produced, so the range is symmetric)
 _CODE_MAX: Final = 127
+#: int8: a block whose largest magnitude is below this rounds to zeros (2^−1000 for float64,
+#: 2^−100 for float32: far below any model's values, and every code·2^e above it is normal)
+_FLUSH: Final = {np.float64: 2.0**-1000, np.float32: 2.0**-100}
 
 Array = npt.NDArray[Any]
 
@@ -84,78 +88,108 @@ def _bf16_bits(value: Array) -> npt.NDArray[np.uint16]:
     """The bfloat16 nearest (ties to even) to each value as float32: its upper 16 bits."""
     bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
+    return (rounded >> np.uint32(16)).astype("<u2")
 
 
 def _from_bf16(bits: npt.NDArray[np.uint16], dtype: np.dtype[Any]) -> Array:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(dtype)
 
 
-def _int8_parts(value: Array, block: int) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int16]]:
-    """Codes and per-block exponents: value ≈ code·2^e. e is the exponent k of the block's
-    largest magnitude m = f·2^k (f ∈ [½, 1)) less 7, so m/2^e ∈ [64, 128) — one more where that
-    rounds to 128 — all in exact power-of-two arithmetic."""
-    n = value.size
-    blocks = -(-n // block)
-    padded = np.zeros(blocks * block, dtype=value.dtype)
-    padded[:n] = value
-    grid = padded.reshape(blocks, block)
+def _blocks(value: Array, block: int) -> list[Array]:
+    """``value`` as rows of ``block``: a view of its whole blocks and, if any, its last short
+    block padded with zeros (a copy of under ``block`` values, not of the whole vector)."""
+    flat = value.reshape(-1)
+    whole = flat.size // block * block
+    rows = [flat[:whole].reshape(-1, block)] if whole else []
+    if whole < flat.size:
+        last = np.zeros((1, block), value.dtype)
+        last[0, : flat.size - whole] = flat[whole:]
+        rows.append(last)
+    return rows
+
+
+def _int8_row_parts(grid: Array) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int16]]:
+    """Codes and exponents of whole rows: row ≈ code·2^e, e the exponent k of the row's largest
+    magnitude m = f·2^k (f ∈ [½, 1)) less 7, so m/2^e ∈ [64, 128) — one more where that rounds
+    to 128. Scales are powers of two, so every product here is exact; a row whose largest
+    magnitude is below ``_FLUSH`` of its dtype (near the subnormals, where 2^−e would
+    overflow) is all zeros."""
     peak = np.abs(grid).max(axis=1)
     exp = np.frexp(peak)[1].astype(np.int64) - 7
-    exp += np.rint(np.ldexp(peak, -exp)) > _CODE_MAX
-    codes = np.rint(np.ldexp(grid, -exp[:, None]))
-    return codes.astype(np.int8).ravel()[:n], exp.astype(np.int16)
+    tiny = peak < _FLUSH[grid.dtype.type]
+    exp[tiny] = 0
+    scale = np.ldexp(1.0, -exp)  # one power of two per row: exact, and normal
+    exp += np.rint(peak * scale) > _CODE_MAX
+    scale = np.ldexp(1.0, -exp)
+    scale[tiny] = 0.0
+    codes = grid * scale[:, None]
+    np.rint(codes, out=codes)
+    return codes.astype(np.int8), exp.astype("<i2")
+
+
+def _int8_encode(value: Array, block: int) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int16]]:
+    parts = [_int8_row_parts(rows) for rows in _blocks(value, block)]
+    codes = np.concatenate([c.reshape(-1) for c, _ in parts])[: value.size]
+    return codes, np.concatenate([e for _, e in parts])
 
 
 def _from_int8(
     codes: npt.NDArray[np.int8], exp: npt.NDArray[np.int16], block: int, dtype: np.dtype[Any]
 ) -> Array:
-    n = codes.size
-    blocks = exp.size
-    padded = np.zeros(blocks * block, dtype=dtype)
-    padded[:n] = codes
-    out = np.ldexp(padded.reshape(blocks, block), exp.astype(np.int64)[:, None]).ravel()
-    return out[:n].astype(dtype, copy=False)
+    """c·2^e, one power of two per block; exponents a legitimate encoder never produces (a
+    hostile peer's) give infinities or NaN, which a receiver drops as non-finite."""
+    out = np.empty(codes.size, dtype)
+    whole = codes.size // block * block
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.ldexp(1.0, exp.astype(np.int64)).astype(dtype)
+        if whole:
+            grid = out[:whole].reshape(-1, block)
+            np.multiply(codes[:whole].reshape(-1, block), scale[: whole // block, None], out=grid)
+        if whole < codes.size:
+            np.multiply(codes[whole:], scale[-1], out=out[whole:])
+    return out
+
+
+def encode(
+    scheme: Scheme, value: Array, block: int = DEFAULT_BLOCK
+) -> tuple[Array, npt.NDArray[np.uint8]] | None:
+    """``value`` rounded to the scheme (a new array of its dtype and shape) and its packed
+    bytes, which :func:`unpack` turns into exactly that rounded value; None where some element
+    does not fit the scheme at all (fp16 beyond ±65504, bf16 beyond float32's range)."""
+    dtype = value.dtype
+    with np.errstate(over="ignore", invalid="ignore"):
+        match scheme:
+            case Scheme.FP16:
+                half = value.astype("<f2")
+                out, raw = half.astype(dtype), half.reshape(-1).view(np.uint8)
+            case Scheme.BF16:
+                bits = _bf16_bits(value)
+                out, raw = _from_bf16(bits, dtype), bits.reshape(-1).view(np.uint8)
+            case Scheme.INT8:
+                codes, exp = _int8_encode(value, block)
+                out = _from_int8(codes, exp, block, dtype).reshape(value.shape)
+                raw = np.concatenate((codes.view(np.uint8), exp.view(np.uint8)))
+            case _:
+                raise ValueError(f"scheme {scheme!r} has no packed form")
+    return (out, raw) if np.isfinite(out).all() else None
 
 
 def nearest(scheme: Scheme, value: Array, block: int = DEFAULT_BLOCK) -> Array | None:
-    """``value`` rounded to the scheme (a new array of its dtype), or None where some element
-    does not fit it at all (fp16 beyond ±65504, bf16 beyond float32's range)."""
-    dtype = value.dtype
-    match scheme:
-        case Scheme.NONE:
-            return value
-        case Scheme.FP16:
-            with np.errstate(over="ignore"):
-                out = value.astype(np.float16).astype(dtype)
-        case Scheme.BF16:
-            with np.errstate(over="ignore"):
-                out = _from_bf16(_bf16_bits(value), dtype)
-        case Scheme.INT8:
-            codes, exp = _int8_parts(value, block)
-            out = _from_int8(codes, exp, block, dtype)
-    return out if np.isfinite(out).all() else None
+    """``value`` rounded to the scheme (``value`` itself for ``none``), or None where it does
+    not fit (see :func:`encode`)."""
+    if scheme is Scheme.NONE:
+        return value
+    got = encode(scheme, value, block)
+    return None if got is None else got[0]
 
 
 def pack(scheme: Scheme, value: Array, block: int = DEFAULT_BLOCK) -> npt.NDArray[np.uint8] | None:
-    """The packed bytes of ``value`` (little-endian), or None unless they unpack to exactly
-    ``value`` — the wire never changes a value."""
-    match scheme:
-        case Scheme.FP16:
-            with np.errstate(over="ignore"):
-                half = value.astype("<f2")
-            raw = half.view(np.uint8)
-        case Scheme.BF16:
-            raw = _bf16_bits(value).astype("<u2").view(np.uint8)
-        case Scheme.INT8:
-            if not np.isfinite(value).all():
-                return None
-            codes, exp = _int8_parts(value, block)
-            raw = np.concatenate((codes.view(np.uint8), exp.astype("<i2").view(np.uint8)))
-        case _:
-            raise ValueError(f"scheme {scheme!r} has no packed form")
-    back = unpack(scheme, raw, value.dtype, value.size, block)
-    return raw if np.array_equal(back, value.ravel()) else None
+    """The packed bytes of ``value``, or None unless they unpack to exactly ``value`` — the
+    wire never changes a value."""
+    got = encode(scheme, value, block) if np.isfinite(value).all() else None
+    if got is None or not np.array_equal(got[0], value):
+        return None
+    return got[1]
 
 
 def unpack(
@@ -169,11 +203,9 @@ def unpack(
         case Scheme.FP16:
             return raw.view("<f2").astype(dtype)
         case Scheme.BF16:
-            return _from_bf16(raw.view("<u2").astype(np.uint16), dtype)
+            return _from_bf16(raw.view("<u2"), dtype)
         case Scheme.INT8:
-            codes = raw[:n].view(np.int8)
-            exp = raw[n:].view("<i2").astype(np.int16)
-            return _from_int8(codes, exp, block, dtype)
+            return _from_int8(raw[:n].view(np.int8), raw[n:].view("<i2"), block, dtype)
     raise ValueError(f"scheme {scheme!r} has no packed form")
 
 
@@ -196,6 +228,9 @@ class Compressor:
         self.block = block
         self.feedback = feedback
         self._residual: dict[Hashable, Array] = {}
+        #: each stream's last rounded value with its packed bytes: what the daemon's router
+        #: sends for it without packing it again (:meth:`packed`)
+        self._last: dict[Hashable, tuple[Array, npt.NDArray[np.uint8]]] = {}
         #: values sent exact because they did not fit the scheme (fp16 overflow)
         self.exact = 0
 
@@ -204,15 +239,26 @@ class Compressor:
             return value
         residual = self._residual.get(stream) if self.feedback else None
         meant = value if residual is None else value + residual
-        rounded = nearest(self.scheme, meant, self.block)
-        if rounded is None:  # does not fit: exact, and nothing owed
+        got = encode(self.scheme, meant, self.block)
+        if got is None:  # does not fit: exact, and nothing owed
             self.exact += 1
             self._residual.pop(stream, None)
+            self._last.pop(stream, None)
             return meant
+        rounded = got[0]
+        self._last[stream] = got
         if self.feedback:
             # meant − rounded is exact (Sterbenz: rounded is 0 or within a factor 2 of meant)
             self._residual[stream] = meant - rounded
         return rounded
+
+    def packed(self, value: Array) -> npt.NDArray[np.uint8] | None:
+        """The packed bytes of ``value`` if it is the last value this compressor rounded on
+        some stream (the very object), else None."""
+        for rounded, raw in self._last.values():
+            if rounded is value:
+                return raw
+        return None
 
     def owed(self) -> dict[Hashable, Array]:
         """Each stream's residual: what it meant to send and has not sent yet."""

@@ -25,9 +25,9 @@ SMOKE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "bench_round.py": (
         [
             *("--cells", "2:1e4:float64", "--extra", "dasgd:2:1e4:float64"),
-            *("--window", "1", "--reps", "3", "--skip", "hivemind"),
+            *("--window", "1", "--reps", "3", "--skip", "hivemind", "--compression", "int8"),
         ],
-        ("alg1 K=2 d=1e4 float64", "dasgd K=2 d=1e4 float64"),
+        ("alg1 K=2 d=1e4 float64", "dasgd K=2 d=1e4 float64", "int8 ms (×pl)"),
     ),
     "bench_sim.py": (
         ["--quick", "--repeat", "1", "--steps", "2", "--alg2-steps", "1", "--bare-events", "2000"],

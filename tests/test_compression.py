@@ -16,6 +16,8 @@ is known in advance, and each stream's residual is exactly what it has not sent 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from peerlearn.runtime.local import ThreadRun
 from peerlearn.runtime.worker import WorkerState
 from peerlearn.sim.core import Status
 from peerlearn.sim.runner import run_simulation
+from peerlearn.testing import local_cluster
 from tests.helpers import cfg, noise_sum
 
 LOSSY = [Scheme.FP16, Scheme.BF16, Scheme.INT8]
@@ -320,3 +323,91 @@ def test_laws_hold_on_threads(algorithm: str) -> None:
         case "allreduce":
             got = np.mean(list(xs.values()), axis=0) + total_owed / 6
             np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
+
+
+# --- across daemons: rounded on the worker, packed on the wire ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "extra"),
+    [
+        ("dasgd", {"topology": "ring"}),
+        ("async_easgd", {"elastic": {"center": "2.1"}}),
+        ("allreduce", {}),
+        ("async_gossip", {}),
+    ],
+)
+async def test_laws_hold_across_daemons_with_packed_frames(
+    algorithm: str, extra: dict[str, Any]
+) -> None:
+    """Three daemons × two workers on loopback: the rounded values cross real sockets packed
+    (a data frame is a fraction of the floats' size) and unpack to the very values the sender
+    used, so the laws hold to the last bit of rounding."""
+    async with local_cluster(
+        3,
+        workers=2,
+        algorithm=algorithm,
+        steps=25,
+        problem=NOISE,
+        lr={"eta": ETA},
+        compression={"scheme": "int8", "block": BLOCK},
+        **extra,
+    ) as cluster:
+        await cluster.wait_until_finished(timeout=60)
+        workers = [w for d in cluster.daemons for w in d.workers]
+        assert {w.state for w in workers} == {WorkerState.FINISHED}
+        config = cluster.daemons[0].run_cfg
+        xs = {w.pid: w.x for w in workers}
+        owed = sum(
+            (o for w in workers if (o := w.compressor.owed_total()) is not None),
+            start=np.zeros(DIM),
+        )
+        g = noise_sum(config, dict.fromkeys(range(6), 25))
+        match algorithm:
+            case "dasgd":
+                for x in xs.values():
+                    np.testing.assert_allclose(x, X0 - ETA * (g - owed), rtol=0, atol=1e-12)  # type: ignore[arg-type]
+            case "async_easgd":
+                workers_only = [p for p in range(6) if p != config.center]
+                want = 6 * X0 - ETA * noise_sum(config, dict.fromkeys(workers_only, 25))
+                np.testing.assert_allclose(np.sum(list(xs.values()), axis=0), want, atol=1e-11)
+            case "allreduce":
+                got = np.mean(list(xs.values()), axis=0) + owed / 6
+                np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
+            case "async_gossip":
+                got = np.mean(list(xs.values()), axis=0)
+                np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
+        stats, kinds = cluster.daemons[0].stats, config.spec.compressible
+        frames = sum(
+            n for (d, kind, _), n in stats.messages.items() if d == "out" and kind in kinds
+        )
+        sent = sum(n for (d, kind, _), n in stats.bytes.items() if d == "out" and kind in kinds)
+        # a float frame is 8·40 bytes of payload plus a header of ~60; packed: 46 plus ~70
+        assert frames > 0 and sent / frames < 200, (frames, sent)
+
+
+def test_the_docs_table_lists_what_each_record_rounds() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "compression.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", text, re.M))
+    assert set(rows) >= set(REGISTRY)
+    for name, spec in REGISTRY.items():
+        listed = (
+            set(re.findall(r"`(\w+)`", rows[name].split("(")[-1])) if spec.compressible else set()
+        )
+        assert listed == set(spec.compressible), name
+
+
+def test_the_fingerprint_covers_compression_only_when_it_is_on() -> None:
+    """Off, it is not in the fingerprint (turning the feature into the code changed no run's
+    fingerprint); on, daemons that differ in it are told which setting differs."""
+    from peerlearn.daemon.config import NodeConfig
+
+    def node(**run: Any) -> NodeConfig:
+        peers = ["127.0.0.1:7001", "127.0.0.1:7002"]
+        return NodeConfig(listen=peers[0], peers=peers, **run)
+
+    plain, off = node(), node(compression={"scheme": "none"})
+    on = node(compression={"scheme": "int8"})
+    assert plain.fingerprint == off.fingerprint != on.fingerprint
+    assert "compression" in on.fingerprint_settings
+    assert "compression" not in plain.fingerprint_settings

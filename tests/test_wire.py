@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 import peerlearn.wire as wire
+from peerlearn.compression import Scheme, nearest
 from peerlearn.errors import PeerlearnError
 from peerlearn.wire import (
     CLOSED,
@@ -51,6 +52,7 @@ from peerlearn.wire import (
     check_join,
     negotiate,
 )
+from peerlearn.wire.messages import Packed
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 UINT63 = st.integers(0, 2**63 - 1)
@@ -176,7 +178,27 @@ def body_values(depth: int) -> st.SearchStrategy[Any]:
     )
 
 
+@st.composite
+def packed_data(draw: st.DrawFn) -> Data:
+    """A Data whose 1-D array was rounded to a scheme and goes packed."""
+    scheme = draw(st.sampled_from([Scheme.FP16, Scheme.BF16, Scheme.INT8]))
+    block = draw(st.sampled_from([8, 13, 256]))
+    value = draw(
+        arrays(
+            dtype=st.sampled_from(FLOAT_DTYPES),
+            shape=st.integers(1, 40).map(lambda n: (n,)),
+            elements=st.floats(-1e4, 1e4, width=32),
+        )
+    )
+    rounded = nearest(scheme, value, block)
+    assert rounded is not None
+    packed = Packed.of(scheme, rounded, block)
+    assert packed is not None
+    return Data(draw(UINT63), draw(tags), draw(UINT63), draw(UINT63), rounded, packed=packed)
+
+
 messages: st.SearchStrategy[Message] = st.one_of(
+    packed_data(),
     st.builds(
         Hello,
         min_version=st.integers(0, 3),
@@ -271,7 +293,7 @@ def test_long_streams_through_the_smallest_read_buffer(seed: int) -> None:
 
 def test_exact_events_from_known_bytes() -> None:
     stream = encode(Ping(7), Ack(3), Data(1, ("params", 2), 4, 2, np.array([1.5, -2.0])))
-    ping = b"PL\x06\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
+    ping = b"PL\x07\x00" + (11).to_bytes(4, "big") + bytes(8) + b"\x82\xa1t\xa4ping\xa1o\x07"
     assert stream.startswith(ping)  # the layout, spelled out once
     codec = Codec()
     codec.receive_data(stream)
@@ -455,6 +477,18 @@ PAY = bytes(16)
             frame({"t": "join", "w": (1, 1), "d": 3, "y": "", "f": "", "m": b"", "s": ()}),
             Reason.BAD_FIELD,  # duplicate worker ids
         ),
+        # packed arrays: [scheme, block], one dimension, exactly the packed size
+        (frame(data_header(z=("int4", 8)), bytes(10)), Reason.BAD_FIELD),
+        (frame(data_header(z=("none", 0)), PAY), Reason.BAD_FIELD),
+        (frame(data_header(z=("int8", 4)), bytes(4)), Reason.BAD_FIELD),
+        (frame(data_header(z=("int8", 8.0)), bytes(4)), Reason.BAD_FIELD),
+        (frame(data_header(z=("fp16", 8)), bytes(4)), Reason.BAD_FIELD),
+        (frame(data_header(z=("fp16",)), bytes(4)), Reason.BAD_FIELD),
+        (frame(data_header(z="fp16"), bytes(4)), Reason.BAD_FIELD),
+        (frame(data_header(z=("fp16", 0), h=(1, 2)), bytes(4)), Reason.BAD_SHAPE),
+        (frame(data_header(z=("fp16", 0), h=(0,))), Reason.BAD_SHAPE),
+        (frame(data_header(z=("fp16", 0)), bytes(16)), Reason.SIZE_MISMATCH),  # the floats'
+        (frame(data_header(z=("int8", 8)), bytes(3)), Reason.SIZE_MISMATCH),  # 2 + 2 expected
     ],
 )
 def test_malformed_input_reason(stream: bytes, reason: Reason) -> None:
@@ -673,9 +707,9 @@ def test_check_join_mismatches(change: dict[str, Any], reason: Reason, text: str
 
 
 def test_a_hello_of_other_versions_decodes_so_it_can_be_refused() -> None:
-    (hello,) = feed(encode(Hello(7, 9, 1, 1, 1, "future")))
+    (hello,) = feed(encode(Hello(8, 9, 1, 1, 1, "future")))
     assert isinstance(hello, Hello)
-    with pytest.raises(HandshakeError, match=r"peer speaks protocol versions 7\.\.9"):
+    with pytest.raises(HandshakeError, match=r"peer speaks protocol versions 8\.\.9"):
         negotiate(hello)
 
 
@@ -693,3 +727,48 @@ def test_wire_does_no_io() -> None:
             else:
                 continue
             assert not {n.split(".")[0] for n in names} & banned, (path.name, names)
+
+
+# --- packed arrays ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", [Scheme.FP16, Scheme.BF16, Scheme.INT8])
+def test_a_packed_array_goes_as_its_packed_bytes_in_parts_and_comes_back_exact(
+    scheme: Scheme,
+) -> None:
+    rounded = nearest(scheme, np.random.default_rng(1).standard_normal(10_001), 256)
+    assert rounded is not None
+    packed = Packed.of(scheme, rounded, 256)
+    assert packed is not None
+    msg = Data(3, ("params", 2), 1, 2, rounded, packed=packed)
+    frames = Codec().send_parts(msg, part_bytes=4096)
+    sent = sum(len(chunk) for f in frames for chunk in f)
+    assert sent < rounded.nbytes / 3  # two bytes a value (int8: one), not eight
+    alloc = RecordingAllocator()
+    got = feed(b"".join(bytes(c) for f in frames for c in f), [777] * 200, Codec(allocator=alloc))
+    assert_exact(got, [msg])
+    assert alloc.calls[-1] is got[0].value  # unpacked into the allocator's array
+    assert not got[0].value.flags.writeable
+
+
+def test_a_value_that_does_not_pack_exactly_is_not_packed() -> None:
+    assert Packed.of(Scheme.FP16, np.array([0.1, 0.2]), 0) is None  # nobody rounded it
+    assert Packed.of(Scheme.INT8, np.zeros((2, 2)), 8) is None  # one dimension only
+
+
+def test_a_packed_array_is_capped_by_the_array_it_unpacks_to() -> None:
+    """int8 unpacks to 8 bytes a value from about one: the cap is on the unpacked array, checked
+    before anything is allocated."""
+    header = data_header(z=("int8", 256), h=(10_000,))
+    alloc = RecordingAllocator()
+    codec = Codec(max_payload=40_000, allocator=alloc)
+    err = remote_error(frame(header, bytes(10_000 + 2 * 40)), codec)
+    assert err.reason is Reason.PAYLOAD_TOO_LARGE and alloc.calls == []
+
+
+def test_non_finite_packed_values_unpack_and_are_left_to_the_receiver() -> None:
+    """An exponent past float64's range unpacks to an infinity: the codec reports what came
+    (the transport drops non-finite frames, counted); it does not fail the stream."""
+    raw = np.array([1, 0], np.int8).view(np.uint8).tobytes() + np.array([2000], "<i2").tobytes()
+    (got,) = feed(frame(data_header(z=("int8", 8)), raw))
+    assert isinstance(got, Data) and np.isinf(got.value[0]) and not np.isfinite(got.value[1])

@@ -41,6 +41,7 @@ from pydantic_settings import (
 )
 
 from peerlearn.algorithms.registry import lookup
+from peerlearn.compression import Scheme
 from peerlearn.config import RunConfig, RunSettings, explain, load_toml
 from peerlearn.errors import ConfigError
 from peerlearn.membership import Membership
@@ -392,7 +393,7 @@ class NodeConfig(BaseSettings, RunSettings):
             # dtype: the Join carries the one the run resolved it to (unset and the
             # problem's own are the same run), checked before the fingerprint
             mode="json",
-            exclude={"sim", "trace", "topology", "max_failures", "dtype"},
+            exclude={"sim", "trace", "topology", "max_failures", "dtype", "compression"},
         )
         # Cluster ids and worker counts, not addresses: a replaced host keeps its cluster id
         # (and the others' peer lists may name its old address until they are updated).
@@ -402,6 +403,10 @@ class NodeConfig(BaseSettings, RunSettings):
         # different paths, and two files at one path may differ.
         if self.run.spec.topology is not None:
             extra["graph"] = self.run.graph.edges()
+        # Every daemon rounds as the others expect; left out when off, so that turning the
+        # feature into the code changed no run's fingerprint (checkpoints stay resumable).
+        if run.compression.scheme is not Scheme.NONE:
+            extra["compression"] = run.compression.model_dump(mode="json")
         return {"run": fields, "daemons": daemons, **extra}
 
     @cached_property

@@ -45,7 +45,7 @@ from peerlearn.daemon.monitor import Monitor, SendWait, Staleness, WaitsOn
 from peerlearn.daemon.output import Row, RunOutput, summary_of
 from peerlearn.daemon.rejoin import REQUEST_TIMEOUT, Rejoin
 from peerlearn.daemon.restore import Restore, resumable, start_from_checkpoint
-from peerlearn.daemon.routing import DaemonRouter, Heard, tag_window
+from peerlearn.daemon.routing import DaemonRouter, Heard, packing, tag_window
 from peerlearn.effects import Report, Tag, Vector, quiet_float_errors
 from peerlearn.errors import StartupError
 from peerlearn.problems import Problem, in_dtype
@@ -156,6 +156,8 @@ class Daemon:
                 self.tag_window,
                 cfg.tag_window_bytes,
             )
+        #: each worker's rounding (payload compression): the router packs what it rounded
+        self.compressors = {pid: self.run_cfg.compressor() for pid in self.pids}
         self.router = DaemonRouter(
             self.delivery,
             self.membership,
@@ -175,6 +177,7 @@ class Daemon:
                 and not self.rejoin.cannot_resume
                 and self.workers_started
             ),
+            packing=packing(self.run_cfg, self.compressors),
         )
         programs = make_programs(self.run_cfg, self.problem, self.pids)
         problem, n = self.problem, self.run_cfg.processes
@@ -194,7 +197,7 @@ class Daemon:
         ]
         for w in self.workers:
             w.on_exit = self._on_worker_exit
-            w.compressor = self.run_cfg.compressor()
+            w.compressor = self.compressors[w.pid]
         self.rejoin.workers = self.workers
         receivers.update((w.pid, w) for w in self.workers)
         self.monitor = Monitor(

@@ -16,15 +16,49 @@ collaborators it is given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
+from peerlearn.compression import Compressor, Scheme
 from peerlearn.effects import Msg, Tag, Vector
 from peerlearn.membership import Membership
 from peerlearn.runtime.delivery import Delivery, share
 from peerlearn.transport.peers import Beyond, Transport
 from peerlearn.wire import Data
+from peerlearn.wire.messages import Packed
 
-__all__ = ["DaemonRouter", "Heard"]
+if TYPE_CHECKING:
+    from peerlearn.config import RunConfig
+
+__all__ = ["DaemonRouter", "Heard", "Packer", "packing"]
+
+#: what a frame for a remote daemon carries instead of a value's floats: (tag, value, sender) →
+#: its packed bytes, or None (plain floats)
+Packer = Callable[[Tag, Vector, int], Packed | None]
+
+
+def packing(cfg: RunConfig, compressors: Mapping[int, Compressor]) -> Packer | None:
+    """The run's packer: the values of the tag kinds its algorithm rounds (the record's
+    ``compressible``) go packed — the bytes the sender's compressor made when it rounded the
+    value, or packed here if it was not the one that rounded it (a relay), and only if that
+    is exact; anything else goes as plain floats. None: the run compresses nothing."""
+    scheme, block = cfg.compression.scheme, cfg.compression.block
+    kinds = cfg.spec.compressible
+    if scheme is Scheme.NONE:
+        return None
+    stored = block if scheme is Scheme.INT8 else 0
+
+    def pack(tag: Tag, value: Vector, sender: int) -> Packed | None:
+        if tag[0] not in kinds:
+            return None
+        compressor = compressors.get(sender)
+        raw = compressor.packed(value) if compressor is not None else None
+        if raw is None or value.ndim != 1:
+            return Packed.of(scheme, value, block)
+        return Packed(scheme, stored, raw)
+
+    return pack
+
 
 #: the tag window never shrinks below this many iterations for large frames
 MIN_WINDOW = 8
@@ -79,6 +113,7 @@ class DaemonRouter:
         state: Callable[[Data], None] | None = None,
         window: int = 1024,
         drop_ahead: Callable[[], bool] = lambda: False,
+        packing: Packer | None = None,
     ) -> None:
         self._delivery = delivery
         self._mailboxes = delivery.mailboxes
@@ -89,6 +124,7 @@ class DaemonRouter:
         self._transport: Transport | None = None
         self._window = window
         self._drop_ahead = drop_ahead
+        self._pack = packing
 
     def attach(self, transport: Transport) -> None:
         """From now on, messages for remote processes go out through ``transport``."""
@@ -98,7 +134,9 @@ class DaemonRouter:
         share(value)
         self._delivery.fan_out(tag, Msg(sender, value), step)
         if self._transport is not None:
-            self._transport.broadcast(tag, sender, step, value)
+            # packed once, on the worker's thread, for every link
+            packed = self._pack(tag, value, sender) if self._pack is not None else None
+            self._transport.broadcast(tag, sender, step, value, packed)
 
     def send(
         self, sender: int, to: tuple[int, ...], tag: Tag, value: Vector, step: int, post: bool
@@ -112,8 +150,9 @@ class DaemonRouter:
         for p in to:
             if p not in mailboxes:
                 remote.setdefault(self._cluster_of[p], []).append(p)
+        packed = self._pack(tag, value, sender) if remote and self._pack is not None else None
         for cluster, pids in remote.items():
-            self._transport.send(cluster, tag, sender, step, value, tuple(pids), post)
+            self._transport.send(cluster, tag, sender, step, value, tuple(pids), post, packed)
 
     def beyond(self, data: Data) -> Beyond:
         """What to do with a peer's frame now (on the event loop): within the tag window, or

@@ -70,6 +70,7 @@ from peerlearn.wire import (
     Welcome,
 )
 from peerlearn.wire.codec import DEFAULT_PART_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from peerlearn.wire.messages import Packed
 
 __all__ = ["LinkSettings", "LinkState", "OutLink", "Throttle"]
 
@@ -285,9 +286,11 @@ class OutLink:
         value: Vector,
         to: tuple[int, ...] = (),
         post: bool = False,
+        packed: Packed | None = None,
     ) -> bool:
-        """Queue one frame for the peer; blocks while the link is full — bounded, unless the
-        algorithm's frames are kept (``settings.keep``).
+        """Queue one frame for the peer (``packed``: ``value``'s packed bytes, which the frame
+        carries instead); blocks while the link is full — bounded, unless the algorithm's
+        frames are kept (``settings.keep``).
 
         Called from worker threads. False if the frame was dropped (counted)."""
         if self._closing:
@@ -295,7 +298,7 @@ class OutLink:
             return False
         if not self._room.acquire(blocking=False) and not self._wait_for_room(tag, step):
             return False
-        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, to, post)
+        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, to, post, packed)
         return True
 
     def note_wait(self) -> None:
@@ -303,7 +306,14 @@ class OutLink:
         self._stats.queue_waits += 1
 
     def offer_within(
-        self, tag: Tag, sender: int, step: int, value: Vector, until: float, since: float
+        self,
+        tag: Tag,
+        sender: int,
+        step: int,
+        value: Vector,
+        until: float,
+        since: float,
+        packed: Packed | None = None,
     ) -> bool | None:
         """Queue one frame, waiting for room in the window until ``until`` at most (worker
         threads; time.monotonic()): True if queued, False if dropped (counted, as
@@ -326,7 +336,7 @@ class OutLink:
             if not got:
                 self._lose(step)
                 return False
-        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, (), False)
+        self._loop.call_soon_threadsafe(self._enqueue, tag, sender, step, value, (), False, packed)
         return True
 
     def offer_nowait(
@@ -448,11 +458,18 @@ class OutLink:
             self._room.release()
 
     def _enqueue(
-        self, tag: Tag, sender: int, step: int, value: Vector, to: tuple[int, ...], post: bool
+        self,
+        tag: Tag,
+        sender: int,
+        step: int,
+        value: Vector,
+        to: tuple[int, ...],
+        post: bool,
+        packed: Packed | None = None,
     ) -> None:
         # Check before numbering: a skipped sequence number would read as a gap at the peer.
         try:
-            frame = Data(self._seq + 1, tag, sender, step, value, to, post)
+            frame = Data(self._seq + 1, tag, sender, step, value, to, post, packed)
             if value.nbytes > self._settings.max_payload:
                 raise LocalProtocolError(
                     Reason.PAYLOAD_TOO_LARGE,

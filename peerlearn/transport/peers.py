@@ -76,6 +76,7 @@ from peerlearn.wire import (
     check_join,
     negotiate,
 )
+from peerlearn.wire.messages import Packed
 
 __all__ = ["Beyond", "FaultAction", "FrameFault", "PeerAddress", "Transport"]
 
@@ -289,7 +290,9 @@ class Transport:
 
     # --- sending (worker threads) -------------------------------------------------------------
 
-    def broadcast(self, tag: Tag, sender: int, step: int, value: Vector) -> None:
+    def broadcast(
+        self, tag: Tag, sender: int, step: int, value: Vector, packed: Packed | None = None
+    ) -> None:
         """One frame per remote daemon (the receiving daemon fans out to its workers). Every
         link takes it as soon as its window has room: a producer held by one hung or away peer
         has already sent the frame to all the others (it waits on the full windows together,
@@ -298,7 +301,7 @@ class Transport:
         full = [
             link
             for link in self.links
-            if link.offer_within(tag, sender, step, value, since, since) is None
+            if link.offer_within(tag, sender, step, value, since, since, packed) is None
         ]
         for link in full:
             link.note_wait()
@@ -307,11 +310,13 @@ class Transport:
             full = [
                 link
                 for i, link in enumerate(full)
-                if link.offer_within(tag, sender, step, value, until if i == 0 else 0.0, since)
+                if link.offer_within(
+                    tag, sender, step, value, until if i == 0 else 0.0, since, packed
+                )
                 is None
             ]
         if full:  # one left: it waits as long as its policy says, in one go
-            full[0].offer_within(tag, sender, step, value, math.inf, since)
+            full[0].offer_within(tag, sender, step, value, math.inf, since, packed)
 
     def send(
         self,
@@ -322,14 +327,15 @@ class Transport:
         value: Vector,
         to: tuple[int, ...],
         post: bool,
+        packed: Packed | None = None,
     ) -> None:
         """One frame to daemon ``cluster`` for its processes ``to`` (into their inbox queues
-        if ``post``)."""
+        if ``post``); ``packed``: ``value``'s packed bytes, which the frame carries instead."""
         link = self._by_cluster.get(cluster)
         if link is None:  # membership lists the cluster, the config no address: counted
             self.stats.drop("no_link")
             return
-        link.offer(tag, sender, step, value, to, post)
+        link.offer(tag, sender, step, value, to, post, packed)
 
     def release_producers(self) -> None:
         """Shutdown: no worker may stay blocked on a full link (see OutLink.release_producers)."""

@@ -62,6 +62,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 
+from peerlearn.compression import unpack
 from peerlearn.wire.errors import (
     HandshakeError,
     LocalProtocolError,
@@ -95,10 +96,11 @@ __all__ = [
 #: incarnation, nonce, room for a MAC), then Join (the run), answered by an Ack; 4: the Join
 #: carries the dialer's proof of the cluster secret (peerlearn/transport/auth.py); 5: the Join
 #: carries keyed digests of the run settings and a Refuse a detail (members are told what
-#: differs); 6: a large Data goes in parts (flags MORE and PART)
-PROTOCOL_VERSION: Final = 6
+#: differs); 6: a large Data goes in parts (flags MORE and PART); 7: a Data's array may go
+#: packed (header key "z": payload compression)
+PROTOCOL_VERSION: Final = 7
 #: the oldest version this side still speaks (a Hello announces the range)
-MIN_PROTOCOL_VERSION: Final = 6
+MIN_PROTOCOL_VERSION: Final = 7
 #: prefix flags: more parts of this Data follow; this frame is a part after the first
 MORE: Final = 0x01
 PART: Final = 0x02
@@ -260,12 +262,14 @@ class Codec:
         """
         value: Array | None = None
         if isinstance(msg, Data):
-            value = _wire_array(msg.value)
-            if value.nbytes > self.max_payload:
+            if (
+                msg.value.nbytes > self.max_payload
+            ):  # (the receiver checks the array, packed or not)
                 raise LocalProtocolError(
                     Reason.PAYLOAD_TOO_LARGE,
-                    f"data array of {value.nbytes} bytes, max_payload is {self.max_payload}",
+                    f"data array of {msg.value.nbytes} bytes, max_payload is {self.max_payload}",
                 )
+            value = _wire_array(msg.value) if msg.packed is None else msg.packed.raw
         elif not isinstance(msg, _MESSAGE_CLASSES):
             raise LocalProtocolError(Reason.UNKNOWN_TYPE, f"not a message: {type(msg).__name__}")
         header = encode_header(msg, value)
@@ -532,11 +536,19 @@ class Codec:
         """Allocate a validated Data's array; move in the payload bytes already buffered."""
         if self._head is not None:
             raise LocalProtocolError(Reason.BAD_PART, "a Data between the parts of another")
-        if head.nbytes > self.max_payload:  # (a first part: its prefix announced that part)
+        # (a first part: its prefix announced that part; packed: the array it unpacks to)
+        if head.array_bytes > self.max_payload:
             raise LocalProtocolError(
                 Reason.PAYLOAD_TOO_LARGE,
-                f"data in parts of {head.nbytes} bytes > max_payload {self.max_payload}",
+                f"{'a packed array of' if head.packing else 'data in parts of'} "
+                f"{head.array_bytes} bytes > max_payload {self.max_payload}",
             )
+        if head.packing is not None:  # the packed bytes first; the array once they are in
+            self._head, self._array = head, np.empty(head.nbytes, np.uint8)
+            self._filled, self._data_size = 0, self._frame_size
+            self._sink = self._array.data.cast("B")
+            self._read_part(self._payload_len)
+            return
         array = self._allocator(head.dtype, head.shape)
         # The allocator is ours (a pool): a wrong array is a bug here, not bad input.
         if not (
@@ -586,6 +598,10 @@ class Codec:
         assert head is not None and array is not None, "no Data payload in progress"
         self._head = self._array = self._sink = None
         self._filled = 0
+        if head.packing is not None:  # the bytes are in: unpack them into the array
+            scheme, block = head.packing
+            raw, array = array, self._allocator(head.dtype, head.shape)
+            array[...] = unpack(scheme, raw, head.dtype, array.size, block)
         array.flags.writeable = False
         self._events.append(
             (

@@ -4,6 +4,10 @@ A header is one msgpack map with one-letter ``str`` keys: ``"t"`` is the message
 message's ``kind``), the other keys are per type and listed in :data:`HEADER_KEYS` — the schema
 is this table, not branches. A ``data`` header also carries the array's dtype code (``"y"``:
 ``"f4"`` or ``"f8"``, little-endian) and shape (``"h"``); its payload follows the header raw.
+A *packed* data header adds ``"z"``: ``[scheme, block]`` (``"fp16"``/``"bf16"`` with block 0,
+``"int8"`` with 8 ≤ block ≤ 65536, see :mod:`peerlearn.compression`); its payload is then the
+packed bytes of a one-dimensional array of that dtype and shape, exactly
+``packed_size(scheme, n, block)`` of them.
 
 Decoding is strict: exactly the keys of the type (a new field is a new protocol version),
 every field validated by the message's own constructor, the array's dtype, shape and size
@@ -21,6 +25,7 @@ from typing import Any, Final, NamedTuple
 import msgpack
 import numpy as np
 
+from peerlearn.compression import Scheme, packed_size
 from peerlearn.wire.errors import LocalProtocolError, Reason
 from peerlearn.wire.messages import (
     DTYPE_CODES,
@@ -84,6 +89,10 @@ _KEY_SETS: Final = {
     kind: frozenset({"t", *(k for k, _ in keys), *_PAYLOAD_KEYS.get(kind, ())})
     for kind, keys in HEADER_KEYS.items()
 }
+#: a packed Data's header: a data header and "z"
+_PACKED_KEYS: Final = _KEY_SETS["data"] | {"z"}
+_PACKINGS: Final = {s.value: s for s in Scheme if s is not Scheme.NONE}
+_BLOCKS: Final = range(8, 65536 + 1)
 _WIRE_DTYPES: Final = {code: np.dtype(t).newbyteorder("<") for t, code in DTYPE_CODES.items()}
 
 
@@ -99,6 +108,13 @@ class DataHead(NamedTuple):
     dtype: np.dtype[Any]  # little-endian float32 / float64
     shape: tuple[int, ...]
     nbytes: int  # == the frame's payload length
+    #: (scheme, block) of a packed payload; None: the array's raw bytes
+    packing: tuple[Scheme, int] | None = None
+
+    @property
+    def array_bytes(self) -> int:
+        """The bytes of the array itself (unpacked)."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def encode_header(msg: Message, value: Array | None = None) -> bytes:
@@ -120,9 +136,12 @@ def encode_header(msg: Message, value: Array | None = None) -> bytes:
             "p": msg.step,
             "r": msg.to,
             "b": msg.post,
-            "y": DTYPE_CODES[value.dtype.type],
-            "h": value.shape,
+            # (packed: the array the payload's bytes unpack to, which is msg.value)
+            "y": DTYPE_CODES[(value if msg.packed is None else msg.value).dtype.type],
+            "h": msg.value.shape,
         }
+        if msg.packed is not None:
+            fields["z"] = (msg.packed.scheme.value, msg.packed.block)
     else:
         fields = {"t": msg.kind}
         for key, name in HEADER_KEYS[msg.kind]:
@@ -179,7 +198,7 @@ def decode_header(
     expected = _KEY_SETS.get(kind)
     if expected is None:
         raise LocalProtocolError(Reason.UNKNOWN_TYPE, f"unknown message type {excerpt(kind)}")
-    if obj.keys() != expected:
+    if obj.keys() != expected and not (kind == "data" and obj.keys() == _PACKED_KEYS):
         missing = sorted(expected - obj.keys())
         extra = sorted(repr(k) for k in obj.keys() - expected)
         raise LocalProtocolError(
@@ -219,6 +238,7 @@ def _data_head(obj: dict[str, Any], payload_len: int, part: bool) -> DataHead:
             )
     # Python ints: a product that would wrap around in int64 cannot fake a small size.
     nbytes = math.prod(shape) * dtype.itemsize
+    packing = _packing(obj["z"], shape) if "z" in obj else None
     # numpy refuses a shape whose non-zero dimensions multiply past intp, even for an empty
     # array ((0, 2**62) cannot be allocated): refuse it here rather than let the allocator raise.
     extent = nbytes if nbytes else math.prod(n for n in shape if n) * dtype.itemsize
@@ -226,6 +246,9 @@ def _data_head(obj: dict[str, Any], payload_len: int, part: bool) -> DataHead:
         raise LocalProtocolError(
             Reason.BAD_SHAPE, f"data shape {excerpt(shape)}: too large for an array"
         )
+    array_bytes = nbytes
+    if packing is not None:
+        nbytes = packed_size(packing[0], shape[0], packing[1])
     if part:
         if not 0 < payload_len < nbytes:
             raise LocalProtocolError(
@@ -237,4 +260,32 @@ def _data_head(obj: dict[str, Any], payload_len: int, part: bool) -> DataHead:
             Reason.SIZE_MISMATCH,
             f"data {code} {excerpt(shape)} is {nbytes} bytes, the frame carries {payload_len}",
         )
-    return DataHead(seq, tag, sender, step, to, post, dtype, shape, nbytes)
+    if packing is not None and array_bytes == 0:
+        raise LocalProtocolError(Reason.BAD_SHAPE, "a packed data array must not be empty")
+    return DataHead(seq, tag, sender, step, to, post, dtype, shape, nbytes, packing)
+
+
+def _packing(value: object, shape: tuple[int, ...]) -> tuple[Scheme, int]:
+    """A packed Data's ``"z"``: a known scheme and its block, for a one-dimensional array."""
+    if not (type(value) is tuple and len(value) == 2):
+        raise LocalProtocolError(
+            Reason.BAD_FIELD, f"data packing {excerpt(value)}: expected [scheme, block]"
+        )
+    name, block = value
+    scheme = _PACKINGS.get(name) if isinstance(name, str) else None
+    if scheme is None:
+        raise LocalProtocolError(
+            Reason.BAD_FIELD,
+            f"data packing scheme {excerpt(name)} unknown (one of {sorted(_PACKINGS)})",
+        )
+    fits = block in _BLOCKS if scheme is Scheme.INT8 else block == 0
+    if type(block) is not int or not fits:
+        want = "8 ≤ block ≤ 65536" if scheme is Scheme.INT8 else "block 0"
+        raise LocalProtocolError(
+            Reason.BAD_FIELD, f"data packing {scheme} with block {excerpt(block)}: {want}"
+        )
+    if len(shape) != 1:
+        raise LocalProtocolError(
+            Reason.BAD_SHAPE, f"a packed data array has one dimension, not {excerpt(shape)}"
+        )
+    return scheme, block

@@ -54,6 +54,7 @@ from typing import Any, Final, Literal, NoReturn, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from peerlearn.compression import Scheme, pack
 from peerlearn.wire.errors import LocalProtocolError, Reason
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "Hello",
     "Join",
     "Message",
+    "Packed",
     "Ping",
     "Pong",
     "Refuse",
@@ -341,6 +343,23 @@ class Refuse:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class Packed:
+    """A Data's array in a compression scheme's packed form (:func:`peerlearn.compression.pack`):
+    the bytes that go on the wire instead of the floats, which they unpack to exactly."""
+
+    scheme: Scheme
+    block: int  # int8: values per scale; 0 for fp16 and bf16
+    raw: npt.NDArray[np.uint8]
+
+    @classmethod
+    def of(cls, scheme: Scheme, value: Array, block: int) -> Packed | None:
+        """``value`` packed, or None if it does not pack exactly (nobody rounded it: it goes
+        as plain floats) or is not one-dimensional."""
+        raw = pack(scheme, value, block) if value.ndim == 1 else None
+        return None if raw is None else cls(scheme, block if scheme is Scheme.INT8 else 0, raw)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Data:
     """One algorithm message (one copy of a broadcast), with its array payload.
 
@@ -357,6 +376,9 @@ class Data:
     value: Array
     to: tuple[int, ...] = ()  # receiving processes; () is every process of the peer
     post: bool = False  # into the receivers' inbox queue (Post/Receive), not a tag's box
+    #: ``value`` packed (sending only): the frame carries these bytes; the receiver's Data has
+    #: the floats they unpack to, which are ``value`` exactly
+    packed: Packed | None = field(default=None, repr=False)
     kind: Literal["data"] = field(default="data", init=False, repr=False)
 
     def __post_init__(self) -> None:
