@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from peerlearn.compression import Scheme, nearest
 from peerlearn.wire import (
     Ack,
     Bye,
@@ -27,6 +28,7 @@ from peerlearn.wire import (
     Refuse,
     Welcome,
 )
+from peerlearn.wire.messages import Packed
 
 MESSAGES: list[Message] = [
     Hello(4, 4, 1, 12, 99, "d1", b"\x01" * 32),
@@ -41,6 +43,11 @@ MESSAGES: list[Message] = [
     Pong(2),
     Bye("shutdown"),
     Control("missed", {"upto": 3, "start": None, "xs": (1.5, "a", b"b", True)}),
+    *(  # packed arrays (protocol 7): each scheme, int8 with a short last block
+        Data(6 + i, ("params", 3), 1, 3, v, packed=Packed.of(scheme, v, 8))
+        for i, scheme in enumerate((Scheme.FP16, Scheme.BF16, Scheme.INT8))
+        if (v := nearest(scheme, np.linspace(-3.0, 3.0, 13), 8)) is not None
+    ),
 ]
 
 
@@ -52,6 +59,11 @@ def main(out: Path) -> None:
     # a Data in three parts with a Ping between the first two (protocol 6)
     parts = codec.send_parts(Data(5, ("params", 2), 0, 2, np.arange(6.0)), 16)
     streams["parts"] = [*parts[0], *codec.send(Ping(3)), *parts[1], *parts[2]]
+    # a packed int8 array of 2 values whose exponent is hostile (2000: unpacks to infinities)
+    pair = np.array([1.0, 0.0])
+    head, _ = codec.send(Data(9, ("params", 1), 0, 1, pair, packed=Packed.of(Scheme.INT8, pair, 8)))
+    hostile = np.array([1, 0], np.int8).tobytes() + np.array([2000], "<i2").tobytes()
+    streams["hostile-exponent"] = [head, hostile]
     for name, chunks in streams.items():
         stream = b"".join(bytes(c) for c in chunks)
         for mode in (0, 1, 2, 4, 8, 9):

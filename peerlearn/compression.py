@@ -21,7 +21,8 @@ scheme     representable values                                                 
 =========  ====================================================================  ============
 ``none``   everything: no rounding, no packing                                    8 (4)
 ``fp16``   IEEE half precision (11 significant bits, |x| ≤ 65504)                 2
-``bf16``   bfloat16: float32's range, 8 significant bits                          2
+``bf16``   bfloat16: float32's range, 8 significant bits (float64 values are          2
+           rounded to float32 first, then to bfloat16)
 ``int8``   per block of ``block`` values, c·2^e with an integer |c| ≤ 127 and     1 + 2/block
            one exponent e per block (the smallest that fits the block's largest
            value: 64 ≤ max|c| ≤ 127)
@@ -35,6 +36,7 @@ instead, and counted (:attr:`Compressor.exact`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable
 from enum import StrEnum
 from typing import Any, Final
@@ -63,6 +65,8 @@ _FLUSH: Final = {np.float64: 2.0**-1000, np.float32: 2.0**-100}
 
 Array = npt.NDArray[Any]
 
+log = logging.getLogger(__name__)
+
 
 class Scheme(StrEnum):
     NONE = "none"
@@ -85,7 +89,8 @@ def packed_size(scheme: Scheme, n: int, block: int) -> int:
 
 
 def _bf16_bits(value: Array) -> npt.NDArray[np.uint16]:
-    """The bfloat16 nearest (ties to even) to each value as float32: its upper 16 bits."""
+    """The bfloat16 nearest (ties to even) to each value rounded to float32 — its upper 16
+    bits (a float64 value is rounded twice: to float32, then to bfloat16)."""
     bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
     return (rounded >> np.uint32(16)).astype("<u2")
@@ -134,11 +139,17 @@ def _int8_encode(value: Array, block: int) -> tuple[npt.NDArray[np.int8], npt.ND
 
 
 def _from_int8(
-    codes: npt.NDArray[np.int8], exp: npt.NDArray[np.int16], block: int, dtype: np.dtype[Any]
+    codes: npt.NDArray[np.int8],
+    exp: npt.NDArray[np.int16],
+    block: int,
+    dtype: np.dtype[Any],
+    out: Array | None = None,
 ) -> Array:
-    """c·2^e, one power of two per block; exponents a legitimate encoder never produces (a
-    hostile peer's) give infinities or NaN, which a receiver drops as non-finite."""
-    out = np.empty(codes.size, dtype)
+    """c·2^e, one power of two per block, into ``out`` (1-D, n values of ``dtype``) if given;
+    exponents a legitimate encoder never produces (a hostile peer's) give infinities or NaN,
+    which a receiver drops as non-finite."""
+    if out is None:
+        out = np.empty(codes.size, dtype)
     whole = codes.size // block * block
     with np.errstate(over="ignore", invalid="ignore"):
         scale = np.ldexp(1.0, exp.astype(np.int64)).astype(dtype)
@@ -155,8 +166,13 @@ def encode(
 ) -> tuple[Array, npt.NDArray[np.uint8]] | None:
     """``value`` rounded to the scheme (a new array of its dtype and shape) and its packed
     bytes, which :func:`unpack` turns into exactly that rounded value; None where some element
-    does not fit the scheme at all (fp16 beyond ±65504, bf16 beyond float32's range)."""
+    does not fit the scheme at all (fp16 beyond ±65504, bf16 beyond float32's range) or is
+    not finite itself."""
     dtype = value.dtype
+    if value.size == 0:
+        return value.copy(), np.empty(0, np.uint8)
+    if not np.isfinite(value).all():  # int8 would turn it into finite garbage
+        return None
     with np.errstate(over="ignore", invalid="ignore"):
         match scheme:
             case Scheme.FP16:
@@ -184,29 +200,49 @@ def nearest(scheme: Scheme, value: Array, block: int = DEFAULT_BLOCK) -> Array |
 
 
 def pack(scheme: Scheme, value: Array, block: int = DEFAULT_BLOCK) -> npt.NDArray[np.uint8] | None:
-    """The packed bytes of ``value``, or None unless they unpack to exactly ``value`` — the
-    wire never changes a value."""
-    got = encode(scheme, value, block) if np.isfinite(value).all() else None
-    if got is None or not np.array_equal(got[0], value):
+    """The packed bytes of ``value``, or None unless they unpack to exactly ``value``, bit for
+    bit (−0.0 included: int8 has no negative zero) — the wire never changes a value."""
+    got = encode(scheme, value, block)
+    if got is None or not _same_bits(got[0], value):
         return None
     return got[1]
 
 
+def _same_bits(a: Array, b: Array) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    unsigned = np.dtype(f"u{a.dtype.itemsize}")
+    return np.array_equal(
+        np.ascontiguousarray(a).view(unsigned), np.ascontiguousarray(b).view(unsigned)
+    )
+
+
 def unpack(
-    scheme: Scheme, raw: npt.NDArray[np.uint8], dtype: np.dtype[Any], n: int, block: int
+    scheme: Scheme,
+    raw: npt.NDArray[np.uint8],
+    dtype: np.dtype[Any],
+    n: int,
+    block: int,
+    out: Array | None = None,
 ) -> Array:
     """The ``n`` values of ``dtype`` packed in ``raw`` (whose size must be
-    :func:`packed_size`; the wire checks it before reading the bytes)."""
+    :func:`packed_size`; the wire checks it before reading the bytes), into ``out`` if given (a
+    contiguous array of n values of ``dtype``: a receive buffer, no temporary)."""
     if raw.size != packed_size(scheme, n, block):
         raise ValueError(f"{raw.size} bytes do not pack {n} values in {scheme} (block {block})")
+    if out is None:
+        out = np.empty(n, dtype)
+    flat = out.reshape(-1)
     match scheme:
         case Scheme.FP16:
-            return raw.view("<f2").astype(dtype)
+            flat[...] = raw.view("<f2")
         case Scheme.BF16:
-            return _from_bf16(raw.view("<u2"), dtype)
+            flat[...] = (raw.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
         case Scheme.INT8:
-            return _from_int8(raw[:n].view(np.int8), raw[n:].view("<i2"), block, dtype)
-    raise ValueError(f"scheme {scheme!r} has no packed form")
+            _from_int8(raw[:n].view(np.int8), raw[n:].view("<i2"), block, dtype, flat)
+        case _:
+            raise ValueError(f"scheme {scheme!r} has no packed form")
+    return out
 
 
 # --- rounding with error feedback, per process ------------------------------------------------
@@ -237,11 +273,21 @@ class Compressor:
     def __call__(self, stream: Hashable, value: Array) -> Array:
         if self.scheme is Scheme.NONE:
             return value
+        if not np.isfinite(value).all():
+            return value  # diverged: the runtime stops the process on it, as without rounding
         residual = self._residual.get(stream) if self.feedback else None
         meant = value if residual is None else value + residual
         got = encode(self.scheme, meant, self.block)
         if got is None:  # does not fit: exact, and nothing owed
             self.exact += 1
+            if self.exact == 1 or self.exact % 1000 == 0:
+                log.warning(
+                    "a value on stream %s does not fit %s (|x| > 65504?): sent exact, not "
+                    "rounded (%d so far)",
+                    stream,
+                    self.scheme,
+                    self.exact,
+                )
             self._residual.pop(stream, None)
             self._last.pop(stream, None)
             return meant
@@ -261,7 +307,10 @@ class Compressor:
         return None
 
     def owed(self) -> dict[Hashable, Array]:
-        """Each stream's residual: what it meant to send and has not sent yet."""
+        """Each stream's residual: what it meant to send and has not sent yet. (On a stream of
+        whole models whose sender keeps its own unrounded model — a gossip request, an elastic
+        snapshot — the residual only steers the next rounding, as in sigma-delta coding: the
+        sender owes nobody that model.)"""
         return dict(self._residual)
 
     def owed_total(self) -> Array | None:

@@ -157,12 +157,15 @@ def exact(program: Program) -> Program:
     """``program`` as a runtime that compresses nothing runs it: each ``Quantize`` answered with
     its own value, and not shown — for tests that drive a program by hand, effect by effect."""
     value: Any = None
-    while True:
-        try:
-            effect = program.send(value)
-        except StopIteration as stop:
-            return stop.value
-        if isinstance(effect, Quantize):
-            value = effect.value
-            continue
-        value = yield effect
+    try:
+        while True:
+            try:
+                effect = program.send(value)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(effect, Quantize):
+                value = effect.value
+                continue
+            value = yield effect
+    finally:
+        program.close()  # closing the wrapper closes the program (its finally blocks run)

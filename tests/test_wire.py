@@ -482,6 +482,7 @@ PAY = bytes(16)
         (frame(data_header(z=("none", 0)), PAY), Reason.BAD_FIELD),
         (frame(data_header(z=("int8", 4)), bytes(4)), Reason.BAD_FIELD),
         (frame(data_header(z=("int8", 8.0)), bytes(4)), Reason.BAD_FIELD),
+        (frame(data_header(z=("int8", 0.5)), bytes(4)), Reason.BAD_FIELD),
         (frame(data_header(z=("fp16", 8)), bytes(4)), Reason.BAD_FIELD),
         (frame(data_header(z=("fp16",)), bytes(4)), Reason.BAD_FIELD),
         (frame(data_header(z="fp16"), bytes(4)), Reason.BAD_FIELD),

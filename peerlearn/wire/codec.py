@@ -9,7 +9,8 @@ Frame layout (integers in network byte order)::
     4       4     header length H  u32, ≤ MAX_HEADER
     8       8     payload length P u64, ≤ the codec's max_payload
     16      H     header           one msgpack map (schema: header.py)
-    16 + H  P     payload          a Data array's raw bytes, C order, little-endian; P = 0 otherwise
+    16 + H  P     payload          a Data array's raw bytes, C order, little-endian (a packed
+                                   Data: its packed bytes, header key "z"); P = 0 otherwise
 
 Parts
 -----
@@ -543,26 +544,11 @@ class Codec:
                 f"{'a packed array of' if head.packing else 'data in parts of'} "
                 f"{head.array_bytes} bytes > max_payload {self.max_payload}",
             )
-        if head.packing is not None:  # the packed bytes first; the array once they are in
-            self._head, self._array = head, np.empty(head.nbytes, np.uint8)
-            self._filled, self._data_size = 0, self._frame_size
-            self._sink = self._array.data.cast("B")
-            self._read_part(self._payload_len)
-            return
-        array = self._allocator(head.dtype, head.shape)
-        # The allocator is ours (a pool): a wrong array is a bug here, not bad input.
-        if not (
-            isinstance(array, np.ndarray)
-            and array.dtype == head.dtype
-            and array.shape == head.shape
-            and array.flags.c_contiguous
-            and array.flags.writeable
-        ):
-            raise TypeError(
-                f"allocator returned {type(array).__name__} "
-                f"{getattr(array, 'dtype', '?')} {getattr(array, 'shape', '?')}: expected a "
-                f"writable C-contiguous {head.dtype} array of shape {head.shape}"
-            )
+        # packed: the bytes first (the array they unpack to once they are all in)
+        if head.packing is not None:
+            array = self._allocate(np.dtype(np.uint8), (head.nbytes,))
+        else:
+            array = self._allocate(head.dtype, head.shape)
         self._head, self._array = head, array
         self._filled, self._data_size = 0, self._frame_size
         if head.nbytes == 0:
@@ -570,6 +556,23 @@ class Codec:
             return
         self._sink = array.data.cast("B")
         self._read_part(self._payload_len)
+
+    def _allocate(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Array:
+        array = self._allocator(dtype, shape)
+        # The allocator is ours (a pool): a wrong array is a bug here, not bad input.
+        if not (
+            isinstance(array, np.ndarray)
+            and array.dtype == dtype
+            and array.shape == shape
+            and array.flags.c_contiguous
+            and array.flags.writeable
+        ):
+            raise TypeError(
+                f"allocator returned {type(array).__name__} "
+                f"{getattr(array, 'dtype', '?')} {getattr(array, 'shape', '?')}: expected a "
+                f"writable C-contiguous {dtype} array of shape {shape}"
+            )
+        return array
 
     def _read_part(self, end: int) -> None:
         """The frame's payload fills the array up to ``end``: move in what is buffered, then
@@ -600,8 +603,8 @@ class Codec:
         self._filled = 0
         if head.packing is not None:  # the bytes are in: unpack them into the array
             scheme, block = head.packing
-            raw, array = array, self._allocator(head.dtype, head.shape)
-            array[...] = unpack(scheme, raw, head.dtype, array.size, block)
+            raw, array = array, self._allocate(head.dtype, head.shape)
+            unpack(scheme, raw, head.dtype, array.size, block, out=array)
         array.flags.writeable = False
         self._events.append(
             (

@@ -278,8 +278,9 @@ def _packing(value: object, shape: tuple[int, ...]) -> tuple[Scheme, int]:
             Reason.BAD_FIELD,
             f"data packing scheme {excerpt(name)} unknown (one of {sorted(_PACKINGS)})",
         )
-    fits = block in _BLOCKS if scheme is Scheme.INT8 else block == 0
-    if type(block) is not int or not fits:
+    # (the type first: `in range` scans the whole range for a float)
+    fits = type(block) is int and (block in _BLOCKS if scheme is Scheme.INT8 else block == 0)
+    if not fits:
         want = "8 ≤ block ≤ 65536" if scheme is Scheme.INT8 else "block 0"
         raise LocalProtocolError(
             Reason.BAD_FIELD, f"data packing {scheme} with block {excerpt(block)}: {want}"
