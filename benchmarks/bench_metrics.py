@@ -50,15 +50,12 @@ machine: about 9 min per algorithm with the defaults, twice that with ``--contro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -66,6 +63,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
+
+from benchmarks._common import free_ports, gradients
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     # node fields: Alg 1 on the digits softmax (the demo), Alg 2 (agreement contraction is
@@ -109,6 +110,7 @@ def layout(round_: int) -> dict[str, str]:
 #: the scraper, in its own process so that its CPU time is not counted as the daemons'
 SCRAPER = """
 import sys, time, urllib.request
+
 *urls, every = sys.argv[1:]
 while True:
     for url in urls:
@@ -121,16 +123,6 @@ while True:
 class Turn:
     rate: float  # gradients per second, all workers
     cpu_ms: float  # daemon CPU milliseconds per gradient
-
-
-def _free_ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 def _flags(fields: dict[str, Any], prefix: str = "") -> list[str]:
@@ -152,11 +144,6 @@ def _proc_cpu(pids: Sequence[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
-
-
-def _gradients(api: str) -> int:
-    with urllib.request.urlopen(f"{api}/status", timeout=30) as r:
-        return sum(w["gradients"] for w in json.load(r)["workers"])
 
 
 @dataclass
@@ -187,7 +174,7 @@ class Cluster:
             proc.send_signal(signal.SIGCONT)
 
     def gradients(self) -> int:
-        return sum(map(_gradients, self.urls))
+        return sum(map(gradients, self.urls))
 
     def cpu(self) -> float:
         return _proc_cpu([d.pid for d in self.daemons])
@@ -215,7 +202,7 @@ def started(
 ) -> Iterator[Cluster]:
     """A fresh cluster, trained until every daemon has computed a gradient, then paused;
     killed (paused or not) on exit."""
-    ports = _free_ports(2 * DAEMONS)  # one call: no port handed out twice
+    ports = free_ports(2 * DAEMONS)  # one call: no port handed out twice
     peers, apis = ports[:DAEMONS], ports[DAEMONS:]
     addrs = ",".join(f"127.0.0.1:{p}" for p in peers)
     env = {**os.environ, **env, "PEERLEARN_METRICS": "1" if metrics else "0"}
@@ -234,7 +221,7 @@ def started(
             while True:
                 cluster.check()
                 try:
-                    if _gradients(url) > 0:
+                    if gradients(url) > 0:
                         break
                 except OSError:
                     pass

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -52,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +60,10 @@ from typing import Any
 import numpy as np
 
 from peerlearn.problems import Problem
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
+
+from benchmarks._common import free_ports, gradients
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,26 +165,11 @@ class Result:
 # --- peerlearn daemons --------------------------------------------------------------------------
 
 
-def _free_ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
-
-
-def _gradients(api: str) -> int:
-    with urllib.request.urlopen(f"{api}/status", timeout=30) as r:
-        return sum(int(w["gradients"]) for w in json.load(r)["workers"])
-
-
 @contextlib.contextmanager
 def _daemons(
     cell: Cell, secret: Path, compression: str | None = None
 ) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[str]]]:
-    ports = _free_ports(2 * cell.k)
+    ports = free_ports(2 * cell.k)
     peers, apis = ports[: cell.k], ports[cell.k :]
     addrs = [f"127.0.0.1:{p}" for p in peers]
     base = [sys.executable, "-m", "peerlearn.cli", "run", "--workers", "1"]
@@ -223,15 +210,15 @@ def peerlearn_round(
                     if proc.poll() is not None:
                         raise RuntimeError(f"peerlearn daemon exited with {proc.returncode}")
                 with contextlib.suppress(OSError):
-                    if _gradients(url) > 0:
+                    if gradients(url) > 0:
                         break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{url} computed no gradient within 180 s")
                 time.sleep(0.1)
         time.sleep(settle)
-        t0, g0 = time.perf_counter(), sum(map(_gradients, urls))
+        t0, g0 = time.perf_counter(), sum(map(gradients, urls))
         time.sleep(window)
-        g1, t1 = sum(map(_gradients, urls)), time.perf_counter()
+        g1, t1 = sum(map(gradients, urls)), time.perf_counter()
     rounds = (g1 - g0) / cell.k
     if rounds <= 0:
         raise RuntimeError(f"{cell.label}: no round completed in {window:g} s")
@@ -273,7 +260,7 @@ def gloo_round(cell: Cell, reps: int) -> float | None:
         return None
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     procs = [ctx.Process(target=_gloo_rank, args=(r, cell, port, reps, out)) for r in range(cell.k)]
     return _collect(procs, out, "gloo")
 
@@ -366,7 +353,7 @@ def _raw_process(i: int, cell: Cell, ports: Sequence[int], reps: int, out: Any) 
 def raw_round(cell: Cell, reps: int) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    ports = _free_ports(cell.k)
+    ports = free_ports(cell.k)
     procs = [
         ctx.Process(target=_raw_process, args=(i, cell, ports, reps, out)) for i in range(cell.k)
     ]

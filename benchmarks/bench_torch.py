@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import free_ports  # noqa: E402
 from examples.digits_cnn import digits, loss, model, problem  # noqa: E402
 
 PEERLEARN = str(Path(sys.executable).with_name("peerlearn"))
@@ -58,21 +58,11 @@ SETTINGS = {
 EXTRA = {"alg2": ("--set", "maa.rounds=3", "--set", "maa.inner_rounds=2")}
 
 
-def _ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 async def _peerlearn(
     algorithm: str, threshold: float, every: float, compression: str | None = None
 ) -> dict[str, float | None]:
     iterations, eta = SETTINGS[algorithm]
-    ports = _ports(6)
+    ports = free_ports(6)
     addrs = [f"127.0.0.1:{p}" for p in ports[:3]]
     apis = [f"127.0.0.1:{p}" for p in ports[3:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 3 processes on 2 cores, as DDP's ranks
@@ -176,7 +166,7 @@ def _ddp(threshold: float) -> dict[str, float | None]:
     iterations, eta = SETTINGS["alg1"]
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    port = _ports(1)[0]
+    port = free_ports(1)[0]
     procs = [
         ctx.Process(target=_ddp_rank, args=(r, port, iterations, eta, threshold, q))
         for r in range(3)

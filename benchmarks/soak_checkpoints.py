@@ -54,7 +54,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,11 @@ from typing import Any
 
 import httpx
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository: benchmarks._common
+
+from benchmarks._common import free_ports  # noqa: E402
+
 PEERLEARN = Path(sys.executable).with_name("peerlearn")
 HOST = "127.0.0.1"
 DAEMONS = 4
@@ -77,20 +81,6 @@ FAULTS = ("kill", "stop", "partition")
 GID_BASE = 61000
 RESUMED = re.compile(r"(?<!not )resuming from the checkpoint")
 NOT_RESUMED = "not resuming from the checkpoint"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out for port 0, all held until every one is picked (no repeats)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -169,3 +172,15 @@ def exact(program: Program) -> Program:
             value = yield effect
     finally:
         program.close()  # closing the wrapper closes the program (its finally blocks run)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module named ``name`` (registered in ``sys.modules``:
+    dataclasses look their module up by name), for tests of a benchmark's own logic."""
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

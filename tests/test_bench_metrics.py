@@ -3,7 +3,6 @@ that the benchmark cannot rot unnoticed; the figures themselves are in benchmark
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,14 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tests.helpers import load_benchmark
+
 BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_metrics.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_metrics", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_metrics"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_metrics")
 
 
 def test_verdict_needs_the_whole_interval_on_one_side(bench: ModuleType) -> None:

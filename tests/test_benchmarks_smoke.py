@@ -16,6 +16,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -82,12 +84,7 @@ def test_benchmark_runs_at_tiny_sizes(script: str) -> None:
 
 @pytest.fixture(scope="module")
 def bench_round() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_round", BENCHMARKS / "bench_round.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_round"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_round")
 
 
 def test_round_verdicts_follow_the_targets_and_the_raw_rule(bench_round: ModuleType) -> None:
