@@ -100,42 +100,28 @@ def _from_bf16(bits: npt.NDArray[np.uint16], dtype: np.dtype[Any]) -> Array:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(dtype)
 
 
-def _blocks(value: Array, block: int) -> list[Array]:
-    """``value`` as rows of ``block``: a view of its whole blocks and, if any, its last short
-    block padded with zeros (a copy of under ``block`` values, not of the whole vector)."""
-    flat = value.reshape(-1)
-    whole = flat.size // block * block
-    rows = [flat[:whole].reshape(-1, block)] if whole else []
-    if whole < flat.size:
-        last = np.zeros((1, block), value.dtype)
-        last[0, : flat.size - whole] = flat[whole:]
-        rows.append(last)
-    return rows
-
-
-def _int8_row_parts(grid: Array) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int16]]:
-    """Codes and exponents of whole rows: row ≈ code·2^e, e the exponent k of the row's largest
-    magnitude m = f·2^k (f ∈ [½, 1)) less 7, so m/2^e ∈ [64, 128) — one more where that rounds
-    to 128. Scales are powers of two, so every product here is exact; a row whose largest
-    magnitude is below ``_FLUSH`` of its dtype (near the subnormals, where 2^−e would
-    overflow) is all zeros."""
-    peak = np.abs(grid).max(axis=1)
+def _int8_row_parts(grid: Array, codes: npt.NDArray[np.int8]) -> npt.NDArray[np.int16] | None:
+    """The codes of whole rows, into ``codes`` (the rows' shape), and their exponents: row ≈
+    code·2^e, e the exponent k of the row's largest magnitude m = f·2^k (f ∈ [½, 1)) less 7,
+    so m/2^e ∈ [64, 128) — one more where that rounds to 128. Scales are powers of two, so
+    every product here is exact (in the rows' own dtype); a row whose largest magnitude is
+    below ``_FLUSH`` of its dtype (near the subnormals, where 2^−e would overflow) is all
+    zeros. None: a row holds a NaN or an infinity (its largest magnitude is not finite)."""
+    peak = np.maximum(grid.max(axis=1), -grid.min(axis=1))  # (no |grid| temporary)
+    if not np.isfinite(peak).all():
+        return None
     exp = np.frexp(peak)[1].astype(np.int64) - 7
     tiny = peak < _FLUSH[grid.dtype.type]
     exp[tiny] = 0
     scale = np.ldexp(1.0, -exp)  # one power of two per row: exact, and normal
     exp += np.rint(peak * scale) > _CODE_MAX
-    scale = np.ldexp(1.0, -exp)
+    scale = np.ldexp(1.0, -exp).astype(grid.dtype)  # (float32 rows stay float32)
     scale[tiny] = 0.0
-    codes = grid * scale[:, None]
-    np.rint(codes, out=codes)
-    return codes.astype(np.int8), exp.astype("<i2")
-
-
-def _int8_encode(value: Array, block: int) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int16]]:
-    parts = [_int8_row_parts(rows) for rows in _blocks(value, block)]
-    codes = np.concatenate([c.reshape(-1) for c, _ in parts])[: value.size]
-    return codes, np.concatenate([e for _, e in parts])
+    scaled = grid * scale[:, None]
+    np.rint(scaled, out=scaled)
+    np.copyto(codes, scaled, casting="unsafe")  # |code| ≤ 127: exact
+    exps: npt.NDArray[np.int16] = exp.astype("<i2")
+    return exps
 
 
 def _from_int8(
@@ -161,6 +147,81 @@ def _from_int8(
     return out
 
 
+def _int8_chunk(
+    part: Array, block: int, codes: npt.NDArray[np.int8], exps: npt.NDArray[np.int16]
+) -> bool:
+    """Codes and exponents of ``part`` (whole blocks, but for a short last one) into
+    ``codes`` and ``exps``; False if ``part`` is not finite."""
+    whole = part.size // block * block
+    if whole:
+        exp = _int8_row_parts(part[:whole].reshape(-1, block), codes[:whole].reshape(-1, block))
+        if exp is None:
+            return False
+        exps[: whole // block] = exp
+    if whole < part.size:  # the short last block, padded with zeros
+        padded = np.zeros((1, block), part.dtype)
+        padded[0, : part.size - whole] = part[whole:]
+        last = np.empty((1, block), np.int8)
+        exp = _int8_row_parts(padded, last)
+        if exp is None:
+            return False
+        codes[whole:] = last[0, : part.size - whole]
+        exps[-1] = exp[0]
+    return True
+
+
+#: values encoded per pass: the temporaries of a pass (a few MB) stay in the caches and need no
+#: fresh pages — one pass over a 10⁷-value model in one go took 10× what ten passes of 10⁶ did
+_CHUNK: Final = 1 << 18
+
+
+def _encode_into(
+    scheme: Scheme,
+    flat: Array,
+    block: int,
+    out: Array,
+    raw: npt.NDArray[np.uint8],
+    residual: Array | None = None,
+) -> bool:
+    """Round the 1-D ``flat`` into ``out`` and pack it into ``raw``, a chunk at a time; with
+    ``residual`` (error feedback), round ``flat`` + ``residual`` and leave in ``residual`` what
+    rounding took off — all in one pass per chunk. False if some value does not fit the scheme
+    or is not finite (``out``, ``raw`` and ``residual`` are then partly written)."""
+    n = flat.size
+    step = max(_CHUNK // block, 1) * block if scheme is Scheme.INT8 else _CHUNK
+    with np.errstate(over="ignore", invalid="ignore"):
+        for at in range(0, n, step):
+            end = min(at + step, n)
+            part, into = flat[at:end], out[at:end]
+            if residual is not None:  # what is meant: the value and what is owed
+                part = np.add(part, residual[at:end], out=residual[at:end])
+            match scheme:
+                case Scheme.FP16:
+                    half = raw[2 * at : 2 * end].view("<f2")
+                    np.copyto(half, part, casting="same_kind")
+                    np.copyto(into, half)
+                case Scheme.BF16:
+                    bits = raw[2 * at : 2 * end].view("<u2")
+                    bits[...] = _bf16_bits(part)
+                    into[...] = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+                case Scheme.INT8:  # (a NaN or infinity would become finite codes: refused)
+                    codes = raw[at:end].view(np.int8)
+                    exps = raw[n + 2 * (at // block) : n + 2 * -(-end // block)].view("<i2")
+                    if not _int8_chunk(part, block, codes, exps):
+                        return False
+                    _from_int8(codes, exps, block, flat.dtype, into)
+                case _:
+                    raise ValueError(f"scheme {scheme!r} has no packed form")
+            # an input NaN or infinity stays one; an overflow (fp16 beyond ±65504) becomes one
+            # (int8: finite by construction)
+            if scheme is not Scheme.INT8 and not np.isfinite(into).all():
+                return False
+            if residual is not None:
+                # meant − rounded is exact (Sterbenz: rounded is 0 or within a factor 2 of it)
+                np.subtract(part, into, out=part)
+    return True
+
+
 def encode(
     scheme: Scheme, value: Array, block: int = DEFAULT_BLOCK
 ) -> tuple[Array, npt.NDArray[np.uint8]] | None:
@@ -168,26 +229,12 @@ def encode(
     bytes, which :func:`unpack` turns into exactly that rounded value; None where some element
     does not fit the scheme at all (fp16 beyond ±65504, bf16 beyond float32's range) or is
     not finite itself."""
-    dtype = value.dtype
-    if value.size == 0:
-        return value.copy(), np.empty(0, np.uint8)
-    if not np.isfinite(value).all():  # int8 would turn it into finite garbage
+    flat = np.ascontiguousarray(value).reshape(-1)
+    out = np.empty(flat.size, value.dtype)
+    raw = np.empty(packed_size(scheme, flat.size, block), np.uint8)
+    if not _encode_into(scheme, flat, block, out, raw):
         return None
-    with np.errstate(over="ignore", invalid="ignore"):
-        match scheme:
-            case Scheme.FP16:
-                half = value.astype("<f2")
-                out, raw = half.astype(dtype), half.reshape(-1).view(np.uint8)
-            case Scheme.BF16:
-                bits = _bf16_bits(value)
-                out, raw = _from_bf16(bits, dtype), bits.reshape(-1).view(np.uint8)
-            case Scheme.INT8:
-                codes, exp = _int8_encode(value, block)
-                out = _from_int8(codes, exp, block, dtype).reshape(value.shape)
-                raw = np.concatenate((codes.view(np.uint8), exp.view(np.uint8)))
-            case _:
-                raise ValueError(f"scheme {scheme!r} has no packed form")
-    return (out, raw) if np.isfinite(out).all() else None
+    return out.reshape(value.shape), raw
 
 
 def nearest(scheme: Scheme, value: Array, block: int = DEFAULT_BLOCK) -> Array | None:
@@ -273,13 +320,17 @@ class Compressor:
     def __call__(self, stream: Hashable, value: Array) -> Array:
         if self.scheme is Scheme.NONE:
             return value
-        if not np.isfinite(value).all():
-            return value  # diverged: the runtime stops the process on it, as without rounding
-        residual = self._residual.get(stream) if self.feedback else None
-        meant = value if residual is None else value + residual
-        got = encode(self.scheme, meant, self.block)
-        if got is None:  # does not fit: exact, and nothing owed
-            self.exact += 1
+        self._last.pop(stream, None)
+        residual = self._residual.pop(stream, None) if self.feedback else None
+        if self.feedback and residual is None:
+            residual = np.zeros(value.size, value.dtype)
+        flat = np.ascontiguousarray(value).reshape(-1)
+        rounded = np.empty(flat.size, value.dtype)
+        raw = np.empty(packed_size(self.scheme, flat.size, self.block), np.uint8)
+        if not _encode_into(self.scheme, flat, self.block, rounded, raw, residual):
+            if not np.isfinite(value).all():
+                return value  # diverged: the runtime stops the process on it, unrounded
+            self.exact += 1  # does not fit (fp16 beyond ±65504): exact, its residual dropped
             if self.exact == 1 or self.exact % 1000 == 0:
                 log.warning(
                     "a value on stream %s does not fit %s (|x| > 65504?): sent exact, not "
@@ -288,15 +339,12 @@ class Compressor:
                     self.scheme,
                     self.exact,
                 )
-            self._residual.pop(stream, None)
-            self._last.pop(stream, None)
-            return meant
-        rounded = got[0]
-        self._last[stream] = got
-        if self.feedback:
-            # meant − rounded is exact (Sterbenz: rounded is 0 or within a factor 2 of meant)
-            self._residual[stream] = meant - rounded
-        return rounded
+            return value
+        out = rounded.reshape(value.shape)
+        self._last[stream] = (out, raw)
+        if residual is not None:
+            self._residual[stream] = residual
+        return out
 
     def packed(self, value: Array) -> npt.NDArray[np.uint8] | None:
         """The packed bytes of ``value`` if it is the last value this compressor rounded on
