@@ -33,6 +33,13 @@ Never in CI (a smoke run at tiny sizes is). Run from the repository root, on an 
     .venv/bin/python benchmarks/bench_round.py --cells 2:1e6:float32 --window 5
     .venv/bin/python benchmarks/bench_round.py --cells 2:1e6:float64 --compression fp16 int8
 
+With ``--rate 1gbit`` (root and iproute2 needed) each daemon runs in a network namespace of
+its own whose link sends at most that rate (``tc tbf``): a round between machines on such
+links, with and without ``--compression`` — peerlearn's columns only::
+
+    .venv/bin/python benchmarks/bench_round.py --cells 2:1e6:float64 --extra --rate 1gbit \
+        --compression bf16 int8
+
 gloo needs torch, hivemind needs hivemind (``pip install -e '.[bench]'``, which
 ``make bench-round`` does); a missing one leaves its column empty, its targets not checked.
 """
@@ -165,13 +172,99 @@ class Result:
 # --- peerlearn daemons --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Host:
+    """Where one daemon runs: a network namespace of a shaped link, or (None) this one."""
+
+    ns: str | None
+    address: str  # the daemon's peer address
+
+    def command(self, cmd: list[str]) -> list[str]:
+        return cmd if self.ns is None else ["ip", "netns", "exec", self.ns, *cmd]
+
+    def gradients(self, api: str) -> int:
+        """``/status`` gradients of the daemon whose API is ``api`` on this host."""
+        if self.ns is None:
+            return gradients(api)
+        read = f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        read += f"from benchmarks._common import gradients; print(gradients({api!r}))"
+        out = subprocess.run(
+            self.command([sys.executable, "-c", read]), capture_output=True, text=True, timeout=30
+        )
+        if out.returncode != 0:
+            raise OSError(out.stderr.strip().splitlines()[-1] if out.stderr else "no answer")
+        return int(out.stdout)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@contextlib.contextmanager
+def shaped_link(k: int, rate: str) -> Iterator[list[Host]]:
+    """K network namespaces on one bridge (in a switch namespace of its own), each sending at
+    most ``rate`` (``tc tbf`` on its interface: a host with a ``rate`` link). Root and
+    iproute2 needed; everything is deleted on exit, any process still inside killed."""
+    tag = f"plround{os.getpid() % 100000}"
+    switch, names = f"{tag}-sw", [f"{tag}-{i}" for i in range(k)]
+    hosts = [Host(ns, f"10.213.0.{i + 1}") for i, ns in enumerate(names)]
+    created: list[str] = []
+
+    def setup(*args: str) -> None:
+        res = _ip(*args)
+        if res.returncode != 0:
+            raise RuntimeError(f"shaped link: `ip {' '.join(args)}`: {res.stderr.strip()}")
+
+    try:
+        for ns in (switch, *names):
+            setup("netns", "add", ns)
+            created.append(ns)
+            setup("-n", ns, "link", "set", "lo", "up")
+        setup("-n", switch, "link", "add", "br0", "type", "bridge")
+        setup("-n", switch, "link", "set", "br0", "up")
+        for i, host in enumerate(hosts):
+            assert host.ns is not None
+            setup(
+                "-n",
+                host.ns,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"p{i}",
+                "netns",
+                switch,
+            )
+            setup("-n", switch, "link", "set", f"p{i}", "master", "br0")
+            setup("-n", switch, "link", "set", f"p{i}", "up")
+            setup("-n", host.ns, "addr", "add", f"{host.address}/24", "dev", "eth0")
+            setup("-n", host.ns, "link", "set", "eth0", "up")
+            # burst: at least rate/HZ; latency bounds the queue (a sender waits, no drops)
+            tc = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate]
+            tc += ["burst", "1mb", "latency", "200ms"]
+            setup("netns", "exec", host.ns, *tc)
+        yield hosts
+    finally:
+        for ns in created:
+            for pid in _ip("netns", "pids", ns).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for ns in created:
+            _ip("netns", "del", ns)
+
+
 @contextlib.contextmanager
 def _daemons(
-    cell: Cell, secret: Path, compression: str | None = None
+    cell: Cell, secret: Path, compression: str | None = None, hosts: list[Host] | None = None
 ) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[str]]]:
     ports = free_ports(2 * cell.k)
     peers, apis = ports[: cell.k], ports[cell.k :]
-    addrs = [f"127.0.0.1:{p}" for p in peers]
+    if hosts is None:
+        hosts = [Host(None, "127.0.0.1") for _ in range(cell.k)]
+    addrs = [f"{h.address}:{p}" for h, p in zip(hosts, peers, strict=True)]
     base = [sys.executable, "-m", "peerlearn.cli", "run", "--workers", "1"]
     base += ["--algorithm", cell.algorithm, "--problem", "benchmarks.bench_round:zero"]
     base += ["--set", f"problem.dim={cell.d}", "--set", f"problem.dtype={cell.dtype}"]
@@ -185,11 +278,11 @@ def _daemons(
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for i, (p, a) in enumerate(zip(peers, apis, strict=True)):
+        for i, a in enumerate(apis):
             others = ",".join(x for j, x in enumerate(addrs) if j != i)
-            cmd = [*base, "--listen", f"127.0.0.1:{p}", "--api", f"127.0.0.1:{a}"]
+            cmd = [*base, "--listen", addrs[i], "--api", f"127.0.0.1:{a}"]
             cmd += ["--peers", others]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
+            procs.append(subprocess.Popen(hosts[i].command(cmd), cwd=ROOT, env=env))
         yield procs, [f"http://127.0.0.1:{a}" for a in apis]
     finally:
         for proc in procs:
@@ -198,27 +291,39 @@ def _daemons(
 
 
 def peerlearn_round(
-    cell: Cell, window: float, secret: Path, settle: float = 2.0, compression: str | None = None
+    cell: Cell,
+    window: float,
+    secret: Path,
+    settle: float = 2.0,
+    compression: str | None = None,
+    rate: str | None = None,
 ) -> float:
     """Seconds per round of ``cell`` run by real daemons (see the module docstring), with
-    payload ``compression`` if given."""
-    with _daemons(cell, secret, compression) as (procs, urls):
+    payload ``compression`` if given, each daemon on a ``rate`` link of its own if given."""
+    with contextlib.ExitStack() as stack:
+        hosts = stack.enter_context(shaped_link(cell.k, rate)) if rate else None
+        procs, urls = stack.enter_context(_daemons(cell, secret, compression, hosts))
+        where = hosts or [Host(None, "127.0.0.1")] * cell.k
+
+        def total() -> int:
+            return sum(h.gradients(u) for h, u in zip(where, urls, strict=True))
+
         deadline = time.monotonic() + 180
-        for url in urls:
+        for host, url in zip(where, urls, strict=True):
             while True:
                 for proc in procs:
                     if proc.poll() is not None:
                         raise RuntimeError(f"peerlearn daemon exited with {proc.returncode}")
                 with contextlib.suppress(OSError):
-                    if gradients(url) > 0:
+                    if host.gradients(url) > 0:
                         break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{url} computed no gradient within 180 s")
-                time.sleep(0.1)
+                time.sleep(0.1 if host.ns is None else 0.5)
         time.sleep(settle)
-        t0, g0 = time.perf_counter(), sum(map(gradients, urls))
+        t0, g0 = time.perf_counter(), total()
         time.sleep(window)
-        g1, t1 = sum(map(gradients, urls)), time.perf_counter()
+        g1, t1 = total(), time.perf_counter()
     rounds = (g1 - g0) / cell.k
     if rounds <= 0:
         raise RuntimeError(f"{cell.label}: no round completed in {window:g} s")
@@ -570,9 +675,9 @@ def measure(system: str, cell: Cell, args: argparse.Namespace, secret: Path) -> 
     """Seconds per round of ``cell`` by ``system``; None: its library is not installed."""
     match system.split(":"):
         case ["peerlearn"]:
-            return peerlearn_round(cell, args.window, secret)
+            return peerlearn_round(cell, args.window, secret, rate=args.rate)
         case ["peerlearn", scheme]:
-            return peerlearn_round(cell, args.window, secret, compression=scheme)
+            return peerlearn_round(cell, args.window, secret, compression=scheme, rate=args.rate)
         case ["gloo"]:
             return gloo_round(cell, args.reps)
         case ["hivemind"]:
@@ -623,7 +728,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also time peerlearn with these payload compressions (one column each, with its "
         "ratio to the uncompressed round of the same run)",
     )
+    parser.add_argument(
+        "--rate",
+        help="run the daemons in network namespaces whose links send at most this rate (tc "
+        "tbf, e.g. 1gbit; needs root): peerlearn's columns only — gloo, raw and hivemind "
+        "are skipped, their loopback figures would not compare",
+    )
     args = parser.parse_args(argv)
+    if args.rate:
+        args.skip = ["gloo", "raw", "hivemind"]
     # SIGTERM (a test's or CI's timeout) unwinds like Ctrl-C: the daemons and the processes
     # started are killed on the way out, not left running
     signal.signal(signal.SIGTERM, _terminated)
@@ -633,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(idle_check())
     print(f"{os.cpu_count()} CPUs, {platform.platform()}; {versions()}")
+    if args.rate:
+        print(f"each daemon in a network namespace of its own, sending at most {args.rate}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         secret = Path(tmp) / "cluster.secret"

@@ -208,16 +208,18 @@ def main() -> None:
         f"\ntime to {a.threshold:.2f} test accuracy, 3 processes, batch 32 (median of "
         f"{a.repeats}; '—': not reached, last accuracy shown)"
     )
-    print(f"{'run':<14} {'gradients':>10} {'seconds':>9} {'accuracy':>9}")
+    print(f"{'run':<17} {'gradients':>10} {'seconds':>9} {'accuracy':>9}  range (min–max)")
     for name, results in rows.items():
         done = [r for r in results if r["seconds"] is not None]
         if len(done) * 2 > len(results):
-            g = statistics.median(float(r["grads"] or 0) for r in done)
-            s = statistics.median(float(r["seconds"] or 0) for r in done)
-            print(f"{name:<14} {g:>10.0f} {s:>9.2f} {'':>9}")
+            gs = [float(r["grads"] or 0) for r in done]
+            ss = [float(r["seconds"] or 0) for r in done]
+            g, s = statistics.median(gs), statistics.median(ss)
+            spread = f"{min(gs):.0f}–{max(gs):.0f} gradients, {min(ss):.2f}–{max(ss):.2f} s"
+            print(f"{name:<17} {g:>10.0f} {s:>9.2f} {'':>9}  {spread}")
         else:
             last = results[-1]["accuracy"]
-            print(f"{name:<14} {'—':>10} {'—':>9} {last if last is None else f'{last:.3f}':>9}")
+            print(f"{name:<17} {'—':>10} {'—':>9} {last if last is None else f'{last:.3f}':>9}")
 
 
 if __name__ == "__main__":

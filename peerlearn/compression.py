@@ -170,6 +170,13 @@ def _int8_chunk(
     return True
 
 
+#: what a value beyond a scheme's range is beyond (a warning says it)
+_LIMITS: Final = {
+    Scheme.FP16: "beyond ±65504",
+    Scheme.BF16: "beyond float32's range",
+    Scheme.INT8: "within half a step of the largest float of its dtype",
+}
+
 #: values encoded per pass: the temporaries of a pass (a few MB) stay in the caches and need no
 #: fresh pages — one pass over a 10⁷-value model in one go took 10× what ten passes of 10⁶ did
 _CHUNK: Final = 1 << 18
@@ -182,11 +189,12 @@ def _encode_into(
     out: Array,
     raw: npt.NDArray[np.uint8],
     residual: Array | None = None,
-) -> bool:
+) -> tuple[int, int] | None:
     """Round the 1-D ``flat`` into ``out`` and pack it into ``raw``, a chunk at a time; with
     ``residual`` (error feedback), round ``flat`` + ``residual`` and leave in ``residual`` what
-    rounding took off — all in one pass per chunk. False if some value does not fit the scheme
-    or is not finite (``out``, ``raw`` and ``residual`` are then partly written)."""
+    rounding took off — all in one pass per chunk. None when done; else the chunk ``(at, end)``
+    where some value did not fit the scheme or was not finite — ``residual`` then holds the
+    new residuals before ``at``, what was meant in the chunk, and the old residuals after."""
     n = flat.size
     step = max(_CHUNK // block, 1) * block if scheme is Scheme.INT8 else _CHUNK
     with np.errstate(over="ignore", invalid="ignore"):
@@ -208,18 +216,18 @@ def _encode_into(
                     codes = raw[at:end].view(np.int8)
                     exps = raw[n + 2 * (at // block) : n + 2 * -(-end // block)].view("<i2")
                     if not _int8_chunk(part, block, codes, exps):
-                        return False
+                        return at, end
                     _from_int8(codes, exps, block, flat.dtype, into)
                 case _:
                     raise ValueError(f"scheme {scheme!r} has no packed form")
-            # an input NaN or infinity stays one; an overflow (fp16 beyond ±65504) becomes one
-            # (int8: finite by construction)
-            if scheme is not Scheme.INT8 and not np.isfinite(into).all():
-                return False
+            # an input NaN or infinity stays one; an overflow becomes one (fp16 beyond ±65504,
+            # bf16 beyond float32's range, int8 within half a step of the dtype's largest)
+            if not np.isfinite(into).all():
+                return at, end
             if residual is not None:
                 # meant − rounded is exact (Sterbenz: rounded is 0 or within a factor 2 of it)
                 np.subtract(part, into, out=part)
-    return True
+    return None
 
 
 def encode(
@@ -232,7 +240,7 @@ def encode(
     flat = np.ascontiguousarray(value).reshape(-1)
     out = np.empty(flat.size, value.dtype)
     raw = np.empty(packed_size(scheme, flat.size, block), np.uint8)
-    if not _encode_into(scheme, flat, block, out, raw):
+    if _encode_into(scheme, flat, block, out, raw) is not None:
         return None
     return out.reshape(value.shape), raw
 
@@ -322,24 +330,32 @@ class Compressor:
             return value
         self._last.pop(stream, None)
         residual = self._residual.pop(stream, None) if self.feedback else None
+        owed = residual is not None
         if self.feedback and residual is None:
             residual = np.zeros(value.size, value.dtype)
         flat = np.ascontiguousarray(value).reshape(-1)
         rounded = np.empty(flat.size, value.dtype)
         raw = np.empty(packed_size(self.scheme, flat.size, self.block), np.uint8)
-        if not _encode_into(self.scheme, flat, self.block, rounded, raw, residual):
+        failed = _encode_into(self.scheme, flat, self.block, rounded, raw, residual)
+        if failed is not None:
             if not np.isfinite(value).all():
                 return value  # diverged: the runtime stops the process on it, unrounded
-            self.exact += 1  # does not fit (fp16 beyond ±65504): exact, its residual dropped
+            self.exact += 1  # does not fit the scheme: sent exact, what was meant, nothing owed
             if self.exact == 1 or self.exact % 1000 == 0:
                 log.warning(
-                    "a value on stream %s does not fit %s (|x| > 65504?): sent exact, not "
-                    "rounded (%d so far)",
+                    "a value on stream %s does not fit %s (%s): sent exact, not rounded "
+                    "(%d so far)",
                     stream,
                     self.scheme,
+                    _LIMITS[self.scheme],
                     self.exact,
                 )
-            return value
+            if residual is None or not owed:
+                return value
+            at, end = failed  # the buffer holds what was meant in the failed chunk: rebuild it
+            residual[:at] += rounded[:at]  # exact: it was meant − rounded
+            residual[end:] += flat[end:]
+            return residual.reshape(value.shape)
         out = rounded.reshape(value.shape)
         self._last[stream] = (out, raw)
         if residual is not None:
@@ -354,12 +370,12 @@ class Compressor:
                 return raw
         return None
 
-    def owed(self) -> dict[Hashable, Array]:
+    def owed(self) -> dict[Hashable, Array]:  # (copies: the buffers are reused)
         """Each stream's residual: what it meant to send and has not sent yet. (On a stream of
         whole models whose sender keeps its own unrounded model — a gossip request, an elastic
         snapshot — the residual only steers the next rounding, as in sigma-delta coding: the
         sender owes nobody that model.)"""
-        return dict(self._residual)
+        return {stream: r.copy() for stream, r in self._residual.items()}
 
     def owed_total(self) -> Array | None:
         """The residuals of all streams summed (None: none), in stream order."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,26 @@ def test_benchmark_runs_at_tiny_sizes(script: str) -> None:
     assert "MISS (" not in stdout  # ... and finished (a blocked or diverged run says so)
     if script == "bench_round.py":
         assert "failed" not in stdout, stdout  # a system that failed says so in its row
+
+
+@pytest.mark.timeout(120)
+def test_round_benchmark_on_a_shaped_link() -> None:
+    """``--rate``: the daemons in network namespaces on tbf-shaped links (root needed)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("network namespaces unavailable: needs root, ip and tc")
+    args = ["--cells", "2:1e4:float64", "--extra", "--rate", "100mbit", "--window", "1"]
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_round.py"), *args, "--compression", "int8"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=100,
+    )
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "sending at most 100mbit" in out.stdout, out.stdout + out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("alg1 K=2"))
+    assert "failed" not in row and row.split()[4] != "—", out.stdout  # peerlearn ms measured
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,44 @@ def test_fp16_overflow_is_sent_exact_and_counted() -> None:
     assert c.exact == 1 and c.owed() == {}
 
 
+@pytest.mark.parametrize("chunk", [4, 1 << 18])
+def test_a_value_that_does_not_fit_goes_exact_with_what_was_owed(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream owed something: the exact value sent is the value plus that, so nothing
+    meant is lost — whichever chunk the value that does not fit is in."""
+    monkeypatch.setattr("peerlearn.compression._CHUNK", chunk)
+    c = Compressor(Scheme.FP16)
+    third = np.full(12, 1 / 3)
+    first = c("s", third)
+    owed = c.owed()["s"]
+    assert np.abs(owed).max() > 0
+    big = third.copy()
+    big[9] = 1e6  # in the third chunk of four values
+    sent = c("s", big)
+    assert c.exact == 1 and c.owed() == {}
+    np.testing.assert_array_equal(sent, big + owed)  # what was meant, all of it
+    np.testing.assert_allclose(first + sent, third + big, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_int8_never_rounds_a_finite_value_to_an_infinity(dtype: type) -> None:
+    """Rounding the largest float up to 64·2^(e+1) would overflow: such a value goes exact."""
+    value = np.array([np.finfo(dtype).max, 1.0], dtype)
+    assert encode(Scheme.INT8, value, 8) is None
+    c = Compressor(Scheme.INT8, 8)
+    assert c("s", value) is value and c.exact == 1
+
+
+def test_owed_hands_out_copies() -> None:
+    c = Compressor(Scheme.INT8, 8)
+    c("g", np.full(8, 0.3))
+    owed = c.owed()["g"]
+    held = owed.copy()
+    c("g", np.full(8, 0.7))
+    np.testing.assert_array_equal(owed, held)
+
+
 def test_int8_scales_are_powers_of_two_with_codes_up_to_127() -> None:
     raw = pack(Scheme.INT8, np.array([127.0, -3.0, 0.0, 1.0]), 4)
     assert raw is not None
