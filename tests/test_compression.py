@@ -385,7 +385,34 @@ def test_compressed_learning_follows_the_exact_run() -> None:
     assert np.linalg.norm(rounded - exact) < 0.01 * np.linalg.norm(exact)
 
 
-# --- on threads ------------------------------------------------------------------------------
+# --- on threads and across daemons: one check of the laws -----------------------------------
+
+
+def _assert_laws(config: RunConfig, workers: list[Any], steps: int) -> None:
+    """The laws of this module's docstring for the finished ``workers`` (threads or daemons'),
+    each with its ``compressor``: with what error feedback still owes where the law counts it."""
+    xs = {w.pid: w.x for w in workers}
+    owed = sum(
+        (o for w in workers if (o := w.compressor.owed_total()) is not None),
+        start=np.zeros(DIM),
+    )
+    g = noise_sum(config, dict.fromkeys(range(6), steps))
+    match config.algorithm:
+        case "dasgd":
+            for x in xs.values():
+                np.testing.assert_allclose(x, X0 - ETA * (g - owed), rtol=0, atol=1e-12)
+        case "async_easgd":
+            workers_only = [p for p in range(6) if p != config.center]
+            want = 6 * X0 - ETA * noise_sum(config, dict.fromkeys(workers_only, steps))
+            np.testing.assert_allclose(np.sum(list(xs.values()), axis=0), want, atol=1e-11)
+        case "allreduce":
+            got = np.mean(list(xs.values()), axis=0) + owed / 6
+            np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
+        case "async_gossip":
+            got = np.mean(list(xs.values()), axis=0)
+            np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
+        case other:
+            raise AssertionError(f"no law checked here for {other}")
 
 
 @pytest.mark.parametrize("algorithm", ["dasgd", "async_easgd", "allreduce"])
@@ -394,24 +421,7 @@ def test_laws_hold_on_threads(algorithm: str) -> None:
     run = ThreadRun(config).start()
     assert run.wait(timeout=60), run.states()
     assert set(run.states()) == {WorkerState.FINISHED}
-    xs = {w.pid: w.x for w in run.workers}
-    owed = [w.compressor.owed_total() for w in run.workers]
-    total_owed = sum((o for o in owed if o is not None), start=np.zeros(DIM))
-    g = noise_sum(config, dict.fromkeys(range(6), 23))
-    match algorithm:
-        case "dasgd":
-            for x in xs.values():
-                np.testing.assert_allclose(x, X0 - ETA * (g - total_owed), rtol=0, atol=1e-12)  # type: ignore[arg-type]
-        case "async_easgd":
-            workers = [p for p in range(6) if p != config.center]
-            want = 6 * X0 - ETA * noise_sum(config, dict.fromkeys(workers, 23))
-            np.testing.assert_allclose(np.sum(list(xs.values()), axis=0), want, atol=1e-11)
-        case "allreduce":
-            got = np.mean(list(xs.values()), axis=0) + total_owed / 6
-            np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
-
-
-# --- across daemons: rounded on the worker, packed on the wire ------------------------------
+    _assert_laws(config, run.workers, 23)
 
 
 @pytest.mark.parametrize(
@@ -443,26 +453,7 @@ async def test_laws_hold_across_daemons_with_packed_frames(
         workers = [w for d in cluster.daemons for w in d.workers]
         assert {w.state for w in workers} == {WorkerState.FINISHED}
         config = cluster.daemons[0].run_cfg
-        xs = {w.pid: w.x for w in workers}
-        owed = sum(
-            (o for w in workers if (o := w.compressor.owed_total()) is not None),
-            start=np.zeros(DIM),
-        )
-        g = noise_sum(config, dict.fromkeys(range(6), 25))
-        match algorithm:
-            case "dasgd":
-                for x in xs.values():
-                    np.testing.assert_allclose(x, X0 - ETA * (g - owed), rtol=0, atol=1e-12)  # type: ignore[arg-type]
-            case "async_easgd":
-                workers_only = [p for p in range(6) if p != config.center]
-                want = 6 * X0 - ETA * noise_sum(config, dict.fromkeys(workers_only, 25))
-                np.testing.assert_allclose(np.sum(list(xs.values()), axis=0), want, atol=1e-11)
-            case "allreduce":
-                got = np.mean(list(xs.values()), axis=0) + owed / 6
-                np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
-            case "async_gossip":
-                got = np.mean(list(xs.values()), axis=0)
-                np.testing.assert_allclose(got, X0 - ETA * g / 6, rtol=0, atol=1e-12)
+        _assert_laws(config, workers, 25)
         stats, kinds = cluster.daemons[0].stats, config.spec.compressible
         frames = sum(
             n for (d, kind, _), n in stats.messages.items() if d == "out" and kind in kinds
