@@ -676,9 +676,11 @@ def measure(system: str, cell: Cell, args: argparse.Namespace, secret: Path) -> 
     """Seconds per round of ``cell`` by ``system``; None: its library is not installed."""
     match system.split(":"):
         case ["peerlearn"]:
-            return peerlearn_round(cell, args.window, secret, rate=args.rate)
+            return peerlearn_round(cell, args.window, secret, args.settle, rate=args.rate)
         case ["peerlearn", scheme]:
-            return peerlearn_round(cell, args.window, secret, compression=scheme, rate=args.rate)
+            return peerlearn_round(
+                cell, args.window, secret, args.settle, compression=scheme, rate=args.rate
+            )
         case ["gloo"]:
             return gloo_round(cell, args.reps)
         case ["hivemind"]:
@@ -712,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
         help="further algorithms' cells, against raw only",
     )
     parser.add_argument("--window", type=float, default=15.0, help="seconds peerlearn is timed")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds peerlearn runs untimed after every daemon's first gradient",
+    )
     parser.add_argument("--reps", type=int, default=21, help="timed gloo and raw rounds")
     parser.add_argument("--hivemind-steps", type=int, default=10, help="timed hivemind steps")
     parser.add_argument(

@@ -28,7 +28,8 @@ SMOKE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "bench_round.py": (
         [
             *("--cells", "2:1e4:float64", "--extra", "dasgd:2:1e4:float64"),
-            *("--window", "1", "--reps", "3", "--skip", "hivemind", "--compression", "int8"),
+            *("--window", "1", "--settle", "0.2", "--reps", "3", "--skip", "hivemind"),
+            *("--compression", "int8"),
         ],
         ("alg1 K=2 d=1e4 float64", "dasgd K=2 d=1e4 float64", "int8 ms (×pl)"),
     ),
@@ -88,7 +89,8 @@ def test_round_benchmark_on_a_shaped_link() -> None:
     """``--rate``: the daemons in network namespaces on tbf-shaped links (root needed)."""
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
         pytest.skip("network namespaces unavailable: needs root, ip and tc")
-    args = ["--cells", "2:1e4:float64", "--extra", "--rate", "100mbit", "--window", "1"]
+    args = ["--cells", "2:1e4:float64", "--extra", "--rate", "100mbit"]
+    args += ["--window", "1", "--settle", "0.2"]
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_round.py"), *args, "--compression", "int8"],
         capture_output=True,
