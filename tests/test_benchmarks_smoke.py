@@ -113,7 +113,8 @@ def bench_round() -> ModuleType:
 def test_round_verdicts_follow_the_targets_and_the_raw_rule(bench_round: ModuleType) -> None:
     """The verdicts of the round benchmark on made-up times (ms): peerlearn ≤ 0.8× gloo and
     ≤ 2× raw at K = 2, d = 1e6; hivemind ≥ 15× slower than peerlearn; a target the raw exchange
-    itself misses is judged as ≤ 1.25× raw instead; what could not be judged says so."""
+    itself misses is judged as ≤ 1.25× raw instead; what could not be judged says so; a miss
+    whose limit is below the measured floor says that too."""
     cell32 = bench_round.Cell.parse("2:1e6:float32")
 
     def said(cell: object, **ms: float | None) -> list[str]:
@@ -144,3 +145,8 @@ def test_round_verdicts_follow_the_targets_and_the_raw_rule(bench_round: ModuleT
     four = bench_round.Cell.parse("4:1e6:float64")
     assert said(four, peerlearn=40.0, gloo=10.0, raw=30.0) == ["raw ≤ 1.5×: PASS"]
     assert said(bench_round.Cell.parse("dasgd:2:1e6:float64"), peerlearn=9.0, raw=1.0) == []
+    # a limit below the floor (the least a daemon of this design needs here) says so
+    assert said(cell64, peerlearn=12.0, gloo=10.0, raw=5.5, floor=9.0) == [
+        "gloo: MISS, under the floor (8.0 ms)",
+        "raw ≤ 2.0×: MISS",  # 11 ms: above the floor
+    ]
