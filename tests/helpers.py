@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import secrets
 import sys
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -13,54 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from peerlearn.algorithms import diam2
 from peerlearn.config import RunConfig, load_config
 from peerlearn.effects import Program, Quantize, Vector
 from peerlearn.problems import Problem
 from peerlearn.runs import grad_stream
 from peerlearn.runtime.worker import Worker
-from peerlearn.sim import SimResult
 
 
 def cfg(**over: Any) -> RunConfig:
     """A RunConfig from keyword overrides (nested tables as dicts)."""
     return load_config(overrides=over)
-
-
-def rounds_by(result: SimResult, inner: bool) -> dict[tuple[int, ...], dict[int, Vector]]:
-    """Trace values grouped by round.
-
-    inner=False: key (instance, round) → {pid: x_r} over *all* processes (cluster rounds);
-    inner=True:  key (instance, round, cluster, k) → {pid: A_k[pid]} (shared-memory rounds).
-    """
-    members = result.config.membership
-    out: dict[tuple[int, ...], dict[int, Vector]] = defaultdict(dict)
-    for instance, rnd, k, pid, value in result.trace:
-        if inner and k is not None:
-            out[(instance, rnd, members.cluster_of[pid], k)][pid] = value
-        elif not inner and k is None:
-            out[(instance, rnd)][pid] = value
-    return out
-
-
-def contraction_ratios(
-    groups: dict[tuple[int, ...], dict[int, Vector]],
-) -> list[tuple[tuple[int, ...], float, float]]:
-    """(key, diam² of round r, diam² of round r+1) for every consecutive pair of rounds."""
-    out = []
-    for key, values in groups.items():
-        nxt = (*key[:-1], key[-1] + 1)
-        if nxt in groups and len(values) >= 1:
-            out.append((key, diam2(list(values.values())), diam2(list(groups[nxt].values()))))
-    return out
-
-
-def receive_sets_differ(result: SimResult, kind: str, tag_kind: str) -> bool:
-    """True when, for some tag, two processes received (or collected) different sender sets."""
-    for (k, tag), sets in result.receive_sets.items():
-        if k == kind and tag[0] == tag_kind and len(set(sets.values())) > 1:
-            return True
-    return False
 
 
 def barycentric(points: Vector, y: Vector) -> tuple[Vector, float]:

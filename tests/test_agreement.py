@@ -16,8 +16,9 @@ import pytest
 
 from peerlearn.algorithms import diam2
 from peerlearn.sim import Status, run_simulation
+from peerlearn.sim.trace import contraction_ratios, receive_sets_differ, rounds_by
 
-from .helpers import barycentric, cfg, contraction_ratios, receive_sets_differ, rounds_by
+from .helpers import barycentric, cfg
 
 EPS = 1e-12
 

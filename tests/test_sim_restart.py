@@ -41,8 +41,9 @@ from peerlearn.membership import Membership
 from peerlearn.sim import Restart, SimResult, Simulator, Status, run_simulation
 from peerlearn.sim.core import Partition
 from peerlearn.sim.output import summary
+from peerlearn.sim.trace import contraction_ratios, rounds_by
 
-from .helpers import cfg, contraction_ratios, rounds_by
+from .helpers import cfg
 
 EPS = 1e-12
 

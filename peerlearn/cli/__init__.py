@@ -1,7 +1,8 @@
 """The ``peerlearn`` command line: the app and its commands.
 
-Each command has its module (``simulate``, ``run``, ``demo``, ``collect``; ``mixing`` lives with the
-analysis code); :mod:`peerlearn.cli.flags` holds the flags of ``simulate`` and ``run`` and the
+Each command has its module (``simulate``, ``run``, ``demo``, ``collect``, ``reproduce``;
+``mixing`` lives with the analysis code); :mod:`peerlearn.cli.flags` holds the flags of
+``simulate`` and ``run`` and the
 config fields they set, :mod:`peerlearn.cli.render` what the commands print.
 
 Errors a user can cause (bad flags, bad config, bad problem) print one line and exit with
@@ -18,7 +19,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from peerlearn import __version__
 from peerlearn.analysis.mixing_command import mixing
-from peerlearn.cli import collect, demo, run, simulate
+from peerlearn.cli import collect, demo, reproduce, run, simulate
 from peerlearn.console import err, escape, out
 from peerlearn.errors import PeerlearnError
 
@@ -75,6 +76,7 @@ app.command(cls=_Command)(run.run)
 app.command(cls=_Command)(demo.demo)
 app.command(name="mixing", cls=_Command)(mixing)
 app.command(name="collect", cls=_Command)(collect.collect)
+app.command(name="reproduce", cls=_Command)(reproduce.reproduce)
 
 
 def main() -> None:

@@ -1,0 +1,91 @@
+"""``peerlearn reproduce``: the papers' results, regenerated and judged in one report.
+
+Each experiment runs peerlearn's simulator or analysis code on a paper's own setting, over
+several seeds, and returns an :class:`Outcome`: the claims it checks (the paper's statement,
+the measured 95 % interval, the bound, the verdict — :mod:`peerlearn.reproduce.claims`) and
+its figures. :func:`reproduce` runs the ones asked for and writes ``reproduction.md`` with its
+PNGs (:mod:`peerlearn.reproduce.report`). ``quick`` runs every experiment reduced — fewer seeds,
+shorter runs — and still judges every claim: the test suite runs it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from peerlearn.reproduce import attiya_schiller
+from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
+from peerlearn.reproduce.report import FIGURES, REPORT, render
+
+__all__ = [
+    "EXPERIMENTS",
+    "Check",
+    "Claim",
+    "Experiment",
+    "Interval",
+    "Outcome",
+    "reproduce",
+]
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    paper: str
+    summary: str
+    run: Callable[[bool, Path, Say], Outcome]
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment(
+            "alg1-error",
+            "Attiya–Schiller",
+            "Alg 1's error against T and N, with Thm 1's bounds and mini-batch SGD",
+            attiya_schiller.alg1_error,
+        ),
+        Experiment(
+            "maa-contraction",
+            "Attiya–Schiller",
+            "the agreement's contraction per round: 7/8, 31/32, 23/24, 79/80, under crashes",
+            attiya_schiller.maa_contraction,
+        ),
+    )
+}
+
+
+def reproduce(
+    names: Sequence[str],
+    out: Path,
+    quick: bool = False,
+    say: Say = lambda _: None,
+    command: str = "peerlearn reproduce all",
+) -> list[Outcome]:
+    """Run the experiments ``names`` (in the registry's order) and write ``out/reproduction.md``
+    and its figures in ``out/reproduction/``; the outcomes, in that order. KeyError for an
+    unknown name (before anything runs)."""
+    chosen = [EXPERIMENTS[n] for n in names]
+    out.mkdir(parents=True, exist_ok=True)
+    figures = out / FIGURES
+    started = time.perf_counter()
+    outcomes = []
+    for i, exp in enumerate(chosen, 1):
+        say(f"[{i}/{len(chosen)}] {exp.name}: {exp.summary}")
+        t0 = time.perf_counter()
+        got = exp.run(quick, figures, _prefixed(say, exp.name))
+        outcomes.append(replace(got, seconds=time.perf_counter() - t0, quick=quick))
+    text = render(outcomes, time.perf_counter() - started, command)
+    (out / REPORT).write_text(text + "\n", encoding="utf-8")
+    return outcomes
+
+
+def _prefixed(say: Say, name: str) -> Say:
+    def inner(text: str) -> None:
+        say(f"  {name}: {text}")
+
+    return inner

@@ -1,0 +1,495 @@
+"""Attiya–Schiller's results, measured: Alg 1's error against Thm 1, and the agreement's
+contraction per round against Lemmas 16, 19 and 20.
+
+Every run is a seeded simulation (``run_simulation``), so the report is the same on every
+rebuild on a machine; the number of seeds and the run lengths are the experiment's ``Size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peerlearn.algorithms import InverseTime, diam2
+from peerlearn.config import load_config
+from peerlearn.problems import NoisyQuadratic
+from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
+from peerlearn.reproduce.report import new_figure, save_figure
+from peerlearn.sim import SimResult, Status, run_simulation
+from peerlearn.sim.trace import contraction_ratios, receive_sets_differ, rounds_by
+
+__all__ = [
+    "QUAD",
+    "TIGHT",
+    "WIDE",
+    "alg1_error",
+    "alg1_errors",
+    "exact_sequential_error",
+    "maa_contraction",
+    "thm1_bounds",
+]
+
+PAPER = "Attiya–Schiller"
+
+# Thm 1's numeric instance: μ = L = 1, β = 2, γ = 3, σ² = 1, ‖x_1 − x*‖² = 10.
+BETA, GAMMA, SIGMA2, START2 = 2.0, 3.0, 1.0, 10.0
+QUAD: dict[str, Any] = {
+    "name": "quadratic",
+    "dim": 4,
+    "mu": 1.0,
+    "L": 1.0,
+    "sigma": 1.0,
+    "start_distance2": START2,
+}
+# A near-tight instance: x_1 = x* removes the first term, and with β = 10, γ = 9 the noise
+# term β²σ²/((γ+T+1)(βμ−1)N) is only ~2.1× the exact error of mini-batch-N SGD.
+TIGHT_BETA, TIGHT_GAMMA = 10.0, 9.0
+TIGHT: dict[str, Any] = {**QUAD, "dim": 10, "start_distance2": 0.0}
+#: the same constants in 64 coordinates: a seed's error varies 4× less
+WIDE: dict[str, Any] = {**QUAD, "dim": 64}
+
+THM1 = Claim(
+    PAPER,
+    "Thm 1",
+    "η_t = β/(γ+t), β > 1/μ, β/(γ+1) ≤ 1/L: E‖x_{T+1}^i − x*‖² ≤ ((γ+1)‖x_1−x*‖² + "
+    "β²σ²/((βμ−1)N)) / (γ+T+1) (external); the internal E‖x^i − x^j‖² with 4× the noise term",
+)
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much an experiment runs: seeds, and its run lengths."""
+
+    seeds: int
+    steps: tuple[int, ...]
+
+
+def cfg(**over: Any) -> Any:
+    return load_config(overrides=over)
+
+
+def thm1_bounds(
+    quorum: int,
+    steps: int,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+    start2: float = START2,
+    mu: float = 1.0,
+) -> tuple[float, float]:
+    """(external, internal) right-hand sides of Thm 1."""
+    head = (gamma + 1) * start2 / (gamma + steps + 1)
+    noise = beta**2 * SIGMA2 / ((gamma + steps + 1) * (beta * mu - 1) * quorum)
+    return head + noise, head + 4 * noise
+
+
+def alg1_run(
+    quorum: int,
+    seed: int,
+    steps: int,
+    problem: dict[str, Any] = QUAD,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+    processes: int = 8,
+    clusters: int = 4,
+) -> SimResult:
+    res = run_simulation(
+        cfg(
+            algorithm="alg1",
+            problem=problem,
+            processes=processes,
+            clusters=clusters,
+            quorum=quorum,
+            steps=steps,
+            seed=seed,
+            lr={"schedule": "inverse_time", "beta": beta, "gamma": gamma},
+            sim={"sample_every": 1e9},
+        )
+    )
+    if res.status is not Status.FINISHED:
+        raise RuntimeError(f"Alg 1 (N = {quorum}, seed {seed}) ended {res.status.value}")
+    return res
+
+
+def errors_of(res: SimResult) -> tuple[np.ndarray, float]:
+    """(‖x_i − x*‖² of each process, max_{i,j} ‖x_i − x_j‖²) at the end of one run."""
+    assert res.problem is not None and res.problem.constants.x_star is not None
+    xs = np.stack([p.x for p in res.processes if p.x is not None])
+    return ((xs - res.problem.constants.x_star) ** 2).sum(axis=1), diam2(list(xs))
+
+
+def alg1_errors(
+    quorum: int,
+    seeds: int,
+    steps: int,
+    problem: dict[str, Any] = QUAD,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+    processes: int = 8,
+    clusters: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds 0 … seeds − 1: each process's external error (seeds × processes) and the largest
+    internal error (per seed) at the end of the run."""
+    ext, internal = [], []
+    for seed in range(seeds):
+        res = alg1_run(quorum, seed, steps, problem, beta, gamma, processes, clusters)
+        e, i = errors_of(res)
+        ext.append(e)
+        internal.append(i)
+    return np.stack(ext), np.asarray(internal)
+
+
+def largest(errors: np.ndarray) -> list[float]:
+    """Per seed, the largest error over the processes: a bound on every process's expectation
+    holds for the expected largest one only if it holds with room, so holding the largest to
+    it is the stronger check."""
+    return [float(e) for e in errors.max(axis=1)]
+
+
+def exact_sequential_error(
+    batch: int,
+    steps: int,
+    problem: dict[str, Any] = QUAD,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+) -> float:
+    """E‖x_{T+1} − x*‖² of sequential mini-batch SGD, by exact moment propagation.
+
+    On Q = ½ Σ λ_k (x_k − x*_k)² with isotropic noise of total variance σ², each coordinate's
+    second moment obeys e_{t+1} = (1 − η_t λ_k)² e_t + η_t² σ² / (d · batch).
+    """
+    prob = NoisyQuadratic(**{k: v for k, v in problem.items() if k != "name"})
+    assert prob.constants.x_star is not None
+    lam = prob.eigenvalues
+    e = (prob.x0() - prob.constants.x_star) ** 2
+    eta = InverseTime(beta, gamma)
+    for t in range(1, steps + 1):
+        e = (1 - eta(t) * lam) ** 2 * e + eta(t) ** 2 * SIGMA2 / (prob.dim * batch)
+    return float(e.sum())
+
+
+def alg1_error(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcome:
+    """Alg 1's external and internal error against Thm 1, as T and N grow, next to
+    sequential mini-batch-N SGD."""
+    size = Size(8, (100, 300)) if quick else Size(40, (100, 300, 1000))
+    quorums = (1, 2, 4, 8)
+    last = size.steps[-1]
+    checks: list[Check] = []
+    curves: dict[int, list[float]] = {}
+    for n_q in quorums:
+        say(f"N = {n_q}: T = {', '.join(map(str, size.steps))}, {size.seeds} seeds")
+        curves[n_q] = []
+        for steps in size.steps:
+            errors, internal = alg1_errors(n_q, size.seeds, steps, WIDE)
+            ext = largest(errors)
+            curves[n_q].append(float(np.mean(ext)))
+            if steps != last:
+                continue
+            bound_ext, bound_int = thm1_bounds(n_q, steps)
+            what = f"N = {n_q}, T = {steps}"
+            checks.append(
+                Check(f"external error, {what}", Interval.over(ext), THM1, "at_most", bound_ext)
+            )
+            if n_q < 8:  # N = n: every process averages the same models, internal = 0
+                checks.append(
+                    Check(
+                        f"internal error, {what}",
+                        Interval.over(list(internal)),
+                        THM1,
+                        "at_most",
+                        bound_int,
+                    )
+                )
+    loose = [c.ratio for c in checks if c.ratio is not None and c.ratio > 0]
+    say(f"the near-tight instance, N = 4, T = {last}")
+    errors, internal = alg1_errors(4, size.seeds, last, TIGHT, TIGHT_BETA, TIGHT_GAMMA)
+    ext = largest(errors)
+    t_ext, t_int = thm1_bounds(4, last, TIGHT_BETA, TIGHT_GAMMA, start2=0.0)
+    plain = exact_sequential_error(1, last, TIGHT, TIGHT_BETA, TIGHT_GAMMA)
+    tight = Check(
+        f"near-tight: external error, N = 4, T = {last}",
+        Interval.over(ext),
+        THM1,
+        "at_most",
+        t_ext,
+        note="x_1 = x*, β = 10, γ = 9, d = 10",
+    )
+    checks += [
+        tight,
+        Check(
+            f"near-tight: internal error, N = 4, T = {last}",
+            Interval.over(list(internal)),
+            THM1,
+            "at_most",
+            t_int,
+            note="the same runs",
+        ),
+        # The instance has power: plain SGD (N = 1), computed exactly, is above the N = 4 bound.
+        Check(
+            "near-tight: plain SGD (N = 1), exact",
+            Interval.exact(plain),
+            THM1,
+            "at_least",
+            t_ext,
+            note="the bound must fail without averaging",
+        ),
+    ]
+    # N = n: each process averages all n models, so Alg 1 *is* sequential mini-batch-n SGD.
+    steps = size.steps[1]
+    say(f"n = N = 4 against exact sequential mini-batch-4 SGD, and n = 8, N = 4; T = {steps}")
+    same = largest(alg1_errors(4, size.seeds, steps, WIDE, processes=4, clusters=2)[0])
+    more = largest(alg1_errors(4, size.seeds, steps, WIDE, processes=8, clusters=4)[0])
+    exact4 = exact_sequential_error(4, steps, WIDE)
+    below = 1 - float(np.mean(more)) / exact4
+    checks += [
+        Check(
+            f"error, n = N = 4, T = {steps}",
+            Interval.over(same),
+            Claim(
+                PAPER,
+                "Alg 1, N = n",
+                "every process averages the same n models: it is sequential mini-batch-n SGD",
+            ),
+            "equals",
+            exact4,
+            note="exact: mini-batch-4 SGD's moment recursion",
+        ),
+        Check(
+            f"error, n = 8, N = 4, T = {steps}",
+            Interval.over(more),
+            Claim(PAPER, "Alg 1, N < n", "no statement against mini-batch-N SGD"),
+            "none",
+            note=f"mini-batch-4 SGD: {exact4:.4g}",
+        ),
+    ]
+    fig, (ax, bx) = new_figure(2)
+    for n_q in quorums:
+        line = ax.loglog(size.steps, curves[n_q], "o-", label=f"Alg 1, N = {n_q}")[0]
+        bounds = [thm1_bounds(n_q, t)[0] for t in size.steps]
+        ax.loglog(size.steps, bounds, "--", color=line.get_color(), alpha=0.6)
+        seq = [exact_sequential_error(n_q, t, WIDE) for t in size.steps]
+        ax.loglog(size.steps, seq, ":", color=line.get_color())
+    ax.set_xlabel("iterations T")
+    ax.set_ylabel("E max_i ‖x_i − x*‖²")
+    ax.set_title("n = 8, m = 4: measured (o), Thm 1 (--), mini-batch-N SGD (:)", fontsize=10)
+    ax.legend(fontsize=8)
+    labels = ["Alg 1, N = 4", "Thm 1 bound, N = 4", "plain SGD (exact)"]
+    heights = [tight.measured.mean, t_ext, plain]
+    bx.bar(labels, heights, color=["tab:green", "tab:gray", "tab:red"])
+    bx.errorbar(
+        [0],
+        [tight.measured.mean],
+        yerr=[
+            [tight.measured.mean - tight.measured.low],
+            [tight.measured.high - tight.measured.mean],
+        ],
+        fmt="none",
+        color="black",
+    )
+    bx.set_ylabel(f"E max_i ‖x_i − x*‖² at T = {last}")
+    bx.set_title("near-tight: x_1 = x*, β = 10, γ = 9", fontsize=10)
+    shown = [save_figure(fig, figures, "alg1-error")]
+    return Outcome(
+        name="alg1-error",
+        title="Alg 1: error against T and N (Thm 1)",
+        paper=PAPER,
+        setup=(
+            "Alg 1 in the simulator, n = 8 processes in m = 4 clusters, quorum N ∈ {1, 2, 4, 8}, "
+            f"T ∈ {{{', '.join(map(str, size.steps))}}}, {size.seeds} seeds each, on Thm 1's "
+            "instance: a quadratic with μ = L = 1, gradient noise of total variance σ² = 1, "
+            "‖x_1 − x*‖² = 10, η_t = 2/(3 + t), in d = 64 (the bound does not depend on d; "
+            "more coordinates make a seed's error vary less). The measured quantity per seed "
+            "is the largest error over the processes. The near-tight instance starts at x* "
+            "(the bound's first term vanishes) with β = 10, γ = 9, d = 10. The last two rows "
+            "compare Alg 1 with exact sequential mini-batch SGD (its moment recursion)."
+        ),
+        checks=tuple(checks),
+        figures=tuple(shown),
+        findings=(
+            "**What the numbers say.** On Thm 1's own instance the bound holds with a wide "
+            f"margin (measured/bound {min(loose):.2g}–{max(loose):.2g}): its first term, "
+            "(γ+1)‖x_1−x*‖²/(γ+T+1), decays as 1/T while the error decays faster, so this "
+            "instance proves little. The near-tight instance removes that term: there Alg 1 "
+            f"measures {tight.ratio:.2f} of the bound, and plain SGD — no averaging — lies above "
+            "it, so the check can fail. With N = 1 a process takes the first model that reaches "
+            "it, often one of its own cluster's: processes copy each other and end equal "
+            "(internal error 0). Alg 1 with N = n is sequential mini-batch-n SGD exactly: the "
+            "interval holds the exact value. With N < n its error sits below mini-batch-N SGD "
+            f"({below:.0%} below here; 6–14 % over 40 seeds at T = 100, 300, 1000): different "
+            "processes average different subsets of N models, so a process's next model mixes "
+            "models whose noise came from more than N gradients of the iterations before. The "
+            "last two rows show it: the same N, the same d, n = N against n = 2N."
+        ),
+    )
+
+
+# --- the agreement: contraction per round -----------------------------------------------------
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "no crash": {},
+    "a cluster crashes": {"sim": {"crashes": ["cluster:2@time=3.0"]}},
+    "a crash mid-broadcast": {
+        "sim": {"crashes": ["process:1.0@t=2:mid-broadcast", "process:0.2@time=7"]}
+    },
+    "3 stragglers ×20": {"sim": {"stragglers": 3, "slowdown": 20.0}},
+}
+#: aggregator → (SMMAA factor, Lemma; cluster-round factor, Lemma)
+FACTORS = {
+    "midext": ((7 / 8, "Lemma 16"), (23 / 24, "Lemma 19")),
+    "approachext": ((31 / 32, "Lemma 16"), (79 / 80, "Lemma 20")),
+}
+#: below this squared diameter a round's ratio is rounding, not contraction
+_EPS = 1e-24
+
+
+def maa_run(aggregator: str, seed: int, scenario: str, steps: int) -> SimResult:
+    res = run_simulation(
+        cfg(
+            algorithm="maa",
+            processes=9,
+            clusters=3,
+            steps=steps,
+            dim=3,
+            seed=seed,
+            trace=True,
+            maa={"aggregator": aggregator},
+            **SCENARIOS[scenario],
+        ),
+        record_receives=True,
+    )
+    if res.status is not Status.FINISHED:
+        raise RuntimeError(f"MAA ({aggregator}, {scenario}, seed {seed}) ended {res.status.value}")
+    if not receive_sets_differ(res, "await", "maa"):
+        raise RuntimeError("every process heard the same senders: the contraction would be trivial")
+    return res
+
+
+def _worst(ratios: list[tuple[tuple[int, ...], float, float]]) -> list[float]:
+    return [after / before for _, before, after in ratios if before > _EPS]
+
+
+def maa_contraction(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcome:
+    """The agreement's squared diameter per round, shared-memory (Alg 4) and cluster (Alg 3)
+    rounds, MidExtremes and ApproachExtreme, with and without crashes."""
+    # ApproachExt's rounds are many (111 cluster rounds of 73 SMMAA rounds): one instance a
+    # run when quick
+    seeds, instances = (1, 1) if quick else (10, 2)
+    checks: list[Check] = []
+    depth: dict[str, list[float]] = {}
+    zero_at: list[int] = []
+    derived: dict[str, int] = {}
+    for aggregator, ((f_sm, lemma_sm), (f_cl, lemma_cl)) in FACTORS.items():
+        inner: list[float] = []
+        outer: list[float] = []
+        q_ratio: list[float] = []
+        for scenario in SCENARIOS:
+            say(f"{aggregator}, {scenario}: {seeds} seed(s)")
+            for seed in range(seeds):
+                res = maa_run(aggregator, seed, scenario, steps=instances)
+                inner += _worst(contraction_ratios(rounds_by(res, inner=True)))
+                groups = rounds_by(res, inner=False)
+                outer += _worst(contraction_ratios(groups))
+                rounds, _ = res.config.agreement_rounds()
+                derived[aggregator] = rounds
+                for instance in range(1, instances + 1):
+                    diams = [
+                        diam2(list(groups[(instance, r)].values())) for r in range(1, rounds + 2)
+                    ]
+                    q_ratio.append(diams[-1] / diams[0])
+                    if aggregator == "midext":
+                        zero_at.append(next((r for r, d in enumerate(diams) if d == 0), rounds + 1))
+                        if scenario == "no crash" and seed == 0 and instance == 1:
+                            depth["midext"] = diams
+        claim_sm = Claim(
+            PAPER, lemma_sm, f"each SMMAA round: diam²(A_{{k+1}}) ≤ {_frac(f_sm)}·diam²(A_k)"
+        )
+        claim_cl = Claim(
+            PAPER, lemma_cl, f"each cluster round: diam²(x_{{r+1}}) ≤ {_frac(f_cl)}·diam²(x_r)"
+        )
+        n_runs = seeds * len(SCENARIOS)
+        checks.append(
+            Check(
+                f"{aggregator}: largest ratio of {len(inner)} SMMAA rounds",
+                Interval.exact(max(inner)),
+                claim_sm,
+                "at_most",
+                f_sm,
+                note=f"{n_runs} runs, every scenario",
+            )
+        )
+        checks.append(
+            Check(
+                f"{aggregator}: largest ratio of {len(outer)} cluster rounds",
+                Interval.exact(max(outer)),
+                claim_cl,
+                "at_most",
+                f_cl,
+                note=f"{n_runs} runs, every scenario",
+            )
+        )
+        checks.append(
+            Check(
+                f"{aggregator}: output/input diam² of {len(q_ratio)} instances",
+                Interval.exact(max(q_ratio)),
+                Claim(PAPER, "Thm 2", "R = ⌈log_f q⌉ cluster rounds reach q = 1/4"),
+                "at_most",
+                0.25,
+            )
+        )
+    fig, (ax,) = new_figure()
+    diams = depth["midext"]
+    ax.semilogy(
+        range(1, len(diams) + 1),
+        [max(d, 1e-33) for d in diams],
+        "o-",
+        ms=3,
+        label="measured diam² (0 drawn at 1e-33)",
+    )
+    ax.semilogy(
+        range(1, len(diams) + 1),
+        [diams[0] * (23 / 24) ** r for r in range(len(diams))],
+        "--",
+        label="Lemma 19: (23/24)^r",
+    )
+    ax.set_xlabel("cluster round r")
+    ax.set_ylabel("diam² of the values")
+    ax.set_title(f"MidExt, 9 processes in 3 clusters: {derived['midext']} rounds derived")
+    ax.legend(fontsize=8)
+    shown = [save_figure(fig, figures, "maa-contraction")]
+    reached = sorted(zero_at)
+    return Outcome(
+        name="maa-contraction",
+        title="Agreement: contraction per round (Lemmas 16, 19, 20)",
+        paper=PAPER,
+        setup=(
+            "Alg 3 over Alg 4 (algorithm `maa`) in the simulator, 9 processes in 3 clusters, "
+            f"d = 3, {instances} instance(s) a run, {seeds} seed(s) for each of four schedules: "
+            f"{', '.join(SCENARIOS)}. Every round of every cluster is traced; a round's ratio "
+            "is diam² after over diam² before (rounds already at diam² ≤ 1e-24 are left out: "
+            "their ratio is rounding). The bounds hold for every round, so the measured "
+            "quantity is the largest ratio seen. Each run checks that processes heard "
+            "different senders — with equal receive sets a contraction would be trivial."
+        ),
+        checks=tuple(checks),
+        figures=tuple(shown),
+        findings=(
+            "**What the numbers say.** Every round contracts at least as the lemmas say, under "
+            "crashes and stragglers too. The derived number of rounds is far more than the "
+            f"diameter needs: MidExt's {derived['midext']} cluster rounds (q = 1/4) bring the "
+            f"diameter to exactly 0 — in floating point — after {reached[0]}–{reached[-1]} "
+            "rounds here. The bound is for the worst schedule: a round's MidExt takes the "
+            "midpoint of the farthest pair the process heard, and once two processes heard the "
+            "same extremes they hold the same value; the worst case, where every process hears a "
+            "different extreme pair each round, is rare under random delays."
+        ),
+    )
+
+
+def _frac(f: float) -> str:
+    for den in (8, 24, 32, 80):
+        if abs(f * den - round(f * den)) < 1e-12:
+            return f"{round(f * den)}/{den}"
+    return f"{f:g}"
