@@ -55,6 +55,18 @@ EXPERIMENTS: dict[str, Experiment] = {
             "the agreement's contraction per round: 7/8, 31/32, 23/24, 79/80, under crashes",
             attiya_schiller.maa_contraction,
         ),
+        Experiment(
+            "alg2-agreement",
+            "Attiya–Schiller",
+            "Alg 2's disagreement against Lemma 21, with the derived number of rounds and fewer",
+            attiya_schiller.alg2_agreement,
+        ),
+        Experiment(
+            "partition",
+            "Attiya–Schiller",
+            "Thm 5: clusters cut into halves — Alg 1 splits between wells, Alg 2 blocks",
+            attiya_schiller.partition,
+        ),
     )
 }
 
