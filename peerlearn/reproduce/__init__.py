@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peerlearn.reproduce import attiya_schiller
+from peerlearn.reproduce import attiya_schiller, easgd, mixml
 from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
 from peerlearn.reproduce.report import FIGURES, REPORT, render
 
@@ -66,6 +66,18 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Attiya–Schiller",
             "Thm 5: clusters cut into halves — Alg 1 splits between wells, Alg 2 blocks",
             attiya_schiller.partition,
+        ),
+        Experiment(
+            "easgd-quadratic",
+            "EASGD supplement",
+            "the center's error in Fig. 5's setting, stability condition (17), V_∞",
+            easgd.easgd_quadratic,
+        ),
+        Experiment(
+            "mixml-tmix",
+            "MixML",
+            "t_mix against n for every protocol (Fig. 3), against the paper's formulas",
+            mixml.mixing_time,
         ),
     )
 }

@@ -46,20 +46,22 @@ class Interval:
     low: float
     high: float
     n: int
+    unit: str = "seeds"  # what the n values are
 
     @classmethod
-    def over(cls, values: Sequence[float], level: float = 0.95) -> Interval:
-        """The interval of ``values`` (one per seed), Student's t with n − 1 degrees of freedom."""
+    def over(cls, values: Sequence[float], level: float = 0.95, unit: str = "seeds") -> Interval:
+        """The interval of ``values`` (one per seed, or per ``unit``), Student's t with n − 1
+        degrees of freedom."""
         xs = np.asarray(values, dtype=np.float64)
         if xs.size == 0:
             raise ValueError("an interval needs at least one value")
         mean = float(xs.mean())
         if xs.size == 1:
-            return cls(mean, mean, mean, 1)
+            return cls(mean, mean, mean, 1, unit)
         half = float(
             stats.t.ppf(0.5 + level / 2, xs.size - 1) * xs.std(ddof=1) / math.sqrt(xs.size)
         )
-        return cls(mean, mean - half, mean + half, int(xs.size))
+        return cls(mean, mean - half, mean + half, int(xs.size), unit)
 
     @classmethod
     def exact(cls, value: float) -> Interval:
@@ -69,7 +71,7 @@ class Interval:
     def text(self) -> str:
         if self.n == 1:
             return _num(self.mean)
-        return f"{_num(self.mean)} [{_num(self.low)}, {_num(self.high)}] ({self.n} seeds)"
+        return f"{_num(self.mean)} [{_num(self.low)}, {_num(self.high)}] ({self.n} {self.unit})"
 
 
 @dataclass(frozen=True)
