@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peerlearn.reproduce import attiya_schiller, easgd, mixml
+from peerlearn.reproduce import attiya_schiller, dasgd, easgd, mixml
 from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
 from peerlearn.reproduce.report import FIGURES, REPORT, render
 
@@ -66,6 +66,18 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Attiya–Schiller",
             "Thm 5: clusters cut into halves — Alg 1 splits between wells, Alg 2 blocks",
             attiya_schiller.partition,
+        ),
+        Experiment(
+            "dasgd-slowdown",
+            "Tosi–Theobald",
+            "iterations to ε as one of two nodes slows down (Section 5), next to serial GD",
+            dasgd.dasgd_slowdown,
+        ),
+        Experiment(
+            "dasgd-staleness",
+            "Tosi–Theobald",
+            "S_avg and S_max against n, topology and slowdown, next to the paper's heuristics",
+            dasgd.dasgd_staleness,
         ),
         Experiment(
             "easgd-quadratic",

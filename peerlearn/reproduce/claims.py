@@ -137,7 +137,10 @@ class Outcome:
 
 
 def _num(x: float) -> str:
-    """Four significant digits; exponent notation outside [1e-3, 1e5)."""
+    """A whole number as it is; else four significant digits, in exponent notation outside
+    [1e-3, 1e5)."""
     if x == 0 or not math.isfinite(x):
         return str(x)
+    if x == int(x) and abs(x) < 1e9:  # a count
+        return str(int(x))
     return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.3e}"
