@@ -9,12 +9,12 @@ be trivially exact.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 from peerlearn.algorithms import diam2
+from peerlearn.reproduce.attiya_schiller import SCENARIOS
+from peerlearn.reproduce.attiya_schiller import maa_run as run_maa
 from peerlearn.sim import Status, run_simulation
 from peerlearn.sim.trace import contraction_ratios, receive_sets_differ, rounds_by
 
@@ -22,29 +22,7 @@ from .helpers import barycentric, cfg
 
 EPS = 1e-12
 
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "no-crash": {},
-    "cluster-crash": {"sim": {"crashes": ["cluster:2@time=3.0"]}},
-    "mid-broadcast": {"sim": {"crashes": ["process:1.0@t=2:mid-broadcast", "process:0.2@time=7"]}},
-    "stragglers": {"sim": {"stragglers": 3, "slowdown": 20.0}},
-}
-
-
-def run_maa(aggregator: str, seed: int, scenario: str, dim: int = 3, steps: int = 3) -> Any:
-    over = {
-        "algorithm": "maa",
-        "processes": 9,
-        "clusters": 3,
-        "steps": steps,
-        "dim": dim,
-        "seed": seed,
-        "trace": True,
-        "maa": {"aggregator": aggregator},
-        **SCENARIOS[scenario],
-    }
-    res = run_simulation(cfg(**over), record_receives=True)
-    assert res.status is Status.FINISHED, res.outcome
-    return res
+# SCENARIOS and run_maa are the reproduction report's (the same runs as its maa-contraction).
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

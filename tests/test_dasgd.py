@@ -33,53 +33,22 @@ from peerlearn.algorithms.staleness import (
 from peerlearn.config import RunConfig
 from peerlearn.effects import Effect, Grad, Program, Receive, Report, Vector
 from peerlearn.problems import NoisyQuadratic, Problem
+from peerlearn.reproduce.dasgd import (
+    EXPONENTIAL,
+    L_QUAD,
+    QUADRATIC,
+    dasgd_config,
+)
 from peerlearn.runs import make_programs
 from peerlearn.sim import SimResult, Status, run_simulation
 
-from .helpers import cfg
-
-L_QUAD = 4.0  # the paper's quadratic: μ = 1, L = 4, f* = 0 (its Section 5)
-QUAD: dict[str, Any] = {"name": "quadratic", "sigma": 0.0, "mu": 1.0, "L": L_QUAD}
-CONSTANT = {"dist": "constant", "mean": 1.0}
-LATENCY = {"dist": "constant", "mean": 0.05}
-RANDOM_COMPUTE = {"dist": "exponential", "mean": 1.0}
+# The paper's quadratic and timing, and the config of a DASGD run: the reproduction report's
+# (peerlearn/reproduce/dasgd.py), so its runs and these tests are the same runs.
+QUAD = QUADRATIC
+RANDOM_COMPUTE = EXPONENTIAL
 RANDOM_LATENCY = {"dist": "exponential", "mean": 0.5}
 LOGS = ("compute", "staleness")
-
-
-def _cfg(
-    n: int,
-    steps: int,
-    *,
-    eta: float = 0.002,
-    slowdown: float = 1.0,
-    topology: str = "complete",
-    compute: dict[str, Any] = CONSTANT,
-    delay: dict[str, Any] = LATENCY,
-    spread: float = 0.0,
-    problem: dict[str, Any] = QUAD,
-    seed: int = 0,
-    crashes: tuple[str, ...] = (),
-) -> RunConfig:
-    return cfg(
-        algorithm="dasgd",
-        processes=n,
-        clusters=n,
-        steps=steps,
-        seed=seed,
-        topology=topology,
-        lr={"eta": eta},
-        problem=problem,
-        sim={
-            "stragglers": 1 if slowdown > 1 else 0,
-            "slowdown": slowdown,
-            "compute": compute,
-            "delay_remote": delay,
-            "delay_local": delay,
-            "link_spread": spread,
-            "crashes": list(crashes),
-        },
-    )
+_cfg = dasgd_config
 
 
 # --- recording what the programs see ------------------------------------------------------------

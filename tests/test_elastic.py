@@ -45,11 +45,12 @@ from peerlearn.config import RunConfig, load_config
 from peerlearn.effects import Report, Vector
 from peerlearn.errors import ConfigError
 from peerlearn.problems.quadratic import NoisyQuadratic
+from peerlearn.reproduce.easgd import quad_cfg, trajectories
 from peerlearn.runs import Purpose, build_problem, grad_stream, make_programs, stream
 from peerlearn.runtime.local import ThreadRun
 from peerlearn.runtime.worker import WorkerState
 from peerlearn.sim.core import Proc, Simulator, Status
-from peerlearn.sim.runner import SimResult, run_simulation
+from peerlearn.sim.runner import run_simulation
 
 # Reference-table rows 1 and 2 (docs/papers.md): (p, η, α), h = 1, σ = 1, x₀ = x̃₀ = 1 (centered).
 ROW1 = (4, 0.1, 0.05)
@@ -58,55 +59,6 @@ SIGMA = 1.0
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def quad_cfg(
-    p: int,
-    eta: float,
-    alpha: float,
-    sigma: float,
-    steps: int,
-    *,
-    seed: int = 0,
-    dim: int = 1,
-    start_distance2: float = 1.0,
-    algorithm: str = "easgd",
-    **elastic: Any,
-) -> RunConfig:
-    """p workers and a center on a quadratic with h = 1 in every coordinate; ``sigma`` is the
-    per-coordinate noise std (the problem's total σ is σ√dim)."""
-    return load_config(
-        overrides={
-            "algorithm": algorithm,
-            "processes": p + 1,
-            "clusters": 1,
-            "steps": steps,
-            "seed": seed,
-            "lr": {"eta": eta},
-            "elastic": {"alpha": alpha, **elastic},
-            "problem": {
-                "name": "quadratic",
-                "dim": dim,
-                "mu": 1.0,
-                "L": 1.0,
-                "sigma": sigma * math.sqrt(dim),
-                "start_distance2": start_distance2,
-                "seed": 0,
-            },
-        }
-    )
-
-
-def trajectories(result: SimResult) -> dict[int, list[Vector]]:
-    """pid → its "model" reports minus x*, in report order (needs record_reports=("model",))."""
-    assert result.problem is not None
-    x_star = result.problem.constants.x_star
-    assert x_star is not None
-    out: dict[int, list[Vector]] = {}
-    for pid, rep in result.reports:
-        if rep.name == "model":
-            out.setdefault(pid, []).append(rep.value - x_star)
-    return out
 
 
 def scalar_center_path(cfg: RunConfig) -> tuple[Vector, float]:

@@ -101,6 +101,30 @@ def test_a_failing_claim_is_reported_and_exits_1(
     assert "**FAIL**" in (tmp_path / "reproduction.md").read_text()  # written all the same
 
 
+def test_an_experiment_that_raises_is_a_failed_row_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(quick: bool, figures: Path, say: object) -> Outcome:
+        raise RuntimeError("the run ended blocked")
+
+    def fine(quick: bool, figures: Path, say: object) -> Outcome:
+        ok = Check("error", Interval(0.5, 0.4, 0.6, 5), CLAIM, "at_most", 1.0)
+        return Outcome("fine", "A fine claim", "Paper", "none", (ok,))
+
+    monkeypatch.setattr(
+        "peerlearn.reproduce.EXPERIMENTS",
+        {
+            "broken": Experiment("broken", "Paper", "raises", broken),
+            "fine": Experiment("fine", "Paper", "passes", fine),
+        },
+    )
+    got = CliRunner().invoke(app, ["reproduce", "all", "--out", str(tmp_path)])
+    assert got.exit_code == 1
+    assert "1 of 2 claims pass, 1 fail" in got.output
+    report = (tmp_path / "reproduction.md").read_text()
+    assert "RuntimeError: the run ended blocked" in report and "A fine claim" in report
+
+
 def test_an_unwritable_folder_is_one_line_and_exit_2(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -7,6 +7,7 @@ either way, and says which), 2 for a user error (an unknown experiment, an unwri
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated
@@ -33,13 +34,13 @@ def reproduce(
             help="Where to write reproduction.md, and its figures in reproduction/ "
             "(docs/ rebuilds the committed report).",
         ),
-    ] = Path("reproduction"),
+    ] = Path("report"),
     quick: Annotated[
         bool,
         typer.Option(
             "--quick",
             help="Every experiment reduced — fewer seeds, shorter runs — every claim still "
-            "judged (what the test suite runs: about a minute).",
+            "judged (what the test suite runs: under a minute).",
         ),
     ] = False,
 ) -> None:
@@ -59,7 +60,9 @@ def reproduce(
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise fail(f"no experiment {unknown[0]!r}: one of {', '.join(EXPERIMENTS)}, or all")
-    command = f"peerlearn reproduce {experiment} --out {out_dir}" + (" --quick" if quick else "")
+    command = f"peerlearn reproduce {experiment} --out {shlex.quote(str(out_dir))}" + (
+        " --quick" if quick else ""
+    )
     started = time.perf_counter()
 
     def say(text: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from peerlearn.errors import PeerlearnError
 from peerlearn.reproduce import attiya_schiller, dasgd, easgd, mixml
 from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
 from peerlearn.reproduce.report import FIGURES, REPORT, render
@@ -104,20 +105,41 @@ def reproduce(
 ) -> list[Outcome]:
     """Run the experiments ``names`` (in the registry's order) and write ``out/reproduction.md``
     and its figures in ``out/reproduction/``; the outcomes, in that order. KeyError for an
-    unknown name (before anything runs)."""
+    unknown name (before anything runs). The report is rewritten after every experiment, so a
+    long run that is stopped keeps what it measured; an experiment that raises is reported as
+    failed, with its error, and the others still run."""
     chosen = [EXPERIMENTS[n] for n in names]
     out.mkdir(parents=True, exist_ok=True)
     figures = out / FIGURES
     started = time.perf_counter()
-    outcomes = []
+    outcomes: list[Outcome] = []
     for i, exp in enumerate(chosen, 1):
         say(f"[{i}/{len(chosen)}] {exp.name}: {exp.summary}")
         t0 = time.perf_counter()
-        got = exp.run(quick, figures, _prefixed(say, exp.name))
+        try:
+            got = exp.run(quick, figures, _prefixed(say, exp.name))
+        except (RuntimeError, ValueError, ArithmeticError, PeerlearnError) as exc:
+            say(f"  {exp.name} failed: {type(exc).__name__}: {exc}")
+            got = _failed(exp, exc)
         outcomes.append(replace(got, seconds=time.perf_counter() - t0, quick=quick))
-    text = render(outcomes, time.perf_counter() - started, command)
-    (out / REPORT).write_text(text + "\n", encoding="utf-8")
+        text = render(outcomes, time.perf_counter() - started, command)
+        (out / REPORT).write_text(text + "\n", encoding="utf-8")
     return outcomes
+
+
+def _failed(exp: Experiment, exc: Exception) -> Outcome:
+    """An experiment that could not finish: one failed check that says why."""
+    ran = Check(
+        "the experiment ran to its end",
+        Interval.exact(0),
+        Claim(exp.paper, "—", "every run of the experiment finishes"),
+        "equals",
+        1.0,
+        note=f"{type(exc).__name__}: {exc}",
+    )
+    return Outcome(
+        exp.name, exp.summary, exp.paper, "(it failed before its setup was done)", (ran,)
+    )
 
 
 def _prefixed(say: Say, name: str) -> Say:

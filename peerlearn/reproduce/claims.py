@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -129,7 +129,6 @@ class Outcome:
     findings: str = ""
     seconds: float = 0.0
     quick: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[Check]:

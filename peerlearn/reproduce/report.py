@@ -110,6 +110,12 @@ def render(outcomes: Sequence[Outcome], seconds: float, command: str) -> str:
         f"**{passed} of {total} claims pass, {failed} fail**; "
         f"{total - passed - failed} comparisons carry no verdict.",
         "",
+        "A note on chance: a claim that the measured value *equals* a closed form passes when "
+        "its 95 % interval holds the exact value, so about 1 in 20 such checks of a correct "
+        "claim fails by chance. The seeds are fixed: a rebuild gives the same numbers and "
+        "verdicts; a failing 'equals' row is a prompt to rerun it with more seeds, not yet "
+        "proof of a bug.",
+        "",
         "| experiment | paper | claims | pass | fail | time |",
         "|---|---|---|---|---|---|",
     ]
@@ -118,7 +124,7 @@ def render(outcomes: Sequence[Outcome], seconds: float, command: str) -> str:
         ok = sum(c.verdict == "PASS" for c in o.checks)
         anchor = o.title.lower().replace(" ", "-")
         lines.append(
-            f"| [{_cell(o.title)}](#{''.join(ch for ch in anchor if ch.isalnum() or ch == '-')}) "
+            f"| [{_cell(o.title)}](#{''.join(ch for ch in anchor if ch.isalnum() or ch in '-_')}) "
             f"| {o.paper} | {n} | {ok} | {len(o.failed)} | {o.seconds:.0f} s |"
         )
     lines.append("")
