@@ -249,7 +249,7 @@ def alg1_error(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcom
         ),
     ]
     # N = n: each process averages all n models, so Alg 1 *is* sequential mini-batch-n SGD.
-    steps = size.steps[1]
+    steps = last
     say(f"n = N = 4 against exact sequential mini-batch-4 SGD, and n = 8, N = 4; T = {steps}")
     same = largest(alg1_errors(4, size.seeds, steps, WIDE, processes=4, clusters=2)[0])
     more = largest(alg1_errors(4, size.seeds, steps, WIDE, processes=8, clusters=4)[0])

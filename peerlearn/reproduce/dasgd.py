@@ -186,10 +186,10 @@ def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
             f"to {smax[slowdowns[-1]]}) they differ by {spread:.1%}, and they sit within "
             f"{max(abs(v / serial - 1) for v in found.values()):.1%} of serial gradient "
             "descent's. The paper states it qualitatively, so these rows carry no verdict. "
-            f"Stale gradients are few: {min(fresh.values()):.1%} or more of every run's steps "
-            "applied a gradient with |S| ≤ 1 (S_avg "
-            f"{', '.join(f'{v:.2f}' for v in savg.values())}), as a slowed node's gradients "
-            "are rare."
+            "The share of steps that apply a nearly fresh gradient (|S| ≤ 1) is "
+            + ", ".join(f"{fresh[x]:.0%} at ×{x}" for x in slowdowns)
+            + f" (S_avg {', '.join(f'{v:.2f}' for v in savg.values())}): the slower one "
+            "node, the rarer its stale gradients among all the steps."
         ),
     )
 
