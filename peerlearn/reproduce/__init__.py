@@ -63,6 +63,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             attiya_schiller.alg2_agreement,
         ),
         Experiment(
+            "alg2-gradient",
+            "Attiya–Schiller",
+            "Alg 2's squared gradient norm against Lemma 22 at the smallest T it allows",
+            attiya_schiller.alg2_gradient,
+        ),
+        Experiment(
             "partition",
             "Attiya–Schiller",
             "Thm 5: clusters cut into halves — Alg 1 splits between wells, Alg 2 blocks",
