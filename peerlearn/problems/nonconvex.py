@@ -116,21 +116,25 @@ class SmoothNonConvex(Problem):
     """Q(x) = Σ_k φ(x_k − c_k) with φ(u) = u²/(1+u²): smooth, bounded, non-convex for |u| > 1/√3.
 
     φ''(u) = (2 − 6u²)/(1+u²)³ has max |φ''| = 2 at u = 0, so L = 2; Q* = 0 at x = c. The centre
-    c ~ N(0, I) and the start x0 = c ± 2 (random signs) come from ``seed``: at |u| = 2 every
-    coordinate starts in the non-convex region, which is what Algorithm 2 is for. The oracle
-    adds N(0, (σ²/d)·I) noise, total variance σ².
+    c ~ N(0, I) and the start x0 = c ± ``start`` (random signs) come from ``seed``: at the
+    default |u| = 2 every coordinate starts in the non-convex region, which is what Algorithm 2
+    is for; at |u| = 1/√3 the gradient is steepest (|φ'| = 3√3/8). The oracle adds
+    N(0, (σ²/d)·I) noise, total variance σ².
     """
 
     name = "nonconvex"
 
-    def __init__(self, dim: int = 10, sigma: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self, dim: int = 10, sigma: float = 1.0, seed: int = 0, start: float = 2.0
+    ) -> None:
         self._dim = check_int(self.name, "dim", dim, minimum=1)
         self._sigma = check_float(self.name, "sigma", sigma, nonnegative=True)
         self._seed = check_int(self.name, "seed", seed, minimum=0)
+        self._start = check_float(self.name, "start", start, nonnegative=True)
         rng = np.random.default_rng(self._seed)
         centre = rng.standard_normal(self._dim)
         signs = rng.choice(np.array([-1.0, 1.0]), size=self._dim)
-        self._x0: Vector = centre + 2.0 * signs
+        self._x0: Vector = centre + self._start * signs
         centre.flags.writeable = False
         self._centre: Vector = centre
         self._noise_std = self._sigma / math.sqrt(self._dim)
@@ -173,4 +177,7 @@ class SmoothNonConvex(Problem):
         return {"grad_norm2": float(np.dot(g, g))}
 
     def __repr__(self) -> str:
-        return f"SmoothNonConvex(dim={self._dim}, sigma={self._sigma}, seed={self._seed})"
+        return (
+            f"SmoothNonConvex(dim={self._dim}, sigma={self._sigma}, seed={self._seed}, "
+            f"start={self._start})"
+        )

@@ -320,21 +320,41 @@ def alg1_error(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcom
         ),
         checks=tuple(checks),
         figures=tuple(shown),
-        findings=_alg1_findings(loose, tight, copied, vs_seq, exact4),
+        findings=_alg1_findings(
+            loose,
+            tight,
+            copied,
+            vs_seq,
+            exact4,
+            # the first term's share of the bound at N = 4, T = last
+            (GAMMA + 1) * START2 / (GAMMA + last + 1) / thm1_bounds(4, last)[0],
+            all(c.verdict == "PASS" for c in checks if c.claim is POWER),
+        ),
     )
 
 
 def _alg1_findings(
-    loose: list[float], tight: Check, copied: bool, vs_seq: Interval, exact4: float
+    loose: list[float],
+    tight: Check,
+    copied: bool,
+    vs_seq: Interval,
+    exact4: float,
+    first: float,
+    power: bool,
 ) -> str:
     """What the numbers say, each sentence as the measurements have it."""
     text = (
-        "**What the numbers say.** On Thm 1's own instance the bound holds with a wide "
-        f"margin (measured/bound {min(loose):.2g}–{max(loose):.2g}): its first term, "
-        "(γ+1)‖x_1−x*‖²/(γ+T+1), decays as 1/T while the error decays faster, so this "
-        "instance proves little. The near-tight instance removes that term: there Alg 1 "
-        f"measures {tight.ratio or 0:.2f} of the bound, and plain SGD — no averaging — lies "
-        "above it, so the check can fail. "
+        "**What the numbers say.** On Thm 1's own instance the measurements sit far under the "
+        f"bound (measured/bound {min(loose):.2g}–{max(loose):.2g}): most of the bound is its "
+        f"first term (γ+1)‖x_1−x*‖²/(γ+T+1) — {first:.0%} of it at N = 4 and the longest T — "
+        "the start's distance, which the runs shed long before, so this instance proves "
+        f"little. The near-tight instance removes that term: there Alg 1 measures "
+        f"{tight.ratio or 0:.2f} of the bound"
+        + (
+            ", and plain SGD — no averaging — lies above it, so the check can fail. "
+            if power
+            else ". "
+        )
     )
     if copied:
         text += (
@@ -690,9 +710,9 @@ def alg2_agreement(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
                 if enough is not None
                 else "none of the reduced counts brings the whole interval under it, "
             )
-            + f"where the lemma's worst-case contraction (23/24 a round) asks for {derived}. "
-            "The derived count is for the worst schedule; under random delays a round of "
-            "MidExt contracts far more (the agreement experiment measures it)."
+            + f"where the lemma's worst-case contraction (23/24 a round) asks for {derived}: "
+            "the derived count is for the worst schedule, and the agreement experiment "
+            "measures how much a round contracts under these random delays."
         ),
     )
 
@@ -818,13 +838,17 @@ def partition(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcome
         checks=checks,
         figures=tuple(shown),
         findings=(
-            "**What the numbers say.** Inside each half Alg 1 converged: its models ended within "
+            "**What the numbers say.** Inside each half Alg 1's models ended within "
             f"{spread:.2g} of their half's mean, and each half's mean within {off_well:.2g} of "
             f"a well (±{WELL}). Across the cut nothing ties the halves together, and in {split} "
-            f"of {seeds} runs they settled in opposite wells: no internal convergence, as Thm 5 "
-            "says no algorithm can promise here. The theorem is an impossibility, so it has no "
-            "bound to measure against: the runs show how it plays out. Alg 2, whose agreement "
-            "needs a majority of clusters, "
+            f"of {seeds} runs they settled in opposite wells"
+            + (
+                ": no internal convergence there, as Thm 5 says no algorithm can promise here. "
+                if split
+                else " — none here, which these runs do not promise either. "
+            )
+            + "The theorem is an impossibility, so it has no bound to measure against: the "
+            "runs show how it plays out. Alg 2, whose agreement needs a majority of clusters, "
             + (
                 "does not go on: every run ended blocked, each process waiting for a third "
                 "cluster — the simulator says so instead of letting the halves drift apart."
@@ -843,6 +867,19 @@ LEMMA22 = Claim(
     "T ≥ max{16L²N, 4N}, η = √(N/T), q_t = η/4: min_{t ∈ [T+1]} E‖∇Q(x_t^i)‖² ≤ "
     "4(Q(x_1) − Q*)/√(NT) + 20σ²L/√(NT) + 16σ²/√(NT)",
 )
+LEMMA22_POWER = Claim(
+    "this report",
+    "Lemma 22's instance",
+    "a run that never descends fails the bound: ‖∇Q(x_1)‖² is above it",
+)
+#: Lemma 22's instance: Q = Σ_k φ(x_k − c_k) in d = 10, every coordinate started where φ is
+#: steepest (|u| = 1/√3), so ‖∇Q(x_1)‖² = d·27/64 is above the bound of both layouts
+NONCONVEX_STEEP: dict[str, Any] = {
+    "name": "nonconvex",
+    "dim": 10,
+    "sigma": 1.0,
+    "start": 1 / math.sqrt(3),
+}
 
 
 def lemma22_bound(q_gap: float, sigma2: float, lipschitz: float, quorum: int, steps: int) -> float:
@@ -852,16 +889,16 @@ def lemma22_bound(q_gap: float, sigma2: float, lipschitz: float, quorum: int, st
 
 def alg2_gradients(
     seeds: int, processes: int, clusters: int, quorum: int, steps: int
-) -> tuple[np.ndarray, float]:
-    """seeds × processes × (T + 1): ‖∇Q(x_t^i)‖² of Alg 2 with η = √(N/T) and the derived
-    agreement rounds, T = ``steps``; and Q(x_1) − Q*."""
+) -> tuple[np.ndarray, float, float]:
+    """seeds × processes × (T + 1): ‖∇Q(x_t^i)‖² for t = 1 … T + 1 (index t − 1) of Alg 2 with
+    η = √(N/T) and the derived agreement rounds, T = ``steps``; Q(x_1) − Q*; ‖∇Q(x_1)‖²."""
     out = []
-    gap = 0.0
+    gap = start = 0.0
     for seed in range(seeds):
         res = run_simulation(
             cfg(
                 algorithm="alg2",
-                problem={"name": "nonconvex", "dim": 5, "sigma": 1.0},
+                problem=NONCONVEX_STEEP,
                 processes=processes,
                 clusters=clusters,
                 quorum=quorum,
@@ -874,22 +911,25 @@ def alg2_gradients(
         )
         if res.status is not Status.FINISHED:
             raise RuntimeError(f"Alg 2 (seed {seed}) ended {res.status.value}")
-        assert res.problem is not None
-        gap = res.problem.loss(res.problem.x0()) - (res.problem.constants.q_star or 0.0)
+        problem = res.problem
+        assert problem is not None
+        x1 = problem.x0()
+        gap = problem.loss(x1) - (problem.constants.q_star or 0.0)
+        start = float(problem.full_grad(x1) @ problem.full_grad(x1))
         norms: dict[int, list[float]] = {}
-        for pid, rep in res.reports:
+        for pid, rep in res.reports:  # each process reports x_1 … x_{T+1}
             if rep.name == "model":
-                g = res.problem.full_grad(rep.value)
+                g = problem.full_grad(rep.value)
                 norms.setdefault(pid, []).append(float(g @ g))
         out.append([norms[pid][: steps + 1] for pid in sorted(norms)])
-    return np.asarray(out), gap
+    return np.asarray(out), gap, start
 
 
 def alg2_gradient(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcome:
     """Alg 2's smallest expected squared gradient norm over the run against Lemma 22, at the
     smallest T the lemma allows, for two N."""
     lipschitz, sigma2 = 2.0, 1.0
-    # (n, m, N): T = max{16L²N, 4N}; quick: the smaller layout only
+    # (n, m, N), each at T = max{16L²N, 4N}; quick: the smaller layout only
     layouts = ((4, 2, 2),) if quick else ((4, 2, 2), (8, 4, 4))
     seeds = 1 if quick else 4  # a seed of the smaller layout takes ≈ 20 s: 82 rounds × 14
     checks: list[Check] = []
@@ -907,39 +947,51 @@ def alg2_gradient(quick: bool, figures: Path, say: Callable[[str], None]) -> Out
         ).agreement_rounds()
         say(f"n = {n}, N = {quorum}, T = {steps}, R = {rounds}: {seeds} seeds")
         runs.append((quorum, steps))
-        norms, gap = alg2_gradients(seeds, n, m, quorum, steps)
-        # per seed: min over t of the largest process's ‖∇Q‖² — a bound on every process's
-        # min_t E‖∇Q‖² is then checked on the mean over seeds of the per-t worst process
-        worst_t = norms.max(axis=1)  # seeds × (T + 1)
+        norms, gap, start = alg2_gradients(seeds, n, m, quorum, steps)
+        bound = lemma22_bound(gap, sigma2, lipschitz, quorum, steps)
+        # at every t the worst process's ‖∇Q‖² (seeds × (T + 1)); its mean over seeds; the t
+        # where that is least
+        worst_t = norms.max(axis=1)
         expected = worst_t.mean(axis=0)
-        t_best = int(np.argmin(expected))
+        best = int(np.argmin(expected))  # index t − 1
         curves[quorum] = expected
-        checks.append(
+        where = f"n = {n}, N = {quorum}, T = {steps}"
+        checks += [
             Check(
-                f"max_i E‖∇Q(x_t^i)‖² at its best t ({t_best}), n = {n}, N = {quorum}, T = {steps}",
-                Interval.over(list(worst_t[:, t_best])),
+                f"E max_i ‖∇Q(x_t^i)‖² at its least t (t = {best + 1}), {where}",
+                Interval.over(list(worst_t[:, best])),
                 LEMMA22,
                 "at_most",
-                lemma22_bound(gap, sigma2, lipschitz, quorum, steps),
+                bound,
                 note=f"η = {math.sqrt(quorum / steps):.4g}, R = {rounds} × {inner}",
-            )
-        )
+            ),
+            Check(
+                f"‖∇Q(x_1)‖², {where}",
+                Interval.exact(start),
+                LEMMA22_POWER,
+                "at_least",
+                bound,
+                note="every process starts there",
+            ),
+        ]
     fig, (ax,) = new_figure()
     for quorum, expected in curves.items():
-        ax.semilogy(range(len(expected)), expected, label=f"N = {quorum}, T = {len(expected) - 1}")
+        t = range(1, len(expected) + 1)
+        ax.semilogy(t, expected, label=f"N = {quorum}, T = {len(expected) - 1}")
     for c in checks:
-        if c.bound is not None:
+        if c.claim is LEMMA22 and c.bound is not None:
             ax.axhline(c.bound, ls="--", color="gray")
     ax.set_xlabel("iteration t")
     ax.set_ylabel("E max_i ‖∇Q(x_t^i)‖² (dashed: Lemma 22)")
-    ax.set_title("Alg 2 on the smooth non-convex Q, d = 5, σ² = 1", fontsize=10)
+    ax.set_title("Alg 2 on the smooth non-convex Q, d = 10, σ² = 1", fontsize=10)
     ax.legend(fontsize=8)
     shown = [save_figure(fig, figures, "alg2-gradient")]
-    ratios = [c.ratio for c in checks if c.ratio is not None]
+    judged = [c for c in checks if c.claim is LEMMA22]
+    ratios = [c.ratio for c in judged if c.ratio is not None]
     # the measured value over the bound's noise terms alone
     floors = [
         c.measured.mean * math.sqrt(quorum * steps) / (20 * sigma2 * lipschitz + 16 * sigma2)
-        for c, (quorum, steps) in zip(checks, runs, strict=True)
+        for c, (quorum, steps) in zip(judged, runs, strict=True)
     ]
     return Outcome(
         name="alg2-gradient",
@@ -947,11 +999,13 @@ def alg2_gradient(quick: bool, figures: Path, say: Callable[[str], None]) -> Out
         paper=PAPER,
         setup=(
             "Alg 2 in the simulator on Q(x) = Σ_k φ(x_k − c_k), φ(u) = u²/(1+u²) (L = 2, "
-            "Q* = 0), d = 5, gradient noise of total variance σ² = 1, every coordinate started "
-            "at |x − c| = 2 (in the non-convex region); at the smallest T the lemma allows, "
+            "Q* = 0), d = 10, gradient noise of total variance σ² = 1, every coordinate started "
+            "at |x − c| = 1/√3, where φ is steepest — so ‖∇Q(x_1)‖² is above the bound and a "
+            "run that never descended would fail it; at the smallest T the lemma allows, "
             "T = max{16L²N, 4N}, with η = √(N/T) and the agreement rounds derived from "
-            f"q = η/4; {seeds} seeds per layout. Measured: at every t the largest ‖∇Q(x_t^i)‖² "
-            "over the processes, its mean over seeds, and the t where that is least."
+            f"q = η/4; {seeds} seed(s) per layout. Measured: at every t the largest "
+            "‖∇Q(x_t^i)‖² over the processes, its mean over seeds, and the t where that is "
+            "least (chosen on the same runs)."
         ),
         checks=tuple(checks),
         figures=tuple(shown),
@@ -959,17 +1013,15 @@ def alg2_gradient(quick: bool, figures: Path, say: Callable[[str], None]) -> Out
             "**What the numbers say.** "
             + (
                 "The lemma holds"
-                if all(c.verdict == "PASS" for c in checks)
+                if all(c.verdict == "PASS" for c in judged)
                 else "The lemma does not hold everywhere: see the failed rows"
             )
             + " (measured/bound "
             + "–".join(f"{r:.2g}" for r in sorted({min(ratios), max(ratios)}))
-            + "); the measured value is "
+            + "), on an instance where it could fail: the start is above the bound. Alg 2 "
+            "descends well below it; the least value measured is "
             + ", ".join(f"{f:.2g}" for f in floors)
-            + " of the bound's noise terms (20σ²L + 16σ²)/√(NT) alone. Within the lemma's "
-            "hypotheses T, N and η are tied together (T ≥ 16L²N, η = √(N/T)), so there is no "
-            "free setting that brings the bound close: this report has no near-tight instance "
-            "for it. The t of each row is the one where the seeds' mean is least, chosen on the "
-            "same runs."
+            + " of the bound's noise terms (20σ²L + 16σ²)/√(NT) alone, so those terms make "
+            "the bound loose here, whatever the start."
         ),
     )

@@ -8,6 +8,7 @@ compute takes 1 (the slowed node x), messages take 0.05, σ = 0.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from peerlearn.sim import SimResult, Status, run_simulation
 __all__ = ["dasgd_slowdown", "dasgd_staleness"]
 
 PAPER = "Tosi–Theobald"
-#: the paper's quadratic (Section 5): f = ½‖Ax − b‖², eigenvalues in [1, 2] → μ = 1, L = 4, σ = 0
+#: the paper's quadratic (Section 5) is f = ½‖Ax − b‖² with A's eigenvalues in [1, 2]: this one's
+#: Hessian has its eigenvalues spread over [1, 4] alike (μ = 1, L = 4, f* = 0), σ = 0
 L_QUAD = 4.0
 QUADRATIC: dict[str, Any] = {"name": "quadratic", "sigma": 0.0, "mu": 1.0, "L": L_QUAD}
 #: the paper's timing: every compute takes 1, every message 0.05
@@ -165,8 +167,9 @@ def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
         title="DASGD: iterations to ε as one node slows down (Section 5)",
         paper=PAPER,
         setup=(
-            "DASGD in the simulator, n = 2 nodes on the paper's quadratic f = ½‖Ax − b‖² in "
-            "d = 10 (eigenvalues in [1, 2]: μ = 1, L = 4, f* = 0), full gradients (σ = 0), "
+            "DASGD in the simulator, n = 2 nodes on a quadratic in d = 10 whose Hessian's "
+            "eigenvalues spread over [1, 4] — as the paper's f = ½‖Ax − b‖² with A's in [1, 2]: "
+            "μ = 1, L = 4, f* = 0 — with full gradients (σ = 0), "
             f"η = {ETA}, from x⁰; one node's compute takes x (the other's 1), messages 0.05. "
             f"Iterations to ε: the first local step (every applied gradient counts) at which "
             f"the mean ‖∇f‖ over the last {WINDOW} steps is ≤ {EPSILON:g} — the paper's rule "
@@ -188,8 +191,12 @@ def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
             "descent's. The paper states it qualitatively, so these rows carry no verdict. "
             "The share of steps that apply a nearly fresh gradient (|S| ≤ 1) is "
             + ", ".join(f"{fresh[x]:.0%} at ×{x}" for x in slowdowns)
-            + f" (S_avg {', '.join(f'{v:.2f}' for v in savg.values())}): the slower one "
-            "node, the rarer its stale gradients among all the steps."
+            + f" (S_avg {', '.join(f'{v:.2f}' for v in savg.values())})"
+            + (
+                ": the slower one node, the rarer its stale gradients among all the steps."
+                if all(a <= b for a, b in itertools.pairwise(fresh[x] for x in slowdowns))
+                else "."
+            )
         ),
     )
 
@@ -363,12 +370,15 @@ def _staleness_text(
         text += (
             "It is not the symmetric difference in Def. 1: counted one way only — what the "
             "receiver had applied that the gradient's snapshot lacked — the largest is the "
-            "same at every n, and the other way it is 0. It is the timing model: a node of "
-            "Algorithm 1 cannot apply while it computes, so with equal compute times every "
-            "node starts its next gradient just before the others' arrive, and a gradient's "
-            "snapshot misses a whole round: by the time it is applied the receiver has taken "
-            "about two rounds of gradients. "
+            "same at every n, and the other way it is 0. "
         )
+        if twice:
+            text += (
+                "It is the timing model: a node of Algorithm 1 cannot apply while it computes, "
+                "so with equal compute times every node starts its next gradient just before "
+                "the others' arrive, and a gradient's snapshot misses a whole round: by the time "
+                "it is applied the receiver has taken about two rounds of gradients. "
+            )
     else:
         text += (
             f"Counted one way (what the receiver had that the snapshot lacked) the largest at "
@@ -380,9 +390,10 @@ def _staleness_text(
         + ", ".join(f"{random[n][0]:.2f}" for n in ns)
         + " and S_max "
         + ", ".join(str(random[n][1]) for n in ns)
-        + " for the same n — the average "
-        + ("lower, " if all(random[n][0] < complete[n][0] for n in ns) else "moved, ")
-        + "the maximum driven by the longest compute. "
+        + " for the same n: the average "
+        + ("lower" if all(random[n][0] < complete[n][0] for n in ns) else "moved")
+        + ", the maximum "
+        + ("higher. " if all(random[n][1] > complete[n][1] for n in ns) else "moved. ")
     )
     if all(s == x + 2 and a == s for x, (s, a) in two.items()):
         text += (
