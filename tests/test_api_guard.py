@@ -81,6 +81,9 @@ async def test_no_web_page_can_stop_a_daemon() -> None:
             metrics = (await http.get("/metrics")).text
             assert _refused(metrics, "origin") == 2 and _refused(metrics, "host") == 1
             # its own status page (same origin) and a script may
+            # a page on another local port is another origin
+            other = await http.post("/stop", headers={"Origin": "http://localhost:3000"})
+            assert other.status_code == 403
             same = await http.post("/stop", headers={"Origin": f"http://localhost:{port}"})
             assert same.json() == {"state": "stopping"}
         await c.daemons[0].wait()
@@ -164,11 +167,9 @@ async def test_slowloris_connections_are_closed_at_the_header_deadline() -> None
         await c.wait_for(lambda: c.min_step() > before + 10, 30)
 
 
-async def test_a_body_trickled_after_the_response_is_closed_and_other_ports_are_other_origins() -> (
-    None
-):
+async def test_a_body_trickled_after_the_response_is_closed() -> None:
     """A request that announces a body it never finishes sending is closed at the deadline
-    too (uvicorn would keep it open forever); a page on another local port is another origin."""
+    too (uvicorn would keep it open forever)."""
     async with local_cluster(
         1, workers=1, algorithm="alg1", problem=QUAD, api_header_timeout=1.0
     ) as c:
@@ -190,7 +191,29 @@ async def test_a_body_trickled_after_the_response_is_closed_and_other_ports_are_
         closed_after = time.monotonic() - started
         writer.close()
         assert closed_after < 4.0, closed_after
-        async with httpx.AsyncClient(base_url=c.urls[0]) as http:
-            other = await http.post("/stop", headers={"Origin": "http://localhost:3000"})
-            assert other.status_code == 403
-            assert c.daemons[0].state is DaemonState.RUNNING
+
+
+async def test_a_request_that_came_in_time_is_answered_after_the_loop_stalled() -> None:
+    """The deadline closes clients that are slow, not a daemon whose loop was: a request whose
+    bytes arrived before the deadline is answered even if the loop stalled past it (a GC pause,
+    a starved machine). This holds because the loop reads what came in before it runs the
+    timers that fell due meanwhile (libuv polls, then runs timers); the guard relies on it."""
+    async with local_cluster(
+        1, workers=1, algorithm="alg1", problem=QUAD, api_header_timeout=0.5
+    ) as c:
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.daemons[0].api_port)
+        request = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        writer.write(request)  # a first answer: the connection is accepted, the deadline armed
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head[:12] == b"HTTP/1.1 200", head
+        length = next(
+            int(h.split(b":")[1])
+            for h in head.split(b"\r\n")
+            if h.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        writer.write(request)
+        time.sleep(1.0)  # the loop stalls with the request in its socket, past the deadline
+        line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 30)
+        writer.close()
+        assert line[:12] == b"HTTP/1.1 200", line
