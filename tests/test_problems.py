@@ -21,6 +21,7 @@ from peerlearn.problems import (
     PROBLEM_NAMES,
     PROBLEMS,
     DoubleWell,
+    GaussianLogistic,
     LogisticRegression,
     NoisyQuadratic,
     Problem,
@@ -38,6 +39,7 @@ FACTORIES: dict[str, Callable[[], Problem]] = {
     "mlp": lambda: MLP(hidden=5, batch_size=8, l2=1e-3),
     "double_well": lambda: DoubleWell(sigma=0.5),
     "nonconvex": lambda: SmoothNonConvex(dim=5, sigma=2.0, seed=1),
+    "gaussian_logistic": lambda: GaussianLogistic(dim=5, samples=40, batch=4, seed=1),
 }
 IDS = list(FACTORIES)
 
@@ -246,7 +248,9 @@ def test_lemma3_fails_for_too_large_a_step() -> None:
 # --- smoothness and strong convexity of the other problems -------------------------------------
 
 
-@pytest.mark.parametrize("key", ["logistic", "softmax", "nonconvex", "double_well"])
+@pytest.mark.parametrize(
+    "key", ["logistic", "softmax", "nonconvex", "double_well", "gaussian_logistic"]
+)
 def test_declared_L_and_mu_hold_on_random_pairs(key: str) -> None:
     problem = FACTORIES[key]()
     c = problem.constants
@@ -369,6 +373,26 @@ def test_logistic_constants_and_learning() -> None:
     assert p.evaluate(x)["test_accuracy"] > 0.9
 
 
+def test_gaussian_logistic_is_the_papers_problem() -> None:
+    """DASGD's Section 5 logistic regression: full gradients by default (σ = 0), the log-loss
+    log 2 at x = 0, where every sigmoid slope is ¼ and the declared L is the Hessian's top
+    eigenvalue; gradient descent finds a finite minimiser (the data are not separable)."""
+    p = GaussianLogistic()
+    assert p.dim == 20 and p.constants.mu is None and p.constants.L is not None
+    x = p.x0()
+    assert p.loss(x) == pytest.approx(math.log(2))
+    assert np.array_equal(p.grad(x, np.random.default_rng(0)), p.full_grad(x))
+    hessian = np.column_stack([_hvp(p, x, e) for e in np.eye(p.dim)])
+    top = np.linalg.eigvalsh((hessian + hessian.T) / 2)[-1]
+    assert top == pytest.approx(p.constants.L, rel=1e-6)
+    assert 0.3 < p.constants.L < 0.7  # ¼·λ_max of a 20-d Gaussian Gram over 100: ≈ ¼·(1 + √0.2)²
+    for _ in range(3000):
+        x -= (1.0 / p.constants.L) * p.full_grad(x)
+    assert np.linalg.norm(p.full_grad(x)) < 1e-6 and np.linalg.norm(x) < 100
+    with pytest.raises(ProblemError, match="linearly separable in 20 dimensions"):
+        GaussianLogistic(samples=10)
+
+
 def test_datasets_are_cached_and_read_only() -> None:
     a, b = SoftmaxRegression(seed=0), MLP(seed=0)
     assert a.split is b.split
@@ -388,7 +412,15 @@ def test_datasets_are_cached_and_read_only() -> None:
 
 
 def test_registry_names_and_defaults() -> None:
-    expected = ("quadratic", "logistic", "softmax", "mlp", "double_well", "nonconvex")
+    expected = (
+        "quadratic",
+        "logistic",
+        "softmax",
+        "mlp",
+        "double_well",
+        "nonconvex",
+        "gaussian_logistic",
+    )
     assert expected == PROBLEM_NAMES
     for name in expected:
         problem = make_problem(name)

@@ -1,15 +1,16 @@
 """Objectives with stochastic gradient oracles, and the registry that builds them by name.
 
-=================  ==========================================  ==================================
-name               class                                       use
-=================  ==========================================  ==================================
-``quadratic``      :class:`NoisyQuadratic`                     Alg 1 / Theorem 1 (exact L, μ, x*)
-``logistic``       :class:`LogisticRegression`                 Alg 1 on real data (breast cancer)
-``softmax``        :class:`SoftmaxRegression`                  Alg 1 on real data (digits)
-``mlp``            :class:`MLP`                                Alg 2 on real data (digits)
-``double_well``    :class:`DoubleWell`                         Theorem 5 partition demo
-``nonconvex``      :class:`SmoothNonConvex`                    Alg 2 / Theorems 3–4, Lemma 21
-=================  ==========================================  ==================================
+=====================  ======================================  ==================================
+name                   class                                   use
+=====================  ======================================  ==================================
+``quadratic``          :class:`NoisyQuadratic`                 Alg 1 / Theorem 1 (exact L, μ, x*)
+``logistic``           :class:`LogisticRegression`             Alg 1 on real data (breast cancer)
+``softmax``            :class:`SoftmaxRegression`              Alg 1 on real data (digits)
+``mlp``                :class:`MLP`                            Alg 2 on real data (digits)
+``double_well``        :class:`DoubleWell`                     Theorem 5 partition demo
+``nonconvex``          :class:`SmoothNonConvex`                Alg 2 / Theorems 3–4, Lemma 21
+``gaussian_logistic``  :class:`GaussianLogistic`               DASGD Section 5 (Fig. 2b)
+=====================  ======================================  ==================================
 
 :func:`make_problem` also accepts ``"package.module:callable"`` so experiments can plug in their
 own :class:`Problem` without editing this registry.
@@ -29,6 +30,7 @@ from peerlearn.problems.digits import MLP, SoftmaxRegression
 from peerlearn.problems.logistic import LogisticRegression
 from peerlearn.problems.nonconvex import DoubleWell, SmoothNonConvex
 from peerlearn.problems.quadratic import NoisyQuadratic
+from peerlearn.problems.synthetic import GaussianLogistic
 
 __all__ = [
     "MLP",
@@ -36,6 +38,7 @@ __all__ = [
     "PROBLEM_NAMES",
     "Constants",
     "DoubleWell",
+    "GaussianLogistic",
     "LogisticRegression",
     "NoisyQuadratic",
     "Problem",
@@ -55,6 +58,7 @@ PROBLEMS: dict[str, type[Problem]] = {
         MLP,
         DoubleWell,
         SmoothNonConvex,
+        GaussianLogistic,
     )
 }
 

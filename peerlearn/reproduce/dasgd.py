@@ -1,5 +1,6 @@
 """Tosi–Theobald's DASGD, measured: iterations to ε as one node slows down (the paper's
-Section 5 on its quadratic), and the staleness of Def. 1–2 against the paper's statements.
+Section 5 on its quadratic and its logistic regression), and the staleness of Def. 1–2 against
+the paper's statements.
 
 The simulator runs the paper's strict Algorithm 1 (a node applies a received gradient when one
 is ready, else computes one; it cannot apply while it computes). Timing is the paper's: every
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from peerlearn.algorithms.staleness import apply_log, summarize, version_vectors
 from peerlearn.config import RunConfig, load_config
+from peerlearn.problems import make_problem
 from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
 from peerlearn.reproduce.report import new_figure, save_figure
 from peerlearn.sim import SimResult, Status, run_simulation
@@ -28,6 +31,8 @@ PAPER = "Tosi–Theobald"
 #: Hessian has its eigenvalues spread over [1, 4] alike (μ = 1, L = 4, f* = 0), σ = 0
 L_QUAD = 4.0
 QUADRATIC: dict[str, Any] = {"name": "quadratic", "sigma": 0.0, "mu": 1.0, "L": L_QUAD}
+#: the paper's logistic regression (Section 5): 100 Gaussian points in ℝ²⁰, random ±1 labels
+LOGISTIC: dict[str, Any] = {"name": "gaussian_logistic", "dim": 20, "samples": 100}
 #: the paper's timing: every compute takes 1, every message 0.05
 CONSTANT: dict[str, Any] = {"dist": "constant", "mean": 1.0}
 LATENCY: dict[str, Any] = {"dist": "constant", "mean": 0.05}
@@ -82,9 +87,9 @@ def _run(config: RunConfig, reports: tuple[str, ...]) -> SimResult:
     return res
 
 
-def iterations_to_epsilon(res: SimResult) -> dict[int, int | None]:
+def iterations_to_epsilon(res: SimResult, epsilon: float = EPSILON) -> dict[int, int | None]:
     """Per node: the first local step t at which the mean of ‖∇f(x_i)‖ over its last
-    ``WINDOW`` steps is ≤ ``EPSILON`` (the paper's stopping rule), None if never."""
+    ``WINDOW`` steps is ≤ ``epsilon`` (the paper's stopping rule), None if never."""
     assert res.problem is not None
     models: dict[int, list[np.ndarray]] = {}
     for pid, rep in res.reports:
@@ -94,36 +99,51 @@ def iterations_to_epsilon(res: SimResult) -> dict[int, int | None]:
     for pid, xs in models.items():
         norms = np.array([float(np.linalg.norm(res.problem.full_grad(x))) for x in xs])
         mean = np.convolve(norms, np.ones(WINDOW) / WINDOW, mode="valid")
-        hit = np.flatnonzero(mean <= EPSILON)
+        hit = np.flatnonzero(mean <= epsilon)
         out[pid] = int(hit[0]) + WINDOW - 1 if hit.size else None
     return out
 
 
-def serial_iterations(dim: int = 10) -> int:
-    """Serial gradient descent on the same quadratic, same η, same stopping rule."""
-    from peerlearn.problems import NoisyQuadratic
-
-    prob = NoisyQuadratic(dim=dim, mu=1.0, L=4.0, sigma=0.0)
+def serial_iterations(
+    problem: dict[str, Any] = QUADRATIC, eta: float = ETA, epsilon: float = EPSILON
+) -> int:
+    """Serial gradient descent on the same problem, same η, same stopping rule."""
+    params = dict(problem)
+    prob = make_problem(params.pop("name"), **params)
     x = prob.x0()
     norms: list[float] = []
-    for t in range(1_000_000):
+    for t in range(2_000_000):
         g = prob.full_grad(x)
         norms.append(float(np.linalg.norm(g)))
-        if t + 1 >= WINDOW and np.mean(norms[-WINDOW:]) <= EPSILON:
+        if t + 1 >= WINDOW and np.mean(norms[-WINDOW:]) <= epsilon:
             return t
-        x = x - ETA * g
+        x = x - eta * g
     raise RuntimeError("serial gradient descent did not reach ε")
 
 
+def _later_node(
+    problem: dict[str, Any], x: int, steps: int, eta: float, epsilon: float
+) -> tuple[int, SimResult]:
+    """Two nodes, one ×``x``, ``steps`` own gradients each: the later node's local steps to ε
+    (and the run)."""
+    res = _run(dasgd_config(2, steps, slowdown=x, eta=eta, problem=problem), ("model", "staleness"))
+    hits = iterations_to_epsilon(res, epsilon)
+    if any(h is None for h in hits.values()):
+        raise RuntimeError(f"×{x}: a node did not reach ε within {2 * steps} local steps")
+    return max(h for h in hits.values() if h is not None), res
+
+
 def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcome:
-    """Section 5's two-node runs on the quadratic: iterations to ε against the slowdown."""
+    """Section 5's two-node runs, iterations to ε against the slowdown: on the quadratic
+    (Fig. 2a, deterministic: one run each) and on the logistic regression (Fig. 2b, a data
+    draw per seed)."""
     slowdowns = (1, 10) if quick else (1, 10, 50, 100)
     steps = 7_000  # own gradients per node: 14,000 local steps, past the ≈ 13.5k needed
     serial = serial_iterations()
     checks: list[Check] = []
     claim = Claim(
         PAPER,
-        "Section 5 (Fig. 2a)",
+        "Section 5 (Fig. 2a, 2b)",
         "no significant impact of Ŝ_max on the number of iterations necessary to reach ε "
         "(two nodes, one x times slower; η = 0.002, ε = 1e-12 on the mean gradient norm of "
         "the last 30 iterations)",
@@ -133,33 +153,53 @@ def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
     savg: dict[int, float] = {}
     fresh: dict[int, float] = {}  # the share of steps that applied a gradient with |S| ≤ 1
     for x in slowdowns:
-        say(f"two nodes, one ×{x}: {steps} gradients each")
-        res = _run(dasgd_config(2, steps, slowdown=x), ("model", "staleness"))
-        hits = iterations_to_epsilon(res)
-        if any(h is None for h in hits.values()):
-            raise RuntimeError(f"×{x}: a node did not reach ε within {2 * steps} local steps")
-        found[x] = max(h for h in hits.values() if h is not None)
+        say(f"quadratic, two nodes, one ×{x}: {steps} gradients each")
+        found[x], res = _later_node(QUADRATIC, x, steps, ETA, EPSILON)
         savg[x], smax[x] = summarize(res.staleness)
         sizes = [v for node in res.staleness.values() for v in node]
         fresh[x] = sum(v <= 1 for v in sizes) / len(sizes)
         checks.append(
             Check(
-                f"local steps to ε, slowdown ×{x} (S_max = {smax[x]})",
+                f"quadratic: local steps to ε, slowdown ×{x} (S_max = {smax[x]})",
                 Interval.exact(found[x]),
                 claim,
                 "none",
                 note=f"{found[x] / serial:.3f}× serial gradient descent's {serial}",
             )
         )
-    fig, (ax,) = new_figure()
+    logistic = _logistic_slowdown(quick, claim, say)
+    checks.extend(logistic.checks)
+    fig, (ax, bx) = new_figure(2)
     ax.plot(list(found), list(found.values()), "o-", label="DASGD, the later of the two nodes")
     ax.axhline(serial, color="gray", ls="--", label="serial gradient descent")
     ax.set_xscale("log")
     ax.set_xlabel("slowdown x of one node")
     ax.set_ylabel(f"local steps until the mean ‖∇f‖ of {WINDOW} ≤ {EPSILON:g}")
     ax.set_ylim(0, max(found.values()) * 1.2)
-    ax.set_title("DASGD, two nodes, the paper's quadratic (σ = 0)", fontsize=10)
+    ax.set_title("the paper's quadratic (σ = 0)", fontsize=10)
     ax.legend(fontsize=8)
+    xs = list(logistic.ratio)
+    bx.errorbar(
+        xs,
+        [logistic.ratio[x].mean for x in xs],
+        yerr=[
+            [logistic.ratio[x].mean - logistic.ratio[x].low for x in xs],
+            [logistic.ratio[x].high - logistic.ratio[x].mean for x in xs],
+        ],
+        fmt="o-",
+        capsize=3,
+        label=f"DASGD, the later node (95 % interval, {logistic.seeds} seeds)",
+    )
+    bx.axhline(1.0, color="gray", ls="--", label="serial gradient descent")
+    bx.set_xscale("log")
+    bx.set_xlabel("slowdown x of one node")
+    bx.set_ylabel("local steps to ε / serial gradient descent's")
+    bx.set_ylim(0, 1.5)
+    bx.set_title(
+        f"logistic regression, d = 20, m = 100 (η = {logistic.eta}, ε = {logistic.epsilon:g})",
+        fontsize=10,
+    )
+    bx.legend(fontsize=8)
     shown = [save_figure(fig, figures, "dasgd-slowdown")]
     spread = max(found.values()) / min(found.values()) - 1
     return Outcome(
@@ -167,14 +207,24 @@ def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
         title="DASGD: iterations to ε as one node slows down (Section 5)",
         paper=PAPER,
         setup=(
-            "DASGD in the simulator, n = 2 nodes on a quadratic in d = 10 whose Hessian's "
-            "eigenvalues spread over [1, 4] — as the paper's f = ½‖Ax − b‖² with A's in [1, 2]: "
-            "μ = 1, L = 4, f* = 0 — with full gradients (σ = 0), "
-            f"η = {ETA}, from x⁰; one node's compute takes x (the other's 1), messages 0.05. "
-            f"Iterations to ε: the first local step (every applied gradient counts) at which "
-            f"the mean ‖∇f‖ over the last {WINDOW} steps is ≤ {EPSILON:g} — the paper's rule "
-            "— for the later of the two nodes; serial gradient descent with the same η and "
-            "rule beside it. The runs are deterministic (constant timing): one run each."
+            "DASGD in the simulator, n = 2 nodes, full gradients (σ = 0), from x⁰ = 0; one "
+            "node's compute takes x (the other's 1), messages 0.05. Iterations to ε: the first "
+            "local step (every applied gradient counts) at which the mean ‖∇f‖ over the last "
+            f"{WINDOW} steps is ≤ ε — the paper's rule — for the later of the two nodes; serial "
+            "gradient descent with the same η and rule beside it. **Quadratic** (Fig. 2a): d = "
+            "10, the Hessian's eigenvalues spread over [1, 4] — as the paper's f = ½‖Ax − b‖² "
+            f"with A's in [1, 2]: μ = 1, L = 4, f* = 0 — η = {ETA}, ε = {EPSILON:g}; the runs "
+            "are deterministic (constant timing): one run each. **Logistic regression** (Fig. "
+            "2b): f(x) = (1/m) Σ log(1 + exp(−b_j a_jᵀx)), a_j ~ N(0, I₂₀), m = 100, labels "
+            "b_j uniform in {−1, +1} — one draw per seed (L ≈ 0.5) — "
+            f"η = {logistic.eta}, ε = {logistic.epsilon:g}"
+            + (
+                " (the paper's are 0.002 and 1e-12: about 200k steps a run, the full run's)"
+                if quick
+                else ""
+            )
+            + f", slowdowns ×{', ×'.join(map(str, logistic.ratio))}, {logistic.seeds} seeds; "
+            "the measured quantity is the ratio to serial gradient descent on the same draw."
         ),
         checks=tuple(checks),
         figures=tuple(shown),
@@ -185,11 +235,13 @@ def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
                 if spread < 0.05
                 else "Unlike the paper's report, staleness changes the iterations to ε: "
             )
-            + f"from ×{slowdowns[0]} to ×{slowdowns[-1]} slowdown (S_max {smax[slowdowns[0]]} "
-            f"to {smax[slowdowns[-1]]}) they differ by {spread:.1%}, and they sit within "
-            f"{max(abs(v / serial - 1) for v in found.values()):.1%} of serial gradient "
-            "descent's. The paper states it qualitatively, so these rows carry no verdict. "
-            "The share of steps that apply a nearly fresh gradient (|S| ≤ 1) is "
+            + f"on the quadratic, from ×{slowdowns[0]} to ×{slowdowns[-1]} slowdown (S_max "
+            f"{smax[slowdowns[0]]} to {smax[slowdowns[-1]]}) they differ by {spread:.1%}, and "
+            f"they sit within {max(abs(v / serial - 1) for v in found.values()):.1%} of serial "
+            "gradient descent's. "
+            + logistic.finding
+            + " The paper states it qualitatively, so these rows carry no verdict. "
+            "The share of quadratic steps that apply a nearly fresh gradient (|S| ≤ 1) is "
             + ", ".join(f"{fresh[x]:.0%} at ×{x}" for x in slowdowns)
             + f" (S_avg {', '.join(f'{v:.2f}' for v in savg.values())})"
             + (
@@ -199,6 +251,65 @@ def dasgd_slowdown(quick: bool, figures: Path, say: Callable[[str], None]) -> Ou
             )
         ),
     )
+
+
+@dataclass(frozen=True)
+class _Logistic:
+    """The logistic half of the slowdown experiment."""
+
+    checks: tuple[Check, ...]
+    ratio: dict[int, Interval]  # slowdown → local steps to ε / serial GD's, over seeds
+    seeds: int
+    eta: float
+    epsilon: float
+    finding: str
+
+
+def _logistic_slowdown(quick: bool, claim: Claim, say: Callable[[str], None]) -> _Logistic:
+    """Fig. 2b: two nodes on the logistic regression, one seed per data draw. Quick runs take
+    a larger η and ε (about a tenth of the steps) and one seed."""
+    eta, epsilon = (0.01, 1e-6) if quick else (ETA, EPSILON)
+    slowdowns = (1, 10) if quick else (1, 10, 100)
+    seeds = range(1) if quick else range(4)
+    ratios: dict[int, list[float]] = {x: [] for x in slowdowns}
+    found: dict[int, list[int]] = {x: [] for x in slowdowns}
+    serials: list[int] = []
+    for seed in seeds:
+        problem = {**LOGISTIC, "seed": seed}
+        serial = serial_iterations(problem, eta, epsilon)
+        serials.append(serial)
+        steps = serial * 3 // 5 + 100  # own gradients each: 1.2× serial's local steps
+        for x in slowdowns:
+            say(f"logistic regression, seed {seed}, two nodes, one ×{x}: {steps} gradients each")
+            hit, _ = _later_node(problem, x, steps, eta, epsilon)
+            found[x].append(hit)
+            ratios[x].append(hit / serial)
+    ratio = {x: Interval.over(r) for x, r in ratios.items()}
+    checks = tuple(
+        Check(
+            f"logistic: local steps to ε / serial gradient descent's, slowdown ×{x}",
+            ratio[x],
+            claim,
+            "none",
+            note=f"local steps {', '.join(map(str, found[x]))}; serial "
+            f"{', '.join(map(str, serials))}",
+        )
+        for x in slowdowns
+    )
+    means = [r.mean for r in ratio.values()]
+    finding = (
+        "On the logistic regression the ratio to serial gradient descent is "
+        + ", ".join(f"{ratio[x].mean:.3f} at ×{x}" for x in slowdowns)
+        + f" — within {max(means) / min(means) - 1:.2%} of each other"
+    )
+    if len(seeds) > 1:
+        overlap = max(r.low for r in ratio.values()) <= min(r.high for r in ratio.values())
+        finding += f"; their intervals over {len(seeds)} seeds " + (
+            "overlap." if overlap else "do not all overlap."
+        )
+    else:
+        finding += " (one seed)."
+    return _Logistic(checks, ratio, len(seeds), eta, epsilon, finding)
 
 
 def one_sided(res: SimResult) -> tuple[int, int]:
