@@ -524,3 +524,24 @@ async def test_a_finished_gossip_worker_that_still_answers_is_finished_not_waiti
             (worker,) = status["workers"]
             assert worker["state"] == "finished" and "waiting" not in worker, worker
             assert cluster.daemons[i].monitor.snapshot().states["blocked"] == 0
+
+
+async def test_compute_delay_slows_one_daemon_and_is_no_part_of_the_run() -> None:
+    """``compute_delay`` sleeps after each gradient on its own daemon only (an emulated slower
+    host): the daemons still form one run (it is left out of the fingerprint), and each of the
+    slowed daemon's gradients took at least the delay."""
+    delay = 0.02
+    async with local_cluster(
+        2,
+        workers=1,
+        algorithm="dasgd",
+        steps=5,
+        problem=QUAD,
+        each=lambda i: {"compute_delay": delay if i == 1 else 0.0},
+    ) as c:
+        fast, slow = c.daemons
+        assert fast.cfg.fingerprint == slow.cfg.fingerprint
+        await c.wait_until_finished(60)
+        (worker,) = slow.workers
+        assert worker.grads >= 5 and worker.grad_seconds >= worker.grads * delay
+        assert fast.workers[0].compute_delay == 0.0

@@ -179,6 +179,14 @@ class NodeConfig(BaseSettings, RunSettings):
         60.0, gt=0, description="seconds between checkpoints into state_dir"
     )
     stall_timeout: float = Field(10.0, gt=0, description="waiting longer: reported blocked")
+    compute_delay: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="seconds added to every gradient this daemon's workers compute (a sleep "
+        "after the oracle): a slower host, emulated — a straggler in a staleness experiment; "
+        "this daemon's own, not part of the run",
+    )
     peer_timeout: float = Field(
         5.0,
         gt=0,

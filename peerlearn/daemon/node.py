@@ -198,6 +198,7 @@ class Daemon:
         for w in self.workers:
             w.on_exit = self._on_worker_exit
             w.compressor = self.compressors[w.pid]
+            w.compute_delay = self.cfg.compute_delay
         self.rejoin.workers = self.workers
         receivers.update((w.pid, w) for w in self.workers)
         self.monitor = Monitor(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peerlearn.reproduce import attiya_schiller, dasgd, easgd, mixml
+from peerlearn.reproduce import attiya_schiller, dasgd, dasgd_daemons, easgd, mixml
 from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
 from peerlearn.reproduce.report import FIGURES, REPORT, render
 
@@ -84,6 +84,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Tosi–Theobald",
             "S_avg and S_max against n, topology and slowdown, next to the paper's heuristics",
             dasgd.dasgd_staleness,
+        ),
+        Experiment(
+            "dasgd-daemons",
+            "Tosi–Theobald",
+            "the two-node slowdown on real daemons over TCP, one slowed by a sleep per gradient",
+            dasgd_daemons.dasgd_daemons,
         ),
         Experiment(
             "easgd-quadratic",

@@ -3,7 +3,8 @@
 =================  ========================================================================
 effect             on a worker thread
 =================  ========================================================================
-``Grad(x)``        the problem's oracle on this thread, with the worker's own RNG stream
+``Grad(x)``        the problem's oracle on this thread, with the worker's own RNG stream (then
+                   a sleep of ``compute_delay`` seconds, if set: an emulated slower host)
 ``Broadcast``      the router: local mailboxes by reference, each remote daemon once
 ``Send``/``Post``  the router, to the listed processes only (``Post``: into their inboxes)
 ``Await``          :meth:`Mailbox.take` — a condition wait, no polling
@@ -169,6 +170,8 @@ class Worker:
         self._store = store
         self._router = router
         self._on_report = on_report
+        #: seconds added to every gradient (the daemon's ``compute_delay``)
+        self.compute_delay = 0.0
         #: rounds what the program sends (``Quantize``): the run's payload compression
         self.compressor = compressor if compressor is not None else Compressor()
         self._stop = threading.Event()
@@ -388,6 +391,8 @@ class Worker:
             case Grad(x=x):
                 started = time.perf_counter()
                 value = self._grad(x, self._rng)
+                if self.compute_delay > 0.0:
+                    self._stop.wait(self.compute_delay)  # an emulated slower host; stop cuts it
                 self.grad_seconds += time.perf_counter() - started
                 self.grads += 1
                 if not finite(value):
