@@ -103,6 +103,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             "t_mix against n for every protocol (Fig. 3), against the paper's formulas",
             mixml.mixing_time,
         ),
+        Experiment(
+            "mixml-convergence",
+            "MixML",
+            "training loss and stationary distance as t_mix grows (Fig. 2, on the digits)",
+            mixml.mixml_convergence,
+        ),
     )
 }
 

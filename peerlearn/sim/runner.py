@@ -155,11 +155,13 @@ def run_simulation(
     *,
     record_receives: bool = False,
     record_reports: Collection[str] = (),
+    report_pids: Collection[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SimResult:
     """Run ``cfg`` in the simulator. ``progress(done, total)`` is called now and then with the
     number of iterations completed over all processes and the total planned.
-    ``record_reports``: names of reports to keep in :attr:`SimResult.reports`."""
+    ``record_reports``: names of reports to keep in :attr:`SimResult.reports`, of the
+    processes ``report_pids`` only if given (a run of 10⁴ workers need not keep them all)."""
     if cfg.steps is None:
         raise ConfigError("the simulator needs a finite number of steps (--steps)")
     problem = build_problem(cfg)
@@ -218,6 +220,7 @@ def run_simulation(
     reports: list[tuple[int, Report]] = []
     staleness: dict[int, list[int]] = {}
     keep = frozenset(record_reports)
+    keep_pids = frozenset(report_pids) if report_pids is not None else None
 
     def on_report(proc: Proc, rep: Report) -> None:
         if rep.name == "agreement" and cfg.trace:
@@ -225,7 +228,7 @@ def run_simulation(
             trace.append((instance, rnd, inner, proc.pid, rep.value))
         elif rep.name == "staleness":
             staleness.setdefault(proc.pid, []).append(rep.value)
-        if rep.name in keep:
+        if rep.name in keep and (keep_pids is None or proc.pid in keep_pids):
             reports.append((proc.pid, rep))
 
     def on_receive(proc: Proc, kind: str, tag: Tag, msgs: tuple[Msg, ...]) -> None:
