@@ -10,6 +10,7 @@ import pytest
 
 from peerlearn.effects import AtLeast, Await, Broadcast, Count, Effect, Exchange, Report
 from peerlearn.membership import Membership
+from peerlearn.reproduce.attiya_schiller import alg1_across_cut, alg2_across_cut
 from peerlearn.sim import Simulator, Status, run_simulation
 
 from .helpers import cfg
@@ -161,22 +162,9 @@ def test_theorem5_partition_demo() -> None:
     """Thm 5 on the double well: with the clusters cut into two halves for good, Alg 1
     (N = a half's size) converges inside each half — to opposite wells in some runs, so there
     is no internal convergence — while Alg 2 reports `blocked` instead of diverging."""
-    part = {"partitions": [{"groups": [[0, 1], [2, 3]]}]}
     gaps = []
     for seed in range(8):
-        res = run_simulation(
-            cfg(
-                algorithm="alg1",
-                problem={"name": "double_well", "sigma": 0.5},
-                processes=8,
-                clusters=4,
-                quorum=4,
-                steps=300,
-                seed=seed,
-                lr={"schedule": "inverse_time", "beta": 3.0, "gamma": 5.0},
-                sim=part,
-            )
-        )
+        res = run_simulation(alg1_across_cut(seed))
         assert res.status is Status.FINISHED
         halves = [[p.x for p in res.processes if p.cluster in g] for g in ([0, 1], [2, 3])]
         for half in halves:  # agreement inside each half, at a well
@@ -184,18 +172,7 @@ def test_theorem5_partition_demo() -> None:
             assert abs(abs(float(half[0][0])) - 0.9575) < 0.1
         gaps.append((float(halves[0][0][0]) - float(halves[1][0][0])) ** 2)
     assert max(gaps) > 3.0  # some run ended in opposite wells: no internal convergence
-    blocked = run_simulation(
-        cfg(
-            algorithm="alg2",
-            problem={"name": "double_well"},
-            processes=8,
-            clusters=4,
-            quorum=4,
-            steps=5,
-            maa={"rounds": 2, "inner_rounds": 2},
-            sim=part,
-        )
-    )
+    blocked = run_simulation(alg2_across_cut(0))
     assert blocked.status is Status.BLOCKED
     assert all(b.unit == "clusters" and b.have == 2 for b in blocked.outcome.blocked)
 

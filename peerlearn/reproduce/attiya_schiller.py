@@ -737,27 +737,48 @@ ALG3_MAJORITY = Claim(
 WELL = round(DoubleWell().minimizers[1], 4)
 
 
+#: Thm 5's cut: four clusters of two processes, clusters {0, 1} and {2, 3} apart for good
+CUT: dict[str, Any] = {"partitions": [{"groups": [[0, 1], [2, 3]]}]}
+
+
+def alg1_across_cut(seed: int) -> Any:
+    """Alg 1 (N = a half's processes) on the double well across :data:`CUT`, 300 iterations."""
+    return cfg(
+        algorithm="alg1",
+        problem={"name": "double_well", "sigma": 0.5},
+        processes=8,
+        clusters=4,
+        quorum=4,
+        steps=300,
+        seed=seed,
+        lr={"schedule": "inverse_time", "beta": 3.0, "gamma": 5.0},
+        sim=CUT,
+    )
+
+
+def alg2_across_cut(seed: int) -> Any:
+    """Alg 2 across :data:`CUT`: its majority of clusters is out of reach, so it blocks."""
+    return cfg(
+        algorithm="alg2",
+        problem={"name": "double_well"},
+        processes=8,
+        clusters=4,
+        quorum=4,
+        steps=5,
+        seed=seed,
+        maa={"rounds": 2, "inner_rounds": 2},
+        sim=CUT,
+    )
+
+
 def partition(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcome:
     """Thm 5 on the double well: the clusters cut into two halves for good."""
     seeds = 8 if quick else 40
-    cut = {"partitions": [{"groups": [[0, 1], [2, 3]]}]}
     say(f"Alg 1 (N = a half), 300 iterations, {seeds} seeds")
     gaps, wells = [], []
     spread = off_well = 0.0
     for seed in range(seeds):
-        res = run_simulation(
-            cfg(
-                algorithm="alg1",
-                problem={"name": "double_well", "sigma": 0.5},
-                processes=8,
-                clusters=4,
-                quorum=4,
-                steps=300,
-                seed=seed,
-                lr={"schedule": "inverse_time", "beta": 3.0, "gamma": 5.0},
-                sim=cut,
-            )
-        )
+        res = run_simulation(alg1_across_cut(seed))
         if res.status is not Status.FINISHED:
             raise RuntimeError(f"Alg 1 across the cut (seed {seed}) ended {res.status.value}")
         halves = [
@@ -775,19 +796,7 @@ def partition(quick: bool, figures: Path, say: Callable[[str], None]) -> Outcome
     say(f"Alg 2 across the same cut, {seeds} seeds")
     blocked = 0
     for seed in range(seeds):
-        res = run_simulation(
-            cfg(
-                algorithm="alg2",
-                problem={"name": "double_well"},
-                processes=8,
-                clusters=4,
-                quorum=4,
-                steps=5,
-                seed=seed,
-                maa={"rounds": 2, "inner_rounds": 2},
-                sim=cut,
-            )
-        )
+        res = run_simulation(alg2_across_cut(seed))
         blocked += res.status is Status.BLOCKED and all(
             b.unit == "clusters" and b.have == 2 for b in res.outcome.blocked
         )
