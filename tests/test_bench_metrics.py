@@ -80,9 +80,10 @@ def test_verdict_of_a_report(bench: ModuleType) -> None:
     assert judged is None and "misses 1.0" in control_row
 
 
+@pytest.mark.slow
 def test_two_short_rounds_against_real_daemons() -> None:
     """Two real clusters take turns; the report has its verdict line whatever the verdict
-    (two rounds of two 0.3 s pairs settle nothing)."""
+    (two rounds of two 0.3 s pairs settle nothing). About 20 s: with the slow tests."""
     args = ["--rounds", "2", "--pairs", "2", "--window", "0.3", "--algorithms", "alg1"]
     run = subprocess.run(
         [sys.executable, str(BENCH), *args],

@@ -42,7 +42,7 @@ SMOKE: dict[str, tuple[list[str], tuple[str, ...]]] = {
         ("async_gossip", "sync_gossip ring", "dasgd random-regular:4"),
     ),
     "bench_transport.py": (["--sizes", "64k", "--quick"], ("receiver pool, 0.064 MB",)),
-    # three daemons and three gloo ranks to a low bar (about 30 s: the slowest here)
+    # three daemons and three gloo ranks to a low bar (about 25 s: in the slow suite)
     "bench_torch.py": (["--algorithms", "alg1", "--threshold", "0.2"], ("DDP (gloo)", "alg1")),
 }
 
@@ -53,8 +53,15 @@ def test_every_benchmark_has_a_smoke_run() -> None:
     assert scripts - {"bench_metrics.py"} == set(SMOKE)
 
 
+#: smoke runs too long for `make test`: they run with the slow tests
+SLOW = {"bench_torch.py"}
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("script", sorted(SMOKE))
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in sorted(SMOKE)],
+)
 def test_benchmark_runs_at_tiny_sizes(script: str) -> None:
     args, rows = SMOKE[script]
     if script == "bench_torch.py" and importlib.util.find_spec("torch") is None:

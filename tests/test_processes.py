@@ -174,8 +174,9 @@ async def test_a_daemon_restarted_with_the_same_command_catches_up(algorithm: st
             assert caught["catchup"]["last"]["resumed_at"] > 1
             assert max(await pauses) <= timeout + 1.0
             before = [steps(await poll_status(url, lambda s: True)) for url in urls]
+            more = 20 if algorithm == "alg1" else 5  # an Alg 2 step runs many agreement rounds
             for url, step in zip(urls, before, strict=True):
-                await poll_status(url, lambda s, b=step: steps(s) > b + 20)  # type: ignore[misc]
+                await poll_status(url, lambda s, b=step: steps(s) > b + more)  # type: ignore[misc]
             async with httpx.AsyncClient() as client:
                 for url in urls[:3]:
                     metrics = (await client.get(f"{url}/metrics")).text
