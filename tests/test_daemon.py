@@ -528,8 +528,8 @@ async def test_a_finished_gossip_worker_that_still_answers_is_finished_not_waiti
 
 async def test_compute_delay_slows_one_daemon_and_is_no_part_of_the_run() -> None:
     """``compute_delay`` sleeps after each gradient on its own daemon only (an emulated slower
-    host): the daemons still form one run (it is left out of the fingerprint), and each of the
-    slowed daemon's gradients took at least the delay."""
+    host): the daemons still form one run (it is left out of the fingerprint), and the slowed
+    daemon's gradients took at least the delay each, in all."""
     delay = 0.02
     async with local_cluster(
         2,
@@ -545,3 +545,16 @@ async def test_compute_delay_slows_one_daemon_and_is_no_part_of_the_run() -> Non
         (worker,) = slow.workers
         assert worker.grads >= 5 and worker.grad_seconds >= worker.grads * delay
         assert fast.workers[0].compute_delay == 0.0
+
+
+async def test_a_stop_cuts_a_compute_delay_short() -> None:
+    """A worker asleep in a long ``compute_delay`` stops with its daemon, not a minute later."""
+    async with local_cluster(
+        1, workers=1, algorithm="alg1", steps=None, problem=QUAD, compute_delay=60.0
+    ) as c:
+        (daemon,) = c.daemons
+        (worker,) = daemon.workers
+        await c.wait_for(lambda: worker.state is WorkerState.RUNNING, 30)  # then asleep
+        await asyncio.wait_for(daemon.stop(), 30)
+        # without the cut the daemon would give up on it after stop_grace, still asleep
+        assert worker.done.is_set() and worker.grads <= 1

@@ -39,7 +39,7 @@ FACTORIES: dict[str, Callable[[], Problem]] = {
     "mlp": lambda: MLP(hidden=5, batch_size=8, l2=1e-3),
     "double_well": lambda: DoubleWell(sigma=0.5),
     "nonconvex": lambda: SmoothNonConvex(dim=5, sigma=2.0, seed=1),
-    "gaussian_logistic": lambda: GaussianLogistic(dim=5, samples=40, batch=4, seed=1),
+    "gaussian_logistic": lambda: GaussianLogistic(dim=5, samples=40, batch_size=4, seed=1),
 }
 IDS = list(FACTORIES)
 
@@ -379,6 +379,7 @@ def test_gaussian_logistic_is_the_papers_problem() -> None:
     eigenvalue; gradient descent finds a finite minimiser (the data are not separable)."""
     p = GaussianLogistic()
     assert p.dim == 20 and p.constants.mu is None and p.constants.L is not None
+    assert p.constants.sigma2 == 0.0
     x = p.x0()
     assert p.loss(x) == pytest.approx(math.log(2))
     assert np.array_equal(p.grad(x, np.random.default_rng(0)), p.full_grad(x))
@@ -391,6 +392,15 @@ def test_gaussian_logistic_is_the_papers_problem() -> None:
     assert np.linalg.norm(p.full_grad(x)) < 1e-6 and np.linalg.norm(x) < 100
     with pytest.raises(ProblemError, match="linearly separable in 20 dimensions"):
         GaussianLogistic(samples=10)
+    # near Cover's threshold m = 2d the check decides, draw by draw: seed 0's 36 points are
+    # separable, seed 2's are not (so gradient descent there finds a finite minimiser)
+    with pytest.raises(ProblemError, match="the 36 points of seed 0 are linearly separable"):
+        GaussianLogistic(samples=36, seed=0)
+    q = GaussianLogistic(samples=36, seed=2)
+    y = q.x0()
+    for _ in range(20_000):
+        y -= (1.0 / q.constants.L) * q.full_grad(y)
+    assert np.linalg.norm(q.full_grad(y)) < 1e-6
 
 
 def test_datasets_are_cached_and_read_only() -> None:

@@ -230,3 +230,15 @@ def test_link_factors_are_the_matrix_the_schedule_stream_would_draw() -> None:
     )
     with pytest.raises(TypeError, match="PCG64"):
         LinkFactors(np.random.Generator(np.random.MT19937(1)), n, spread)
+
+
+def test_reports_can_be_kept_for_some_processes_only() -> None:
+    """``report_pids`` keeps those processes' reports, the same ones an unfiltered run keeps
+    for them (a run of 10⁴ workers need not hold every worker's models)."""
+    over = {"algorithm": "easgd", "processes": 5, "clusters": 1, "steps": 6}
+    every = run_simulation(cfg(**over), record_reports=("model",))
+    center = every.config.center
+    some = run_simulation(cfg(**over), record_reports=("model",), report_pids=(center,))
+    assert {pid for pid, _ in every.reports} == set(range(5))
+    kept = [(pid, rep.step) for pid, rep in some.reports]
+    assert kept and kept == [(pid, rep.step) for pid, rep in every.reports if pid == center]

@@ -162,7 +162,8 @@ FLAGS: tuple[Flag, ...] = (
         ("problem", "name"),
         {
             _SIM: Use(
-                "quadratic, logistic, softmax, mlp, double_well, nonconvex or module:callable.",
+                "quadratic, logistic, softmax, mlp, double_well, nonconvex, gaussian_logistic "
+                "or module:callable.",
                 _RUN.problem.name,
             ),
             _DAEMON: Use("Problem name or module:callable.", _RUN.problem.name),

@@ -18,10 +18,11 @@ from peerlearn.problems._data import (
 )
 from peerlearn.problems.base import Constants
 
-__all__ = ["LogisticRegression"]
+__all__ = ["LogisticRegression", "sigmoid"]
 
 
-def _sigmoid(z: Vector) -> Vector:
+def sigmoid(z: Vector) -> Vector:
+    """σ(z) = 1/(1 + e^−z)."""
     # tanh form: no overflow for large |z|, unlike 1 / (1 + exp(−z)).
     result: Vector = 0.5 * (1.0 + np.tanh(0.5 * z))
     return result
@@ -66,7 +67,7 @@ class LogisticRegression(DataProblem):
         return float(np.mean(np.logaddexp(0.0, z) - labels * z))
 
     def _data_grad(self, theta: Vector, features: Vector, labels: IntArray) -> Vector:
-        residual = _sigmoid(self._logits(theta, features)) - labels
+        residual = sigmoid(self._logits(theta, features)) - labels
         residual /= labels.size
         g = np.empty(self.dim, dtype=np.float64)
         g[:-1] = features.T @ residual

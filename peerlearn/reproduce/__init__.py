@@ -1,11 +1,12 @@
 """``peerlearn reproduce``: the papers' results, regenerated and judged in one report.
 
-Each experiment runs peerlearn's simulator or analysis code on a paper's own setting, over
-several seeds, and returns an :class:`Outcome`: the claims it checks (the paper's statement,
-the measured 95 % interval, the bound, the verdict — :mod:`peerlearn.reproduce.claims`) and
-its figures. :func:`reproduce` runs the ones asked for and writes ``reproduction.md`` with its
-PNGs (:mod:`peerlearn.reproduce.report`). ``quick`` runs every experiment reduced — fewer seeds,
-shorter runs — and still judges every claim: the test suite runs it.
+Each experiment runs peerlearn's simulator or analysis code (one, two real daemons) on a
+paper's own setting, over several seeds, and returns an :class:`Outcome`: the claims it checks
+(the paper's statement, the measured 95 % interval, the bound, the verdict —
+:mod:`peerlearn.reproduce.claims`) and its figures. :func:`reproduce` runs the ones asked for
+and writes ``reproduction.md`` with its PNGs (:mod:`peerlearn.reproduce.report`). ``quick``
+runs every experiment reduced — fewer seeds, shorter runs — and still judges every claim: the
+test suite runs it.
 """
 
 from __future__ import annotations

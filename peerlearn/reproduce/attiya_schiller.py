@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from peerlearn.algorithms import InverseTime, diam2
-from peerlearn.config import load_config
+from peerlearn.config import RunConfig, load_config
 from peerlearn.problems import DoubleWell, NoisyQuadratic
 from peerlearn.reproduce.claims import Check, Claim, Interval, Outcome
 from peerlearn.reproduce.report import new_figure, save_figure
@@ -77,7 +77,7 @@ class Size:
     steps: tuple[int, ...]
 
 
-def cfg(**over: Any) -> Any:
+def cfg(**over: Any) -> RunConfig:
     return load_config(overrides=over)
 
 
@@ -741,7 +741,7 @@ WELL = round(DoubleWell().minimizers[1], 4)
 CUT: dict[str, Any] = {"partitions": [{"groups": [[0, 1], [2, 3]]}]}
 
 
-def alg1_across_cut(seed: int) -> Any:
+def alg1_across_cut(seed: int) -> RunConfig:
     """Alg 1 (N = a half's processes) on the double well across :data:`CUT`, 300 iterations."""
     return cfg(
         algorithm="alg1",
@@ -756,7 +756,7 @@ def alg1_across_cut(seed: int) -> Any:
     )
 
 
-def alg2_across_cut(seed: int) -> Any:
+def alg2_across_cut(seed: int) -> RunConfig:
     """Alg 2 across :data:`CUT`: its majority of clusters is out of reach, so it blocks."""
     return cfg(
         algorithm="alg2",
