@@ -85,6 +85,9 @@ def quad_cfg(
                 "start_distance2": start_distance2,
                 "seed": 0,
             },
+            # no metric samples (the center's reports are what is measured): each is a loss
+            # per worker and a consensus distance over them all — at p = 10⁴ most of a run
+            "sim": {"sample_every": 1e12},
         }
     )
 
