@@ -342,13 +342,13 @@ def _logistic_slowdown(quick: bool, claim: Claim, say: Callable[[str], None]) ->
         + ", ".join(f"{ratio[x].mean:.3f} at ×{x}" for x in slowdowns)
         + f" — within {max(means) / min(means) - 1:.2%} of each other"
     )
-    if len(seeds) > 1:
-        overlap = max(r.low for r in ratio.values()) <= min(r.high for r in ratio.values())
-        finding += f"; their intervals over {len(seeds)} seeds " + (
-            "overlap." if overlap else "do not all overlap."
-        )
-    else:
-        finding += " (one seed)."
+    # one draw's runs are deterministic, so the intervals over seeds can be narrower than any
+    # difference that matters: the spread is judged by its size, as on the quadratic
+    finding += (
+        ": as the paper reports, staleness does not change them"
+        if max(means) / min(means) - 1 < 0.05
+        else ": unlike the paper's report, the slowdown changes them"
+    ) + (f" ({len(seeds)} seeds)." if len(seeds) > 1 else " (one seed).")
     return _Logistic(checks, ratio, len(seeds), eta, epsilon, finding)
 
 
