@@ -129,9 +129,18 @@ def test_an_api_off_loopback_needs_a_token_or_insecure(tmp_path: Path) -> None:
 
 async def test_slowloris_connections_are_closed_at_the_header_deadline() -> None:
     """1,000 connections that trickle a request head a byte at a time: each is closed once
-    api_header_timeout has passed, counted; then /status answers, and training went on."""
+    api_header_timeout has passed, counted; then /status answers, and training went on. The
+    worker sleeps a millisecond a gradient: on a 4-d quadratic a worker thread otherwise holds
+    the GIL nearly all the time, and the loop, this test's client included, got each of the
+    1,000 connections in up to 0.2 s on some runs — a hang past the test's limit, not a
+    measure of the guard."""
     async with local_cluster(
-        1, workers=1, algorithm="alg1", problem=QUAD, api_header_timeout=1.0
+        1,
+        workers=1,
+        algorithm="alg1",
+        problem=QUAD,
+        api_header_timeout=1.0,
+        compute_delay=0.001,
     ) as c:
         port = c.daemons[0].api_port
         before = c.min_step()
