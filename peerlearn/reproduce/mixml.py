@@ -170,6 +170,23 @@ def _slack_gamma(k: int) -> float:
     return gamma
 
 
+@dataclass(frozen=True)
+class _Way:
+    """A protocol of Fig. 2: its algorithm, its mix settings for a k-fold t_mix, its line."""
+
+    algorithm: str
+    mix: Callable[[int], dict[str, Any]]
+    style: str
+
+
+#: the base (t_mix = n), and the two ways to k·n: averaging every k iterations, or a slack
+#: matrix whose γ mixes in k iterations
+BASE = _Way("allreduce", lambda k: {}, "-")
+REDUCED = _Way("reduced_frequency", lambda k: {"period": k}, "-")
+SLACK = _Way("slack", lambda k: {"gamma": _slack_gamma(k)}, "--")
+WAYS = (REDUCED, SLACK)
+
+
 def _fig2_config(
     algorithm: str, mix: dict[str, Any], steps: int, seed: int, dtype: str
 ) -> RunConfig:
@@ -242,18 +259,12 @@ def mixml_convergence(quick: bool, figures: Path, say: Callable[[str], None]) ->
         "the slack matrix, which is unstable at large t_mix (float32 precision)",
     )
     runs: dict[tuple[str, int, str], list[_Curve]] = {}
-    cases: list[tuple[str, int, str]] = [("allreduce", 1, "float32")]
-    cases += [(name, k, "float32") for k in ks[1:] for name in ("reduced_frequency", "slack")]
+    cases: list[tuple[_Way, int, str]] = [(BASE, 1, "float32")]
+    cases += [(way, k, "float32") for k in ks[1:] for way in WAYS]
     if not quick:
-        cases.append(("slack", ks[-1], "float64"))  # the paper's precision explanation
-    for name, k, dtype in cases:
-        mix = (
-            {"period": k}
-            if name == "reduced_frequency"
-            else {"gamma": _slack_gamma(k)}
-            if name == "slack"
-            else {}
-        )
+        cases.append((SLACK, ks[-1], "float64"))  # the paper's precision explanation
+    for way, k, dtype in cases:
+        name, mix = way.algorithm, way.mix(k)
         say(
             f"{_fig2_label(name, k, dtype)}: {seeds} seed{'s' if seeds > 1 else ''} × {steps} steps"
         )
@@ -281,9 +292,13 @@ def mixml_convergence(quick: bool, figures: Path, say: Callable[[str], None]) ->
             )
         )
     precision: Interval | None = None
-    if ("slack", ks[-1], "float64") in late:
+    if (SLACK.algorithm, ks[-1], "float64") in late:
         # the same seeds in both precisions: their differences, seed by seed
-        pairs = zip(late["slack", ks[-1], "float64"], late["slack", ks[-1], "float32"], strict=True)
+        wide, narrow = (
+            late[SLACK.algorithm, ks[-1], "float64"],
+            late[SLACK.algorithm, ks[-1], "float32"],
+        )
+        pairs = zip(wide, narrow, strict=True)
         precision = Interval.over([a - b for a, b in pairs])
         checks.append(
             Check(
@@ -296,8 +311,9 @@ def mixml_convergence(quick: bool, figures: Path, say: Callable[[str], None]) ->
         )
     fig, (ax, bx) = new_figure(2)
     colors = dict(zip(ks, ("black", "tab:blue", "tab:orange", "tab:red"), strict=False))
+    styles = {way.algorithm: way.style for way in (BASE, *WAYS)}
     for (name, k, dtype), curves in runs.items():
-        style = "-" if name != "slack" else "--" if dtype == "float32" else ":"
+        style = styles[name] if dtype == "float32" else ":"
         first = curves[0]  # seed 0 drawn; the table has every seed
         ax.plot(first.steps, first.loss, style, color=colors[k], label=_fig2_label(name, k, dtype))
         bx.plot(
@@ -350,12 +366,12 @@ def _convergence_text(
     """What the Fig. 2 runs show, each sentence as the measurements have it."""
 
     def series(table: dict[tuple[str, int, str], Interval], name: str) -> list[float]:
-        return [table["allreduce", 1, "float32"].mean] + [
+        return [table[BASE.algorithm, 1, "float32"].mean] + [
             table[name, k, "float32"].mean for k in ks[1:]
         ]
 
     text = "**What the numbers say.** "
-    for name in ("reduced_frequency", "slack"):
+    for name in (way.algorithm for way in WAYS):
         d, lo = series(distance, name), series(loss, name)
         grows_d = all(a < b for a, b in itertools.pairwise(d))
         grows_l = all(a < b for a, b in itertools.pairwise(lo))
@@ -366,8 +382,8 @@ def _convergence_text(
             + ("with it" if grows_l else "does not follow it steadily")
             + f" ({', '.join(f'{v:.4f}' for v in lo)}). "
         )
-    rf = {k: loss["reduced_frequency", k, "float32"] for k in ks[1:]}
-    slack = {k: loss["slack", k, "float32"] for k in ks[1:]}
+    rf = {k: loss[REDUCED.algorithm, k, "float32"] for k in ks[1:]}
+    slack = {k: loss[SLACK.algorithm, k, "float32"] for k in ks[1:]}
     better = [k for k in ks[1:] if rf[k].mean < slack[k].mean]
     seeds = rf[ks[-1]].n
     clear = [k for k in better if rf[k].high < slack[k].low]
@@ -391,7 +407,7 @@ def _convergence_text(
         holds_zero = precision.low <= 0.0 <= precision.high
         # paired runs differ by rounding alone, so a tiny change can lie beyond their spread:
         # its size against the loss is what says whether precision matters
-        share = abs(precision.mean) / loss["slack", ks[-1], "float32"].mean
+        share = abs(precision.mean) / loss[SLACK.algorithm, ks[-1], "float32"].mean
         if holds_zero:
             verdict = ": no change beyond the spread — precision is not what "
             verdict += "holds it back here. " if behind else "decides these runs. "
